@@ -1,0 +1,89 @@
+"""FlashAttention-2's algorithm in NumPy: online softmax over key tiles, O(tile) extra memory.
+
+Query heads that share a KV head are stacked as rows of one matrix product (GQA by indexing,
+never by repeating K/V), so each tile is a single batched ``matmul`` over the KV heads. Tiles
+that the mask hides entirely are never computed; tiles it covers entirely skip the masking.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import masks
+from ..arrays import like, lse_like, to_numpy
+from .base import Backend
+
+# Tile sizes trade Python overhead per tile against the size of the score tile (cache and memory).
+BLOCK_Q = 256
+BLOCK_K = 512
+
+
+def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK_Q, block_k=BLOCK_K):
+    """Attention on C-contiguous NumPy arrays ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]``.
+
+    Accumulates in float32 (float64 for float64 inputs). Returns ``(out, lse)`` in the
+    accumulation dtype; ``lse`` is ``None`` unless asked for.
+    """
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    g = hq // hk
+    acc_t = np.float64 if q.dtype == np.float64 else np.float32
+    out = np.zeros((b, hq, sq, d), dtype=acc_t)
+    lse = np.full((b, hq, sq), -np.inf, dtype=acc_t) if return_lse else None
+    qg = q.reshape(b, hk, g, sq, d)
+    outg = out.reshape(b, hk, g, sq, d)
+    lseg = lse.reshape(b, hk, g, sq) if return_lse else None
+    for bi in range(b):
+        for q0 in range(0, sq, block_q):
+            q1 = min(sq, q0 + block_q)
+            bq = q1 - q0
+            k_lo, k_hi = masks.key_range(q0, q1, sq, sk, left, right)
+            if k_lo >= k_hi:
+                continue  # no row of this block sees a key: zeros and -inf stay
+            # Scale folded into Q once per block instead of into every score tile.
+            qt = (qg[bi, :, :, q0:q1, :].astype(acc_t) * acc_t(scale)).reshape(hk, g * bq, d)
+            m = np.full((hk, g * bq), -np.inf, dtype=acc_t)
+            l = np.zeros((hk, g * bq), dtype=acc_t)
+            acc = np.zeros((hk, g * bq, d), dtype=acc_t)
+            rows = np.arange(q0, q1)[:, None]
+            for k0 in range(k_lo, k_hi, block_k):
+                k1 = min(k_hi, k0 + block_k)
+                kt = k[bi, :, k0:k1, :].astype(acc_t, copy=False)
+                vt = v[bi, :, k0:k1, :].astype(acc_t, copy=False)
+                s = np.matmul(qt, kt.transpose(0, 2, 1))  # [hk, g*bq, bk]
+                if not masks.tile_fully_visible(q0, q1, k0, k1, sq, sk, left, right):
+                    hidden = ~masks.visible(rows, np.arange(k0, k1)[None, :], sq, sk, left, right)
+                    s.reshape(hk, g, bq, k1 - k0)[:, :, hidden] = -np.inf
+                m_new = np.maximum(m, s.max(axis=-1))
+                # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so exp gives 0.
+                m_shift = np.where(np.isfinite(m_new), m_new, acc_t(0))
+                np.subtract(s, m_shift[..., None], out=s)
+                np.exp(s, out=s)
+                alpha = np.exp(m - m_shift)
+                l *= alpha
+                l += s.sum(axis=-1)
+                acc *= alpha[..., None]
+                acc += np.matmul(s, vt)
+                m = m_new
+            seen = l > 0
+            safe_l = np.where(seen, l, acc_t(1))
+            acc /= safe_l[..., None]
+            acc[~seen] = 0
+            outg[bi, :, :, q0:q1, :] = acc.reshape(hk, g, bq, d)
+            if return_lse:
+                with np.errstate(divide="ignore"):
+                    blk = np.where(seen, np.log(safe_l) + m, -np.inf)
+                lseg[bi, :, :, q0:q1] = blk.reshape(hk, g, bq)
+    return out, lse
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    aliases = ("cpu",)
+
+    def forward(self, call):
+        q, k, v = (to_numpy(x) for x in (call.q, call.k, call.v))
+        out, lse = attention_numpy(q, k, v, call.scale, call.left, call.right, call.return_lse)
+        return like(out, call.q), (lse_like(lse, call.q) if call.return_lse else None)
+
+    def details(self):
+        return {"block_q": BLOCK_Q, "block_k": BLOCK_K}

@@ -1,0 +1,157 @@
+"""One canonical, validated description of an attention call, built once and handed to backends.
+
+Backends never re-validate user input: they read an :class:`AttentionCall` and either serve it
+or say why not.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import masks
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def is_torch_tensor(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def array_kind(x, name: str) -> str:
+    """'numpy' or 'torch'; anything else is a TypeError naming the argument."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if is_torch_tensor(x):
+        return "torch"
+    if type(x).__name__ == "GpuTensor":
+        return "gpu"
+    raise TypeError(
+        f"{name} must be a NumPy array or a torch tensor, got {type(x).__module__}.{type(x).__name__}")
+
+
+def dtype_name(x) -> str:
+    """Dtype of an array or tensor as a plain string ('float16', 'bfloat16', 'int32', ...)."""
+    if isinstance(x, np.ndarray):
+        return x.dtype.name
+    return str(x.dtype).replace("torch.", "")
+
+
+def device_of(x) -> str:
+    if is_torch_tensor(x):
+        return str(x.device)
+    if type(x).__name__ == "GpuTensor":
+        return "vulkan"
+    return "cpu"
+
+
+@dataclass
+class AttentionCall:
+    """A validated attention call. Shapes follow SDPA: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]."""
+
+    q: Any
+    k: Any
+    v: Any
+    kind: str  # 'numpy', 'torch' or 'gpu' (a Vulkan GpuTensor)
+    device: str  # 'cpu', 'cuda:0', 'vulkan', ...
+    dtype: str
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_k: int
+    head_dim: int
+    scale: float
+    left: int
+    right: int
+    return_lse: bool
+    causal: bool
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "torch" and self.device.startswith("cuda")
+
+    def describe(self) -> str:
+        return (f"q[{self.batch},{self.heads_q},{self.seq_q},{self.head_dim}] "
+                f"kv[{self.heads_kv},{self.seq_k}] {self.dtype} on {self.device} "
+                f"window=({self.left},{self.right})")
+
+
+def _shape(x):
+    return tuple(int(s) for s in x.shape)
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    s = float(scale)
+    if not math.isfinite(s) or s <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+    return s
+
+
+def check_same_family(named: dict) -> tuple[str, str]:
+    """All arrays are of one kind (NumPy or torch) and, for torch, on one device."""
+    kinds = {n: array_kind(x, n) for n, x in named.items()}
+    if len(set(kinds.values())) > 1:
+        raise TypeError("query, key and value must all be NumPy arrays or all torch tensors, got "
+                        + ", ".join(f"{n}: {k}" for n, k in kinds.items()))
+    devices = {n: device_of(x) for n, x in named.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError("query, key and value must be on one device, got "
+                         + ", ".join(f"{n}: {d}" for n, d in devices.items()))
+    first = next(iter(named))
+    return kinds[first], devices[first]
+
+
+def check_float_dtypes(named: dict) -> str:
+    dtypes = {n: dtype_name(x) for n, x in named.items()}
+    for n, dt in dtypes.items():
+        if dt not in FLOAT_DTYPES:
+            raise TypeError(f"{n} must be float16, bfloat16, float32 or float64, got dtype {dt}")
+    if len(set(dtypes.values())) > 1:
+        raise TypeError("query, key and value must share one dtype, got "
+                        + ", ".join(f"{n}: {d}" for n, d in dtypes.items()))
+    return next(iter(dtypes.values()))
+
+
+def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, return_lse=False) -> AttentionCall:
+    """Validate the public arguments once; every error names the argument and the rule."""
+    named = {"query": query, "key": key, "value": value}
+    kind, device = check_same_family(named)
+    for n, x in named.items():
+        if len(x.shape) != 4:
+            raise ValueError(f"{n} must be 4-D [batch, heads, seq, head_dim], got shape {_shape(x)}")
+    dtype = check_float_dtypes(named)
+    qs, ks, vs = _shape(query), _shape(key), _shape(value)
+    if not (qs[0] == ks[0] == vs[0]):
+        raise ValueError(f"batch sizes differ: query {qs}, key {ks}, value {vs} (dimension 0 must match)")
+    if ks[:3] != vs[:3]:
+        raise ValueError(f"key and value must have the same [batch, heads_kv, seq_k], got key {ks}, value {vs}")
+    if not (qs[3] == ks[3] == vs[3]):
+        raise ValueError(f"head_dim differs: query {qs}, key {ks}, value {vs} (dimension 3 must match)")
+    if ks[1] == 0 or qs[1] % ks[1] != 0:
+        raise ValueError(
+            f"heads_q ({qs[1]}) must be a multiple of heads_kv ({ks[1]}) for grouped-query attention; "
+            f"query {qs}, key {ks}")
+    if qs[3] == 0:
+        raise ValueError(f"head_dim must be > 0, got query {qs}")
+    left, right = masks.canonical_window(causal, window_size)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return AttentionCall(
+        q=query, k=key, v=value, kind=kind, device=device, dtype=dtype,
+        batch=qs[0], heads_q=qs[1], heads_kv=ks[1], seq_q=qs[2], seq_k=ks[2], head_dim=qs[3],
+        scale=check_scale(scale, qs[3]), left=left, right=right, return_lse=bool(return_lse),
+        causal=bool(causal))

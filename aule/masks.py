@@ -1,0 +1,115 @@
+"""The one definition of which (query, key) pairs are visible.
+
+Every backend and the reference follow these rules; shaders and Triton kernels implement the
+same arithmetic on the canonical ``(left, right)`` pair returned by :func:`canonical_window`.
+
+Positions are bottom-right aligned (FlashAttention's convention): query row ``i`` of ``seq_q``
+sits at key position ``pos(i) = i + seq_k - seq_q``. Key ``j`` is visible from row ``i`` when
+
+    (left  < 0 or j >= pos(i) - left) and
+    (right < 0 or j <= pos(i) + right) and
+    0 <= j < seq_k
+
+``left``/``right`` of ``-1`` mean unbounded on that side. ``causal`` is ``right = 0``.
+A row may see no key at all (for example the first ``seq_q - seq_k`` rows of a causal call with
+``seq_q > seq_k``); such rows produce zeros and an LSE of ``-inf``.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+UNBOUNDED = -1
+
+
+def canonical_window(causal: bool, window_size) -> tuple[int, int]:
+    """Turn the public ``(causal, window_size)`` pair into ``(left, right)``; -1 is unbounded.
+
+    ``window_size``: ``None`` or ``-1`` (unlimited); an int ``W > 0`` (W keys ending at the
+    query's own position: ``pos - W < j <= pos``, Mistral); or FlashAttention's ``(left, right)``
+    tuple with ``-1`` for an unbounded side. ``causal=True`` forces ``right = 0``.
+    """
+    if isinstance(causal, (bool, np.bool_)):
+        causal = bool(causal)
+    else:
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    if window_size is None:
+        left, right = UNBOUNDED, UNBOUNDED
+    elif isinstance(window_size, numbers.Integral) and not isinstance(window_size, bool):
+        w = int(window_size)
+        if w == -1:
+            left, right = UNBOUNDED, UNBOUNDED
+        elif w > 0:
+            left, right = w - 1, 0
+        else:
+            raise ValueError(
+                f"window_size must be -1/None (unlimited) or a positive int, got {w}: "
+                "a window of 0 keys would hide every key")
+    elif isinstance(window_size, (tuple, list)):
+        if len(window_size) != 2:
+            raise ValueError(
+                f"window_size as a tuple must be (left, right), got {len(window_size)} items: {window_size!r}")
+        for name, side in zip(("left", "right"), window_size):
+            if not isinstance(side, numbers.Integral) or isinstance(side, bool):
+                raise TypeError(f"window_size {name} must be an int, got {type(side).__name__} {side!r}")
+            if int(side) < -1:
+                raise ValueError(
+                    f"window_size {name} must be >= 0, or -1 for unbounded, got {int(side)} in {tuple(window_size)!r}")
+        left, right = int(window_size[0]), int(window_size[1])
+    else:
+        raise TypeError(
+            f"window_size must be None, an int or a (left, right) tuple, got {type(window_size).__name__}")
+    if causal:
+        right = 0
+    return left, right
+
+
+def query_positions(q_start: int, q_end: int, seq_q: int, seq_k: int) -> np.ndarray:
+    """Key positions of query rows ``q_start..q_end-1`` (bottom-right alignment)."""
+    return np.arange(q_start, q_end, dtype=np.int64) + (seq_k - seq_q)
+
+
+def visible(q_idx, k_idx, seq_q: int, seq_k: int, left: int, right: int) -> np.ndarray:
+    """Boolean visibility of broadcastable query indices ``q_idx`` and key indices ``k_idx``."""
+    q_idx = np.asarray(q_idx, dtype=np.int64)
+    k_idx = np.asarray(k_idx, dtype=np.int64)
+    pos = q_idx + (seq_k - seq_q)
+    ok = (k_idx >= 0) & (k_idx < seq_k)
+    if left >= 0:
+        ok = ok & (k_idx >= pos - left)
+    if right >= 0:
+        ok = ok & (k_idx <= pos + right)
+    return ok
+
+
+def mask(seq_q: int, seq_k: int, left: int, right: int) -> np.ndarray:
+    """The full ``[seq_q, seq_k]`` boolean mask (for references and tests; O(seq_q*seq_k))."""
+    return visible(np.arange(seq_q)[:, None], np.arange(seq_k)[None, :], seq_q, seq_k, left, right)
+
+
+def key_range(q_start: int, q_end: int, seq_q: int, seq_k: int, left: int, right: int) -> tuple[int, int]:
+    """Half-open key range ``[k_lo, k_hi)`` that rows ``q_start..q_end-1`` can see together.
+
+    Keys outside it are hidden from every row of the block, so a tiled kernel skips those tiles.
+    Returns ``k_lo >= k_hi`` when the whole block sees nothing.
+    """
+    if q_end <= q_start:
+        return 0, 0
+    off = seq_k - seq_q
+    k_lo = 0 if left < 0 else max(0, q_start + off - left)
+    k_hi = seq_k if right < 0 else min(seq_k, q_end - 1 + off + right + 1)
+    return k_lo, k_hi
+
+
+def tile_fully_visible(q_start: int, q_end: int, k_start: int, k_end: int,
+                       seq_q: int, seq_k: int, left: int, right: int) -> bool:
+    """True when every pair in the tile is visible, so a kernel may skip applying the mask."""
+    off = seq_k - seq_q
+    if k_start < 0 or k_end > seq_k:
+        return False
+    if left >= 0 and k_start < (q_end - 1 + off) - left:
+        return False
+    if right >= 0 and k_end - 1 > q_start + off + right:
+        return False
+    return True

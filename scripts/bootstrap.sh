@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Make a fresh Debian/Ubuntu machine ready for aule, then run one job:
+#   scripts/bootstrap.sh demo   -> `aule demo`
+#   scripts/bootstrap.sh test   -> the whole test suite
+#   scripts/bootstrap.sh setup  -> only install
+# Idempotent: every step checks first and installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+job=${1:-setup}; shift || true
+venv=${AULE_VENV:-$root/.venv}
+log() { echo "[bootstrap] $*" >&2; }
+
+sudo_cmd() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+
+# --- system packages: Vulkan loader, lavapipe when no driver exists, validation layer -------------
+need_pkgs=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+if command -v dpkg-query >/dev/null && command -v apt-get >/dev/null; then
+  have_pkg libvulkan1 || need_pkgs+=(libvulkan1)
+  # A machine with a vendor driver keeps it; lavapipe is added only when no ICD manifest exists.
+  if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1; then
+    need_pkgs+=(mesa-vulkan-drivers)
+  fi
+  if [ "$job" = test ]; then
+    have_pkg vulkan-validationlayers || need_pkgs+=(vulkan-validationlayers)
+  fi
+  python3 -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
+  if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing system packages: ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    sudo_cmd apt-get update -qq
+    sudo_cmd apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  fi
+else
+  log "not a Debian/Ubuntu machine: install the Vulkan loader and a driver yourself"
+fi
+
+# --- Python environment -----------------------------------------------------------------------------
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating virtual environment $venv"
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+stamp="$venv/.aule-$job-$(cat pyproject.toml scripts/bootstrap.sh | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  "$py" -m pip install -q --upgrade pip >/dev/null
+  if [ "$job" = test ]; then
+    # torch first and pinned: the CPU build. An unpinned torch would pull a multi-gigabyte CUDA build.
+    "$py" -c 'import torch' 2>/dev/null || "$py" -m pip install -q "torch==${AULE_TORCH_VERSION:-2.13.0}"
+    "$py" -m pip install -q -e ".[dev,torch]"
+  else
+    "$py" -m pip install -q -e .
+  fi
+  touch "$stamp"
+fi
+
+case "$job" in
+  demo)  exec "$venv/bin/aule" demo "$@" ;;
+  test)  export AULE_VALIDATION=${AULE_VALIDATION:-1}
+         exec "$py" -m pytest -q "$@" ;;
+  setup) log "ready: $venv" ;;
+  *) echo "usage: $0 demo|test|setup" >&2; exit 2 ;;
+esac

@@ -1,0 +1,37 @@
+"""Shared test helpers: random inputs, tolerances per dtype, comparison against the reference."""
+from __future__ import annotations
+
+import numpy as np
+
+from aule.reference import attention_reference
+
+# Max-abs-error tolerances on outputs of O(1) magnitude (softmax-weighted averages of N(0,1) values).
+ATOL = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
+LSE_ATOL = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
+
+
+def random_qkv(rng, batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype=np.float32):
+    """Fresh N(0,1) inputs (never zeros: zeros hide unwritten outputs and wrong indexing)."""
+    q = rng.standard_normal((batch, heads_q, seq_q, head_dim)).astype(dtype)
+    k = rng.standard_normal((batch, heads_kv, seq_k, head_dim)).astype(dtype)
+    v = rng.standard_normal((batch, heads_kv, seq_k, head_dim)).astype(dtype)
+    return q, k, v
+
+
+def assert_matches_reference(out, lse, q, k, v, dtype_name, **kw):
+    """Compare a backend's (out, lse) with the float64 reference on the same inputs."""
+    ref_out, ref_lse = attention_reference(q, k, v, return_lse=True, **kw)
+    out = np.asarray(out, dtype=np.float64)
+    assert out.shape == ref_out.shape
+    assert not np.isnan(out).any(), "output has NaN"
+    err = np.abs(out - ref_out).max() if out.size else 0.0
+    assert err <= ATOL[dtype_name], f"max abs error {err:.3g} > {ATOL[dtype_name]} ({dtype_name})"
+    if lse is not None:
+        lse = np.asarray(lse, dtype=np.float64)
+        assert lse.shape == ref_lse.shape
+        empty = np.isneginf(ref_lse)
+        assert (np.isneginf(lse) == empty).all(), "rows that see no key must have LSE -inf, and only those"
+        if (~empty).any():
+            lerr = np.abs(lse[~empty] - ref_lse[~empty]).max()
+            assert lerr <= LSE_ATOL[dtype_name], f"LSE error {lerr:.3g}"
+    return err
