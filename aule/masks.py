@@ -85,7 +85,8 @@ def visible(q_idx, k_idx, seq_q: int, seq_k: int, left: int, right: int) -> np.n
 
 def mask(seq_q: int, seq_k: int, left: int, right: int) -> np.ndarray:
     """The full ``[seq_q, seq_k]`` boolean mask (for references and tests; O(seq_q*seq_k))."""
-    return visible(np.arange(seq_q)[:, None], np.arange(seq_k)[None, :], seq_q, seq_k, left, right)
+    vis = visible(np.arange(seq_q)[:, None], np.arange(seq_k)[None, :], seq_q, seq_k, left, right)
+    return np.broadcast_to(vis, (seq_q, seq_k)).copy()
 
 
 def key_range(q_start: int, q_end: int, seq_q: int, seq_k: int, left: int, right: int) -> tuple[int, int]:
