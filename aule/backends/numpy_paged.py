@@ -1,0 +1,95 @@
+"""Paged attention and ``copy_kv_to_paged`` on the host: NumPy arrays and torch tensors.
+
+Attention gathers, per sequence, only the blocks the window can see into one contiguous
+``[heads_kv, n, head_dim]`` run and hands it to :func:`attention_numpy`, the dense backend's
+online-softmax loop. The gathered run ends at the sequence's last key, so bottom-right alignment
+(``seq_q = q_len``, ``seq_k = n``) puts every query row at its true position relative to the
+gathered keys, and the window's left/right distances carry over unchanged. Extra memory: the
+visible part of one sequence's K and V.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import masks
+from ..arrays import like, to_numpy
+from .base import Backend
+from .numpy_backend import attention_numpy
+
+
+def visible_key_span(context_len: int, q_len: int, left: int, right: int) -> tuple[int, int]:
+    """Half-open span of key positions any of a sequence's ``q_len`` rows can see."""
+    return masks.key_range(0, q_len, q_len, context_len, left, right)
+
+
+def paged_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale, left, right):
+    """``q [B, Hq, q_len, D]`` over NumPy caches ``[num_blocks, block_size, Hkv, D]``; returns the
+    output in the accumulation dtype (float32, or float64 for float64 inputs)."""
+    b, hq, q_len, d = q.shape
+    bs, hk = k_cache.shape[1], k_cache.shape[2]
+    acc_t = np.float64 if q.dtype == np.float64 else np.float32
+    out = np.zeros((b, hq, q_len, d), dtype=acc_t)
+    for i in range(b):
+        length = int(context_lens[i])
+        k_lo, k_hi = visible_key_span(length, q_len, left, right)
+        if k_lo >= k_hi:
+            continue  # no row sees a key: zeros
+        first = k_lo // bs  # blocks before the window are never touched
+        ids = np.asarray(block_tables[i, first:-(-length // bs)], dtype=np.int64)
+        n = length - first * bs
+        kk = k_cache[ids].reshape(-1, hk, d)[:n].transpose(1, 0, 2)[None]
+        vv = v_cache[ids].reshape(-1, hk, d)[:n].transpose(1, 0, 2)[None]
+        o, _ = attention_numpy(q[i:i + 1], np.ascontiguousarray(kk), np.ascontiguousarray(vv),
+                               scale, left, right)
+        out[i] = o[0]
+    return out
+
+
+class NumpyPagedBackend(Backend):
+    name = "numpy"
+    aliases = ("cpu",)
+
+    def unsupported(self, call, forced):
+        if call.kind == "gpu":
+            return "the cache is a Vulkan GpuTensor; the NumPy backend reads host memory"
+        return None
+
+    def forward(self, call):
+        q = to_numpy(call.q)
+        kc, vc = to_numpy(call.k_cache), to_numpy(call.v_cache)
+        bt, cl = to_numpy(call.block_tables), to_numpy(call.context_lens)
+        out = paged_attention_numpy(q, kc, vc, bt, cl, call.scale, call.left, call.right)
+        return like(out, call.q)
+
+    def copy_kv(self, call):
+        slots = call.slot_mapping
+        if call.kind == "torch":
+            import torch
+
+            slots = torch.as_tensor(slots, device=call.k_cache.device).to(torch.int64)
+            keep = slots >= 0
+            for src, cache in ((call.key, call.k_cache), (call.value, call.v_cache)):
+                flat = cache.view(-1, call.heads_kv, call.head_dim)
+                flat[slots[keep]] = src[keep]
+            return
+        slots = np.asarray(slots).astype(np.int64, copy=False)
+        keep = slots >= 0
+        for src, cache in ((call.key, call.k_cache), (call.value, call.v_cache)):
+            flat = cache.reshape(-1, call.heads_kv, call.head_dim)
+            if not np.shares_memory(flat, cache):
+                raise ValueError("the cache must be C-contiguous to be written in place")
+            flat[slots[keep]] = np.asarray(src)[keep]
+
+    # -- storage for PagedKVCache -----------------------------------------------------------------
+    def allocate_cache(self, shape, dtype, device=None):
+        if device is not None and device != "cpu":
+            raise ValueError(f"the NumPy backend keeps the cache in host memory, not on {device!r}")
+        return np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype)
+
+    def copy_slots(self, k_cache, v_cache, src, dst):
+        for cache in (k_cache, v_cache):
+            flat = cache.reshape(-1, *cache.shape[2:])
+            flat[dst] = flat[src]
+
+    def to_host(self, cache):
+        return to_numpy(cache)
