@@ -1,0 +1,323 @@
+"""Paged attention on CUDA and ROCm through Triton: decode, chunked prefill and split-K.
+
+One program serves one (sequence, KV head, row tile, context split). Its rows are the query
+heads of the KV head's group stacked with the query positions (row ``r`` is position ``r // GROUP``
+of head ``r % GROUP``), so K/V are read once for the whole group and never expanded. Keys are
+walked in tiles of ``BLOCK_N`` positions; each position's block id comes from the block table,
+so a tile may span several cache blocks (small blocks) or part of one (large blocks).
+
+Decode has few rows and, with a short batch, few programs: the context is then split across
+``NUM_SPLITS`` programs (flash-decoding) whose partial results carry their base-2 log-sum-exp and
+are merged by a second kernel. Keys outside the window or past the context are masked out of
+every load, so they are never read, and no NaN in unused cache memory can reach the output.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import triton
+import triton.language as tl
+
+from ..base import Backend
+from .common import LOG2E, MAX_HEAD_DIM, block_d, cdiv, interpreting, next_pow2, torch_gpu_flavour
+
+log = logging.getLogger("aule")
+
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _paged_attn_fwd(
+        Q, KC, VC, BT, CL, O, PO, PL,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kt, stride_kh, stride_kd,
+        stride_vb, stride_vt, stride_vh, stride_vd,
+        stride_bt, stride_ob, stride_oh, stride_om, stride_od,
+        HEADS_KV, NUM_SPLITS, scale2, LEFT,
+        Q_LEN: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
+        SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // HEADS_KV
+    hk = pid_bh % HEADS_KV
+    ctx = tl.load(CL + b).to(tl.int32)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * Q_LEN
+    qi = rows // GROUP
+    head = hk * GROUP + rows % GROUP
+    pos = ctx - Q_LEN + qi  # key position of each row; < 0 for rows before the context
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # Keys any row of this tile can see (causal: up to the last row's position; window: from the
+    # first row's left edge). Tiles are aligned to BLOCK_N; the loads mask the edges.
+    first_pos = ctx - Q_LEN + (pid_m * BLOCK_M) // GROUP
+    last_pos = ctx - Q_LEN + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, GROUP * Q_LEN - 1) // GROUP
+    k_hi = tl.minimum(ctx, last_pos + 1)
+    k_lo = ctx * 0
+    if HAS_LEFT:
+        k_lo = tl.maximum(first_pos - LEFT, 0)
+    t_lo = k_lo // BLOCK_N
+    t_hi = tl.maximum((k_hi + BLOCK_N - 1) // BLOCK_N, t_lo)
+    per = (t_hi - t_lo + NUM_SPLITS - 1) // NUM_SPLITS
+    t_start = t_lo + split * per
+    t_end = tl.minimum(t_start + per, t_hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bt_row = BT + b * stride_bt
+    kv_head_k = KC + hk * stride_kh
+    kv_head_v = VC + hk * stride_vh
+    for t in range(t_start, t_end):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = (offs_n >= k_lo) & (offs_n < k_hi)
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = offs_n % BLOCK_SIZE
+        k_ptrs = kv_head_k + (blk * stride_kb + slot * stride_kt)[:, None] + offs_d[None, :] * stride_kd
+        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale2
+        vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+        if HAS_LEFT:
+            vis = vis & (offs_n[None, :] >= pos[:, None] - LEFT)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no key yet keep m = -inf; shifting by 0 keeps exp2 at 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = kv_head_v + (blk * stride_vb + slot * stride_vt)[:, None] + offs_d[None, :] * stride_vd
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if SPLIT:
+        # Partial result of this split: normalised output and its base-2 LSE (-inf when empty).
+        lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        prow = ((b * HEADS_KV * GROUP + head) * Q_LEN + qi) * NUM_SPLITS + split
+        tl.store(PL + prow, lse2, mask=row_ok)
+        tl.store(PO + prow[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
+    else:
+        o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _paged_attn_merge(PO, PL, O, stride_ob, stride_oh, stride_om, stride_od, HEADS_Q, NUM_SPLITS,
+                      Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)  # (b, head, qi) flattened
+    qi = row % Q_LEN
+    head = (row // Q_LEN) % HEADS_Q
+    b = row // (Q_LEN * HEADS_Q)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    lse2 = tl.load(PL + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse2, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse2 - m_safe)  # 0 for empty splits and padding lanes
+    total = tl.sum(w, 0)
+    part = tl.load(PO + (row * NUM_SPLITS + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                   mask=s_ok[:, None], other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(O + b * stride_ob + head * stride_oh + qi * stride_om + offs_d * stride_od,
+             out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _copy_kv_to_paged(K, V, KC, VC, SLOTS,
+                      stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+                      stride_cb, stride_ct, stride_ch, stride_cd,
+                      stride_db, stride_dt, stride_dh, stride_dd,
+                      HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    if slot >= 0:  # a negative slot is padding: skip the token
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        ok = (offs_h[:, None] < HEADS_KV) & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=ok)
+        v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=ok)
+        tl.store(KC + blk * stride_cb + off * stride_ct + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd,
+                 k, mask=ok)
+        tl.store(VC + blk * stride_db + off * stride_dt + offs_h[:, None] * stride_dh + offs_d[None, :] * stride_dd,
+                 v, mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch configuration
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_config(batch, heads_kv, group, q_len, head_dim, max_context, device_index, amd=False):
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages, num_splits, m_tiles)`` for a call.
+
+    Split-K fills the GPU when ``batch * heads_kv`` programs cannot: enough splits for about
+    ``WAVES`` programs per multiprocessor, but never fewer than ``MIN_TILES`` key tiles per split,
+    where the merge's extra traffic would cost more than the split gains.
+    """
+    rows = group * q_len
+    block_m = max(16, min(64, next_pow2(rows)))
+    m_tiles = cdiv(rows, block_m)
+    block_n = 64 if head_dim <= 128 else 32
+    num_warps = 4
+    num_stages = 1 if amd else 3
+    if interpreting():
+        return block_m, 16, 1, 1, min(4, max(1, cdiv(max_context, 16))), m_tiles
+    sms = _num_sms(device_index)
+    programs = batch * heads_kv * m_tiles
+    tiles = cdiv(max(max_context, 1), block_n)
+    want = cdiv(sms * WAVES, programs)
+    splits = max(1, min(MAX_SPLITS, want, tiles // MIN_TILES))
+    return block_m, block_n, num_warps, num_stages, splits, m_tiles
+
+
+WAVES = 4
+MIN_TILES = 4
+
+
+def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, left, max_context,
+                           out=None, config=None):
+    """Launch the paged kernels on validated torch tensors (see :mod:`aule.paged`).
+
+    ``left`` is the window's left extent (-1 unbounded; paged attention is always causal).
+    ``max_context`` only sizes the split; any value >= 1 is safe. ``config`` overrides
+    :func:`choose_config` (benchmarks tune with it). Returns ``out`` ([B, Hq, q_len, D], q's dtype).
+    """
+    import torch
+
+    batch, heads_q, q_len, head_dim = q.shape
+    heads_kv, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = heads_q // heads_kv
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
+        block_tables = block_tables.to(torch.int32).contiguous()
+    dev = q.device.index or 0
+    block_m, block_n, num_warps, num_stages, splits, m_tiles = config or choose_config(
+        batch, heads_kv, group, q_len, head_dim, max_context, dev, amd=torch_gpu_flavour() == "hip")
+    bd = block_d(head_dim)
+    if splits > 1:
+        po = torch.empty((batch * heads_q * q_len * splits, bd), dtype=torch.float32, device=q.device)
+        pl = torch.empty((batch * heads_q * q_len * splits,), dtype=torch.float32, device=q.device)
+    else:
+        po = pl = out  # unused by the kernel when SPLIT is off
+    grid = (batch * heads_kv, m_tiles, splits)
+    _paged_attn_fwd[grid](
+        q, k_cache, v_cache, block_tables, context_lens, out, po, pl,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
+        heads_kv, splits, float(scale) * LOG2E, max(left, 0),
+        Q_LEN=q_len, GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, BLOCK_D=bd, HAS_LEFT=left >= 0, SPLIT=splits > 1,
+        # Triton 3.9's interpreter computes bfloat16 dots wrongly; fp32 operands sidestep it on CPU.
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages)
+    if splits > 1:
+        _paged_attn_merge[(batch * heads_q * q_len,)](
+            po, pl, out, *out.stride(), heads_q, splits,
+            Q_LEN=q_len, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_S=max(2, next_pow2(splits)), num_warps=4)
+    return out
+
+
+def copy_kv_triton(key, value, k_cache, v_cache, slot_mapping):
+    """Launch the slot-mapping write on validated torch tensors."""
+    num_tokens, heads_kv, head_dim = key.shape
+    _copy_kv_to_paged[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
+        HEADS_KV=heads_kv, HEAD_DIM=head_dim, BLOCK_H=next_pow2(heads_kv), BLOCK_D=next_pow2(head_dim),
+        BLOCK_SIZE=k_cache.shape[1], num_warps=4 if heads_kv * head_dim >= 1024 else 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the backend
+
+
+class TritonPagedBackend(Backend):
+    name = "triton"
+    flavour = "cuda"
+
+    def _probe(self):
+        import torch
+
+        if interpreting():
+            return None
+        if torch_gpu_flavour() != self.flavour or not torch.cuda.is_available():
+            return f"no {self.flavour.upper()} device visible to torch"
+        return None
+
+    def unsupported(self, call, forced):
+        if call.kind != "torch" or getattr(call, "q_kind", "torch") != "torch":
+            return "the Triton kernels take torch tensors"
+        if call.device.startswith("cpu") and not interpreting():
+            return "the tensors are on the CPU (set TRITON_INTERPRET=1 to run the kernels there)"
+        if call.dtype not in ("float16", "bfloat16", "float32"):
+            return f"dtype {call.dtype} is not supported (float16, bfloat16, float32)"
+        if call.head_dim > MAX_HEAD_DIM:
+            return f"head_dim {call.head_dim} > {MAX_HEAD_DIM}"
+        return None
+
+    def forward(self, call):
+        return paged_attention_triton(call.q, call.k_cache, call.v_cache, call.block_tables,
+                                      call.context_lens, call.scale, call.left, call.max_context)
+
+    def copy_kv(self, call):
+        import torch
+
+        slots = call.slot_mapping
+        if slots.dtype not in (torch.int32, torch.int64):
+            slots = slots.to(torch.int64)
+        copy_kv_triton(call.key, call.value, call.k_cache, call.v_cache, slots)
+
+    # -- storage for PagedKVCache -----------------------------------------------------------------
+    def allocate_cache(self, shape, dtype, device=None):
+        import torch
+
+        dev = torch.device(device or ("cpu" if interpreting() else "cuda"))
+        dt = getattr(torch, dtype)
+        return torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev)
+
+    def copy_slots(self, k_cache, v_cache, src, dst):
+        import torch
+
+        src = torch.as_tensor(src, device=k_cache.device)
+        dst = torch.as_tensor(dst, device=k_cache.device)
+        for cache in (k_cache, v_cache):
+            flat = cache.view(-1, *cache.shape[2:])
+            flat[dst] = flat[src]
+
+    def to_host(self, cache):
+        from ...arrays import to_numpy
+
+        return to_numpy(cache)
+
+
+class TritonAMDPagedBackend(TritonPagedBackend):
+    name = "triton-amd"
+    flavour = "hip"
