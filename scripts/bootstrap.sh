@@ -10,6 +10,8 @@ root=$(pwd)
 job=${1:-setup}; shift || true
 venv=${AULE_VENV:-$root/.venv}
 log() { echo "[bootstrap] $*" >&2; }
+# pip's notes about this machine's empty local mirrors and setuptools' notices are noise here.
+quiet_pip() { "$py" -m pip "$@" 2> >(grep -v -E "is ignored: it is neither|BuildBackendWarning|^\s*(!!|\*+|$)" >&2); }
 
 sudo_cmd() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
 
@@ -19,7 +21,7 @@ have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 if command -v dpkg-query >/dev/null && command -v apt-get >/dev/null; then
   have_pkg libvulkan1 || need_pkgs+=(libvulkan1)
   # A machine with a vendor driver keeps it; lavapipe is added only when no ICD manifest exists.
-  if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1; then
+  if ! compgen -G "/usr/share/vulkan/icd.d/*.json" >/dev/null && ! compgen -G "/etc/vulkan/icd.d/*.json" >/dev/null; then
     need_pkgs+=(mesa-vulkan-drivers)
   fi
   if [ "$job" = test ]; then
@@ -44,13 +46,13 @@ fi
 py="$venv/bin/python"
 stamp="$venv/.aule-$job-$(cat pyproject.toml scripts/bootstrap.sh | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  "$py" -m pip install -q --upgrade pip >/dev/null
+  quiet_pip install -q --upgrade pip >/dev/null
   if [ "$job" = test ]; then
     # torch first and pinned: the CPU build. An unpinned torch would pull a multi-gigabyte CUDA build.
-    "$py" -c 'import torch' 2>/dev/null || "$py" -m pip install -q "torch==${AULE_TORCH_VERSION:-2.13.0}"
-    "$py" -m pip install -q -e ".[dev,torch]"
+    "$py" -c 'import torch' 2>/dev/null || quiet_pip install -q "torch==${AULE_TORCH_VERSION:-2.13.0}"
+    quiet_pip install -q -e ".[dev,torch]"
   else
-    "$py" -m pip install -q -e .
+    quiet_pip install -q -e .
   fi
   touch "$stamp"
 fi
