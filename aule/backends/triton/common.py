@@ -1,0 +1,63 @@
+"""Facts about the Triton target shared by every Triton kernel in aule (attention, paged decode).
+
+Nothing here imports torch or triton at module load, so the registry can probe cheaply.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+LOG2E = 1.4426950408889634  # kernels work in base 2 (exp2 is one instruction on NVIDIA and AMD)
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``: kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def block_d(head_dim: int) -> int:
+    """The power-of-two tile width that holds ``head_dim``; the kernels mask the padding lanes."""
+    return max(16, next_pow2(head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def torch_gpu_flavour() -> str | None:
+    """'hip' for a ROCm build of torch, 'cuda' for a CUDA build, None when torch has neither."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        return "hip"
+    if getattr(torch.version, "cuda", None):
+        return "cuda"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(index: int = 0) -> str:
+    """'sm90', 'sm80', 'gfx942', 'gfx1100', ... for the torch device ``index`` ('' if unknown)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    arch = getattr(props, "gcnArchName", "") or ""
+    if arch:
+        return arch.split(":")[0]
+    return f"sm{props.major}{props.minor}"
+
+
+def amd_family(arch: str) -> str:
+    """'cdna' (MI100/200/300: gfx908/90a/94x/95x), 'rdna' (gfx10/11/12) or '' for anything else."""
+    if arch.startswith("gfx9"):
+        return "cdna"
+    if arch.startswith(("gfx10", "gfx11", "gfx12")):
+        return "rdna"
+    return ""
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

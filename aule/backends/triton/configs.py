@@ -1,0 +1,112 @@
+"""Per-target tile configurations for the attention kernels, and their pruning by shape.
+
+NVIDIA and AMD run the same kernels (:mod:`.kernels`); only these tables differ. Each kernel is
+autotuned over the configurations that survive :func:`prune`, keyed on the shape (power-of-two
+buckets of seq_q and seq_k, head_dim, mask sides, dtype), so a new sequence length within a
+bucket reuses the tuned choice instead of tuning again.
+"""
+from __future__ import annotations
+
+import functools
+
+from .common import amd_family, block_d, next_pow2
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class.
+# "fwd" and "dq" tile queries by BLOCK_M and walk keys by BLOCK_N; "dkdv" holds a BLOCK_N key tile
+# (its dK/dV accumulators) and walks queries by BLOCK_M.
+# Hopper/Ampere: 128-row query tiles with 8 warps keep the tensor cores fed; the shared-memory
+# budget (about 227 KB on H100) limits the pipelining depth for head_dim 256.
+_NVIDIA = {
+    "fwd": {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    },
+    "dkdv": {
+        64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+        128: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+        256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 32, 4, 1)],
+    },
+    "dq": {
+        64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+        256: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+    },
+}
+
+# CDNA (MI200/MI300): wave64, a stream-pipelined loop wants 1-2 stages; waves_per_eu trades
+# registers for occupancy and is a compile option only the AMD backend accepts.
+_CDNA = {
+    "fwd": {
+        64: [(128, 64, 4, 2, 2), (128, 128, 8, 2, 2), (64, 64, 4, 2, 1)],
+        128: [(128, 64, 4, 2, 2), (128, 32, 4, 2, 2), (64, 64, 4, 2, 1)],
+        256: [(64, 64, 4, 1, 1), (64, 32, 4, 1, 1)],
+    },
+    "dkdv": {
+        64: [(32, 128, 4, 1, 1), (64, 64, 4, 1, 1)],
+        128: [(32, 128, 4, 1, 1), (64, 64, 4, 1, 1), (32, 64, 4, 1, 1)],
+        256: [(32, 64, 4, 1, 1), (32, 32, 4, 1, 1)],
+    },
+    "dq": {
+        64: [(128, 32, 4, 1, 1), (64, 64, 4, 1, 1)],
+        128: [(128, 32, 4, 1, 1), (64, 64, 4, 1, 1), (64, 32, 4, 1, 1)],
+        256: [(64, 32, 4, 1, 1), (32, 32, 4, 1, 1)],
+    },
+}
+
+# RDNA3/4 (wave32, smaller register file per SIMD): smaller tiles, no waves_per_eu.
+_RDNA = {
+    "fwd": {64: [(64, 64, 4, 1), (64, 32, 4, 1)], 128: [(64, 32, 4, 1), (32, 32, 4, 1)],
+            256: [(32, 32, 4, 1), (32, 16, 4, 1)]},
+    "dkdv": {64: [(32, 64, 4, 1), (32, 32, 4, 1)], 128: [(32, 64, 4, 1), (32, 32, 4, 1)],
+             256: [(16, 32, 4, 1), (32, 32, 4, 1)]},
+    "dq": {64: [(64, 32, 4, 1), (32, 32, 4, 1)], 128: [(64, 32, 4, 1), (32, 32, 4, 1)],
+           256: [(32, 16, 4, 1), (32, 32, 4, 1)]},
+}
+
+# The interpreter runs each program op by op on the CPU: one modest tile, no tuning.
+INTERPRET_TILE = (32, 32)
+
+
+def table_for(target: str) -> dict:
+    """The configuration table for 'cuda' or an AMD architecture name such as 'gfx942'."""
+    if target == "cuda":
+        return _NVIDIA
+    family = amd_family(target)
+    if family == "cdna":
+        return _CDNA
+    if family == "rdna":
+        return _RDNA
+    return _NVIDIA if target.startswith("sm") else _RDNA
+
+
+def head_dim_class(head_dim: int) -> int:
+    """Which row of a table serves ``head_dim`` (by its padded power-of-two width)."""
+    bd = block_d(head_dim)
+    return 64 if bd <= 64 else (128 if bd <= 128 else 256)
+
+
+@functools.lru_cache(maxsize=None)
+def configs(target: str, kernel: str, head_dim_class: int):
+    """``triton.Config`` objects for one kernel on one target and head-dim class."""
+    import triton
+
+    out = []
+    for row in table_for(target)[kernel][head_dim_class]:
+        bm, bn, warps, stages = row[:4]
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn}
+        if len(row) > 4:
+            kw["waves_per_eu"] = row[4]
+        out.append(triton.Config(kw, num_warps=warps, num_stages=stages))
+    return out
+
+
+def prune(cfgs, named_args, **kwargs):
+    """Drop tiles much larger than the sequence they cover (a 128-row tile for 5 queries wastes
+    the tensor cores); keep the smallest tile when nothing else fits."""
+    sq = max(16, next_pow2(int(named_args["SEQ_Q"])))
+    sk = max(16, next_pow2(int(named_args["SEQ_K"])))
+    kept = [c for c in cfgs if c.kwargs["BLOCK_M"] <= sq and c.kwargs["BLOCK_N"] <= sk]
+    if kept:
+        return kept
+    return [min(cfgs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_warps))]

@@ -1,0 +1,402 @@
+"""Triton FlashAttention kernels: forward, backward preprocess (delta), dK/dV and dQ.
+
+One set of kernels for NVIDIA and AMD; targets differ only by the configurations in
+:mod:`.configs`. Conventions shared by all kernels:
+
+* Scores are kept in base 2: ``s2 = (q . k) * scale * log2(e)``, so the softmax uses ``exp2``.
+  The forward pass stores the natural-log LSE (the public contract); the backward preprocess turns
+  it into ``lse2 = lse * log2(e)`` with ``+inf`` for rows that see no key, so that such rows get
+  ``p = exp2(s2 - inf) = 0`` and therefore zero gradients without any special case.
+* Visibility is aule.masks' rule on the canonical ``(LEFT, RIGHT)`` pair, bottom-right aligned:
+  row ``i`` sits at key position ``i + SEQ_K - SEQ_Q`` and sees key ``j`` when
+  ``j >= pos - LEFT`` (if HAS_LEFT), ``j <= pos + RIGHT`` (if HAS_RIGHT) and ``j < SEQ_K``.
+* Each loop over the other sequence is split into three runs of tiles: masked tiles before the
+  fully visible ones (window's left edge), fully visible tiles (no mask arithmetic at all), masked
+  tiles after them (causal diagonal, right window edge, ragged end). Tiles that no row of the
+  block can see are never visited.
+* head_dim is padded to the power of two BLOCK_D inside the kernel by masked loads (PAD_D).
+* Every tensor is addressed through its strides, so non-contiguous inputs need no copy.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load(ptrs, ok0, ok1, CHECK0: tl.constexpr, CHECK1: tl.constexpr):
+    # Masks only where the tile can cross an edge: interior tiles load without predicates.
+    if CHECK0 and CHECK1:
+        x = tl.load(ptrs, mask=ok0 & ok1, other=0.0)
+    elif CHECK0:
+        x = tl.load(ptrs, mask=ok0, other=0.0)
+    elif CHECK1:
+        x = tl.load(ptrs, mask=ok1, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _visible(pos, offs_k, SEQ_K, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """aule.masks.visible for broadcastable key positions of rows ``pos`` and keys ``offs_k``."""
+    ok = (offs_k < SEQ_K) & (pos == pos)
+    if HAS_LEFT:
+        ok = ok & (offs_k >= pos - LEFT)
+    if HAS_RIGHT:
+        ok = ok & (offs_k <= pos + RIGHT)
+    return ok
+
+
+@triton.jit
+def _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key tiles for query rows ``[start_m, start_m + BLOCK_M)``: masked ``[lo, mid0)``, fully
+    visible ``[mid0, mid1)``, masked ``[mid1, hi)``. The same bounds as aule.masks.key_range and
+    tile_fully_visible, with tile starts aligned to BLOCK_N (clamped at 0 before dividing, since
+    Triton's integer division truncates toward zero)."""
+    off = SEQ_K - SEQ_Q
+    lo = start_m * 0
+    hi = lo + SEQ_K
+    mid0 = lo
+    mid1 = (hi // BLOCK_N) * BLOCK_N
+    if HAS_LEFT:
+        lo = (tl.maximum(start_m + off - LEFT, 0) // BLOCK_N) * BLOCK_N
+        first_full = tl.maximum(start_m + BLOCK_M - 1 + off - LEFT, 0)
+        mid0 = tl.maximum(lo, ((first_full + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, start_m + BLOCK_M + off + RIGHT)
+        last_full = tl.maximum(start_m + off + RIGHT + 1, 0)
+        mid1 = tl.minimum(mid1, (last_full // BLOCK_N) * BLOCK_N)
+    mid1 = tl.maximum(mid1, mid0)
+    return lo, tl.minimum(mid0, hi), mid0, mid1, hi
+
+
+@triton.jit
+def _query_runs(start_n, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query tiles that see keys ``[start_n, start_n + BLOCK_N)``: masked ``[lo, mid0)``, fully
+    visible ``[mid0, mid1)``, masked ``[mid1, hi)`` (the transpose of _key_runs). Row ``i`` sees
+    key ``j`` iff ``j - RIGHT <= i + off <= j + LEFT``. Keys past SEQ_K may sit in a fully visible
+    tile: their dK/dV rows are never stored, so they need no mask."""
+    off = SEQ_K - SEQ_Q
+    lo = start_n * 0
+    hi = lo + SEQ_Q
+    mid0 = lo
+    mid1 = (hi // BLOCK_M) * BLOCK_M
+    if HAS_RIGHT:
+        lo = (tl.maximum(start_n - RIGHT - off, 0) // BLOCK_M) * BLOCK_M
+        first_full = tl.maximum(start_n + BLOCK_N - 1 - RIGHT - off, 0)
+        mid0 = tl.maximum(lo, ((first_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+    if HAS_LEFT:
+        hi = tl.minimum(hi, start_n + BLOCK_N + LEFT - off)
+        last_full = tl.maximum(start_n + LEFT - off + 1, 0)
+        mid1 = tl.minimum(mid1, (last_full // BLOCK_M) * BLOCK_M)
+    mid1 = tl.maximum(mid1, mid0)
+    return lo, tl.minimum(mid0, hi), mid0, mid1, hi
+
+
+@triton.jit
+def _run_bounds(run: tl.constexpr, lo, lo_end, mid0, mid1, hi):
+    """Start and end of tile run ``run`` (0: masked before, 1: fully visible, 2: masked after)."""
+    if run == 0:
+        start = lo
+        end = lo_end
+    elif run == 1:
+        start = mid0
+        end = mid1
+    else:
+        start = mid1
+        end = hi
+    return start, end
+
+
+@triton.jit
+def _query_tile(H_Q, GROUP, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program coordinates for kernels with one program per (query tile, batch*query head)."""
+    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        # Causal-like masks make late query tiles the longest: start those first (less tail).
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_b = (pid_bh // H_Q).to(tl.int64)
+    off_h = (pid_bh % H_Q).to(tl.int64)
+    off_kvh = off_h // GROUP  # GQA: the query head's KV head, read in place, never expanded
+    return pid_bh, off_b, off_h, off_kvh, pid_m * BLOCK_M
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                    pos, offs_n0, offs_d, start, end, SEQ_K, LEFT, RIGHT, qk_scale,
+                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """Online softmax (base 2) of one query tile over key tiles ``[start, end)``."""
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < SEQ_K
+        kt = _load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                   d_ok[:, None], n_ok[None, :], PAD_D, MASKED)
+        qk = tl.dot(q, kt, input_precision=DOT_PREC)
+        if MASKED:
+            vis = _visible(pos[:, None], offs_n[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+            qk = tl.where(vis, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no visible key yet keeps m = -inf: shift it by 0 so exp2 gives 0.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_use[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                  n_ok[:, None], d_ok[None, :], MASKED, PAD_D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_ob, stride_oh, stride_om, stride_od,
+              SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, H_Q, GROUP,
+              Q_BUCKET, K_BUCKET,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query tile, batch*query head). Writes O and the natural-log LSE."""
+    pid_bh, off_b, off_h, off_kvh, start_m = _query_tile(H_Q, GROUP, HAS_RIGHT, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < SEQ_Q
+    d_ok = offs_d < HEAD_DIM
+
+    q = _load(Q + off_b * stride_qb + off_h * stride_qh
+              + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+              m_ok[:, None], d_ok[None, :], True, PAD_D)
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    pos = offs_m + (SEQ_K - SEQ_Q)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
+                                           HAS_LEFT, HAS_RIGHT)
+    for run in tl.static_range(3):
+        if run != 0 or HAS_LEFT:
+            start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base,
+                                            stride_kn, stride_kd, stride_vn, stride_vd,
+                                            pos, offs_n0, offs_d, start, end, SEQ_K, LEFT, RIGHT,
+                                            qk_scale, run != 1, HAS_LEFT, HAS_RIGHT, HEAD_DIM,
+                                            PAD_D, BLOCK_N, DOT_PREC)
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]  # rows that saw nothing have acc == 0: zeros, never NaN
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=m_ok)
+    o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
+              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
+                         stride_ob, stride_oh, stride_om, stride_od,
+                         stride_dob, stride_doh, stride_dom, stride_dod,
+                         SEQ_Q, H_Q,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
+                         BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) - dLSE, and lse2 = LSE * log2(e) (+inf for rows without keys)."""
+    pid_bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    off_b = (pid_bh // H_Q).to(tl.int64)
+    off_h = (pid_bh % H_Q).to(tl.int64)
+    m_ok = offs_m < SEQ_Q
+    ok = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
+    row = pid_bh.to(tl.int64) * SEQ_Q + offs_m
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        # d lse / d s_ij = p_ij, so an upstream LSE gradient enters dS exactly like -delta.
+        delta = delta - tl.load(DLSE + row, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + row, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(DELTA + row, delta, mask=m_ok)
+    tl.store(LSE2 + row, lse2, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
+                         stride_qm, stride_qd, stride_dom, stride_dod,
+                         offs_n, offs_m0, offs_d, start, end, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale,
+                         MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
+    """Accumulate dK and dV of one key tile over query tiles ``[start, end)`` (transposed scores)."""
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < SEQ_Q
+        qt = _load(q_base + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
+                   d_ok[:, None], m_ok[None, :], PAD_D, MASKED)
+        if MASKED:
+            # Padded rows get lse2 = +inf: p = 0, so they add nothing.
+            lse2 = tl.load(lse2_base + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            lse2 = tl.load(lse2_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        st = tl.dot(k, qt, input_precision=DOT_PREC)
+        pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+        if MASKED:
+            pos = offs_m + (SEQ_K - SEQ_Q)
+            vis = _visible(pos[None, :], offs_n[:, None], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+            pt = tl.where(vis, pt, 0.0)
+        do = _load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                   m_ok[:, None], d_ok[None, :], MASKED, PAD_D)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_dob, stride_doh, stride_dom, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, H_Q, H_KV, GROUP,
+                   Q_BUCKET, K_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (key tile, batch*KV head). It walks every query head of its GQA group, so
+    dK/dV are summed over the group in registers: no atomics, no expanded K/V."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H_KV).to(tl.int64)
+    off_kvh = (pid_bh % H_KV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < SEQ_K
+    d_ok = offs_d < HEAD_DIM
+    k = _load(K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_kn
+              + offs_d[None, :] * stride_kd, n_ok[:, None], d_ok[None, :], True, PAD_D)
+    v = _load(V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vn
+              + offs_d[None, :] * stride_vd, n_ok[:, None], d_ok[None, :], True, PAD_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, lo_end, mid0, mid1, hi = _query_runs(start_n, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
+                                             HAS_LEFT, HAS_RIGHT)
+    for g in range(0, GROUP):
+        off_h = off_kvh * GROUP + g
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        row_base = (off_b * H_Q + off_h) * SEQ_Q
+        for run in tl.static_range(3):
+            if run != 0 or HAS_RIGHT:
+                start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
+                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE2 + row_base,
+                                              DELTA + row_base, stride_qm, stride_qd, stride_dom,
+                                              stride_dod, offs_n, offs_m0, offs_d, start, end,
+                                              SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, run != 1,
+                                              HAS_LEFT, HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_M,
+                                              DOT_PREC)
+    dk = dk * sm_scale
+    ok = n_ok[:, None] & d_ok[None, :]
+    tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + off_b * stride_dvb + off_kvh * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd,
+                       stride_vn, stride_vd, pos, offs_n0, offs_d, start, end, SEQ_K, LEFT, RIGHT,
+                       qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                       HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dQ of one query tile over key tiles ``[start, end)``."""
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < SEQ_K
+        kt = _load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                   d_ok[:, None], n_ok[None, :], PAD_D, MASKED)
+        vt = _load(v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn,
+                   d_ok[:, None], n_ok[None, :], PAD_D, MASKED)
+        s = tl.dot(q, kt, input_precision=DOT_PREC)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            vis = _visible(pos[:, None], offs_n[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ,
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_dob, stride_doh, stride_dom, stride_dod,
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, H_Q, GROUP,
+                 Q_BUCKET, K_BUCKET,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query tile, batch*query head): dQ = scale * dS K over the visible keys."""
+    pid_bh, off_b, off_h, off_kvh, start_m = _query_tile(H_Q, GROUP, HAS_RIGHT, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < SEQ_Q
+    d_ok = offs_d < HEAD_DIM
+    q = _load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
+              + offs_d[None, :] * stride_qd, m_ok[:, None], d_ok[None, :], True, PAD_D)
+    do = _load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+               + offs_d[None, :] * stride_dod, m_ok[:, None], d_ok[None, :], True, PAD_D)
+    row = pid_bh.to(tl.int64) * SEQ_Q + offs_m
+    lse2 = tl.load(LSE2 + row, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+    k_base = K + off_b * stride_kb + off_kvh * stride_kh
+    v_base = V + off_b * stride_vb + off_kvh * stride_vh
+    pos = offs_m + (SEQ_K - SEQ_Q)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
+                                           HAS_LEFT, HAS_RIGHT)
+    for run in tl.static_range(3):
+        if run != 0 or HAS_LEFT:
+            start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
+            dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd,
+                                    stride_vn, stride_vd, pos, offs_n0, offs_d, start, end, SEQ_K,
+                                    LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT, HAS_RIGHT,
+                                    HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])

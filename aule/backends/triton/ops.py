@@ -1,0 +1,201 @@
+"""Launching the attention kernels, and the ``torch.library`` custom ops that make them autograd-
+and ``torch.compile``-friendly.
+
+``aule::triton_attention_fwd(q, k, v, scale, left, right) -> (out, lse)`` and
+``aule::triton_attention_bwd(dout, q, k, v, out, lse, dlse, scale, left, right) -> (dq, dk, dv)``
+are real custom operators with fake (meta) implementations, and the forward op has its backward
+registered through ``register_autograd``, so ``torch.compile`` traces calls without a graph break.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+import torch
+import triton
+
+from ...errors import UnsupportedError
+from . import configs as cfg
+from . import kernels
+from .common import LOG2E, block_d, cdiv, device_arch, interpreting, next_pow2, torch_gpu_flavour  # noqa: F401
+
+log = logging.getLogger("aule")
+
+_KERNELS = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}
+# Shape buckets, head_dim and mask sides pick the tile; the autotuner adds the dtypes itself.
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"]
+_PRE_BLOCK_M = 64
+
+
+def _bench(fn, quantiles=None):
+    # Short timing per candidate: tuning happens once per shape bucket and must not stall a step.
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel: str, target: str, dim_class: int):
+    kw = dict(configs=cfg.configs(target, kernel, dim_class), key=_TUNE_KEY,
+              prune_configs_by={"early_config_prune": cfg.prune})
+    try:
+        return triton.autotune(do_bench=_bench, **kw)(_KERNELS[kernel])
+    except TypeError:  # an older Triton without the do_bench hook
+        return triton.autotune(warmup=5, rep=20, **kw)(_KERNELS[kernel])
+
+
+def target_of(t: torch.Tensor) -> str:
+    """'interpret' (CPU tensors under TRITON_INTERPRET=1), 'cuda', or the AMD arch ('gfx942')."""
+    if t.device.type == "cpu":
+        if not interpreting():
+            raise RuntimeError("Triton kernels need a CUDA/ROCm tensor; CPU tensors run only under "
+                               "TRITON_INTERPRET=1 (Triton's interpreter)")
+        return "interpret"
+    if torch_gpu_flavour() == "hip":
+        return device_arch(t.device.index or 0)
+    return "cuda"
+
+
+def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, tile=None):
+    """Run ``kernel`` with an explicit tile ``(BLOCK_M, BLOCK_N[, num_warps, num_stages])``, the
+    interpreter's tile, or the autotuned choice for this target and shape."""
+    target = target_of(like)
+    if tile is None and target == "interpret":
+        tile = cfg.INTERPRET_TILE
+    if tile is not None:
+        bm, bn = tile[0], tile[1]
+        extra = {}
+        if target != "interpret":
+            extra = {"num_warps": tile[2] if len(tile) > 2 else 4,
+                     "num_stages": tile[3] if len(tile) > 3 else 2}
+        _KERNELS[kernel][grid({"BLOCK_M": bm, "BLOCK_N": bn})](
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, **extra)
+        return
+    _tuned(kernel, target, cfg.head_dim_class(meta["HEAD_DIM"]))[grid](*args, **meta)
+
+
+def _meta(q: torch.Tensor, left: int, right: int) -> dict:
+    d = q.shape[-1]
+    bd = block_d(d)
+    return dict(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+                # float32 inputs keep float32 products (tf32 would cost ~3 decimal digits).
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _check(q, k, v):
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"query dtype must be float16, bfloat16 or float32 for Triton, got {q.dtype}")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        # Seen with Triton 3.9: the interpreter's tl.dot on bfloat16 operands returns garbage
+        # (1e10 errors on a 16x16 product), so refuse rather than return wrong numbers.
+        raise UnsupportedError("bfloat16 cannot run under Triton's interpreter (its tl.dot "
+                               "miscomputes bfloat16); use float16/float32 on the CPU")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"query, key and value must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head_dim must be <= 256 for the Triton kernels, got {q.shape[-1]}")
+
+
+def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None):
+    """``(out, lse)`` for ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` (any strides). ``out`` is
+    contiguous in q's dtype; ``lse`` float32 ``[B,Hq,Sq]``, natural log, ``-inf`` for rows that
+    see no key. ``tile`` forces a configuration (tests exercise the tile-run arithmetic with it)."""
+    _check(q, k, v)
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    out = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    if b * hq * sq == 0 or sk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            sq, sk, left, right, scale * LOG2E, hq, hq // hkv, next_pow2(sq), next_pow2(sk))
+    _launch("fwd", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), args, _meta(q, left, right), q, tile)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, right: int,
+                       tile_dkdv=None, tile_dq=None):
+    """``(dq, dk, dv)`` (contiguous, in the inputs' dtype). ``dlse`` is the gradient reaching the
+    LSE output, or None. dK/dV are summed over each GQA group inside the kernel."""
+    _check(q, k, v)
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    empty = b * hq * sq == 0 or sk == 0
+    # The kernels write every element, so no memset, except when no kernel runs at all.
+    alloc = torch.zeros if empty else torch.empty
+    dq = alloc((b, hq, sq, d), dtype=q.dtype, device=q.device)
+    dk = alloc((b, hkv, sk, d), dtype=k.dtype, device=k.device)
+    dv = alloc((b, hkv, sk, d), dtype=v.dtype, device=v.device)
+    if empty:
+        return dq, dk, dv
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)
+    has_dlse = dlse is not None
+    dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else delta
+    meta = _meta(q, left, right)
+    pre_bm = cfg.INTERPRET_TILE[0] if q.device.type == "cpu" else _PRE_BLOCK_M
+    target_of(q)  # the CPU/interpreter check before any launch
+    kernels._attn_bwd_preprocess[(cdiv(sq, pre_bm), b * hq)](
+        out, dout, lse, dlse_arg, delta, lse2, *out.stride(), *dout.stride(), sq, hq,
+        HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=has_dlse, BLOCK_M=pre_bm)
+    common = (sq, sk, left, right, scale * LOG2E, scale)
+    buckets = (next_pow2(sq), next_pow2(sk))
+    _launch("dkdv", lambda m: (cdiv(sk, m["BLOCK_N"]), b * hkv),
+            (q, k, v, dout, lse2, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+             *dout.stride(), *dk.stride(), *dv.stride(), *common, hq, hkv, hq // hkv, *buckets),
+            meta, q, tile_dkdv)
+    _launch("dq", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq),
+            (q, k, v, dout, lse2, delta, dq, *q.stride(), *k.stride(), *v.stride(),
+             *dout.stride(), *dq.stride(), *common, hq, hq // hkv, *buckets),
+            meta, q, tile_dq)
+    return dq, dk, dv
+
+
+# --- torch.library custom ops -------------------------------------------------------------------
+
+@torch.library.custom_op("aule::triton_attention_fwd", mutates_args=())
+def triton_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         left: int, right: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale, left, right)
+
+
+@triton_attention_fwd.register_fake
+def _fwd_fake(q, k, v, scale, left, right):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("aule::triton_attention_bwd", mutates_args=())
+def triton_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+                         scale: float, left: int, right: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, dlse, scale, left, right)
+
+
+@triton_attention_bwd.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, left, right):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, left, right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.window = (scale, left, right)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = triton_attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.window)
+    return dq, dk, dv, None, None, None
+
+
+triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention(q, k, v, scale: float, left: int = -1, right: int = -1):
+    """Differentiable attention through the custom op: ``(out, lse)``. ``left``/``right`` are
+    aule.masks' canonical window (``-1`` unbounded; causal is ``right=0``)."""
+    return torch.ops.aule.triton_attention_fwd(q, k, v, float(scale), int(left), int(right))

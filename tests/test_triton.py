@@ -1,0 +1,256 @@
+"""The Triton backends against the float64 reference, forward and backward.
+
+Without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (small shapes, float16
+and float32; the interpreter's bfloat16 dot is broken). With a CUDA/ROCm device the same tests run
+there, plus full-size shapes, bfloat16, ``torch.library.opcheck`` and ``torch.compile``.
+Gradients are checked against torch autograd through a float64 reference built on aule.masks.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+GPU = torch.cuda.is_available()
+if not GPU:
+    # Triton decides interpreter-or-compiler when functions are decorated, its own tl.* helpers
+    # included, so this must precede the first import of triton in the process.
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run with "
+                    "TRITON_INTERPRET=1 in the environment", allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import aule  # noqa: E402
+from aule import masks  # noqa: E402
+from aule.backends.triton import TritonBackend  # noqa: E402
+from aule.backends.triton import ops  # noqa: E402
+from aule.call import canonicalize  # noqa: E402
+from aule.reference import attention_reference  # noqa: E402
+
+DEV = "cuda" if GPU else "cpu"
+gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA/ROCm device (these run at full size)")
+
+DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Max abs error on O(1) outputs; gradients are compared relative to their largest element.
+OUT_TOL = {"float32": 5e-5, "float16": 3e-3, "bfloat16": 2.5e-2}
+GRAD_TOL = {"float32": 1e-4, "float16": 6e-3, "bfloat16": 4e-2}
+
+
+def ref_torch(q, k, v, scale, left, right):
+    """float64 attention with autograd, GQA by repeat (fine for an oracle), mask from aule.masks."""
+    sq, sk = q.shape[2], k.shape[2]
+    g = q.shape[1] // k.shape[1]
+    vis = torch.from_numpy(masks.mask(sq, sk, left, right))
+    s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * scale
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.where(vis, torch.exp(s - safe[..., None]), torch.zeros_like(s))
+    return p @ v.repeat_interleave(g, 1), lse
+
+
+def make(b, hq, hk, sq, sk, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float32).to(DT[dtype]).to(DEV)
+            for shape in ((b, hq, sq, d), (b, hk, sk, d), (b, hk, sk, d))]
+
+
+def rel_err(got, want):
+    want = want.detach().double().cpu()
+    got = got.detach().double().cpu()
+    assert not torch.isnan(got).any(), "NaN in result"
+    return ((got - want).abs().max() / want.abs().max().clamp_min(0.1)).item()
+
+
+def check_fwd_bwd(q, k, v, scale, left, right, dtype, tile=None, lse_grad=False):
+    """Forward (out, lse) against aule.reference and backward against float64 autograd."""
+    if tile is None:
+        qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        out, lse = ops.triton_attention(qg, kg, vg, scale, left, right)
+    else:
+        out, lse = ops.attention_forward(q, k, v, scale, left, right, tile=tile)
+    np_in = [x.detach().float().cpu().numpy() for x in (q, k, v)]
+    ref_out, ref_lse = attention_reference(*np_in, causal=False, scale=scale,
+                                           window_size=(left, right), return_lse=True)
+    got = out.detach().double().cpu().numpy()
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert not np.isnan(got).any()
+    err = np.abs(got - ref_out).max()
+    assert err <= OUT_TOL[dtype], f"output error {err:.3g} > {OUT_TOL[dtype]}"
+    lse_np = lse.detach().double().cpu().numpy()
+    empty = np.isneginf(ref_lse)
+    assert (np.isneginf(lse_np) == empty).all(), "LSE -inf exactly for rows that see no key"
+    if (~empty).any():
+        assert np.abs(lse_np[~empty] - ref_lse[~empty]).max() <= 1e-4 if dtype == "float32" else 5e-3
+
+    qd, kd, vd = (x.detach().double().cpu().requires_grad_() for x in (q, k, v))
+    ro, rl = ref_torch(qd, kd, vd, scale, left, right)
+    g = torch.Generator().manual_seed(7)
+    dout = torch.randn(ro.shape, generator=g, dtype=torch.float64)
+    dl = torch.randn(rl.shape, generator=g, dtype=torch.float64) if lse_grad else None
+    loss = (ro * dout).sum()
+    if lse_grad:
+        loss = loss + (torch.where(torch.isfinite(rl), rl, torch.zeros_like(rl)) * dl).sum()
+    loss.backward()
+    dout_t = dout.to(q.dtype).to(DEV)
+    if tile is None:
+        loss = (out.float() * dout_t.float()).sum()
+        if lse_grad:
+            lse_f = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+            loss = loss + (lse_f * dl.float().to(DEV)).sum()
+        loss.backward()
+        grads = (qg.grad, kg.grad, vg.grad)
+    else:
+        grads = ops.attention_backward(dout_t, q, k, v, out, lse,
+                                       dl.float().to(DEV) if lse_grad else None,
+                                       scale, left, right, tile_dkdv=tile, tile_dq=tile)
+    for name, got_g, want in zip(("dq", "dk", "dv"), grads, (qd.grad, kd.grad, vd.grad)):
+        assert got_g.shape == want.shape and got_g.dtype == q.dtype
+        e = rel_err(got_g, want)
+        assert e <= GRAD_TOL[dtype], f"{name} relative error {e:.3g} > {GRAD_TOL[dtype]}"
+
+
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, window, dtype)
+SMALL = [
+    (1, 2, 2, 1, 1, 64, True, -1, "float32"),
+    (1, 2, 1, 37, 53, 40, True, -1, "float16"),
+    (2, 4, 1, 33, 33, 80, False, -1, "float32"),
+    (1, 8, 1, 20, 31, 64, True, -1, "float16"),
+    (1, 2, 2, 97, 45, 96, True, -1, "float32"),       # seq_q > seq_k: first rows see no key
+    (1, 4, 1, 45, 97, 16, False, (10, 3), "float32"),
+    (1, 2, 2, 113, 113, 128, True, 16, "float16"),     # Mistral-style int window
+    (1, 2, 1, 40, 64, 192, False, -1, "float32"),
+    (1, 1, 1, 30, 50, 256, True, -1, "float16"),
+    (1, 2, 2, 50, 70, 24, False, (-1, 5), "float32"),
+    (1, 2, 2, 50, 70, 32, False, (7, -1), "float32"),
+]
+
+FULL = [
+    (2, 8, 8, 1025, 1025, 128, True, -1, "bfloat16"),
+    (1, 8, 1, 97, 1025, 64, True, -1, "float16"),
+    (1, 16, 2, 1025, 97, 80, True, -1, "bfloat16"),   # empty rows at full size
+    (2, 8, 8, 113, 113, 256, False, -1, "float16"),
+    (1, 32, 4, 1025, 1025, 192, False, 256, "bfloat16"),
+    (1, 4, 4, 1025, 2048, 96, False, (128, 64), "float32"),
+    (1, 8, 2, 1025, 1025, 40, True, (300, -1), "float16"),
+]
+
+
+def _run(case, seed, tile=None, lse_grad=False):
+    b, hq, hk, sq, sk, d, causal, window, dtype = case
+    left, right = masks.canonical_window(causal, window)
+    q, k, v = make(b, hq, hk, sq, sk, d, dtype, seed)
+    check_fwd_bwd(q, k, v, d ** -0.5, left, right, dtype, tile=tile, lse_grad=lse_grad)
+
+
+@pytest.mark.parametrize("case", SMALL, ids=lambda c: "-".join(map(str, c)))
+def test_small_forward_backward(case):
+    _run(case, seed=hash(case) & 0xFFFF)
+
+
+# Tiles of unequal height and width exercise the three tile runs (masked / full / masked).
+@pytest.mark.parametrize("tile", [(16, 32), (32, 16), (64, 16)])
+@pytest.mark.parametrize("case", [
+    (1, 4, 2, 70, 45, 64, True, -1, "float32"),
+    (1, 2, 1, 45, 130, 32, False, (20, 9), "float32"),
+    (1, 2, 2, 90, 90, 48, True, 33, "float16"),
+], ids=lambda c: "-".join(map(str, c)))
+def test_tile_runs(case, tile):
+    _run(case, seed=3, tile=tile)
+
+
+def test_lse_gradient_flows():
+    _run((1, 4, 2, 37, 50, 32, True, -1, "float32"), seed=11, lse_grad=True)
+
+
+def test_noncontiguous_inputs_and_custom_scale():
+    b, s, h, d = 2, 45, 4, 64
+    g = torch.Generator().manual_seed(5)
+    # [B, S, H, D] storage seen as [B, H, S, D]; k/v with a head_dim stride of 2.
+    q = torch.randn(b, s, h, d, generator=g).to(DEV).transpose(1, 2)
+    kv = torch.randn(2, b, 2, 60, 2 * d, generator=g).to(DEV)
+    k, v = kv[0, ..., ::2], kv[1, ..., 1::2]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    check_fwd_bwd(q, k, v, 0.37, -1, 0, "float32")
+
+
+def test_empty_rows_zero_output_and_grads():
+    q, k, v = make(1, 2, 1, 40, 16, 32, "float32", 2)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = ops.triton_attention(q, k, v, 0.2, -1, 0)  # causal, seq_q > seq_k
+    out.sum().backward()
+    assert torch.all(out[:, :, :24] == 0) and torch.isneginf(lse[:, :, :24]).all()
+    assert torch.all(q.grad[:, :, :24] == 0)
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_backend_forward_returns_lse_and_grads():
+    q, k, v = make(1, 4, 2, 30, 30, 32, "float32", 9)
+    q.requires_grad_()
+    call = canonicalize(q, k, v, causal=True, scale=0.3, window_size=8, return_lse=True)
+    b = TritonBackend()
+    assert b.unsupported(call, forced=True) is None or not GPU and not ops.interpreting()
+    out, lse = b.forward(call)
+    ref = attention_reference(*(x.detach().cpu().numpy() for x in (q, k, v)), causal=True,
+                              scale=0.3, window_size=8)
+    assert np.abs(out.detach().cpu().numpy() - ref).max() < OUT_TOL["float32"]
+    assert lse.shape == (1, 4, 30) and lse.dtype == torch.float32
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_unsupported_reasons():
+    b = TritonBackend()
+    npc = canonicalize(*(np.zeros((1, 1, 4, 16), np.float32) for _ in range(3)))
+    assert "torch tensors" in b.unsupported(npc, forced=True)
+    big = canonicalize(*(torch.zeros(1, 1, 4, 512) for _ in range(3)))
+    assert "head_dim" in b.unsupported(big, forced=True)
+    f64 = canonicalize(*(torch.zeros(1, 1, 4, 16, dtype=torch.float64) for _ in range(3)))
+    assert "float64" in b.unsupported(f64, forced=True)
+
+
+@pytest.mark.skipif(GPU, reason="checks the refusal on a machine without a GPU")
+def test_forced_without_gpu_raises_with_reason():
+    from aule.backends import get
+
+    reason = get("triton").unavailable_reason
+    assert reason and ("CPU-only" in reason or "no CUDA" in reason or "ROCm" in reason)
+    x = torch.randn(1, 1, 8, 16)
+    with pytest.raises(aule.UnsupportedError, match="triton"):
+        aule.flash_attention(x, x, x, backend="triton")
+
+
+def test_opcheck():
+    q, k, v = make(1, 4, 2, 24, 40, 32, "float32", 4)
+    args = tuple(x.requires_grad_() for x in (q, k, v)) + (0.2, -1, 0)
+    torch.library.opcheck(torch.ops.aule.triton_attention_fwd.default, args)
+
+
+def test_torch_compile_no_graph_break():
+    q, k, v = (x.requires_grad_() for x in make(1, 2, 1, 24, 24, 32, "float32", 6))
+    fn = torch.compile(lambda a, b, c: ops.triton_attention(a, b, c, 0.2, -1, 0)[0].sum(),
+                       fullgraph=True, backend="inductor" if GPU else "aot_eager")
+    y = fn(q, k, v)
+    y.backward()
+    ref = ops.triton_attention(q.detach(), k.detach(), v.detach(), 0.2, -1, 0)[0].sum()
+    assert torch.allclose(y.detach(), ref, atol=1e-4)
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@gpu_only
+@pytest.mark.parametrize("case", FULL, ids=lambda c: "-".join(map(str, c)))
+def test_full_size(case):
+    _run(case, seed=hash(case) & 0xFFFF)
+
+
+@gpu_only
+def test_routing_auto_picks_triton():
+    q, k, v = make(1, 4, 2, 64, 64, 64, "bfloat16", 1)
+    out = aule.flash_attention(q, k, v, causal=True)
+    ref = attention_reference(*(x.float().cpu().numpy() for x in (q, k, v)), causal=True)
+    assert np.abs(out.float().cpu().numpy() - ref).max() < OUT_TOL["bfloat16"]
+    assert "triton" in aule.get_available_backends() or "triton-amd" in aule.get_available_backends()
