@@ -19,5 +19,19 @@ __all__ = [
     "UnsupportedError",
     "VulkanError",
     "VulkanOutOfMemoryError",
+    "install",
+    "uninstall",
+    "installed",
     "__version__",
 ]
+
+# The SDPA drop-in imports torch; load it on first use so `import aule` stays torch-free.
+_TORCH_SDPA_NAMES = ("install", "uninstall", "installed")
+
+
+def __getattr__(name):
+    if name in _TORCH_SDPA_NAMES:
+        from . import torch_sdpa
+
+        return getattr(torch_sdpa, name)
+    raise AttributeError(f"module 'aule' has no attribute {name!r}")

@@ -1,0 +1,147 @@
+"""``"aule"`` as a Hugging Face transformers attention implementation.
+
+After :func:`register` (``aule.install()`` calls it when transformers is already imported),
+``from_pretrained(..., attn_implementation="aule")`` and ``model.set_attn_implementation("aule")``
+work. Results equal the ``"sdpa"`` implementation's: whatever aule cannot compute exactly goes
+to transformers' own SDPA path with the mask it would have had.
+
+The mask is the single source of truth, as it is for ``"sdpa"``. aule's mask function (registered
+under the same name) describes the masks aule can compute without materialising them:
+
+* ``None`` for a plain causal or bidirectional pattern with no padding, where the queries are the
+  last ``q_length`` positions of the keys. aule's causal is bottom-right aligned, which is exactly
+  what prefill and KV-cache decode need, so the attention applies ``is_causal`` over all keys.
+* A sliding-window causal pattern is materialised, checked element by element against aule's
+  window of ``W`` keys ending at each query's own position (transformers' rule: ``q - W < kv <= q``,
+  the same as aule's int ``W``), and tagged with that window; the attention then ignores the
+  tensor and runs aule's window. Hybrid models that pass no ``sliding_window`` argument to the
+  attention function are handled too, because the window travels with the mask.
+
+Anything else (padding, packed sequences, overlays, static caches with empty slots, tracing) gets
+the fully materialised boolean mask, and the attention hands it to transformers' SDPA path.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import torch_sdpa
+
+log = logging.getLogger("aule")
+
+NAME = "aule"
+# Attribute set on a materialised mask that aule verified to be a bottom-right window.
+_WINDOW_TAG = "_aule_window"
+
+
+def _masking():
+    from transformers import masking_utils
+
+    return masking_utils
+
+
+def _padding_clear(padding_mask, kv_length, kv_offset) -> bool:
+    """True when no key in ``[kv_offset, kv_offset + kv_length)`` is padding. A padding mask that is
+    being traced cannot be read, so it counts as not clear (the mask is then materialised)."""
+    if padding_mask is None:
+        return True
+    if torch.compiler.is_compiling() or _masking().is_tracing(padding_mask):
+        return False
+    m = padding_mask[:, kv_offset:kv_offset + kv_length]
+    return m.shape[-1] == kv_length and bool(m.all())
+
+
+def aule_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+              attention_mask=None, local_size=None, allow_is_causal_skip=True,
+              allow_is_bidirectional_skip=False, use_vmap=False, device="cpu", **kwargs):
+    """transformers ``AttentionMaskInterface`` entry for ``"aule"`` (same arguments as ``sdpa_mask``)."""
+    mu = _masking()
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    padding_mask = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    # The queries are the last q_length key positions: aule's bottom-right alignment holds. Static
+    # caches give tensor offsets (and padding for their empty slots); those are not described.
+    static_offsets = not isinstance(q_offset, torch.Tensor) and not isinstance(kv_offset, torch.Tensor)
+    aligned = static_offsets and q_offset + q_length == kv_offset + kv_length
+    plain = not use_vmap and local_size is None
+    if plain and mask_function is mu.bidirectional_mask_function and allow_is_bidirectional_skip:
+        if _padding_clear(padding_mask, kv_length, kv_offset):
+            return None
+    if plain and aligned and mask_function is mu.causal_mask_function and allow_is_causal_skip:
+        if _padding_clear(padding_mask, kv_length, kv_offset):
+            return None
+    mask = mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                        local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                        use_vmap=use_vmap, device=device, **kwargs)
+    if (aligned and not use_vmap and local_size is not None and local_size > 0 and allow_is_causal_skip
+            and mask is not None and not torch.compiler.is_compiling() and not mu.is_tracing(mask)
+            and _padding_clear(padding_mask, kv_length, kv_offset)):
+        # Checked element by element, so the tag can never describe a mask it does not equal.
+        left, right = int(local_size) - 1, 0
+        want = torch_sdpa._window_mask(q_length, kv_length, left, right, mask.device)
+        if bool((mask == want).all()):
+            setattr(mask, _WINDOW_TAG, (left, right))
+    return mask
+
+
+def _window_of(attention_mask, causal: bool):
+    """aule's ``(left, right)`` for the mask transformers handed over, or ``None`` if aule cannot
+    compute it without the tensor."""
+    if attention_mask is None:
+        return (-1, 0) if causal else (-1, -1)
+    if torch.compiler.is_compiling():
+        return None
+    return getattr(attention_mask, _WINDOW_TAG, None)
+
+
+def aule_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           is_causal=None, **kwargs):
+    """transformers ``AttentionInterface`` entry for ``"aule"``: returns ``(out [B, S, H, D], None)``
+    like ``sdpa_attention_forward``, computing through aule when it can do so exactly."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = _window_of(attention_mask, bool(causal))
+    reason = None
+    if window is None:
+        reason = "a materialised attention mask (padding, packing, overlays or a static cache)"
+    elif dropout and dropout > 0.0:
+        reason = "attention dropout in training"
+    elif kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        reason = "softcap or position_bias"
+    elif kwargs.get("output_attentions", False):
+        reason = "output_attentions"
+    elif torch_sdpa._unservable(query, key, value, None, 0.0, scaling, True) is not None:
+        reason = torch_sdpa._unservable(query, key, value, None, 0.0, scaling, True)
+    out = None
+    if reason is None:
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        label = "" if torch.compiler.is_compiling() else "transformers " + torch_sdpa._shape_class(query, key, causal)
+        out = torch_sdpa.attend(query, key, value, scale, window[0], window[1], label)
+    else:
+        torch_sdpa._note(("hf-fallback", reason), "aule: transformers attention uses sdpa: %s", reason)
+    if out is None:
+        if attention_mask is None or hasattr(attention_mask, _WINDOW_TAG):
+            # The mask tag or None stood for aule's bottom-right window; hand SDPA the explicit mask
+            # unless its own reading of None (top-left is_causal) means the same.
+            l, r = window
+            same_as_none = l < 0 and (r < 0 or query.shape[2] in (1, key.shape[2]))
+            if not same_as_none:
+                attention_mask = torch_sdpa._window_mask(query.shape[2], key.shape[2], l, r, query.device)[None, None]
+            else:
+                attention_mask = None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"aule"`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+
+    mu = _masking()
+    AttentionInterface.register(NAME, aule_attention_forward)
+    mu.AttentionMaskInterface.register(NAME, aule_mask)
+    log.debug("aule: registered %r with transformers' AttentionInterface", NAME)

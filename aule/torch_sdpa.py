@@ -1,0 +1,407 @@
+"""A drop-in for ``torch.nn.functional.scaled_dot_product_attention`` that keeps SDPA's meaning.
+
+``install()`` swaps the function, ``uninstall()`` puts the exact original object back and
+``with installed():`` does both. Calls aule can serve go to :func:`aule.flash_attention`;
+everything else (``attn_mask``, dropout, shapes or dtypes no backend takes, CPU calls that need
+gradients) goes to the original SDPA, logged once per reason.
+
+Two conventions meet here. SDPA's ``is_causal`` is top-left aligned (row ``i`` sees keys
+``j <= i``); aule's ``causal`` is bottom-right aligned (row ``i`` sits at key position
+``i + seq_k - seq_q``). :func:`sdpa_window` converts one into the other exactly.
+
+On CPU tensors the aule path is the custom op ``aule::host_attention`` (with a fake
+implementation), so ``torch.compile`` traces it as one opaque node instead of breaking the graph
+on NumPy or Vulkan code. CUDA tensors go through the Triton backend, whose own custom op carries
+the backward pass.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .errors import UnsupportedError
+
+log = logging.getLogger("aule")
+
+__all__ = ["install", "uninstall", "installed", "is_installed", "scaled_dot_product_attention",
+           "sdpa_window", "original_sdpa"]
+
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+_HOST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class _State:
+    """What install() chose; read by every call."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.installed = False
+        self.backend: str | None = None
+        self.verbose = False
+        self.logged: set = set()
+        self.handler: logging.Handler | None = None
+        self.saved_level: int | None = None
+
+
+_state = _State()
+
+
+def original_sdpa():
+    """The SDPA function torch shipped (what ``uninstall()`` restores)."""
+    return _ORIGINAL_SDPA
+
+
+# --------------------------------------------------------------------------------------------
+# logging, once per reason
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _note(key: tuple, message: str, *args, route: bool = False) -> None:
+    """Log ``message`` once per ``key``. Fallback reasons always log (INFO); the routes aule itself
+    took only with ``verbose=True``. Nothing is logged while Dynamo traces (a logger call there
+    would break the graph, and the eager call before compiling has logged it already)."""
+    if _compiling():
+        return
+    if route and not _state.verbose:
+        return
+    if key in _state.logged:
+        return
+    _state.logged.add(key)
+    log.info(message, *args)
+
+
+def _shape_class(q, k, is_causal) -> str:
+    kind = "mha" if q.shape[-3] == k.shape[-3] else f"gqa{q.shape[-3] // max(1, k.shape[-3])}"
+    return (f"{q.dim()}-D {str(q.dtype).replace('torch.', '')} {q.device.type} head_dim {q.shape[-1]} "
+            f"{kind} {'causal' if is_causal else 'full'}")
+
+
+# --------------------------------------------------------------------------------------------
+# the SDPA <-> aule convention
+
+def sdpa_window(seq_q: int, seq_k: int, is_causal: bool) -> tuple[int, int, int]:
+    """Express SDPA's mask as aule's ``(left, right)`` window over the first ``keys`` keys.
+
+    Returns ``(keys, left, right)``. Top-left causal hides keys ``j > i``; with bottom-right
+    positions ``pos(i) = i + seq_k - seq_q`` that is ``j <= pos(i) + (seq_q - seq_k)``, a right
+    bound of ``seq_q - seq_k``. It is negative when ``seq_k > seq_q``, which aule's window cannot
+    say; but then keys at ``j >= seq_q`` are hidden from every row, so dropping them makes
+    ``seq_k == seq_q`` and the right bound 0. No row loses all its keys in top-left causal, so
+    SDPA never produces an empty row here and neither does aule.
+    """
+    if not is_causal:
+        return seq_k, -1, -1
+    keys = min(seq_k, seq_q)
+    return keys, -1, seq_q - keys
+
+
+# --------------------------------------------------------------------------------------------
+# the custom op that carries host (Vulkan / NumPy) attention through torch.compile
+
+def _window_mask(seq_q, seq_k, left, right, device):
+    """Boolean ``[seq_q, seq_k]`` mask of aule's rule (see aule.masks), built with torch ops so
+    it traces under torch.compile."""
+    pos = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
+    j = torch.arange(seq_k, device=device)[None, :]
+    ok = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        ok = ok & (j >= pos - left)
+    if right >= 0:
+        ok = ok & (j <= pos + right)
+    return ok
+
+
+def sdpa_reference(q, k, v, scale, left, right):
+    """The original SDPA computing aule's bottom-right ``(left, right)`` window through an explicit
+    mask (4-D inputs, GQA allowed). Rows that see no key give zeros, as aule's do, not NaN."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    mask = None
+    empty_rows = None
+    if left >= 0 or right >= 0:
+        mask = _window_mask(sq, sk, left, right, q.device)
+        empty_rows = ~mask.any(dim=-1)
+    out = _ORIGINAL_SDPA(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
+    if empty_rows is not None:
+        out = out.masked_fill(empty_rows[:, None], 0.0)
+    return out
+
+
+@torch.library.custom_op("aule::host_attention", mutates_args=())
+def host_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                   left: int, right: int, backend: str) -> torch.Tensor:
+    """Forward-only attention on CPU tensors through aule's host backends (Vulkan or NumPy).
+
+    ``backend`` is a backend name or ``""`` for aule's auto routing. When the backend turns the
+    call down at run time (a compiled graph cannot ask first), the original SDPA computes the
+    same thing with an explicit mask.
+    """
+    from .api import flash_attention
+
+    try:
+        out = flash_attention(query, key, value, causal=False, scale=scale, window_size=(left, right),
+                              backend=backend or None)
+    except UnsupportedError as exc:
+        _note(("host-op-unsupported", str(exc)), "aule: host attention falls back to torch SDPA: %s", exc)
+        out = sdpa_reference(query, key, value, scale, left, right)
+    # A custom op may not return a view of (or the same storage as) its inputs.
+    return out.contiguous()
+
+
+@host_attention.register_fake
+def _host_attention_fake(query, key, value, scale, left, right, backend):
+    return query.new_empty(query.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# routing
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _backend_for(q, k, v, scale, left, right, forced):
+    """Eager routing check: the backend aule would use for this call, or the reason it cannot."""
+    from . import api
+
+    try:
+        call = api.canonicalize(q, k, v, False, scale, (left, right))
+        return api.route(call, forced), None
+    except UnsupportedError as exc:
+        return None, str(exc)
+
+
+def attend(q, k, v, scale: float, left: int, right: int, label: str):
+    """aule attention on 4-D ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` with aule's bottom-right
+    ``(left, right)`` window, or ``None`` (with the reason logged once) when aule cannot serve it
+    exactly, gradients included. ``label`` names the caller's shape class for the log."""
+    forced = _state.backend
+    needs_grad = _needs_grad(q, k, v)
+    device = q.device.type
+    if device == "cpu":
+        if needs_grad:
+            _note(("fallback", "cpu-grad"), "aule: CPU call needs gradients; aule's host backends "
+                  "have no backward pass, so torch SDPA serves it")
+            return None
+        if _compiling():
+            return host_attention(q, k, v, scale, left, right, forced or "")
+        b, why = _backend_for(q, k, v, scale, left, right, forced)
+        if b is None:
+            _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)
+            return None
+        _note(("route", b.name, label), "aule: %s -> %s", label, b.name, route=True)
+        return host_attention(q, k, v, scale, left, right, b.name)
+    if device != "cuda":
+        _note(("fallback", "device", device), "aule: no aule backend for %s tensors; torch SDPA serves them",
+              device)
+        return None
+    return _attend_cuda(q, k, v, scale, left, right, label, forced, needs_grad)
+
+
+def _triton_op():
+    """Triton's differentiable custom op, loaded outside any trace (``None`` when Triton or a GPU is
+    missing). Compiled graphs call it directly: aule's Python routing is not traceable."""
+    global _TRITON_OP
+    if _TRITON_OP is None and not _compiling():
+        try:
+            from .backends.triton import ops  # noqa: F401  (registers the op)
+
+            _TRITON_OP = torch.ops.aule.triton_attention_fwd
+        except Exception as exc:  # no triton, no GPU build: the eager route says why
+            _TRITON_OP = False
+            log.debug("aule: Triton custom op unavailable: %s", exc)
+    return _TRITON_OP or None
+
+
+_TRITON_OP = None
+
+
+def _attend_cuda(q, k, v, scale, left, right, label, forced, needs_grad):
+    from .api import flash_attention
+
+    if _compiling():
+        op = _TRITON_OP if forced in (None, "triton", "triton-amd") else None
+        if not op:
+            return None
+        return op(q, k, v, scale, left, right)[0]
+    b, why = _backend_for(q, k, v, scale, left, right, forced)
+    if b is None:
+        _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)
+        return None
+    if b.name == "numpy" and forced is None:
+        _note(("fallback", "no-gpu-backend"), "aule: no GPU backend serves %s here; torch SDPA is faster "
+              "than a round trip through the host", label)
+        return None
+    if needs_grad and not getattr(b, "differentiable", False):
+        _note(("fallback", "grad", b.name), "aule: backend %s has no backward pass; torch SDPA serves "
+              "calls that need gradients", b.name)
+        return None
+    out = flash_attention(q, k, v, causal=False, scale=scale, window_size=(left, right), backend=b.name)
+    if needs_grad and out.grad_fn is None:
+        # Never hand back a result whose gradient would silently be missing.
+        log.warning("aule: backend %s returned no autograd graph for a call that needs gradients; "
+                    "recomputing with torch SDPA", b.name)
+        return None
+    _note(("route", b.name, label), "aule: %s -> %s", label, b.name, route=True)
+    return out
+
+
+def _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> str | None:
+    """Why aule cannot serve this SDPA call (a reason key), or ``None``. Reads metadata only."""
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        return "inputs are not tensors"
+    if attn_mask is not None:
+        return "attn_mask is given"
+    if dropout_p != 0.0:
+        return "dropout_p > 0"
+    nd = query.dim()
+    if nd not in (3, 4) or key.dim() != nd or value.dim() != nd:
+        return "inputs are not all 3-D or all 4-D"
+    if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:
+        return "batch dimensions broadcast or key/value shapes differ"
+    if not (query.shape[-1] == key.shape[-1] == value.shape[-1]):
+        return "value head_dim differs from query/key head_dim"
+    hq, hk = query.shape[-3], key.shape[-3]
+    if hq != hk and (not enable_gqa or hk == 0 or hq % hk != 0):
+        return "heads differ without enable_gqa, or do not divide"
+    if query.numel() == 0 or key.numel() == 0:
+        return "an empty dimension"
+    if not (query.dtype == key.dtype == value.dtype):
+        return "mixed dtypes"
+    if not (query.device == key.device == value.device):
+        return "mixed devices"
+    if query.dtype not in (_CUDA_DTYPES if query.device.type == "cuda" else _HOST_DTYPES):
+        return f"dtype {query.dtype}"
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale) or scale <= 0):
+        return "scale is not a finite positive number"
+    return None
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
+                                 scale=None, enable_gqa=False):
+    """``torch.nn.functional.scaled_dot_product_attention`` with aule serving what it can.
+
+    Same signature, same meaning (top-left ``is_causal``, ``scale``, ``enable_gqa``, 3-D or 4-D
+    inputs); anything else goes to the original function unchanged, so its errors are SDPA's own.
+    """
+    why = _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    out = None
+    if why is None:
+        squeeze = query.dim() == 3
+        q, k, v = (t.unsqueeze(0) for t in (query, key, value)) if squeeze else (query, key, value)
+        keys, left, right = sdpa_window(q.shape[-2], k.shape[-2], bool(is_causal))
+        if keys != k.shape[-2]:
+            k, v = k[:, :, :keys], v[:, :, :keys]
+        s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        label = "" if _compiling() else _shape_class(query, key, is_causal)
+        out = attend(q, k, v, s, left, right, label)
+        if out is not None and squeeze:
+            out = out.squeeze(0)
+    else:
+        _note(("fallback", why), "aule: torch SDPA serves this call: %s", why)
+    if out is None:
+        return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# install / uninstall
+
+def install(backend=None, verbose=False):
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` through aule.
+
+    ``backend`` forces one aule backend (``"vulkan"``, ``"numpy"``, ``"triton"``; calls it cannot
+    serve still go to torch's SDPA). ``verbose=True`` logs at INFO, once per distinct
+    (backend, shape class), which route a call took. Installing again only updates the options.
+    Also registers ``"aule"`` with Hugging Face transformers when it is already imported.
+    """
+    if backend is not None:
+        backend = backends.canonical_name(backend)
+    if not isinstance(verbose, bool):
+        raise TypeError(f"verbose must be a bool, got {type(verbose).__name__}")
+    with _state.lock:
+        _state.backend = backend
+        _state.verbose = verbose
+        # Fallback reasons log once per process; routes again after each install, for verbose.
+        _state.logged = {key for key in _state.logged if key[0] != "route"}
+        if verbose:
+            _ensure_visible_logging()
+        F.scaled_dot_product_attention = scaled_dot_product_attention
+        _state.installed = True
+    if torch.cuda.is_available():
+        _triton_op()  # load it now: a model compiled before its first eager call needs it
+    _register_with_loaded_integrations()
+    log.debug("aule: installed as torch SDPA (backend=%s)", backend or "auto")
+
+
+def uninstall():
+    """Put torch's own SDPA function object back. Harmless when not installed."""
+    with _state.lock:
+        if not _state.installed:
+            return
+        if F.scaled_dot_product_attention is scaled_dot_product_attention:
+            F.scaled_dot_product_attention = _ORIGINAL_SDPA
+        else:
+            # Someone wrapped aule's function after install(); restoring torch's would drop theirs.
+            log.warning("aule: torch SDPA was replaced again after aule.install(); leaving %r in place",
+                        F.scaled_dot_product_attention)
+        _state.installed = False
+        _state.backend = None
+        _state.verbose = False
+        if _state.handler is not None:
+            log.removeHandler(_state.handler)
+            _state.handler = None
+        if _state.saved_level is not None:
+            log.setLevel(_state.saved_level)
+            _state.saved_level = None
+
+
+def is_installed() -> bool:
+    return _state.installed and F.scaled_dot_product_attention is scaled_dot_product_attention
+
+
+@contextlib.contextmanager
+def installed(backend=None, verbose=False):
+    """``with aule.installed():`` runs the block with aule as SDPA, then restores what was before
+    (including an outer ``install()`` and its options)."""
+    was = (_state.installed, _state.backend, _state.verbose)
+    install(backend=backend, verbose=verbose)
+    try:
+        yield
+    finally:
+        if was[0]:
+            install(backend=was[1], verbose=was[2])
+        else:
+            uninstall()
+
+
+def _ensure_visible_logging():
+    """verbose=True must show its INFO lines even in a program that never configured logging."""
+    if log.getEffectiveLevel() > logging.INFO:
+        if _state.saved_level is None:
+            _state.saved_level = log.level
+        log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers and _state.handler is None:
+        _state.handler = logging.StreamHandler()
+        _state.handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(_state.handler)
+
+
+def _register_with_loaded_integrations():
+    import sys
+
+    if "transformers" in sys.modules:
+        from .integrations import huggingface
+
+        huggingface.register()

@@ -1,0 +1,113 @@
+"""torch.compile with aule installed: the aule path is one custom op, with no graph break."""
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+import aule  # noqa: E402
+from aule import torch_sdpa  # noqa: E402
+
+ORIGINAL = torch_sdpa.original_sdpa()
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    torch._dynamo.reset()
+    yield
+    aule.uninstall()
+    torch._dynamo.reset()
+
+
+def _inputs(device="cpu", dtype=torch.float32, hq=8, hk=2, sq=33, sk=40, d=64):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, h, s, d, generator=g).to(device, dtype) for h, s in ((hq, sq), (hk, sk), (hk, sk)))
+
+
+def _layer(q, k, v):
+    return F.scaled_dot_product_attention(q * 1.0, k, v, is_causal=True, enable_gqa=True) + 1
+
+
+def _count(explained, name):
+    return sum(g.code.count(name) for g in explained.graphs)
+
+
+def test_cpu_sdpa_traces_to_one_custom_op_and_compiles():
+    q, k, v = _inputs()
+    aule.install()
+    explained = torch._dynamo.explain(_layer)(q, k, v)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert _count(explained, "aule.host_attention") == 1
+    assert _count(explained, "scaled_dot_product_attention") == 0
+    got = torch.compile(_layer, fullgraph=True)(q, k, v)
+    want = ORIGINAL(q, k, v, is_causal=True, enable_gqa=True) + 1
+    assert (got - want).abs().max() <= 2e-5
+
+
+def test_cpu_fallbacks_trace_too():
+    """A call aule hands back to torch (here: a mask) is traced as torch's SDPA, no break."""
+    q, k, v = _inputs(hq=2)
+    mask = torch.ones(33, 40, dtype=torch.bool).tril()
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    aule.install()
+    explained = torch._dynamo.explain(f)(q, k, v)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert _count(explained, "host_attention") == 0
+
+
+def test_cpu_forced_vulkan_under_compile():
+    from aule import backends
+
+    b = backends.get("vulkan")
+    if not b.available:
+        pytest.skip(f"Vulkan backend unavailable: {b.unavailable_reason}")
+    q, k, v = _inputs()
+    aule.install(backend="vulkan")
+    got = torch.compile(_layer, fullgraph=True, backend="aot_eager")(q, k, v)
+    want = ORIGINAL(q, k, v, is_causal=True, enable_gqa=True) + 1
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_hf_llama_compiles_without_graph_break():
+    transformers = pytest.importorskip("transformers")
+    from aule.integrations import huggingface
+
+    huggingface.register()
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 96, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits  # "sdpa" is the default
+        model.set_attn_implementation("aule")
+        explained = torch._dynamo.explain(model)(ids)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert _count(explained, "aule.host_attention") == 2, "both layers' attention is aule's op"
+        got = torch.compile(model, fullgraph=True)(ids).logits
+    assert (got - want).abs().max() <= 1e-4
+
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_sdpa_compiles_to_triton_op_with_gradients():
+    q, k, v = (t.requires_grad_() for t in _inputs("cuda", torch.bfloat16, sq=256, sk=256))
+    aule.install()
+    explained = torch._dynamo.explain(_layer)(q, k, v)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert _count(explained, "triton_attention_fwd") == 1
+    got = torch.compile(_layer, fullgraph=True)(q, k, v)
+    got.float().square().sum().backward()
+    grads = [t.grad.float() for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = ORIGINAL(q2, k2, v2, is_causal=True, enable_gqa=True) + 1
+    want.square().sum().backward()
+    assert (got.float() - want).abs().max() <= 3e-2
+    for g, r in zip(grads, (q2.grad, k2.grad, v2.grad)):
+        assert (g - r).abs().max() <= 3e-2 * max(1.0, r.abs().max().item())

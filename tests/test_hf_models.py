@@ -1,0 +1,218 @@
+"""Hugging Face transformers with attn_implementation="aule": same logits and greedy tokens as "sdpa".
+
+Tiny models built from configs with seeded random weights; nothing is downloaded.
+"""
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import aule  # noqa: E402
+from aule import torch_sdpa  # noqa: E402
+from aule.integrations import huggingface  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _registered():
+    huggingface.register()
+    yield
+    aule.uninstall()
+
+
+@pytest.fixture
+def served(monkeypatch):
+    calls = []
+    real = torch_sdpa.host_attention
+
+    def spy(q, k, v, scale, left, right, backend):
+        calls.append((tuple(q.shape), tuple(k.shape), left, right))
+        return real(q, k, v, scale, left, right, backend)
+
+    monkeypatch.setattr(torch_sdpa, "host_attention", spy)
+    return calls
+
+
+def _llama(**over):
+    cfg = dict(vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+    cfg.update(over)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+
+
+def _mistral(window=16):
+    cfg = transformers.MistralConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
+                                     sliding_window=window)
+    torch.manual_seed(1)
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+def _ids(batch, seq, vocab=96, seed=2):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, impl, *args, **kw):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(*args, **kw).logits
+
+
+def _generate(model, impl, ids, n, **kw):
+    model.set_attn_implementation(impl)
+    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+def test_registered_names():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert AttentionInterface._global_mapping["aule"] is huggingface.aule_attention_forward
+    assert AttentionMaskInterface._global_mapping["aule"] is huggingface.aule_mask
+
+
+def test_install_registers_when_transformers_is_loaded():
+    from transformers import AttentionInterface
+
+    AttentionInterface._global_mapping.pop("aule", None)
+    aule.install()
+    assert "aule" in AttentionInterface._global_mapping
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_llama_gqa_logits_match_sdpa(dtype, atol, served):
+    model = _llama().to(dtype)
+    ids = _ids(2, 37)
+    want = _logits(model, "sdpa", ids)
+    got = _logits(model, "aule", ids)
+    assert model.config._attn_implementation == "aule"
+    assert len(served) == 2, "each layer's attention goes through aule"
+    assert served[0][0] == (2, 8, 37, 32) and served[0][1] == (2, 2, 37, 32), "K/V are not expanded"
+    assert (got.float() - want.float()).abs().max() <= atol
+
+
+def test_llama_generate_with_kv_cache_matches_sdpa(served):
+    model = _llama()
+    ids = _ids(2, 11)
+    want = _generate(model, "sdpa", ids, 10)
+    got = _generate(model, "aule", ids, 10)
+    assert torch.equal(got, want)
+    decode = [c for c in served if c[0][2] == 1]
+    assert len(decode) >= 2 * 9 and decode[-1][1][2] == 20, "decode steps over the cache go through aule"
+
+
+def test_llama_left_padded_batch_matches_sdpa(served, caplog):
+    model = _llama()
+    ids = _ids(2, 13)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with caplog.at_level(logging.INFO, logger="aule"):
+        want = _logits(model, "sdpa", ids, attention_mask=mask)
+        got = _logits(model, "aule", ids, attention_mask=mask)
+        assert torch.equal(_generate(model, "aule", ids, 6, attention_mask=mask),
+                           _generate(model, "sdpa", ids, 6, attention_mask=mask))
+    real = mask.bool()[:, :, None].expand_as(got)
+    assert (got - want)[real].abs().max() <= 1e-4
+    assert any("materialised attention mask" in r.getMessage() for r in caplog.records)
+
+
+def test_mistral_sliding_window_matches_sdpa(served):
+    model = _mistral(window=16)
+    ids = _ids(2, 45)
+    want = _logits(model, "sdpa", ids)
+    got = _logits(model, "aule", ids)
+    assert (got - want).abs().max() <= 1e-4
+    assert served and all(c[2:] == (15, 0) for c in served), "aule ran the window itself, W=16 -> (15, 0)"
+
+
+def test_mistral_sliding_window_is_real():
+    """The window changes the answer here, so matching sdpa above means it was applied."""
+    model = _mistral(window=16)
+    ids = _ids(1, 45)
+    windowed = _logits(model, "aule", ids)
+    model.config.sliding_window = None
+    full = _logits(model, "aule", ids)
+    assert (windowed[:, 20:] - full[:, 20:]).abs().max() > 1e-3
+
+
+def test_mistral_generate_across_the_window_matches_sdpa(served):
+    model = _mistral(window=8)
+    ids = _ids(2, 6)
+    want = _generate(model, "sdpa", ids, 12)
+    got = _generate(model, "aule", ids, 12)
+    assert torch.equal(got, want)
+    assert any(c[0][2] == 1 and c[2:] == (7, 0) for c in served), "windowed decode went through aule"
+
+
+def test_from_pretrained_with_aule(tmp_path, served):
+    model = _llama()
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="aule").eval()
+    assert loaded.config._attn_implementation == "aule"
+    ids = _ids(1, 19)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    assert served
+    assert (got - _logits(model, "sdpa", ids)).abs().max() <= 1e-4
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=256, max_position_embeddings=128)
+    torch.manual_seed(3)
+    return transformers.BertModel(cfg).eval()
+
+
+def test_bert_bidirectional_matches_sdpa(served):
+    model = _bert()  # head_dim 64, non-causal
+    ids = _ids(3, 29)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    model.set_attn_implementation("aule")
+    with torch.no_grad():
+        got = model(ids).last_hidden_state
+    assert len(served) == 2 and all(c[2:] == (-1, -1) for c in served)
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_bert_padding_matches_sdpa(served):
+    model = _bert()
+    ids = _ids(2, 21)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).last_hidden_state
+    model.set_attn_implementation("aule")
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).last_hidden_state
+    assert (got - want).abs().max() <= 1e-5
+    assert not served, "padding goes to sdpa with its mask"
+
+
+def test_training_on_cpu_uses_sdpa_with_correct_gradients(served):
+    model = _llama()
+    model.train()
+    ids = _ids(1, 17)
+    grads = {}
+    for impl in ("sdpa", "aule"):
+        model.zero_grad()
+        model.set_attn_implementation(impl)
+        model(ids, labels=ids).loss.backward()
+        grads[impl] = [p.grad.clone() for p in model.parameters()]
+    assert not served
+    for a, b in zip(grads["sdpa"], grads["aule"]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_sdpa_layers_under_install_keep_their_meaning(served):
+    """Plain "sdpa" models route through the installed drop-in: decode uses is_causal=False."""
+    model = _llama()
+    ids = _ids(1, 9)
+    want = _generate(model, "sdpa", ids, 5)
+    with aule.installed():
+        got = _generate(model, "sdpa", ids, 5)
+    assert torch.equal(got, want) and served
