@@ -1,0 +1,156 @@
+"""What machine a benchmark ran on: CPU, GPU, driver, Vulkan device, library versions."""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+import sys
+
+
+def _version(dist: str):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _run(cmd, timeout=10):
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def gpu_info() -> dict | None:
+    """The CUDA/ROCm device torch sees, or None. Never initialises CUDA unless torch is importable."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    info = {
+        "name": torch.cuda.get_device_name(0),
+        "count": torch.cuda.device_count(),
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "multiprocessors": props.multi_processor_count,
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+        "cuda": torch.version.cuda,
+        "hip": getattr(torch.version, "hip", None),
+    }
+    l2 = getattr(props, "L2_cache_size", None)
+    if l2:
+        info["l2_mib"] = round(l2 / 2**20, 1)
+    smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    if smi:
+        info["driver"] = smi.splitlines()[0].strip()
+    try:
+        info["cudnn"] = torch.backends.cudnn.version()
+    except Exception:  # cudnn absent on some builds
+        info["cudnn"] = None
+    return info
+
+
+def vulkan_info() -> dict:
+    """What aule's own Vulkan backend reports (available, reason, device details)."""
+    import aule
+
+    try:
+        return aule.backend_info().get("vulkan", {})
+    except Exception as exc:  # detection must never stop a benchmark
+        return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+
+
+def _git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = _run(["git", "-C", here, "rev-parse", "--short", "HEAD"], timeout=5)
+    if out:
+        dirty = _run(["git", "-C", here, "status", "--porcelain", "--", "."], timeout=5)
+        return out + ("+dirty" if dirty else "")
+    return None
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def machine_name(info: dict) -> str:
+    """A file-name-safe name: the GPU model where torch sees one, else the CPU model and cores."""
+    gpu = info.get("gpu")
+    if gpu:
+        return slug(gpu["name"])
+    return slug(f"cpu {info['cpu']['model']} {info['cpu']['cores']}c")
+
+
+def detect() -> dict:
+    import aule
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": {"model": cpu_model(), "cores": os.cpu_count()},
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "gpu": gpu_info(),
+        "versions": {
+            "aule": aule.__version__,
+            "aule_commit": _git_commit(),
+            "numpy": _version("numpy"),
+            "torch": _version("torch"),
+            "triton": _version("triton"),
+            "vulkan (binding)": _version("vulkan"),
+        },
+        "backends": {},
+    }
+    try:
+        for name, entry in aule.backend_info().items():
+            info["backends"][name] = {k: v for k, v in entry.items()
+                                      if isinstance(v, (str, int, float, bool, type(None), list, dict))}
+    except Exception as exc:
+        info["backends_error"] = f"{type(exc).__name__}: {exc}"
+    info["vulkan"] = info["backends"].get("vulkan")
+    info["name"] = machine_name(info)
+    info["argv"] = sys.argv[1:]
+    return info
+
+
+def describe(info: dict) -> str:
+    """One line for tables and the README: card, driver, versions."""
+    parts = []
+    gpu = info.get("gpu")
+    if gpu:
+        g = gpu["name"]
+        if gpu.get("driver"):
+            g += f", driver {gpu['driver']}"
+        if gpu.get("cuda"):
+            g += f", CUDA {gpu['cuda']}"
+        parts.append(g)
+    cpu = info.get("cpu", {})
+    parts.append(f"CPU {cpu.get('model')} ({cpu.get('cores')} cores)")
+    vk = info.get("vulkan") or {}
+    if vk.get("available"):
+        dev = vk.get("device") or vk.get("device_name") or "available"
+        parts.append(f"Vulkan {dev}")
+    v = info.get("versions", {})
+    libs = ", ".join(f"{k} {v[k]}" for k in ("aule", "torch", "triton", "numpy") if v.get(k))
+    if v.get("aule_commit"):
+        libs += f" (aule {v['aule_commit']})"
+    parts.append(libs)
+    parts.append(f"Python {info.get('python')}")
+    return "; ".join(parts)

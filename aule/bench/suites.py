@@ -1,0 +1,212 @@
+"""The benchmark suites, declared as tables: what runs, on which shapes, against what.
+
+A suite names its cases (shape dictionaries), the contenders measured on every case (keys of
+:data:`CONTENDERS`), the contender every other is compared with, and the metric it reports.
+Nothing here runs anything; :mod:`aule.bench.runner` does.
+
+Case keys: ``B`` batch, ``Hq``/``Hkv`` heads, ``S`` query length, ``Sk`` key length (default S),
+``D`` head_dim, ``causal``, ``window`` (aule's ``window_size``), ``dtype``, ``mode`` ('fwd' or
+'fwd+bwd'), ``device`` ('cuda' or 'cpu'). Decode cases use ``ctx`` (tokens in the cache) and
+``block`` (paged block size) instead of ``S``/``Sk``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Dense shapes follow FlashAttention's benchmark: 16k tokens per batch, model dim 2048.
+TOKENS = 16384
+MODEL_DIM = 2048
+DENSE_SEQS = (1024, 2048, 4096, 8192, 16384)
+
+# Contenders. impl 'aule' calls aule.flash_attention(backend=...); 'sdpa' calls
+# torch.nn.functional.scaled_dot_product_attention under sdpa_kernel(<sdpa>) (None: torch's own
+# choice); 'paged' calls aule.flash_attention_paged. Options:
+#   expand_kv     K/V repeated to heads_q before the call (outside the timed region)
+#   full_causal   ignore the case's window: the same inputs with full causal attention
+#   explicit_mask pass the case's visibility as a boolean attn_mask (SDPA has no window argument)
+#   max_scores    skip when B*Hq*Sq*Sk exceeds it (implementations that materialise the scores)
+CONTENDERS = {
+    "aule:triton": dict(impl="aule", backend="triton"),
+    "aule:triton-amd": dict(impl="aule", backend="triton-amd"),
+    "aule:vulkan": dict(impl="aule", backend="vulkan"),
+    "aule:numpy": dict(impl="aule", backend="numpy"),
+    "aule:auto": dict(impl="aule", backend=None),
+    "aule:triton kv-expanded": dict(impl="aule", backend="triton", expand_kv=True),
+    "aule:triton full-causal": dict(impl="aule", backend="triton", full_causal=True),
+    "aule:numpy full-causal": dict(impl="aule", backend="numpy", full_causal=True),
+    "sdpa-flash": dict(impl="sdpa", sdpa="FLASH_ATTENTION"),
+    "sdpa-cudnn": dict(impl="sdpa", sdpa="CUDNN_ATTENTION"),
+    "sdpa-efficient": dict(impl="sdpa", sdpa="EFFICIENT_ATTENTION"),
+    "sdpa-math": dict(impl="sdpa", sdpa="MATH", max_scores=2**30),
+    "sdpa-flash full-causal": dict(impl="sdpa", sdpa="FLASH_ATTENTION", full_causal=True),
+    "sdpa-efficient+mask": dict(impl="sdpa", sdpa="EFFICIENT_ATTENTION", explicit_mask=True,
+                                max_scores=32 * 8192 * 8192),
+    "torch-sdpa": dict(impl="sdpa", sdpa=None),
+    "aule-paged:triton": dict(impl="paged", backend="triton"),
+    "aule-paged:vulkan": dict(impl="paged", backend="vulkan"),
+    "aule-paged:auto": dict(impl="paged", backend=None),
+}
+
+SDPA_GPU = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
+AULE_GPU = ("aule:triton", "aule:triton-amd")
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    title: str
+    kind: str  # 'attention' | 'decode' | 'overhead' | 'memory'
+    cases: tuple
+    contenders: tuple
+    baseline: str | None
+    metric: str  # 'tflops' | 'gflops' | 'tbps' | 'us_per_call' | 'mb'
+    quick: tuple = ()  # indices into cases for --quick; empty: the suite is left out of --quick
+    needs: str = "cuda"  # 'cuda', 'cpu' (always runs) or 'per-case' (each case names its device)
+    targets: tuple = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A speed goal from the issues: ``contender`` against ``baseline`` (a ratio of times) or an
+    absolute value of the suite's metric, on the cases matching ``where``."""
+
+    text: str
+    contender: str
+    where: dict
+    baseline: str | None = None  # None: compare the metric itself with ``value``
+    value: float = 1.0
+    at_most: bool = False  # the metric must stay at or under ``value`` (memory, latency)
+
+
+def _dense(mode):
+    return tuple(dict(mode=mode, B=TOKENS // s, Hq=MODEL_DIM // d, Hkv=MODEL_DIM // d, S=s, D=d,
+                      causal=c, window=-1, dtype="bfloat16", device="cuda")
+                 for d in (64, 128) for c in (True, False) for s in DENSE_SEQS)
+
+
+def _window():
+    return tuple(dict(mode="fwd", B=1, Hq=32, Hkv=32, S=s, D=128, causal=True, window=w,
+                      dtype="bfloat16", device="cuda")
+                 for w in (256, 4096) for s in (2048, 8192, 32768))
+
+
+def _decode():
+    return tuple(dict(B=b, Hq=32, Hkv=8, ctx=c, D=128, block=16, dtype="float16", device="cuda")
+                 for b in (1, 8, 64) for c in (1024, 4096, 8192, 32768))
+
+
+_ISSUE_SEQS = (1024, 4096, 16384)
+
+
+def matches(params: dict, where: dict) -> bool:
+    for k, want in where.items():
+        have = params.get(k)
+        if isinstance(want, tuple):
+            if have not in want:
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+def _pick(cases, *conditions):
+    """Indices of the cases matching any of ``conditions`` (dicts as in :func:`matches`)."""
+    return tuple(i for i, p in enumerate(cases) if any(matches(p, c) for c in conditions))
+
+
+_DENSE_F, _DENSE_B, _WINDOW, _DECODE = _dense("fwd"), _dense("fwd+bwd"), _window(), _decode()
+_GQA = tuple(dict(mode=m, B=4, Hq=hq, Hkv=8, S=4096, D=128, causal=True, window=-1, dtype="bfloat16",
+                  device="cuda") for m in ("fwd", "fwd+bwd") for hq in (64, 32))
+
+SUITES = (
+    Suite("dense", "Dense forward (bf16, 16k tokens per batch, model dim 2048)", "attention",
+          _DENSE_F, AULE_GPU + SDPA_GPU, "sdpa-flash", "tflops",
+          quick=_pick(_DENSE_F, {"S": _ISSUE_SEQS, "causal": True}, {"S": 4096, "D": 128}),
+          targets=(Target("forward >= 1.3x SDPA-flash (hd 64/128, seq 1k/4k/16k)", "aule:triton",
+                          {"S": _ISSUE_SEQS}, "sdpa-flash", 1.3),)),
+    Suite("dense_bwd", "Dense forward + backward (bf16, 16k tokens per batch, model dim 2048)",
+          "attention", _DENSE_B, AULE_GPU + SDPA_GPU, "sdpa-flash", "tflops",
+          quick=_pick(_DENSE_B, {"S": _ISSUE_SEQS, "causal": True, "D": 128}, {"S": 4096, "D": 64, "causal": True}),
+          targets=(Target("forward+backward >= 1.0x SDPA-flash (seq 1k/4k/16k)", "aule:triton",
+                          {"S": _ISSUE_SEQS}, "sdpa-flash", 1.0),)),
+    Suite("gqa", "Grouped-query attention (bf16, hd 128, seq 4096, causal, 16k tokens)", "attention",
+          _GQA, AULE_GPU + ("aule:triton kv-expanded",) + SDPA_GPU, "sdpa-flash", "tflops",
+          quick=_pick(_GQA, {"mode": "fwd"}, {"Hq": 64}),
+          targets=(Target("GQA 64/8 forward >= 1.3x SDPA-flash (enable_gqa)", "aule:triton",
+                          {"Hq": 64, "mode": "fwd"}, "sdpa-flash", 1.3),
+                   Target("GQA 64/8 forward faster than aule on K/V expanded", "aule:triton",
+                          {"Hq": 64, "mode": "fwd"}, "aule:triton kv-expanded", 1.0))),
+    Suite("window", "Sliding window against full causal (bf16, B1, 32 heads, hd 128)", "attention",
+          _WINDOW, ("aule:triton", "aule:triton full-causal", "sdpa-flash full-causal",
+                      "sdpa-efficient+mask"), "aule:triton full-causal", "tflops",
+          quick=_pick(_WINDOW, {"window": 256, "S": (8192, 32768)}, {"window": 4096, "S": 32768}),
+          targets=(Target("window 256 at seq 8192 >= 8x aule's full causal", "aule:triton",
+                          {"window": 256, "S": 8192}, "aule:triton full-causal", 8.0),)),
+    Suite("decode", "Paged decode (fp16, 32/8 heads, hd 128, block 16; SDPA on a contiguous cache)",
+          "decode", _DECODE, ("aule-paged:triton", "torch-sdpa") + SDPA_GPU, "torch-sdpa", "tbps",
+          quick=_pick(_DECODE, {"B": 8}, {"B": 1, "ctx": 32768}, {"B": 64, "ctx": 8192}),
+          targets=(Target("batch 8, context >= 8k: >= 2.4 TB/s", "aule-paged:triton",
+                          {"B": 8, "ctx": (8192, 32768)}, None, 2.4),
+                   Target("batch 8: at least SDPA's speed (torch's own backend choice)",
+                          "aule-paged:triton", {"B": 8}, "torch-sdpa", 1.0),
+                   Target("batch 1, context 32k: >= 2.0 TB/s (split-K)", "aule-paged:triton",
+                          {"B": 1, "ctx": 32768}, None, 2.0))),
+    Suite("overhead", "Per-call overhead (tiny shape, calls back to back)", "overhead",
+          (dict(B=1, Hq=8, Hkv=8, S=128, D=64, causal=False, window=-1, dtype="bfloat16", device="cuda"),
+           dict(B=1, Hq=8, Hkv=8, S=128, D=64, causal=False, window=-1, dtype="float32", device="cpu")),
+          ("aule:auto", "aule:triton", "aule:vulkan", "aule:numpy", "torch-sdpa"), "torch-sdpa",
+          "us_per_call", quick=(0, 1), needs="per-case"),
+    Suite("cpu", "CPU (fp32): aule's NumPy and Vulkan backends against torch's CPU SDPA", "attention",
+          (dict(mode="fwd", B=1, Hq=8, Hkv=8, S=1024, D=64, causal=True, window=-1, dtype="float32", device="cpu"),
+           dict(mode="fwd", B=1, Hq=32, Hkv=32, S=4096, D=128, causal=True, window=-1, dtype="float32", device="cpu"),
+           dict(mode="fwd", B=1, Hq=32, Hkv=8, S=2048, D=128, causal=True, window=-1, dtype="float32", device="cpu"),
+           dict(mode="fwd", B=1, Hq=8, Hkv=8, S=1024, D=64, causal=False, window=-1, dtype="float32", device="cpu")),
+          ("aule:numpy", "aule:vulkan", "torch-sdpa"), "torch-sdpa", "gflops", quick=(0,), needs="cpu",
+          targets=(Target("NumPy within 2x of torch CPU SDPA (B1 H8 S1024 D64 causal)", "aule:numpy",
+                          {"S": 1024, "causal": True}, "torch-sdpa", 0.5),
+                   Target("NumPy within 2x of torch CPU SDPA (B1 H32 S4096 D128 causal)", "aule:numpy",
+                          {"S": 4096}, "torch-sdpa", 0.5))),
+    Suite("memory", "NumPy backend peak extra memory (torch-free subprocess, fp32, B1 H8 D64 causal)",
+          "memory", tuple(dict(B=1, Hq=8, Hkv=8, S=s, D=64, causal=True, window=-1, dtype="float32",
+                               device="cpu") for s in (4096, 16384)),
+          ("aule:numpy",), None, "mb", quick=(0,), needs="cpu",
+          targets=(Target("peak extra memory at seq 16384 < 256 MB", "aule:numpy", {"S": 16384},
+                          None, 256.0, at_most=True),)),
+)
+
+SUITE_BY_NAME = {s.name: s for s in SUITES}
+
+
+def select(names, quick: bool):
+    """Suites by name (all when ``names`` is empty), each trimmed to its quick cases for --quick."""
+    chosen = []
+    for n in names or [s.name for s in SUITES]:
+        if n not in SUITE_BY_NAME:
+            raise ValueError(f"--suite: unknown suite {n!r}; choose from {', '.join(SUITE_BY_NAME)}")
+        s = SUITE_BY_NAME[n]
+        if quick:
+            if not s.quick:
+                continue
+            s = Suite(**{**s.__dict__, "cases": tuple(s.cases[i] for i in s.quick)})
+        chosen.append(s)
+    return chosen
+
+
+def case_label(p: dict) -> str:
+    """Short human name of a case, e.g. 'fwd hd128 B4 H64/8 s4096 causal w256'."""
+    if "ctx" in p:
+        return f"B{p['B']} H{p['Hq']}/{p['Hkv']} hd{p['D']} ctx{_k(p['ctx'])} blk{p['block']}"
+    heads = f"H{p['Hq']}" if p["Hq"] == p["Hkv"] else f"H{p['Hq']}/{p['Hkv']}"
+    s = f"s{_k(p['S'])}" if p.get("Sk", p["S"]) == p["S"] else f"s{_k(p['S'])}x{_k(p['Sk'])}"
+    parts = [p["mode"]] if "mode" in p else []
+    parts += [f"B{p['B']}", heads, f"hd{p['D']}", s, "causal" if p["causal"] else "full"]
+    w = p.get("window", -1)
+    if w not in (-1, None):
+        parts.append(f"w{_k(w) if isinstance(w, int) else w}")
+    if "mode" not in p:
+        parts.append(p.get("device", "cpu"))
+    return " ".join(parts)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)

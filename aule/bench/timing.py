@@ -1,0 +1,112 @@
+"""Timers: CUDA events (through ``triton.testing.do_bench``) on GPUs, the host clock on the CPU.
+
+Every timer warms up first and reports the median with the 20th and 80th percentiles, so one slow
+repeat (a page fault, another process on the core) moves the spread, not the number.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def _summary(samples_ms):
+    s = sorted(samples_ms)
+    n = len(s)
+
+    def q(p):
+        return s[min(n - 1, max(0, int(round(p * (n - 1)))))]
+
+    return {"ms": statistics.median(s), "ms_p20": q(0.2), "ms_p80": q(0.8), "reps": n}
+
+
+def cuda_time(fn, warmup_ms: float = 25, rep_ms: float = 100, grad_to_none=None) -> dict:
+    """Median of CUDA-event timings of ``fn``. ``do_bench`` clears L2 between repeats."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _cuda_events(fn, warmup_ms, rep_ms, grad_to_none)
+    p20, p50, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                             quantiles=[0.2, 0.5, 0.8])
+    return {"ms": float(p50), "ms_p20": float(p20), "ms_p80": float(p80), "reps": None}
+
+
+def _cuda_events(fn, warmup_ms, rep_ms, grad_to_none):
+    """The same measurement without Triton: events around each call, a warm-up by time budget."""
+    import torch
+
+    def reset():
+        for t in grad_to_none or ():
+            t.grad = None
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        reset()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 3, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        reset()
+        fn()
+    samples = []
+    for _ in range(max(5, int(rep_ms / est))):
+        reset()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        samples.append((s, e))
+    torch.cuda.synchronize()
+    return _summary([s.elapsed_time(e) for s, e in samples])
+
+
+def host_time(fn, warmup: int = 1, reps: int = 5, max_s: float = 10.0, sync=None) -> dict:
+    """Median wall time of ``fn`` (synchronised by ``sync`` when given). Stops early after ``max_s``
+    seconds of repeats, but always keeps at least three samples."""
+    for _ in range(warmup):
+        fn()
+        if sync:
+            sync()
+    samples = []
+    begin = time.perf_counter()
+    while len(samples) < reps:
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if len(samples) >= 3 and time.perf_counter() - begin > max_s:
+            break
+    return _summary(samples)
+
+
+def per_call_us(fn, sync=None, rounds: int = 5, min_round_s: float = 0.05) -> dict:
+    """Microseconds per call when calls run back to back (host overhead dominates small shapes).
+
+    Each round runs as many calls as fit in ``min_round_s`` then synchronises once; the median
+    round gives the number.
+    """
+    fn()
+    if sync:
+        sync()
+    # Size a round from one timed call so every round has the same count.
+    t0 = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    one = max(time.perf_counter() - t0, 1e-6)
+    n = max(3, min(10000, int(min_round_s / one)))
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) * 1e3 / n)
+    out = _summary(samples)
+    out["calls_per_round"] = n
+    return out

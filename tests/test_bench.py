@@ -1,0 +1,213 @@
+"""The benchmark harness: the --quick smoke run, and the parts that must be right for its numbers
+to mean anything (references, FLOP counts, error detection, budgets, reports)."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import aule
+from aule import bench, masks
+from aule.bench import checks, report, runner, suites
+from aule.bench.progress import Progress
+from aule.reference import attention_reference
+
+torch = pytest.importorskip("torch", reason="the harness's competitors and references use torch")
+
+
+def _suite(cases, contenders, kind="attention", baseline=None, metric="gflops", targets=()):
+    return suites.Suite("t", "test suite", kind, tuple(cases), tuple(contenders), baseline, metric,
+                        needs="cpu", targets=tuple(targets))
+
+
+def _case(**kw):
+    p = dict(mode="fwd", B=1, Hq=4, Hkv=2, S=64, D=32, causal=True, window=-1, dtype="float32", device="cpu")
+    p.update(kw)
+    return p
+
+
+def _run(suite, **kw):
+    return runner.Runner(progress=False, quick=True, **kw).run([suite])["t"]
+
+
+def _by_contender(res):
+    return {r["contender"]: r for r in res["rows"]}
+
+
+def test_quick_cli_smoke(tmp_path):
+    """`aule bench --quick` on a CPU machine: runs, checks, writes JSON, markdown and plots."""
+    out = tmp_path / "res"
+    assert bench.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    files = list(out.glob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["machine"]["cpu"]["cores"] == os.cpu_count()
+    cpu = data["suites"]["cpu"]
+    rows = _by_contender(cpu)
+    for name in ("aule:numpy", "torch-sdpa"):
+        assert rows[name]["status"] == "ok", rows[name]
+        assert rows[name]["err"] < checks.tolerance("float32")
+        assert rows[name]["ms"] > 0 and rows[name]["gflops"] > 0
+    assert rows["torch-sdpa"]["ratio"] == pytest.approx(1.0)
+    mem = data["suites"]["memory"]["rows"][0]
+    assert mem["status"] == "ok" and 0 < mem["mb"] < 256
+    if not torch.cuda.is_available():
+        assert data["suites"]["dense"]["status"] == "skipped"
+        assert "CUDA" in data["suites"]["dense"]["reason"]
+    assert files[0].with_suffix(".md").exists()
+    pytest.importorskip("matplotlib")
+    assert list(out.glob("*-cpu.png"))
+
+
+def test_unknown_suite_is_refused(capsys):
+    assert bench.main(["--suite", "nope", "--no-progress"]) == 2
+    assert "unknown suite 'nope'" in capsys.readouterr().err
+
+
+def test_attention_contenders_checked_against_reference(monkeypatch):
+    monkeypatch.setitem(suites.CONTENDERS, "sdpa-math+mask",
+                        dict(impl="sdpa", sdpa="MATH", explicit_mask=True))
+    cases = [_case(), _case(window=16, S=80), _case(S=48, Hq=8, Hkv=1, causal=False)]
+    res = _run(_suite(cases, ["aule:numpy", "torch-sdpa", "sdpa-math", "sdpa-math+mask",
+                              "aule:numpy full-causal"], baseline="torch-sdpa"))
+    rows = {(r["case"], r["contender"]): r for r in res["rows"]}
+    for (case, contender), r in rows.items():
+        if "w16" in case and contender in ("torch-sdpa", "sdpa-math"):
+            assert r["status"] == "skipped" and "window" in r["note"]
+        else:
+            assert r["status"] == "ok", r
+            assert r["err"] < 1e-5
+    assert rows[(suites.case_label(cases[0]), "aule:numpy")]["ratio"] > 0
+
+
+def test_backward_rows_compare_gradients():
+    res = _run(_suite([_case(mode="fwd+bwd", S=40, D=16)], ["torch-sdpa", "sdpa-math", "aule:numpy"]))
+    rows = _by_contender(res)
+    assert rows["torch-sdpa"]["status"] == "ok" and rows["torch-sdpa"]["err"] < 1e-5
+    assert rows["sdpa-math"]["status"] == "ok"
+    assert rows["aule:numpy"]["status"] == "skipped"  # NumPy arrays carry no gradients
+
+
+def test_wrong_output_is_flagged_not_timed(monkeypatch):
+    real = aule.flash_attention
+
+    def off_by_a_bit(q, k, v, **kw):
+        return real(q, k, v, **kw) * 1.01
+
+    monkeypatch.setattr(aule, "flash_attention", off_by_a_bit)
+    row = _run(_suite([_case()], ["aule:numpy"]))["rows"][0]
+    assert row["status"] == "wrong" and row["err"] == pytest.approx(0.01, rel=1e-3)
+    assert "ms" not in row
+
+
+def test_nan_never_passes():
+    assert checks.rel_err(np.array([np.nan, 1.0]), np.array([1.0, 1.0])) == math.inf
+
+
+def test_decode_inputs_scatter_the_cache_into_its_blocks():
+    p = dict(B=3, Hq=4, Hkv=2, ctx=48, D=8, block=16, dtype="float32", device="cpu")
+    s = runner.DecodeInputs(p).sets[0]
+    tables = s["block_tables"].long()
+    for b in range(3):
+        rebuilt = s["k_cache"][tables[b]].reshape(48, 2, 8).permute(1, 0, 2)
+        assert torch.equal(rebuilt, s["k"][b])
+    assert sorted(tables.flatten().tolist()) == list(range(9))
+    res = _run(_suite([p], ["torch-sdpa", "sdpa-math", "aule-paged:auto"], kind="decode", metric="tbps"))
+    rows = _by_contender(res)
+    assert rows["torch-sdpa"]["status"] == "ok" and rows["torch-sdpa"]["err"] < 1e-5
+    assert rows["torch-sdpa"]["tbps"] > 0 and rows["torch-sdpa"]["tokens_per_s"] > 0
+    if hasattr(aule, "flash_attention_paged"):
+        assert rows["aule-paged:auto"]["status"] == "ok" and rows["aule-paged:auto"]["err"] < 1e-5
+    else:
+        assert any("flash_attention_paged" in n for n in res["notes"])
+
+
+@pytest.mark.parametrize("sq,sk,causal,window", [(37, 37, True, -1), (20, 53, True, 9), (53, 20, True, -1),
+                                                  (31, 45, False, (4, 7)), (16, 16, False, -1)])
+def test_blocked_reference_matches_oracle_and_autograd(sq, sk, causal, window, monkeypatch):
+    monkeypatch.setattr(checks, "BLOCK_SCORES", 3 * 4 * 16)  # force many small blocks
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 4, sq, 8))
+    k = rng.standard_normal((2, 2, sk, 8))
+    v = rng.standard_normal((2, 2, sk, 8))
+    do = rng.standard_normal(q.shape)
+    tq, tk, tv, tdo = (torch.from_numpy(x) for x in (q, k, v, do))
+    out, (dq, dk, dv) = checks.blocked_reference(tq, tk, tv, causal, window, grad_out=tdo)
+    np.testing.assert_allclose(out.numpy(), attention_reference(q, k, v, causal=causal, window_size=window),
+                               atol=1e-12)
+    # Gradients against autograd through a dense masked softmax on expanded K/V.
+    left, right = masks.canonical_window(causal, window)
+    vis = torch.from_numpy(masks.mask(sq, sk, left, right))
+    lq, lk, lv = (t.clone().requires_grad_(True) for t in (tq, tk, tv))
+    s = lq @ lk.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(8)
+    p = torch.softmax(s.masked_fill(~vis, -math.inf), -1).nan_to_num(0.0)
+    (p @ lv.repeat_interleave(2, 1)).backward(tdo)
+    for mine, ref in ((dq, lq.grad), (dk, lk.grad), (dv, lv.grad)):
+        torch.testing.assert_close(mine, ref, atol=1e-10, rtol=1e-10)
+
+
+def test_flop_counts():
+    p = _case(B=2, Hq=3, S=8, D=4, causal=False)
+    assert runner.attention_flops(p) == 4 * 2 * 3 * 8 * 8 * 4
+    assert runner.attention_flops({**p, "causal": True}) == 4 * 2 * 3 * 8 * 8 * 4 / 2
+    assert runner.attention_flops({**p, "causal": True, "mode": "fwd+bwd"}) == 4 * 2 * 3 * 8 * 8 * 4 / 2 * 3.5
+    # window 2 over 8 positions: the first row sees 1 key, the others 2
+    assert runner.attention_flops({**p, "causal": True, "window": 2}) == 4 * 2 * 3 * 4 * 15
+
+
+def test_budget_marks_cases_skipped():
+    res = _run(_suite([_case(), _case(S=32)], ["aule:numpy"]), budget_s=0)
+    assert [r["status"] for r in res["rows"]] == ["skipped", "skipped"]
+    assert any("budget" in n for n in res["notes"])
+
+
+def test_targets_are_evaluated():
+    t = suites.Target("numpy within 2x", "aule:numpy", {"S": 64}, "torch-sdpa", 0.5)
+    fake = {"suites": {"cpu": {"status": "ran", "metric": "gflops", "rows": [
+        {"case": "a", "contender": "aule:numpy", "params": {"S": 64}, "status": "ok", "ms": 3.0},
+        {"case": "a", "contender": "torch-sdpa", "params": {"S": 64}, "status": "ok", "ms": 1.0}]}}}
+    verdicts = report.evaluate_targets(fake, {"cpu": (t,)})
+    assert verdicts[0]["verdict"] == "missed" and "0.333" in verdicts[0]["measured"]
+    fake["suites"]["cpu"]["rows"][0]["ms"] = 1.5
+    assert report.evaluate_targets(fake, {"cpu": (t,)})[0]["verdict"] == "met"
+
+
+def test_readme_section_replaces_only_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# project\n\nintro\n")
+    sec1 = report.README_BEGIN + "\none\n" + report.README_END + "\n"
+    assert report.update_readme(str(readme), sec1)
+    readme.write_text(readme.read_text() + "\n## after\n")
+    sec2 = report.README_BEGIN + "\ntwo\n" + report.README_END + "\n"
+    assert report.update_readme(str(readme), sec2)
+    text = readme.read_text()
+    assert text.startswith("# project\n\nintro\n") and text.rstrip().endswith("## after")
+    assert "two" in text and "one" not in text
+    assert not report.update_readme(str(readme), sec2)
+
+
+def test_readme_section_from_results(tmp_path):
+    res = {"machine": {"name": "cpu-x-2c", "date": "d", "cpu": {"model": "X", "cores": 2}, "gpu": None,
+                       "versions": {"aule": "0", "torch": "t"}, "python": "3"},
+           "suites": {"cpu": {"status": "ran", "title": "CPU", "metric": "gflops", "baseline": "torch-sdpa",
+                              "rows": [{"case": "c", "contender": "aule:numpy", "status": "ok", "gflops": 5.0,
+                                        "params": {}, "ms": 1.0}], "notes": []},
+                      "dense": {"status": "skipped", "title": "Dense", "reason": "no GPU"}}}
+    path = tmp_path / "results" / "cpu-x-2c.json"
+    report.write_json(str(path), res)
+    sec = report.readme_section([str(path)], str(tmp_path))
+    assert sec.startswith(report.README_BEGIN) and sec.rstrip().endswith(report.README_END)
+    assert "| c | 5 |" in sec and "Dense: no GPU" in sec and "results/cpu-x-2c.json" in sec
+
+
+def test_progress_writes_lines_when_not_a_terminal():
+    buf = io.StringIO()
+    bar = Progress(4, stream=buf)
+    bar.step("a")
+    bar.step("b", 3)
+    bar.close()
+    assert buf.getvalue().splitlines()[-1].startswith("[4/4 ")
