@@ -184,32 +184,53 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str):
     """aule attention on 4-D ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` with aule's bottom-right
     ``(left, right)`` window, or ``None`` (with the reason logged once) when aule cannot serve it
     exactly, gradients included. ``label`` names the caller's shape class for the log."""
+    from .api import flash_attention
+
     forced = _state.backend
     needs_grad = _needs_grad(q, k, v)
     device = q.device.type
-    if device == "cpu":
-        if needs_grad:
-            _note(("fallback", "cpu-grad"), "aule: CPU call needs gradients; aule's host backends "
-                  "have no backward pass, so torch SDPA serves it")
-            return None
-        if _compiling():
-            return host_attention(q, k, v, scale, left, right, forced or "")
-        b, why = _backend_for(q, k, v, scale, left, right, forced)
-        if b is None:
-            _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)
-            return None
-        _note(("route", b.name, label), "aule: %s -> %s", label, b.name, route=True)
-        return host_attention(q, k, v, scale, left, right, b.name)
-    if device != "cuda":
+    if device not in ("cpu", "cuda"):
         _note(("fallback", "device", device), "aule: no aule backend for %s tensors; torch SDPA serves them",
               device)
         return None
-    return _attend_cuda(q, k, v, scale, left, right, label, forced, needs_grad)
+    if _compiling():
+        # aule's Python routing is not traceable: compiled graphs get one custom op, chosen from
+        # what the eager checks below would pick.
+        if device == "cpu":
+            return None if needs_grad else host_attention(q, k, v, scale, left, right, forced or "")
+        op = _TRITON_OP if forced in (None, "triton", "triton-amd") else None
+        return op(q, k, v, scale, left, right)[0] if op else None
+    b, why = _backend_for(q, k, v, scale, left, right, forced)
+    if b is None:
+        _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)
+        return None
+    if device == "cuda" and b.name == "numpy" and forced is None:
+        _note(("fallback", "no-gpu-backend"), "aule: no GPU backend serves %s here; torch SDPA is faster "
+              "than a round trip through the host", label)
+        return None
+    if needs_grad:
+        if not getattr(b, "differentiable", False):
+            _note(("fallback", "grad", b.name), "aule: backend %s has no backward pass; torch SDPA serves "
+                  "calls that need gradients", b.name)
+            return None
+        out = flash_attention(q, k, v, causal=False, scale=scale, window_size=(left, right), backend=b.name)
+        if out.grad_fn is None:
+            # Never hand back a result whose gradient would silently be missing.
+            log.warning("aule: backend %s returned no autograd graph for a call that needs gradients; "
+                        "recomputing with torch SDPA", b.name)
+            return None
+    elif device == "cpu":
+        out = host_attention(q, k, v, scale, left, right, b.name)
+    else:
+        out = flash_attention(q, k, v, causal=False, scale=scale, window_size=(left, right), backend=b.name)
+    _note(("route", b.name, label), "aule: %s -> %s%s", label, b.name, " (with gradients)" if needs_grad else "",
+          route=True)
+    return out
 
 
 def _triton_op():
     """Triton's differentiable custom op, loaded outside any trace (``None`` when Triton or a GPU is
-    missing). Compiled graphs call it directly: aule's Python routing is not traceable."""
+    missing)."""
     global _TRITON_OP
     if _TRITON_OP is None and not _compiling():
         try:
@@ -223,36 +244,6 @@ def _triton_op():
 
 
 _TRITON_OP = None
-
-
-def _attend_cuda(q, k, v, scale, left, right, label, forced, needs_grad):
-    from .api import flash_attention
-
-    if _compiling():
-        op = _TRITON_OP if forced in (None, "triton", "triton-amd") else None
-        if not op:
-            return None
-        return op(q, k, v, scale, left, right)[0]
-    b, why = _backend_for(q, k, v, scale, left, right, forced)
-    if b is None:
-        _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)
-        return None
-    if b.name == "numpy" and forced is None:
-        _note(("fallback", "no-gpu-backend"), "aule: no GPU backend serves %s here; torch SDPA is faster "
-              "than a round trip through the host", label)
-        return None
-    if needs_grad and not getattr(b, "differentiable", False):
-        _note(("fallback", "grad", b.name), "aule: backend %s has no backward pass; torch SDPA serves "
-              "calls that need gradients", b.name)
-        return None
-    out = flash_attention(q, k, v, causal=False, scale=scale, window_size=(left, right), backend=b.name)
-    if needs_grad and out.grad_fn is None:
-        # Never hand back a result whose gradient would silently be missing.
-        log.warning("aule: backend %s returned no autograd graph for a call that needs gradients; "
-                    "recomputing with torch SDPA", b.name)
-        return None
-    _note(("route", b.name, label), "aule: %s -> %s", label, b.name, route=True)
-    return out
 
 
 def _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> str | None:

@@ -267,6 +267,56 @@ def test_cpu_gradients_use_torch_and_are_correct(served):
         assert torch.allclose(a.grad, b.grad, atol=1e-6)
 
 
+def _fake_differentiable(monkeypatch, detach):
+    """Put a differentiable backend in the 'triton' slot that computes with torch autograd (or,
+    with ``detach``, wrongly drops the graph), so gradient routing is testable without a GPU."""
+    from aule import backends
+
+    calls = []
+
+    class Differentiable(backends.base.Backend):
+        name = "triton"
+        differentiable = True
+
+        def forward(self, call):
+            calls.append((call.left, call.right))
+            out = torch_sdpa.sdpa_reference(call.q, call.k, call.v, call.scale, call.left, call.right)
+            return (out.detach() if detach else out), None
+
+    monkeypatch.setitem(backends._instances, "triton", Differentiable())
+    return calls
+
+
+def _grads_match_sdpa(q, k, v, causal):
+    """Gradients through the installed function against torch's SDPA in float64."""
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    out.backward(dout)
+    q2, k2, v2 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = ORIGINAL(q2, k2, v2, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    ref.backward(dout.double())
+    assert (out.double() - ref).abs().max() <= 2e-5
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert (a.grad.double() - b.grad).abs().max() <= 2e-5
+
+
+@pytest.mark.parametrize("sq,sk", [(37, 45), (45, 37), (20, 20)])
+def test_gradient_calls_go_to_a_differentiable_backend(monkeypatch, sq, sk):
+    calls = _fake_differentiable(monkeypatch, detach=False)
+    q, k, v = (t.requires_grad_() for t in qkv(1, 4, 2, sq, sk, 32))
+    with aule.installed(backend="triton"):
+        _grads_match_sdpa(q, k, v, causal=True)
+    assert calls == [(-1, max(0, sq - sk))]
+
+
+def test_backend_that_drops_the_graph_is_never_trusted(monkeypatch, caplog):
+    calls = _fake_differentiable(monkeypatch, detach=True)
+    q, k, v = (t.requires_grad_() for t in qkv(1, 4, 2, 21, 30, 32))
+    with caplog.at_level(logging.WARNING, logger="aule"), aule.installed(backend="triton"):
+        _grads_match_sdpa(q, k, v, causal=True)
+    assert calls and any("no autograd graph" in r.getMessage() for r in caplog.records)
+
+
 def test_no_grad_inputs_that_require_grad_use_aule(served):
     q, k, v = (t.requires_grad_() for t in qkv(1, 4, 4, 13, 13, 32))
     with aule.installed(), torch.no_grad():
@@ -426,16 +476,19 @@ gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape,causal", [((2, 32, 8, 1024, 1024, 128), True), ((1, 16, 16, 777, 1025, 64), True),
-                                          ((2, 8, 8, 1025, 513, 80), True), ((1, 16, 4, 2048, 2048, 128), False)])
+@pytest.mark.parametrize("shape,causal,dtype", [
+    ((2, 32, 8, 1024, 1024, 128), True, torch.bfloat16),
+    ((1, 16, 16, 777, 1025, 64), True, torch.float16),   # top-left: keys beyond 777 dropped
+    ((2, 8, 8, 1025, 513, 80), True, torch.bfloat16),    # top-left: right bound 512
+    ((1, 16, 4, 2048, 2048, 128), False, torch.float16),
+])
 def test_gpu_forward_and_gradients_match_sdpa(shape, causal, dtype):
     b, hq, hk, sq, sk, d = shape
     q, k, v = (t.requires_grad_() for t in qkv(b, hq, hk, sq, sk, d, dtype=dtype, device="cuda"))
     dout = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype)
     with aule.installed():
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hq != hk)
-    assert out.grad_fn is not None and "triton" in type(out.grad_fn).__name__.lower() + str(out.grad_fn)
+    assert out.grad_fn is not None and "triton" in out.grad_fn.name().lower(), out.grad_fn
     out.backward(dout)
     grads = [t.grad.double() for t in (q, k, v)]
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
