@@ -128,29 +128,26 @@ def check_tables(block_tables, context_lens, num_blocks: int, block_size: int) -
     One host synchronisation for device tensors.
     """
     batch, max_blocks = _shape(block_tables)
+    if batch == 0:
+        return 0
     if is_torch_tensor(block_tables) or is_torch_tensor(context_lens):
         import torch
 
         dev = block_tables.device if is_torch_tensor(block_tables) else context_lens.device
-        bt = torch.as_tensor(block_tables, device=dev).to(torch.int64)
-        cl = torch.as_tensor(context_lens, device=dev).to(torch.int64)
-        if batch == 0:
-            return 0
-        used = torch.arange(max_blocks, device=dev)[None, :] < (cl[:, None] + block_size - 1) // block_size
-        bad = ((bt < 0) | (bt >= num_blocks)) & used
-        # One stacked read-back instead of one synchronisation per statistic.
-        stats = torch.stack([cl.min(), cl.max(), bad.sum(), torch.argmax(bad.flatten().to(torch.int8))])
-        lo, hi, nbad, first = (int(s) for s in stats.tolist())
-        bt_host = None
+        bt = torch.as_tensor(block_tables, device=dev)
+        cl = torch.as_tensor(context_lens, device=dev)
+        if cl.dtype != bt.dtype:  # widen, never narrow: a wrapped length would pass the checks
+            bt, cl = bt.to(torch.int64), cl.to(torch.int64)
+        # One copy to the host (one synchronisation) and the checks in NumPy: cheaper than a
+        # handful of reductions launched on the device, and the tables are small.
+        flat = torch.cat([cl, bt.reshape(-1)]).cpu().numpy()
+        cl, bt = flat[:batch], flat[batch:].reshape(batch, max_blocks)
     else:
-        bt_host = np.asarray(block_tables).astype(np.int64, copy=False)
-        cl = np.asarray(context_lens).astype(np.int64, copy=False)
-        if batch == 0:
-            return 0
-        used = np.arange(max_blocks)[None, :] < (cl[:, None] + block_size - 1) // block_size
-        bad = ((bt_host < 0) | (bt_host >= num_blocks)) & used
-        lo, hi, nbad = int(cl.min()), int(cl.max()), int(bad.sum())
-        first = int(np.argmax(bad.ravel()))
+        bt, cl = np.asarray(block_tables), np.asarray(context_lens)
+    cl = cl.astype(np.int64, copy=False)
+    used = np.arange(max_blocks)[None, :] < (cl[:, None] + block_size - 1) // block_size
+    bad = ((bt < 0) | (bt >= num_blocks)) & used
+    lo, hi, nbad = int(cl.min()), int(cl.max()), int(np.count_nonzero(bad))
     if lo < 0:
         raise ValueError(f"context_lens must be >= 0, got a minimum of {lo}")
     if hi > max_blocks * block_size:
@@ -158,8 +155,8 @@ def check_tables(block_tables, context_lens, num_blocks: int, block_size: int) -
             f"context_lens must be <= max_blocks * block_size = {max_blocks} * {block_size} = "
             f"{max_blocks * block_size} (the block table's capacity), got {hi}")
     if nbad:
-        b, j = divmod(first, max_blocks)
-        val = int(bt_host[b, j]) if bt_host is not None else int(block_tables[b, j])
+        b, j = divmod(int(np.argmax(bad.ravel())), max_blocks)
+        val = int(bt[b, j])
         raise ValueError(
             f"block_tables holds {nbad} block id(s) outside [0, num_blocks={num_blocks}) within the "
             f"sequences' used blocks; first at block_tables[{b}, {j}] = {val}")

@@ -28,6 +28,60 @@ MAX_SPLITS = 64
 
 
 @triton.jit
+def _paged_tiles(acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_from, t_to, k_lo, k_hi, pos, LEFT,
+                 scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
+                 MASKED: tl.constexpr, PAD_D: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Online softmax over key tiles ``[t_from, t_to)``. MASKED tiles may cross the context's
+    ends, the window or the causal diagonal; the others are fully visible to every row and load
+    without predicates."""
+    for t in range(t_from, t_to):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_ok = (offs_n >= k_lo) & (offs_n < k_hi)
+            blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0)
+        else:
+            blk = tl.load(bt_row + offs_n // BLOCK_SIZE)
+        if WIDE:  # caches past 2**31 elements need 64-bit offsets
+            blk = blk.to(tl.int64)
+        slot = offs_n % BLOCK_SIZE
+        k_ptrs = kv_head_k + (blk * stride_kb + slot * stride_kt)[:, None] + offs_d[None, :] * stride_kd
+        v_ptrs = kv_head_v + (blk * stride_vb + slot * stride_vt)[:, None] + offs_d[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif PAD_D:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+        if MASKED:
+            vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+            if HAS_LEFT:
+                vis = vis & (offs_n[None, :] >= pos[:, None] - LEFT)
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no key yet keep m = -inf; shifting by 0 keeps exp2 at 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif PAD_D:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _paged_attn_fwd(
         Q, KC, VC, BT, CL, O, PO, PL,
         stride_qb, stride_qh, stride_qm, stride_qd,
@@ -37,7 +91,7 @@ def _paged_attn_fwd(
         HEADS_KV, NUM_SPLITS, scale2, LEFT,
         Q_LEN: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
-        SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+        SPLIT: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,16 +112,22 @@ def _paged_attn_fwd(
     if UPCAST:
         q = q.to(tl.float32)
 
-    # Keys any row of this tile can see (causal: up to the last row's position; window: from the
-    # first row's left edge). Tiles are aligned to BLOCK_N; the loads mask the edges.
+    # Keys any row of this tile can see: causal up to the last row's position, the window from
+    # the first row's left edge. Keys in [full_lo, full_hi) are visible to every row.
     first_pos = ctx - Q_LEN + (pid_m * BLOCK_M) // GROUP
     last_pos = ctx - Q_LEN + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, GROUP * Q_LEN - 1) // GROUP
     k_hi = tl.minimum(ctx, last_pos + 1)
+    full_hi = tl.minimum(ctx, first_pos + 1)
     k_lo = ctx * 0
+    full_lo = ctx * 0
     if HAS_LEFT:
         k_lo = tl.maximum(first_pos - LEFT, 0)
+        full_lo = tl.maximum(last_pos - LEFT, 0)
     t_lo = k_lo // BLOCK_N
     t_hi = tl.maximum((k_hi + BLOCK_N - 1) // BLOCK_N, t_lo)
+    # Unmasked tiles: wholly inside [full_lo, full_hi). Clamped so the three runs tile [t_lo, t_hi).
+    u_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N, t_lo), t_hi)
+    u_hi = tl.maximum(tl.minimum(full_hi // BLOCK_N, t_hi), u_lo)
     per = (t_hi - t_lo + NUM_SPLITS - 1) // NUM_SPLITS
     t_start = t_lo + split * per
     t_end = tl.minimum(t_start + per, t_hi)
@@ -78,32 +138,19 @@ def _paged_attn_fwd(
     bt_row = BT + b * stride_bt
     kv_head_k = KC + hk * stride_kh
     kv_head_v = VC + hk * stride_vh
-    for t in range(t_start, t_end):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = (offs_n >= k_lo) & (offs_n < k_hi)
-        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        slot = offs_n % BLOCK_SIZE
-        k_ptrs = kv_head_k + (blk * stride_kb + slot * stride_kt)[:, None] + offs_d[None, :] * stride_kd
-        k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale2
-        vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
-        if HAS_LEFT:
-            vis = vis & (offs_n[None, :] >= pos[:, None] - LEFT)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen no key yet keep m = -inf; shifting by 0 keeps exp2 at 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = kv_head_v + (blk * stride_vb + slot * stride_vt)[:, None] + offs_d[None, :] * stride_vd
-        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    acc, l_i, m_i = _paged_tiles(
+        acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_start, tl.minimum(t_end, u_lo), k_lo, k_hi, pos,
+        LEFT, scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+        BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION)
+    acc, l_i, m_i = _paged_tiles(
+        acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, tl.maximum(t_start, u_lo), tl.minimum(t_end, u_hi),
+        k_lo, k_hi, pos, LEFT, scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt,
+        stride_vd, BLOCK_SIZE, BLOCK_N, HAS_LEFT, False, PAD_D, UPCAST, WIDE, PRECISION)
+    acc, l_i, m_i = _paged_tiles(
+        acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, tl.maximum(t_start, u_hi), t_end, k_lo, k_hi, pos,
+        LEFT, scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+        BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -169,37 +216,44 @@ def _copy_kv_to_paged(K, V, KC, VC, SLOTS,
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
+def _device_limits(index: int) -> tuple[int, int]:
+    """(multiprocessors, shared memory bytes per multiprocessor) of a torch device."""
     import torch
 
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0) or SMEM_PER_SM
+    return props.multi_processor_count, int(smem)
 
 
-def choose_config(batch, heads_kv, group, q_len, head_dim, max_context, device_index, amd=False):
+def choose_config(batch, heads_kv, group, q_len, head_dim, max_context, device_index, amd=False, itemsize=2):
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages, num_splits, m_tiles)`` for a call.
 
-    Split-K fills the GPU when ``batch * heads_kv`` programs cannot: enough splits for about
-    ``WAVES`` programs per multiprocessor, but never fewer than ``MIN_TILES`` key tiles per split,
-    where the merge's extra traffic would cost more than the split gains.
+    Measured on an H100 (benchmarks/paged_decode.py, fp16, head_dim 128): 64-key tiles, 4 warps,
+    2 pipeline stages read the cache fastest of the configurations tried (32-key tiles with 3 or
+    4 stages, 2 or 8 warps were 1-5% slower). Split-K fills the GPU when ``batch * heads_kv`` programs cannot: as
+    many splits as fit in ONE wave of resident programs (a second, partial wave would leave most
+    multiprocessors idle while it runs), never below ``MIN_TILES`` key tiles per split.
     """
     rows = group * q_len
     block_m = max(16, min(64, next_pow2(rows)))
     m_tiles = cdiv(rows, block_m)
-    block_n = 64 if head_dim <= 128 else 32
+    bd = block_d(head_dim)
+    block_n = 64 if bd * itemsize <= 256 else 32  # keeps a stage of K+V tiles at 32 KB
     num_warps = 4
-    num_stages = 1 if amd else 3
+    num_stages = 1 if amd else 2
     if interpreting():
         return block_m, 16, 1, 1, min(4, max(1, cdiv(max_context, 16))), m_tiles
-    sms = _num_sms(device_index)
+    smem = num_stages * block_n * bd * itemsize * 2 + block_m * bd * itemsize
+    sms, smem_per_sm = _device_limits(device_index)
+    slots = sms * max(1, min(8, smem_per_sm // smem))
     programs = batch * heads_kv * m_tiles
     tiles = cdiv(max(max_context, 1), block_n)
-    want = cdiv(sms * WAVES, programs)
-    splits = max(1, min(MAX_SPLITS, want, tiles // MIN_TILES))
+    splits = max(1, min(MAX_SPLITS, slots // programs, tiles // MIN_TILES))
     return block_m, block_n, num_warps, num_stages, splits, m_tiles
 
 
-WAVES = 4
-MIN_TILES = 4
+SMEM_PER_SM = 227 * 1024  # fallback when torch does not report it (H100/H200's figure)
+MIN_TILES = 2
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, left, max_context,
@@ -221,7 +275,8 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
         block_tables = block_tables.to(torch.int32).contiguous()
     dev = q.device.index or 0
     block_m, block_n, num_warps, num_stages, splits, m_tiles = config or choose_config(
-        batch, heads_kv, group, q_len, head_dim, max_context, dev, amd=torch_gpu_flavour() == "hip")
+        batch, heads_kv, group, q_len, head_dim, max_context, dev, amd=torch_gpu_flavour() == "hip",
+        itemsize=q.element_size())
     bd = block_d(head_dim)
     if splits > 1:
         po = torch.empty((batch * heads_q * q_len * splits, bd), dtype=torch.float32, device=q.device)
@@ -237,6 +292,9 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
         HEAD_DIM=head_dim, BLOCK_D=bd, HAS_LEFT=left >= 0, SPLIT=splits > 1,
         # Triton 3.9's interpreter computes bfloat16 dots wrongly; fp32 operands sidestep it on CPU.
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        WIDE=max(k_cache.numel(), v_cache.numel(), q.numel()) >= 2 ** 31 - 2 ** 20,
+        # float32 callers get float32 products, not tf32 (decode is memory-bound: it costs nothing).
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _paged_attn_merge[(batch * heads_q * q_len,)](

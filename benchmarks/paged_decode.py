@@ -1,0 +1,237 @@
+"""Paged decode: aule's Triton kernel (and Vulkan where present) against PyTorch SDPA on the
+contiguous cache, same process, same inputs.
+
+    python benchmarks/paged_decode.py                      # batch 8 at 1k/4k/8k/32k, batch 1 at 32k
+    python benchmarks/paged_decode.py --tune               # also sweep kernel configurations
+    python benchmarks/paged_decode.py --json out.json
+
+Bandwidth counts the bytes of cache a decode step must read: ``2 * sum(context) * heads_kv *
+head_dim * itemsize`` (K and V once). GPU times come from CUDA events around CUDA-graph replays of
+several calls over rotating input sets (so no call finds its cache in L2), median of repeats.
+Correctness against the float64 reference is checked before anything is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+L2_BYTES = 50 * 2 ** 20  # H100's L2; rotation keeps the working set well beyond it
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def graph_time_us(torch, fns, reps=20, warmup=3):
+    """Median per-call microseconds of ``fns`` (one call each, in order) replayed as one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / len(fns))
+    del g
+    return statistics.median(times)
+
+
+def build_inputs(torch, rng, batch, ctx, heads_q, heads_kv, head_dim, block_size, dtype, copies):
+    """``copies`` independent sets of (q, paged cache, tables, contiguous K/V)."""
+    nblk = -(-ctx // block_size)
+    sets = []
+    for _ in range(copies):
+        num_blocks = batch * nblk
+        kc = torch.randn(num_blocks, block_size, heads_kv, head_dim, device="cuda", dtype=dtype)
+        vc = torch.randn_like(kc)
+        perm = torch.from_numpy(rng.permutation(num_blocks).astype(np.int32)).cuda()
+        bt = perm.view(batch, nblk)
+        cl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=dtype)
+        # The same keys laid out contiguously for SDPA: [B, Hkv, L, D].
+        kg = kc[bt.long()].reshape(batch, nblk * block_size, heads_kv, head_dim)[:, :ctx].transpose(1, 2).contiguous()
+        vg = vc[bt.long()].reshape(batch, nblk * block_size, heads_kv, head_dim)[:, :ctx].transpose(1, 2).contiguous()
+        sets.append(dict(q=q, kc=kc, vc=vc, bt=bt, cl=cl, kg=kg, vg=vg))
+    return sets
+
+
+def reference_first(s):
+    """Float64 reference for the first sequence of an input set (enough to catch a wrong kernel)."""
+    from aule.reference import attention_reference
+
+    return attention_reference(s["q"][:1].float().cpu().numpy(), s["kg"][:1].float().cpu().numpy(),
+                               s["vg"][:1].float().cpu().numpy(), causal=True)
+
+
+def check_correct(s, ref, fn):
+    out = fn(s).float().cpu().numpy()[:1]
+    if not np.isfinite(out).all():
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def sdpa_variants(torch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    F = torch.nn.functional
+    out = {}
+    for name, be in (("default", None), ("flash", SDPBackend.FLASH_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def run(s, be=be):
+            if be is None:
+                return F.scaled_dot_product_attention(s["q"], s["kg"], s["vg"], enable_gqa=True)
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(s["q"], s["kg"], s["vg"], enable_gqa=True)
+        out[name] = run
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--contexts", default="1024,4096,8192,32768")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--extra", default="1:32768", help="more batch:context pairs")
+    ap.add_argument("--heads", default="32,8")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--tune", action="store_true", help="sweep kernel configurations")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import warnings
+
+    import torch
+    import triton
+
+    import aule
+
+    warnings.filterwarnings("ignore", message=".*(kernel not used|runtime disabled|same num_heads).*")
+    from aule.backends.triton import paged as tp
+
+    dtype = torch.float16
+    hq, hk = (int(x) for x in args.heads.split(","))
+    d, bs = args.head_dim, args.block_size
+    shapes = [(args.batch, int(c)) for c in args.contexts.split(",") if c]
+    shapes += [tuple(int(x) for x in e.split(":")) for e in args.extra.split(",") if e]
+    props = torch.cuda.get_device_properties(0)
+    machine = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+                   triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version())
+    log("machine:", machine)
+
+    # Copy ceiling: a large device-to-device copy, bytes read + written.
+    big = torch.empty(2 ** 30 // 2, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(big)
+    copy_us = graph_time_us(torch, [lambda: dst.copy_(big)], reps=10)
+    copy_tbs = 2 * big.numel() * 2 / copy_us / 1e6
+    del big, dst
+    log(f"device copy: {copy_tbs:.2f} TB/s")
+
+    rng = np.random.default_rng(0)
+    sdpa = sdpa_variants(torch)
+    rows = []
+    for batch, ctx in shapes:
+        cache_bytes = 2 * batch * ctx * hk * d * 2
+        copies = max(2, min(8, -(-4 * L2_BYTES // cache_bytes)))
+        sets = build_inputs(torch, rng, batch, ctx, hq, hk, d, bs, dtype, copies)
+        ref = reference_first(sets[0])
+        tb = lambda us: cache_bytes / us / 1e6  # noqa: E731
+        row = dict(batch=batch, context=ctx, bytes=cache_bytes, copies=copies)
+
+        def aule_fn(cfg):
+            return lambda s: tp.paged_attention_triton(s["q"], s["kc"], s["vc"], s["bt"], s["cl"],
+                                                       d ** -0.5, -1, ctx, config=cfg)
+
+        auto = tp.choose_config(batch, hk, hq // hk, 1, d, ctx, 0)
+        configs = [("auto", auto)]
+        if args.tune:
+            bm, bn0, w0, st0, sp, mt = auto
+            for bn, w, st in ((32, 4, 3), (64, 4, 2), (32, 2, 4), (32, 8, 4)):
+                configs.append((f"n{bn}w{w}s{st}", (bm, bn, w, st, sp, mt)))
+            for f in (0.5, 2, 0):
+                spf = 1 if f == 0 else max(1, min(tp.MAX_SPLITS, int(sp * f)))
+                if spf != sp:
+                    configs.append((f"splits {spf}", (bm, bn0, w0, st0, spf, mt)))
+        best = None
+        for name, cfg in configs:
+            fn = aule_fn(cfg)
+            try:
+                err = check_correct(sets[0], ref, fn)
+                if not err < 3e-3:
+                    log(f"  {batch}x{ctx} {name}: WRONG rel err {err:.3g}")
+                    continue
+                us = graph_time_us(torch, [lambda s=s: fn(s) for s in sets])
+            except Exception as exc:  # a config that does not compile or fit is skipped, loudly
+                log(f"  {batch}x{ctx} {name} {cfg}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            log(f"  {batch}x{ctx} aule {name} {cfg}: {us:.1f} us {tb(us):.2f} TB/s err {err:.1e}")
+            row[f"aule:{name}"] = dict(us=us, tbs=tb(us), err=err, config=list(cfg))
+            if best is None or us < best[1]:
+                best = (name, us)
+        row["aule_best"] = best[0] if best else None
+        for name, fn in sdpa.items():
+            try:
+                err = check_correct(sets[0], ref, fn)
+                us = graph_time_us(torch, [lambda s=s: fn(s) for s in sets])
+            except Exception as exc:
+                log(f"  {batch}x{ctx} sdpa {name}: failed: {type(exc).__name__}: {str(exc)[:160]}")
+                continue
+            log(f"  {batch}x{ctx} sdpa {name}: {us:.1f} us {tb(us):.2f} TB/s err {err:.1e}")
+            row[f"sdpa:{name}"] = dict(us=us, tbs=tb(us), err=err)
+        # The public call, validation (one host sync) included, timed on the host.
+        s = sets[0]
+        for _ in range(3):
+            aule.flash_attention_paged(s["q"], s["kc"], s["vc"], s["bt"], s["cl"])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            aule.flash_attention_paged(s["q"], s["kc"], s["vc"], s["bt"], s["cl"])
+        torch.cuda.synchronize()
+        row["api_us"] = (time.perf_counter() - t0) / 20 * 1e6
+        rows.append(row)
+        del sets
+        torch.cuda.empty_cache()
+
+    # Table last, so the tail of the output carries it.
+    print(f"\n{machine['gpu']}, torch {machine['torch']}, triton {machine['triton']}, CUDA {machine['cuda']}; "
+          f"fp16, {hq}/{hk} heads, head_dim {d}, block {bs}; device copy {copy_tbs:.2f} TB/s")
+    print("| batch | context | aule (config) us | aule TB/s | best SDPA (backend) us | SDPA TB/s | aule/SDPA speed | public call us |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        a = r.get(f"aule:{r['aule_best']}") if r["aule_best"] else None
+        sd = [(k[5:], v) for k, v in r.items() if k.startswith("sdpa:")]
+        bsd = min(sd, key=lambda kv: kv[1]["us"]) if sd else None
+        a_s = f"{a['us']:.1f} ({r['aule_best']})" if a else "-"
+        s_s = f"{bsd[1]['us']:.1f} ({bsd[0]})" if bsd else "-"
+        ratio = f"{bsd[1]['us'] / a['us']:.2f}x" if a and bsd else "-"
+        print(f"| {r['batch']} | {r['context']} | {a_s} | {a['tbs'] if a else 0:.2f} | {s_s} | "
+              f"{bsd[1]['tbs'] if bsd else 0:.2f} | {ratio} | {r['api_us']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine, copy_tbs=copy_tbs, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
