@@ -211,3 +211,47 @@ def test_progress_writes_lines_when_not_a_terminal():
     bar.step("b", 3)
     bar.close()
     assert buf.getvalue().splitlines()[-1].startswith("[4/4 ")
+
+
+def test_aule_gradient_rows_and_expanded_kv(monkeypatch):
+    """The GPU suites' aule rows (forward+backward, K/V expanded, full-causal baseline) run the
+    same code on CPU tensors when aule's entry point is a differentiable stand-in."""
+    import torch.nn.functional as F
+
+    calls = []
+
+    def stand_in(q, k, v, causal=True, window_size=-1, backend=None):
+        calls.append((backend, k.shape[1], window_size))
+        vis = torch.from_numpy(masks.mask(q.shape[2], k.shape[2], *masks.canonical_window(causal, window_size)))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=q.shape[1] != k.shape[1])
+
+    monkeypatch.setattr(aule, "flash_attention", stand_in)
+    monkeypatch.setattr(runner, "machine_skip", lambda spec: None)
+    cases = [_case(mode="fwd+bwd", Hq=8, Hkv=2, S=48, D=16), _case(S=64, window=8)]
+    res = _run(_suite(cases, ["aule:triton", "aule:triton kv-expanded", "aule:triton full-causal"],
+                      baseline="aule:triton full-causal"))
+    rows = {(r["case"], r["contender"]): r for r in res["rows"]}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["err"] < 1e-5
+    assert ("triton", 8, -1) in calls and ("triton", 2, -1) in calls  # expanded and grouped K/V
+    assert ("triton", 2, 8) in calls  # the windowed call, and its full-causal baseline below
+    windowed = rows[(suites.case_label(cases[1]), "aule:triton")]
+    full = rows[(suites.case_label(cases[1]), "aule:triton full-causal")]
+    assert windowed["ratio"] == pytest.approx(full["ms"] / windowed["ms"])
+    assert windowed["tflops"] == pytest.approx(runner.attention_flops(cases[1]) / windowed["ms"] / 1e9)
+
+
+def test_vulkan_rows_on_host_arrays_and_gpu_tensors():
+    """Vulkan contenders (on lavapipe in CI): NumPy arrays through the public API, and GpuTensors
+    timed by Vulkan timestamps with the wall time beside it."""
+    if not runner.backend_info().get("vulkan", {}).get("available"):
+        pytest.skip(f"no Vulkan: {runner.backend_info().get('vulkan', {}).get('reason')}")
+    cases = [_case(S=40), _case(S=40, dtype="float16", device="auto")]
+    res = _run(_suite(cases, ["aule:vulkan resident", "aule:vulkan"]))
+    for r in res["rows"]:
+        assert r["status"] == "ok", r
+        assert r["err"] < checks.tolerance(r["params"]["dtype"])
+        assert r["ms"] > 0
+    resident = [r for r in res["rows"] if r["contender"] == "aule:vulkan resident"]
+    assert all(r["wall_ms"] > 0 for r in resident)

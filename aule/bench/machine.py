@@ -145,8 +145,10 @@ def describe(info: dict) -> str:
     parts.append(f"CPU {cpu.get('model')} ({cpu.get('cores')} cores)")
     vk = info.get("vulkan") or {}
     if vk.get("available"):
-        dev = vk.get("device") or vk.get("device_name") or "available"
-        parts.append(f"Vulkan {dev}")
+        dev = vk.get("device") or "available"
+        if isinstance(dev, dict):
+            dev = f"{dev.get('name')} ({dev.get('type')}, {dev.get('driver')})"
+        parts.append(f"Vulkan device {dev}")
     v = info.get("versions", {})
     libs = ", ".join(f"{k} {v[k]}" for k in ("aule", "torch", "triton", "numpy") if v.get(k))
     if v.get("aule_commit"):

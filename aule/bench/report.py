@@ -12,7 +12,7 @@ README_BEGIN = "<!-- perf:begin -->"
 README_END = "<!-- perf:end -->"
 
 METRIC_LABEL = {"tflops": "TFLOP/s", "gflops": "GFLOP/s", "tbps": "TB/s", "us_per_call": "µs/call",
-                "mb": "MB"}
+                "mb": "MB", "ms": "ms"}
 
 
 def _fmt(v, digits=3):
@@ -100,10 +100,16 @@ def evaluate_targets(results: dict, targets: dict | None = None) -> list[dict]:
     if targets is None:
         targets = {n: s.targets for n, s in SUITE_BY_NAME.items()}
     out = []
+    m = results.get("machine", {})
+    vk_dev = ((m.get("vulkan") or {}).get("device") or {})
+    has_gpu = bool(m.get("gpu")) or (isinstance(vk_dev, dict) and vk_dev.get("type") not in (None, "cpu"))
     for name, res in results.get("suites", {}).items():
         if res.get("status") != "ran":
             continue
         for t in targets.get(name, ()):
+            if t.gpu_only and not has_gpu:
+                continue
+            metric = t.metric or res["metric"]
             rows = [r for r in res["rows"] if r["contender"] == t.contender and matches(r["params"], t.where)]
             checked = []
             for r in rows:
@@ -115,7 +121,7 @@ def evaluate_targets(results: dict, targets: dict | None = None) -> list[dict]:
                                  and b["contender"] == t.baseline and b["status"] == "ok"), None)
                     val = base["ms"] / r["ms"] if base else None
                 else:
-                    val = r.get(res["metric"])
+                    val = r.get(metric)
                 checked.append((r["case"], val, "ok"))
             vals = [v for _, v, _ in checked if v is not None]
             if not checked or not vals:
@@ -128,7 +134,7 @@ def evaluate_targets(results: dict, targets: dict | None = None) -> list[dict]:
                 verdict = "met" if ok else "missed"
             if vals:
                 worst = max(vals) if t.at_most else min(vals)
-                unit = "x" if t.baseline else f" {METRIC_LABEL[res['metric']]}"
+                unit = "x" if t.baseline else f" {METRIC_LABEL.get(metric, metric)}"
                 need = f"{'<=' if t.at_most else '>='} {t.value:g}{unit}"
                 measured = f"worst {_fmt(worst)}{unit} over {len(vals)} case(s) (need {need})"
             else:

@@ -44,6 +44,17 @@ def cuda_ready() -> str | None:
     return None
 
 
+def vulkan_gpu_missing() -> str | None:
+    """None when aule's Vulkan backend runs on a GPU-type device, else why not."""
+    info = backend_info().get("vulkan", {})
+    if not info.get("available"):
+        return f"needs a Vulkan GPU: the vulkan backend is unavailable: {info.get('reason')}"
+    dev = info.get("device")
+    if isinstance(dev, dict) and dev.get("type") == "cpu":
+        return f"needs a GPU-type Vulkan device; the only one is {dev.get('name')} (a CPU rasteriser)"
+    return None
+
+
 def _first_line(exc) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -74,6 +85,14 @@ def _dtype(torch, name):
     return getattr(torch, name)
 
 
+def resolve_device(p: dict) -> str:
+    """'cuda' or 'cpu'. A case on device 'auto' (the Vulkan suite) uses the CUDA device when torch
+    has one, so the SDPA rows beside Vulkan's are on the same GPU, else the CPU."""
+    if p.get("device") == "auto":
+        return "cpu" if cuda_ready() else "cuda"
+    return "cuda" if p.get("device") == "cuda" else "cpu"
+
+
 class AttentionInputs:
     """Sets of q, k, v (and a gradient for the output) as torch tensors, and NumPy views of the
     same memory for aule's host backends."""
@@ -95,7 +114,7 @@ class AttentionInputs:
                                                    ("v", (b, hk, sk, d)), ("do", (b, hq, sq, d)))})
             self.numpy_sets = self.sets
             return
-        dev = "cuda" if p["device"] == "cuda" else "cpu"
+        dev = resolve_device(p)
         gen = torch.Generator(device=dev).manual_seed(seed)
         dt = _dtype(torch, p["dtype"])
         for _ in range(_n_sets(dev, set_bytes)):
@@ -110,6 +129,14 @@ class AttentionInputs:
         if dev == "cpu" and p["dtype"] in ("float32", "float64", "float16"):
             self.numpy_sets = [{n: t.detach().numpy() for n, t in s.items()} for s in self.sets]
 
+    def host_sets(self):
+        """NumPy arrays with the same values (copies from a GPU), for aule's host backends."""
+        if self.numpy_sets is None:
+            if self.p["dtype"] == "bfloat16":
+                raise Skip("NumPy has no bfloat16: aule's host backends take float16/float32 arrays")
+            self.numpy_sets = [{n: t.detach().cpu().numpy() for n, t in s.items()} for s in self.sets]
+        return self.numpy_sets
+
     def leaves(self):
         return [s[n] for s in self.sets for n in ("q", "k", "v")] if self.backward else None
 
@@ -123,7 +150,7 @@ class DecodeInputs:
         if ctx % blk:
             raise ValueError(f"decode case: ctx {ctx} must be a multiple of block {blk}")
         self.p = p
-        dev = "cuda" if p["device"] == "cuda" else "cpu"
+        dev = resolve_device(p)
         dt = _dtype(torch, p["dtype"])
         gen = torch.Generator(device=dev).manual_seed(seed)
         nb = ctx // blk
@@ -157,8 +184,14 @@ class DecodeInputs:
 
 
 class Bound:
+    """A contender bound to a case's inputs. ``clock``: 'cuda' (events), 'host' (wall clock) or
+    'device' (``device_ms(i)`` reports the GPU time of one call, from Vulkan timestamps)."""
+
     def __init__(self, call, n_sets, context=None, grad_to_none=None, causal=None, window=None,
-                 variant=None, sync=None):
+                 variant=None, sync=None, clock="host", device_ms=None, cleanup=None):
+        self.clock = clock
+        self.device_ms = device_ms
+        self.cleanup = cleanup
         self.call = call
         self.n = n_sets
         self.i = 0
@@ -174,23 +207,34 @@ class Bound:
         return self.call(self.i)
 
 
-def _aule_variant(backend: str | None, dtype: str):
-    """What the backend reports about the code path it uses, where it reports one."""
+_INFO_CACHE: dict = {}
+
+
+def backend_info() -> dict:
+    """aule.backend_info(), read once per process (Vulkan's details enumerate devices)."""
+    if "info" not in _INFO_CACHE:
+        import aule
+
+        try:
+            _INFO_CACHE["info"] = aule.backend_info()
+        except Exception as exc:  # detection must never stop a benchmark
+            log.debug("bench: backend_info failed: %s", exc)
+            _INFO_CACHE["info"] = {}
+    return _INFO_CACHE["info"]
+
+
+def _aule_variant(backend: str | None, dtype: str, head_dim: int):
+    """The shader variant / kernel the backend reports it uses for this dtype and head_dim."""
     if backend is None:
         return None
-    import aule
-
-    try:
-        info = aule.backend_info().get(backend, {})
-    except Exception:
-        return None
+    info = backend_info().get(backend, {})
+    chosen = info.get("variants_chosen")
+    if isinstance(chosen, dict):
+        v = chosen.get(f"{'float16' if dtype == 'float16' else 'float32'} head_dim {head_dim}")
+        return v if isinstance(v, str) else None
     for key in ("variant", "kernel", "config"):
         if isinstance(info.get(key), str):
             return info[key]
-    variants = info.get("variants")
-    if isinstance(variants, dict):
-        v = variants.get(dtype)
-        return v if isinstance(v, str) else None
     return None
 
 
@@ -198,8 +242,8 @@ def machine_skip(spec: dict) -> str | None:
     """Why a contender cannot run on this machine at all (noted once per suite), or None."""
     import aule
 
-    if spec["impl"] in ("aule", "paged") and spec.get("backend"):
-        info = aule.backend_info().get(spec["backend"], {})
+    if spec["impl"] in ("aule", "paged", "resident") and spec.get("backend"):
+        info = backend_info().get(spec["backend"], {})
         if not info.get("available"):
             return f"unavailable here: {info.get('reason')}"
     if spec["impl"] == "paged" and not hasattr(aule, "flash_attention_paged"):
@@ -225,13 +269,21 @@ def bind_attention(spec: dict, inp: AttentionInputs) -> Bound:
     if limit and p["B"] * p["Hq"] * p["S"] * p.get("Sk", p["S"]) > limit:
         raise Skip(f"B*H*Sq*Sk above {limit:.3g}: this path materialises the scores")
     torch = _torch()
-    sync = torch.cuda.synchronize if p["device"] == "cuda" else None
+    dev = resolve_device(p)
+    sync = torch.cuda.synchronize if dev == "cuda" else None
+    clock = "cuda" if dev == "cuda" else "host"
+    variant = _aule_variant(spec.get("backend"), p["dtype"], p["D"])
+    if spec["impl"] == "resident":
+        return _bind_resident(spec, inp, causal, window, variant)
     if spec["impl"] == "aule":
         backend = spec.get("backend")
-        host = p["device"] == "cpu" and backend in ("numpy", "vulkan", None) and inp.numpy_sets is not None
-        sets = inp.numpy_sets if host else inp.sets
+        # aule's host backends get NumPy arrays (their natural input) holding the same values.
+        host = backend in ("numpy", "vulkan") or (backend is None and dev == "cpu")
         if host and inp.backward:
             raise Skip("NumPy arrays carry no gradients")
+        sets = inp.host_sets() if host else inp.sets
+        if host:
+            clock, sync = "host", None
         kv = [(s["k"], s["v"]) for s in sets]
         if spec.get("expand_kv"):
             def expand(x):
@@ -246,8 +298,7 @@ def bind_attention(spec: dict, inp: AttentionInputs) -> Bound:
                                         backend=backend)
 
         if not inp.backward:
-            return Bound(fwd, len(sets), causal=causal, window=window,
-                         variant=_aule_variant(backend, p["dtype"]), sync=sync)
+            return Bound(fwd, len(sets), causal=causal, window=window, variant=variant, sync=sync, clock=clock)
         leaves = inp.leaves() + [t for pair in kv for t in pair if t.requires_grad]
 
         def fwd_bwd(i):
@@ -258,7 +309,7 @@ def bind_attention(spec: dict, inp: AttentionInputs) -> Bound:
             return out, kv[i]
 
         return Bound(fwd_bwd, len(sets), grad_to_none=leaves, causal=causal, window=window,
-                     variant=_aule_variant(backend, p["dtype"]), sync=sync)
+                     variant=variant, sync=sync, clock=clock)
 
     if spec["impl"] == "sdpa":
         import torch.nn.functional as F
@@ -293,8 +344,43 @@ def bind_attention(spec: dict, inp: AttentionInputs) -> Bound:
                 return out, (sets[i]["k"], sets[i]["v"])
 
         return Bound(call, len(sets), context=_sdpa_context(spec.get("sdpa")),
-                     grad_to_none=inp.leaves(), causal=causal, window=window, sync=sync)
+                     grad_to_none=inp.leaves(), causal=causal, window=window, sync=sync, clock=clock)
     raise Skip(f"contender kind {spec['impl']!r} does not run attention cases")
+
+
+def _bind_resident(spec, inp, causal, window, variant) -> Bound:
+    """Vulkan on GpuTensors: inputs uploaded once, outside the timed region. ``call`` goes through
+    the public API (its wall time is the per-call cost a user sees); ``device_ms`` reads the GPU
+    time of the dispatches from Vulkan timestamp queries."""
+    import aule
+
+    try:
+        from ..backends.vulkan import attention as vk_attention
+        from ..backends.vulkan import to_gpu
+    except ImportError as exc:
+        raise Skip(f"aule's Vulkan GpuTensor API is missing: {exc}") from None
+    if inp.backward:
+        raise Skip("GpuTensors carry no gradients")
+    gsets = [{n: to_gpu(s[n]) for n in ("q", "k", "v")} for s in inp.host_sets()]
+
+    def call(i):
+        s = gsets[i]
+        return aule.flash_attention(s["q"], s["k"], s["v"], causal=causal, window_size=window,
+                                    backend=spec.get("backend"))
+
+    def device_ms(i):
+        s = gsets[i]
+        out, _, ns = vk_attention(s["q"], s["k"], s["v"], causal=causal, window_size=window, timestamps=True)
+        out.free()
+        return None if ns is None else ns / 1e6
+
+    def cleanup():
+        for s in gsets:
+            for t in s.values():
+                t.free()
+
+    return Bound(call, len(gsets), causal=causal, window=window, variant=variant, clock="device",
+                 device_ms=device_ms, cleanup=cleanup)
 
 
 def _sdpa_context(name):
@@ -313,7 +399,7 @@ def bind_decode(spec: dict, inp: DecodeInputs) -> Bound:
 
     torch = _torch()
     sets = inp.sets
-    sync = torch.cuda.synchronize if inp.p["device"] == "cuda" else None
+    sync = torch.cuda.synchronize if resolve_device(inp.p) == "cuda" else None
     if spec["impl"] == "paged":
         backend = spec.get("backend")
 
@@ -322,7 +408,8 @@ def bind_decode(spec: dict, inp: DecodeInputs) -> Bound:
             return aule.flash_attention_paged(s["q"], s["k_cache"], s["v_cache"], s["block_tables"],
                                               s["context_lens"], backend=backend)
 
-        return Bound(call, len(sets), variant=_aule_variant(backend, inp.p["dtype"]), sync=sync)
+        return Bound(call, len(sets), variant=_aule_variant(backend, inp.p["dtype"], inp.p["D"]), sync=sync,
+                     clock="cuda" if sync else "host")
     if spec["impl"] == "sdpa":
         import torch.nn.functional as F
 
@@ -337,7 +424,8 @@ def bind_decode(spec: dict, inp: DecodeInputs) -> Bound:
             # One query row at the end of the context sees every key: SDPA without a mask.
             return F.scaled_dot_product_attention(s["q"], s["k"], s["v"], **gqa)
 
-        return Bound(call, len(sets), context=_sdpa_context(spec.get("sdpa")), sync=sync)
+        return Bound(call, len(sets), context=_sdpa_context(spec.get("sdpa")), sync=sync,
+                     clock="cuda" if sync else "host")
     raise Skip(f"contender kind {spec['impl']!r} does not run decode cases")
 
 
@@ -420,12 +508,15 @@ class Runner:
                "quick": self.quick, "seconds": 0.0}
         st = {"res": res, "rows": {}, "active": []}
         n_units = len(suite.cases) * len(suite.contenders)
-        if suite.needs == "cuda":
-            why = cuda_ready()
-            if why:
-                res.update(status="skipped", reason=f"needs a CUDA/ROCm GPU: {why}")
-                self.bar.step(f"{suite.name}: skipped", n_units)
-                return st
+        why = None
+        if suite.needs == "cuda" and cuda_ready():
+            why = f"needs a CUDA/ROCm GPU: {cuda_ready()}"
+        elif suite.needs == "vulkan-gpu":
+            why = vulkan_gpu_missing()
+        if why:
+            res.update(status="skipped", reason=why)
+            self.bar.step(f"{suite.name}: skipped", n_units)
+            return st
         for name in suite.contenders:
             why = machine_skip(CONTENDERS[name])
             if why:
@@ -567,6 +658,9 @@ class Runner:
             return self._measure(suite, p, label, c, inp, refs, bound, tol)
         except UnsupportedError as exc:
             raise Skip(str(exc)) from None
+        finally:
+            if bound.cleanup:
+                bound.cleanup()
 
     def _measure(self, suite, p, label, c, inp, refs, bound, tol):
         with warnings.catch_warnings(record=True) as caught:
@@ -591,8 +685,17 @@ class Runner:
     def _time(self, suite, p, bound):
         if suite.kind == "overhead":
             return timing.per_call_us(bound.run, sync=bound.sync, rounds=5 if not self.quick else 3)
-        if p["device"] == "cuda":
+        if bound.clock == "cuda":
             return timing.cuda_time(bound.run, self.gpu_warmup_ms, self.gpu_rep_ms, bound.grad_to_none)
+        if bound.clock == "device":
+            t = timing.reported_time(lambda: bound.device_ms(bound.i), warmup=2, reps=self.cpu_reps * 3,
+                                     max_s=self.cpu_max_s)
+            if t is None:
+                raise Skip("the device reports no timestamps on this queue")
+            # The same call's wall time (upload-free, through the public API) beside the GPU time.
+            wall = timing.host_time(bound.run, warmup=1, reps=self.cpu_reps, max_s=self.cpu_max_s)
+            t["wall_ms"] = wall["ms"]
+            return t
 
         def run():
             for t in bound.grad_to_none or ():
@@ -635,6 +738,8 @@ def _ref_name(x) -> str:
 
 
 def _err(out, ref) -> float:
+    if type(out).__name__ == "GpuTensor":
+        out = out.numpy()
     if isinstance(out, np.ndarray) or isinstance(ref, np.ndarray):
         return checks.rel_err(out, ref)
     return checks.rel_err_torch(out, ref)

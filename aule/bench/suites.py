@@ -18,7 +18,9 @@ TOKENS = 16384
 MODEL_DIM = 2048
 DENSE_SEQS = (1024, 2048, 4096, 8192, 16384)
 
-# Contenders. impl 'aule' calls aule.flash_attention(backend=...); 'sdpa' calls
+# Contenders. impl 'aule' calls aule.flash_attention(backend=...) (NumPy arrays for the host
+# backends numpy and vulkan); 'resident' does the same on Vulkan GpuTensors uploaded beforehand
+# and times the GPU with Vulkan timestamps; 'sdpa' calls
 # torch.nn.functional.scaled_dot_product_attention under sdpa_kernel(<sdpa>) (None: torch's own
 # choice); 'paged' calls aule.flash_attention_paged. Options:
 #   expand_kv     K/V repeated to heads_q before the call (outside the timed region)
@@ -30,6 +32,7 @@ CONTENDERS = {
     "aule:triton-amd": dict(impl="aule", backend="triton-amd"),
     "aule:vulkan": dict(impl="aule", backend="vulkan"),
     "aule:numpy": dict(impl="aule", backend="numpy"),
+    "aule:vulkan resident": dict(impl="resident", backend="vulkan"),
     "aule:auto": dict(impl="aule", backend=None),
     "aule:triton kv-expanded": dict(impl="aule", backend="triton", expand_kv=True),
     "aule:triton full-causal": dict(impl="aule", backend="triton", full_causal=True),
@@ -61,7 +64,9 @@ class Suite:
     baseline: str | None
     metric: str  # 'tflops' | 'gflops' | 'tbps' | 'us_per_call' | 'mb'
     quick: tuple = ()  # indices into cases for --quick; empty: the suite is left out of --quick
-    needs: str = "cuda"  # 'cuda', 'cpu' (always runs) or 'per-case' (each case names its device)
+    # 'cuda', 'cpu' (always runs), 'vulkan-gpu' (a GPU-type Vulkan device) or 'per-case' (each
+    # case names its device)
+    needs: str = "cuda"
     targets: tuple = field(default_factory=tuple)
 
 
@@ -76,6 +81,8 @@ class Target:
     baseline: str | None = None  # None: compare the metric itself with ``value``
     value: float = 1.0
     at_most: bool = False  # the metric must stay at or under ``value`` (memory, latency)
+    metric: str | None = None  # another row field than the suite's metric ('ms', 'us_per_call')
+    gpu_only: bool = False  # judged only on a machine with a GPU (CUDA or a GPU-type Vulkan device)
 
 
 def _dense(mode):
@@ -115,6 +122,9 @@ def _pick(cases, *conditions):
 
 
 _DENSE_F, _DENSE_B, _WINDOW, _DECODE = _dense("fwd"), _dense("fwd+bwd"), _window(), _decode()
+_VULKAN = tuple(dict(mode="fwd", B=1, Hq=32, Hkv=32, S=s, D=d, causal=True, window=-1, dtype=dt,
+                     device="auto")
+                for dt in ("float32", "float16") for d in (64, 128) for s in (1024, 4096, 16384))
 _GQA = tuple(dict(mode=m, B=4, Hq=hq, Hkv=8, S=4096, D=128, causal=True, window=-1, dtype="bfloat16",
                   device="cuda") for m in ("fwd", "fwd+bwd") for hq in (64, 32))
 
@@ -151,11 +161,22 @@ SUITES = (
                           "aule-paged:triton", {"B": 8}, "torch-sdpa", 1.0),
                    Target("batch 1, context 32k: >= 2.0 TB/s (split-K)", "aule-paged:triton",
                           {"B": 1, "ctx": 32768}, None, 2.0))),
-    Suite("overhead", "Per-call overhead (tiny shape, calls back to back)", "overhead",
-          (dict(B=1, Hq=8, Hkv=8, S=128, D=64, causal=False, window=-1, dtype="bfloat16", device="cuda"),
-           dict(B=1, Hq=8, Hkv=8, S=128, D=64, causal=False, window=-1, dtype="float32", device="cpu")),
-          ("aule:auto", "aule:triton", "aule:vulkan", "aule:numpy", "torch-sdpa"), "torch-sdpa",
-          "us_per_call", quick=(0, 1), needs="per-case"),
+    Suite("overhead", "Per-call overhead (tiny problem: 1 head, seq 16, hd 64; calls back to back)",
+          "overhead",
+          (dict(B=1, Hq=1, Hkv=1, S=16, D=64, causal=False, window=-1, dtype="bfloat16", device="cuda"),
+           dict(B=1, Hq=1, Hkv=1, S=16, D=64, causal=False, window=-1, dtype="float32", device="cpu")),
+          ("aule:auto", "aule:triton", "aule:vulkan", "aule:vulkan resident", "aule:numpy", "torch-sdpa"),
+          "torch-sdpa", "us_per_call", quick=(0, 1), needs="per-case",
+          targets=(Target("Vulkan on GpuTensors: under 100 µs per call (wall)", "aule:vulkan resident",
+                          {"device": "cpu"}, None, 100.0, at_most=True, gpu_only=True),)),
+    Suite("vulkan", "Vulkan on the GPU (GpuTensor inputs, Vulkan timestamps) beside PyTorch SDPA",
+          "attention", _VULKAN, ("aule:vulkan resident", "aule:vulkan", "torch-sdpa", "sdpa-flash",
+                                 "sdpa-cudnn", "sdpa-efficient"),
+          "torch-sdpa", "tflops", quick=_pick(_VULKAN, {"S": 4096}), needs="vulkan-gpu",
+          targets=(Target("fast (fp32), B1 H32 S4096 hd 64/128 causal: >= 10 TFLOP/s", "aule:vulkan resident",
+                          {"dtype": "float32", "S": 4096}, None, 10.0),
+                   Target("fp16, B1 H32 S4096 hd 64/128 causal: >= 20 TFLOP/s", "aule:vulkan resident",
+                          {"dtype": "float16", "S": 4096}, None, 20.0))),
     Suite("cpu", "CPU (fp32): aule's NumPy and Vulkan backends against torch's CPU SDPA", "attention",
           (dict(mode="fwd", B=1, Hq=8, Hkv=8, S=1024, D=64, causal=True, window=-1, dtype="float32", device="cpu"),
            dict(mode="fwd", B=1, Hq=32, Hkv=32, S=4096, D=128, causal=True, window=-1, dtype="float32", device="cpu"),
@@ -165,7 +186,10 @@ SUITES = (
           targets=(Target("NumPy within 2x of torch CPU SDPA (B1 H8 S1024 D64 causal)", "aule:numpy",
                           {"S": 1024, "causal": True}, "torch-sdpa", 0.5),
                    Target("NumPy within 2x of torch CPU SDPA (B1 H32 S4096 D128 causal)", "aule:numpy",
-                          {"S": 4096}, "torch-sdpa", 0.5))),
+                          {"S": 4096}, "torch-sdpa", 0.5),
+                   Target("Vulkan on lavapipe, B1 H8 S1024 D64 causal: at most 50 ms per call",
+                          "aule:vulkan", {"S": 1024, "causal": True, "D": 64}, None, 50.0, at_most=True,
+                          metric="ms"))),
     Suite("memory", "NumPy backend peak extra memory (torch-free subprocess, fp32, B1 H8 D64 causal)",
           "memory", tuple(dict(B=1, Hq=8, Hkv=8, S=s, D=64, causal=True, window=-1, dtype="float32",
                                device="cpu") for s in (4096, 16384)),

@@ -110,3 +110,17 @@ def per_call_us(fn, sync=None, rounds: int = 5, min_round_s: float = 0.05) -> di
     out = _summary(samples)
     out["calls_per_round"] = n
     return out
+
+
+def reported_time(measure_ms, warmup: int = 2, reps: int = 10, max_s: float = 10.0):
+    """Median of times that each call reports itself (GPU timestamps); None when it reports none."""
+    for _ in range(warmup):
+        if measure_ms() is None:
+            return None
+    samples = []
+    begin = time.perf_counter()
+    while len(samples) < reps:
+        samples.append(measure_ms())
+        if len(samples) >= 3 and time.perf_counter() - begin > max_s:
+            break
+    return _summary(samples)
