@@ -395,4 +395,7 @@ def _register_with_loaded_integrations():
     if "transformers" in sys.modules:
         from .integrations import huggingface
 
-        huggingface.register()
+        try:
+            huggingface.register()
+        except (ImportError, AttributeError) as exc:  # a transformers without these interfaces
+            log.warning("aule: cannot register with this transformers version: %s", exc)

@@ -216,3 +216,37 @@ def test_sdpa_layers_under_install_keep_their_meaning(served):
     with aule.installed():
         got = _generate(model, "sdpa", ids, 5)
     assert torch.equal(got, want) and served
+
+
+def test_llama_on_vulkan_matches_sdpa(served):
+    from aule import backends
+
+    b = backends.get("vulkan")
+    if not b.available:
+        pytest.skip(f"Vulkan backend unavailable: {b.unavailable_reason}")
+    model = _llama(num_hidden_layers=1)
+    ids = _ids(1, 23)
+    want = _logits(model, "sdpa", ids)
+    with aule.installed(backend="vulkan"):
+        got = _logits(model, "aule", ids)
+    assert [c[2:] for c in served] == [(-1, 0)]
+    assert (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_llama_training_on_gpu_goes_through_triton():
+    model = _llama().to("cuda", torch.bfloat16)
+    model.train()
+    ids = _ids(2, 300).cuda()
+    grads, losses = {}, {}
+    for impl in ("sdpa", "aule"):
+        model.zero_grad()
+        model.set_attn_implementation(impl)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses[impl] = loss.item()
+        grads[impl] = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+    assert abs(losses["aule"] - losses["sdpa"]) <= 1e-2 * abs(losses["sdpa"])
+    rel = (grads["aule"] - grads["sdpa"]).norm() / grads["sdpa"].norm()
+    assert rel <= 5e-2, rel
