@@ -153,7 +153,8 @@ def test_small_forward_backward(case):
 
 
 # Tiles of unequal height and width exercise the three tile runs (masked / full / masked).
-@pytest.mark.parametrize("tile", [(16, 32), (32, 16), (64, 16)])
+# On a GPU each tile is a separate compilation: one shape of tile there, three in the interpreter.
+@pytest.mark.parametrize("tile", [(64, 32)] if GPU else [(16, 32), (32, 16), (64, 16)])
 @pytest.mark.parametrize("case", [
     (1, 4, 2, 70, 45, 64, True, -1, "float32"),
     (1, 2, 1, 45, 130, 32, False, (20, 9), "float32"),

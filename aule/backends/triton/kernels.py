@@ -241,33 +241,40 @@ def _attn_bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
-                         stride_qm, stride_qd, stride_dom, stride_dod,
-                         offs_n, offs_m0, offs_d, start, end, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale,
-                         MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
-    """Accumulate dK and dV of one key tile over query tiles ``[start, end)`` (transposed scores)."""
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, first_head, row0,
+                         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                         offs_n, offs_m0, offs_d, start, end, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT,
+                         qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                         HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dK and dV of one key tile over query tiles ``[start, end)`` of every query head
+    of the GQA group (transposed scores). Heads and tiles share one flat loop: a loop nest here
+    made the compiler spill the dK/dV accumulators on Hopper."""
     d_ok = offs_d < HEAD_DIM
-    for start_m in range(start, end, BLOCK_M):
+    n_tiles = (tl.maximum(end - start, 0) + BLOCK_M - 1) // BLOCK_M
+    for t in range(0, n_tiles * GROUP):
+        g = t // n_tiles
+        start_m = start + (t - g * n_tiles) * BLOCK_M
+        h = first_head + g
         offs_m = start_m + offs_m0
         m_ok = offs_m < SEQ_Q
-        qt = _load(q_base + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
+        qt = _load(Q + h * stride_qh + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
                    d_ok[:, None], m_ok[None, :], PAD_D, MASKED)
+        rows = row0 + g * SEQ_Q + offs_m
         if MASKED:
             # Padded rows get lse2 = +inf: p = 0, so they add nothing.
-            lse2 = tl.load(lse2_base + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+            lse2 = tl.load(LSE2 + rows, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + rows, mask=m_ok, other=0.0)
         else:
-            lse2 = tl.load(lse2_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
+            lse2 = tl.load(LSE2 + rows)
+            delta = tl.load(DELTA + rows)
         st = tl.dot(k, qt, input_precision=DOT_PREC)
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
         if MASKED:
             pos = offs_m + (SEQ_K - SEQ_Q)
             vis = _visible(pos[None, :], offs_n[:, None], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(vis, pt, 0.0)
-        do = _load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        do = _load(DO + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                    m_ok[:, None], d_ok[None, :], MASKED, PAD_D)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -309,20 +316,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, lo_end, mid0, mid1, hi = _query_runs(start_n, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
                                              HAS_LEFT, HAS_RIGHT)
-    for g in range(0, GROUP):
-        off_h = off_kvh * GROUP + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
-        row_base = (off_b * H_Q + off_h) * SEQ_Q
-        for run in tl.static_range(3):
-            if run != 0 or HAS_RIGHT:
-                start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
-                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE2 + row_base,
-                                              DELTA + row_base, stride_qm, stride_qd, stride_dom,
-                                              stride_dod, offs_n, offs_m0, offs_d, start, end,
-                                              SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, run != 1,
-                                              HAS_LEFT, HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_M,
-                                              DOT_PREC)
+    first_head = off_kvh * GROUP
+    q_b = Q + off_b * stride_qb
+    do_b = DO + off_b * stride_dob
+    row0 = (off_b * H_Q + first_head) * SEQ_Q
+    for run in tl.static_range(3):
+        if run != 0 or HAS_RIGHT:
+            start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_b, do_b, LSE2, DELTA, first_head, row0,
+                                          stride_qh, stride_qm, stride_qd, stride_doh, stride_dom,
+                                          stride_dod, offs_n, offs_m0, offs_d, start, end, GROUP,
+                                          SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT,
+                                          HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_M, DOT_PREC)
     dk = dk * sm_scale
     ok = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn

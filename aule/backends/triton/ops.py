@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -55,12 +56,30 @@ def target_of(t: torch.Tensor) -> str:
     return "cuda"
 
 
-def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, tile=None):
+def _fixed_config_index():
+    """None to autotune; else the index of the configuration to use untimed.
+
+    ``AULE_TRITON_AUTOTUNE=0`` takes the first configuration that fits the shape (tests, and
+    workloads whose shapes change too often to amortise tuning); ``AULE_TRITON_CONFIG=i`` takes
+    the i-th (benchmarks compile every candidate in parallel processes with it)."""
+    forced = os.environ.get("AULE_TRITON_CONFIG", "").strip()
+    if forced:
+        return int(forced)
+    return 0 if os.environ.get("AULE_TRITON_AUTOTUNE", "1").strip() == "0" else None
+
+
+def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, sizes, tile=None):
     """Run ``kernel`` with an explicit tile ``(BLOCK_M, BLOCK_N[, num_warps, num_stages])``, the
-    interpreter's tile, or the autotuned choice for this target and shape."""
+    interpreter's tile, or the autotuned choice for this target and shape (``sizes``: seq_q, seq_k)."""
     target = target_of(like)
     if tile is None and target == "interpret":
         tile = cfg.INTERPRET_TILE
+    index = _fixed_config_index()
+    if tile is None and index is not None:
+        fits = cfg.prune(cfg.configs(target, kernel, cfg.head_dim_class(meta["HEAD_DIM"])),
+                         {"SEQ_Q": sizes[0], "SEQ_K": sizes[1]})
+        c = fits[index % len(fits)]
+        tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
     if tile is not None:
         bm, bn = tile[0], tile[1]
         extra = {}
@@ -108,7 +127,8 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None):
         return out.zero_(), lse.fill_(float("-inf"))
     args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             sq, sk, left, right, scale * LOG2E, hq, hq // hkv, next_pow2(sq), next_pow2(sk))
-    _launch("fwd", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), args, _meta(q, left, right), q, tile)
+    _launch("fwd", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), args, _meta(q, left, right), q,
+            (sq, sk), tile)
     return out, lse
 
 
@@ -143,11 +163,11 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
     _launch("dkdv", lambda m: (cdiv(sk, m["BLOCK_N"]), b * hkv),
             (q, k, v, dout, lse2, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
              *dout.stride(), *dk.stride(), *dv.stride(), *common, hq, hkv, hq // hkv, *buckets),
-            meta, q, tile_dkdv)
+            meta, q, (sq, sk), tile_dkdv)
     _launch("dq", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq),
             (q, k, v, dout, lse2, delta, dq, *q.stride(), *k.stride(), *v.stride(),
              *dout.stride(), *dq.stride(), *common, hq, hq // hkv, *buckets),
-            meta, q, tile_dq)
+            meta, q, (sq, sk), tile_dq)
     return dq, dk, dv
 
 
