@@ -62,11 +62,18 @@ def suite_table(res: dict) -> str:
                 cells.append(_fmt(r.get("tokens_per_s")) if r["status"] == "ok" else "—")
         if base:
             cells.append(f"{r['ratio']:.2f}x" if r.get("ratio") else "—")
-        cells.append((r.get("note") or "").replace("|", "/"))
+        note = r.get("note") or ""
+        if r.get("wall_ms") is not None:
+            note = f"wall {_fmt(r['wall_ms'])} ms per call" + (f"; {note}" if note else "")
+        cells.append(note.replace("|", "/"))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     notes = "".join(f"- {n}\n" for n in res.get("notes", []))
     refs = sorted({r["ref"] for r in res["rows"] if r.get("ref")})
-    foot = f"\nError: relative L2 against {', '.join(refs)}.\n" if refs else ""
+    clocks = sorted({r["clock"] for r in res["rows"] if r.get("clock")})
+    foot = f"\nError: relative L2 against {', '.join(refs)}." if refs else ""
+    if clocks:
+        foot += f" Times: median, {'; '.join(clocks)}."
+    foot = "\n" + foot.strip() + "\n" if foot else ""
     return title + "\n".join(lines) + "\n" + foot + ("\n" + notes if notes else "")
 
 
@@ -377,7 +384,8 @@ def readme_section(result_files: list[str], readme_dir: str) -> str:
         rel = os.path.relpath(path, readme_dir)
         md = os.path.splitext(rel)[0] + ".md"
         out += [f"### {m.get('gpu', {}).get('name') if m.get('gpu') else m['cpu']['model'] + ' CPU'}", "",
-                machine_mod.describe(m) + f". Run {m['date']}.", "",
+                machine_mod.describe(m) + f". Run {m['date']}; load average at start "
+                f"{(m.get('loadavg_start') or ['?'])[0]}.", "",
                 f"Full tables: [{md}]({md}); raw data: [{rel}]({rel}).", ""]
         tt = targets_table(res)
         if tt:

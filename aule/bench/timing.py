@@ -30,6 +30,28 @@ def cuda_time(fn, warmup_ms: float = 25, rep_ms: float = 100, grad_to_none=None)
     return {"ms": float(p50), "ms_p20": float(p20), "ms_p80": float(p80), "reps": None}
 
 
+def cuda_graph_time(fns, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
+    """Per-call time of ``fns`` (one call each, e.g. one per rotated input set) captured in one
+    CUDA graph and replayed: launch gaps from Python leave the measurement, as in a serving loop
+    that replays graphs. Raises when the calls cannot be captured (a host synchronisation)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture: compilation, autotuning, workspaces
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    t = cuda_time(graph.replay, warmup_ms, rep_ms)
+    n = len(fns)
+    return {"ms": t["ms"] / n, "ms_p20": t["ms_p20"] / n, "ms_p80": t["ms_p80"] / n, "reps": t["reps"]}
+
+
 def _cuda_events(fn, warmup_ms, rep_ms, grad_to_none):
     """The same measurement without Triton: events around each call, a warm-up by time budget."""
     import torch
