@@ -246,12 +246,22 @@ def _triton_op():
 _TRITON_OP = None
 
 
+def _plain(t) -> bool:
+    """An ordinary dense tensor: aule reads its storage directly, which tensor subclasses (DTensor,
+    NestedTensor), sparse layouts and torch.func's wrapped tensors do not allow."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or t.is_nested:
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> str | None:
     """Why aule cannot serve this SDPA call (a reason key), or ``None``. Reads metadata only."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return "inputs are not tensors"
     if attn_mask is not None:
         return "attn_mask is given"
+    if not _compiling() and not all(_plain(t) for t in (query, key, value)):
+        return "nested, sparse, subclassed or functorch-wrapped tensors"
     if dropout_p != 0.0:
         return "dropout_p > 0"
     nd = query.dim()

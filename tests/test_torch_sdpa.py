@@ -255,6 +255,21 @@ def test_unservable_calls_behave_as_sdpa(case, served):
     assert not served
 
 
+def test_vmap_and_nested_tensors_fall_back(served):
+    q = torch.randn(3, 2, 4, 5, 16, generator=torch.Generator().manual_seed(0))
+
+    def per_sample(f):
+        return torch.vmap(lambda x: f(x, x, x, is_causal=True))(q)
+
+    want = per_sample(ORIGINAL)
+    with aule.installed():
+        got = per_sample(F.scaled_dot_product_attention)
+    assert torch.equal(got, want)
+    nt = torch.nested.nested_tensor([torch.randn(2, 5, 16), torch.randn(2, 7, 16)], layout=torch.jagged)
+    assert not torch_sdpa._plain(nt)
+    assert not served
+
+
 def test_cpu_gradients_use_torch_and_are_correct(served):
     q, k, v = (t.requires_grad_() for t in qkv(1, 4, 2, 13, 17, 32))
     with aule.installed():
