@@ -199,7 +199,9 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str):
         if device == "cpu":
             return None if needs_grad else host_attention(q, k, v, scale, left, right, forced or "")
         op = _TRITON_OP if forced in (None, "triton", "triton-amd") else None
-        return op(q, k, v, scale, left, right)[0] if op else None
+        if not op or q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+            return None
+        return op(q, k, v, scale, left, right)[0]
     b, why = _backend_for(q, k, v, scale, left, right, forced)
     if b is None:
         _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)
@@ -231,12 +233,14 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str):
 def _triton_op():
     """Triton's differentiable custom op, loaded outside any trace (``None`` when Triton or a GPU is
     missing)."""
-    global _TRITON_OP
+    global _TRITON_OP, _TRITON_MAX_HEAD_DIM
     if _TRITON_OP is None and not _compiling():
         try:
             from .backends.triton import ops  # noqa: F401  (registers the op)
+            from .backends.triton.common import MAX_HEAD_DIM
 
             _TRITON_OP = torch.ops.aule.triton_attention_fwd
+            _TRITON_MAX_HEAD_DIM = MAX_HEAD_DIM
         except Exception as exc:  # no triton, no GPU build: the eager route says why
             _TRITON_OP = False
             log.debug("aule: Triton custom op unavailable: %s", exc)
@@ -244,6 +248,7 @@ def _triton_op():
 
 
 _TRITON_OP = None
+_TRITON_MAX_HEAD_DIM = 0
 
 
 def _plain(t) -> bool:

@@ -113,7 +113,7 @@ def aule_attention_forward(module, query, key, value, attention_mask, dropout=0.
         reason = "softcap or position_bias"
     elif kwargs.get("output_attentions", False):
         reason = "output_attentions"
-    elif torch_sdpa._unservable(query, key, value, None, 0.0, scaling, True) is not None:
+    else:
         reason = torch_sdpa._unservable(query, key, value, None, 0.0, scaling, True)
     out = None
     if reason is None:
