@@ -56,7 +56,7 @@ def run(suites=None, quick=False, budget_s=None, progress=True, name=None, check
     from .suites import select
 
     chosen = select(list(suites or []), quick)
-    info = machine.detect()
+    info = machine.detect(ceilings=any(s.needs == "cuda" for s in chosen) and not quick)
     if name:
         info["name"] = machine.slug(name)
     on_progress = None

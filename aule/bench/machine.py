@@ -67,6 +67,28 @@ def gpu_info() -> dict | None:
     return info
 
 
+def gpu_ceilings() -> dict:
+    """The card's two measured ceilings, for reading the rows against: a 1 GiB device-to-device
+    copy (bytes read + written per second) and an 8192^3 bf16 matrix product (FLOP/s)."""
+    import torch
+
+    from .timing import cuda_time
+
+    out = {}
+    src = torch.randn(2**28, device="cuda")  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src), 10, 50)
+    out["copy_tbps"] = 2 * src.numel() * 4 / (t["ms"] * 1e-3) / 1e12
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = cuda_time(lambda: a @ b, 10, 50)
+    out["matmul_bf16_tflops"] = 2 * 8192**3 / (t["ms"] * 1e-3) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return out
+
+
 def vulkan_info() -> dict:
     """What aule's own Vulkan backend reports (available, reason, device details)."""
     import aule
@@ -98,7 +120,9 @@ def machine_name(info: dict) -> str:
     return slug(f"cpu {info['cpu']['model']} {info['cpu']['cores']}c")
 
 
-def detect() -> dict:
+def detect(ceilings: bool = False) -> dict:
+    """Everything a results file says about where it was measured. ``ceilings`` also measures
+    the GPU's copy bandwidth and matrix rate (about a second)."""
     import aule
 
     info = {
@@ -125,6 +149,11 @@ def detect() -> dict:
     except Exception as exc:
         info["backends_error"] = f"{type(exc).__name__}: {exc}"
     info["vulkan"] = info["backends"].get("vulkan")
+    if ceilings and info["gpu"]:
+        try:
+            info["gpu"]["ceilings"] = gpu_ceilings()
+        except Exception as exc:  # a failed measurement must not stop the benchmark
+            info["gpu"]["ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
     info["name"] = machine_name(info)
     info["argv"] = sys.argv[1:]
     return info
@@ -140,6 +169,10 @@ def describe(info: dict) -> str:
             g += f", driver {gpu['driver']}"
         if gpu.get("cuda"):
             g += f", CUDA {gpu['cuda']}"
+        c = gpu.get("ceilings") or {}
+        if "copy_tbps" in c:
+            g += (f" (measured: device copy {c['copy_tbps']:.2f} TB/s, bf16 matmul "
+                  f"{c['matmul_bf16_tflops']:.0f} TFLOP/s)")
         parts.append(g)
     cpu = info.get("cpu", {})
     parts.append(f"CPU {cpu.get('model')} ({cpu.get('cores')} cores)")
