@@ -12,7 +12,7 @@ README_BEGIN = "<!-- perf:begin -->"
 README_END = "<!-- perf:end -->"
 
 METRIC_LABEL = {"tflops": "TFLOP/s", "gflops": "GFLOP/s", "tbps": "TB/s", "us_per_call": "µs/call",
-                "mb": "MB", "ms": "ms"}
+                "mb": "MB", "ms": "ms", "us": "µs"}
 
 
 def _fmt(v, digits=3):
@@ -127,6 +127,8 @@ def evaluate_targets(results: dict, targets: dict | None = None) -> list[dict]:
                     base = next((b for b in res["rows"] if b["case"] == r["case"]
                                  and b["contender"] == t.baseline and b["status"] == "ok"), None)
                     val = base["ms"] / r["ms"] if base else None
+                elif metric == "us":
+                    val = r["ms"] * 1e3
                 else:
                     val = r.get(metric)
                 checked.append((r["case"], val, "ok"))
@@ -241,6 +243,10 @@ def plots(results: dict, outdir: str) -> list[str]:
         res = suites.get(key)
         if res and res["status"] == "ran" and _any_ok(res):
             made.append(_plot_dense(plt, res, os.path.join(outdir, f"{name}-{key}.png"), name))
+    res = suites.get("vulkan")
+    if res and res["status"] == "ran" and _any_ok(res):
+        made.append(_plot_lines(plt, res, os.path.join(outdir, f"{name}-vulkan.png"), name, "S", "tflops",
+                                ("dtype", "D"), lambda k: f"{k[0]}, hd {k[1]}", "sequence length", "TFLOP/s"))
     res = suites.get("decode")
     if res and res["status"] == "ran" and _any_ok(res):
         made.append(_plot_decode(plt, res, os.path.join(outdir, f"{name}-decode.png"), name))
@@ -321,6 +327,11 @@ def _plot_window(plt, res, path, name):
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.set_xlabel("sequence length")
     ax.set_ylabel(f"speed-up over {base}")
     ax.grid(alpha=0.3)
