@@ -194,7 +194,7 @@ def prewarm(workers, dtype_name, quick):
 
     dims = (128,) if quick else (64, 128)
     specs = [f"dense,{d},{int(c)}" for d in dims for c in (False, True)] + ["gqa,128,1", "window,128,1"]
-    tasks = [(s, i) for s in specs for i in range(3)]
+    tasks = [(s, i) for s in specs for i in range(4)]
     running, t0, failed = [], time.time(), []
     for spec, i in tasks:
         while len(running) >= workers:
@@ -262,9 +262,12 @@ def main(argv=None):
                 print(f"[{time.time() - t0:6.1f}s] done hd{d} s{seq} causal={causal}", flush=True)
     gqa_case(dtype, rows, notes)
     window_case(dtype, rows, notes)
+    from aule.backends.triton.ops import tuned_choices
+
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"info": info, "rows": rows, "notes": notes}, fh, indent=1)
+        json.dump({"info": info, "rows": rows, "notes": notes, "tuned": tuned_choices()}, fh,
+                  indent=1)
 
     print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}, {args.dtype}")
     print("| case | pass | aule TF/s | flash TF/s | cuDNN TF/s | aule/flash | aule/cuDNN | rel err |")

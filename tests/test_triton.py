@@ -8,6 +8,7 @@ Gradients are checked against torch autograd through a float64 reference built o
 from __future__ import annotations
 
 import os
+import zlib
 import sys
 
 import numpy as np
@@ -149,7 +150,7 @@ def _run(case, seed, tile=None, lse_grad=False):
 
 @pytest.mark.parametrize("case", SMALL, ids=lambda c: "-".join(map(str, c)))
 def test_small_forward_backward(case):
-    _run(case, seed=hash(case) & 0xFFFF)
+    _run(case, seed=zlib.crc32(repr(case).encode()) & 0xFFFF)
 
 
 # Tiles of unequal height and width exercise the three tile runs (masked / full / masked).
@@ -245,7 +246,7 @@ def test_torch_compile_no_graph_break():
 @gpu_only
 @pytest.mark.parametrize("case", FULL, ids=lambda c: "-".join(map(str, c)))
 def test_full_size(case):
-    _run(case, seed=hash(case) & 0xFFFF)
+    _run(case, seed=zlib.crc32(repr(case).encode()) & 0xFFFF)
 
 
 @gpu_only

@@ -34,14 +34,26 @@ def _bench(fn, quantiles=None):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+_tuned_keys: list = []
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel: str, target: str, dim_class: int):
+    _tuned_keys.append((kernel, target, dim_class))
     kw = dict(configs=cfg.configs(target, kernel, dim_class), key=_TUNE_KEY,
               prune_configs_by={"early_config_prune": cfg.prune})
     try:
         return triton.autotune(do_bench=_bench, **kw)(_KERNELS[kernel])
     except TypeError:  # an older Triton without the do_bench hook
         return triton.autotune(warmup=5, rep=20, **kw)(_KERNELS[kernel])
+
+
+def tuned_choices() -> dict:
+    """What the autotuner picked so far: ``{kernel/target/dim: {tuning key: config}}``."""
+    out = {}
+    for (kernel, target, dim), tuner in [(k, _tuned(*k)) for k in _tuned_keys]:
+        out[f"{kernel}/{target}/d{dim}"] = {str(key): str(c) for key, c in tuner.cache.items()}
+    return out
 
 
 def target_of(t: torch.Tensor) -> str:
