@@ -63,6 +63,8 @@ def suite_table(res: dict) -> str:
         if base:
             cells.append(f"{r['ratio']:.2f}x" if r.get("ratio") else "—")
         note = r.get("note") or ""
+        if r.get("reps") == 1:
+            note = "one timed call (each takes long)" + (f"; {note}" if note else "")
         if r.get("wall_ms") is not None:
             note = f"wall {_fmt(r['wall_ms'])} ms per call" + (f"; {note}" if note else "")
         cells.append(note.replace("|", "/"))

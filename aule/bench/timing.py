@@ -85,10 +85,14 @@ def _cuda_events(fn, warmup_ms, rep_ms, grad_to_none):
     return _summary([s.elapsed_time(e) for s, e in samples])
 
 
-def host_time(fn, warmup: int = 1, reps: int = 5, max_s: float = 10.0, sync=None) -> dict:
+def host_time(fn, warmup: int = 1, reps: int = 5, max_s: float = 10.0, sync=None,
+              warm_call_s: float | None = None) -> dict:
     """Median wall time of ``fn`` (synchronised by ``sync`` when given). Stops early after ``max_s``
-    seconds of repeats, but always keeps at least three samples."""
-    for _ in range(warmup):
+    seconds of repeats, keeping at least three samples; a call that alone takes over a third of
+    ``max_s`` (``warm_call_s``: the duration of a call already made, which then also serves as
+    the warm-up) is measured once, so a minutes-long call does not hold the run for many minutes."""
+    slow = warm_call_s is not None and warm_call_s > max_s / 3
+    for _ in range(0 if slow else warmup):
         fn()
         if sync:
             sync()
@@ -100,7 +104,8 @@ def host_time(fn, warmup: int = 1, reps: int = 5, max_s: float = 10.0, sync=None
         if sync:
             sync()
         samples.append((time.perf_counter() - t0) * 1e3)
-        if len(samples) >= 3 and time.perf_counter() - begin > max_s:
+        enough = 1 if slow or samples[0] > max_s / 3 * 1e3 else 3
+        if len(samples) >= enough and time.perf_counter() - begin > max_s:
             break
     return _summary(samples)
 
