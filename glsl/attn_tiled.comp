@@ -1,0 +1,222 @@
+#version 450
+// fast / fp16 / fp16_amd: FlashAttention-2 forward over BM x BN tiles staged in shared memory.
+// A workgroup owns BM query rows of one head; its TR x TC invocation grid gives each invocation
+// R rows x (BN/TC) keys of the score tile and R rows x (D/4/TC) vec4 columns of the output.
+// Loops inside the key-tile loop are unrolled: besides giving the compiler constant indices
+// into the register arrays, lavapipe ends an invocation after 65535 loop iterations in total.
+// Defines (build_shaders.py): AULE_FP16 -> half storage and tile arithmetic, fp32 statistics
+// and fp32 accumulation across tiles.
+#extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
+#ifdef AULE_FP16
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#extension GL_EXT_shader_16bit_storage : require
+#define ELEM float16_t
+#define ELEM4 f16vec4
+#else
+#define ELEM float
+#define ELEM4 vec4
+#endif
+#include "attn_common.glsl"
+
+#ifndef AULE_DEFAULT_WG
+#define AULE_DEFAULT_WG 128
+#endif
+
+layout(constant_id = 0) const uint D = 64;     // head_dim, a multiple of 4
+layout(constant_id = 1) const uint BM = 64;    // query rows per workgroup
+layout(constant_id = 2) const uint BN = 32;    // keys per tile
+layout(constant_id = 3) const uint WG = AULE_DEFAULT_WG;  // invocations (>= BM)
+layout(constant_id = 4) const uint TC = 8;     // invocations sharing one row group
+layout(local_size_x_id = 3) in;
+
+const uint D4 = D / 4;
+const uint DP4 = D4 + 1;                 // padded row stride: rows land on different banks
+const uint TR = WG / TC;
+const uint R = BM / TR;                  // rows per invocation
+const uint NC = BN / TC;                 // keys per invocation in the score tile
+const uint NV = (D4 + TC - 1) / TC;      // output vec4 columns per invocation
+const uint SP = BN + 1;                  // padded score row stride
+
+layout(std430, binding = 0) readonly buffer QB { ELEM4 q[]; };
+layout(std430, binding = 1) readonly buffer KB { ELEM4 k[]; };
+layout(std430, binding = 2) readonly buffer VB { ELEM4 v[]; };
+layout(std430, binding = 3) writeonly buffer OB { ELEM4 o[]; };
+layout(std430, binding = 4) writeonly buffer LB { float lse[]; };
+
+shared ELEM4 Qs[BM * DP4];
+shared ELEM4 KVs[BN * DP4];   // K for the score phase, then V for the output phase
+shared float Ss[BM * SP];
+#ifdef AULE_FP16
+shared float16_t Ps[BM * SP];  // probabilities in half, so the P.V loop has no conversions
+#define PS Ps
+#else
+#define PS Ss
+#endif
+shared float alpha_s[BM];
+
+void load_tile(uint base, int k0, bool is_v) {
+    // Rows past seq_k are zero: a NaN from unwritten memory would survive P = 0.
+    [[unroll]] for (uint i = gl_LocalInvocationID.x; i < BN * D4; i += WG) {
+        uint r = i / D4, c = i % D4;
+        int j = k0 + int(r);
+        ELEM4 x = ELEM4(0);
+        if (j < int(pc.seq_k)) x = is_v ? v[base + uint(j) * D4 + c] : k[base + uint(j) * D4 + c];
+        KVs[r * DP4 + c] = x;
+    }
+}
+
+void main() {
+    const uint tid = gl_LocalInvocationID.x;
+    const uint tr = tid / TC, tc = tid % TC;
+    const uint head = gl_WorkGroupID.y;
+    if (head >= pc.heads) return;
+    const int q0 = int(query_block() * BM);
+    const int q1 = min(q0 + int(BM), int(pc.seq_q));
+    const uint kvh = head / pc.group;
+    const uint qbase = pc.q_base / 4u + head * pc.seq_q * D4;
+    const uint kbase = pc.k_base / 4u + kvh * pc.seq_k * D4;
+    const uint vbase = pc.v_base / 4u + kvh * pc.seq_k * D4;
+
+    // Q once per workgroup, pre-scaled by scale*log2(e) so scores are already in base 2.
+    for (uint i = tid; i < BM * D4; i += WG) {
+        uint r = i / D4, c = i % D4;
+        int row = q0 + int(r);
+        ELEM4 x = ELEM4(0);
+        if (row < q1) x = ELEM4(vec4(q[qbase + uint(row) * D4 + c]) * pc.scale_log2);
+        Qs[r * DP4 + c] = x;
+    }
+
+    vec4 acc[R][NV];
+    [[unroll]] for (uint r = 0; r < R; ++r)
+        [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] = vec4(0);
+    float m_i = NEG_INF, l_i = 0.0;   // statistics of row `tid` (only tid < BM uses them)
+
+    ivec2 kr = key_range(q0, q1);
+    // Whole tiles outside [kr.x, kr.y) are never visited: causal and window skipping.
+    int k_start = (kr.x / int(BN)) * int(BN);
+    for (int k0 = k_start; k0 < kr.y; k0 += int(BN)) {
+        barrier();   // the previous tile's P.V phase is done with KVs
+        load_tile(kbase, k0, false);
+        barrier();
+
+        bool full = tile_fully_visible(q0, q1, k0, k0 + int(BN));
+#ifdef AULE_FP16
+        f16vec4 s4[R][NC];
+        [[unroll]] for (uint r = 0; r < R; ++r)
+            [[unroll]] for (uint c = 0; c < NC; ++c) s4[r][c] = f16vec4(0);
+        [[unroll]] for (uint d = 0; d < D4; ++d) {
+            f16vec4 kk[NC];
+            [[unroll]] for (uint c = 0; c < NC; ++c) kk[c] = KVs[(tc + c * TC) * DP4 + d];
+            [[unroll]] for (uint r = 0; r < R; ++r) {
+                f16vec4 qq = Qs[(tr * R + r) * DP4 + d];
+                [[unroll]] for (uint c = 0; c < NC; ++c) s4[r][c] = fma(qq, kk[c], s4[r][c]);
+            }
+        }
+#else
+        float s4[R][NC];
+        [[unroll]] for (uint r = 0; r < R; ++r)
+            [[unroll]] for (uint c = 0; c < NC; ++c) s4[r][c] = 0.0;
+        [[unroll]] for (uint d = 0; d < D4; ++d) {
+            vec4 kk[NC];
+            [[unroll]] for (uint c = 0; c < NC; ++c) kk[c] = KVs[(tc + c * TC) * DP4 + d];
+            [[unroll]] for (uint r = 0; r < R; ++r) {
+                vec4 qq = Qs[(tr * R + r) * DP4 + d];
+                [[unroll]] for (uint c = 0; c < NC; ++c) s4[r][c] += dot(qq, kk[c]);
+            }
+        }
+#endif
+        [[unroll]] for (uint r = 0; r < R; ++r) {
+            uint lr = tr * R + r;
+            [[unroll]] for (uint c = 0; c < NC; ++c) {
+                uint lc = tc + c * TC;
+#ifdef AULE_FP16
+                f16vec4 t = s4[r][c];
+                float s = float((t.x + t.y) + (t.z + t.w));
+#else
+                float s = s4[r][c];
+#endif
+                if (!full && !visible(q0 + int(lr), k0 + int(lc))) s = NEG_INF;
+                Ss[lr * SP + lc] = s;
+            }
+        }
+        barrier();   // scores complete; K no longer needed
+
+        // Online softmax, one invocation per row; the others bring V in meanwhile.
+        if (tid < BM) {
+            float mx = m_i;
+            [[unroll]] for (uint j = 0; j < BN; ++j) mx = max(mx, Ss[tid * SP + j]);
+            // A row with no visible key so far keeps m = -inf; shifting by 0 gives p = 0, not NaN.
+            float m_use = mx == NEG_INF ? 0.0 : mx;
+            float a = exp2(m_i - m_use);
+            float sum = 0.0;
+            [[unroll]] for (uint j = 0; j < BN; ++j) {
+                float p = exp2(Ss[tid * SP + j] - m_use);
+                sum += p;
+                PS[tid * SP + j] = ELEM(p);
+            }
+            l_i = l_i * a + sum;
+            m_i = mx;
+            alpha_s[tid] = a;
+        }
+        load_tile(vbase, k0, true);
+        barrier();
+
+        [[unroll]] for (uint r = 0; r < R; ++r) {
+            float a = alpha_s[tr * R + r];
+            [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] *= a;
+        }
+#ifdef AULE_FP16
+        // Half products summed over one tile (p <= 1), then folded into fp32 accumulators.
+        f16vec4 t16[R][NV];
+        [[unroll]] for (uint r = 0; r < R; ++r)
+            [[unroll]] for (uint n = 0; n < NV; ++n) t16[r][n] = f16vec4(0);
+        [[unroll]] for (uint j = 0; j < BN; ++j) {
+            f16vec4 vv[NV];
+            [[unroll]] for (uint n = 0; n < NV; ++n) {
+                uint c = tc + n * TC;
+                vv[n] = c < D4 ? KVs[j * DP4 + c] : f16vec4(0);
+            }
+            [[unroll]] for (uint r = 0; r < R; ++r) {
+                float16_t p = Ps[(tr * R + r) * SP + j];
+                [[unroll]] for (uint n = 0; n < NV; ++n) t16[r][n] = fma(f16vec4(p), vv[n], t16[r][n]);
+            }
+        }
+        [[unroll]] for (uint r = 0; r < R; ++r)
+            [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] += vec4(t16[r][n]);
+#else
+        [[unroll]] for (uint j = 0; j < BN; ++j) {
+            vec4 vv[NV];
+            [[unroll]] for (uint n = 0; n < NV; ++n) {
+                uint c = tc + n * TC;
+                vv[n] = c < D4 ? KVs[j * DP4 + c] : vec4(0);
+            }
+            [[unroll]] for (uint r = 0; r < R; ++r) {
+                float p = Ss[(tr * R + r) * SP + j];
+                [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] += p * vv[n];
+            }
+        }
+#endif
+    }
+
+    // 1/l per row through shared memory; rows that saw no key give zeros and LSE = -inf.
+    barrier();
+    if (tid < BM) {
+        alpha_s[tid] = l_i > 0.0 ? 1.0 / l_i : 0.0;
+        int row = q0 + int(tid);
+        if ((pc.flags & 1u) != 0u && row < q1)
+            lse[pc.lse_base + head * pc.seq_q + uint(row)] = l_i > 0.0 ? (m_i + log2(l_i)) * LN2 : NEG_INF;
+    }
+    barrier();
+    const uint obase = pc.o_base / 4u + head * pc.seq_q * D4;
+    [[unroll]] for (uint r = 0; r < R; ++r) {
+        uint lr = tr * R + r;
+        int row = q0 + int(lr);
+        if (row >= q1) continue;
+        float inv = alpha_s[lr];
+        [[unroll]] for (uint n = 0; n < NV; ++n) {
+            uint c = tc + n * TC;
+            if (c < D4) o[obase + uint(row) * D4 + c] = ELEM4(acc[r][n] * inv);
+        }
+    }
+}

@@ -1,0 +1,42 @@
+"""Helpers for the Vulkan tests: the context or a skip with the reason, and forced variants."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+# fp16 variants do their tile arithmetic in half precision (fp32 statistics and accumulation
+# across tiles), so their error against the float64 reference is a few half ulps of O(1) outputs.
+VARIANT_ATOL = {"baseline": 2e-5, "fast": 2e-5, "fp16": 1e-2, "fp16_amd": 1e-2}
+
+
+def vulkan_context():
+    """The process-wide Vulkan context, or skip the test saying why there is none."""
+    from aule.backends.vulkan import runtime
+
+    try:
+        return runtime.context()
+    except Exception as exc:  # no loader, no driver: the machine truly lacks Vulkan
+        pytest.skip(f"no usable Vulkan device here: {type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def forced_variant(name):
+    old = os.environ.get("AULE_VULKAN_VARIANT")
+    os.environ["AULE_VULKAN_VARIANT"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("AULE_VULKAN_VARIANT", None)
+        else:
+            os.environ["AULE_VULKAN_VARIANT"] = old
+
+
+def max_err(out, ref):
+    out = np.asarray(out, dtype=np.float64)
+    assert out.shape == ref.shape
+    assert not np.isnan(out).any(), "output has NaN"
+    return float(np.abs(out - ref).max()) if out.size else 0.0
