@@ -73,6 +73,12 @@ def run(suites=None, quick=False, budget_s=None, progress=True, name=None, check
 
     results = runner.Runner(quick=quick, budget_s=budget_s, progress=progress).run(chosen, on_progress)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    ops = sys.modules.get("aule.backends.triton.ops")
+    if ops is not None and hasattr(ops, "tuned_choices"):
+        try:  # the tiles Triton's autotuner chose, per kernel and shape bucket
+            info["triton_tuned"] = ops.tuned_choices()
+        except Exception as exc:
+            info["triton_tuned"] = {"error": f"{type(exc).__name__}: {exc}"}
     return {"machine": info, "suites": results}
 
 
