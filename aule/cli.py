@@ -18,6 +18,13 @@ from .api import flash_attention
 from .reference import attention_reference
 
 
+def _fmt(value) -> str:
+    """One line for a detail: dicts as ``key=value`` pairs, the rest as printed."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def _info(args) -> int:
     info = backends.backend_info()
     if args.json:
@@ -33,9 +40,9 @@ def _info(args) -> int:
             if isinstance(value, list):
                 print(f"  {key}:")
                 for item in value:
-                    print(f"    - {item}")
+                    print(f"    - {_fmt(item)}")
             else:
-                print(f"  {key}: {value}")
+                print(f"  {key}: {_fmt(value)}")
     return 0
 
 
