@@ -57,7 +57,9 @@ class TritonBackend(Backend):
                     "(TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for testing)")
         if not call.device.startswith("cuda"):
             return f"tensors on {call.device}; Triton runs on CUDA/ROCm devices"
-        return None
+        from .ops import fp32_refusal
+
+        return fp32_refusal(call.dtype, call.head_dim, "cuda")
 
     def forward(self, call):
         from .ops import triton_attention

@@ -36,6 +36,16 @@ _NVIDIA = {
     },
 }
 
+# float32 on NVIDIA runs its products as three TF32 passes (near-fp32 accuracy): operands take
+# twice the bytes and three times the registers, so tiles shrink. Beyond head_dim 128 every
+# float32 tile spilled kilobytes per thread in the sm_90 resource report: refused (FP32_MAX_DIM).
+_NVIDIA_FP32 = {
+    "fwd": {64: [(64, 64, 8, 2)], 128: [(64, 32, 4, 2)]},
+    "dkdv": {64: [(32, 64, 8, 2)], 128: [(32, 32, 4, 2)]},
+    "dq": {64: [(64, 32, 8, 2)], 128: [(32, 32, 4, 2)]},
+}
+NVIDIA_FP32_MAX_DIM = 128
+
 # CDNA (MI200/MI300): wave64, a stream-pipelined loop wants 1-2 stages; waves_per_eu trades
 # registers for occupancy and is a compile option only the AMD backend accepts.
 _CDNA = {
@@ -70,10 +80,10 @@ _RDNA = {
 INTERPRET_TILE = (32, 32)
 
 
-def table_for(target: str) -> dict:
+def table_for(target: str, fp32: bool = False) -> dict:
     """The configuration table for 'cuda' or an AMD architecture name such as 'gfx942'."""
     if target == "cuda":
-        return _NVIDIA
+        return _NVIDIA_FP32 if fp32 else _NVIDIA
     family = amd_family(target)
     if family == "cdna":
         return _CDNA
@@ -89,12 +99,12 @@ def head_dim_class(head_dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def configs(target: str, kernel: str, head_dim_class: int):
-    """``triton.Config`` objects for one kernel on one target and head-dim class."""
+def configs(target: str, kernel: str, head_dim_class: int, fp32: bool = False):
+    """``triton.Config`` objects for one kernel on one target, head-dim class and precision."""
     import triton
 
     out = []
-    for row in table_for(target)[kernel][head_dim_class]:
+    for row in table_for(target, fp32)[kernel][head_dim_class]:
         bm, bn, warps, stages = row[:4]
         kw = {"BLOCK_M": bm, "BLOCK_N": bn}
         if len(row) > 4:

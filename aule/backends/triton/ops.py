@@ -38,9 +38,9 @@ _tuned_keys: list = []
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, target: str, dim_class: int):
-    _tuned_keys.append((kernel, target, dim_class))
-    kw = dict(configs=cfg.configs(target, kernel, dim_class), key=_TUNE_KEY,
+def _tuned(kernel: str, target: str, dim_class: int, fp32: bool):
+    _tuned_keys.append((kernel, target, dim_class, fp32))
+    kw = dict(configs=cfg.configs(target, kernel, dim_class, fp32), key=_TUNE_KEY,
               prune_configs_by={"early_config_prune": cfg.prune})
     try:
         return triton.autotune(do_bench=_bench, **kw)(_KERNELS[kernel])
@@ -51,8 +51,9 @@ def _tuned(kernel: str, target: str, dim_class: int):
 def tuned_choices() -> dict:
     """What the autotuner picked so far: ``{kernel/target/dim: {tuning key: config}}``."""
     out = {}
-    for (kernel, target, dim), tuner in [(k, _tuned(*k)) for k in _tuned_keys]:
-        out[f"{kernel}/{target}/d{dim}"] = {str(key): str(c) for key, c in tuner.cache.items()}
+    for (kernel, target, dim, fp32), tuner in [(k, _tuned(*k)) for k in _tuned_keys]:
+        name = f"{kernel}/{target}/d{dim}{'/fp32' if fp32 else ''}"
+        out[name] = {str(key): str(c) for key, c in tuner.cache.items()}
     return out
 
 
@@ -87,8 +88,9 @@ def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, size
     if tile is None and target == "interpret":
         tile = cfg.INTERPRET_TILE
     index = _fixed_config_index()
+    choice = (kernel, target, cfg.head_dim_class(meta["HEAD_DIM"]), like.dtype == torch.float32)
     if tile is None and index is not None:
-        fits = cfg.prune(cfg.configs(target, kernel, cfg.head_dim_class(meta["HEAD_DIM"])),
+        fits = cfg.prune(cfg.configs(choice[1], kernel, choice[2], choice[3]),
                          {"SEQ_Q": sizes[0], "SEQ_K": sizes[1]})
         c = fits[index % len(fits)]
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
@@ -101,15 +103,32 @@ def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, size
         _KERNELS[kernel][grid({"BLOCK_M": bm, "BLOCK_N": bn})](
             *args, **meta, BLOCK_M=bm, BLOCK_N=bn, **extra)
         return
-    _tuned(kernel, target, cfg.head_dim_class(meta["HEAD_DIM"]))[grid](*args, **meta)
+    _tuned(*choice)[grid](*args, **meta)
+
+
+def _dot_precision(q: torch.Tensor) -> str:
+    """float32 inputs keep (near-)float32 products: one TF32 pass would cost ~3 decimal digits.
+    On NVIDIA, three TF32 passes on the tensor cores (Triton's "ieee" float32 dot spilled tens of
+    kilobytes per thread on sm_90); AMD and the interpreter multiply in float32 directly."""
+    if q.dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    return "tf32x3" if target_of(q) == "cuda" else "ieee"
 
 
 def _meta(q: torch.Tensor, left: int, right: int) -> dict:
     d = q.shape[-1]
     bd = block_d(d)
     return dict(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                # float32 inputs keep float32 products (tf32 would cost ~3 decimal digits).
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PREC=_dot_precision(q))
+
+
+def fp32_refusal(dtype_name: str, head_dim: int, device_type: str) -> str | None:
+    """Why a float32 call cannot run on an NVIDIA GPU (None if it can)."""
+    if (dtype_name == "float32" and device_type == "cuda" and torch_gpu_flavour() == "cuda"
+            and head_dim > cfg.NVIDIA_FP32_MAX_DIM):
+        return (f"float32 with head_dim {head_dim} > {cfg.NVIDIA_FP32_MAX_DIM} is refused on NVIDIA: "
+                "its tiles spill registers badly; use float16/bfloat16")
+    return None
 
 
 def _check(q, k, v):
@@ -124,6 +143,9 @@ def _check(q, k, v):
         raise TypeError(f"query, key and value must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] > 256:
         raise ValueError(f"head_dim must be <= 256 for the Triton kernels, got {q.shape[-1]}")
+    reason = fp32_refusal(str(q.dtype).replace("torch.", ""), q.shape[-1], q.device.type)
+    if reason:
+        raise UnsupportedError(reason)
 
 
 def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None):
