@@ -119,8 +119,26 @@ def main(argv=None):
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--tune", action="store_true", help="sweep kernel configurations")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-triton", action="store_true", help="skip the CUDA part (Triton and SDPA)")
+    ap.add_argument("--vulkan", action="store_true", help="also time the Vulkan paged shader (GpuTensor cache)")
     args = ap.parse_args(argv)
+    hq, hk = (int(x) for x in args.heads.split(","))
+    d, bs = args.head_dim, args.block_size
+    shapes = [(args.batch, int(c)) for c in args.contexts.split(",") if c]
+    shapes += [tuple(int(x) for x in e.split(":")) for e in args.extra.split(",") if e]
+    result = {}
+    if not args.no_triton:
+        result.update(run_cuda(args, shapes, hq, hk, d, bs))
+    if args.vulkan:
+        result["vulkan"] = run_vulkan(shapes, hq, hk, d, bs)
+    report(result, hq, hk, d, bs)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
+
+def run_cuda(args, shapes, hq, hk, d, bs):
+    """Triton paged decode and SDPA on the contiguous cache, CUDA graphs, same process."""
     import warnings
 
     import torch
@@ -132,10 +150,6 @@ def main(argv=None):
     from aule.backends.triton import paged as tp
 
     dtype = torch.float16
-    hq, hk = (int(x) for x in args.heads.split(","))
-    d, bs = args.head_dim, args.block_size
-    shapes = [(args.batch, int(c)) for c in args.contexts.split(",") if c]
-    shapes += [tuple(int(x) for x in e.split(":")) for e in args.extra.split(",") if e]
     props = torch.cuda.get_device_properties(0)
     machine = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                    triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version())
@@ -214,23 +228,81 @@ def main(argv=None):
         del sets
         torch.cuda.empty_cache()
 
-    # Table last, so the tail of the output carries it.
-    print(f"\n{machine['gpu']}, torch {machine['torch']}, triton {machine['triton']}, CUDA {machine['cuda']}; "
-          f"fp16, {hq}/{hk} heads, head_dim {d}, block {bs}; device copy {copy_tbs:.2f} TB/s")
-    print("| batch | context | aule (config) us | aule TB/s | best SDPA (backend) us | SDPA TB/s | aule/SDPA speed | public call us |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        a = r.get(f"aule:{r['aule_best']}") if r["aule_best"] else None
-        sd = [(k[5:], v) for k, v in r.items() if k.startswith("sdpa:")]
-        bsd = min(sd, key=lambda kv: kv[1]["us"]) if sd else None
-        a_s = f"{a['us']:.1f} ({r['aule_best']})" if a else "-"
-        s_s = f"{bsd[1]['us']:.1f} ({bsd[0]})" if bsd else "-"
-        ratio = f"{bsd[1]['us'] / a['us']:.2f}x" if a and bsd else "-"
-        print(f"| {r['batch']} | {r['context']} | {a_s} | {a['tbs'] if a else 0:.2f} | {s_s} | "
-              f"{bsd[1]['tbs'] if bsd else 0:.2f} | {ratio} | {r['api_us']:.0f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=machine, copy_tbs=copy_tbs, rows=rows), f, indent=1)
+    return dict(machine=machine, copy_tbs=copy_tbs, rows=rows)
+
+
+def run_vulkan(shapes, hq, hk, d, bs, reps=20):
+    """The Vulkan paged shader on GpuTensor caches: GPU time from timestamp queries (attention and
+    merge dispatches), median of ``reps``, rotating cache copies; wall time per call beside it."""
+    from aule import paged as pg
+    from aule.backends.vulkan import GpuTensor, runtime
+    from aule.backends.vulkan.paged import run_paged
+    from aule.reference import attention_reference
+
+    ctx = runtime.context()
+    backend = pg.get_paged_backend("vulkan")
+    rng = np.random.default_rng(1)
+    rows = []
+    log("vulkan device:", ctx.info.summary())
+    for batch, ctx_len in shapes:
+        nblk = -(-ctx_len // bs)
+        cache_bytes = 2 * batch * ctx_len * hk * d * 2
+        copies = max(2, min(6, -(-4 * L2_BYTES // cache_bytes)))
+        sets = []
+        for _ in range(copies):
+            kc = rng.standard_normal((batch * nblk, bs, hk, d), dtype=np.float32).astype(np.float16)
+            vc = rng.standard_normal((batch * nblk, bs, hk, d), dtype=np.float32).astype(np.float16)
+            bt = rng.permutation(batch * nblk).astype(np.int32).reshape(batch, nblk)
+            cl = np.full(batch, ctx_len, np.int32)
+            q = rng.standard_normal((batch, hq, 1, d), dtype=np.float32).astype(np.float16)
+            sets.append((q, GpuTensor.from_numpy(kc), GpuTensor.from_numpy(vc), bt, cl, kc, vc))
+        q, kg, vg, bt, cl, kc, vc = sets[0]
+        k0 = kc[bt[0]].reshape(-1, hk, d)[:ctx_len].transpose(1, 0, 2)[None]
+        v0 = vc[bt[0]].reshape(-1, hk, d)[:ctx_len].transpose(1, 0, 2)[None]
+        ref = attention_reference(q[:1], k0, v0)
+        calls = [pg.canonicalize_paged(s[0], s[1], s[2], s[3], s[4]) for s in sets]
+        out, _ = run_paged(backend, calls[0])
+        err = float(np.linalg.norm(out[:1].astype(np.float64) - ref) / np.linalg.norm(ref))
+        ns, walls = [], []
+        for r in range(reps + 2):
+            t0 = time.perf_counter()
+            _, t = run_paged(backend, calls[r % copies], timestamps=True)
+            if r >= 2:
+                walls.append((time.perf_counter() - t0) * 1e6)
+                if t is not None:
+                    ns.append(t)
+        us = statistics.median(ns) / 1e3 if ns else float("nan")
+        row = dict(batch=batch, context=ctx_len, us=us, tbs=cache_bytes / us / 1e6, wall_us=statistics.median(walls),
+                   err=err, device=ctx.info.name)
+        log(f"  vulkan {batch}x{ctx_len}: {us:.1f} us GPU ({row['tbs']:.2f} TB/s), {row['wall_us']:.0f} us wall, err {err:.1e}")
+        rows.append(row)
+        del sets, calls
+    return rows
+
+
+def report(result, hq, hk, d, bs):
+    """Tables last, so the tail of the output carries them."""
+    if "rows" in result:
+        machine, copy_tbs = result["machine"], result["copy_tbs"]
+        print(f"\n{machine['gpu']}, torch {machine['torch']}, triton {machine['triton']}, CUDA {machine['cuda']}; "
+              f"fp16, {hq}/{hk} heads, head_dim {d}, block {bs}; device copy {copy_tbs:.2f} TB/s")
+        print("| batch | context | aule (config) us | aule TB/s | best SDPA (backend) us | SDPA TB/s | aule/SDPA speed | public call us |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in result["rows"]:
+            a = r.get(f"aule:{r['aule_best']}") if r["aule_best"] else None
+            sd = [(k[5:], v) for k, v in r.items() if k.startswith("sdpa:")]
+            bsd = min(sd, key=lambda kv: kv[1]["us"]) if sd else None
+            a_s = f"{a['us']:.1f} ({r['aule_best']})" if a else "-"
+            s_s = f"{bsd[1]['us']:.1f} ({bsd[0]})" if bsd else "-"
+            ratio = f"{bsd[1]['us'] / a['us']:.2f}x" if a and bsd else "-"
+            print(f"| {r['batch']} | {r['context']} | {a_s} | {a['tbs'] if a else 0:.2f} | {s_s} | "
+                  f"{bsd[1]['tbs'] if bsd else 0:.2f} | {ratio} | {r['api_us']:.0f} |")
+    if result.get("vulkan"):
+        print(f"\nVulkan paged shader on {result['vulkan'][0]['device']} (fp16 GpuTensor cache, GPU time)")
+        print("| batch | context | GPU us | TB/s | wall us per call | rel err |")
+        print("|---|---|---|---|---|---|")
+        for r in result["vulkan"]:
+            print(f"| {r['batch']} | {r['context']} | {r['us']:.1f} | {r['tbs']:.2f} | {r['wall_us']:.0f} | {r['err']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ shapes; with a CUDA/ROCm device they run on it, at full size too.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +15,10 @@ torch = pytest.importorskip("torch")
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     # Must precede the first import of triton: it picks the interpreter when its functions are decorated.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run with TRITON_INTERPRET=1 "
+                    "in the environment", allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 import aule  # noqa: E402
