@@ -181,8 +181,13 @@ def check_cache_pair(k_cache, v_cache):
 
 
 def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None,
-                       window_size=-1) -> PagedCall:
-    """Validate the public arguments of :func:`flash_attention_paged` once."""
+                       window_size=-1, *, _tables_from_cache: int | None = None) -> PagedCall:
+    """Validate the public arguments of :func:`flash_attention_paged` once.
+
+    ``_tables_from_cache`` is for :class:`PagedKVCache` only: tables it built itself are valid by
+    construction, so it passes their longest context and the contents are not read back (on a
+    GPU that read-back is a synchronisation). Shapes, dtypes and devices are checked regardless.
+    """
     qk = array_kind(q, "q")
     cache_kind, cache_dev, dtype, cs = check_cache_pair(k_cache, v_cache)
     qdev = device_of(q)
@@ -217,7 +222,10 @@ def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=No
             if is_torch_tensor(t) and str(t.device) != cache_dev:
                 raise ValueError(f"{n} is on {t.device} but the caches are on {cache_dev}")
     left, right = masks.canonical_window(True, window_size)
-    max_context = check_tables(block_tables, context_lens, num_blocks, block_size)
+    if _tables_from_cache is None:
+        max_context = check_tables(block_tables, context_lens, num_blocks, block_size)
+    else:
+        max_context = int(_tables_from_cache)
     return PagedCall(
         q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens,
         kind=cache_kind, q_kind=qk, device=cache_dev, dtype=dtype, batch=qs[0], heads_q=qs[1],
@@ -275,9 +283,13 @@ def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale
     before any kernel runs.
     """
     call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size)
+    return _attend(call, backend)
+
+
+def _attend(call: PagedCall, backend):
     if call.batch == 0 or call.q_len == 0:
         if backend is not None:
-            _forced(backend)
+            _forced(backend)  # still reject a name that is no backend
         out = _zeros_like_q(call)
         if out is not None:
             return out
@@ -568,13 +580,22 @@ class PagedKVCache:
         if self.backend in ("triton", "triton-amd"):
             import torch
 
-            return torch.from_numpy(arr).to(self.k_cache.device)
+            t = torch.from_numpy(arr)
+            if self.k_cache.device.type == "cuda":
+                # From pinned memory the copy is queued behind earlier work instead of waiting for it.
+                return t.pin_memory().to(self.k_cache.device, non_blocking=True)
+            return t.to(self.k_cache.device)
         return arr
 
     def attention(self, q, seq_ids, scale=None, window_size=-1):
-        """:func:`flash_attention_paged` of ``q [len(seq_ids), heads_q, q_len, head_dim]`` over this cache."""
-        return flash_attention_paged(q, self.k_cache, self.v_cache, self.block_tables(seq_ids),
-                                     self.context_lens(seq_ids), scale, window_size, backend=self.backend)
+        """:func:`flash_attention_paged` of ``q [len(seq_ids), heads_q, q_len, head_dim]`` over this
+        cache. The tables come from this cache's own bookkeeping, so they are not read back to be
+        checked (no host synchronisation on a GPU); ``q`` is validated as usual."""
+        seq_ids = list(seq_ids)
+        longest = max([self._lens[self._known(s)] for s in seq_ids] + [0])
+        call = canonicalize_paged(q, self.k_cache, self.v_cache, self.block_tables(seq_ids),
+                                  self.context_lens(seq_ids), scale, window_size, _tables_from_cache=longest)
+        return _attend(call, self.backend)
 
     def gather(self, seq_id):
         """The sequence's keys and values as contiguous NumPy arrays ``[heads_kv, len, head_dim]``

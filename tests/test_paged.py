@@ -390,3 +390,20 @@ def test_reserve_then_copy_kv_like_vllm():
     for i, sid in enumerate(ids):
         ref = attention_reference(q[i:i + 1], ks[sid].transpose(1, 0, 2)[None], vs[sid].transpose(1, 0, 2)[None])
         check(out[i:i + 1], ref, "float16")
+
+
+def test_cache_attention_skips_table_readback_but_checks_q(monkeypatch):
+    rng = np.random.default_rng(10)
+    cache = aule.PagedKVCache(8, 4, 2, 16, "float32", backend="numpy")
+    a = cache.allocate()
+    k, v = _tokens(rng, 9)
+    cache.append(a, k, v)
+
+    def no_readback(*args, **kw):
+        raise AssertionError("the cache's own tables were read back for checking")
+    monkeypatch.setattr(paged, "check_tables", no_readback)
+    q = rng.standard_normal((1, 4, 1, 16)).astype(np.float32)
+    out = cache.attention(q, [a])
+    check(out, attention_reference(q, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None]), "float32")
+    with pytest.raises(ValueError, match="head_dim"):
+        cache.attention(q[..., :8], [a])
