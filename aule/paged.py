@@ -11,7 +11,8 @@ follow :mod:`aule.masks` with ``seq_q = q_len`` and ``seq_k = context_lens[b]``.
 sequence ``b`` lives in block ``block_tables[b, j // block_size]`` at row ``j % block_size``.
 
 Every integer a kernel would use as an address (block ids, lengths, slots) is checked here before
-any kernel runs, so a bad table raises ``ValueError`` instead of reading out of bounds.
+any kernel runs, so a bad table raises ``ValueError`` instead of reading out of bounds (tables a
+:class:`PagedKVCache` builds from its own bookkeeping are valid by construction and not re-read).
 """
 from __future__ import annotations
 
