@@ -255,3 +255,16 @@ def test_vulkan_rows_on_host_arrays_and_gpu_tensors():
         assert r["ms"] > 0
     resident = [r for r in res["rows"] if r["contender"] == "aule:vulkan resident"]
     assert all(r["wall_ms"] > 0 for r in resident)
+
+
+def test_vulkan_paged_rows_on_a_gpu_tensor_cache(monkeypatch):
+    """The decode suite's Vulkan row (a GPU-type device only in real runs; lavapipe here)."""
+    if not runner.backend_info().get("vulkan", {}).get("available"):
+        pytest.skip(f"no Vulkan: {runner.backend_info().get('vulkan', {}).get('reason')}")
+    pytest.importorskip("aule.backends.vulkan.paged", reason="no Vulkan paged backend in this build")
+    monkeypatch.setattr(runner, "vulkan_gpu_missing", lambda: None)
+    p = dict(B=2, Hq=4, Hkv=2, ctx=64, D=32, block=16, dtype="float16", device="cpu")
+    row = _run(_suite([p], ["aule-paged:vulkan resident"], kind="decode", metric="tbps"))["rows"][0]
+    assert row["status"] == "ok", row
+    assert row["err"] < checks.tolerance("float16") and row["tbps"] > 0 and row["wall_ms"] > 0
+    assert row["clock"] == "Vulkan timestamps"

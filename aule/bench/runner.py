@@ -245,7 +245,7 @@ def machine_skip(spec: dict) -> str | None:
     """Why a contender cannot run on this machine at all (noted once per suite), or None."""
     import aule
 
-    if spec["impl"] in ("aule", "paged", "resident") and spec.get("backend"):
+    if spec["impl"] in ("aule", "paged", "resident", "paged_resident", "paged_launcher") and spec.get("backend"):
         info = backend_info().get(spec["backend"], {})
         if not info.get("available"):
             return f"unavailable here: {info.get('reason')}"
@@ -351,6 +351,44 @@ def bind_attention(spec: dict, inp: AttentionInputs) -> Bound:
     raise Skip(f"contender kind {spec['impl']!r} does not run attention cases")
 
 
+def _bind_paged_resident(spec, inp) -> Bound:
+    """Vulkan paged decode with the KV cache as GpuTensors (uploaded once): the public call for
+    the check and wall time, Vulkan timestamps of the attention and merge dispatches for GPU time."""
+    import aule
+
+    why = vulkan_gpu_missing()
+    if why:
+        raise Skip(why)
+    try:
+        from .. import paged as pg
+        from ..backends.vulkan import to_gpu
+        from ..backends.vulkan.paged import run_paged
+    except ImportError as exc:
+        raise Skip(f"aule's Vulkan paged path is missing: {exc}") from None
+    backend = pg.get_paged_backend("vulkan")
+    hsets = []
+    for s in inp.sets:
+        hsets.append({"q": s["q"].cpu().numpy(), "k_cache": to_gpu(s["k_cache"].cpu().numpy()),
+                      "v_cache": to_gpu(s["v_cache"].cpu().numpy()),
+                      "block_tables": s["block_tables"].cpu().numpy(), "context_lens": s["context_lens"].cpu().numpy()})
+    names = ("q", "k_cache", "v_cache", "block_tables", "context_lens")
+    calls = [pg.canonicalize_paged(*(h[n] for n in names)) for h in hsets]
+
+    def call(i):
+        return aule.flash_attention_paged(*(hsets[i][n] for n in names), backend="vulkan")
+
+    def device_ms(i):
+        _, ns = run_paged(backend, calls[i], timestamps=True)
+        return None if ns is None else ns / 1e6
+
+    def cleanup():
+        for h in hsets:
+            h["k_cache"].free()
+            h["v_cache"].free()
+
+    return Bound(call, len(hsets), clock="device", device_ms=device_ms, cleanup=cleanup)
+
+
 def _bind_resident(spec, inp, causal, window, variant) -> Bound:
     """Vulkan on GpuTensors: inputs uploaded once, outside the timed region. ``call`` goes through
     the public API (its wall time is the per-call cost a user sees); ``device_ms`` reads the GPU
@@ -413,6 +451,8 @@ def bind_decode(spec: dict, inp: DecodeInputs) -> Bound:
 
         return Bound(call, len(sets), variant=_aule_variant(backend, inp.p["dtype"], inp.p["D"]), sync=sync,
                      clock="cuda" if sync else "host")
+    if spec["impl"] == "paged_resident":
+        return _bind_paged_resident(spec, inp)
     if spec["impl"] == "paged_launcher":
         # What a serving loop runs after validating its tables once (the public call validates
         # them on every call, which costs a device-to-host copy).

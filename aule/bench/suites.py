@@ -49,6 +49,7 @@ CONTENDERS = {
     "aule-paged:vulkan": dict(impl="paged", backend="vulkan"),
     "aule-paged:auto": dict(impl="paged", backend=None),
     "aule-paged:triton launcher": dict(impl="paged_launcher", backend="triton"),
+    "aule-paged:vulkan resident": dict(impl="paged_resident", backend="vulkan"),
 }
 
 SDPA_GPU = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
@@ -155,7 +156,8 @@ SUITES = (
           targets=(Target("window 256 at seq 8192 >= 8x aule's full causal", "aule:triton",
                           {"window": 256, "S": 8192}, "aule:triton full-causal", 8.0),)),
     Suite("decode", "Paged decode (fp16, 32/8 heads, hd 128, block 16; SDPA on a contiguous cache)",
-          "decode", _DECODE, ("aule-paged:triton launcher", "aule-paged:triton", "torch-sdpa") + SDPA_GPU,
+          "decode", _DECODE, ("aule-paged:triton launcher", "aule-paged:triton", "aule-paged:vulkan resident",
+                               "torch-sdpa") + SDPA_GPU,
           "torch-sdpa", "tbps", graphs=True,
           quick=_pick(_DECODE, {"B": 8}, {"B": 1, "ctx": 32768}, {"B": 64, "ctx": 8192}),
           targets=(Target("kernel, batch 8, context >= 8k: >= 2.4 TB/s", "aule-paged:triton launcher",
@@ -165,7 +167,9 @@ SUITES = (
                    Target("kernel, batch 8: at least SDPA's speed (torch's own backend choice)",
                           "aule-paged:triton launcher", {"B": 8}, "torch-sdpa", 1.0),
                    Target("kernel, batch 1, context 32k: >= 2.0 TB/s (split-K)", "aule-paged:triton launcher",
-                          {"B": 1, "ctx": 32768}, None, 2.0))),
+                          {"B": 1, "ctx": 32768}, None, 2.0),
+                   Target("Vulkan, GpuTensor cache, batch 8, context >= 8k: >= 1.0 TB/s",
+                          "aule-paged:vulkan resident", {"B": 8, "ctx": (8192, 32768)}, None, 1.0))),
     Suite("overhead", "Per-call overhead (tiny problem: 1 head, seq 16, hd 64; calls back to back)",
           "overhead",
           (dict(B=1, Hq=1, Hkv=1, S=16, D=64, causal=False, window=-1, dtype="bfloat16", device="cuda"),
