@@ -35,6 +35,8 @@ VARIANTS: dict[str, dict] = {
     "baseline": {"source": "attn_baseline.comp", "defines": {}},
     "fast": {"source": "attn_tiled.comp", "defines": {}},
     "fp16": {"source": "attn_tiled.comp", "defines": {"AULE_FP16": 1}},
+    # fp16 in memory, fp32 in shared memory and arithmetic: half the bytes of `fast`, its math.
+    "fp16_io": {"source": "attn_tiled.comp", "defines": {"AULE_HALF_IO": 1}},
     # Same arithmetic as fp16; workgroups default to four 64-wide waves for AMD's wave64.
     "fp16_amd": {"source": "attn_tiled.comp", "defines": {"AULE_FP16": 1, "AULE_DEFAULT_WG": 256}},
     # Paged attention (decode / chunked prefill over a block-table KV cache) and its cache writes.

@@ -117,12 +117,20 @@ def run_suite(kind, reps):
     cuda = torch is not None and torch.cuda.is_available() and kind == "gpu"
     if kind == "cpu":
         shapes = [(1, 8, 1024, 64)]
-        variants = [("baseline", np.float32), ("fast", np.float32), ("fp16", np.float16)]
+        variants = [("baseline", np.float32), ("fast", np.float32), ("fp16", np.float16), ("fp16_io", np.float16)]
     else:
         shapes = [(1, 32, 4096, 64), (1, 32, 4096, 128)]
-        variants = [("fast", np.float32), ("fp16", np.float16), ("baseline", np.float32)]
-    tiles = {"cpu": [""], "gpu": ["", "64,32,256,16", "32,32,128,16", "128,32,256,8", "64,64,128,8"]}[kind]
+        variants = [("fast", np.float32), ("fp16", np.float16), ("fp16_io", np.float16), ("baseline", np.float32)]
+    tiles = {"cpu": [""], "gpu": ["", "64,32,256,16", "32,32,128,16", "64,64,128,8"]}[kind]
     rng = np.random.default_rng(0)
+    if kind == "gpu":
+        # Bring the GPU out of its idle clocks before anything is timed (the first timed shape
+        # otherwise ran 5x slow).
+        w = to_gpu(rng.standard_normal((1, 32, 2048, 64)).astype(np.float32))
+        t_end = time.perf_counter() + 2.0
+        while time.perf_counter() < t_end:
+            attention(w, w, w, causal=True)[0].free()
+        w.free()
     for b, h, s, d in shapes:
         f = flops(b, h, s, s, d, True)
         q32, k32, v32 = (rng.standard_normal((b, h, s, d)).astype(np.float32) for _ in range(3))
@@ -134,10 +142,10 @@ def run_suite(kind, reps):
                 continue
             os.environ["AULE_VULKAN_VARIANT"] = name
             seen = set()
-            for t in (tiles if v.tiled else [""]):
+            for t in (tiles + tiles[:1] if v.tiled else [""]):  # the first shape again: run-to-run spread
                 os.environ["AULE_VULKAN_TILES"] = t
                 spec = v.spec(d, info)
-                if spec in seen:  # that tile shape does not fit: the default was used
+                if spec in seen and t != tiles[0]:  # that tile shape does not fit: the default was used
                     continue
                 seen.add(spec)
                 try:
@@ -169,6 +177,19 @@ def run_suite(kind, reps):
         o.free()
     row(rows, shape="B1 H1 S16 D64", impl="vulkan flash_attention (GpuTensor) per-call", dtype="float32",
         wall_us=round(statistics.median(walls) * 1e6, 1), p10_us=round(np.percentile(walls, 10) * 1e6, 1))
+    # Where the per-call time goes: validation + routing in Python, and one submit + fence wait.
+    from aule.call import canonicalize
+
+    t0 = time.perf_counter()
+    for _ in range(300):
+        canonicalize(q, q, q, True, None, -1, False)
+    row(rows, shape="B1 H1 S16 D64", impl="  of which aule.call.canonicalize", wall_us=round((time.perf_counter() - t0) / 300 * 1e6, 1))
+    walls = []
+    for _ in range(300):
+        t0 = time.perf_counter()
+        ctx.run(())
+        walls.append(time.perf_counter() - t0)
+    row(rows, shape="(empty)", impl="  of which an empty submit + fence wait", wall_us=round(statistics.median(walls) * 1e6, 1))
     if cuda:
         a = torch.randn(8192, 8192, device="cuda")
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -5,12 +5,18 @@
 // Loops inside the key-tile loop are unrolled: besides giving the compiler constant indices
 // into the register arrays, lavapipe ends an invocation after 65535 loop iterations in total.
 // Defines (build_shaders.py): AULE_FP16 -> half storage and tile arithmetic, fp32 statistics
-// and fp32 accumulation across tiles.
+// and fp32 accumulation across tiles; AULE_HALF_IO -> half in memory only (converted on the way
+// into shared memory, fp32 from there on).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
-#ifdef AULE_FP16
+#if defined(AULE_FP16) || defined(AULE_HALF_IO)
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_EXT_shader_16bit_storage : require
+#define IO4 f16vec4
+#else
+#define IO4 vec4
+#endif
+#ifdef AULE_FP16
 #define ELEM float16_t
 #define ELEM4 f16vec4
 #else
@@ -38,10 +44,10 @@ const uint NC = BN / TC;                 // keys per invocation in the score til
 const uint NV = (D4 + TC - 1) / TC;      // output vec4 columns per invocation
 const uint SP = BN + 1;                  // padded score row stride
 
-layout(std430, binding = 0) readonly buffer QB { ELEM4 q[]; };
-layout(std430, binding = 1) readonly buffer KB { ELEM4 k[]; };
-layout(std430, binding = 2) readonly buffer VB { ELEM4 v[]; };
-layout(std430, binding = 3) writeonly buffer OB { ELEM4 o[]; };
+layout(std430, binding = 0) readonly buffer QB { IO4 q[]; };
+layout(std430, binding = 1) readonly buffer KB { IO4 k[]; };
+layout(std430, binding = 2) readonly buffer VB { IO4 v[]; };
+layout(std430, binding = 3) writeonly buffer OB { IO4 o[]; };
 layout(std430, binding = 4) writeonly buffer LB { float lse[]; };
 
 shared ELEM4 Qs[BM * DP4];
@@ -61,7 +67,7 @@ void load_tile(uint base, int k0, bool is_v) {
         uint r = i / D4, c = i % D4;
         int j = k0 + int(r);
         ELEM4 x = ELEM4(0);
-        if (j < int(pc.seq_k)) x = is_v ? v[base + uint(j) * D4 + c] : k[base + uint(j) * D4 + c];
+        if (j < int(pc.seq_k)) x = ELEM4(is_v ? v[base + uint(j) * D4 + c] : k[base + uint(j) * D4 + c]);
         KVs[r * DP4 + c] = x;
     }
 }
@@ -216,7 +222,7 @@ void main() {
         float inv = alpha_s[lr];
         [[unroll]] for (uint n = 0; n < NV; ++n) {
             uint c = tc + n * TC;
-            if (c < D4) o[obase + uint(row) * D4 + c] = ELEM4(acc[r][n] * inv);
+            if (c < D4) o[obase + uint(row) * D4 + c] = IO4(acc[r][n] * inv);
         }
     }
 }

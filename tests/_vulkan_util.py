@@ -9,7 +9,9 @@ import pytest
 
 # fp16 variants do their tile arithmetic in half precision (fp32 statistics and accumulation
 # across tiles), so their error against the float64 reference is a few half ulps of O(1) outputs.
-VARIANT_ATOL = {"baseline": 2e-5, "fast": 2e-5, "fp16": 1e-2, "fp16_amd": 1e-2}
+VARIANT_ATOL = {"baseline": 2e-5, "fast": 2e-5, "fp16": 1e-2, "fp16_amd": 1e-2,
+                # fp16 only in memory: the output's own rounding (half ulp of O(1) values) dominates
+                "fp16_io": 2e-3}
 
 
 def vulkan_context():

@@ -58,7 +58,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["baseline", "fast", "fp16", "fp16_amd"])
+@pytest.mark.parametrize("variant", ["baseline", "fast", "fp16", "fp16_io", "fp16_amd"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}/{}q{}k{}d{}c{}w{}".format(*c))
 def test_variant_matches_reference(ctx, variant, case):
     from aule.backends.vulkan import VARIANTS

@@ -129,6 +129,7 @@ class Variant:
     tiles: tuple = ()             # Tiles candidates, best first; the first that fits is used
     cpu_tiles: tuple = ()         # the same for CPU devices (lavapipe), where other shapes win
     for_vendor: str | None = None  # chosen automatically only on this vendor
+    math: str = ""                # shared-memory/arithmetic type when it differs from elem
 
     def supports_head_dim(self, d: int) -> bool:
         return 1 <= d <= 256 and (not self.tiled or d % 4 == 0)
@@ -136,7 +137,7 @@ class Variant:
     def shared_bytes(self, t: Tiles, d: int) -> int:
         if not self.tiled:
             return 0
-        es = 2 if self.elem == "float16" else 4
+        es = 2 if (self.math or self.elem) == "float16" else 4
         dp = (d // 4 + 1) * 4
         sp = t.bn + 1
         return es * dp * (t.bm + t.bn) + 4 * t.bm * sp + (2 * t.bm * sp if es == 2 else 0) + 4 * t.bm
@@ -160,7 +161,7 @@ class Variant:
         if self.needs_fp16 and not info.fp16:
             return f"{self.name} needs shaderFloat16 and storageBuffer16BitAccess, which {info.name} lacks"
         if not self.supports_head_dim(d):
-            return f"{self.name} supports head_dim {'4..256 in steps of 4' if self.tiled else '1..256'}, got {d}"
+            return f"{self.name} supports head_dim {'1..256' if self.name == 'baseline' else '4..256 in steps of 4'}, got {d}"
         if self.tiled and self.pick_tiles(d, info) is None:
             return f"{self.name} needs more shared memory for head_dim {d} than {info.name}'s {info.max_shared_memory} bytes"
         if info.loop_limit and seq_k:
@@ -195,6 +196,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("baseline", "baseline", "float32", tiled=False),
     Variant("fast", "fast", "float32", tiled=True, tiles=_FP32_TILES, cpu_tiles=_CPU_TILES),
     Variant("fp16", "fp16", "float16", tiled=True, needs_fp16=True, tiles=_FP16_TILES, cpu_tiles=_CPU_TILES),
+    Variant("fp16_io", "fp16_io", "float16", tiled=True, needs_fp16=True, tiles=_FP32_TILES,
+            cpu_tiles=_CPU_TILES, math="float32"),
     Variant("fp16_amd", "fp16_amd", "float16", tiled=True, needs_fp16=True, tiles=_WAVE64_TILES,
             for_vendor="AMD"),
 )}

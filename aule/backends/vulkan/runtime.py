@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,7 @@ class DeviceInfo:
     min_storage_offset_alignment: int
     max_allocation: int
     subgroup_size: int
+    subgroup_ops: int             # VkSubgroupFeatureFlags supported in compute shaders (0 if none)
     shader_float16: bool
     storage_buffer_16bit: bool
     cooperative_matrix: bool
@@ -236,6 +238,8 @@ def _read_device(pd, index: int) -> DeviceInfo:
         min_storage_offset_alignment=max(4, lim.minStorageBufferOffsetAlignment),
         max_allocation=v11p.maxMemoryAllocationSize,
         subgroup_size=v11p.subgroupSize,
+        subgroup_ops=(v11p.subgroupSupportedOperations
+                      if v11p.subgroupSupportedStages & vk.VK_SHADER_STAGE_COMPUTE_BIT else 0),
         shader_float16=bool(f12.shaderFloat16),
         storage_buffer_16bit=bool(f11.storageBuffer16BitAccess),
         cooperative_matrix="VK_KHR_cooperative_matrix" in exts,
@@ -966,7 +970,7 @@ class Context:
             check("vkEndCommandBuffer", lib.vkEndCommandBuffer(cmd))
             check("vkQueueSubmit", lib.vkQueueSubmit(self.queue, 1, self._submit, self.fence))
             try:
-                check("vkWaitForFences", lib.vkWaitForFences(self.device, 1, self._fence_p, 1, 2**64 - 1))
+                self._wait()
             finally:
                 lib.vkResetFences(self.device, 1, self._fence_p)
             if not timed:
@@ -977,6 +981,23 @@ class Context:
             mask = (1 << self.timestamp_bits) - 1 if self.timestamp_bits < 64 else 2**64 - 1
             ticks = ((self._ts[1] & mask) - (self._ts[0] & mask)) & mask
             return ticks * self.info.timestamp_period
+
+    # Small dispatches finish in microseconds, while a blocking fence wait can sleep far longer
+    # before the driver wakes the thread: poll briefly first, then block. Not on a CPU device,
+    # where the polling thread would take a core from the driver's workers.
+    SPIN_SECONDS = 0.0005
+
+    def _wait(self):
+        vk = vkmod()
+        lib = vk.lib
+        deadline = time.perf_counter() + (0.0 if self.info.is_cpu else self.SPIN_SECONDS)
+        while time.perf_counter() < deadline:
+            r = lib.vkGetFenceStatus(self.device, self.fence)
+            if r == 0:
+                return
+            if r != vk.VK_NOT_READY:
+                check("vkGetFenceStatus", r)
+        check("vkWaitForFences", lib.vkWaitForFences(self.device, 1, self._fence_p, 1, 2**64 - 1))
 
     def _copy(self, cmd, src: Buffer, dst: Buffer, n: int):
         vk = vkmod()
