@@ -42,7 +42,7 @@ const uint TR = WG / TC;
 const uint R = BM / TR;                  // rows per invocation
 const uint NC = BN / TC;                 // keys per invocation in the score tile
 const uint NV = (D4 + TC - 1) / TC;      // output vec4 columns per invocation
-const uint SP = BN + 1;                  // padded score row stride
+const uint SP4 = BN / 4 + 1;             // score row stride in vec4 (padded): P is read 4 keys at once
 
 layout(std430, binding = 0) readonly buffer QB { IO4 q[]; };
 layout(std430, binding = 1) readonly buffer KB { IO4 k[]; };
@@ -52,9 +52,9 @@ layout(std430, binding = 4) writeonly buffer LB { float lse[]; };
 
 shared ELEM4 Qs[BM * DP4];
 shared ELEM4 KVs[BN * DP4];   // K for the score phase, then V for the output phase
-shared float Ss[BM * SP];
+shared vec4 Ss[BM * SP4];
 #ifdef AULE_FP16
-shared float16_t Ps[BM * SP];  // probabilities in half, so the P.V loop has no conversions
+shared f16vec4 Ps[BM * SP4];  // probabilities in half, so the P.V loop has no conversions
 #define PS Ps
 #else
 #define PS Ss
@@ -143,7 +143,7 @@ void main() {
                 float s = s4[r][c];
 #endif
                 if (!full && !visible(q0 + int(lr), k0 + int(lc))) s = NEG_INF;
-                Ss[lr * SP + lc] = s;
+                Ss[lr * SP4 + lc / 4][lc % 4] = s;
             }
         }
         barrier();   // scores complete; K no longer needed
@@ -151,15 +151,18 @@ void main() {
         // Online softmax, one invocation per row; the others bring V in meanwhile.
         if (tid < BM) {
             float mx = m_i;
-            [[unroll]] for (uint j = 0; j < BN; ++j) mx = max(mx, Ss[tid * SP + j]);
+            [[unroll]] for (uint j = 0; j < BN / 4; ++j) {
+                vec4 x = Ss[tid * SP4 + j];
+                mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
+            }
             // A row with no visible key so far keeps m = -inf; shifting by 0 gives p = 0, not NaN.
             float m_use = mx == NEG_INF ? 0.0 : mx;
             float a = exp2(m_i - m_use);
             float sum = 0.0;
-            [[unroll]] for (uint j = 0; j < BN; ++j) {
-                float p = exp2(Ss[tid * SP + j] - m_use);
-                sum += p;
-                PS[tid * SP + j] = ELEM(p);
+            [[unroll]] for (uint j = 0; j < BN / 4; ++j) {
+                vec4 p = exp2(Ss[tid * SP4 + j] - m_use);
+                sum += (p.x + p.y) + (p.z + p.w);
+                PS[tid * SP4 + j] = ELEM4(p);
             }
             l_i = l_i * a + sum;
             m_i = mx;
@@ -177,29 +180,33 @@ void main() {
         f16vec4 t16[R][NV];
         [[unroll]] for (uint r = 0; r < R; ++r)
             [[unroll]] for (uint n = 0; n < NV; ++n) t16[r][n] = f16vec4(0);
-        [[unroll]] for (uint j = 0; j < BN; ++j) {
-            f16vec4 vv[NV];
-            [[unroll]] for (uint n = 0; n < NV; ++n) {
-                uint c = tc + n * TC;
-                vv[n] = c < D4 ? KVs[j * DP4 + c] : f16vec4(0);
-            }
-            [[unroll]] for (uint r = 0; r < R; ++r) {
-                float16_t p = Ps[(tr * R + r) * SP + j];
-                [[unroll]] for (uint n = 0; n < NV; ++n) t16[r][n] = fma(f16vec4(p), vv[n], t16[r][n]);
+        [[unroll]] for (uint j4 = 0; j4 < BN / 4; ++j4) {
+            f16vec4 pr[R];
+            [[unroll]] for (uint r = 0; r < R; ++r) pr[r] = Ps[(tr * R + r) * SP4 + j4];
+            [[unroll]] for (uint jj = 0; jj < 4; ++jj) {
+                f16vec4 vv[NV];
+                [[unroll]] for (uint n = 0; n < NV; ++n) {
+                    uint c = tc + n * TC;
+                    vv[n] = c < D4 ? KVs[(j4 * 4 + jj) * DP4 + c] : f16vec4(0);
+                }
+                [[unroll]] for (uint r = 0; r < R; ++r)
+                    [[unroll]] for (uint n = 0; n < NV; ++n) t16[r][n] = fma(f16vec4(pr[r][jj]), vv[n], t16[r][n]);
             }
         }
         [[unroll]] for (uint r = 0; r < R; ++r)
             [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] += vec4(t16[r][n]);
 #else
-        [[unroll]] for (uint j = 0; j < BN; ++j) {
-            vec4 vv[NV];
-            [[unroll]] for (uint n = 0; n < NV; ++n) {
-                uint c = tc + n * TC;
-                vv[n] = c < D4 ? KVs[j * DP4 + c] : vec4(0);
-            }
-            [[unroll]] for (uint r = 0; r < R; ++r) {
-                float p = Ss[(tr * R + r) * SP + j];
-                [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] += p * vv[n];
+        [[unroll]] for (uint j4 = 0; j4 < BN / 4; ++j4) {
+            vec4 pr[R];
+            [[unroll]] for (uint r = 0; r < R; ++r) pr[r] = Ss[(tr * R + r) * SP4 + j4];
+            [[unroll]] for (uint jj = 0; jj < 4; ++jj) {
+                vec4 vv[NV];
+                [[unroll]] for (uint n = 0; n < NV; ++n) {
+                    uint c = tc + n * TC;
+                    vv[n] = c < D4 ? KVs[(j4 * 4 + jj) * DP4 + c] : vec4(0);
+                }
+                [[unroll]] for (uint r = 0; r < R; ++r)
+                    [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] += pr[r][jj] * vv[n];
             }
         }
 #endif

@@ -139,7 +139,7 @@ class Variant:
             return 0
         es = 2 if (self.math or self.elem) == "float16" else 4
         dp = (d // 4 + 1) * 4
-        sp = t.bn + 1
+        sp = t.bn + 4  # score rows padded by one vec4 (glsl SP4)
         return es * dp * (t.bm + t.bn) + 4 * t.bm * sp + (2 * t.bm * sp if es == 2 else 0) + 4 * t.bm
 
     def pick_tiles(self, d: int, info) -> Tiles | None:
@@ -182,9 +182,9 @@ class Variant:
         return self.pick_tiles(d, info).bm if self.tiled else 64
 
 
-# Best first; measured on an H100 (benchmarks/vulkan_attention.py): fp32 D64 (64,32,256,16) 20 TFLOP/s,
-# D128 (32,32,128,16) 15; fp16 (32,32,128,16) 12 at D64 and 31 at D128. Later rows fit smaller
-# shared memories (lavapipe 32 KB, baseline devices 16 KB).
+# Best first; measured on an H100 (benchmarks/vulkan_attention.py, B1 H32 S4096 causal, GPU time):
+# fp32 D64 (64,32,256,16) 20.5 TFLOP/s, D128 (32,32,128,16) 15.2; fp16 (32,32,128,16) 33.8 at D64
+# and 35.4 at D128. Later rows fit smaller shared memories (lavapipe 32 KB, 16 KB devices).
 _FP32_TILES = (Tiles(64, 32, 256, 16), Tiles(32, 32, 128, 16), Tiles(32, 16, 64, 8),
                Tiles(16, 16, 64, 8), Tiles(16, 8, 64, 8))
 _FP16_TILES = (Tiles(32, 32, 128, 16), Tiles(64, 32, 256, 16), Tiles(32, 16, 64, 8), Tiles(16, 16, 64, 8))
