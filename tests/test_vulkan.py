@@ -168,6 +168,36 @@ def test_buffer_larger_than_the_storage_range(ctx):
         assert max_err(out[bi:bi + 1, hi:hi + 1], ref) <= 2e-5
 
 
+def test_staging_path_of_discrete_gpus(ctx, monkeypatch):
+    """Device memory that is not mapped: uploads and downloads go through staging copies."""
+    from aule.backends.vulkan import kernels
+    from aule.backends.vulkan.runtime import Context
+
+    monkeypatch.setenv("AULE_VULKAN_STAGING", "1")
+    c = Context()
+    try:
+        assert c.upload_pool is not None and c.download_pool is not None
+        rng = np.random.default_rng(11)
+        q, k, v = rand(rng, (1, 4, 50, 64), np.float32), rand(rng, (1, 2, 60, 64), np.float32), rand(rng, (1, 2, 60, 64), np.float32)
+        leases = [c.upload(x) for x in (q, k, v)]
+        assert not leases[0].buffer.host_visible
+        o, lse = c.pool.acquire(q.nbytes), c.pool.acquire(4 * 4 * 50)
+        call = canonicalize(q, k, v, True, None, -1, True)
+        variant = kernels.select("float32", 64, c.info)
+        shape = kernels.Shape(1, 4, 2, 50, 60, 64)
+        c.run(kernels.attention_dispatches(c, variant, shape, [l.buffer for l in leases] + [o.buffer, lse.buffer],
+                                           call.scale, call.left, call.right, True))
+        out = c.download(o.buffer, np.empty_like(q))
+        got_lse = c.download(lse.buffer, np.empty((1, 4, 50), np.float32))
+        ref, ref_lse = attention_reference(q, k, v, causal=True, return_lse=True)
+        assert max_err(out, ref) <= 2e-5 and np.abs(got_lse - ref_lse).max() <= 2e-5
+        for l in leases + [o, lse]:
+            l.release()
+        assert not c.take_validation_messages()
+    finally:
+        c.close()
+
+
 def test_eight_threads_at_once(ctx):
     rng = np.random.default_rng(7)
     jobs = [tuple(rand(rng, s, np.float32) for s in ((1, 4, 30 + i, 64), (1, 2, 40 + i, 64), (1, 2, 40 + i, 64)))

@@ -303,7 +303,9 @@ class Buffer:
             lib.vkGetBufferMemoryRequirements(ctx.device, self.handle, req)
             type_index = ctx.memory_type(req.memoryTypeBits, kind)
             flags = ctx.memory_flags[type_index]
-            self.host_visible = bool(flags & vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT)
+            # With staging forced, device buffers are treated as unmapped even where they could be.
+            self.host_visible = bool(flags & vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT) and not (
+                kind == "device" and ctx.force_staging)
             self.host_cached = bool(flags & vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT)
             if req.size > ctx.info.max_allocation:
                 raise VulkanOutOfMemoryError(
@@ -736,8 +738,11 @@ class Context:
         biggest_local = max((heaps[i] for i, f in enumerate(self.memory_flags) if f & local), default=0)
         # Device-local + host-visible counts only when it spans (most of) the device memory:
         # without resizable BAR it is a 256 MiB window that large tensors would exhaust.
-        self.direct = any((f & (local | hv)) == (local | hv) and heaps[i] >= 0.75 * biggest_local
-                          for i, f in enumerate(self.memory_flags))
+        # AULE_VULKAN_STAGING=1 takes the discrete-GPU path (staging copies) on any device.
+        self.force_staging = os.environ.get("AULE_VULKAN_STAGING", "") == "1"
+        self.direct = not self.force_staging and any(
+            (f & (local | hv)) == (local | hv) and heaps[i] >= 0.75 * biggest_local
+            for i, f in enumerate(self.memory_flags))
         self.memory_route = ("device-local host-visible (mapped, no staging)" if self.direct
                              else "device-local + staging copies")
         budget = max(64 << 20, min(1 << 30, biggest_local // 8))
