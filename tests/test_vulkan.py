@@ -268,6 +268,29 @@ def test_device_choice_by_env(ctx, monkeypatch):
     ctx.take_validation_messages()  # the failed Context above left nothing to validate
 
 
+def test_egl_retry_that_finds_no_gpu_leaves_the_environment_alone(ctx, monkeypatch, tmp_path):
+    """The headless-NVIDIA retry runs only when no GPU-type device was found; when it finds none
+    either, the first result stands and VK_ICD_FILENAMES/VK_DRIVER_FILES are as before."""
+    from aule.backends.vulkan import runtime
+
+    if not ctx.info.is_cpu:
+        pytest.skip("a GPU-type device was found, so the retry never runs here")
+    monkeypatch.setenv("AULE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("VK_ICD_FILENAMES", raising=False)
+    monkeypatch.delenv("VK_DRIVER_FILES", raising=False)
+    monkeypatch.setattr(runtime, "_nvidia_egl_loadable", lambda: True)
+    monkeypatch.setattr(runtime, "NVIDIA_EGL", "libEGL_nvidia_absent_for_this_test.so.0")
+    c = runtime.Context()
+    try:
+        assert c.route == "default loader search" and c.info.name == ctx.info.name
+        icd = tmp_path / "icd" / "nvidia_egl_icd.json"
+        assert "libEGL_nvidia_absent_for_this_test.so.0" in icd.read_text()
+        assert "VK_ICD_FILENAMES" not in os.environ and "VK_DRIVER_FILES" not in os.environ
+    finally:
+        c.close()
+    ctx.take_validation_messages()  # the loader's complaint about the absent library is expected
+
+
 def test_details_for_aule_info(ctx):
     info = aule.backend_info()["vulkan"]
     assert info["available"]

@@ -267,12 +267,17 @@ def _nvidia_egl_loadable() -> bool:
 
 def _write_egl_icd() -> Path:
     """An ICD manifest that points the loader at NVIDIA's EGL library (which works headless)."""
-    path = user_cache_dir() / "icd" / "nvidia_egl_icd.json"
     data = json.dumps({"file_format_version": "1.0.1",
                        "ICD": {"library_path": NVIDIA_EGL, "api_version": "1.3.0"}}).encode()
-    if not path.exists() or path.read_bytes() != data:
-        _atomic_write(path, data)
-    return path
+    for folder in (user_cache_dir() / "icd", Path(tempfile.gettempdir()) / f"aule-{os.getuid()}-icd"):
+        path = folder / "nvidia_egl_icd.json"
+        try:
+            if not path.exists() or path.read_bytes() != data:
+                _atomic_write(path, data)
+            return path
+        except OSError:  # a read-only home: the temp folder will do
+            continue
+    raise OSError("cannot write an ICD manifest for NVIDIA's EGL driver in the cache or temp folder")
 
 
 # --- objects ---------------------------------------------------------------------------------------
@@ -609,7 +614,14 @@ class Context:
             return inst, msgr, devs
         user_set = os.environ.get("VK_ICD_FILENAMES") or os.environ.get("VK_DRIVER_FILES")
         if not user_set and os.environ.get("AULE_VULKAN_NO_EGL_RETRY") != "1" and _nvidia_egl_loadable():
-            icd = _write_egl_icd()
+            try:
+                icd = _write_egl_icd()
+            except OSError as exc:
+                log.info("aule: NVIDIA EGL retry skipped: %s", exc)
+                icd = None
+        else:
+            icd = None
+        if icd is not None:
             saved = {k: os.environ.get(k) for k in ("VK_ICD_FILENAMES", "VK_DRIVER_FILES")}
             os.environ["VK_ICD_FILENAMES"] = os.environ["VK_DRIVER_FILES"] = str(icd)
             try:
