@@ -746,6 +746,9 @@ class Runner:
                                      err=err, ref=ref_name, tol=tol, variant=bound.variant)
                 t = self._time(suite, p, bound)
         row = self._row(p, label, c, "ok", None, err=err, ref=ref_name, tol=tol, variant=bound.variant, **t)
+        if hasattr(os, "getloadavg"):
+            # Other processes on the machine while this row was timed (host-clocked rows suffer most).
+            row["load_per_core"] = round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
         _metrics(row, suite, p, inp)
         return row
 
