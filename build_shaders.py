@@ -37,6 +37,8 @@ VARIANTS: dict[str, dict] = {
     "fp16": {"source": "attn_tiled.comp", "defines": {"AULE_FP16": 1}},
     # fp16 in memory, fp32 in shared memory and arithmetic: half the bytes of `fast`, its math.
     "fp16_io": {"source": "attn_tiled.comp", "defines": {"AULE_HALF_IO": 1}},
+    # fp16 on matrix cores (VK_KHR_cooperative_matrix), whole 16-row / 64-key tiles.
+    "coopmat": {"source": "attn_coopmat.comp", "defines": {}},
     # Same arithmetic as fp16; workgroups default to four 64-wide waves for AMD's wave64.
     "fp16_amd": {"source": "attn_tiled.comp", "defines": {"AULE_FP16": 1, "AULE_DEFAULT_WG": 256}},
     # Paged attention (decode / chunked prefill over a block-table KV cache) and its cache writes.

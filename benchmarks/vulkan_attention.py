@@ -123,7 +123,8 @@ def run_suite(kind, reps):
         variants = [("baseline", np.float32), ("fast", np.float32), ("fp16", np.float16), ("fp16_io", np.float16)]
     else:
         shapes = [(1, 32, 4096, 64), (1, 32, 4096, 128)]
-        variants = [("fast", np.float32), ("fp16", np.float16), ("fp16_io", np.float16), ("baseline", np.float32)]
+        variants = [("coopmat", np.float16), ("fast", np.float32), ("fp16", np.float16), ("fp16_io", np.float16),
+                    ("baseline", np.float32)]
     tiles = {"cpu": [""], "gpu": ["", "64,32,256,16", "32,32,128,16", "64,64,128,8"]}[kind]
     rng = np.random.default_rng(0)
     if kind == "gpu":
@@ -139,7 +140,7 @@ def run_suite(kind, reps):
         q32, k32, v32 = (rng.standard_normal((b, h, s, d)).astype(np.float32) for _ in range(3))
         for name, dt in variants:
             v = kernels.VARIANTS[name]
-            why = v.unfit(d, info)
+            why = v.unfit(d, info, s, s)
             if why:
                 row(rows, shape=f"B{b} H{h} S{s} D{d}", impl=f"vulkan {name}", note=why)
                 continue

@@ -55,10 +55,12 @@ CASES = [
     (1, 1, 1, 1, 1025, 128, True, -1),       # decode row over a long context
     (1, 1, 1, 1025, 1025, 64, False, 100),   # Mistral window, long sequence
     (1, 2, 2, 33, 50, 256, False, (5, 3)),   # two-sided window, largest head_dim
+    (1, 4, 2, 128, 192, 64, True, -1),       # whole 16-row / 64-key tiles (coopmat's shapes)
+    (2, 2, 1, 64, 128, 128, False, (20, 5)),
 ]
 
 
-@pytest.mark.parametrize("variant", ["baseline", "fast", "fp16", "fp16_io", "fp16_amd"])
+@pytest.mark.parametrize("variant", ["baseline", "fast", "fp16", "fp16_io", "fp16_amd", "coopmat"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}/{}q{}k{}d{}c{}w{}".format(*c))
 def test_variant_matches_reference(ctx, variant, case):
     from aule.backends.vulkan import VARIANTS
@@ -67,7 +69,7 @@ def test_variant_matches_reference(ctx, variant, case):
     if d == 256 and variant != "fast" and ctx.info.is_cpu:
         pytest.skip("head_dim 256 is checked with `fast` on CPU devices (compile time)")
     v = VARIANTS[variant]
-    why = v.unfit(d, ctx.info)
+    why = v.unfit(d, ctx.info, sk, sq)
     if why:
         pytest.skip(why)
     dtype = np.float16 if v.elem == "float16" else np.float32

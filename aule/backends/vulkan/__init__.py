@@ -31,12 +31,12 @@ def _variant_for(call, ctx) -> kernels.Variant:
     want = "float16" if call.dtype == "float16" else "float32"
     if call.kind == "gpu":
         forced = kernels.forced_variant()
-        v = kernels.select(want, call.head_dim, ctx.info, forced, call.seq_k)
+        v = kernels.select(want, call.head_dim, ctx.info, forced, call.seq_k, call.seq_q)
         if v.elem != call.dtype:
             raise UnsupportedError(f"GpuTensors hold {call.dtype} but variant {v.name} computes in {v.elem}: "
                                    f"make the GpuTensors {v.elem}")
         return v
-    return kernels.select(want, call.head_dim, ctx.info, seq_k=call.seq_k)
+    return kernels.select(want, call.head_dim, ctx.info, seq_k=call.seq_k, seq_q=call.seq_q)
 
 
 class VulkanBackend(Backend):

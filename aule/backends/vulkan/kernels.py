@@ -130,11 +130,21 @@ class Variant:
     cpu_tiles: tuple = ()         # the same for CPU devices (lavapipe), where other shapes win
     for_vendor: str | None = None  # chosen automatically only on this vendor
     math: str = ""                # shared-memory/arithmetic type when it differs from elem
+    coopmat: bool = False         # attn_coopmat.comp: whole 16-row / COOPMAT_BN-key tiles
 
     def supports_head_dim(self, d: int) -> bool:
+        if self.coopmat:
+            return 16 <= d <= 256 and d % 16 == 0
         return 1 <= d <= 256 and (not self.tiled or d % 4 == 0)
 
+    def coopmat_groups(self, info) -> int:
+        # subgroups of 16 rows per workgroup: 128 invocations
+        return max(1, 128 // max(16, info.subgroup_size))
+
     def shared_bytes(self, t: Tiles, d: int) -> int:
+        if self.coopmat:
+            nsg = t.bm // 16
+            return nsg * 16 * COOPMAT_BN * 6 + nsg * 256 * 4 + nsg * 16 * 4
         if not self.tiled:
             return 0
         es = 2 if (self.math or self.elem) == "float16" else 4
@@ -154,10 +164,23 @@ class Variant:
         return None
 
     def keys_per_iteration(self, d: int, info) -> int:
+        if self.coopmat:
+            return COOPMAT_BN
         return self.pick_tiles(d, info).bn if self.tiled else 1
 
-    def unfit(self, d: int, info, seq_k: int = 0) -> str | None:
-        """Why this variant cannot run head_dim ``d`` (over ``seq_k`` keys) on the device, else None."""
+    def unfit(self, d: int, info, seq_k: int = 0, seq_q: int = 0) -> str | None:
+        """Why this variant cannot run head_dim ``d`` (``seq_q`` rows over ``seq_k`` keys) on the
+        device, else None."""
+        if self.coopmat:
+            if not info.coopmat_f16:
+                return (f"{self.name} needs VK_KHR_cooperative_matrix with 16x16x16 fp16 matrices and the "
+                        f"Vulkan memory model, which {info.name} lacks")
+            if info.subgroup_size < 16:
+                return f"{self.name} gives each of 16 rows its own lane: needs subgroups of 16+, not {info.subgroup_size}"
+            if (seq_q and seq_q % 16) or (seq_k and seq_k % COOPMAT_BN):
+                return f"{self.name} needs seq_q % 16 == 0 and seq_k % {COOPMAT_BN} == 0, got {seq_q}, {seq_k}"
+            if self.shared_bytes(Tiles(16 * self.coopmat_groups(info), COOPMAT_BN, 128, 1), d) > info.max_shared_memory:
+                return f"{self.name} needs more shared memory than {info.name} has"
         if self.needs_fp16 and not info.fp16:
             return f"{self.name} needs shaderFloat16 and storageBuffer16BitAccess, which {info.name} lacks"
         if not self.supports_head_dim(d):
@@ -173,18 +196,24 @@ class Variant:
         return None
 
     def spec(self, d: int, info) -> tuple:
+        if self.coopmat:
+            nsg = self.coopmat_groups(info)
+            return ((0, d), (1, nsg), (2, COOPMAT_BN), (3, nsg * max(16, info.subgroup_size)))
         if not self.tiled:
             return ((0, d), (1, 64))
         t = self.pick_tiles(d, info)
         return ((0, d), (1, t.bm), (2, t.bn), (3, t.wg), (4, t.tc))
 
     def rows_per_group(self, d: int, info) -> int:
+        if self.coopmat:
+            return 16 * self.coopmat_groups(info)
         return self.pick_tiles(d, info).bm if self.tiled else 64
 
 
 # Best first; measured on an H100 (benchmarks/vulkan_attention.py, B1 H32 S4096 causal, GPU time):
 # fp32 D64 (64,32,256,16) 20.5 TFLOP/s, D128 (32,32,128,16) 15.2; fp16 (32,32,128,16) 33.8 at D64
 # and 35.4 at D128. Later rows fit smaller shared memories (lavapipe 32 KB, 16 KB devices).
+COOPMAT_BN = 64
 _FP32_TILES = (Tiles(64, 32, 256, 16), Tiles(32, 32, 128, 16), Tiles(32, 16, 64, 8),
                Tiles(16, 16, 64, 8), Tiles(16, 8, 64, 8))
 _FP16_TILES = (Tiles(32, 32, 128, 16), Tiles(64, 32, 256, 16), Tiles(32, 16, 64, 8), Tiles(16, 16, 64, 8))
@@ -199,6 +228,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("fp16", "fp16", "float16", tiled=True, needs_fp16=True, tiles=_FP16_TILES, cpu_tiles=_CPU_TILES),
     Variant("fp16_io", "fp16_io", "float16", tiled=True, needs_fp16=True, tiles=_FP32_TILES,
             cpu_tiles=_CPU_TILES, math="float32"),
+    Variant("coopmat", "coopmat", "float16", tiled=False, needs_fp16=True, coopmat=True),
     Variant("fp16_amd", "fp16_amd", "float16", tiled=True, needs_fp16=True, tiles=_WAVE64_TILES,
             for_vendor="AMD"),
 )}
@@ -213,15 +243,17 @@ def forced_variant() -> str | None:
     return name
 
 
-def select(dtype: str, d: int, info, forced: str | None = None, seq_k: int = 0) -> Variant:
+def select(dtype: str, d: int, info, forced: str | None = None, seq_k: int = 0, seq_q: int = 0) -> Variant:
     """See :func:`_select`; cached per (arguments, AULE_VULKAN_VARIANT, AULE_VULKAN_TILES)."""
     forced = forced or forced_variant()
-    return _select(dtype, d, info, forced, seq_k if info.loop_limit else 0,
+    # The sequence lengths matter only for whole-tile variants and loop-limited drivers.
+    exact = info.loop_limit or info.coopmat_f16
+    return _select(dtype, d, info, forced, seq_k if exact else 0, seq_q if exact else 0,
                    os.environ.get("AULE_VULKAN_TILES", ""))
 
 
 @functools.lru_cache(maxsize=1024)
-def _select(dtype: str, d: int, info, forced: str | None, seq_k: int, _tiles_env: str) -> Variant:
+def _select(dtype: str, d: int, info, forced: str | None, seq_k: int, seq_q: int, _tiles_env: str) -> Variant:
     """The variant for inputs of ``dtype`` and head_dim ``d``: forced, or the best that fits.
 
     float16 inputs use an fp16 variant where the device has fp16 arithmetic and 16-bit storage,
@@ -229,23 +261,26 @@ def _select(dtype: str, d: int, info, forced: str | None, seq_k: int, _tiles_env
     """
     if forced is not None:
         v = VARIANTS[forced]
-        why = v.unfit(d, info, seq_k)
+        why = v.unfit(d, info, seq_k, seq_q)
         if why:
             raise UnsupportedError(f"AULE_VULKAN_VARIANT={forced}: {why}")
         return v
     order = []
     if dtype == "float16":
         order += ["fp16_amd"] if info.vendor == "AMD" and info.subgroup_size == 64 else []
+        # coopmat is correct on the H100 but slower there than fp16 (9 and 14 TFLOP/s against 34 and
+        # 35 at head_dim 64/128: its row softmax runs on 16 lanes and the accumulators round-trip
+        # through shared memory every tile), so only AULE_VULKAN_VARIANT=coopmat selects it.
         order += ["fp16"]
     order += ["fast", "baseline"]
     for name in order:
         v = VARIANTS[name]
         if v.for_vendor and v.for_vendor != info.vendor:
             continue
-        if v.unfit(d, info, seq_k) is None:
+        if v.unfit(d, info, seq_k, seq_q) is None:
             return v
     raise UnsupportedError(f"no Vulkan variant runs head_dim {d} on {info.name}: "
-                           + "; ".join(VARIANTS[n].unfit(d, info, seq_k) or "" for n in order))
+                           + "; ".join(VARIANTS[n].unfit(d, info, seq_k, seq_q) or "" for n in order))
 
 
 # --- dispatch planning -------------------------------------------------------------------------------

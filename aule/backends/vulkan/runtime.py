@@ -175,6 +175,7 @@ class DeviceInfo:
     shader_float16: bool
     storage_buffer_16bit: bool
     cooperative_matrix: bool
+    coopmat_f16: bool             # a 16x16x16 fp16 x fp16 + fp32 subgroup shape, and the memory model
     timestamp_period: float
     device_local_bytes: int
     extensions: frozenset = field(repr=False, default=frozenset())
@@ -203,6 +204,34 @@ class DeviceInfo:
 
 def _version_str(v: int) -> str:
     return f"{v >> 22}.{(v >> 12) & 0x3FF}.{v & 0xFFF}"
+
+
+def _has_coopmat_16x16x16(pd, exts) -> bool:
+    """Whether the device offers fp16 A/B, fp32 C/result 16x16x16 matrices at subgroup scope."""
+    if "VK_KHR_cooperative_matrix" not in exts or _instance_for_coopmat[0] is None:
+        return False
+    vk = vkmod()
+    ffi, lib = vk.ffi, vk.lib
+    fn = lib.vkGetInstanceProcAddr(_instance_for_coopmat[0], b"vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR")
+    if fn == ffi.NULL:
+        return False
+    get = ffi.cast("PFN_vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR", fn)
+    n = ffi.new("uint32_t*")
+    if get(pd, n, ffi.NULL) != 0 or not n[0]:
+        return False
+    props = ffi.new("VkCooperativeMatrixPropertiesKHR[]", n[0])
+    for i in range(n[0]):
+        props[i].sType = vk.VK_STRUCTURE_TYPE_COOPERATIVE_MATRIX_PROPERTIES_KHR
+    if get(pd, n, props) != 0:
+        return False
+    f16, f32 = vk.VK_COMPONENT_TYPE_FLOAT16_KHR, vk.VK_COMPONENT_TYPE_FLOAT32_KHR
+    return any(p.MSize == 16 and p.NSize == 16 and p.KSize == 16 and p.AType == f16 and p.BType == f16
+               and p.CType == f32 and p.ResultType == f32 and p.scope == vk.VK_SCOPE_SUBGROUP_KHR
+               for p in props)
+
+
+# The instance whose devices are being read (the coopmat query is an instance-level function).
+_instance_for_coopmat = [None]
 
 
 def _read_device(pd, index: int) -> DeviceInfo:
@@ -243,6 +272,7 @@ def _read_device(pd, index: int) -> DeviceInfo:
         shader_float16=bool(f12.shaderFloat16),
         storage_buffer_16bit=bool(f11.storageBuffer16BitAccess),
         cooperative_matrix="VK_KHR_cooperative_matrix" in exts,
+        coopmat_f16=bool(f12.vulkanMemoryModel) and _has_coopmat_16x16x16(pd, exts),
         timestamp_period=lim.timestampPeriod,
         device_local_bytes=local,
         extensions=exts,
@@ -561,6 +591,7 @@ class Context:
         pds = ffi.new("VkPhysicalDevice[]", count[0])
         check("vkEnumeratePhysicalDevices", lib.vkEnumeratePhysicalDevices(instance, count, pds))
         devices = []
+        _instance_for_coopmat[0] = instance
         for i in range(count[0]):
             info, api = _read_device(pds[i], i)
             if api >= vk.VK_MAKE_VERSION(1, 2, 0):
@@ -689,10 +720,16 @@ class Context:
         f11 = ffi.new("VkPhysicalDeviceVulkan11Features*", {
             "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES,
             "storageBuffer16BitAccess": int(info.storage_buffer_16bit)})
+        cm = ffi.new("VkPhysicalDeviceCooperativeMatrixFeaturesKHR*", {
+            "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_KHR, "pNext": f11,
+            "cooperativeMatrix": 1})
         f12 = ffi.new("VkPhysicalDeviceVulkan12Features*", {
-            "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES, "pNext": f11,
-            "shaderFloat16": int(info.shader_float16)})
+            "sType": vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES,
+            "pNext": cm if info.coopmat_f16 else f11,
+            "shaderFloat16": int(info.shader_float16), "vulkanMemoryModel": int(info.coopmat_f16)})
         exts = [e for e in ("VK_KHR_portability_subset",) if e in info.extensions]
+        if info.coopmat_f16:
+            exts.append("VK_KHR_cooperative_matrix")
         keep = [ffi.new("char[]", e.encode()) for e in exts]
         ext_p = ffi.new("char*[]", keep)
         dci = ffi.new("VkDeviceCreateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO, "pNext": f12,
