@@ -22,6 +22,8 @@ __all__ = [
     "install",
     "uninstall",
     "installed",
+    "GpuTensor",
+    "to_gpu",
     "__version__",
 ]
 
@@ -29,7 +31,15 @@ __all__ = [
 _TORCH_SDPA_NAMES = ("install", "uninstall", "installed")
 
 
+# Vulkan device arrays; the backend module is imported on first use (it loads no driver by itself).
+_VULKAN_NAMES = ("GpuTensor", "to_gpu")
+
+
 def __getattr__(name):
+    if name in _VULKAN_NAMES:
+        from .backends import vulkan
+
+        return getattr(vulkan, name)
     if name in _TORCH_SDPA_NAMES:
         from . import torch_sdpa
 

@@ -137,7 +137,8 @@ def test_gpu_tensor_round_trip_and_attention(ctx):
 
     rng = np.random.default_rng(5)
     q, k, v = rand(rng, (2, 8, 45, 64), np.float32), rand(rng, (2, 2, 51, 64), np.float32), rand(rng, (2, 2, 51, 64), np.float32)
-    qg, kg, vg = to_gpu(q), to_gpu(k), to_gpu(v)
+    qg, kg, vg = to_gpu(q), to_gpu(k), aule.to_gpu(v)
+    assert aule.GpuTensor is GpuTensor and "GpuTensor" in aule.__all__
     assert (qg.numpy() == q).all() and qg.shape == q.shape and qg.dtype == np.float32
     out, lse = aule.flash_attention(qg, kg, vg, causal=True, return_lse=True)
     assert isinstance(out, GpuTensor) and isinstance(lse, GpuTensor)
