@@ -325,6 +325,8 @@ class Buffer:
         ffi, lib = vk.ffi, vk.lib
         self.ctx, self.nbytes, self.view, self._mapped = ctx, int(nbytes), None, None
         self.handle = self.memory = None
+        Buffer._ids += 1
+        self._id = Buffer._ids
         usage = (vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT
                  | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT)
         info = ffi.new("VkBufferCreateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO,
@@ -361,8 +363,6 @@ class Buffer:
         except BaseException:
             self.destroy()
             raise
-        Buffer._ids += 1
-        self._id = Buffer._ids
 
     def destroy(self) -> None:
         vk = vkmod()
@@ -426,7 +426,7 @@ class BufferPool:
         return Lease(self, buf, nbytes)
 
     def _give_back(self, buf: Buffer) -> None:
-        if buf.handle is None:
+        if buf.handle is None or self.ctx._destroyed:
             return
         with self.lock:
             self.free.setdefault(buf.nbytes, []).append(buf)
