@@ -189,3 +189,27 @@ def describe(info: dict) -> str:
     parts.append(libs)
     parts.append(f"Python {info.get('python')}")
     return "; ".join(parts)
+
+
+def cpu_counters():
+    """(busy ticks of the whole machine, total ticks, CPU ticks of this process) or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            mine = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = sum(fields[:8])
+    idle = fields[3] + fields[4]
+    return total - idle, total, int(mine[11]) + int(mine[12])
+
+
+def others_share(before, after):
+    """Fraction of the machine's CPU time that other processes used between two
+    :func:`cpu_counters` readings (0 on a quiet machine), or None where it cannot be read."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    busy = after[0] - before[0]
+    mine = after[2] - before[2]
+    return max(0.0, min(1.0, (busy - mine) / (after[1] - before[1])))

@@ -63,8 +63,9 @@ def suite_table(res: dict) -> str:
         if base:
             cells.append(f"{r['ratio']:.2f}x" if r.get("ratio") else "—")
         note = r.get("note") or ""
-        if (r.get("clock") or "").startswith("wall") and (r.get("load_per_core") or 0) > 0.75:
-            note = f"busy machine: 1-min load {r['load_per_core']:g} per core" + (f"; {note}" if note else "")
+        if (r.get("clock") or "").startswith("wall") and (r.get("others_cpu_share") or 0) > 0.2:
+            note = (f"other processes took {r['others_cpu_share']:.0%} of the CPU while timed"
+                    + (f"; {note}" if note else ""))
         if r.get("reps") == 1:
             note = "one timed call (each takes long)" + (f"; {note}" if note else "")
         if r.get("wall_ms") is not None:

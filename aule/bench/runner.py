@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from . import checks, timing
+from . import checks, machine, timing
 from .progress import Progress
 from .suites import CONTENDERS, case_label
 
@@ -744,11 +744,13 @@ class Runner:
                 if err is not None and not err <= tol:
                     return self._row(p, label, c, "wrong", f"error {err:.3g} above tolerance {tol:g}",
                                      err=err, ref=ref_name, tol=tol, variant=bound.variant)
+                before = machine.cpu_counters()
                 t = self._time(suite, p, bound)
+                share = machine.others_share(before, machine.cpu_counters())
         row = self._row(p, label, c, "ok", None, err=err, ref=ref_name, tol=tol, variant=bound.variant, **t)
-        if hasattr(os, "getloadavg"):
-            # Other processes on the machine while this row was timed (host-clocked rows suffer most).
-            row["load_per_core"] = round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+        if share is not None:
+            # CPU time other processes took while this row was timed (host-clocked rows suffer most).
+            row["others_cpu_share"] = round(share, 2)
         _metrics(row, suite, p, inp)
         return row
 
