@@ -105,7 +105,8 @@ def _git_commit():
     if out:
         dirty = _run(["git", "-C", here, "status", "--porcelain", "--", "."], timeout=5)
         return out + ("+dirty" if dirty else "")
-    return None
+    # A copy of the tree without its .git (a remote benchmark machine) can be told the commit.
+    return os.environ.get("AULE_BENCH_COMMIT")
 
 
 def slug(text: str) -> str:
