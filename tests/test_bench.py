@@ -240,6 +240,8 @@ def test_aule_gradient_rows_and_expanded_kv(monkeypatch):
     full = rows[(suites.case_label(cases[1]), "aule:triton full-causal")]
     assert windowed["ratio"] == pytest.approx(full["ms"] / windowed["ms"])
     assert windowed["tflops"] == pytest.approx(runner.attention_flops(cases[1]) / windowed["ms"] / 1e9)
+    # the full-causal baseline is credited with the full causal FLOPs it computed
+    assert full["tflops"] == pytest.approx(runner.attention_flops({**cases[1], "window": -1}) / full["ms"] / 1e9)
 
 
 def test_vulkan_rows_on_host_arrays_and_gpu_tensors():

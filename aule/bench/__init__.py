@@ -132,7 +132,10 @@ def main(argv=None) -> int:
         files = args.report
         for path in files:
             res = report.load(path)
-            print(report.full_markdown(res))
+            md = report.full_markdown(res)
+            with open(os.path.splitext(path)[0] + ".md", "w") as f:
+                f.write(md)
+            print(md)
             _render(res, os.path.dirname(os.path.abspath(path)), not args.no_plots)
     else:
         results = run(names, quick=args.quick, budget_s=args.budget_s, progress=not args.no_progress,

@@ -737,7 +737,10 @@ class Runner:
                     err, ref_name = self._check(suite, p, inp, bound, refs)
                 except RuntimeError as exc:
                     why = _first_line(exc)
-                    hints = [str(w.message).splitlines()[0] for w in caught if "kernel" in str(w.message).lower()]
+                    # torch's warnings say why each SDPA backend declined; keep the one about this one.
+                    word = _SDPA_WORDS.get(CONTENDERS[c].get("sdpa"), "\0")
+                    hints = [" ".join(str(w.message).split("(Triggered internally")[0].split())
+                             for w in caught if word in str(w.message).lower()]
                     if "No available kernel" in str(exc) or "not supported" in str(exc).lower():
                         raise Skip(why + (f" ({hints[0][:200]})" if hints else "")) from None
                     raise
@@ -751,7 +754,7 @@ class Runner:
         if share is not None:
             # CPU time other processes took while this row was timed (host-clocked rows suffer most).
             row["others_cpu_share"] = round(share, 2)
-        _metrics(row, suite, p, inp)
+        metrics(row, suite.kind, p, inp.bytes_read() if suite.kind == "decode" else None)
         return row
 
     def _time(self, suite, p, bound):
@@ -820,6 +823,10 @@ class Runner:
         return rows
 
 
+_SDPA_WORDS = {"FLASH_ATTENTION": "flash attention", "CUDNN_ATTENTION": "cudnn",
+               "EFFICIENT_ATTENTION": "memory efficient"}
+
+
 def _ref_name(x) -> str:
     if isinstance(x, np.ndarray) or x.device.type == "cpu":
         return "torch float64 (blocked)"
@@ -841,14 +848,19 @@ def _cuda_cleanup():
         torch.cuda.empty_cache()
 
 
-def _metrics(row, suite, p, inp):
+def metrics(row, kind: str, p: dict, bytes_read: int | None = None):
+    """Rates from the row's median time. A contender that computes other attention than the case
+    (full causal beside a window) is credited with the FLOPs of what it computed."""
     ms = row["ms"]
-    if suite.kind == "overhead":
+    if kind == "overhead":
         row["us_per_call"] = ms * 1e3
-    elif suite.kind == "decode":
-        row["tbps"] = inp.bytes_read() / (ms * 1e-3) / 1e12
+    elif kind == "decode":
+        row["tbps"] = bytes_read / (ms * 1e-3) / 1e12
         row["tokens_per_s"] = p["B"] / (ms * 1e-3)
     else:
+        spec = CONTENDERS.get(row["contender"], {})
+        if spec.get("full_causal"):
+            p = {**p, "causal": True, "window": -1}
         flops = attention_flops(p)
         row["tflops"] = flops / (ms * 1e-3) / 1e12
         row["gflops"] = row["tflops"] * 1e3
