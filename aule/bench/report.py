@@ -25,9 +25,14 @@ def _fmt(v, digits=3):
     return f"{v:.{digits}g}"
 
 
+def _contended(row) -> bool:
+    """A wall-clock row timed while other processes took over a fifth of the machine's CPU."""
+    return (row.get("clock") or "").startswith("wall") and (row.get("others_cpu_share") or 0) > 0.2
+
+
 def _cell(row, metric):
     if row["status"] == "ok":
-        return _fmt(row.get(metric))
+        return _fmt(row.get(metric)) + ("*" if _contended(row) else "")
     if row["status"] == "wrong":
         return "✗ wrong"
     return "skip" if row["status"] == "skipped" else "error"
@@ -63,7 +68,7 @@ def suite_table(res: dict) -> str:
         if base:
             cells.append(f"{r['ratio']:.2f}x" if r.get("ratio") else "—")
         note = r.get("note") or ""
-        if (r.get("clock") or "").startswith("wall") and (r.get("others_cpu_share") or 0) > 0.2:
+        if _contended(r):
             note = (f"other processes took {r['others_cpu_share']:.0%} of the CPU while timed"
                     + (f"; {note}" if note else ""))
         if r.get("reps") == 1:
@@ -96,6 +101,8 @@ def pivot_table(res: dict) -> str:
         if r["case"] not in cases:
             cases.append(r["case"])
     cell = {(r["case"], r["contender"]): r for r in res["rows"]}
+    unmeasured = [c for c in cases if all(r["status"] == "skipped" for r in res["rows"] if r["case"] == c)]
+    cases = [c for c in cases if c not in unmeasured]
     head = ["case"] + cols
     lines = [f"{METRIC_LABEL[metric]} (higher is better)" if metric in ("tflops", "gflops", "tbps")
              else f"{METRIC_LABEL[metric]} (lower is better)", "",
@@ -103,7 +110,34 @@ def pivot_table(res: dict) -> str:
     for c in cases:
         vals = [(_cell(cell[(c, k)], metric) if (c, k) in cell else "—") for k in cols]
         lines.append("| " + " | ".join([c] + vals) + " |")
+    if unmeasured:
+        lines += ["", f"Not measured in this run ({_skip_reason(res, unmeasured[0])}): " + ", ".join(unmeasured) + "."]
+    if any(_contended(r) for r in res["rows"] if r["status"] == "ok"):
+        lines += ["", "\\* timed while other processes took over 20% of the machine's CPU (a shared "
+                  "machine): read as a lower bound."]
     return "\n".join(lines) + "\n"
+
+
+def _skip_reason(res, case):
+    return next((r.get("note") or "skipped" for r in res["rows"] if r["case"] == case), "skipped")
+
+
+# What each contender label means, for readers of the README.
+LEGEND = {
+    "aule:triton": "aule.flash_attention(..., backend='triton') on CUDA tensors",
+    "aule:triton kv-expanded": "the same on K/V repeated to every query head beforehand",
+    "aule:triton full-causal": "the same inputs with full causal attention (the window's baseline)",
+    "aule:vulkan": "aule.flash_attention(..., backend='vulkan') on NumPy arrays (uploads and downloads included)",
+    "aule:vulkan resident": "Vulkan on GpuTensors uploaded beforehand; GPU time from Vulkan timestamps, wall time in the full tables",
+    "aule:numpy": "aule.flash_attention(..., backend='numpy') on NumPy arrays",
+    "aule:auto": "aule.flash_attention with automatic routing",
+    "aule-paged:triton": "aule.flash_attention_paged (the public call: validates the block tables on every call)",
+    "aule-paged:triton launcher": "the Triton paged kernel launcher a serving loop calls after validating once",
+    "aule-paged:vulkan resident": "the Vulkan paged shader on a GpuTensor cache; GPU time from Vulkan timestamps",
+    "torch-sdpa": "torch's scaled_dot_product_attention with its own backend choice",
+    "sdpa-flash": "SDPA forced to its flash backend (sdpa_kernel); -cudnn, -efficient, -math likewise",
+    "sdpa-efficient+mask": "SDPA's efficient backend with the window as an explicit boolean mask",
+}
 
 
 def evaluate_targets(results: dict, targets: dict | None = None) -> list[dict]:
@@ -415,6 +449,11 @@ def readme_section(result_files: list[str], readme_dir: str) -> str:
             img = os.path.join(os.path.dirname(rel), f"{m['name']}-{sname}.png")
             if os.path.exists(os.path.join(readme_dir, img)):
                 out += [f"![{sname}]({img})", ""]
+        seen = sorted({r["contender"] for s in res["suites"].values() if s.get("status") == "ran"
+                       for r in s.get("rows", []) if r["status"] == "ok"})
+        legend = [f"- `{c}`: {LEGEND[c]}" for c in seen if c in LEGEND]
+        if legend:
+            out += ["Rows:", ""] + legend + [""]
         skipped = [f"{s['title']}: {s.get('reason')}" for s in res["suites"].values() if s.get("status") != "ran"]
         if skipped:
             out += ["Not run on this machine:", ""] + [f"- {x}" for x in skipped] + [""]
