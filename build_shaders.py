@@ -41,6 +41,8 @@ VARIANTS: dict[str, dict] = {
     "coopmat": {"source": "attn_coopmat.comp", "defines": {}},
     # Same arithmetic as fp16; workgroups default to four 64-wide waves for AMD's wave64.
     "fp16_amd": {"source": "attn_tiled.comp", "defines": {"AULE_FP16": 1, "AULE_DEFAULT_WG": 256}},
+    # CPU Vulkan drivers (lavapipe): rows in registers, K/V rows shared by subgroup broadcast.
+    "cpu": {"source": "attn_cpu.comp", "defines": {}},
     # Paged attention (decode / chunked prefill over a block-table KV cache) and its cache writes.
     "paged": {"source": "paged.comp", "defines": {}},
     "paged_fp16": {"source": "paged.comp", "defines": {"AULE_FP16": 1}},

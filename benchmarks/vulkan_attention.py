@@ -120,7 +120,8 @@ def run_suite(kind, reps):
     cuda = torch is not None and torch.cuda.is_available() and kind == "gpu"
     if kind == "cpu":
         shapes = [(1, 8, 1024, 64)]
-        variants = [("baseline", np.float32), ("fast", np.float32), ("fp16", np.float16), ("fp16_io", np.float16)]
+        variants = [("cpu", np.float32), ("baseline", np.float32), ("fast", np.float32), ("fp16", np.float16),
+                    ("fp16_io", np.float16)]
     else:
         shapes = [(1, 32, 4096, 64), (1, 32, 4096, 128)]
         variants = [("coopmat", np.float16), ("fast", np.float32), ("fp16", np.float16), ("fp16_io", np.float16),

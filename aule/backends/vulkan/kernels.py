@@ -131,11 +131,25 @@ class Variant:
     for_vendor: str | None = None  # chosen automatically only on this vendor
     math: str = ""                # shared-memory/arithmetic type when it differs from elem
     coopmat: bool = False         # attn_coopmat.comp: whole 16-row / COOPMAT_BN-key tiles
+    lanes: tuple = ()             # attn_cpu.comp: (largest head_dim, rows per invocation, keys per
+                                  # block) rows; one workgroup = one subgroup; CPU devices only
+
+    def lane_shape(self, d: int) -> tuple:
+        """(rows per invocation, keys per block) of attn_cpu.comp for head_dim ``d``."""
+        # AULE_VULKAN_TILES="rows,keys" tries another shape (benchmarks tune with it).
+        env = os.environ.get("AULE_VULKAN_TILES", "").strip()
+        if env and len(env.split(",")) == 2:
+            rows, keys = (int(x) for x in env.split(","))
+            if rows < 4 or rows % 4 or keys < 1:
+                raise ValueError(f"AULE_VULKAN_TILES={env!r} for {self.name}: rows must be a positive "
+                                 f"multiple of 4 and keys positive")
+            return rows, keys
+        return next((r, k) for dmax, r, k in self.lanes if d <= dmax)
 
     def supports_head_dim(self, d: int) -> bool:
         if self.coopmat:
             return 16 <= d <= 256 and d % 16 == 0
-        return 1 <= d <= 256 and (not self.tiled or d % 4 == 0)
+        return 1 <= d <= 256 and (not (self.tiled or self.lanes) or d % 4 == 0)
 
     def coopmat_groups(self, info) -> int:
         # subgroups of 16 rows per workgroup: 128 invocations
@@ -155,7 +169,7 @@ class Variant:
     def pick_tiles(self, d: int, info) -> Tiles | None:
         # AULE_VULKAN_TILES="bm,bn,wg,tc" tries a tile shape first (benchmarks tune with it).
         env = os.environ.get("AULE_VULKAN_TILES", "").strip()
-        tried = ((Tiles(*(int(x) for x in env.split(","))),) if env else ())
+        tried = ((Tiles(*(int(x) for x in env.split(","))),) if env.count(",") == 3 else ())  # 2 fields: cpu's
         tried += (self.cpu_tiles if info.is_cpu and self.cpu_tiles else ()) + self.tiles
         for t in tried:
             if (self.shared_bytes(t, d) <= info.max_shared_memory and t.wg <= info.max_workgroup_size
@@ -166,6 +180,8 @@ class Variant:
     def keys_per_iteration(self, d: int, info) -> int:
         if self.coopmat:
             return COOPMAT_BN
+        if self.lanes:
+            return self.lane_shape(d)[1]
         return self.pick_tiles(d, info).bn if self.tiled else 1
 
     def unfit(self, d: int, info, seq_k: int = 0, seq_q: int = 0) -> str | None:
@@ -181,6 +197,9 @@ class Variant:
                 return f"{self.name} needs seq_q % 16 == 0 and seq_k % {COOPMAT_BN} == 0, got {seq_q}, {seq_k}"
             if self.shared_bytes(Tiles(16 * self.coopmat_groups(info), COOPMAT_BN, 128, 1), d) > info.max_shared_memory:
                 return f"{self.name} needs more shared memory than {info.name} has"
+        if self.lanes and not info.is_cpu:
+            return (f"{self.name} is built for CPU Vulkan drivers (one subgroup per workgroup, subgroup "
+                    f"broadcasts); {info.name} is a {info.type} device")
         if self.needs_fp16 and not info.fp16:
             return f"{self.name} needs shaderFloat16 and storageBuffer16BitAccess, which {info.name} lacks"
         if not self.supports_head_dim(d):
@@ -199,6 +218,9 @@ class Variant:
         if self.coopmat:
             nsg = self.coopmat_groups(info)
             return ((0, d), (1, nsg), (2, COOPMAT_BN), (3, nsg * max(16, info.subgroup_size)))
+        if self.lanes:
+            rows, keys = self.lane_shape(d)
+            return ((0, d), (1, rows), (2, keys), (3, info.subgroup_size))
         if not self.tiled:
             return ((0, d), (1, 64))
         t = self.pick_tiles(d, info)
@@ -207,6 +229,8 @@ class Variant:
     def rows_per_group(self, d: int, info) -> int:
         if self.coopmat:
             return 16 * self.coopmat_groups(info)
+        if self.lanes:
+            return self.lane_shape(d)[0] * info.subgroup_size
         return self.pick_tiles(d, info).bm if self.tiled else 64
 
 
@@ -220,6 +244,10 @@ _FP16_TILES = (Tiles(32, 32, 128, 16), Tiles(64, 32, 256, 16), Tiles(32, 16, 64,
 # lavapipe (2 cores, AVX2), fp32 B1 H8 S1024 D64 causal: (64,16,64,4) 229 ms, (64,16,128,8) 253,
 # (32,32,128,16) 284, (32,32,64,8) 320 (one run each on a shared machine).
 _CPU_TILES = (Tiles(64, 16, 64, 4), Tiles(64, 32, 128, 8))
+# cpu variant (lavapipe, 2 shared cores, fp32 B1 H8 S1024 D64 causal, interleaved runs): rows per
+# invocation 16: 85 ms, 12: 88, 8: 112; 16 rows and 8-key blocks 84 but twice the JIT time (53 s
+# against 30 s for the first call). Rows shrink with head_dim to bound the registers and JIT time.
+_CPU_LANES = ((64, 16, 4), (128, 8, 4), (256, 4, 4))
 _WAVE64_TILES = (Tiles(64, 32, 256, 16), Tiles(32, 32, 128, 16), Tiles(32, 16, 64, 8), Tiles(16, 16, 64, 8))
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -231,6 +259,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("coopmat", "coopmat", "float16", tiled=False, needs_fp16=True, coopmat=True),
     Variant("fp16_amd", "fp16_amd", "float16", tiled=True, needs_fp16=True, tiles=_WAVE64_TILES,
             for_vendor="AMD"),
+    Variant("cpu", "cpu", "float32", tiled=False, lanes=_CPU_LANES),
 )}
 
 
@@ -272,7 +301,11 @@ def _select(dtype: str, d: int, info, forced: str | None, seq_k: int, seq_q: int
         # 35 at head_dim 64/128: its row softmax runs on 16 lanes and the accumulators round-trip
         # through shared memory every tile), so only AULE_VULKAN_VARIANT=coopmat selects it.
         order += ["fp16"]
-    order += ["fast", "baseline"]
+    # CPU devices, float32: lavapipe (2 shared cores) fp32 B1 H8 S1024 D64 causal, medians of runs
+    # interleaved in one process: cpu 98 ms, fast 459 ms; benchmark script: cpu 97, fast 257-478.
+    # float16 keeps its fp16 variant: GpuTensors must stay in their dtype.
+    # head_dim 256 is left to `fast`: unmeasured there, and its first call JITs for minutes.
+    order += (["cpu"] if info.is_cpu and dtype != "float16" and d <= 128 else []) + ["fast", "baseline"]
     for name in order:
         v = VARIANTS[name]
         if v.for_vendor and v.for_vendor != info.vendor:
