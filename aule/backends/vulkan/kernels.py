@@ -302,7 +302,8 @@ def _select(dtype: str, d: int, info, forced: str | None, seq_k: int, seq_q: int
         # through shared memory every tile), so only AULE_VULKAN_VARIANT=coopmat selects it.
         order += ["fp16"]
     # CPU devices, float32: lavapipe (2 shared cores) fp32 B1 H8 S1024 D64 causal, medians of runs
-    # interleaved in one process: cpu 98 ms, fast 459 ms; benchmark script: cpu 97, fast 257-478.
+    # interleaved in one process: cpu 45-58 ms, fast 179-241, torch SDPA 13-15 (load ~1.3); cpu 98,
+    # fast 459 (busy); benchmark script: cpu 35, fast 233-279, torch 10.5. D128: cpu 168, fast 617.
     # float16 keeps its fp16 variant: GpuTensors must stay in their dtype.
     # head_dim 256 is left to `fast`: unmeasured there, and its first call JITs for minutes.
     order += (["cpu"] if info.is_cpu and dtype != "float16" and d <= 128 else []) + ["fast", "baseline"]
