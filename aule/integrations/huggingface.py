@@ -35,10 +35,18 @@ NAME = "aule"
 _WINDOW_TAG = "_aule_window"
 
 
-def _masking():
-    from transformers import masking_utils
+_masking_utils = None
 
-    return masking_utils
+
+def _masking():
+    """transformers' masking module, imported once outside any traced frame: dynamo cannot trace an
+    import of transformers' lazy modules (a graph break under torch.compile on some versions)."""
+    global _masking_utils
+    if _masking_utils is None:
+        from transformers import masking_utils
+
+        _masking_utils = masking_utils
+    return _masking_utils
 
 
 def _padding_clear(padding_mask, kv_length, kv_offset) -> bool:
