@@ -11,7 +11,7 @@ job=${1:-setup}; shift || true
 venv=${AULE_VENV:-$root/.venv}
 log() { echo "[bootstrap] $*" >&2; }
 # pip's notes about this machine's empty local mirrors and setuptools' notices are noise here.
-quiet_pip() { "$py" -m pip "$@" 2> >(grep -v -E "is ignored: it is neither|BuildBackendWarning|^\s*(!!|\*+|$)" >&2); }
+quiet_pip() { "$py" -m pip "$@" 2> >(grep -v -E "is ignored: it is neither|BuildBackendWarning|Please be careful|name as your package|with strategy, WheelFile|^\s*(!!|\*+|$)" >&2); }
 
 sudo_cmd() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
 
