@@ -31,32 +31,12 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def graph_time_us(torch, fns, reps=20, warmup=3):
-    """Median per-call microseconds of ``fns`` (one call each, in order) replayed as one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            for f in fns:
-                f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / len(fns))
-    del g
-    return statistics.median(times)
+def graph_time_us(torch, fns):
+    """Median per-call microseconds of ``fns`` (one call each, in order) replayed as one CUDA graph
+    (the harness's timer, so this script and ``aule bench`` measure decode the same way)."""
+    from aule.bench.timing import cuda_graph_time
+
+    return cuda_graph_time(fns)["ms"] * 1000
 
 
 def build_inputs(torch, rng, batch, ctx, heads_q, heads_kv, head_dim, block_size, dtype, copies):
@@ -158,7 +138,7 @@ def run_cuda(args, shapes, hq, hk, d, bs):
     # Copy ceiling: a large device-to-device copy, bytes read + written.
     big = torch.empty(2 ** 30 // 2, dtype=torch.float16, device="cuda")
     dst = torch.empty_like(big)
-    copy_us = graph_time_us(torch, [lambda: dst.copy_(big)], reps=10)
+    copy_us = graph_time_us(torch, [lambda: dst.copy_(big)])
     copy_tbs = 2 * big.numel() * 2 / copy_us / 1e6
     del big, dst
     log(f"device copy: {copy_tbs:.2f} TB/s")
