@@ -34,12 +34,15 @@ def _forced_backend(backend):
     return None if backend is None else backends.canonical_name(backend)
 
 
-def _needs_grad(call: AttentionCall) -> bool:
-    if call.kind != "torch":
-        return False
+def tensors_need_grad(*tensors) -> bool:
+    """True when autograd is on and any of these torch tensors requires grad."""
     import torch
 
-    return torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v))
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _needs_grad(call: AttentionCall) -> bool:
+    return call.kind == "torch" and tensors_need_grad(call.q, call.k, call.v)
 
 
 def _refusal(b, call: AttentionCall, forced: bool):

@@ -86,7 +86,7 @@ class AttentionCall:
                 f"window=({self.left},{self.right})")
 
 
-def _shape(x):
+def shape_tuple(x):
     return tuple(int(s) for s in x.shape)
 
 
@@ -132,9 +132,9 @@ def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, ret
     kind, device = check_same_family(named)
     for n, x in named.items():
         if len(x.shape) != 4:
-            raise ValueError(f"{n} must be 4-D [batch, heads, seq, head_dim], got shape {_shape(x)}")
+            raise ValueError(f"{n} must be 4-D [batch, heads, seq, head_dim], got shape {shape_tuple(x)}")
     dtype = check_float_dtypes(named)
-    qs, ks, vs = _shape(query), _shape(key), _shape(value)
+    qs, ks, vs = shape_tuple(query), shape_tuple(key), shape_tuple(value)
     if not (qs[0] == ks[0] == vs[0]):
         raise ValueError(f"batch sizes differ: query {qs}, key {ks}, value {vs} (dimension 0 must match)")
     if ks[:3] != vs[:3]:

@@ -16,10 +16,8 @@ any kernel runs, so a bad table raises ``ValueError`` instead of reading out of 
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +25,7 @@ import numpy as np
 
 from . import backends, masks
 from .api import _AUTO_ORDER, _forced_backend, _place
-from .call import array_kind, check_float_dtypes, check_scale, device_of, dtype_name, is_torch_tensor
+from .call import array_kind, check_float_dtypes, check_scale, device_of, dtype_name, is_torch_tensor, shape_tuple
 from .errors import AuleError, UnsupportedError
 
 log = logging.getLogger("aule")
@@ -40,7 +38,6 @@ _PAGED_MODULES = {
     "numpy": ("aule.backends.numpy_paged", "NumpyPagedBackend"),
 }
 _instances: dict = {}
-_lock = threading.Lock()
 
 
 class CacheFullError(AuleError, MemoryError):
@@ -49,15 +46,7 @@ class CacheFullError(AuleError, MemoryError):
 
 def get_paged_backend(name: str):
     """The paged backend registered under ``name`` (``cpu`` is ``numpy``), imported on first use."""
-    key = backends.canonical_name(name)
-    with _lock:
-        if key not in _instances:
-            module, cls = _PAGED_MODULES[key]
-            try:
-                _instances[key] = getattr(importlib.import_module(module), cls)()
-            except (ImportError, AttributeError) as exc:
-                _instances[key] = backends._Missing(key, f"cannot import {module}: {exc}")
-        return _instances[key]
+    return backends.load(name, _PAGED_MODULES, _instances)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,10 +90,6 @@ class PagedCall:
                 f"max_context={self.max_context}")
 
 
-def _shape(x):
-    return tuple(int(s) for s in x.shape)
-
-
 def _int_array(x, name: str, ndim: int):
     """Check an integer table (NumPy array or torch tensor) of ``ndim`` dimensions."""
     if isinstance(x, (list, tuple)):
@@ -116,7 +101,7 @@ def _int_array(x, name: str, ndim: int):
     if dt not in ("int32", "int64", "int16", "uint8", "int8", "uint16", "uint32"):
         raise TypeError(f"{name} must hold integers (int32 preferred), got dtype {dt}")
     if len(x.shape) != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(x)}")
+        raise ValueError(f"{name} must be {ndim}-D, got shape {shape_tuple(x)}")
     return x
 
 
@@ -128,7 +113,7 @@ def check_tables(block_tables, context_lens, num_blocks: int, block_size: int) -
     ids in ``[0, num_blocks)``. Entries past a sequence's last block are padding and never read.
     One host synchronisation for device tensors.
     """
-    batch, max_blocks = _shape(block_tables)
+    batch, max_blocks = shape_tuple(block_tables)
     if batch == 0:
         return 0
     if is_torch_tensor(block_tables) or is_torch_tensor(context_lens):
@@ -170,7 +155,7 @@ def check_cache_pair(k_cache, v_cache):
     if kk != vk or device_of(k_cache) != device_of(v_cache):
         raise TypeError(f"k_cache and v_cache must be the same kind of array on one device, got "
                         f"{kk} on {device_of(k_cache)} and {vk} on {device_of(v_cache)}")
-    ks, vs = _shape(k_cache), _shape(v_cache)
+    ks, vs = shape_tuple(k_cache), shape_tuple(v_cache)
     if len(ks) != 4:
         raise ValueError(f"k_cache must be 4-D [num_blocks, block_size, heads_kv, head_dim], got shape {ks}")
     if ks != vs:
@@ -200,7 +185,7 @@ def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=No
     elif qk != cache_kind or qdev != cache_dev:
         raise TypeError(f"q and the caches must be the same kind of array on one device, got q: {qk} on "
                         f"{qdev}, caches: {cache_kind} on {cache_dev}")
-    qs = _shape(q)
+    qs = shape_tuple(q)
     if len(qs) != 4:
         raise ValueError(f"q must be 4-D [batch, heads_q, q_len, head_dim], got shape {qs}")
     qdt = dtype_name(q)
@@ -214,7 +199,7 @@ def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=No
                          f"grouped-query attention; q {qs}, k_cache {cs}")
     block_tables = _int_array(block_tables, "block_tables", 2)
     context_lens = _int_array(context_lens, "context_lens", 1)
-    bts, cls = _shape(block_tables), _shape(context_lens)
+    bts, cls = shape_tuple(block_tables), shape_tuple(context_lens)
     if bts[0] != qs[0] or cls[0] != qs[0]:
         raise ValueError(f"batch sizes differ: q {qs}, block_tables {bts}, context_lens {cls} "
                          "(dimension 0 must match)")
@@ -264,7 +249,7 @@ def route_paged(call, backend=None, op: str = "attention"):
 def _zeros_like_q(call: PagedCall):
     q = call.q
     if call.q_kind == "numpy":
-        return np.zeros(_shape(q), dtype=q.dtype)
+        return np.zeros(shape_tuple(q), dtype=q.dtype)
     if call.q_kind == "torch":
         import torch
 
@@ -328,7 +313,7 @@ class CopyKVCall:
 
 def _check_slots(slot_mapping, capacity: int):
     """Non-negative slots must be < capacity and distinct (two writes to one slot race)."""
-    n = _shape(slot_mapping)[0]
+    n = shape_tuple(slot_mapping)[0]
     if n == 0:
         return
     if is_torch_tensor(slot_mapping):
@@ -361,20 +346,20 @@ def canonicalize_copy_kv(key, value, k_cache, v_cache, slot_mapping) -> CopyKVCa
             ok = kind == cache_kind and device_of(x) == dev
         if not ok:
             raise TypeError(f"{n} ({kind} on {device_of(x)}) does not match the caches ({cache_kind} on {dev})")
-        if _shape(x) != _shape(key) or len(_shape(x)) != 3 or _shape(x)[1:] != (heads_kv, head_dim):
+        if shape_tuple(x) != shape_tuple(key) or len(shape_tuple(x)) != 3 or shape_tuple(x)[1:] != (heads_kv, head_dim):
             raise ValueError(f"key and value must both be [num_tokens, heads_kv={heads_kv}, head_dim={head_dim}], "
-                             f"got key {_shape(key)}, value {_shape(value)}")
+                             f"got key {shape_tuple(key)}, value {shape_tuple(value)}")
         if dtype_name(x) != dtype:
             raise TypeError(f"{n} has dtype {dtype_name(x)} but the caches hold {dtype}")
     slot_mapping = _int_array(slot_mapping, "slot_mapping", 1)
-    if _shape(slot_mapping)[0] != _shape(key)[0]:
-        raise ValueError(f"slot_mapping has {_shape(slot_mapping)[0]} entries for {_shape(key)[0]} tokens "
+    if shape_tuple(slot_mapping)[0] != shape_tuple(key)[0]:
+        raise ValueError(f"slot_mapping has {shape_tuple(slot_mapping)[0]} entries for {shape_tuple(key)[0]} tokens "
                          "(one slot per token)")
     if cache_kind == "torch" and is_torch_tensor(slot_mapping) and str(slot_mapping.device) != dev:
         raise ValueError(f"slot_mapping is on {slot_mapping.device} but the caches are on {dev}")
     _check_slots(slot_mapping, num_blocks * block_size)
     return CopyKVCall(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
-                      kind=cache_kind, device=dev, dtype=dtype, num_tokens=_shape(key)[0],
+                      kind=cache_kind, device=dev, dtype=dtype, num_tokens=shape_tuple(key)[0],
                       num_blocks=num_blocks, block_size=block_size, heads_kv=heads_kv, head_dim=head_dim)
 
 
@@ -525,9 +510,9 @@ class PagedKVCache:
 
     def append(self, seq_id, key, value):
         """Append tokens ``key, value [num_tokens, heads_kv, head_dim]`` to a sequence; returns the slots."""
-        n = _shape(key)[0] if len(_shape(key)) == 3 else None
+        n = shape_tuple(key)[0] if len(shape_tuple(key)) == 3 else None
         if n is None:
-            raise ValueError(f"key must be [num_tokens, heads_kv, head_dim], got shape {_shape(key)}")
+            raise ValueError(f"key must be [num_tokens, heads_kv, head_dim], got shape {shape_tuple(key)}")
         table_before = list(self._tables[self._known(seq_id)])
         len_before = self._lens[seq_id]
         # Validate the data before taking blocks, so a bad write cannot leave half-grown tables.

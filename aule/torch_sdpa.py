@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
+from .api import tensors_need_grad
 from .errors import UnsupportedError
 
 log = logging.getLogger("aule")
@@ -165,10 +166,6 @@ def _host_attention_fake(query, key, value, scale, left, right, backend):
 # --------------------------------------------------------------------------------------------
 # routing
 
-def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-
-
 def _backend_for(q, k, v, scale, left, right, forced):
     """Eager routing check: the backend aule would use for this call, or the reason it cannot."""
     from . import api
@@ -187,7 +184,7 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str):
     from .api import flash_attention
 
     forced = _state.backend
-    needs_grad = _needs_grad(q, k, v)
+    needs_grad = tensors_need_grad(q, k, v)
     device = q.device.type
     if device not in ("cpu", "cuda"):
         _note(("fallback", "device", device), "aule: no aule backend for %s tensors; torch SDPA serves them",

@@ -52,16 +52,23 @@ class _Missing:
         return {}
 
 
-def get(name: str):
+def load(name: str, registry: dict, instances: dict):
+    """The instance registered under ``name`` in ``registry`` (name -> (module, class)), imported
+    and created on first use and kept in ``instances``; a module that cannot be imported gives a
+    stand-in that is unavailable with the reason. Paged backends use the same mechanism."""
     key = canonical_name(name)
     with _lock:
-        if key not in _instances:
-            module, cls = _REGISTRY[key]
+        if key not in instances:
+            module, cls = registry[key]
             try:
-                _instances[key] = getattr(importlib.import_module(module), cls)()
+                instances[key] = getattr(importlib.import_module(module), cls)()
             except (ImportError, AttributeError) as exc:
-                _instances[key] = _Missing(key, f"cannot import {module}: {exc}")
-        return _instances[key]
+                instances[key] = _Missing(key, f"cannot import {module}: {exc}")
+        return instances[key]
+
+
+def get(name: str):
+    return load(name, _REGISTRY, _instances)
 
 
 def require(name: str):
