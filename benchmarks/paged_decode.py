@@ -217,6 +217,7 @@ def run_vulkan(shapes, hq, hk, d, bs, reps=20):
     from aule import paged as pg
     from aule.backends.vulkan import GpuTensor, runtime
     from aule.backends.vulkan.paged import run_paged
+    from aule.bench.timing import spin_up
     from aule.reference import attention_reference
 
     ctx = runtime.context()
@@ -244,13 +245,14 @@ def run_vulkan(shapes, hq, hk, d, bs, reps=20):
         out, _ = run_paged(backend, calls[0])
         err = float(np.linalg.norm(out[:1].astype(np.float64) - ref) / np.linalg.norm(ref))
         ns, walls = [], []
-        for r in range(reps + 2):
+        spin = iter(range(1 << 30))
+        spin_up(lambda: run_paged(backend, calls[next(spin) % copies]))  # clocks up before timing
+        for r in range(reps):
             t0 = time.perf_counter()
             _, t = run_paged(backend, calls[r % copies], timestamps=True)
-            if r >= 2:
-                walls.append((time.perf_counter() - t0) * 1e6)
-                if t is not None:
-                    ns.append(t)
+            walls.append((time.perf_counter() - t0) * 1e6)
+            if t is not None:
+                ns.append(t)
         us = statistics.median(ns) / 1e3 if ns else float("nan")
         row = dict(batch=batch, context=ctx_len, us=us, tbs=cache_bytes / us / 1e6, wall_us=statistics.median(walls),
                    err=err, device=ctx.info.name)

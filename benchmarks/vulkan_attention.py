@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aule  # noqa: E402
 from aule.backends.vulkan import GpuTensor, attention, kernels, runtime, to_gpu  # noqa: E402
+from aule.bench.timing import spin_up  # noqa: E402
 from aule.reference import attention_reference  # noqa: E402
 
 
@@ -46,12 +47,9 @@ def check(out, q, k, v, causal, heads=(0, -1)):
     return err
 
 
-def time_vulkan(qg, kg, vg, causal, reps, warmup_s=0.5):
-    # Warm up for a while, not a few calls: on the H100 a shape timed right after the host-side
-    # reference check sometimes ran 5x slower than the same shape timed again (clocks).
-    t_end = time.perf_counter() + warmup_s
-    while time.perf_counter() < t_end:
-        attention(qg, kg, vg, causal=causal)[0].free()
+def time_vulkan(qg, kg, vg, causal, reps):
+    # Warm up for a while, not a few calls: the driver raises the clocks only under sustained work.
+    spin_up(lambda: attention(qg, kg, vg, causal=causal)[0].free())
     walls, gpus = [], []
     for _ in range(reps):
         t0 = time.perf_counter()

@@ -20,6 +20,9 @@
 #else
 #define ELEM4 vec4
 #endif
+// K/V tiles stay in their storage type in shared memory: half the footprint for fp16 caches, so
+// more workgroups share a multiprocessor.
+#define SELEM4 ELEM4
 
 layout(constant_id = 0) const uint D = 128;   // head_dim, a multiple of 4
 layout(constant_id = 1) const uint BM = 16;   // stacked rows per workgroup
@@ -31,7 +34,7 @@ const uint D4 = D / 4;
 const uint KP4 = D4 + 1;          // padded K row: score-loop neighbours read different banks
 const uint SP = BN + 1;           // padded score row
 const uint NA = (BM * D4 + WG - 1) / WG;  // output vec4s per invocation
-const uint NO_KEY = 0xFFFFFFFFu;
+const uint NS = (BM * BN + WG - 1) / WG;  // (row, key) scores per invocation
 const float NEG_INF = -1.0 / 0.0;
 
 // Mirrored in aule/backends/vulkan/paged.py (PAGED_PUSH); 4-byte fields only, order matters.
@@ -57,12 +60,37 @@ layout(std430, binding = 6) buffer POB { vec4 part_o[]; };            // [B, Hq,
 layout(std430, binding = 7) buffer PLB { float part_lse[]; };         // [B, Hq, q_len, splits]
 
 shared vec4 Qs[BM * D4];
-shared vec4 Ks[BN * KP4];
-shared vec4 Vs[BN * D4];
-shared float Ss[BM * SP];
-shared float row_a[BM];   // per-row rescale factor, then the final l
-shared float row_m[BM];
-shared uint key_base[BN]; // vec4 index of each key's row in the cache, NO_KEY when not loaded
+shared SELEM4 Ks[BN * KP4];
+shared SELEM4 Vs[BN * D4];
+shared float Ss[BM * SP];     // scores of the tile
+shared float Ps[BM * SP];     // their probabilities (a second array: Ss is still read for row maxima)
+shared float row_a[BM];       // per-row rescale factor of the tile, then the final l
+shared float row_m[2 * BM];   // running row maxima, double-buffered by tile parity
+
+// The next key tile, fetched into registers while the current one is computed. The loads are
+// unconditional (keys outside the tile's range read slot 0 and are zeroed when stored): a load under
+// a branch makes the compiler wait for it at the branch's end, one memory latency per load.
+const uint NL = (BN * D4 + WG - 1) / WG;  // K (and V) vec4s each invocation fetches per tile
+ELEM4 k_next[NL];
+ELEM4 v_next[NL];
+
+bool key_in_tile(int t, uint i, int k_lo, int k_hi) {
+    const int j = t * int(BN) + int(i / D4);
+    return i < BN * D4 && j >= k_lo && j < k_hi;
+}
+
+void fetch_tile(int t, uint b, uint hk, int k_lo, int k_hi) {
+    const uint row_stride = pc.heads_kv * D4;   // vec4s between consecutive slots of a block
+    [[unroll]] for (uint a = 0; a < NL; ++a) {
+        const uint i = gl_LocalInvocationID.x + a * WG;
+        const bool ok = key_in_tile(t, i, k_lo, k_hi);
+        const uint j = uint(t * int(BN)) + i / D4;
+        const uint blk = uint(block_tables[ok ? b * pc.max_blocks + j / pc.block_size : 0u]);
+        const uint at = ok ? (blk * pc.block_size + j % pc.block_size) * row_stride + hk * D4 + i % D4 : 0u;
+        k_next[a] = kc[at];
+        v_next[a] = vc[at];
+    }
+}
 
 void merge_splits() {
     const uint row = gl_WorkGroupID.x * pc.q_len + gl_WorkGroupID.y;
@@ -97,7 +125,6 @@ void main() {
     const int ctx = context_lens[b];
     const int ql = int(pc.q_len);
     const uint heads_q = pc.heads_kv * pc.group;
-    const uint row_stride = pc.heads_kv * D4;          // vec4s between consecutive slots of a block
 
     // Keys any row of the tile can see: up to the last row's position (causal), from the first
     // row's window edge.
@@ -124,60 +151,63 @@ void main() {
     }
     vec4 acc[NA];
     [[unroll]] for (uint a = 0; a < NA; ++a) acc[a] = vec4(0);
-    float m_i = NEG_INF, l_i = 0.0;   // statistics of row `tid` (tid < BM)
+    // Each invocation owns NS (row, key) slots of every tile: its score, and its share of the row's
+    // sum l (rescaled with the row, summed over the row's slots once at the end).
+    float s_own[NS];
+    float l_own[NS];
+    [[unroll]] for (uint k = 0; k < NS; ++k) l_own[k] = 0.0;
+    for (uint r = tid; r < BM; r += WG) row_m[r] = NEG_INF;
 
+    if (t_start < t_end) fetch_tile(t_start, b, hk, k_lo, k_hi);
     for (int t = t_start; t < t_end; ++t) {
         const int k0 = t * int(BN);
+        const uint cur = uint(t - t_start) & 1u, nxt = cur ^ 1u;
         barrier();   // the previous tile is no longer read
-        for (uint n = tid; n < BN; n += WG) {
-            int j = k0 + int(n);
-            uint base = NO_KEY;
-            if (j >= k_lo && j < k_hi) {
-                uint blk = uint(block_tables[b * pc.max_blocks + uint(j) / pc.block_size]);
-                base = (blk * pc.block_size + uint(j) % pc.block_size) * row_stride + hk * D4;
+        [[unroll]] for (uint a = 0; a < NL; ++a) {
+            const uint i = tid + a * WG;
+            // Zeros, not whatever slot 0 holds, for keys outside the range: a NaN would survive p = 0.
+            const bool ok = key_in_tile(t, i, k_lo, k_hi);
+            if (i < BN * D4) {
+                Ks[(i / D4) * KP4 + i % D4] = ok ? k_next[a] : SELEM4(0);
+                Vs[i] = ok ? v_next[a] : SELEM4(0);
             }
-            key_base[n] = base;
         }
         barrier();
-        // K and V of the tile together: twice the loads in flight per barrier.
-        for (uint i = tid; i < BN * D4; i += WG) {
-            uint n = i / D4, c = i % D4;
-            uint base = key_base[n];
-            vec4 kx = vec4(0), vx = vec4(0);
-            if (base != NO_KEY) {   // zeros, not stale cache contents: a NaN would survive p = 0
-                kx = vec4(kc[base + c]);
-                vx = vec4(vc[base + c]);
+        if (t + 1 < t_end) fetch_tile(t + 1, b, hk, k_lo, k_hi);
+        [[unroll]] for (uint k = 0; k < NS; ++k) {
+            const uint i = tid + k * WG;
+            if (i < BM * BN) {
+                uint r = i / BN, n = i % BN;
+                float s = 0.0;
+                for (uint c = 0; c < D4; ++c) s += dot(Qs[r * D4 + c], vec4(Ks[n * KP4 + c]));
+                int j = k0 + int(n);
+                int pos = ctx - ql + (r0 + int(r)) / int(pc.group);
+                bool ok = j >= k_lo && j < k_hi && j <= pos && (pc.left < 0 || j >= pos - pc.left);
+                s_own[k] = ok ? s : NEG_INF;
+                Ss[r * SP + n] = s_own[k];
             }
-            Ks[n * KP4 + c] = kx;
-            Vs[n * D4 + c] = vx;
         }
         barrier();
-        for (uint i = tid; i < BM * BN; i += WG) {
-            uint r = i / BN, n = i % BN;
-            float s = 0.0;
-            for (uint c = 0; c < D4; ++c) s += dot(Qs[r * D4 + c], Ks[n * KP4 + c]);
-            int j = k0 + int(n);
-            int pos = ctx - ql + (r0 + int(r)) / int(pc.group);
-            bool ok = key_base[n] != NO_KEY && j <= pos && (pc.left < 0 || j >= pos - pc.left);
-            Ss[r * SP + n] = ok ? s : NEG_INF;
-        }
-        barrier();
-        if (tid < BM) {
-            float mx = NEG_INF;
-            for (uint n = 0; n < BN; ++n) mx = max(mx, Ss[tid * SP + n]);
-            float m_new = max(m_i, mx);
-            // A row that has seen no key keeps m = -inf; shifting by 0 keeps exp2 at 0, not NaN.
-            float m_safe = m_new == NEG_INF ? 0.0 : m_new;
-            float sum = 0.0;
-            for (uint n = 0; n < BN; ++n) {
-                float p = exp2(Ss[tid * SP + n] - m_safe);
-                Ss[tid * SP + n] = p;
-                sum += p;
+        // Online softmax, every slot at once: each reads its row's scores for the maximum.
+        [[unroll]] for (uint k = 0; k < NS; ++k) {
+            const uint i = tid + k * WG;
+            if (i < BM * BN) {
+                uint r = i / BN, n = i % BN;
+                float mx = NEG_INF;
+                for (uint c = 0; c < BN; ++c) mx = max(mx, Ss[r * SP + c]);
+                float m_old = row_m[cur * BM + r];
+                float m_new = max(m_old, mx);
+                // A row that has seen no key keeps m = -inf; shifting by 0 keeps exp2 at 0, not NaN.
+                float m_safe = m_new == NEG_INF ? 0.0 : m_new;
+                float alpha = exp2(m_old - m_safe);
+                float p = exp2(s_own[k] - m_safe);
+                Ps[r * SP + n] = p;
+                l_own[k] = l_own[k] * alpha + p;
+                if (n == 0u) {
+                    row_a[r] = alpha;
+                    row_m[nxt * BM + r] = m_new;
+                }
             }
-            float alpha = exp2(m_i - m_safe);
-            l_i = l_i * alpha + sum;
-            m_i = m_new;
-            row_a[tid] = alpha;
         }
         barrier();
         [[unroll]] for (uint a = 0; a < NA; ++a) {
@@ -185,16 +215,24 @@ void main() {
             if (i < BM * D4) {
                 uint r = i / D4, c = i % D4;
                 vec4 x = acc[a] * row_a[r];
-                for (uint n = 0; n < BN; ++n) x += Ss[r * SP + n] * Vs[n * D4 + c];
+                for (uint n = 0; n < BN; ++n) x += Ps[r * SP + n] * vec4(Vs[n * D4 + c]);
                 acc[a] = x;
             }
         }
     }
 
+    // Row sums from the slots' shares; the final maxima sit in the buffer the last tile wrote.
+    const uint fin = uint(max(t_end - t_start, 0)) & 1u;
+    barrier();
+    [[unroll]] for (uint k = 0; k < NS; ++k) {
+        const uint i = tid + k * WG;
+        if (i < BM * BN) Ps[(i / BN) * SP + i % BN] = l_own[k];
+    }
     barrier();
     if (tid < BM) {
-        row_a[tid] = l_i;
-        row_m[tid] = m_i;
+        float l = 0.0;
+        for (uint n = 0; n < BN; ++n) l += Ps[tid * SP + n];
+        row_a[tid] = l;
     }
     barrier();
     [[unroll]] for (uint a = 0; a < NA; ++a) {
@@ -212,7 +250,7 @@ void main() {
         } else {
             uint prow = orow * pc.num_splits + split;
             part_o[prow * D4 + c] = out_v;
-            if (c == 0u) part_lse[prow] = l > 0.0 ? row_m[r] + log2(l) : NEG_INF;
+            if (c == 0u) part_lse[prow] = l > 0.0 ? row_m[fin * BM + r] + log2(l) : NEG_INF;
         }
     }
 }

@@ -139,11 +139,30 @@ def per_call_us(fn, sync=None, rounds: int = 5, min_round_s: float = 0.05) -> di
     return out
 
 
-def reported_time(measure_ms, warmup: int = 2, reps: int = 10, max_s: float = 10.0):
-    """Median of times that each call reports itself (GPU timestamps); None when it reports none."""
-    for _ in range(warmup):
-        if measure_ms() is None:
-            return None
+# NVIDIA's Vulkan driver raises the clocks only under sustained work: on the H100 a decode shader
+# ran at 420 MHz, 4.4x slower, until about 300 ms of back-to-back submissions, then at 1980 MHz
+# (nvidia-smi's clocks.sm; CUDA work showed no such ramp). Self-timed device calls are therefore
+# measured after this much continuous work, as a busy server would run them.
+DEVICE_WARMUP_S = 0.5
+
+
+def spin_up(fn, seconds: float = DEVICE_WARMUP_S, min_calls: int = 1):
+    """Call ``fn`` back to back for ``seconds`` (at least ``min_calls`` times); returns its last result."""
+    t_end = time.perf_counter() + seconds
+    n, out = 0, None
+    while n < min_calls or time.perf_counter() < t_end:
+        out = fn()
+        n += 1
+    return out
+
+
+def reported_time(measure_ms, warmup: int = 2, reps: int = 10, max_s: float = 10.0,
+                  warmup_s: float = DEVICE_WARMUP_S):
+    """Median of times that each call reports itself (GPU timestamps); None when it reports none.
+    Warms up for ``warmup`` calls and at least ``warmup_s`` seconds of continuous calls."""
+    if measure_ms() is None:
+        return None
+    spin_up(measure_ms, warmup_s, max(0, warmup - 1))
     samples = []
     begin = time.perf_counter()
     while len(samples) < reps:
