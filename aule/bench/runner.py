@@ -518,7 +518,10 @@ def attention_flops(p: dict) -> float:
 
 
 class Runner:
-    def __init__(self, quick=False, budget_s=None, progress=True, gpu_warmup_ms=10, gpu_rep_ms=50):
+    # 250 ms of back-to-back calls before each CUDA timing, not a few: Triton compiles and the
+    # float64 checks leave the GPU idle for seconds, and with a Vulkan context in the process the
+    # H100 then sat at low clocks (the first case after a compile ran 2x slow with 10 ms warm-ups).
+    def __init__(self, quick=False, budget_s=None, progress=True, gpu_warmup_ms=250, gpu_rep_ms=50):
         self.quick = quick
         self.budget_s = budget_s
         self.t0 = time.perf_counter()
