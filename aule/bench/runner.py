@@ -519,8 +519,8 @@ def attention_flops(p: dict) -> float:
 
 class Runner:
     # 250 ms of back-to-back calls before each CUDA timing, not a few: Triton compiles and the
-    # float64 checks leave the GPU idle for seconds, and with a Vulkan context in the process the
-    # H100 then sat at low clocks (the first case after a compile ran 2x slow with 10 ms warm-ups).
+    # float64 checks leave the GPU idle for seconds, and after Vulkan work in the process the H100
+    # idled at 420 MHz instead of 1980 (nvidia-smi), ramping up only under sustained load.
     def __init__(self, quick=False, budget_s=None, progress=True, gpu_warmup_ms=250, gpu_rep_ms=50):
         self.quick = quick
         self.budget_s = budget_s
