@@ -35,11 +35,18 @@ def array_kind(x, name: str) -> str:
         f"{name} must be a NumPy array or a torch tensor, got {type(x).__module__}.{type(x).__name__}")
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(x) -> str:
     """Dtype of an array or tensor as a plain string ('float16', 'bfloat16', 'int32', ...)."""
-    if isinstance(x, np.ndarray):
-        return x.dtype.name
-    return str(x.dtype).replace("torch.", "")
+    dt = x.dtype
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        # NumPy builds a dtype's name in Python on every access: remembered, it costs a lookup.
+        name = dt.name if isinstance(dt, np.dtype) else str(dt).replace("torch.", "")
+        _DTYPE_NAMES[dt] = name
+    return name
 
 
 def device_of(x) -> str:
