@@ -234,6 +234,20 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.aule.triton_attention_fwd.default, args)
 
 
+def test_only_untraced_inference_skips_the_custom_op(monkeypatch):
+    """Eager calls with nothing to record run the kernels directly (less host time per call);
+    a call autograd or a tracer must see goes through the custom op."""
+    q, k, v = make(1, 2, 1, 24, 24, 32, "float32", 7)
+    assert ops._eager_inference(q, k, v)
+    q.requires_grad_()
+    assert not ops._eager_inference(q, k, v)
+    with torch.no_grad():
+        assert ops._eager_inference(q, k, v)
+    q.requires_grad_(False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not ops._eager_inference(q, k, v)
+
+
 def test_torch_compile_no_graph_break():
     q, k, v = (x.requires_grad_() for x in make(1, 2, 1, 24, 24, 32, "float32", 6))
     fn = torch.compile(lambda a, b, c: ops.triton_attention(a, b, c, 0.2, -1, 0)[0].sum(),

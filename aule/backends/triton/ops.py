@@ -249,7 +249,25 @@ def _backward(ctx, dout, dlse):
 triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _eager_inference(*tensors) -> bool:
+    """No gradient to record, no graph being traced, no functorch transform, plain tensors."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.compiler.is_compiling() or _functorch_active():
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
 def triton_attention(q, k, v, scale: float, left: int = -1, right: int = -1):
     """Differentiable attention through the custom op: ``(out, lse)``. ``left``/``right`` are
     aule.masks' canonical window (``-1`` unbounded; causal is ``right=0``)."""
+    if _eager_inference(q, k, v):
+        # Inference in eager mode runs the kernels directly: the custom op's autograd wrapper and
+        # redispatch add host time that short calls (a decode step, a 1k-token layer) feel.
+        return attention_forward(q, k, v, float(scale), int(left), int(right))
     return torch.ops.aule.triton_attention_fwd(q, k, v, float(scale), int(left), int(right))
