@@ -176,6 +176,20 @@ def test_targets_are_evaluated():
     assert report.evaluate_targets(fake, {"cpu": (t,)})[0]["verdict"] == "met"
 
 
+def test_lavapipe_target_is_judged_only_on_a_cpu_vulkan_device():
+    t = suites.Target("lavapipe <= 50 ms", "aule:vulkan", {"S": 64}, None, 50.0, at_most=True,
+                      metric="ms", cpu_vulkan_only=True)
+    rows = [{"case": "a", "contender": "aule:vulkan", "params": {"S": 64}, "status": "ok", "ms": 3.0}]
+
+    def on(device_type):
+        fake = {"machine": {"vulkan": {"device": {"type": device_type}}},
+                "suites": {"cpu": {"status": "ran", "metric": "gflops", "rows": rows}}}
+        return report.evaluate_targets(fake, {"cpu": (t,)})
+
+    assert [v["verdict"] for v in on("cpu")] == ["met"]
+    assert on("discrete-gpu") == []
+
+
 def test_readme_section_replaces_only_its_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# project\n\nintro\n")

@@ -155,6 +155,8 @@ def evaluate_targets(results: dict, targets: dict | None = None) -> list[dict]:
         for t in targets.get(name, ()):
             if t.gpu_only and not has_gpu:
                 continue
+            if t.cpu_vulkan_only and vk_dev.get("type") != "cpu":
+                continue  # a GPU's Vulkan served these rows: they say nothing about lavapipe
             metric = t.metric or res["metric"]
             rows = [r for r in res["rows"] if r["contender"] == t.contender and matches(r["params"], t.where)]
             checked = []

@@ -86,6 +86,7 @@ class Target:
     at_most: bool = False  # the metric must stay at or under ``value`` (memory, latency)
     metric: str | None = None  # another row field than the suite's metric ('ms', 'us_per_call')
     gpu_only: bool = False  # judged only on a machine with a GPU (CUDA or a GPU-type Vulkan device)
+    cpu_vulkan_only: bool = False  # judged only where the Vulkan device is a CPU driver (lavapipe)
 
 
 def _dense(mode):
@@ -198,7 +199,7 @@ SUITES = (
                           {"S": 4096}, "torch-sdpa", 0.5),
                    Target("Vulkan on lavapipe, B1 H8 S1024 D64 causal: at most 50 ms per call",
                           "aule:vulkan", {"S": 1024, "causal": True, "D": 64}, None, 50.0, at_most=True,
-                          metric="ms"))),
+                          metric="ms", cpu_vulkan_only=True))),
     Suite("memory", "NumPy backend peak extra memory (torch-free subprocess, fp32, B1 H8 D64 causal)",
           "memory", tuple(dict(B=1, Hq=8, Hkv=8, S=s, D=64, causal=True, window=-1, dtype="float32",
                                device="cpu") for s in (4096, 16384)),
