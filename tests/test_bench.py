@@ -190,6 +190,13 @@ def test_lavapipe_target_is_judged_only_on_a_cpu_vulkan_device():
     assert on("discrete-gpu") == []
 
 
+def test_commit_told_by_the_caller_wins(monkeypatch):
+    from aule.bench import machine
+
+    monkeypatch.setenv("AULE_BENCH_COMMIT", "abc1234")
+    assert machine._git_commit() == "abc1234"
+
+
 def test_readme_section_replaces_only_its_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# project\n\nintro\n")

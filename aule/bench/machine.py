@@ -100,13 +100,17 @@ def vulkan_info() -> dict:
 
 
 def _git_commit():
+    # A copy of the tree on a remote benchmark machine is told its commit: the copy's own .git, if
+    # any, may be older than the files (seen: a run of 00a2657 recorded 664aaef).
+    told = os.environ.get("AULE_BENCH_COMMIT")
+    if told:
+        return told
     here = os.path.dirname(os.path.abspath(__file__))
     out = _run(["git", "-C", here, "rev-parse", "--short", "HEAD"], timeout=5)
     if out:
         dirty = _run(["git", "-C", here, "status", "--porcelain", "--", "."], timeout=5)
         return out + ("+dirty" if dirty else "")
-    # A copy of the tree without its .git (a remote benchmark machine) can be told the commit.
-    return os.environ.get("AULE_BENCH_COMMIT")
+    return None
 
 
 def slug(text: str) -> str:
