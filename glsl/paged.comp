@@ -20,9 +20,6 @@
 #else
 #define ELEM4 vec4
 #endif
-// K/V tiles stay in their storage type in shared memory: half the footprint for fp16 caches, so
-// more workgroups share a multiprocessor.
-#define SELEM4 ELEM4
 
 layout(constant_id = 0) const uint D = 128;   // head_dim, a multiple of 4
 layout(constant_id = 1) const uint BM = 16;   // stacked rows per workgroup
@@ -60,16 +57,18 @@ layout(std430, binding = 6) buffer POB { vec4 part_o[]; };            // [B, Hq,
 layout(std430, binding = 7) buffer PLB { float part_lse[]; };         // [B, Hq, q_len, splits]
 
 shared vec4 Qs[BM * D4];
-shared SELEM4 Ks[BN * KP4];
-shared SELEM4 Vs[BN * D4];
+// K/V tiles stay in their storage type: half the footprint for fp16 caches, so more workgroups
+// share a multiprocessor.
+shared ELEM4 Ks[BN * KP4];
+shared ELEM4 Vs[BN * D4];
 shared float Ss[BM * SP];     // scores of the tile
 shared float Ps[BM * SP];     // their probabilities (a second array: Ss is still read for row maxima)
 shared float row_a[BM];       // per-row rescale factor of the tile, then the final l
 shared float row_m[2 * BM];   // running row maxima, double-buffered by tile parity
 
 // The next key tile, fetched into registers while the current one is computed. The loads are
-// unconditional (keys outside the tile's range read slot 0 and are zeroed when stored): a load under
-// a branch makes the compiler wait for it at the branch's end, one memory latency per load.
+// unconditional (keys outside the tile's range read slot 0 and are zeroed when stored), so none sits
+// under a branch and the compiler can issue all of a tile's loads before any result is needed.
 const uint NL = (BN * D4 + WG - 1) / WG;  // K (and V) vec4s each invocation fetches per tile
 ELEM4 k_next[NL];
 ELEM4 v_next[NL];
@@ -168,8 +167,8 @@ void main() {
             // Zeros, not whatever slot 0 holds, for keys outside the range: a NaN would survive p = 0.
             const bool ok = key_in_tile(t, i, k_lo, k_hi);
             if (i < BN * D4) {
-                Ks[(i / D4) * KP4 + i % D4] = ok ? k_next[a] : SELEM4(0);
-                Vs[i] = ok ? v_next[a] : SELEM4(0);
+                Ks[(i / D4) * KP4 + i % D4] = ok ? k_next[a] : ELEM4(0);
+                Vs[i] = ok ? v_next[a] : ELEM4(0);
             }
         }
         barrier();

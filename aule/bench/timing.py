@@ -141,7 +141,7 @@ def per_call_us(fn, sync=None, rounds: int = 5, min_round_s: float = 0.05) -> di
 
 # NVIDIA's Vulkan driver raises the clocks only under sustained work: on the H100 a decode shader
 # ran at 420 MHz, 4.4x slower, until about 300 ms of back-to-back submissions, then at 1980 MHz
-# (nvidia-smi's clocks.sm; CUDA work showed no such ramp). Self-timed device calls are therefore
+# (nvidia-smi's clocks.sm). Self-timed device calls are therefore
 # measured after this much continuous work, as a busy server would run them.
 DEVICE_WARMUP_S = 0.5
 

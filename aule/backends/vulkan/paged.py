@@ -49,7 +49,7 @@ def shared_bytes(bm: int, bn: int, d: int, elem_bytes: int) -> int:
     return 16 * bm * d4 + 4 * elem_bytes * (bn * (d4 + 1) + bn * d4) + 4 * (2 * bm * (bn + 1) + 3 * bm)
 
 
-def pick_tiles(rows: int, d: int, info, elem_bytes: int = 4) -> tuple[int, int] | None:
+def pick_tiles(rows: int, d: int, info, elem_bytes: int) -> tuple[int, int] | None:
     """(BM stacked rows, BN keys per tile) that fit the device's shared memory, or None."""
     bm = 4
     while bm < min(rows, 16):
