@@ -5,21 +5,13 @@ shapes; with a CUDA/ROCm device they run on it, at full size too.
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    # Must precede the first import of triton: it picks the interpreter when its functions are decorated.
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run with TRITON_INTERPRET=1 "
-                    "in the environment", allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from triton_setup import import_torch_and_triton
+
+torch, ON_GPU = import_torch_and_triton()
 
 import aule  # noqa: E402
 from test_paged import check, make_case, reference_paged  # noqa: E402

@@ -7,23 +7,14 @@ Gradients are checked against torch autograd through a float64 reference built o
 """
 from __future__ import annotations
 
-import os
 import zlib
-import sys
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-GPU = torch.cuda.is_available()
-if not GPU:
-    # Triton decides interpreter-or-compiler when functions are decorated, its own tl.* helpers
-    # included, so this must precede the first import of triton in the process.
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run with "
-                    "TRITON_INTERPRET=1 in the environment", allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from triton_setup import import_torch_and_triton
+
+torch, GPU = import_torch_and_triton()
 
 import aule  # noqa: E402
 from aule import masks  # noqa: E402
