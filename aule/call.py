@@ -57,8 +57,34 @@ def device_of(x) -> str:
     return "cpu"
 
 
+def place_of(kind: str, device: str) -> str:
+    """Where data lives, for routing: 'cuda' (torch tensors on a CUDA/ROCm device, or any torch
+    device other than the CPU), 'gpu' (Vulkan GpuTensors), 'host' (NumPy arrays, CPU tensors)."""
+    if kind == "gpu":
+        return "gpu"
+    if kind == "torch" and not device.startswith("cpu"):
+        return "cuda"
+    return "host"
+
+
+class Placed:
+    """Routing reads ``place`` from every validated call; it follows ``kind`` and ``device``."""
+
+    @property
+    def place(self) -> str:
+        return place_of(self.kind, self.device)
+
+
+class Grouped(Placed):
+    """A call with query heads sharing KV heads (GQA): ``group`` query heads per KV head."""
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+
 @dataclass
-class AttentionCall:
+class AttentionCall(Grouped):
     """A validated attention call. Shapes follow SDPA: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D]."""
 
     q: Any
@@ -78,14 +104,6 @@ class AttentionCall:
     right: int
     return_lse: bool
     causal: bool
-
-    @property
-    def group(self) -> int:
-        return self.heads_q // self.heads_kv
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.kind == "torch" and self.device.startswith("cuda")
 
     def describe(self) -> str:
         return (f"q[{self.batch},{self.heads_q},{self.seq_q},{self.head_dim}] "

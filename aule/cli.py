@@ -34,8 +34,9 @@ def _info(args) -> int:
     for name, entry in info.items():
         state = "available" if entry["available"] else "unavailable"
         print(f"\n{name:<11} {state}" + ("" if entry["available"] else f": {entry['reason']}"))
+        print(f"  ops: {', '.join(entry['ops']) or 'none'}")
         for key, value in entry.items():
-            if key in ("available", "reason"):
+            if key in ("available", "reason", "ops"):
                 continue
             if isinstance(value, list):
                 print(f"  {key}:")

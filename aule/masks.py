@@ -65,11 +65,6 @@ def canonical_window(causal: bool, window_size) -> tuple[int, int]:
     return left, right
 
 
-def query_positions(q_start: int, q_end: int, seq_q: int, seq_k: int) -> np.ndarray:
-    """Key positions of query rows ``q_start..q_end-1`` (bottom-right alignment)."""
-    return np.arange(q_start, q_end, dtype=np.int64) + (seq_k - seq_q)
-
-
 def visible(q_idx, k_idx, seq_q: int, seq_k: int, left: int, right: int) -> np.ndarray:
     """Boolean visibility of broadcastable query indices ``q_idx`` and key indices ``k_idx``."""
     q_idx = np.asarray(q_idx, dtype=np.int64)

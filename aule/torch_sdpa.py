@@ -1,293 +1,29 @@
 """A drop-in for ``torch.nn.functional.scaled_dot_product_attention`` that keeps SDPA's meaning.
 
 ``install()`` swaps the function, ``uninstall()`` puts the exact original object back and
-``with installed():`` does both. Calls aule can serve go to :func:`aule.flash_attention`;
-everything else (``attn_mask``, dropout, shapes or dtypes no backend takes, CPU calls that need
-gradients) goes to the original SDPA, logged once per reason.
-
-Two conventions meet here. SDPA's ``is_causal`` is top-left aligned (row ``i`` sees keys
-``j <= i``); aule's ``causal`` is bottom-right aligned (row ``i`` sits at key position
-``i + seq_k - seq_q``). :func:`sdpa_window` converts one into the other exactly.
-
-On CPU tensors the aule path is the custom op ``aule::host_attention`` (with a fake
-implementation), so ``torch.compile`` traces it as one opaque node instead of breaking the graph
-on NumPy or Vulkan code. CUDA tensors go through the Triton backend, whose own custom op carries
-the backward pass.
+``with installed():`` does both. Calls aule can serve go to aule's backends (validated and routed
+once, in :func:`aule.sdpa_core.attend`); everything else (``attn_mask``, dropout, shapes or dtypes
+no backend takes, CPU calls that need gradients) goes to the original SDPA, logged once per reason.
+SDPA's top-left ``is_causal`` becomes aule's bottom-right window through
+:func:`aule.sdpa_core.sdpa_window`.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
-import numbers
-import threading
 
 import torch
 import torch.nn.functional as F
 
 from . import backends
-from .api import tensors_need_grad
-from .errors import UnsupportedError
+from .sdpa_core import (_ORIGINAL_SDPA, _compiling, _note, _shape_class, _state, _triton_op, _unservable, attend,
+                        original_sdpa, sdpa_window)
 
 log = logging.getLogger("aule")
 
 __all__ = ["install", "uninstall", "installed", "is_installed", "scaled_dot_product_attention",
            "sdpa_window", "original_sdpa"]
-
-_ORIGINAL_SDPA = F.scaled_dot_product_attention
-_HOST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class _State:
-    """What install() chose; read by every call."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.installed = False
-        self.backend: str | None = None
-        self.verbose = False
-        self.logged: set = set()
-        self.handler: logging.Handler | None = None
-        self.saved_level: int | None = None
-
-
-_state = _State()
-
-
-def original_sdpa():
-    """The SDPA function torch shipped (what ``uninstall()`` restores)."""
-    return _ORIGINAL_SDPA
-
-
-# --------------------------------------------------------------------------------------------
-# logging, once per reason
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _note(key: tuple, message: str, *args, route: bool = False) -> None:
-    """Log ``message`` once per ``key``. Fallback reasons always log (INFO); the routes aule itself
-    took only with ``verbose=True``. Nothing is logged while Dynamo traces (a logger call there
-    would break the graph, and the eager call before compiling has logged it already)."""
-    if _compiling():
-        return
-    if route and not _state.verbose:
-        return
-    if key in _state.logged:
-        return
-    _state.logged.add(key)
-    log.info(message, *args)
-
-
-def _shape_class(q, k, is_causal) -> str:
-    kind = "mha" if q.shape[-3] == k.shape[-3] else f"gqa{q.shape[-3] // max(1, k.shape[-3])}"
-    return (f"{q.dim()}-D {str(q.dtype).replace('torch.', '')} {q.device.type} head_dim {q.shape[-1]} "
-            f"{kind} {'causal' if is_causal else 'full'}")
-
-
-# --------------------------------------------------------------------------------------------
-# the SDPA <-> aule convention
-
-def sdpa_window(seq_q: int, seq_k: int, is_causal: bool) -> tuple[int, int, int]:
-    """Express SDPA's mask as aule's ``(left, right)`` window over the first ``keys`` keys.
-
-    Returns ``(keys, left, right)``. Top-left causal hides keys ``j > i``; with bottom-right
-    positions ``pos(i) = i + seq_k - seq_q`` that is ``j <= pos(i) + (seq_q - seq_k)``, a right
-    bound of ``seq_q - seq_k``. It is negative when ``seq_k > seq_q``, which aule's window cannot
-    say; but then keys at ``j >= seq_q`` are hidden from every row, so dropping them makes
-    ``seq_k == seq_q`` and the right bound 0. No row loses all its keys in top-left causal, so
-    SDPA never produces an empty row here and neither does aule.
-    """
-    if not is_causal:
-        return seq_k, -1, -1
-    keys = min(seq_k, seq_q)
-    return keys, -1, seq_q - keys
-
-
-# --------------------------------------------------------------------------------------------
-# the custom op that carries host (Vulkan / NumPy) attention through torch.compile
-
-def _window_mask(seq_q, seq_k, left, right, device):
-    """Boolean ``[seq_q, seq_k]`` mask of aule's rule (see aule.masks), built with torch ops so
-    it traces under torch.compile."""
-    pos = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
-    j = torch.arange(seq_k, device=device)[None, :]
-    ok = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
-    if left >= 0:
-        ok = ok & (j >= pos - left)
-    if right >= 0:
-        ok = ok & (j <= pos + right)
-    return ok
-
-
-def sdpa_reference(q, k, v, scale, left, right):
-    """The original SDPA computing aule's bottom-right ``(left, right)`` window through an explicit
-    mask (4-D inputs, GQA allowed). Rows that see no key give zeros, as aule's do, not NaN."""
-    sq, sk = q.shape[-2], k.shape[-2]
-    mask = None
-    empty_rows = None
-    if left >= 0 or right >= 0:
-        mask = _window_mask(sq, sk, left, right, q.device)
-        empty_rows = ~mask.any(dim=-1)
-    out = _ORIGINAL_SDPA(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
-    if empty_rows is not None:
-        out = out.masked_fill(empty_rows[:, None], 0.0)
-    return out
-
-
-@torch.library.custom_op("aule::host_attention", mutates_args=())
-def host_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                   left: int, right: int, backend: str) -> torch.Tensor:
-    """Forward-only attention on CPU tensors through aule's host backends (Vulkan or NumPy).
-
-    ``backend`` is a backend name or ``""`` for aule's auto routing. When the backend turns the
-    call down at run time (a compiled graph cannot ask first), the original SDPA computes the
-    same thing with an explicit mask.
-    """
-    from .api import flash_attention
-
-    try:
-        out = flash_attention(query, key, value, causal=False, scale=scale, window_size=(left, right),
-                              backend=backend or None)
-    except UnsupportedError as exc:
-        _note(("host-op-unsupported", str(exc)), "aule: host attention falls back to torch SDPA: %s", exc)
-        out = sdpa_reference(query, key, value, scale, left, right)
-    # A custom op may not return a view of (or the same storage as) its inputs.
-    return out.contiguous()
-
-
-@host_attention.register_fake
-def _host_attention_fake(query, key, value, scale, left, right, backend):
-    return query.new_empty(query.shape)
-
-
-# --------------------------------------------------------------------------------------------
-# routing
-
-def _backend_for(q, k, v, scale, left, right, forced):
-    """Eager routing check: the backend aule would use for this call, or the reason it cannot."""
-    from . import api
-
-    try:
-        call = api.canonicalize(q, k, v, False, scale, (left, right))
-        return api.route(call, forced), None
-    except UnsupportedError as exc:
-        return None, str(exc)
-
-
-def attend(q, k, v, scale: float, left: int, right: int, label: str):
-    """aule attention on 4-D ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` with aule's bottom-right
-    ``(left, right)`` window, or ``None`` (with the reason logged once) when aule cannot serve it
-    exactly, gradients included. ``label`` names the caller's shape class for the log."""
-    from .api import flash_attention
-
-    forced = _state.backend
-    needs_grad = tensors_need_grad(q, k, v)
-    device = q.device.type
-    if device not in ("cpu", "cuda"):
-        _note(("fallback", "device", device), "aule: no aule backend for %s tensors; torch SDPA serves them",
-              device)
-        return None
-    if _compiling():
-        # aule's Python routing is not traceable: compiled graphs get one custom op, chosen from
-        # what the eager checks below would pick.
-        if device == "cpu":
-            return None if needs_grad else host_attention(q, k, v, scale, left, right, forced or "")
-        op = _TRITON_OP if forced in (None, "triton", "triton-amd") else None
-        if not op or q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-            return None
-        return op(q, k, v, scale, left, right)[0]
-    b, why = _backend_for(q, k, v, scale, left, right, forced)
-    if b is None:
-        _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)
-        return None
-    if device == "cuda" and b.name == "numpy" and forced is None:
-        _note(("fallback", "no-gpu-backend"), "aule: no GPU backend serves %s here; torch SDPA is faster "
-              "than a round trip through the host", label)
-        return None
-    if needs_grad:
-        if not getattr(b, "differentiable", False):
-            _note(("fallback", "grad", b.name), "aule: backend %s has no backward pass; torch SDPA serves "
-                  "calls that need gradients", b.name)
-            return None
-        out = flash_attention(q, k, v, causal=False, scale=scale, window_size=(left, right), backend=b.name)
-        if out.grad_fn is None:
-            # Never hand back a result whose gradient would silently be missing.
-            log.warning("aule: backend %s returned no autograd graph for a call that needs gradients; "
-                        "recomputing with torch SDPA", b.name)
-            return None
-    elif device == "cpu":
-        out = host_attention(q, k, v, scale, left, right, b.name)
-    else:
-        out = flash_attention(q, k, v, causal=False, scale=scale, window_size=(left, right), backend=b.name)
-    _note(("route", b.name, label), "aule: %s -> %s%s", label, b.name, " (with gradients)" if needs_grad else "",
-          route=True)
-    return out
-
-
-def _triton_op():
-    """Triton's differentiable custom op, loaded outside any trace (``None`` when Triton or a GPU is
-    missing)."""
-    global _TRITON_OP, _TRITON_MAX_HEAD_DIM
-    if _TRITON_OP is None and not _compiling():
-        try:
-            from .backends.triton import ops  # noqa: F401  (registers the op)
-            from .backends.triton.common import MAX_HEAD_DIM
-
-            _TRITON_OP = torch.ops.aule.triton_attention_fwd
-            _TRITON_MAX_HEAD_DIM = MAX_HEAD_DIM
-        except Exception as exc:  # no triton, no GPU build: the eager route says why
-            _TRITON_OP = False
-            log.debug("aule: Triton custom op unavailable: %s", exc)
-    return _TRITON_OP or None
-
-
-_TRITON_OP = None
-_TRITON_MAX_HEAD_DIM = 0
-
-
-def _plain(t) -> bool:
-    """An ordinary dense tensor: aule reads its storage directly, which tensor subclasses (DTensor,
-    NestedTensor), sparse layouts and torch.func's wrapped tensors do not allow."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or t.is_nested:
-        return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
-def _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> str | None:
-    """Why aule cannot serve this SDPA call (a reason key), or ``None``. Reads metadata only."""
-    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
-        return "inputs are not tensors"
-    if attn_mask is not None:
-        return "attn_mask is given"
-    if not _compiling() and not all(_plain(t) for t in (query, key, value)):
-        return "nested, sparse, subclassed or functorch-wrapped tensors"
-    if dropout_p != 0.0:
-        return "dropout_p > 0"
-    nd = query.dim()
-    if nd not in (3, 4) or key.dim() != nd or value.dim() != nd:
-        return "inputs are not all 3-D or all 4-D"
-    if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:
-        return "batch dimensions broadcast or key/value shapes differ"
-    if not (query.shape[-1] == key.shape[-1] == value.shape[-1]):
-        return "value head_dim differs from query/key head_dim"
-    hq, hk = query.shape[-3], key.shape[-3]
-    if hq != hk and (not enable_gqa or hk == 0 or hq % hk != 0):
-        return "heads differ without enable_gqa, or do not divide"
-    if query.numel() == 0 or key.numel() == 0:
-        return "an empty dimension"
-    if not (query.dtype == key.dtype == value.dtype):
-        return "mixed dtypes"
-    if not (query.device == key.device == value.device):
-        return "mixed devices"
-    if query.dtype not in (_CUDA_DTYPES if query.device.type == "cuda" else _HOST_DTYPES):
-        return f"dtype {query.dtype}"
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale) or scale <= 0):
-        return "scale is not a finite positive number"
-    return None
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
@@ -405,6 +141,7 @@ def _register_with_loaded_integrations():
     import sys
 
     if "transformers" in sys.modules:
+        # The glue imports sdpa_core, never this module, so importing it here makes no loop.
         from .integrations import huggingface
 
         try:

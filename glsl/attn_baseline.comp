@@ -43,8 +43,7 @@ void main() {
         [[unroll]] for (uint d = 0; d < D; ++d) s += qv[d] * k[ko + d];
         if (!full && !visible(row, j)) s = NEG_INF;
         const float m_new = max(m, s);
-        // No visible key yet: keep m = -inf and shift by 0 so p is 0, never NaN.
-        const float m_use = m_new == NEG_INF ? 0.0 : m_new;
+        const float m_use = AULE_SOFTMAX_SHIFT(m_new);
         const float a = exp2(m - m_use);
         const float p = exp2(s - m_use);
         l = l * a + p;

@@ -1,9 +1,13 @@
-// Shared by every attention entry point: push constants, bindings and the visibility rule.
+// Shared by every attention entry point: push constants and the visibility rule over them.
 // The mask arithmetic mirrors aule/masks.py exactly (bottom-right alignment, canonical left/right).
 #ifndef AULE_ATTN_COMMON
 #define AULE_ATTN_COMMON
 
-// Mirrored in aule/backends/vulkan/kernels.py (ATTN_PUSH); 4-byte fields only, order matters.
+#include "mask.glsl"
+
+const float LN2 = 0.69314718055994530942;   // log-sum-exp: base 2 inside, natural log out
+
+// Mirrored in aule/backends/vulkan/shaders.py (ATTN_PUSH); 4-byte fields only, order matters.
 layout(push_constant) uniform Params {
     uint seq_q;       // rows per head
     uint seq_k;       // keys per head
@@ -21,9 +25,6 @@ layout(push_constant) uniform Params {
     uint reverse;     // 1: hand out query blocks last-first (causal: the longest rows start first)
 } pc;
 
-const float NEG_INF = -1.0 / 0.0;
-const float LN2 = 0.69314718055994530942;
-
 int key_offset() { return int(pc.seq_k) - int(pc.seq_q); }
 
 // masks.key_range: keys [lo, hi) that rows [q0, q1) can see together.
@@ -37,9 +38,7 @@ ivec2 key_range(int q0, int q1) {
 // masks.visible for one (row, key) pair.
 bool visible(int i, int j) {
     int pos = i + key_offset();
-    return j >= 0 && j < int(pc.seq_k)
-        && (pc.left < 0 || j >= pos - pc.left)
-        && (pc.right < 0 || j <= pos + pc.right);
+    return AULE_VISIBLE(pos, j, int(pc.seq_k), pc.left, pc.right);
 }
 
 // masks.tile_fully_visible: true when no pair of the tile needs the mask.

@@ -3,7 +3,7 @@
 // (16x16x16, fp16 operands, fp32 accumulators). Each subgroup owns 16 query rows and walks its
 // own key range independently: Q, K and V fragments load straight from the buffers, scores and
 // probabilities pass through a per-subgroup shared-memory block for the row-wise online softmax.
-// Whole tiles only: seq_q % 16 == 0, seq_k % BN == 0, head_dim % 16 == 0 (kernels.py checks).
+// Whole tiles only: seq_q % 16 == 0, seq_k % BN == 0, head_dim % 16 == 0 (the CoopMat family in shaders.py checks).
 // Measured on an H100: correct, but 9-14 TFLOP/s, below the fp16 variant; the serial row softmax
 // (16 lanes x BN keys) and the per-tile shared-memory round trip of the accumulators (to scale
 // rows) are the costs to remove next.
@@ -103,8 +103,7 @@ void main() {
                 Ss[base + j] = x;
                 mx = max(mx, x);
             }
-            // A row with no visible key so far keeps m = -inf; shifting by 0 gives p = 0, not NaN.
-            const float m_use = mx == NEG_INF ? 0.0 : mx;
+            const float m_use = AULE_SOFTMAX_SHIFT(mx);
             const float a = exp2(m - m_use);
             float sum = 0.0;
             for (uint j = 0; j < BN; ++j) {

@@ -100,8 +100,7 @@ void main() {
                 p[r][j] = (full || vis) ? p[r][j] : NEG_INF;
                 mx = max(mx, p[r][j]);
             }
-            // A row with no visible key so far keeps m = -inf; shifting by 0 gives p = 0, not NaN.
-            const float m_use = mx == NEG_INF ? 0.0 : mx;
+            const float m_use = AULE_SOFTMAX_SHIFT(mx);
             const float a = exp2(m_i[r] - m_use);
             float sum = 0.0;
             [[unroll]] for (uint j = 0; j < BK; ++j) {

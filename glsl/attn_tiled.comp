@@ -155,8 +155,7 @@ void main() {
                 vec4 x = Ss[tid * SP4 + j];
                 mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
             }
-            // A row with no visible key so far keeps m = -inf; shifting by 0 gives p = 0, not NaN.
-            float m_use = mx == NEG_INF ? 0.0 : mx;
+            float m_use = AULE_SOFTMAX_SHIFT(mx);
             float a = exp2(m_i - m_use);
             float sum = 0.0;
             [[unroll]] for (uint j = 0; j < BN / 4; ++j) {

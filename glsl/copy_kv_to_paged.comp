@@ -7,7 +7,7 @@
 layout(constant_id = 0) const uint WG = 64;
 layout(local_size_x_id = 0) in;
 
-// Mirrored in aule/backends/vulkan/paged.py (COPY_PUSH).
+// Mirrored in aule/backends/vulkan/shaders.py (COPY_PUSH).
 layout(push_constant) uniform CopyParams {
     uint row_words;   // 32-bit words per slot (heads_kv * head_dim * itemsize / 4)
     uint num_tokens;

@@ -10,7 +10,7 @@
 // mode 1: workgroup (x = batch * heads_q + head, y = query position) merges the splits of one row.
 //
 // Rows are the last q_len positions of their sequence (row position ctx - q_len + qi), causal
-// among themselves; the window follows aule/masks.py (keys j >= pos - left).
+// among themselves; the window follows aule/masks.py (keys j >= pos - left), through mask.glsl.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #ifdef AULE_FP16
@@ -20,6 +20,7 @@
 #else
 #define ELEM4 vec4
 #endif
+#include "mask.glsl"
 
 layout(constant_id = 0) const uint D = 128;   // head_dim, a multiple of 4
 layout(constant_id = 1) const uint BM = 16;   // stacked rows per workgroup
@@ -32,9 +33,8 @@ const uint KP4 = D4 + 1;          // padded K row: score-loop neighbours read di
 const uint SP = BN + 1;           // padded score row
 const uint NA = (BM * D4 + WG - 1) / WG;  // output vec4s per invocation
 const uint NS = (BM * BN + WG - 1) / WG;  // (row, key) scores per invocation
-const float NEG_INF = -1.0 / 0.0;
 
-// Mirrored in aule/backends/vulkan/paged.py (PAGED_PUSH); 4-byte fields only, order matters.
+// Mirrored in aule/backends/vulkan/shaders.py (PAGED_PUSH); 4-byte fields only, order matters.
 layout(push_constant) uniform PagedParams {
     uint heads_kv;
     uint group;        // heads_q / heads_kv
@@ -96,7 +96,7 @@ void merge_splits() {
     const uint S = pc.num_splits;
     float m = NEG_INF;
     for (uint s = 0; s < S; ++s) m = max(m, part_lse[row * S + s]);
-    float m_safe = m == NEG_INF ? 0.0 : m;
+    float m_safe = AULE_SOFTMAX_SHIFT(m);
     for (uint c = gl_LocalInvocationID.x; c < D4; c += WG) {
         vec4 acc = vec4(0);
         float total = 0.0;
@@ -181,7 +181,9 @@ void main() {
                 for (uint c = 0; c < D4; ++c) s += dot(Qs[r * D4 + c], vec4(Ks[n * KP4 + c]));
                 int j = k0 + int(n);
                 int pos = ctx - ql + (r0 + int(r)) / int(pc.group);
-                bool ok = j >= k_lo && j < k_hi && j <= pos && (pc.left < 0 || j >= pos - pc.left);
+                // Causal among the rows (right = 0) over the context's keys; that also keeps the key
+                // inside [k_lo, k_hi), the tile range this workgroup loaded.
+                bool ok = AULE_VISIBLE(pos, j, ctx, pc.left, 0);
                 s_own[k] = ok ? s : NEG_INF;
                 Ss[r * SP + n] = s_own[k];
             }
@@ -196,8 +198,7 @@ void main() {
                 for (uint c = 0; c < BN; ++c) mx = max(mx, Ss[r * SP + c]);
                 float m_old = row_m[cur * BM + r];
                 float m_new = max(m_old, mx);
-                // A row that has seen no key keeps m = -inf; shifting by 0 keeps exp2 at 0, not NaN.
-                float m_safe = m_new == NEG_INF ? 0.0 : m_new;
+                float m_safe = AULE_SOFTMAX_SHIFT(m_new);
                 float alpha = exp2(m_old - m_safe);
                 float p = exp2(s_own[k] - m_safe);
                 Ps[r * SP + n] = p;

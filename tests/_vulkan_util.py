@@ -45,3 +45,22 @@ def max_err(out, ref):
     assert out.shape == ref.shape
     assert not np.isnan(out).any(), "output has NaN"
     return float(np.abs(out - ref).max()) if out.size else 0.0
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    """The process-wide Vulkan context (import this fixture into a test module to use it)."""
+    return vulkan_context()
+
+
+@pytest.fixture(autouse=True)
+def no_validation_messages(request):
+    """Any validation-layer message during a test fails it."""
+    if "ctx" not in request.fixturenames:
+        yield
+        return
+    c = request.getfixturevalue("ctx")
+    c.take_validation_messages()
+    yield
+    msgs = c.take_validation_messages()
+    assert not msgs, "Vulkan validation messages:\n" + "\n".join(msgs)

@@ -1,6 +1,9 @@
 """Shared test helpers: random inputs, tolerances per dtype, comparison against the reference."""
 from __future__ import annotations
 
+import importlib
+import sys
+
 import numpy as np
 
 from aule.reference import attention_reference
@@ -35,3 +38,18 @@ def assert_matches_reference(out, lse, q, k, v, dtype_name, **kw):
             lerr = np.abs(lse[~empty] - ref_lse[~empty]).max()
             assert lerr <= LSE_ATOL[dtype_name], f"LSE error {lerr:.3g}"
     return err
+
+
+def count_calls(monkeypatch, module_name, func_name):
+    """Count calls of ``module_name.func_name`` wherever an aule module holds that function."""
+    real = getattr(importlib.import_module(module_name), func_name)
+    calls = []
+
+    def counting(*args, **kw):
+        calls.append(args)
+        return real(*args, **kw)
+
+    for name, mod in list(sys.modules.items()):
+        if (name == "aule" or name.startswith("aule.")) and getattr(mod, func_name, None) is real:
+            monkeypatch.setattr(mod, func_name, counting)
+    return calls

@@ -186,3 +186,88 @@ def test_backend_info_lists_every_backend_with_reason():
 
 def test_cpu_alias(qkv):
     np.testing.assert_array_equal(flash_attention(*qkv, backend="cpu"), flash_attention(*qkv, backend="numpy"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the package's import graph has no loop
+
+
+def _import_graph(lazy: bool) -> dict:
+    """``{module: modules of aule it imports}``, read from the sources with ``ast``. ``lazy``:
+    count imports inside functions too (a loop through a deferred import is still a loop between
+    the two modules' responsibilities, even when Python happens to resolve it at run time)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(aule.__file__).parent
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        package = parts[-1] == "__init__"
+        if package:
+            parts.pop()
+        files[".".join(parts)] = (path, package)
+
+    def resolve(name):
+        while name not in files and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return name if name in files else None
+
+    graph = {}
+    for mod, (path, package) in files.items():
+        here = mod.split(".") if package else mod.split(".")[:-1]
+        targets = set()
+
+        def visit(node, in_function):
+            for child in ast.iter_child_nodes(node):
+                nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                if isinstance(child, ast.Import) and (lazy or not in_function):
+                    targets.update(resolve(a.name) for a in child.names if a.name.split(".")[0] == "aule")
+                elif isinstance(child, ast.ImportFrom) and (lazy or not in_function):
+                    if child.level:
+                        base = ".".join(here[:len(here) - child.level + 1] + ([child.module] if child.module else []))
+                    else:
+                        base = child.module or ""
+                    if base.split(".")[0] == "aule":
+                        for a in child.names:
+                            targets.add(f"{base}.{a.name}" if f"{base}.{a.name}" in files else resolve(base))
+                visit(child, nested)
+
+        visit(ast.parse(path.read_text()), False)
+        graph[mod] = targets - {mod, None}
+    return graph
+
+
+def _a_cycle(graph: dict):
+    """One import cycle as a list of modules, or None."""
+    state, stack = {}, []
+
+    def walk(mod):
+        state[mod] = "open"
+        stack.append(mod)
+        for nxt in sorted(graph[mod]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = walk(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[mod] = "done"
+        return None
+
+    for mod in sorted(graph):
+        if mod not in state:
+            found = walk(mod)
+            if found:
+                return found
+    return None
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["module-level", "with-deferred-imports"])
+def test_import_graph_has_no_cycle(lazy):
+    graph = _import_graph(lazy)
+    assert {"aule.api", "aule.torch_sdpa", "aule.integrations.huggingface"} <= set(graph)
+    assert "aule.api" in graph["aule"], "the graph must see relative imports"
+    cycle = _a_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -12,7 +12,7 @@ import pytest
 
 import aule
 from aule import bench, masks
-from aule.bench import checks, report, runner, suites
+from aule.bench import checks, contenders, inputs, report, runner, suites
 from aule.bench.progress import Progress
 from aule.reference import attention_reference
 
@@ -69,8 +69,7 @@ def test_unknown_suite_is_refused(capsys):
 
 
 def test_attention_contenders_checked_against_reference(monkeypatch):
-    monkeypatch.setitem(suites.CONTENDERS, "sdpa-math+mask",
-                        dict(impl="sdpa", sdpa="MATH", explicit_mask=True))
+    monkeypatch.setitem(suites.CONTENDERS, "sdpa-math+mask", contenders.Sdpa("MATH", explicit_mask=True))
     cases = [_case(), _case(window=16, S=80), _case(S=48, Hq=8, Hkv=1, causal=False)]
     res = _run(_suite(cases, ["aule:numpy", "torch-sdpa", "sdpa-math", "sdpa-math+mask",
                               "aule:numpy full-causal"], baseline="torch-sdpa"))
@@ -247,7 +246,7 @@ def test_aule_gradient_rows_and_expanded_kv(monkeypatch):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=q.shape[1] != k.shape[1])
 
     monkeypatch.setattr(aule, "flash_attention", stand_in)
-    monkeypatch.setattr(runner, "machine_skip", lambda spec: None)
+    monkeypatch.setattr(contenders.AuleDense, "unavailable", lambda self: None)
     cases = [_case(mode="fwd+bwd", Hq=8, Hkv=2, S=48, D=16), _case(S=64, window=8)]
     res = _run(_suite(cases, ["aule:triton", "aule:triton kv-expanded", "aule:triton full-causal"],
                       baseline="aule:triton full-causal"))
@@ -268,8 +267,8 @@ def test_aule_gradient_rows_and_expanded_kv(monkeypatch):
 def test_vulkan_rows_on_host_arrays_and_gpu_tensors():
     """Vulkan contenders (on lavapipe in CI): NumPy arrays through the public API, and GpuTensors
     timed by Vulkan timestamps with the wall time beside it."""
-    if not runner.backend_info().get("vulkan", {}).get("available"):
-        pytest.skip(f"no Vulkan: {runner.backend_info().get('vulkan', {}).get('reason')}")
+    if not inputs.backend_info().get("vulkan", {}).get("available"):
+        pytest.skip(f"no Vulkan: {inputs.backend_info().get('vulkan', {}).get('reason')}")
     cases = [_case(S=40), _case(S=40, dtype="float16", device="auto")]
     res = _run(_suite(cases, ["aule:vulkan resident", "aule:vulkan"]))
     for r in res["rows"]:
@@ -282,12 +281,132 @@ def test_vulkan_rows_on_host_arrays_and_gpu_tensors():
 
 def test_vulkan_paged_rows_on_a_gpu_tensor_cache(monkeypatch):
     """The decode suite's Vulkan row (a GPU-type device only in real runs; lavapipe here)."""
-    if not runner.backend_info().get("vulkan", {}).get("available"):
-        pytest.skip(f"no Vulkan: {runner.backend_info().get('vulkan', {}).get('reason')}")
-    pytest.importorskip("aule.backends.vulkan.paged", reason="no Vulkan paged backend in this build")
-    monkeypatch.setattr(runner, "vulkan_gpu_missing", lambda: None)
+    if not inputs.backend_info().get("vulkan", {}).get("available"):
+        pytest.skip(f"no Vulkan: {inputs.backend_info().get('vulkan', {}).get('reason')}")
+    monkeypatch.setattr(inputs, "vulkan_gpu_missing", lambda: None)
     p = dict(B=2, Hq=4, Hkv=2, ctx=64, D=32, block=16, dtype="float16", device="cpu")
     row = _run(_suite([p], ["aule-paged:vulkan resident"], kind="decode", metric="tbps"))["rows"][0]
     assert row["status"] == "ok", row
     assert row["err"] < checks.tolerance("float16") and row["tbps"] > 0 and row["wall_ms"] > 0
     assert row["clock"] == "Vulkan timestamps"
+
+
+def _full_results(name):
+    """A results file as a full run leaves it: two suites, neither quick."""
+    def suite(title):
+        return {"status": "ran", "title": title, "metric": "gflops", "baseline": None, "quick": False, "notes": [],
+                "rows": [{"case": "c", "contender": "aule:numpy", "status": "ok", "gflops": 5.0, "ms": 1.0,
+                          "params": {}}]}
+    return {"machine": {"name": name, "date": "d", "cpu": {"model": "X", "cores": 2}, "gpu": None,
+                        "versions": {}, "python": "3"},
+            "suites": {"cpu": suite("CPU"), "memory": suite("Memory")}}
+
+
+def test_quick_run_leaves_the_full_results_byte_identical(tmp_path):
+    """--quick writes <machine>-quick.*; the committed full files (JSON, markdown, plots) stay as they were."""
+    report.write_json(str(tmp_path / "m.json"), _full_results("m"))
+    (tmp_path / "m.md").write_text("full tables\n")
+    (tmp_path / "m-cpu.png").write_bytes(b"not a real plot")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert bench.main(["--quick", "--suite", "cpu", "--out", str(tmp_path), "--name", "m", "--no-progress"]) == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before
+    quick = json.loads((tmp_path / "m-quick.json").read_text())
+    assert list(quick["suites"]) == ["cpu"] and quick["suites"]["cpu"]["quick"] is True
+    assert (tmp_path / "m-quick.md").exists()
+
+
+def test_partial_full_run_keeps_the_other_suites(tmp_path):
+    full = _full_results("m")
+    report.write_json(str(tmp_path / "m.json"), full)
+    new = _full_results("m")
+    new["suites"] = {"memory": {**new["suites"]["memory"], "rows": []}}
+    bench.save(new, str(tmp_path), plots=False)
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["suites"]["cpu"] == full["suites"]["cpu"]
+    assert merged["suites"]["memory"]["rows"] == []
+    # A quick result of the same machine goes beside it, not into it.
+    new["suites"]["memory"]["quick"] = True
+    assert bench.save(new, str(tmp_path), plots=False).endswith("m-quick.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == merged
+
+
+# The tables as they were when contenders were string-dispatched: names, kinds and case counts,
+# so results stay comparable with the committed files.
+EXPECTED_SUITES = {
+    "dense": (20, ("aule:triton", "aule:triton-amd", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")),
+    "dense_bwd": (20, ("aule:triton", "aule:triton-amd", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
+                       "sdpa-math")),
+    "gqa": (4, ("aule:triton", "aule:triton-amd", "aule:triton kv-expanded", "sdpa-flash", "sdpa-cudnn",
+                "sdpa-efficient", "sdpa-math")),
+    "window": (6, ("aule:triton", "aule:triton full-causal", "sdpa-flash full-causal", "sdpa-efficient+mask")),
+    "decode": (12, ("aule-paged:triton launcher", "aule-paged:triton", "aule-paged:vulkan resident", "torch-sdpa",
+                    "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")),
+    "overhead": (2, ("aule:auto", "aule:triton", "aule:vulkan", "aule:vulkan resident", "aule:numpy",
+                     "torch-sdpa")),
+    "vulkan": (12, ("aule:vulkan resident", "aule:vulkan", "torch-sdpa", "sdpa-flash", "sdpa-cudnn",
+                    "sdpa-efficient")),
+    "cpu": (4, ("aule:numpy", "aule:vulkan", "torch-sdpa")),
+    "memory": (2, ("aule:numpy",)),
+}
+EXPECTED_IMPL = {
+    "aule:triton": ("AuleDense", "aule", "triton"), "aule:triton-amd": ("AuleDense", "aule", "triton-amd"),
+    "aule:vulkan": ("AuleDense", "aule", "vulkan"), "aule:numpy": ("AuleDense", "aule", "numpy"),
+    "aule:auto": ("AuleDense", "aule", None),
+    "aule:vulkan resident": ("AuleVulkanResident", "resident", "vulkan"),
+    "aule:triton kv-expanded": ("AuleDense", "aule", "triton"),
+    "aule:triton full-causal": ("AuleDense", "aule", "triton"),
+    "aule:numpy full-causal": ("AuleDense", "aule", "numpy"),
+    "sdpa-flash": ("Sdpa", "sdpa", "FLASH_ATTENTION"), "sdpa-cudnn": ("Sdpa", "sdpa", "CUDNN_ATTENTION"),
+    "sdpa-efficient": ("Sdpa", "sdpa", "EFFICIENT_ATTENTION"), "sdpa-math": ("Sdpa", "sdpa", "MATH"),
+    "sdpa-flash full-causal": ("Sdpa", "sdpa", "FLASH_ATTENTION"),
+    "sdpa-efficient+mask": ("Sdpa", "sdpa", "EFFICIENT_ATTENTION"), "torch-sdpa": ("Sdpa", "sdpa", None),
+    "aule-paged:triton": ("AulePaged", "paged", "triton"), "aule-paged:vulkan": ("AulePaged", "paged", "vulkan"),
+    "aule-paged:auto": ("AulePaged", "paged", None),
+    "aule-paged:triton launcher": ("AulePagedLauncher", "paged_launcher", "triton"),
+    "aule-paged:vulkan resident": ("AulePagedVulkanResident", "paged_resident", "vulkan"),
+}
+
+
+def test_registry_keeps_the_tables_of_the_committed_results():
+    for name, (n_cases, names) in EXPECTED_SUITES.items():
+        s = suites.SUITE_BY_NAME[name]
+        assert (len(s.cases), s.contenders) == (n_cases, names), name
+    for name, (cls, impl, backend) in EXPECTED_IMPL.items():
+        c = suites.CONTENDERS[name]
+        assert (type(c).__name__, c.impl, c.backend, c.name) == (cls, impl, backend, name)
+    assert suites.CONTENDERS["sdpa-math"].max_scores == 2**30
+    assert suites.CONTENDERS["sdpa-efficient+mask"].explicit_mask
+    assert suites.CONTENDERS["aule:triton kv-expanded"].expand_kv
+    for s in suites.SUITES:  # every name a table uses is one registered instance
+        assert all(c in suites.CONTENDERS for c in s.contenders), s.name
+        assert s.baseline is None or s.baseline in s.contenders, s.name
+    # The sweeps the scripts under benchmarks/ measured are suites, left out of --quick.
+    for name in ("decode_tune", "vulkan_variants", "vulkan_variants_cpu", "llama_train"):
+        assert not suites.SUITE_BY_NAME[name].quick
+
+
+def test_launcher_tuning_configurations():
+    class FakePaged:
+        MAX_SPLITS = 64
+
+        @staticmethod
+        def choose_config(*args):
+            return (16, 64, 4, 2, 6, 1)
+
+    case = dict(B=8, Hq=32, Hkv=8, ctx=1024, D=128)
+    tune = contenders.AulePagedLauncher
+    assert tune()._config(case, FakePaged) is None
+    assert tune((32, 8, 4))._config(case, FakePaged) == (16, 32, 8, 4, 6, 1)
+    assert tune(("splits", 0.5))._config(case, FakePaged) == (16, 64, 4, 2, 3, 1)
+    assert tune(("splits", 0))._config(case, FakePaged) == (16, 64, 4, 2, 1, 1)
+    with pytest.raises(runner.Skip, match="automatic"):
+        tune((64, 4, 2))._config(case, FakePaged)
+
+
+def test_forced_vulkan_variants_only_on_their_dtype():
+    fp16 = suites.CONTENDERS["aule:vulkan fp16 64,32,256,16"]
+    assert fp16.why_skip(_case(dtype="float32")) and not fp16.why_skip(_case(dtype="float16"))
+    assert fp16.variant(_case()) == "fp16 tiles 64,32,256,16"
+    with contenders._environ({"AULE_VULKAN_VARIANT": "fp16"}):
+        assert os.environ["AULE_VULKAN_VARIANT"] == "fp16"
+    assert os.environ.get("AULE_VULKAN_VARIANT") != "fp16"

@@ -16,6 +16,7 @@ def test_info_json_is_machine_readable(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["numpy"]["available"] is True
+    assert info["numpy"]["ops"] == ["attention", "paged_attention", "write_kv", "kv_store"]
 
 
 def test_demo_small_shape_checks_every_backend(capsys, monkeypatch):

@@ -10,8 +10,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import aule  # noqa: E402
-from aule import torch_sdpa  # noqa: E402
+from aule import sdpa_core  # noqa: E402
 from aule.integrations import huggingface  # noqa: E402
+from attn_util import count_calls  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -24,13 +25,13 @@ def _registered():
 @pytest.fixture
 def served(monkeypatch):
     calls = []
-    real = torch_sdpa.host_attention
+    real = sdpa_core.host_attention
 
     def spy(q, k, v, scale, left, right, backend):
         calls.append((tuple(q.shape), tuple(k.shape), left, right))
         return real(q, k, v, scale, left, right, backend)
 
-    monkeypatch.setattr(torch_sdpa, "host_attention", spy)
+    monkeypatch.setattr(sdpa_core, "host_attention", spy)
     return calls
 
 
@@ -91,6 +92,16 @@ def test_llama_gqa_logits_match_sdpa(dtype, atol, served):
     assert len(served) == 2, "each layer's attention goes through aule"
     assert served[0][0] == (2, 8, 37, 32) and served[0][1] == (2, 2, 37, 32), "K/V are not expanded"
     assert (got.float() - want.float()).abs().max() <= atol
+
+
+def test_each_layer_call_is_validated_and_routed_once(monkeypatch, served):
+    canonicalized = count_calls(monkeypatch, "aule.call", "canonicalize")
+    routed = count_calls(monkeypatch, "aule.api", "route")
+    model = _llama()
+    want = _logits(model, "sdpa", _ids(1, 9))
+    got = _logits(model, "aule", _ids(1, 9))
+    assert len(served) == 2 and len(canonicalized) == 2 and len(routed) == 2
+    assert (got - want).abs().max() <= 1e-4
 
 
 def test_llama_generate_with_kv_cache_matches_sdpa(served):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from aule import flash_attention
-from aule.backends.numpy_backend import attention_numpy
+from aule.backends.numpy import attention_numpy
 
 from attn_util import assert_matches_reference, random_qkv
 
@@ -53,7 +53,7 @@ def test_tile_sizes_do_not_change_the_answer(block_q, block_k):
 
 def test_hidden_tiles_are_skipped(monkeypatch):
     """A narrow window must touch only the key tiles near the diagonal, never the rest."""
-    import aule.backends.numpy_backend as nb
+    import aule.backends.numpy.dense as nb
 
     calls = []
     real = np.matmul

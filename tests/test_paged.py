@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import aule
-from aule import paged
+from aule import api, paged_call
 from aule.reference import attention_reference
 
 TOL = {"float32": 2e-4, "float16": 3e-3, "bfloat16": 2.5e-2, "float64": 1e-10}
@@ -163,7 +163,7 @@ def test_alias_and_empty_batch():
 def no_kernel(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a backend was reached with invalid input")
-    monkeypatch.setattr(paged, "route_paged", boom)
+    monkeypatch.setattr(api, "route", boom)
 
 
 def _good():
@@ -212,7 +212,7 @@ def test_bad_scale_window_backend(no_kernel):
     with pytest.raises(ValueError, match="window_size"):
         aule.flash_attention_paged(**_good(), window_size=0)
     with pytest.raises(ValueError, match="names no backend"):
-        paged._forced("nope")
+        api.forced_backend("nope")
 
 
 def test_padding_past_used_blocks_is_not_checked():
@@ -401,9 +401,22 @@ def test_cache_attention_skips_table_readback_but_checks_q(monkeypatch):
 
     def no_readback(*args, **kw):
         raise AssertionError("the cache's own tables were read back for checking")
-    monkeypatch.setattr(paged, "check_tables", no_readback)
+    monkeypatch.setattr(paged_call, "check_tables", no_readback)
     q = rng.standard_normal((1, 4, 1, 16)).astype(np.float32)
     out = cache.attention(q, [a])
     check(out, attention_reference(q, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None]), "float32")
     with pytest.raises(ValueError, match="head_dim"):
         cache.attention(q[..., :8], [a])
+
+
+def test_cache_storage_is_routed_like_every_other_op():
+    from aule.paged_call import CacheSpec
+
+    spec = CacheSpec(shape=(4, 4, 2, 16), dtype="bfloat16")
+    assert spec.place == "host"
+    with pytest.raises(aule.UnsupportedError, match="no bfloat16"):
+        aule.PagedKVCache(4, 4, 2, 16, "bfloat16", backend="numpy")
+    with pytest.raises(ValueError, match="host memory"):
+        aule.PagedKVCache(4, 4, 2, 16, "float32", backend="numpy", device="cuda")
+    cache = aule.PagedKVCache(4, 4, 2, 16, "float32", backend="cpu")
+    assert cache.backend == "numpy" and isinstance(cache.block_tables([]), np.ndarray)

@@ -15,10 +15,10 @@ from test_paged import check, make_case, reference_paged
 @pytest.fixture(scope="module")
 def ctx():
     c = vulkan_context()
-    from aule.backends.vulkan import kernels
+    from aule.backends.vulkan import shaders
 
     try:
-        kernels.spirv_code("paged")
+        shaders.spirv_code("paged")
     except Exception as exc:  # spirv/ predates the paged shaders
         pytest.skip(f"paged shaders not built: {exc}")
     return c
@@ -99,10 +99,10 @@ def test_vulkan_host_cache_only_when_forced(ctx):
     out = aule.flash_attention_paged(case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens,
                                      backend="vulkan")
     check(out, reference_paged(case), "float32")
-    from aule import paged
+    from aule import api, paged_call
 
-    call = paged.canonicalize_paged(case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens)
-    assert paged.route_paged(call).name == "numpy"  # a host cache is not uploaded on every call
+    call = paged_call.canonicalize_paged(case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens)
+    assert api.route(call, "paged_attention").name == "numpy"  # a host cache is not uploaded on every call
 
 
 def test_vulkan_cache_append_fork_copy_on_write(ctx):
@@ -140,3 +140,73 @@ def test_vulkan_copy_kv_slot_mapping(ctx):
     np.testing.assert_array_equal(k_host[2, 3], key[2])
     np.testing.assert_array_equal(v_host[0, 0], key[3] * 2)
     assert np.count_nonzero(k_host.reshape(12, -1).any(axis=1)) == 3
+
+
+def test_timed_paged_entry_point_for_benchmarks(ctx):
+    from aule.backends.vulkan import paged_attention
+
+    rng = np.random.default_rng(6)
+    case = _case(rng, [30, 700], 8, 2, 64, 16, 1)
+    kc, vc = _gpu(case, np.float32)
+    out, ns = paged_attention(case.q, kc, vc, case.block_tables, case.context_lens, timestamps=True)
+    check(out, reference_paged(case), "float32")
+    assert ns is None if ctx.query_pool is None else ns > 0
+    odd = _case(rng, [5], 4, 2, 62, 16, 1)
+    kc, vc = _gpu(odd, np.float32)
+    with pytest.raises(aule.UnsupportedError, match="backend 'vulkan' cannot serve.*multiple of 4"):
+        paged_attention(odd.q, kc, vc, odd.block_tables, odd.context_lens)
+
+
+def test_kv_store_is_asked_like_every_other_op(ctx):
+    from types import SimpleNamespace
+
+    from aule.backends.vulkan import GpuTensor, VulkanBackend
+
+    b = VulkanBackend()
+    assert b.ops == ("attention", "paged_attention", "write_kv", "kv_store")
+
+    def spec(dtype="float32", device=None):
+        return SimpleNamespace(shape=(3, 4, 2, 8), dtype=dtype, device=device)
+
+    assert "no bfloat16" in b.why_not("kv_store", spec("bfloat16"), forced=True)
+    assert "not on 'cuda'" in b.why_not("kv_store", spec(device="cuda"), forced=True)
+    auto = b.why_not("kv_store", spec(), forced=False)
+    assert (auto is not None and "NumPy" in auto) if ctx.info.is_cpu else auto is None
+    assert b.why_not("kv_store", spec(device="vulkan"), forced=True) is None
+    kc, vc = b.allocate_cache(spec())
+    assert isinstance(kc, GpuTensor) and kc.shape == (3, 4, 2, 8) and not b.to_host(kc).any()
+    rows = np.arange(2 * 8, dtype=np.float32).reshape(2, 8)
+    kc = GpuTensor.from_numpy(np.broadcast_to(rows, (3, 4, 2, 8)) * np.arange(12).reshape(3, 4, 1, 1))
+    b.copy_slots(kc, vc, np.array([1, 2]), np.array([8, 9]))
+    got = b.to_host(kc).reshape(12, 2, 8)
+    np.testing.assert_array_equal(got[8:10], got[1:3])
+    np.testing.assert_array_equal(got[:8], (np.broadcast_to(rows, (12, 2, 8)) * np.arange(12)[:, None, None])[:8])
+
+
+def test_split_context_merges_in_the_same_submission(ctx, monkeypatch):
+    """A context split across workgroups is merged by a second pass recorded behind a barrier in
+    the same submission: one queue submission per call, and the merged result is right."""
+    from aule.backends.vulkan import plans
+    from aule.backends.vulkan.runtime import sequence
+
+    rng = np.random.default_rng(23)
+    case = _case(rng, [300], 2, 1, 64, 16, 1)
+    kc, vc = _gpu(case, np.float32)
+    from aule.paged_call import canonicalize_paged
+
+    call = canonicalize_paged(case.q, kc, vc, case.block_tables, case.context_lens)
+    assert plans.paged_plan(call, ctx.info).merge is not None, "the case must split its context"
+    submits = []
+    real_submit = sequence.Sequence.submit
+
+    def counting_submit(self, *a, **kw):
+        submits.append(self)
+        return real_submit(self, *a, **kw)
+
+    monkeypatch.setattr(sequence.Sequence, "submit", counting_submit)
+    out = aule.flash_attention_paged(case.q, kc, vc, case.block_tables, case.context_lens)
+    check(out, reference_paged(case), "float32")
+    # Where the device needs staging, uploading q and the two tables and reading the output back
+    # are submissions of their own.
+    attention_submits = len(submits) - (0 if ctx.direct else 4)
+    assert attention_submits == 1, f"split-K and merge took {attention_submits} submissions"

@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 import aule  # noqa: E402
-from aule import torch_sdpa  # noqa: E402
+from attn_util import count_calls  # noqa: E402
+from aule import sdpa_core, torch_sdpa  # noqa: E402
 from aule.api import route  # noqa: E402
 from aule.call import canonicalize  # noqa: E402
 
@@ -30,13 +31,13 @@ def _clean():
 def served(monkeypatch):
     """Counts calls that aule's host path served (eager mode)."""
     calls = []
-    real = torch_sdpa.host_attention
+    real = sdpa_core.host_attention
 
     def spy(*args):
         calls.append(args[-1])
         return real(*args)
 
-    monkeypatch.setattr(torch_sdpa, "host_attention", spy)
+    monkeypatch.setattr(sdpa_core, "host_attention", spy)
     return calls
 
 
@@ -139,7 +140,7 @@ def test_matches_sdpa_other_dtypes(dtype, served):
     err = (out.double() - oracle(q, k, v, is_causal=True, enable_gqa=True)).abs().max().item()
     # On a machine with a GPU-type Vulkan device the call goes there, and Vulkan's fp16 variant does
     # its tile arithmetic in half precision (its own tests allow 1e-2 for that variant).
-    picked = route(canonicalize(q, k, v)).name  # the choice depends on device and dtype only
+    picked = route(canonicalize(q, k, v), "attention").name  # the choice depends on device and dtype only
     tol = 1e-2 if (picked == "vulkan" and dtype == torch.float16) else ATOL[dtype]
     assert err <= tol, (err, picked)
 
@@ -272,7 +273,7 @@ def test_vmap_and_nested_tensors_fall_back(served):
         got = per_sample(F.scaled_dot_product_attention)
     assert torch.equal(got, want)
     nt = torch.nested.nested_tensor([torch.randn(2, 5, 16), torch.randn(2, 7, 16)], layout=torch.jagged)
-    assert not torch_sdpa._plain(nt)
+    assert not sdpa_core._plain(nt)
     assert not served
 
 
@@ -297,11 +298,12 @@ def _fake_differentiable(monkeypatch, detach):
 
     class Differentiable(backends.base.Backend):
         name = "triton"
+        ops = ("attention",)
         differentiable = True
 
-        def forward(self, call):
+        def attention(self, call):
             calls.append((call.left, call.right))
-            out = torch_sdpa.sdpa_reference(call.q, call.k, call.v, call.scale, call.left, call.right)
+            out = sdpa_core.sdpa_reference(call.q, call.k, call.v, call.scale, call.left, call.right)
             return (out.detach() if detach else out), None
 
     monkeypatch.setitem(backends._instances, "triton", Differentiable())
@@ -374,8 +376,9 @@ def refusing_numpy(monkeypatch):
 
     class Refuses(backends.base.Backend):
         name = "numpy"
+        ops = ("attention",)
 
-        def unsupported(self, call, forced):
+        def why_not_attention(self, call, forced):
             return "this test's backend refuses every call"
 
     monkeypatch.setitem(backends._instances, "numpy", Refuses())
@@ -529,3 +532,18 @@ def test_scale_default_is_sdpa_default():
         a = F.scaled_dot_product_attention(q, k, v)
     b = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(80))
     assert (a - b).abs().max() <= 2e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# each call is validated and routed once
+
+@pytest.mark.parametrize("backend", [None, "numpy"])
+def test_drop_in_validates_and_routes_each_call_once(monkeypatch, served, backend):
+    canonicalized = count_calls(monkeypatch, "aule.call", "canonicalize")
+    routed = count_calls(monkeypatch, "aule.api", "route")
+    q, k, v = qkv(1, 4, 2, 9, 9, 32)
+    with aule.installed(backend=backend):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert served, "aule served the call"
+    assert len(canonicalized) == 1 and len(routed) == 1, (len(canonicalized), len(routed))
+    assert (out.double() - oracle(q, k, v, is_causal=True, enable_gqa=True)).abs().max() <= ATOL[torch.float32]

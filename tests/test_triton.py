@@ -188,8 +188,8 @@ def test_backend_forward_returns_lse_and_grads():
     q.requires_grad_()
     call = canonicalize(q, k, v, causal=True, scale=0.3, window_size=8, return_lse=True)
     b = TritonBackend()
-    assert b.unsupported(call, forced=True) is None or not GPU and not ops.interpreting()
-    out, lse = b.forward(call)
+    assert b.why_not_attention(call, forced=True) is None or not GPU and not ops.interpreting()
+    out, lse = b.attention(call)
     ref = attention_reference(*(x.detach().cpu().numpy() for x in (q, k, v)), causal=True,
                               scale=0.3, window_size=8)
     assert np.abs(out.detach().cpu().numpy() - ref).max() < OUT_TOL["float32"]
@@ -201,11 +201,11 @@ def test_backend_forward_returns_lse_and_grads():
 def test_unsupported_reasons():
     b = TritonBackend()
     npc = canonicalize(*(np.zeros((1, 1, 4, 16), np.float32) for _ in range(3)))
-    assert "torch tensors" in b.unsupported(npc, forced=True)
+    assert "torch tensors" in b.why_not_attention(npc, forced=True)
     big = canonicalize(*(torch.zeros(1, 1, 4, 512) for _ in range(3)))
-    assert "head_dim" in b.unsupported(big, forced=True)
+    assert "head_dim" in b.why_not_attention(big, forced=True)
     f64 = canonicalize(*(torch.zeros(1, 1, 4, 16, dtype=torch.float64) for _ in range(3)))
-    assert "float64" in b.unsupported(f64, forced=True)
+    assert "float64" in b.why_not_attention(f64, forced=True)
 
 
 @pytest.mark.skipif(GPU, reason="checks the refusal on a machine without a GPU")

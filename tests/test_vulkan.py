@@ -14,25 +14,8 @@ from aule import VulkanError, VulkanOutOfMemoryError
 from aule.call import canonicalize
 from aule.reference import attention_reference
 
-from _vulkan_util import VARIANT_ATOL, forced_variant, max_err, vulkan_context
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    return vulkan_context()
-
-
-@pytest.fixture(autouse=True)
-def no_validation_messages(request):
-    """Any validation-layer message during a test fails it."""
-    if "ctx" not in request.fixturenames:
-        yield
-        return
-    c = request.getfixturevalue("ctx")
-    c.take_validation_messages()
-    yield
-    msgs = c.take_validation_messages()
-    assert not msgs, "Vulkan validation messages:\n" + "\n".join(msgs)
+from _vulkan_util import VARIANT_ATOL, forced_variant, max_err
+from _vulkan_util import ctx, no_validation_messages  # noqa: F401  (fixtures: the context, a clean layer)
 
 
 def test_validation_layer_active_when_asked(ctx):
@@ -101,12 +84,93 @@ def test_custom_scale_and_odd_head_dim_uses_baseline(ctx):
 
 
 def test_auto_selection_never_picks_an_unfit_variant(ctx):
-    from aule.backends.vulkan import kernels
+    from aule.backends.vulkan import select
 
     for dt in ("float32", "float16"):
         for d in (16, 33, 40, 64, 80, 96, 128, 192, 256):
-            v = kernels.select(dt, d, ctx.info)
+            v = select.select(dt, d, ctx.info)
             assert v.unfit(d, ctx.info) is None
+
+
+def _recorded_device(name, vendor, type_="discrete-gpu", shared=65536, subgroup=32, fp16=True, coopmat=False,
+                     loop_limit=None):
+    """A device as the runtime records it, without the device: selection must need nothing else."""
+    from aule.backends.vulkan.runtime import DeviceInfo
+
+    return DeviceInfo(index=0, name=name, type=type_, vendor=vendor, vendor_id=0, driver="recorded",
+                      api_version="1.3", max_shared_memory=shared, max_storage_buffer_range=2**31,
+                      max_workgroup_count=(2**31 - 1, 65535, 65535), max_workgroup_size=1024,
+                      max_push_constants=128, min_storage_offset_alignment=64, max_allocation=2**32,
+                      subgroup_size=subgroup, subgroup_ops=0xFF, shader_float16=fp16, storage_buffer_16bit=fp16,
+                      cooperative_matrix=coopmat, coopmat_f16=coopmat, timestamp_period=1.0,
+                      device_local_bytes=2**34, loop_limit=loop_limit)
+
+
+# (device, input dtype, head_dim) -> (variant, its specialization constants). The tile shapes
+# follow the rule "best first: the first that fits the device's shared memory is used".
+RECORDED = {
+    "amd-rdna3-wave64": (dict(name="AMD Radeon RX 7900 XTX (RADV NAVI31)", vendor="AMD", subgroup=64, coopmat=True),
+                         {("float16", 128): ("fp16_amd", ((0, 128), (1, 64), (2, 32), (3, 256), (4, 16))),
+                          ("float32", 128): ("fast", ((0, 128), (1, 64), (2, 32), (3, 256), (4, 16))),
+                          ("float32", 33): ("baseline", ((0, 33), (1, 64)))}),
+    "intel-arc": (dict(name="Intel(R) Arc(tm) A770 Graphics (DG2)", vendor="Intel", coopmat=True),
+                  {("float16", 128): ("fp16", ((0, 128), (1, 32), (2, 32), (3, 128), (4, 16))),
+                   ("float32", 64): ("fast", ((0, 64), (1, 64), (2, 32), (3, 256), (4, 16)))}),
+    "apple-m2-moltenvk": (dict(name="Apple M2 Pro", vendor="Apple", type_="integrated-gpu", shared=32768),
+                          {("float16", 128): ("fp16", ((0, 128), (1, 32), (2, 32), (3, 128), (4, 16))),
+                           ("float32", 128): ("fast", ((0, 128), (1, 32), (2, 16), (3, 64), (4, 8))),
+                           ("float32", 64): ("fast", ((0, 64), (1, 32), (2, 32), (3, 128), (4, 16)))}),
+    "nvidia-h100": (dict(name="NVIDIA H100 80GB HBM3", vendor="NVIDIA", shared=49152, coopmat=True),
+                    {("float16", 128): ("fp16", ((0, 128), (1, 32), (2, 32), (3, 128), (4, 16))),
+                     ("float16", 40): ("fp16", ((0, 40), (1, 32), (2, 32), (3, 128), (4, 16))),
+                     ("float32", 128): ("fast", ((0, 128), (1, 32), (2, 32), (3, 128), (4, 16)))}),
+    "lavapipe": (dict(name="llvmpipe (LLVM 15.0.6, 256 bits)", vendor="Mesa", type_="cpu", shared=32768,
+                      subgroup=8, loop_limit=65535),
+                 {("float32", 64): ("cpu", ((0, 64), (1, 16), (2, 4), (3, 8))),
+                  ("float32", 256): ("fast", ((0, 256), (1, 16), (2, 8), (3, 64), (4, 8)))}),
+}
+
+
+@pytest.mark.parametrize("device", sorted(RECORDED))
+def test_selection_is_a_function_of_recorded_device_properties(device, monkeypatch):
+    from aule.backends.vulkan import select
+
+    monkeypatch.delenv("AULE_VULKAN_VARIANT", raising=False)
+    monkeypatch.delenv("AULE_VULKAN_TILES", raising=False)
+    props, expected = RECORDED[device]
+    for (dtype, d), (name, spec) in expected.items():
+        picks = []
+        for _ in range(2):  # a fresh but equal record gives the same answer
+            info = _recorded_device(**props)
+            v = select.select(dtype, d, info)
+            picks.append((v.name, v.spec(d, info)))
+            assert v.unfit(d, info) is None
+        assert picks == [(name, spec)] * 2, f"{device} {dtype} head_dim {d}"
+
+
+def test_recorded_selection_honours_forcing_and_host_dtype_rules(monkeypatch):
+    from aule.backends.vulkan import select
+
+    apple = _recorded_device(name="Apple M2 Pro", vendor="Apple", shared=32768)
+    monkeypatch.setenv("AULE_VULKAN_VARIANT", "coopmat")
+    with pytest.raises(aule.UnsupportedError, match="AULE_VULKAN_VARIANT=coopmat.*VK_KHR_cooperative_matrix"):
+        select.select("float16", 128, apple)
+    monkeypatch.setenv("AULE_VULKAN_VARIANT", "cpu")
+    with pytest.raises(aule.UnsupportedError, match="CPU Vulkan drivers"):
+        select.select("float32", 64, apple)
+    monkeypatch.setenv("AULE_VULKAN_VARIANT", "nope")
+    with pytest.raises(ValueError, match="AULE_VULKAN_VARIANT='nope' names no variant"):
+        select.select("float32", 64, apple)
+    monkeypatch.delenv("AULE_VULKAN_VARIANT")
+    lavapipe = _recorded_device(name="llvmpipe", vendor="Mesa", type_="cpu", shared=32768, subgroup=8,
+                                loop_limit=65535)
+    # float16 host data on a CPU device is computed by the fp32 `cpu` module; on a GPU it stays fp16.
+    assert select.host_variant("float16", 64, lavapipe).name == "cpu"
+    assert select.host_variant("float16", 64, apple).name == "fp16"
+    no_fp16 = _recorded_device(name="old GPU", vendor="Intel", shared=16384, fp16=False)
+    assert select.select("float16", 64, no_fp16).name == "fast"
+    monkeypatch.setenv("AULE_VULKAN_TILES", "16,16,64,8")
+    assert select.select("float32", 64, apple).spec(64, apple, (16, 16, 64, 8))[1:] == ((1, 16), (2, 16), (3, 64), (4, 8))
 
 
 def test_forced_unknown_variant_is_a_value_error(ctx, monkeypatch):
@@ -158,7 +222,7 @@ def test_gpu_tensor_round_trip_and_attention(ctx):
 
 def test_buffer_larger_than_the_storage_range(ctx):
     """q/o over 128 MiB (lavapipe's maxStorageBufferRange): dispatches are split by head."""
-    from aule.backends.vulkan import kernels
+    from aule.backends.vulkan import plans
 
     b, h, sq, sk, d = 2, 16, 17408, 16, 64
     nbytes = b * h * sq * d * 4
@@ -166,43 +230,13 @@ def test_buffer_larger_than_the_storage_range(ctx):
     rng = np.random.default_rng(6)
     q = rand(rng, (b, h, sq, d), np.float32)
     k, v = rand(rng, (b, h, sk, d), np.float32), rand(rng, (b, h, sk, d), np.float32)
-    chunk = kernels.plan_chunks({"query": sq * d * 4}, b * h, ctx.info, ctx.info.max_workgroup_count[1])
+    chunk = plans.plan_chunks({"query": sq * d * 4}, b * h, ctx.info, ctx.info.max_workgroup_count[1])
     if ctx.info.max_storage_buffer_range < nbytes:
         assert chunk < b * h, "a tensor over the storage range must be split into several dispatches"
     out = aule.flash_attention(q, k, v, causal=False, backend="vulkan")
     for bi, hi in ((0, 0), (0, 7), (1, 15)):  # first, middle and last head
         ref = attention_reference(q[bi:bi + 1, hi:hi + 1], k[bi:bi + 1, hi:hi + 1], v[bi:bi + 1, hi:hi + 1], causal=False)
         assert max_err(out[bi:bi + 1, hi:hi + 1], ref) <= 2e-5
-
-
-def test_staging_path_of_discrete_gpus(ctx, monkeypatch):
-    """Device memory that is not mapped: uploads and downloads go through staging copies."""
-    from aule.backends.vulkan import kernels
-    from aule.backends.vulkan.runtime import Context
-
-    monkeypatch.setenv("AULE_VULKAN_STAGING", "1")
-    c = Context()
-    try:
-        assert c.upload_pool is not None and c.download_pool is not None
-        rng = np.random.default_rng(11)
-        q, k, v = rand(rng, (1, 4, 50, 64), np.float32), rand(rng, (1, 2, 60, 64), np.float32), rand(rng, (1, 2, 60, 64), np.float32)
-        leases = [c.upload(x) for x in (q, k, v)]
-        assert not leases[0].buffer.host_visible
-        o, lse = c.pool.acquire(q.nbytes), c.pool.acquire(4 * 4 * 50)
-        call = canonicalize(q, k, v, True, None, -1, True)
-        variant = kernels.select("float32", 64, c.info)
-        shape = kernels.Shape(1, 4, 2, 50, 60, 64)
-        c.run(kernels.attention_dispatches(c, variant, shape, [l.buffer for l in leases] + [o.buffer, lse.buffer],
-                                           call.scale, call.left, call.right, True))
-        out = c.download(o.buffer, np.empty_like(q))
-        got_lse = c.download(lse.buffer, np.empty((1, 4, 50), np.float32))
-        ref, ref_lse = attention_reference(q, k, v, causal=True, return_lse=True)
-        assert max_err(out, ref) <= 2e-5 and np.abs(got_lse - ref_lse).max() <= 2e-5
-        for l in leases + [o, lse]:
-            l.release()
-        assert not c.take_validation_messages()
-    finally:
-        c.close()
 
 
 def test_eight_threads_at_once(ctx):
@@ -219,32 +253,13 @@ def test_eight_threads_at_once(ctx):
         assert max_err(out, attention_reference(*qkv, causal=True)) <= 2e-5
 
 
-def test_out_of_memory_is_its_own_error_and_the_context_survives(ctx):
-    from aule.backends.vulkan.runtime import Buffer
-
-    with pytest.raises(VulkanOutOfMemoryError) as ei:
-        Buffer(ctx, 1 << 50, "device")
-    assert isinstance(ei.value, VulkanError) and ei.value.call and "OUT_OF" in ei.value.result
-    q = np.random.default_rng(8).standard_normal((1, 1, 8, 32)).astype(np.float32)
-    out = aule.flash_attention(q, q, q, backend="vulkan")
-    assert max_err(out, attention_reference(q, q, q)) <= 2e-5
-
-
-def test_vk_result_codes_map_to_errors_with_advice():
-    from aule.backends.vulkan.runtime import check
-
-    with pytest.raises(VulkanOutOfMemoryError, match="vkAllocateMemory failed with VK_ERROR_OUT_OF_DEVICE_MEMORY"):
-        check("vkAllocateMemory", -2)
-    with pytest.raises(VulkanError, match="VK_ERROR_DEVICE_LOST.*restart") as ei:
-        check("vkQueueSubmit", -4)
-    assert not isinstance(ei.value, VulkanOutOfMemoryError) and ei.value.call == "vkQueueSubmit"
-
-
 def test_push_constant_mirror_matches_every_shader(ctx):
-    from aule.backends.vulkan import kernels
+    from aule.backends.vulkan import shaders
 
-    for v in kernels.VARIANTS.values():
-        assert kernels.push_constant_size(kernels.spirv_code(v.module)) == kernels.ATTN_PUSH.itemsize
+    for m in shaders.MODULES.values():
+        assert shaders.push_constant_size(shaders.spirv_code(m.name)) == m.push.itemsize, m.name
+    for v in shaders.VARIANTS.values():
+        assert v.push.itemsize == shaders.ATTN_PUSH.itemsize
 
 
 def test_auto_route_skips_a_cpu_device_and_forced_uses_it(ctx):
@@ -252,66 +267,18 @@ def test_auto_route_skips_a_cpu_device_and_forced_uses_it(ctx):
 
     q = np.zeros((1, 1, 4, 16), np.float32) + 0.5
     call = canonicalize(q, q, q, True, None, -1, False)
-    reason = get("vulkan").unsupported(call, forced=False)
+    reason = get("vulkan").why_not("attention", call, forced=False)
     if ctx.info.is_cpu:
         assert reason and "CPU" in reason
     else:
         assert reason is None
-    assert get("vulkan").unsupported(call, forced=True) is None
-
-
-def test_device_choice_by_env(ctx, monkeypatch):
-    from aule.backends.vulkan.runtime import Context
-
-    monkeypatch.setenv("AULE_VULKAN_DEVICE", "no-such-device-name")
-    with pytest.raises(VulkanError, match="AULE_VULKAN_DEVICE"):
-        Context()
-    monkeypatch.setenv("AULE_VULKAN_DEVICE", ctx.info.name.split()[0])
-    c = Context()
-    try:
-        assert c.info.name == ctx.info.name
-    finally:
-        c.close()
-    ctx.take_validation_messages()  # the failed Context above left nothing to validate
-
-
-def test_egl_retry_that_finds_no_gpu_leaves_the_environment_alone(ctx, monkeypatch, tmp_path):
-    """The headless-NVIDIA retry runs only when no GPU-type device was found; when it finds none
-    either, the first result stands and VK_ICD_FILENAMES/VK_DRIVER_FILES are as before."""
-    from aule.backends.vulkan import runtime
-
-    if not ctx.info.is_cpu:
-        pytest.skip("a GPU-type device was found, so the retry never runs here")
-    monkeypatch.setenv("AULE_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("VK_ICD_FILENAMES", raising=False)
-    monkeypatch.delenv("VK_DRIVER_FILES", raising=False)
-    monkeypatch.setattr(runtime, "_nvidia_egl_loadable", lambda: True)
-    monkeypatch.setattr(runtime, "NVIDIA_EGL", "libEGL_nvidia_absent_for_this_test.so.0")
-    c = runtime.Context()
-    try:
-        assert c.route == "default loader search" and c.info.name == ctx.info.name
-        icd = tmp_path / "icd" / "nvidia_egl_icd.json"
-        assert "libEGL_nvidia_absent_for_this_test.so.0" in icd.read_text()
-        assert "VK_ICD_FILENAMES" not in os.environ and "VK_DRIVER_FILES" not in os.environ
-    finally:
-        c.close()
-    ctx.take_validation_messages()  # the loader's complaint about the absent library is expected
+    assert get("vulkan").why_not("attention", call, forced=True) is None
 
 
 def test_details_for_aule_info(ctx):
     info = aule.backend_info()["vulkan"]
     assert info["available"]
     assert info["device"]["name"] == ctx.info.name and "route" in info and "variants_chosen" in info
-
-
-def test_timestamps_give_gpu_time(ctx):
-    from aule.backends.vulkan import attention, to_gpu
-
-    if ctx.query_pool is None:
-        pytest.skip("the compute queue has no timestamp support")
-    q = to_gpu(np.random.default_rng(9).standard_normal((1, 2, 64, 64)).astype(np.float32))
-    _, _, ns = attention(q, q, q, timestamps=True)
-    assert ns is not None and ns > 0
 
 
 @pytest.mark.gpu

@@ -22,6 +22,9 @@ def copy(tmp_path):
     for name in ("glsl", "spirv"):
         shutil.copytree(ROOT / name, tmp_path / name)
     shutil.copy(ROOT / "build_shaders.py", tmp_path / "build_shaders.py")
+    table = Path("aule", "backends", "vulkan", "shaders.py")  # build_shaders.py reads its modules there
+    (tmp_path / table).parent.mkdir(parents=True)
+    shutil.copy(ROOT / table, tmp_path / table)
     return tmp_path
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import aule
-from aule.backends.vulkan import runtime
+from aule.backends.vulkan.runtime.memory import Buffer
 
 from _vulkan_util import vulkan_context
 
@@ -16,7 +16,7 @@ from _vulkan_util import vulkan_context
 def live_buffers(monkeypatch):
     """The set of Vulkan buffers created and not yet destroyed while the test runs."""
     live = set()
-    init, destroy = runtime.Buffer.__init__, runtime.Buffer.destroy
+    init, destroy = Buffer.__init__, Buffer.destroy
 
     def counting_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
@@ -26,8 +26,8 @@ def live_buffers(monkeypatch):
         live.discard(id(self))
         return destroy(self, *args, **kwargs)
 
-    monkeypatch.setattr(runtime.Buffer, "__init__", counting_init)
-    monkeypatch.setattr(runtime.Buffer, "destroy", counting_destroy)
+    monkeypatch.setattr(Buffer, "__init__", counting_init)
+    monkeypatch.setattr(Buffer, "destroy", counting_destroy)
     return live
 
 

@@ -1,6 +1,8 @@
 """Backend registry: name -> backend, with availability and the reason when unavailable.
 
-Backends are imported lazily so ``import aule`` never pulls in torch, triton or Vulkan.
+One registry for every operation (dense and paged attention, KV writes, KV storage): each
+backend declares the operations it serves (:mod:`aule.backends.base`). Backends are imported
+lazily so ``import aule`` never pulls in torch, triton or Vulkan.
 """
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ import threading
 
 from ..errors import UnsupportedError
 
-# name -> (module, class). The order is the auto-routing preference.
+# name -> (module, class). The order is the order `aule info` lists them in.
 _REGISTRY = {
     "triton": ("aule.backends.triton", "TritonBackend"),
     "triton-amd": ("aule.backends.triton", "TritonAMDBackend"),
     "vulkan": ("aule.backends.vulkan", "VulkanBackend"),
-    "numpy": ("aule.backends.numpy_backend", "NumpyBackend"),
+    "numpy": ("aule.backends.numpy", "NumpyBackend"),
 }
 _ALIASES = {"cpu": "numpy"}
 _instances: dict = {}
@@ -39,36 +41,32 @@ class _Missing:
     """Stands in for a backend whose module cannot be imported, keeping the reason."""
 
     differentiable = False
+    ops: tuple = ()
 
     def __init__(self, name, reason):
         self.name = name
         self.unavailable_reason = reason
         self.available = False
 
-    def unsupported(self, call, forced):
+    def why_not(self, op, call, forced):
         return self.unavailable_reason
 
     def details(self):
         return {}
 
 
-def load(name: str, registry: dict, instances: dict):
-    """The instance registered under ``name`` in ``registry`` (name -> (module, class)), imported
-    and created on first use and kept in ``instances``; a module that cannot be imported gives a
-    stand-in that is unavailable with the reason. Paged backends use the same mechanism."""
+def get(name: str):
+    """The backend registered under ``name`` (``cpu`` is ``numpy``), imported and created on first
+    use; a module that cannot be imported gives a stand-in that is unavailable with the reason."""
     key = canonical_name(name)
     with _lock:
-        if key not in instances:
-            module, cls = registry[key]
+        if key not in _instances:
+            module, cls = _REGISTRY[key]
             try:
-                instances[key] = getattr(importlib.import_module(module), cls)()
+                _instances[key] = getattr(importlib.import_module(module), cls)()
             except (ImportError, AttributeError) as exc:
-                instances[key] = _Missing(key, f"cannot import {module}: {exc}")
-        return instances[key]
-
-
-def get(name: str):
-    return load(name, _REGISTRY, _instances)
+                _instances[key] = _Missing(key, f"cannot import {module}: {exc}")
+        return _instances[key]
 
 
 def require(name: str):
@@ -80,16 +78,16 @@ def require(name: str):
 
 
 def get_available_backends() -> list[str]:
-    """Names of the backends that work on this machine, in routing order."""
+    """Names of the backends that work on this machine, in registry order."""
     return [n for n in names() if get(n).available]
 
 
 def backend_info() -> dict:
-    """``{name: {"available": bool, "reason": str | None, **details}}`` for every backend."""
+    """``{name: {"available": bool, "reason": str | None, "ops": [...], **details}}`` for every backend."""
     info = {}
     for n in names():
         b = get(n)
-        entry = {"available": b.available, "reason": b.unavailable_reason}
+        entry = {"available": b.available, "reason": b.unavailable_reason, "ops": list(b.ops)}
         if b.available:
             try:
                 entry.update(b.details())

@@ -1,19 +1,45 @@
-"""What every backend provides. The router in :mod:`aule.api` only talks to this interface."""
+"""The backend contract. The router in :mod:`aule.api` talks to backends only through it.
+
+A backend is one class per device family (``numpy``, ``triton``, ``triton-amd``, ``vulkan``). It
+declares the operations it serves in ``ops``; for each operation ``op`` it answers
+``why_not_<op>(call, forced)`` (``None`` when it can serve the call, else the reason) and runs
+``<op>(call)``. The calls are validated before they arrive (:mod:`aule.call`,
+:mod:`aule.paged_call`), so a backend never re-checks user input and never guesses what kind of
+call it was given: the operation says it.
+
+Operations and what they return:
+
+``attention(AttentionCall) -> (out, lse)``
+    ``out`` like ``call.q`` (type, device, dtype, shape); ``lse`` float32 ``[B, Hq, Sq]`` in the
+    caller's array type when ``call.return_lse``, else ``None``.
+``paged_attention(PagedCall) -> out``
+    ``out`` like ``call.q``.
+``write_kv(KVWriteCall) -> None``
+    Writes token rows into the caches in place.
+``kv_store(CacheSpec)``
+    The storage a :class:`aule.kv_cache.PagedKVCache` keeps its blocks in; the backend then
+    provides :meth:`allocate_cache`, :meth:`copy_slots`, :meth:`to_host` and
+    :meth:`place_tables`.
+"""
 from __future__ import annotations
 
 import functools
 
+#: Every operation a backend may declare, in the order ``aule info`` lists them.
+OPS = ("attention", "paged_attention", "write_kv", "kv_store")
+
 
 class Backend:
-    """A way to run attention.
+    """A way to run attention on one family of devices.
 
-    Subclasses set ``name`` and implement :meth:`_probe` (is the backend usable on this machine?),
-    :meth:`unsupported` (can it serve this particular call?) and :meth:`forward`.
+    Subclasses set ``name`` and ``ops``, implement :meth:`_probe` (usable on this machine?) and,
+    for each declared operation, ``why_not_<op>`` and the operation itself.
     """
 
     name = ""
-    aliases: tuple = ()
-    #: Whether the backend has a backward pass (the SDPA drop-in routes gradient calls by this).
+    #: The operations this backend serves (names from :data:`OPS`).
+    ops: tuple = ()
+    #: Whether ``attention`` has a backward pass (gradient calls are routed only to such backends).
     differentiable = False
 
     @functools.cached_property
@@ -31,14 +57,52 @@ class Backend:
     def _probe(self) -> str | None:
         return None
 
-    def unsupported(self, call, forced: bool) -> str | None:
-        """``None`` if this backend serves ``call``, else the reason. ``forced``: the user named it."""
+    def why_not(self, op: str, call, forced: bool) -> str | None:
+        """Why this backend cannot run ``op`` on ``call`` (``None`` if it can). ``forced``: the
+        user named this backend, so preferences (not limits) are waived."""
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        if self.unavailable_reason is not None:
+            return self.unavailable_reason
+        if op not in self.ops:
+            return f"backend {self.name!r} has no {op.replace('_', ' ')}"
+        return getattr(self, "why_not_" + op)(call, forced)
+
+    def run(self, op: str, call):
+        """Run a routed operation (see the module docstring for what each returns)."""
+        return getattr(self, op)(call)
+
+    # -- per-operation answers; a backend overrides those of the ops it declares ---------------
+    def why_not_attention(self, call, forced: bool) -> str | None:
         return None
 
-    def forward(self, call):
-        """Return ``(out, lse)``: ``out`` like ``call.q`` (type, device, dtype, shape); ``lse`` float32
-        ``[B, Hq, Sq]`` in the caller's array type when ``call.return_lse``, else ``None``."""
+    def why_not_paged_attention(self, call, forced: bool) -> str | None:
+        return None
+
+    def why_not_write_kv(self, call, forced: bool) -> str | None:
+        return None
+
+    def why_not_kv_store(self, spec, forced: bool) -> str | None:
+        return None
+
+    # -- the KV-store protocol (op ``kv_store``) ---------------------------------------------------
+    def allocate_cache(self, spec):
+        """``(k_cache, v_cache)`` zero-filled, of ``spec.shape`` and ``spec.dtype``, where this
+        backend's paged kernels read them."""
         raise NotImplementedError
+
+    def copy_slots(self, k_cache, v_cache, src, dst) -> None:
+        """Copy cache rows (slots) ``src`` to ``dst`` (equal-length int arrays) in both caches."""
+        raise NotImplementedError
+
+    def to_host(self, cache):
+        """The cache's contents as a NumPy array (a copy when it lives on a device)."""
+        raise NotImplementedError
+
+    def place_tables(self, table, k_cache):
+        """An int32 NumPy table (block tables, lengths) moved to where the paged kernels read
+        it next to ``k_cache``; host backends keep the NumPy array."""
+        return table
 
     def details(self) -> dict:
         """Extra facts for ``aule info`` (devices, variants); empty by default."""

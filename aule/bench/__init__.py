@@ -3,6 +3,10 @@
 ``main(argv)`` is the command (``aule bench`` and ``python benchmarks/run.py`` call it). It
 detects the machine, runs the suites of :mod:`aule.bench.suites` that apply, prints a markdown
 table and writes ``<out>/<machine>.json``, ``<out>/<machine>.md`` and PNG plots.
+
+A ``--quick`` run writes ``<out>/<machine>-quick.*`` instead: its few cases never replace or drop
+the rows of a full run. A full run of some suites merges into the machine's file, replacing those
+suites and keeping the others as they were.
 """
 from __future__ import annotations
 
@@ -13,14 +17,17 @@ import sys
 
 from .suites import SUITES
 
-__all__ = ["main", "run", "save"]
+__all__ = ["main", "run", "save", "results_stem"]
+
+QUICK_SUFFIX = "-quick"
 
 
 def _parser():
     ap = argparse.ArgumentParser(
         prog="aule bench",
         description="Benchmark aule against PyTorch SDPA on this machine (correctness first, then speed).")
-    ap.add_argument("--quick", action="store_true", help="a small subset (under a minute on a CPU)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a small subset (under a minute on a CPU), written to <machine>-quick.*")
     ap.add_argument("--suite", action="append", default=[], metavar="NAMES",
                     help="comma-separated suites to run (default: all that apply): "
                          + ", ".join(s.name for s in SUITES))
@@ -62,7 +69,7 @@ def run(suites=None, quick=False, budget_s=None, progress=True, name=None, check
     on_progress = None
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
-        path = os.path.join(checkpoint_dir, info["name"] + ".json")
+        path = os.path.join(checkpoint_dir, results_stem(info["name"], quick) + ".json")
         previous = report.load(path) if os.path.exists(path) else None
 
         def on_progress(partial):
@@ -82,25 +89,36 @@ def run(suites=None, quick=False, budget_s=None, progress=True, name=None, check
     return {"machine": info, "suites": results}
 
 
-def _render(results, out_dir, plots_wanted):
+def results_stem(machine_name: str, quick: bool) -> str:
+    """The file name (no extension) a run's results go to: quick runs have files of their own."""
+    return machine_name + (QUICK_SUFFIX if quick else "")
+
+
+def is_quick(results: dict) -> bool:
+    return any(s.get("quick") for s in results.get("suites", {}).values())
+
+
+def _render(results, out_dir, plots_wanted, stem):
     from . import report
 
-    return report.plots(results, out_dir) if plots_wanted else []
+    return report.plots(results, out_dir, stem) if plots_wanted else []
 
 
 def save(results: dict, out_dir: str, fresh: bool = False, plots: bool = True) -> str:
-    """Print this run's tables; write ``<out>/<machine>.json`` (merged with earlier suites of the
-    same machine unless ``fresh``), the full markdown beside it and the plots. Returns the JSON path."""
+    """Print this run's tables; write ``<out>/<machine>.json`` (``<machine>-quick.json`` for a quick
+    run; merged with earlier suites of the same file unless ``fresh``), the full markdown beside it
+    and the plots. Returns the JSON path."""
     from . import report
 
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, results["machine"]["name"] + ".json")
+    stem = results_stem(results["machine"]["name"], is_quick(results))
+    path = os.path.join(out_dir, stem + ".json")
     merged = results if fresh else report.merge_into(path, results)
     report.write_json(path, merged)
     md_path = os.path.splitext(path)[0] + ".md"
     with open(md_path, "w") as f:
         f.write(report.full_markdown(merged))
-    made = _render(merged, out_dir, plots)
+    made = _render(merged, out_dir, plots, stem)
     print(report.full_markdown(results))
     print(f"\nwrote {path}, {md_path}" + (f" and {len(made)} plots" if made else ""))
     return path
@@ -136,12 +154,15 @@ def main(argv=None) -> int:
             with open(os.path.splitext(path)[0] + ".md", "w") as f:
                 f.write(md)
             print(md)
-            _render(res, os.path.dirname(os.path.abspath(path)), not args.no_plots)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            _render(res, os.path.dirname(os.path.abspath(path)), not args.no_plots, stem)
     else:
         results = run(names, quick=args.quick, budget_s=args.budget_s, progress=not args.no_progress,
                       name=args.name, checkpoint_dir=None if args.fresh else args.out)
         save(results, args.out, fresh=args.fresh, plots=not args.no_plots)
-        files = sorted(glob.glob(os.path.join(args.out, "*.json")))
+        # The README shows full runs only; a quick file enters it only when named to --report.
+        files = sorted(f for f in glob.glob(os.path.join(args.out, "*.json"))
+                       if not f.endswith(QUICK_SUFFIX + ".json"))
     if args.readme:
         section = report.readme_section(files, os.path.dirname(os.path.abspath(args.readme)))
         changed = report.update_readme(args.readme, section)

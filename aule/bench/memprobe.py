@@ -75,6 +75,24 @@ def probe(batch, heads_q, heads_kv, seq, head_dim, causal) -> dict:
     return result
 
 
+def in_subprocess(p: dict) -> dict:
+    """Run :func:`probe` on case ``p`` in a fresh interpreter (so torch, loaded by the parent,
+    is absent) and return its JSON object."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "aule.bench.memprobe", "--batch", str(p["B"]),
+           "--heads-q", str(p["Hq"]), "--heads-kv", str(p["Hkv"]), "--seq", str(p["S"]),
+           "--head-dim", str(p["D"])] + ([] if p["causal"] else ["--no-causal"])
+    env = dict(os.environ)
+    # The child must find this aule even when it is run from a checkout, not installed.
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, check=False)
+    if r.returncode != 0:
+        raise RuntimeError((r.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, default=1)

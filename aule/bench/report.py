@@ -12,7 +12,7 @@ README_BEGIN = "<!-- perf:begin -->"
 README_END = "<!-- perf:end -->"
 
 METRIC_LABEL = {"tflops": "TFLOP/s", "gflops": "GFLOP/s", "tbps": "TB/s", "us_per_call": "µs/call",
-                "mb": "MB", "ms": "ms", "us": "µs"}
+                "mb": "MB", "ms": "ms", "us": "µs", "tokens_per_s": "tokens/s"}
 
 
 def _fmt(v, digits=3):
@@ -104,7 +104,7 @@ def pivot_table(res: dict) -> str:
     unmeasured = [c for c in cases if all(r["status"] == "skipped" for r in res["rows"] if r["case"] == c)]
     cases = [c for c in cases if c not in unmeasured]
     head = ["case"] + cols
-    lines = [f"{METRIC_LABEL[metric]} (higher is better)" if metric in ("tflops", "gflops", "tbps")
+    lines = [f"{METRIC_LABEL[metric]} (higher is better)" if metric in ("tflops", "gflops", "tbps", "tokens_per_s")
              else f"{METRIC_LABEL[metric]} (lower is better)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cases:
@@ -267,9 +267,10 @@ def load(path: str) -> dict:
 # Plots
 
 
-def plots(results: dict, outdir: str) -> list[str]:
+def plots(results: dict, outdir: str, stem: str | None = None) -> list[str]:
     """PNG files for the suites that ran: TFLOP/s against sequence length, decode TB/s against
-    context, window speed-up, and the CPU comparison. Returns their paths."""
+    context, window speed-up, and the CPU comparison, named ``<stem>-<suite>.png`` (``stem``: the
+    results file's name, by default the machine's). Returns their paths."""
     try:
         import matplotlib
 
@@ -278,26 +279,27 @@ def plots(results: dict, outdir: str) -> list[str]:
     except ImportError:
         return []
     name = results["machine"]["name"]
+    stem = stem or name
     made = []
     suites = results["suites"]
     for key in ("dense", "dense_bwd"):
         res = suites.get(key)
         if res and res["status"] == "ran" and _any_ok(res):
-            made.append(_plot_dense(plt, res, os.path.join(outdir, f"{name}-{key}.png"), name))
+            made.append(_plot_dense(plt, res, os.path.join(outdir, f"{stem}-{key}.png"), name))
     res = suites.get("vulkan")
     if res and res["status"] == "ran" and _any_ok(res):
-        made.append(_plot_lines(plt, res, os.path.join(outdir, f"{name}-vulkan.png"), name, "S", "tflops",
+        made.append(_plot_lines(plt, res, os.path.join(outdir, f"{stem}-vulkan.png"), name, "S", "tflops",
                                 ("dtype", "D"), lambda k: f"{k[0]}, hd {k[1]}", "sequence length", "TFLOP/s"))
     res = suites.get("decode")
     if res and res["status"] == "ran" and _any_ok(res):
-        made.append(_plot_decode(plt, res, os.path.join(outdir, f"{name}-decode.png"), name))
+        made.append(_plot_decode(plt, res, os.path.join(outdir, f"{stem}-decode.png"), name))
     res = suites.get("window")
     if res and res["status"] == "ran" and _any_ok(res):
-        made.append(_plot_window(plt, res, os.path.join(outdir, f"{name}-window.png"), name))
+        made.append(_plot_window(plt, res, os.path.join(outdir, f"{stem}-window.png"), name))
     for key in ("cpu", "gqa", "overhead"):
         res = suites.get(key)
         if res and res["status"] == "ran" and _any_ok(res):
-            made.append(_plot_bars(plt, res, os.path.join(outdir, f"{name}-{key}.png"), name))
+            made.append(_plot_bars(plt, res, os.path.join(outdir, f"{stem}-{key}.png"), name))
     return [m for m in made if m]
 
 

@@ -3,54 +3,27 @@
 A suite names its cases (shape dictionaries), the contenders measured on every case (keys of
 :data:`CONTENDERS`), the contender every other is compared with, and the metric it reports.
 Nothing here runs anything; :mod:`aule.bench.runner` does.
+The suites after ``memory`` hold what the scripts under ``benchmarks/`` once measured on their
+own (sweeps and a model); none is in ``--quick``.
 
 Case keys: ``B`` batch, ``Hq``/``Hkv`` heads, ``S`` query length, ``Sk`` key length (default S),
 ``D`` head_dim, ``causal``, ``window`` (aule's ``window_size``), ``dtype``, ``mode`` ('fwd' or
 'fwd+bwd'), ``device`` ('cuda' or 'cpu'). Decode cases use ``ctx`` (tokens in the cache) and
-``block`` (paged block size) instead of ``S``/``Sk``.
+``block`` (paged block size) instead of ``S``/``Sk``; model cases (``train`` kind) name the
+``model`` and its sizes. ``tag`` joins a case's label where cases differ only by dtype.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The tables name contenders by their keys in the one registry of instances; CONTENDERS is
+# re-exported so a suite and the contenders it names are read from one module.
+from .contenders import CONTENDERS, TUNE_SPLITS, TUNE_TILES, VULKAN_TILED, VULKAN_TILES, VULKAN_VARIANTS  # noqa: F401
+
 # Dense shapes follow FlashAttention's benchmark: 16k tokens per batch, model dim 2048.
 TOKENS = 16384
 MODEL_DIM = 2048
 DENSE_SEQS = (1024, 2048, 4096, 8192, 16384)
-
-# Contenders. impl 'aule' calls aule.flash_attention(backend=...) (NumPy arrays for the host
-# backends numpy and vulkan); 'resident' does the same on Vulkan GpuTensors uploaded beforehand
-# and times the GPU with Vulkan timestamps; 'sdpa' calls
-# torch.nn.functional.scaled_dot_product_attention under sdpa_kernel(<sdpa>) (None: torch's own
-# choice); 'paged' calls aule.flash_attention_paged. Options:
-#   expand_kv     K/V repeated to heads_q before the call (outside the timed region)
-#   full_causal   ignore the case's window: the same inputs with full causal attention
-#   explicit_mask pass the case's visibility as a boolean attn_mask (SDPA has no window argument)
-#   max_scores    skip when B*Hq*Sq*Sk exceeds it (implementations that materialise the scores)
-CONTENDERS = {
-    "aule:triton": dict(impl="aule", backend="triton"),
-    "aule:triton-amd": dict(impl="aule", backend="triton-amd"),
-    "aule:vulkan": dict(impl="aule", backend="vulkan"),
-    "aule:numpy": dict(impl="aule", backend="numpy"),
-    "aule:vulkan resident": dict(impl="resident", backend="vulkan"),
-    "aule:auto": dict(impl="aule", backend=None),
-    "aule:triton kv-expanded": dict(impl="aule", backend="triton", expand_kv=True),
-    "aule:triton full-causal": dict(impl="aule", backend="triton", full_causal=True),
-    "aule:numpy full-causal": dict(impl="aule", backend="numpy", full_causal=True),
-    "sdpa-flash": dict(impl="sdpa", sdpa="FLASH_ATTENTION"),
-    "sdpa-cudnn": dict(impl="sdpa", sdpa="CUDNN_ATTENTION"),
-    "sdpa-efficient": dict(impl="sdpa", sdpa="EFFICIENT_ATTENTION"),
-    "sdpa-math": dict(impl="sdpa", sdpa="MATH", max_scores=2**30),
-    "sdpa-flash full-causal": dict(impl="sdpa", sdpa="FLASH_ATTENTION", full_causal=True),
-    "sdpa-efficient+mask": dict(impl="sdpa", sdpa="EFFICIENT_ATTENTION", explicit_mask=True,
-                                max_scores=32 * 8192 * 8192),
-    "torch-sdpa": dict(impl="sdpa", sdpa=None),
-    "aule-paged:triton": dict(impl="paged", backend="triton"),
-    "aule-paged:vulkan": dict(impl="paged", backend="vulkan"),
-    "aule-paged:auto": dict(impl="paged", backend=None),
-    "aule-paged:triton launcher": dict(impl="paged_launcher", backend="triton"),
-    "aule-paged:vulkan resident": dict(impl="paged_resident", backend="vulkan"),
-}
 
 SDPA_GPU = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
 AULE_GPU = ("aule:triton", "aule:triton-amd")
@@ -60,14 +33,14 @@ AULE_GPU = ("aule:triton", "aule:triton-amd")
 class Suite:
     name: str
     title: str
-    kind: str  # 'attention' | 'decode' | 'overhead' | 'memory'
+    kind: str  # 'attention' | 'decode' | 'overhead' | 'memory' | 'train'
     cases: tuple
     contenders: tuple
     baseline: str | None
     metric: str  # 'tflops' | 'gflops' | 'tbps' | 'us_per_call' | 'mb'
     quick: tuple = ()  # indices into cases for --quick; empty: the suite is left out of --quick
-    # 'cuda', 'cpu' (always runs), 'vulkan-gpu' (a GPU-type Vulkan device) or 'per-case' (each
-    # case names its device)
+    # 'cuda', 'cpu' (always runs), 'vulkan' (any Vulkan device), 'vulkan-gpu' (a GPU-type Vulkan
+    # device) or 'per-case' (each case names its device)
     needs: str = "cuda"
     targets: tuple = field(default_factory=tuple)
     graphs: bool = False  # time capturable contenders as CUDA-graph replays (microsecond kernels)
@@ -208,6 +181,37 @@ SUITES = (
                           None, 256.0, at_most=True),)),
 )
 
+
+_TUNE_CASES = _pick(_DECODE, {"B": 8}, {"B": 1, "ctx": 32768})
+# ``tag`` joins the label: these cases differ only by dtype, and rows are matched by label.
+_VK_SWEEP = tuple(dict(mode="fwd", B=1, Hq=32, Hkv=32, S=4096, D=d, causal=True, window=-1, dtype=dt, device="auto",
+                       tag=dt) for dt in ("float32", "float16") for d in (64, 128))
+_VK_SWEEP_CPU = tuple(dict(mode="fwd", B=1, Hq=8, Hkv=8, S=1024, D=64, causal=True, window=-1, dtype=dt,
+                           device="cpu", tag=dt) for dt in ("float32", "float16"))
+_LLAMA = tuple(dict(model="llama", mode=m, B=2, S=4096, layers=8, hidden=2048, Hq=32, Hkv=8, intermediate=5632,
+                    vocab=32000, dtype="bfloat16", device="cuda") for m in ("fwd", "train"))
+_VK_FORCED = tuple(f"aule:vulkan {v}" for v, _ in VULKAN_VARIANTS)
+
+SUITES += (
+    Suite("decode_tune", "Paged decode kernel configurations around the automatic choice (fp16, 32/8 heads, "
+          "hd 128, block 16)", "decode", tuple(_DECODE[i] for i in _TUNE_CASES),
+          ("aule-paged:triton launcher",)
+          + tuple("aule-paged:triton launcher n{}w{}s{}".format(*t) for t in TUNE_TILES)
+          + tuple(f"aule-paged:triton launcher {label}" for _, label in TUNE_SPLITS)
+          + ("aule-paged:triton", "torch-sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn"),
+          "aule-paged:triton launcher", "tbps", graphs=True),
+    Suite("vulkan_variants", "Vulkan shader variants and tile shapes, forced (GpuTensor inputs, Vulkan timestamps)",
+          "attention", _VK_SWEEP, ("aule:vulkan resident",) + _VK_FORCED
+          + tuple(f"aule:vulkan {v} {t}" for v, _ in VULKAN_VARIANTS if v in VULKAN_TILED for t in VULKAN_TILES)
+          + ("torch-sdpa",), "aule:vulkan resident", "tflops", needs="vulkan-gpu"),
+    Suite("vulkan_variants_cpu", "Vulkan shader variants, forced, on a small problem (any Vulkan device, "
+          "lavapipe included)", "attention", _VK_SWEEP_CPU, ("aule:vulkan resident",) + _VK_FORCED + ("torch-sdpa",),
+          "aule:vulkan resident", "gflops", needs="vulkan"),
+    Suite("llama_train", "Llama-style model (Hugging Face LlamaForCausalLM, 8 layers, hidden 2048, 32/8 heads, "
+          "seq 4096, batch 2, bf16): forward and training step", "train", _LLAMA,
+          ("hf:sdpa-flash", "hf:aule installed", "hf:sdpa-flash again"), "hf:sdpa-flash", "tokens_per_s"),
+)
+
 SUITE_BY_NAME = {s.name: s for s in SUITES}
 
 
@@ -228,6 +232,8 @@ def select(names, quick: bool):
 
 def case_label(p: dict) -> str:
     """Short human name of a case, e.g. 'fwd hd128 B4 H64/8 s4096 causal w256'."""
+    if "model" in p:
+        return f"{p['model']} {p['mode']} B{p['B']} s{_k(p['S'])}"
     if "ctx" in p:
         return f"B{p['B']} H{p['Hq']}/{p['Hkv']} hd{p['D']} ctx{_k(p['ctx'])} blk{p['block']}"
     heads = f"H{p['Hq']}" if p["Hq"] == p["Hkv"] else f"H{p['Hq']}/{p['Hkv']}"
@@ -239,6 +245,8 @@ def case_label(p: dict) -> str:
         parts.append(f"w{_k(w) if isinstance(w, int) else w}")
     if "mode" not in p:
         parts.append(p.get("device", "cpu"))
+    if "tag" in p:
+        parts.append(p["tag"])
     return " ".join(parts)
 
 

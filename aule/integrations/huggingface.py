@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from .. import torch_sdpa
+from .. import sdpa_core
 
 log = logging.getLogger("aule")
 
@@ -88,7 +88,7 @@ def aule_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fun
             and _padding_clear(padding_mask, kv_length, kv_offset)):
         # Checked element by element, so the tag can never describe a mask it does not equal.
         left, right = int(local_size) - 1, 0
-        want = torch_sdpa._window_mask(q_length, kv_length, left, right, mask.device)
+        want = sdpa_core._window_mask(q_length, kv_length, left, right, mask.device)
         if bool((mask == want).all()):
             setattr(mask, _WINDOW_TAG, (left, right))
     return mask
@@ -122,14 +122,14 @@ def aule_attention_forward(module, query, key, value, attention_mask, dropout=0.
     elif kwargs.get("output_attentions", False):
         reason = "output_attentions"
     else:
-        reason = torch_sdpa._unservable(query, key, value, None, 0.0, scaling, True)
+        reason = sdpa_core._unservable(query, key, value, None, 0.0, scaling, True)
     out = None
     if reason is None:
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-        label = "" if torch.compiler.is_compiling() else "transformers " + torch_sdpa._shape_class(query, key, causal)
-        out = torch_sdpa.attend(query, key, value, scale, window[0], window[1], label)
+        label = "" if torch.compiler.is_compiling() else "transformers " + sdpa_core._shape_class(query, key, causal)
+        out = sdpa_core.attend(query, key, value, scale, window[0], window[1], label)
     else:
-        torch_sdpa._note(("hf-fallback", reason), "aule: transformers attention uses sdpa: %s", reason)
+        sdpa_core._note(("hf-fallback", reason), "aule: transformers attention uses sdpa: %s", reason)
     if out is None:
         if attention_mask is None or hasattr(attention_mask, _WINDOW_TAG):
             # The mask tag or None stood for aule's bottom-right window; hand SDPA the explicit mask
@@ -137,7 +137,7 @@ def aule_attention_forward(module, query, key, value, attention_mask, dropout=0.
             l, r = window
             same_as_none = l < 0 and (r < 0 or query.shape[2] in (1, key.shape[2]))
             if not same_as_none:
-                attention_mask = torch_sdpa._window_mask(query.shape[2], key.shape[2], l, r, query.device)[None, None]
+                attention_mask = sdpa_core._window_mask(query.shape[2], key.shape[2], l, r, query.device)[None, None]
             else:
                 attention_mask = None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,

@@ -1,6 +1,7 @@
-"""The Triton backends: FlashAttention forward and backward on CUDA (``triton``) and ROCm
-(``triton-amd``). One set of kernels (:mod:`.kernels`); the targets differ only by configuration
-(:mod:`.configs`). Importing this package imports neither torch nor triton: the probe does, once.
+"""The Triton backends: FlashAttention forward and backward, paged attention and KV writes on CUDA
+(``triton``) and ROCm (``triton-amd``). One set of kernels (:mod:`.kernels`, :mod:`.paged`); the
+targets differ only by configuration (:mod:`.configs`). Importing this package imports neither
+torch nor triton: the probe does, once, and the kernel modules load on first use.
 """
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ class TritonBackend(Backend):
     """NVIDIA GPUs through a CUDA build of torch."""
 
     name = "triton"
+    ops = ("attention", "paged_attention", "write_kv", "kv_store")
     differentiable = True
     flavour = "cuda"  # torch.version.cuda / torch.version.hip: which build this backend needs
 
     def _probe(self):
-        if importlib.util.find_spec("torch") is None:
-            return "torch is not installed (pip install 'aule[torch]')"
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install 'aule[torch]')"
+        reason = self._missing_packages()
+        if reason:
+            return reason
         import torch
 
         from .common import torch_gpu_flavour
@@ -41,7 +42,24 @@ class TritonBackend(Backend):
 
         return None
 
-    def unsupported(self, call, forced):
+    @staticmethod
+    def _missing_packages() -> str | None:
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed (pip install 'aule[torch]')"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install 'aule[torch]')"
+        return None
+
+    def why_not(self, op, call, forced):
+        if op in self.ops and op != "attention" and interpreting():
+            # Under TRITON_INTERPRET=1 the paged kernels run on CPU tensors with any torch build
+            # (that is how they are tested without a GPU); dense attention keeps its device probe,
+            # so a CPU machine never lists Triton as available.
+            return self._missing_packages() or getattr(self, "why_not_" + op)(call, forced)
+        return super().why_not(op, call, forced)
+
+    # -- dense attention ------------------------------------------------------------------------
+    def why_not_attention(self, call, forced):
         if call.kind != "torch":
             return f"it takes torch tensors on a GPU, got {call.kind} arrays"
         if call.dtype not in _DTYPES:
@@ -61,11 +79,78 @@ class TritonBackend(Backend):
 
         return fp32_refusal(call.dtype, call.head_dim, "cuda")
 
-    def forward(self, call):
+    def attention(self, call):
         from .ops import triton_attention
 
         out, lse = triton_attention(call.q, call.k, call.v, call.scale, call.left, call.right)
         return out, (lse if call.return_lse else None)
+
+    # -- paged attention and KV writes ----------------------------------------------------------
+    def _paged_reason(self, kind: str, device: str, dtype: str, head_dim: int) -> str | None:
+        if kind != "torch":
+            return "the Triton kernels take torch tensors"
+        if device.startswith("cpu") and not interpreting():
+            return "the tensors are on the CPU (set TRITON_INTERPRET=1 to run the kernels there)"
+        if dtype not in _DTYPES:
+            return f"dtype {dtype} is not supported (float16, bfloat16, float32)"
+        if head_dim > MAX_HEAD_DIM:
+            return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
+        return None
+
+    def why_not_paged_attention(self, call, forced):
+        if call.q_kind != "torch":
+            return "the Triton kernels take torch tensors"
+        return self._paged_reason(call.kind, call.device, call.dtype, call.head_dim)
+
+    def why_not_write_kv(self, call, forced):
+        return self._paged_reason(call.kind, call.device, call.dtype, call.head_dim)
+
+    def paged_attention(self, call):
+        from .paged import paged_attention_triton
+
+        return paged_attention_triton(call.q, call.k_cache, call.v_cache, call.block_tables,
+                                      call.context_lens, call.scale, call.left, call.max_context)
+
+    def write_kv(self, call):
+        import torch
+
+        from .paged import copy_kv_triton
+
+        slots = call.slot_mapping
+        if slots.dtype not in (torch.int32, torch.int64):
+            slots = slots.to(torch.int64)
+        copy_kv_triton(call.key, call.value, call.k_cache, call.v_cache, slots)
+
+    # -- storage for PagedKVCache: torch tensors on the cache's device --------------------------
+    def allocate_cache(self, spec):
+        import torch
+
+        dev = torch.device(spec.device or ("cpu" if interpreting() else "cuda"))
+        dt = getattr(torch, spec.dtype)
+        return torch.zeros(spec.shape, dtype=dt, device=dev), torch.zeros(spec.shape, dtype=dt, device=dev)
+
+    def copy_slots(self, k_cache, v_cache, src, dst):
+        import torch
+
+        src = torch.as_tensor(src, device=k_cache.device)
+        dst = torch.as_tensor(dst, device=k_cache.device)
+        for cache in (k_cache, v_cache):
+            flat = cache.view(-1, *cache.shape[2:])
+            flat[dst] = flat[src]
+
+    def to_host(self, cache):
+        from ...arrays import to_numpy
+
+        return to_numpy(cache)
+
+    def place_tables(self, table, k_cache):
+        import torch
+
+        t = torch.from_numpy(table)
+        if k_cache.device.type == "cuda":
+            # From pinned memory the copy is queued behind earlier work instead of waiting for it.
+            return t.pin_memory().to(k_cache.device, non_blocking=True)
+        return t.to(k_cache.device)
 
     def details(self):
         import torch

@@ -8,7 +8,6 @@ import functools
 import os
 
 LOG2E = 1.4426950408889634  # kernels work in base 2 (exp2 is one instruction on NVIDIA and AMD)
-LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 
 

@@ -19,7 +19,6 @@ import logging
 import triton
 import triton.language as tl
 
-from ..base import Backend
 from .common import LOG2E, MAX_HEAD_DIM, block_d, cdiv, interpreting, next_pow2, torch_gpu_flavour
 
 log = logging.getLogger("aule")
@@ -228,7 +227,7 @@ def _device_limits(index: int) -> tuple[int, int]:
 def choose_config(batch, heads_kv, group, q_len, head_dim, max_context, device_index, amd=False, itemsize=2):
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages, num_splits, m_tiles)`` for a call.
 
-    Measured on an H100 (benchmarks/paged_decode.py, fp16, head_dim 128): 64-key tiles, 4 warps,
+    Measured on an H100 (what `aule bench --suite decode_tune` sweeps; fp16, head_dim 128): 64-key tiles, 4 warps,
     2 pipeline stages read the cache fastest of the configurations tried (32-key tiles with 3 or
     4 stages, 2 or 8 warps were 1-5% slower). Split-K fills the GPU when ``batch * heads_kv`` programs cannot: as
     many splits as fit in ONE wave of resident programs (a second, partial wave would leave most
@@ -258,7 +257,7 @@ MIN_TILES = 2
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, left, max_context,
                            out=None, config=None):
-    """Launch the paged kernels on validated torch tensors (see :mod:`aule.paged`).
+    """Launch the paged kernels on validated torch tensors (see :mod:`aule.paged_call`).
 
     ``left`` is the window's left extent (-1 unbounded; paged attention is always causal).
     ``max_context`` only sizes the split; any value >= 1 is safe. ``config`` overrides
@@ -311,71 +310,3 @@ def copy_kv_triton(key, value, k_cache, v_cache, slot_mapping):
         *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
         HEADS_KV=heads_kv, HEAD_DIM=head_dim, BLOCK_H=next_pow2(heads_kv), BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=k_cache.shape[1], num_warps=4 if heads_kv * head_dim >= 1024 else 1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the backend
-
-
-class TritonPagedBackend(Backend):
-    name = "triton"
-    flavour = "cuda"
-
-    def _probe(self):
-        import torch
-
-        if interpreting():
-            return None
-        if torch_gpu_flavour() != self.flavour or not torch.cuda.is_available():
-            return f"no {self.flavour.upper()} device visible to torch"
-        return None
-
-    def unsupported(self, call, forced):
-        if call.kind != "torch" or getattr(call, "q_kind", "torch") != "torch":
-            return "the Triton kernels take torch tensors"
-        if call.device.startswith("cpu") and not interpreting():
-            return "the tensors are on the CPU (set TRITON_INTERPRET=1 to run the kernels there)"
-        if call.dtype not in ("float16", "bfloat16", "float32"):
-            return f"dtype {call.dtype} is not supported (float16, bfloat16, float32)"
-        if call.head_dim > MAX_HEAD_DIM:
-            return f"head_dim {call.head_dim} > {MAX_HEAD_DIM}"
-        return None
-
-    def forward(self, call):
-        return paged_attention_triton(call.q, call.k_cache, call.v_cache, call.block_tables,
-                                      call.context_lens, call.scale, call.left, call.max_context)
-
-    def copy_kv(self, call):
-        import torch
-
-        slots = call.slot_mapping
-        if slots.dtype not in (torch.int32, torch.int64):
-            slots = slots.to(torch.int64)
-        copy_kv_triton(call.key, call.value, call.k_cache, call.v_cache, slots)
-
-    # -- storage for PagedKVCache -----------------------------------------------------------------
-    def allocate_cache(self, shape, dtype, device=None):
-        import torch
-
-        dev = torch.device(device or ("cpu" if interpreting() else "cuda"))
-        dt = getattr(torch, dtype)
-        return torch.zeros(shape, dtype=dt, device=dev), torch.zeros(shape, dtype=dt, device=dev)
-
-    def copy_slots(self, k_cache, v_cache, src, dst):
-        import torch
-
-        src = torch.as_tensor(src, device=k_cache.device)
-        dst = torch.as_tensor(dst, device=k_cache.device)
-        for cache in (k_cache, v_cache):
-            flat = cache.view(-1, *cache.shape[2:])
-            flat[dst] = flat[src]
-
-    def to_host(self, cache):
-        from ...arrays import to_numpy
-
-        return to_numpy(cache)
-
-
-class TritonAMDPagedBackend(TritonPagedBackend):
-    name = "triton-amd"
-    flavour = "hip"

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import masks
-from ..arrays import like, to_numpy
-from .base import Backend
-from .numpy_backend import attention_numpy
+from ... import masks
+from .dense import attention_numpy
 
 
 def visible_key_span(context_len: int, q_len: int, left: int, right: int) -> tuple[int, int]:
@@ -45,51 +43,23 @@ def paged_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale
     return out
 
 
-class NumpyPagedBackend(Backend):
-    name = "numpy"
-    aliases = ("cpu",)
+def write_kv_rows(call) -> None:
+    """A validated KV write (``call``: :class:`aule.paged_call.KVWriteCall`) into host caches:
+    NumPy arrays, or torch tensors on any device (written with torch indexing)."""
+    slots = call.slot_mapping
+    if call.kind == "torch":
+        import torch
 
-    def unsupported(self, call, forced):
-        if call.kind == "gpu":
-            return "the cache is a Vulkan GpuTensor; the NumPy backend reads host memory"
-        return None
-
-    def forward(self, call):
-        q = to_numpy(call.q)
-        kc, vc = to_numpy(call.k_cache), to_numpy(call.v_cache)
-        bt, cl = to_numpy(call.block_tables), to_numpy(call.context_lens)
-        out = paged_attention_numpy(q, kc, vc, bt, cl, call.scale, call.left, call.right)
-        return like(out, call.q)
-
-    def copy_kv(self, call):
-        slots = call.slot_mapping
-        if call.kind == "torch":
-            import torch
-
-            slots = torch.as_tensor(slots, device=call.k_cache.device).to(torch.int64)
-            keep = slots >= 0
-            for src, cache in ((call.key, call.k_cache), (call.value, call.v_cache)):
-                flat = cache.view(-1, call.heads_kv, call.head_dim)
-                flat[slots[keep]] = src[keep]
-            return
-        slots = np.asarray(slots).astype(np.int64, copy=False)
+        slots = torch.as_tensor(slots, device=call.k_cache.device).to(torch.int64)
         keep = slots >= 0
         for src, cache in ((call.key, call.k_cache), (call.value, call.v_cache)):
-            flat = cache.reshape(-1, call.heads_kv, call.head_dim)
-            if not np.shares_memory(flat, cache):
-                raise ValueError("the cache must be C-contiguous to be written in place")
-            flat[slots[keep]] = np.asarray(src)[keep]
-
-    # -- storage for PagedKVCache -----------------------------------------------------------------
-    def allocate_cache(self, shape, dtype, device=None):
-        if device is not None and device != "cpu":
-            raise ValueError(f"the NumPy backend keeps the cache in host memory, not on {device!r}")
-        return np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype)
-
-    def copy_slots(self, k_cache, v_cache, src, dst):
-        for cache in (k_cache, v_cache):
-            flat = cache.reshape(-1, *cache.shape[2:])
-            flat[dst] = flat[src]
-
-    def to_host(self, cache):
-        return to_numpy(cache)
+            flat = cache.view(-1, call.heads_kv, call.head_dim)
+            flat[slots[keep]] = src[keep]
+        return
+    slots = np.asarray(slots).astype(np.int64, copy=False)
+    keep = slots >= 0
+    for src, cache in ((call.key, call.k_cache), (call.value, call.v_cache)):
+        flat = cache.reshape(-1, call.heads_kv, call.head_dim)
+        if not np.shares_memory(flat, cache):
+            raise ValueError("the cache must be C-contiguous to be written in place")
+        flat[slots[keep]] = np.asarray(src)[keep]

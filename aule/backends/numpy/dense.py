@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import masks
-from ..arrays import like, lse_like, to_numpy
-from .base import Backend
+from ... import masks
 
 # Tile sizes trade Python overhead per tile against the size of the score tile (cache and memory).
 BLOCK_Q = 128
@@ -82,16 +80,3 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
         for q0 in range(0, sq, block_q):
             query_block(bi, q0)
     return out, lse
-
-
-class NumpyBackend(Backend):
-    name = "numpy"
-    aliases = ("cpu",)
-
-    def forward(self, call):
-        q, k, v = (to_numpy(x) for x in (call.q, call.k, call.v))
-        out, lse = attention_numpy(q, k, v, call.scale, call.left, call.right, call.return_lse)
-        return like(out, call.q), (lse_like(lse, call.q) if call.return_lse else None)
-
-    def details(self):
-        return {"block_q": BLOCK_Q, "block_k": BLOCK_K}

@@ -1,0 +1,156 @@
+"""The Vulkan backend: attention, paged attention, KV writes and KV storage on any Vulkan 1.2 device.
+
+It takes NumPy arrays, CPU torch tensors (through NumPy; results come back in their dtype) and
+:class:`GpuTensor` s (data that stays on the device; results are GpuTensors). Paged caches live in
+GpuTensors, so a decode step moves only ``q``, the small tables and the output.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ... import settings
+from ...arrays import to_numpy
+from ...errors import UnsupportedError
+from ..base import Backend
+from . import launch, runtime
+from .plans import paged_unfit
+from .select import host_variant
+from .shaders import VARIANTS, spirv_dir
+from .tensor import GpuTensor
+
+log = logging.getLogger("aule")
+
+
+def _foreign_device(call, what: str) -> str | None:
+    if call.kind == "torch" and not call.device.startswith("cpu"):
+        return f"vulkan takes NumPy arrays, CPU torch tensors and GpuTensors; {what} on {call.device}"
+    return None
+
+
+def _cpu_device_reason(info) -> str:
+    return (f"the only Vulkan device is a CPU rasteriser ({info.name}); the NumPy backend serves CPUs "
+            "(backend='vulkan' forces it)")
+
+
+class VulkanBackend(Backend):
+    name = "vulkan"
+    ops = ("attention", "paged_attention", "write_kv", "kv_store")
+
+    def _probe(self):
+        try:
+            ctx = runtime.context()
+        except ImportError as exc:
+            return f"the vulkan Python binding is not importable: {exc}"
+        except OSError as exc:
+            return f"no Vulkan loader (libvulkan): {exc}"
+        spirv_dir()
+        log.debug("aule: vulkan backend on %s", ctx.info.name)
+        return None
+
+    # -- attention --------------------------------------------------------------------------------
+    def why_not_attention(self, call, forced: bool) -> str | None:
+        ctx = runtime.context()
+        why = _foreign_device(call, "these tensors are")
+        if why:
+            return why
+        if call.kind == "gpu":
+            if any(x.ctx is not ctx for x in (call.q, call.k, call.v)):
+                return "the GpuTensors belong to another Vulkan context"
+        elif not forced:
+            if ctx.info.is_cpu:
+                return _cpu_device_reason(ctx.info)
+            if call.dtype == "float64":
+                return "vulkan computes in float32; float64 inputs go to a float64 backend (backend='vulkan' forces it)"
+        try:
+            launch.attention_plan_for(call, ctx)
+        except UnsupportedError as exc:
+            return str(exc)
+        return None
+
+    def attention(self, call):
+        out, lse, _ = launch.attention(call, runtime.context())
+        return out, lse
+
+    # -- paged attention and cache writes ---------------------------------------------------------
+    def _cache_reason(self, call, forced: bool, ctx) -> str | None:
+        """Why the call's cache cannot be used here (both paged attention and KV writes)."""
+        info = ctx.info
+        why = _foreign_device(call, "the cache is")
+        if why:
+            return why
+        if call.kind != "gpu" and not forced:
+            return ("the cache is in host memory and would be uploaded on every call; keep it on the GPU "
+                    "as GpuTensors (PagedKVCache(..., backend='vulkan')) or force backend='vulkan'")
+        if call.kind == "gpu" and (call.k_cache.ctx is not ctx or call.v_cache.ctx is not ctx):
+            return "the cache GpuTensors belong to another Vulkan context"
+        if call.dtype not in ("float32", "float16"):
+            return f"vulkan stores float32 or float16, not {call.dtype}"
+        if call.dtype == "float16" and not info.fp16:
+            return f"{info.name} lacks shaderFloat16 / 16-bit storage for a float16 cache"
+        if call.head_dim % 4 or call.head_dim > 256:
+            return f"head_dim must be a multiple of 4 up to 256 for the paged shader, got {call.head_dim}"
+        cache_bytes = call.num_blocks * call.block_size * call.heads_kv * call.head_dim * (
+            2 if call.dtype == "float16" else 4)
+        if cache_bytes > info.max_storage_buffer_range:
+            return (f"a cache of {cache_bytes} bytes exceeds the device's storage-buffer range "
+                    f"({info.max_storage_buffer_range} bytes): use fewer blocks per cache")
+        return None
+
+    def why_not_paged_attention(self, call, forced: bool) -> str | None:
+        ctx = runtime.context()
+        why = self._cache_reason(call, forced, ctx) or paged_unfit(call, ctx.info)
+        if why is None and call.q_kind == "gpu" and call.q.ctx is not ctx:
+            why = "q belongs to another Vulkan context"
+        return why
+
+    def paged_attention(self, call):
+        out, _ = launch.paged_attention(call, runtime.context())
+        return out
+
+    def why_not_write_kv(self, call, forced: bool) -> str | None:
+        return self._cache_reason(call, forced, runtime.context())
+
+    def write_kv(self, call) -> None:
+        launch.write_kv(call, runtime.context())
+
+    # -- storage for PagedKVCache -----------------------------------------------------------------
+    def why_not_kv_store(self, spec, forced: bool) -> str | None:
+        if spec.device not in (None, "vulkan"):
+            return f"the Vulkan backend keeps the cache in GpuTensors, not on {spec.device!r}"
+        if spec.dtype == "bfloat16":
+            return "backend 'vulkan' stores NumPy data, which has no bfloat16"
+        if spec.dtype not in ("float32", "float16"):
+            return f"GpuTensors hold float32 or float16, not {spec.dtype}"
+        info = runtime.context().info
+        if not forced and info.is_cpu:
+            return _cpu_device_reason(info)
+        return None
+
+    def allocate_cache(self, spec):
+        zeros = np.zeros(spec.shape, dtype=spec.dtype)  # pooled memory may hold another call's data
+        return GpuTensor.from_numpy(zeros, spec.dtype), GpuTensor.from_numpy(zeros, spec.dtype)
+
+    def copy_slots(self, k_cache, v_cache, src, dst) -> None:
+        launch.copy_slots(runtime.context(), k_cache, v_cache, src, dst)
+
+    def to_host(self, cache):
+        return cache.numpy() if isinstance(cache, GpuTensor) else to_numpy(cache)
+
+    # -- aule info --------------------------------------------------------------------------------
+    def details(self) -> dict:
+        ctx = runtime.context()
+        info = ctx.info
+        chosen = {}
+        for dt in ("float32", "float16"):
+            for d in (64, 128, 80, 256):
+                try:
+                    chosen[f"{dt} head_dim {d}"] = host_variant(dt, d, info).name
+                except UnsupportedError as exc:
+                    chosen[f"{dt} head_dim {d}"] = f"none ({exc})"
+        tiles = settings.vulkan().tiles
+        usable = {n: (v.unfit(128, info, tiles=tiles) or "ok") for n, v in VARIANTS.items()}
+        return dict(ctx.details(), variants_chosen=chosen, variants_head_dim_128=usable,
+                    auto_route=("NumPy inputs go to Vulkan" if not info.is_cpu
+                                else "CPU device only: NumPy inputs go to the numpy backend unless forced"))

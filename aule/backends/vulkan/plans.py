@@ -1,0 +1,197 @@
+"""Dispatch planning: how a call is cut into dispatches that respect the device's limits (storage
+buffer range, workgroup grid, shared memory), with their push constants. Plans depend only on
+shapes, settings and the device, never on which buffers hold the data, so they are cached."""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import UnsupportedError
+from .runtime import Dispatch
+from .shaders import ATTN_PUSH, COPY_PUSH, PAGED_PUSH, Module
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_k: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+    @property
+    def pairs(self) -> int:
+        return self.batch * self.heads_kv
+
+
+def offset_alignment(info) -> int:
+    # 16 bytes at least, so the element offset left for the shader is whole vec4s.
+    return max(16, info.min_storage_offset_alignment)
+
+
+def plan_chunks(per_pair: dict, pairs: int, info, max_heads: int) -> int:
+    """How many (batch, kv-head) pairs one dispatch may cover so that every binding's range fits
+    ``maxStorageBufferRange`` (with room for offset alignment) and heads fit the grid."""
+    room = info.max_storage_buffer_range - offset_alignment(info)
+    fit = pairs
+    for name, nbytes in per_pair.items():
+        if nbytes > room:
+            raise UnsupportedError(
+                f"one head's {name} takes {nbytes} bytes, more than the device's storage-buffer range "
+                f"({info.max_storage_buffer_range} bytes): shorten the sequence")
+        fit = min(fit, room // max(1, nbytes))
+    return max(1, min(fit, max_heads))
+
+
+@functools.lru_cache(maxsize=1024)
+def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right: int, want_lse: bool,
+                   info, tiles: tuple | None) -> tuple:
+    """Everything about a call's dispatches that does not depend on which buffers hold the data:
+    ``(spec, [(push bytes, ((binding start, nbytes) or None x 5), groups), ...])``. Raises
+    UnsupportedError when a device limit cannot be met."""
+    d = shape.head_dim
+    es = 2 if variant.elem == "float16" else 4
+    g = shape.group
+    blocks = math.ceil(shape.seq_q / variant.rows_per_group(d, info, tiles))
+    if blocks > info.max_workgroup_count[0]:
+        raise UnsupportedError(f"seq_q={shape.seq_q} needs {blocks} workgroups in x, more than the device's "
+                               f"{info.max_workgroup_count[0]}")
+    per_pair = {"query": g * shape.seq_q * d * es, "key": shape.seq_k * d * es, "value": shape.seq_k * d * es,
+                "output": g * shape.seq_q * d * es, "lse": g * shape.seq_q * 4}
+    chunk = plan_chunks(per_pair, shape.pairs, info, info.max_workgroup_count[1] // g)
+    align = offset_alignment(info)
+    chunks = []
+    for p0 in range(0, shape.pairs, chunk):
+        n = min(chunk, shape.pairs - p0)
+        pc = np.zeros((), dtype=ATTN_PUSH)
+        pc["seq_q"], pc["seq_k"], pc["group"], pc["heads"] = shape.seq_q, shape.seq_k, g, n * g
+        pc["left"], pc["right"] = left, right
+        pc["scale_log2"] = scale * LOG2E
+        pc["flags"] = 1 if want_lse else 0
+        pc["reverse"] = 1 if right >= 0 else 0
+        ranges = []
+        for name, base in (("query", "q_base"), ("key", "k_base"), ("value", "v_base"), ("output", "o_base"),
+                           ("lse", "lse_base")):
+            if name == "lse" and not want_lse:
+                ranges.append(None)
+                continue
+            start, nbytes = p0 * per_pair[name], n * per_pair[name]
+            off = start // align * align
+            pc[base] = (start - off) // (4 if name == "lse" else es)
+            ranges.append((off, nbytes + (start - off)))
+        chunks.append((pc.tobytes(), tuple(ranges), (blocks, n * g, 1)))
+    return variant.spec(d, info, tiles), tuple(chunks)
+
+
+def bind(pipeline, chunks, buffers) -> list[Dispatch]:
+    """Dispatches of a plan's chunks over ``buffers`` (q, k, v, o, lse), each bound to its range."""
+    out = []
+    for push, ranges, groups in chunks:
+        bindings = tuple((b, 0, b.nbytes) if r is None else (b, r[0], max(4, min(r[1], b.nbytes - r[0])))
+                         for b, r in zip(buffers, ranges))
+        out.append(Dispatch(pipeline, bindings, push, groups))
+    return out
+
+
+# --- paged attention ------------------------------------------------------------------------------
+
+PAGED_WG = 128
+MAX_SPLITS = 64
+# Workgroups a decode dispatch should have in flight; below that the context is split across more
+# workgroups (split-K), above it splitting costs more in merging than it gains.
+TARGET_GROUPS = {"gpu": 512, "cpu": 64}
+
+
+def paged_shared_bytes(bm: int, bn: int, d: int, elem_bytes: int) -> int:
+    """Mirror of glsl/paged.comp's shared arrays: Q in fp32, K/V tiles in the storage type, scores,
+    probabilities and row statistics in fp32."""
+    d4 = d // 4
+    return 16 * bm * d4 + 4 * elem_bytes * (bn * (d4 + 1) + bn * d4) + 4 * (2 * bm * (bn + 1) + 3 * bm)
+
+
+def paged_tiles(rows: int, d: int, info, elem_bytes: int) -> tuple[int, int] | None:
+    """(BM stacked rows, BN keys per tile) for ``rows`` rows per KV head; the widest key tile that
+    fits the device's shared memory, or None."""
+    bm = 4
+    while bm < min(rows, 16):
+        bm *= 2
+    for bn in (32, 16, 8):
+        if paged_shared_bytes(bm, bn, d, elem_bytes) <= info.max_shared_memory:
+            return bm, bn
+    return None
+
+
+def paged_splits(call, bm: int, bn: int, info) -> int:
+    """How many workgroups share one row tile's context: enough to reach the device's target of
+    workgroups in flight, at most one per two key tiles."""
+    programs = call.batch * call.heads_kv * -(-call.group * call.q_len // bm)
+    tiles = -(-max(call.max_context, 1) // bn)
+    want = TARGET_GROUPS["cpu" if info.is_cpu else "gpu"]
+    return max(1, min(MAX_SPLITS, -(-want // programs), tiles // 2))
+
+
+def paged_unfit(call, info) -> str | None:
+    """Why the paged module cannot run ``call``'s shape on the device, else None."""
+    tiles = paged_tiles(call.group * call.q_len, call.head_dim, info, np.dtype(call.dtype).itemsize)
+    if tiles is None:
+        return f"head_dim {call.head_dim} needs more shared memory than {info.name}'s {info.max_shared_memory} bytes"
+    gx, gy = info.max_workgroup_count[0], info.max_workgroup_count[1]
+    if call.batch * call.heads_q > gx or -(-call.group * call.q_len // tiles[0]) > gy or call.q_len > gy:
+        return f"batch {call.batch} x heads {call.heads_q} x q_len {call.q_len} exceeds the device's workgroup grid"
+    return None
+
+
+@dataclass(frozen=True)
+class PagedPlan:
+    module: str
+    spec: tuple
+    splits: int
+    attend: tuple       # (push bytes, groups) of the attention dispatch
+    merge: tuple | None  # the same for the merge of the splits, None with one split
+
+
+def paged_plan(call, info) -> PagedPlan:
+    elem = np.dtype(call.dtype)
+    bm, bn = paged_tiles(call.group * call.q_len, call.head_dim, info, elem.itemsize)
+    splits = paged_splits(call, bm, bn, info)
+    pc = np.zeros((), dtype=PAGED_PUSH)
+    pc["heads_kv"], pc["group"], pc["q_len"] = call.heads_kv, call.group, call.q_len
+    pc["block_size"], pc["max_blocks"], pc["left"] = call.block_size, call.max_blocks, call.left
+    pc["scale_log2"] = call.scale * LOG2E
+    pc["num_splits"], pc["mode"] = splits, 0
+    attend = (pc.tobytes(), (call.batch * call.heads_kv, -(-call.group * call.q_len // bm), splits))
+    merge = None
+    if splits > 1:
+        pc["mode"] = 1
+        merge = (pc.tobytes(), (call.batch * call.heads_q, call.q_len, 1))
+    return PagedPlan("paged_fp16" if call.dtype == "float16" else "paged",
+                     ((0, call.head_dim), (1, bm), (2, bn), (3, PAGED_WG)), splits, attend, merge)
+
+
+# --- cache row copies -------------------------------------------------------------------------------
+
+COPY_WG = 64
+
+
+def copy_pushes(n: int, row_bytes: int, info) -> list[tuple[bytes, tuple]]:
+    """(push bytes, groups) of the dispatches copying ``n`` cache rows of ``row_bytes``: one
+    workgroup per row, cut where the grid's x limit ends."""
+    if row_bytes % 4:
+        raise UnsupportedError(f"a cache row of {row_bytes} bytes is not whole 32-bit words")
+    limit = info.max_workgroup_count[0]
+    out = []
+    for t0 in range(0, n, limit):
+        pc = np.zeros((), dtype=COPY_PUSH)
+        pc["row_words"], pc["num_tokens"], pc["token_base"] = row_bytes // 4, n, t0
+        out.append((pc.tobytes(), (min(limit, n - t0), 1, 1)))
+    return out

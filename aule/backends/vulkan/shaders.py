@@ -1,0 +1,400 @@
+"""The one table of shader modules, and loading their SPIR-V.
+
+Each :class:`Module` row says everything about one compiled module: its GLSL entry point and
+``#define`` s (what build_shaders.py compiles), its push-constant block (the NumPy mirror), how
+many bindings and which specialization constants it takes, what it needs from the device and,
+for attention modules, the kernel family (code path) that knows its tiles and limits.
+
+build_shaders.py loads this file by path, outside the ``aule`` package, so that building the
+shaders needs neither aule's imports nor the Vulkan binding: nothing here may import from aule
+at module level.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# --- push-constant mirrors ----------------------------------------------------------------------
+
+
+def push_block(fields: list[tuple[str, str]]) -> np.dtype:
+    """A NumPy mirror of a GLSL push-constant block: 4-byte fields only, packed in order."""
+    dt = np.dtype(fields)
+    for name in dt.names:
+        if dt.fields[name][0].itemsize != 4:
+            raise TypeError(f"push constant field {name} must be 4 bytes, got {dt.fields[name][0]}")
+    if dt.itemsize > 128:
+        raise ValueError(f"push constants of {dt.itemsize} bytes exceed the 128 guaranteed by Vulkan")
+    return dt
+
+
+# `Params` in glsl/attn_common.glsl.
+ATTN_PUSH = push_block([
+    ("seq_q", "<u4"), ("seq_k", "<u4"), ("group", "<u4"), ("heads", "<u4"),
+    ("left", "<i4"), ("right", "<i4"), ("scale_log2", "<f4"), ("flags", "<u4"),
+    ("q_base", "<u4"), ("k_base", "<u4"), ("v_base", "<u4"), ("o_base", "<u4"), ("lse_base", "<u4"),
+    ("reverse", "<u4"),
+])
+# `PagedParams` in glsl/paged.comp.
+PAGED_PUSH = push_block([
+    ("heads_kv", "<u4"), ("group", "<u4"), ("q_len", "<u4"), ("block_size", "<u4"), ("max_blocks", "<u4"),
+    ("left", "<i4"), ("scale_log2", "<f4"), ("num_splits", "<u4"), ("mode", "<u4"),
+])
+# `CopyParams` in glsl/copy_kv_to_paged.comp.
+COPY_PUSH = push_block([("row_words", "<u4"), ("num_tokens", "<u4"), ("token_base", "<u4")])
+
+# --- kernel families: the code paths of the attention entry points ----------------------------
+
+
+@dataclass(frozen=True)
+class Tiles:
+    bm: int   # query rows per workgroup
+    bn: int   # keys per tile
+    wg: int   # invocations
+    tc: int   # invocations sharing a row group
+
+
+def _needs_multiple_of_4(name: str, d: int) -> str | None:
+    if 1 <= d <= 256 and d % 4 == 0:
+        return None
+    return f"{name} supports head_dim 4..256 in steps of 4, got {d}"
+
+
+@dataclass(frozen=True)
+class RowPerInvocation:
+    """attn_baseline.comp: one invocation per query row, one key per step, no shared memory."""
+
+    SPEC = ("head_dim", "rows per workgroup")
+    ROWS = 64
+
+    def unfit(self, name, d, info, seq_k, seq_q, tiles) -> str | None:
+        return None if 1 <= d <= 256 else f"{name} supports head_dim 1..256, got {d}"
+
+    def shared_bytes(self, d, info, tiles) -> int:
+        return 0
+
+    def spec(self, d, info, tiles) -> tuple:
+        return ((0, d), (1, self.ROWS))
+
+    def rows_per_group(self, d, info, tiles) -> int:
+        return self.ROWS
+
+    def keys_per_iteration(self, d, info, tiles) -> int:
+        return 1
+
+
+@dataclass(frozen=True)
+class Tiled:
+    """attn_tiled.comp: BM rows x BN keys per step through shared memory, vec4 loads.
+
+    ``tiles`` are best first (``cpu_tiles`` first on CPU devices, where other shapes win); the first
+    that fits the device's shared memory and workgroup size is used. A 4-field AULE_VULKAN_TILES
+    is tried before them."""
+
+    tiles: tuple
+    cpu_tiles: tuple = ()
+    shared_elem_bytes: int = 4    # element size of the shared-memory tiles and arithmetic
+
+    SPEC = ("head_dim", "rows", "keys", "invocations", "invocations per row group")
+
+    def pick_tiles(self, d, info, tiles) -> Tiles | None:
+        tried = (Tiles(*tiles),) if tiles and len(tiles) == 4 else ()  # 2 fields belong to `cpu`
+        tried += (self.cpu_tiles if info.is_cpu and self.cpu_tiles else ()) + self.tiles
+        for t in tried:
+            if (self.tile_bytes(t, d) <= info.max_shared_memory and t.wg <= info.max_workgroup_size
+                    and t.wg >= t.bm and t.bn % t.tc == 0 and t.wg % t.tc == 0 and t.bm % (t.wg // t.tc) == 0):
+                return t
+        return None
+
+    def tile_bytes(self, t: Tiles, d: int) -> int:
+        es = self.shared_elem_bytes
+        dp = (d // 4 + 1) * 4
+        sp = t.bn + 4  # score rows padded by one vec4 (glsl SP4)
+        return es * dp * (t.bm + t.bn) + 4 * t.bm * sp + (2 * t.bm * sp if es == 2 else 0) + 4 * t.bm
+
+    def unfit(self, name, d, info, seq_k, seq_q, tiles) -> str | None:
+        why = _needs_multiple_of_4(name, d)
+        if why is None and self.pick_tiles(d, info, tiles) is None:
+            why = f"{name} needs more shared memory for head_dim {d} than {info.name}'s {info.max_shared_memory} bytes"
+        return why
+
+    def shared_bytes(self, d, info, tiles) -> int:
+        return self.tile_bytes(self.pick_tiles(d, info, tiles), d)
+
+    def spec(self, d, info, tiles) -> tuple:
+        t = self.pick_tiles(d, info, tiles)
+        return ((0, d), (1, t.bm), (2, t.bn), (3, t.wg), (4, t.tc))
+
+    def rows_per_group(self, d, info, tiles) -> int:
+        return self.pick_tiles(d, info, tiles).bm
+
+    def keys_per_iteration(self, d, info, tiles) -> int:
+        return self.pick_tiles(d, info, tiles).bn
+
+
+@dataclass(frozen=True)
+class CoopMat:
+    """attn_coopmat.comp: fp16 matrix-core tiles of 16 rows x ``KEYS`` keys, one subgroup per 16
+    rows, 128 invocations per workgroup."""
+
+    KEYS = 64
+    SPEC = ("head_dim", "subgroups", "keys", "invocations")
+
+    def subgroups(self, info) -> int:
+        return max(1, 128 // max(16, info.subgroup_size))
+
+    def unfit(self, name, d, info, seq_k, seq_q, tiles) -> str | None:
+        if info.subgroup_size < 16:
+            return f"{name} gives each of 16 rows its own lane: needs subgroups of 16+, not {info.subgroup_size}"
+        if (seq_q and seq_q % 16) or (seq_k and seq_k % self.KEYS):
+            return f"{name} needs seq_q % 16 == 0 and seq_k % {self.KEYS} == 0, got {seq_q}, {seq_k}"
+        if self.shared_bytes(d, info, tiles) > info.max_shared_memory:
+            return f"{name} needs more shared memory than {info.name} has"
+        if not (16 <= d <= 256 and d % 16 == 0):
+            return f"{name} supports head_dim 16..256 in steps of 16, got {d}"
+        return None
+
+    def shared_bytes(self, d, info, tiles) -> int:
+        nsg = self.subgroups(info)
+        return nsg * 16 * self.KEYS * 6 + nsg * 256 * 4 + nsg * 16 * 4
+
+    def spec(self, d, info, tiles) -> tuple:
+        nsg = self.subgroups(info)
+        return ((0, d), (1, nsg), (2, self.KEYS), (3, nsg * max(16, info.subgroup_size)))
+
+    def rows_per_group(self, d, info, tiles) -> int:
+        return 16 * self.subgroups(info)
+
+    def keys_per_iteration(self, d, info, tiles) -> int:
+        return self.KEYS
+
+
+@dataclass(frozen=True)
+class CpuLanes:
+    """attn_cpu.comp: rows held in registers, K/V rows shared by subgroup broadcast; one workgroup
+    is one subgroup. ``lanes`` rows are (largest head_dim, rows per invocation, keys per block);
+    a 2-field AULE_VULKAN_TILES (rows,keys) replaces them."""
+
+    lanes: tuple
+
+    SPEC = ("head_dim", "rows per invocation", "keys per block", "subgroup size")
+
+    def lane_shape(self, d, tiles) -> tuple:
+        if tiles and len(tiles) == 2:
+            rows, keys = tiles
+            if rows < 4 or rows % 4 or keys < 1:
+                raise ValueError(f"AULE_VULKAN_TILES={','.join(map(str, tiles))!r} for attn_cpu.comp: rows must "
+                                 f"be a positive multiple of 4 and keys positive")
+            return rows, keys
+        return next((r, k) for dmax, r, k in self.lanes if d <= dmax)
+
+    def unfit(self, name, d, info, seq_k, seq_q, tiles) -> str | None:
+        return _needs_multiple_of_4(name, d)
+
+    def shared_bytes(self, d, info, tiles) -> int:
+        return 0
+
+    def spec(self, d, info, tiles) -> tuple:
+        rows, keys = self.lane_shape(d, tiles)
+        return ((0, d), (1, rows), (2, keys), (3, info.subgroup_size))
+
+    def rows_per_group(self, d, info, tiles) -> int:
+        return self.lane_shape(d, tiles)[0] * info.subgroup_size
+
+    def keys_per_iteration(self, d, info, tiles) -> int:
+        return self.lane_shape(d, tiles)[1]
+
+
+# --- what a module needs, and when automatic selection considers it --------------------------
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Device requirements; a module whose requirements fail is never run."""
+
+    fp16: bool = False       # shaderFloat16 and storageBuffer16BitAccess
+    coopmat: bool = False    # VK_KHR_cooperative_matrix 16x16x16 fp16 and the memory model
+    cpu_only: bool = False   # built around a CPU driver's subgroups
+
+    def unfit(self, name, info) -> str | None:
+        if self.coopmat and not info.coopmat_f16:
+            return (f"{name} needs VK_KHR_cooperative_matrix with 16x16x16 fp16 matrices and the "
+                    f"Vulkan memory model, which {info.name} lacks")
+        if self.cpu_only and not info.is_cpu:
+            return (f"{name} is built for CPU Vulkan drivers (one subgroup per workgroup, subgroup "
+                    f"broadcasts); {info.name} is a {info.type} device")
+        if self.fp16 and not info.fp16:
+            return f"{name} needs shaderFloat16 and storageBuffer16BitAccess, which {info.name} lacks"
+        return None
+
+
+@dataclass(frozen=True)
+class Auto:
+    """When automatic selection considers an attention module (AULE_VULKAN_VARIANT ignores this).
+    Candidates are tried by ``rank``; the first that fits the device is used."""
+
+    rank: int
+    dtypes: tuple                  # input dtypes it serves
+    vendor: str | None = None      # only on this vendor
+    subgroup: int | None = None    # only at this subgroup size
+    max_head_dim: int = 256
+
+    def considers(self, dtype: str, d: int, info, cpu_only: bool) -> bool:
+        return (dtype in self.dtypes and d <= self.max_head_dim and (not cpu_only or info.is_cpu)
+                and self.vendor in (None, info.vendor) and self.subgroup in (None, info.subgroup_size))
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: rows are singletons and key plan caches
+class Module:
+    name: str
+    source: str                    # entry point in glsl/
+    defines: tuple = ()            # (name, value) pairs passed as -D
+    push: np.dtype = ATTN_PUSH
+    bindings: int = 5
+    constants: tuple = ()          # specialization constants by constant_id
+    needs: Needs = Needs()
+    # attention modules only
+    path: object = None            # the kernel family
+    elem: str = "float32"          # storage type of q/k/v/o
+    auto: Auto | None = None       # None: only AULE_VULKAN_VARIANT selects it
+
+    @property
+    def module(self) -> str:
+        return self.name
+
+    def unfit(self, d: int, info, seq_k: int = 0, seq_q: int = 0, tiles: tuple | None = None) -> str | None:
+        """Why this module cannot run head_dim ``d`` (``seq_q`` rows over ``seq_k`` keys) on the
+        device with the tile override ``tiles``, else None."""
+        why = self.needs.unfit(self.name, info) or self.path.unfit(self.name, d, info, seq_k, seq_q, tiles)
+        if why is None and info.loop_limit and seq_k:
+            # The key loop is the shader's only loop (plus a few iterations outside it).
+            max_keys = (info.loop_limit - 64) * self.path.keys_per_iteration(d, info, tiles)
+            if seq_k > max_keys:
+                why = (f"{self.name} handles at most {max_keys} keys on {info.name}, which stops a shader "
+                       f"after {info.loop_limit} loop iterations; seq_k is {seq_k}")
+        return why
+
+    def spec(self, d: int, info, tiles: tuple | None = None) -> tuple:
+        return self.path.spec(d, info, tiles)
+
+    def rows_per_group(self, d: int, info, tiles: tuple | None = None) -> int:
+        return self.path.rows_per_group(d, info, tiles)
+
+
+def _attention(name, source, path, elem="float32", defines=(), needs=Needs(), auto=None) -> Module:
+    return Module(name, source, defines, ATTN_PUSH, 5, path.SPEC, needs, path, elem, auto)
+
+
+# Tile shapes, best first (measurements behind each list: results/vulkan-tuning.md). The later
+# rows fit smaller shared memories (32 KB on lavapipe, 16 KB devices).
+_FP32_TILES = (Tiles(64, 32, 256, 16), Tiles(32, 32, 128, 16), Tiles(32, 16, 64, 8),
+               Tiles(16, 16, 64, 8), Tiles(16, 8, 64, 8))
+_FP16_TILES = (Tiles(32, 32, 128, 16), Tiles(64, 32, 256, 16), Tiles(32, 16, 64, 8), Tiles(16, 16, 64, 8))
+_WAVE64_TILES = (Tiles(64, 32, 256, 16), Tiles(32, 32, 128, 16), Tiles(32, 16, 64, 8), Tiles(16, 16, 64, 8))
+_CPU_TILES = (Tiles(64, 16, 64, 4), Tiles(64, 32, 128, 8))
+# Rows per invocation shrink with head_dim, bounding the registers and the driver's JIT time.
+_CPU_LANES = ((64, 16, 4), (128, 8, 4), (256, 4, 4))
+_FP16 = Needs(fp16=True)
+
+MODULES: dict[str, Module] = {m.name: m for m in (
+    _attention("baseline", "attn_baseline.comp", RowPerInvocation(), auto=Auto(4, ("float32", "float16"))),
+    _attention("fast", "attn_tiled.comp", Tiled(_FP32_TILES, _CPU_TILES), auto=Auto(3, ("float32", "float16"))),
+    _attention("fp16", "attn_tiled.comp", Tiled(_FP16_TILES, _CPU_TILES, 2), "float16", (("AULE_FP16", 1),),
+               _FP16, Auto(1, ("float16",))),
+    # fp16 in memory, fp32 in shared memory and arithmetic: half the bytes of `fast`, its math.
+    _attention("fp16_io", "attn_tiled.comp", Tiled(_FP32_TILES, _CPU_TILES), "float16", (("AULE_HALF_IO", 1),),
+               _FP16),
+    # Slower than fp16 wherever measured, so only AULE_VULKAN_VARIANT=coopmat selects it.
+    _attention("coopmat", "attn_coopmat.comp", CoopMat(), "float16", needs=Needs(fp16=True, coopmat=True)),
+    # fp16's arithmetic with workgroups of four 64-wide waves, for AMD's wave64.
+    _attention("fp16_amd", "attn_tiled.comp", Tiled(_WAVE64_TILES, (), 2), "float16",
+               (("AULE_DEFAULT_WG", 256), ("AULE_FP16", 1)), _FP16, Auto(0, ("float16",), "AMD", 64)),
+    # On CPU drivers this beats `fast` for float32. head_dim 256 stays with `fast`: `cpu` is
+    # unmeasured there and its first call would JIT for minutes.
+    _attention("cpu", "attn_cpu.comp", CpuLanes(_CPU_LANES), needs=Needs(cpu_only=True),
+               auto=Auto(2, ("float32",), max_head_dim=128)),
+    # Paged attention (decode / chunked prefill over a block-table KV cache) and its cache writes.
+    Module("paged", "paged.comp", (), PAGED_PUSH, 8, ("head_dim", "rows", "keys", "invocations")),
+    Module("paged_fp16", "paged.comp", (("AULE_FP16", 1),), PAGED_PUSH, 8,
+           ("head_dim", "rows", "keys", "invocations"), _FP16),
+    Module("copy_kv_to_paged", "copy_kv_to_paged.comp", (), COPY_PUSH, 6, ("invocations",)),
+)}
+
+#: The attention modules, the ones AULE_VULKAN_VARIANT may name.
+VARIANTS: dict[str, Module] = {n: m for n, m in MODULES.items() if m.path is not None}
+
+# --- SPIR-V files -----------------------------------------------------------------------------
+
+
+def spirv_dir() -> Path:
+    """aule/spirv in an installed wheel (a link to spirv/ in a checkout), else the checkout's spirv/."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent.parent / "spirv", here.parent.parent.parent / "spirv"):
+        if (cand / "MANIFEST.json").is_file():
+            return cand
+    from ...errors import UnsupportedError
+
+    raise UnsupportedError(f"no compiled shaders: spirv/MANIFEST.json not found beside {here.parent.parent}; "
+                           "reinstall aule or run build_shaders.py")
+
+
+@functools.lru_cache(maxsize=None)
+def manifest() -> dict:
+    return json.loads((spirv_dir() / "MANIFEST.json").read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def spirv_code(module: str) -> bytes:
+    entry = manifest()["variants"].get(module)
+    if entry is None:
+        from ...errors import UnsupportedError
+
+        raise UnsupportedError(f"shader module {module!r} is not in spirv/MANIFEST.json; run build_shaders.py")
+    return (spirv_dir() / entry["spv"]).read_bytes()
+
+
+def push_constant_size(code: bytes) -> int:
+    """Size in bytes of the push-constant block declared by a SPIR-V module (0 if none).
+
+    Read from the module itself (member offsets of the Block used by the PushConstant variable),
+    so a GLSL edit that the Python mirror missed is caught before any dispatch.
+    """
+    words = struct.unpack(f"<{len(code) // 4}I", code)
+    pointers, offsets, pc_ptr = {}, {}, None
+    i = 5
+    while i < len(words):
+        op, n = words[i] & 0xFFFF, words[i] >> 16
+        a = words[i + 1:i + n]
+        if op == 32:  # OpTypePointer result storage type
+            pointers[a[0]] = (a[1], a[2])
+        elif op == 59 and a[2] == 9:  # OpVariable type result PushConstant
+            pc_ptr = a[0]
+        elif op == 72 and a[2] == 35:  # OpMemberDecorate struct member Offset value
+            offsets.setdefault(a[0], {})[a[1]] = a[3]
+        i += max(n, 1)
+    if pc_ptr is None:
+        return 0
+    offs = offsets.get(pointers[pc_ptr][1], {})
+    return (max(offs.values()) + 4) if offs else 0  # every aule push field is 4 bytes
+
+
+@functools.lru_cache(maxsize=None)
+def checked_code(module: str) -> bytes:
+    """The module's SPIR-V, after checking that it declares the push block its table row mirrors."""
+    code = spirv_code(module)
+    declared, mirrored = push_constant_size(code), MODULES[module].push.itemsize
+    if declared != mirrored:
+        raise RuntimeError(f"shader {module} declares {declared} bytes of push constants but the Python "
+                           f"mirror has {mirrored}: rebuild spirv/ or fix the mirror")
+    return code
+
+
+def pipeline(ctx, module: str, spec: tuple):
+    """The context's pipeline of ``module`` with specialization constants ``spec``."""
+    m = MODULES[module]
+    return ctx.pipeline(m.name, functools.partial(checked_code, m.name), m.bindings, m.push.itemsize, spec)

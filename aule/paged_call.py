@@ -1,0 +1,304 @@
+"""Validated descriptions of the paged calls: attention over a block-table cache, KV writes, and
+the storage a :class:`aule.kv_cache.PagedKVCache` asks a backend for.
+
+Layout (vLLM's): ``k_cache, v_cache [num_blocks, block_size, heads_kv, head_dim]``,
+``block_tables [batch, max_blocks]`` (integer block ids), ``context_lens [batch]`` (tokens of each
+sequence, the new ones included), ``q [batch, heads_q, q_len, head_dim]``.
+
+Meaning: the ``q_len`` query rows of sequence ``b`` are its LAST ``q_len`` positions, so row ``i``
+sits at key position ``context_lens[b] - q_len + i`` and is causal with respect to the others
+(decode when ``q_len == 1``; chunked prefill and speculative verification otherwise). Windows
+follow :mod:`aule.masks` with ``seq_q = q_len`` and ``seq_k = context_lens[b]``. Key ``j`` of
+sequence ``b`` lives in block ``block_tables[b, j // block_size]`` at row ``j % block_size``.
+
+Every integer a kernel would use as an address (block ids, lengths, slots) is checked here before
+any kernel runs, so a bad table raises ``ValueError`` instead of reading out of bounds (tables a
+:class:`PagedKVCache` builds from its own bookkeeping are valid by construction and not re-read).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import masks
+from .call import (FLOAT_DTYPES, Grouped, Placed, array_kind, check_float_dtypes, check_scale, device_of,
+                   dtype_name, is_torch_tensor, shape_tuple)
+
+_INT_DTYPES = ("int32", "int64", "int16", "uint8", "int8", "uint16", "uint32")
+
+
+@dataclass
+class PagedCall(Grouped):
+    """A validated paged-attention call. Backends read it and never re-validate user input."""
+
+    q: Any
+    k_cache: Any
+    v_cache: Any
+    block_tables: Any
+    context_lens: Any
+    kind: str  # family of the caches ('numpy', 'torch' or 'gpu'): routing follows the cache
+    q_kind: str  # family of q, which the output mirrors
+    device: str  # the caches' device
+    dtype: str
+    batch: int
+    heads_q: int
+    heads_kv: int
+    q_len: int
+    head_dim: int
+    num_blocks: int
+    block_size: int
+    max_blocks: int
+    scale: float
+    left: int
+    right: int
+    max_context: int  # longest context in the batch, read during validation
+
+    def describe(self) -> str:
+        return (f"paged q[{self.batch},{self.heads_q},{self.q_len},{self.head_dim}] "
+                f"cache[{self.num_blocks},{self.block_size},{self.heads_kv},{self.head_dim}] "
+                f"{self.dtype} on {self.device} window=({self.left},{self.right}) "
+                f"max_context={self.max_context}")
+
+
+@dataclass
+class KVWriteCall(Placed):
+    """A validated write of token rows into their cache slots (``copy_kv_to_paged``)."""
+
+    key: Any
+    value: Any
+    k_cache: Any
+    v_cache: Any
+    slot_mapping: Any
+    kind: str  # family of the caches
+    device: str
+    dtype: str
+    num_tokens: int
+    num_blocks: int
+    block_size: int
+    heads_kv: int
+    head_dim: int
+
+    def describe(self) -> str:
+        return (f"copy_kv {self.num_tokens} tokens into cache[{self.num_blocks},{self.block_size},"
+                f"{self.heads_kv},{self.head_dim}] {self.dtype} on {self.device}")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What :class:`aule.kv_cache.PagedKVCache` asks a backend to store: a K and a V cache of
+    ``shape`` ``[num_blocks, block_size, heads_kv, head_dim]`` and ``dtype`` (a name such as
+    'float16'), on ``device`` (``None``: the backend's default). ``place`` steers auto routing;
+    a cache's auto choice is always made among host-side stores (Vulkan GpuTensors or NumPy)."""
+
+    shape: tuple
+    dtype: str
+    device: Any = None
+    place: str = "host"
+
+    def describe(self) -> str:
+        where = "" if self.device is None else f" on {self.device}"
+        return f"a paged KV cache [{','.join(map(str, self.shape))}] {self.dtype}{where}"
+
+
+def check_cache_spec(num_blocks, block_size, heads_kv, head_dim, dtype, device=None) -> CacheSpec:
+    """The sizes of a new cache: positive ints, and a float dtype (torch names accepted)."""
+    for n, val in (("num_blocks", num_blocks), ("block_size", block_size), ("heads_kv", heads_kv),
+                   ("head_dim", head_dim)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val <= 0:
+            raise ValueError(f"{n} must be a positive int, got {val!r}")
+    name = str(dtype).replace("torch.", "")
+    if name not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}")
+    shape = (int(num_blocks), int(block_size), int(heads_kv), int(head_dim))
+    return CacheSpec(shape=shape, dtype=name, device=device)
+
+
+def int_table(x, name: str, ndim: int):
+    """Check an integer table (NumPy array or torch tensor; lists become int32) of ``ndim`` dimensions."""
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x, dtype=np.int32)
+    kind = array_kind(x, name)
+    if kind == "gpu":
+        raise TypeError(f"{name} must be a NumPy array or torch tensor of integers, not a GpuTensor")
+    dt = dtype_name(x)
+    if dt not in _INT_DTYPES:
+        raise TypeError(f"{name} must hold integers (int32 preferred), got dtype {dt}")
+    if len(x.shape) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {shape_tuple(x)}")
+    return x
+
+
+def check_tables(block_tables, context_lens, num_blocks: int, block_size: int) -> int:
+    """Bounds-check the tables a kernel would follow; returns the longest context.
+
+    ``context_lens[b]`` must lie in ``[0, max_blocks * block_size]``; the first
+    ``ceil(context_lens[b] / block_size)`` entries of row ``b`` of ``block_tables`` must be block
+    ids in ``[0, num_blocks)``. Entries past a sequence's last block are padding and never read.
+    One host synchronisation for device tensors.
+    """
+    batch, max_blocks = shape_tuple(block_tables)
+    if batch == 0:
+        return 0
+    if is_torch_tensor(block_tables) or is_torch_tensor(context_lens):
+        import torch
+
+        dev = block_tables.device if is_torch_tensor(block_tables) else context_lens.device
+        bt = torch.as_tensor(block_tables, device=dev)
+        cl = torch.as_tensor(context_lens, device=dev)
+        if cl.dtype != bt.dtype:  # widen, never narrow: a wrapped length would pass the checks
+            bt, cl = bt.to(torch.int64), cl.to(torch.int64)
+        # One copy to the host (one synchronisation) and the checks in NumPy: cheaper than a
+        # handful of reductions launched on the device, and the tables are small.
+        flat = torch.cat([cl, bt.reshape(-1)]).cpu().numpy()
+        cl, bt = flat[:batch], flat[batch:].reshape(batch, max_blocks)
+    else:
+        bt, cl = np.asarray(block_tables), np.asarray(context_lens)
+    cl = cl.astype(np.int64, copy=False)
+    used = np.arange(max_blocks)[None, :] < (cl[:, None] + block_size - 1) // block_size
+    bad = ((bt < 0) | (bt >= num_blocks)) & used
+    lo, hi, nbad = int(cl.min()), int(cl.max()), int(np.count_nonzero(bad))
+    if lo < 0:
+        raise ValueError(f"context_lens must be >= 0, got a minimum of {lo}")
+    if hi > max_blocks * block_size:
+        raise ValueError(
+            f"context_lens must be <= max_blocks * block_size = {max_blocks} * {block_size} = "
+            f"{max_blocks * block_size} (the block table's capacity), got {hi}")
+    if nbad:
+        b, j = divmod(int(np.argmax(bad.ravel())), max_blocks)
+        val = int(bt[b, j])
+        raise ValueError(
+            f"block_tables holds {nbad} block id(s) outside [0, num_blocks={num_blocks}) within the "
+            f"sequences' used blocks; first at block_tables[{b}, {j}] = {val}")
+    return hi
+
+
+def check_cache_pair(k_cache, v_cache):
+    """Shapes and dtype of a K/V cache pair; returns ``(kind, device, dtype, shape)``."""
+    kk, vk = array_kind(k_cache, "k_cache"), array_kind(v_cache, "v_cache")
+    if kk != vk or device_of(k_cache) != device_of(v_cache):
+        raise TypeError(f"k_cache and v_cache must be the same kind of array on one device, got "
+                        f"{kk} on {device_of(k_cache)} and {vk} on {device_of(v_cache)}")
+    ks, vs = shape_tuple(k_cache), shape_tuple(v_cache)
+    if len(ks) != 4:
+        raise ValueError(f"k_cache must be 4-D [num_blocks, block_size, heads_kv, head_dim], got shape {ks}")
+    if ks != vs:
+        raise ValueError(f"k_cache and v_cache must have one shape, got {ks} and {vs}")
+    if ks[1] == 0 or ks[2] == 0 or ks[3] == 0:
+        raise ValueError(f"block_size, heads_kv and head_dim of the cache must be > 0, got shape {ks}")
+    dtype = check_float_dtypes({"k_cache": k_cache, "v_cache": v_cache})
+    return kk, device_of(k_cache), dtype, ks
+
+
+def _check_on_cache_device(cache_kind: str, cache_dev: str, named: dict) -> None:
+    """Torch tables must sit on the caches' device (a kernel would read them there)."""
+    if cache_kind != "torch":
+        return
+    for n, t in named.items():
+        if is_torch_tensor(t) and str(t.device) != cache_dev:
+            raise ValueError(f"{n} is on {t.device} but the caches are on {cache_dev}")
+
+
+def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
+                       tables_checked_max: int | None = None) -> PagedCall:
+    """Validate the public arguments of :func:`aule.flash_attention_paged` once.
+
+    ``tables_checked_max`` is for :class:`aule.kv_cache.PagedKVCache` only: tables it built itself
+    are valid by construction, so it passes their longest context and the contents are not read
+    back (on a GPU that read-back is a synchronisation). Shapes, dtypes and devices are checked
+    regardless.
+    """
+    qk = array_kind(q, "q")
+    cache_kind, cache_dev, dtype, cs = check_cache_pair(k_cache, v_cache)
+    qdev = device_of(q)
+    if qk == "gpu" or cache_kind == "gpu":
+        # Vulkan: the cache stays on the GPU; q may be host data or a GpuTensor.
+        if cache_kind != "gpu" or qk == "torch" and qdev != "cpu":
+            raise TypeError(f"q ({qk} on {qdev}) and the caches ({cache_kind} on {cache_dev}) cannot be "
+                            "mixed: a GpuTensor cache takes q as a NumPy array, CPU tensor or GpuTensor")
+    elif qk != cache_kind or qdev != cache_dev:
+        raise TypeError(f"q and the caches must be the same kind of array on one device, got q: {qk} on "
+                        f"{qdev}, caches: {cache_kind} on {cache_dev}")
+    qs = shape_tuple(q)
+    if len(qs) != 4:
+        raise ValueError(f"q must be 4-D [batch, heads_q, q_len, head_dim], got shape {qs}")
+    qdt = dtype_name(q)
+    if qdt != dtype:
+        raise TypeError(f"q and the caches must share one dtype, got q: {qdt}, caches: {dtype}")
+    num_blocks, block_size, heads_kv, head_dim = cs
+    if qs[3] != head_dim:
+        raise ValueError(f"head_dim differs: q {qs}, k_cache {cs} (q dimension 3 must equal cache dimension 3)")
+    if qs[1] == 0 or qs[1] % heads_kv:
+        raise ValueError(f"heads_q ({qs[1]}) must be a positive multiple of heads_kv ({heads_kv}) for "
+                         f"grouped-query attention; q {qs}, k_cache {cs}")
+    block_tables = int_table(block_tables, "block_tables", 2)
+    context_lens = int_table(context_lens, "context_lens", 1)
+    bts, cls = shape_tuple(block_tables), shape_tuple(context_lens)
+    if bts[0] != qs[0] or cls[0] != qs[0]:
+        raise ValueError(f"batch sizes differ: q {qs}, block_tables {bts}, context_lens {cls} "
+                         "(dimension 0 must match)")
+    _check_on_cache_device(cache_kind, cache_dev, {"block_tables": block_tables, "context_lens": context_lens})
+    left, right = masks.canonical_window(True, window_size)
+    if tables_checked_max is None:
+        max_context = check_tables(block_tables, context_lens, num_blocks, block_size)
+    else:
+        max_context = int(tables_checked_max)
+    return PagedCall(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens,
+        kind=cache_kind, q_kind=qk, device=cache_dev, dtype=dtype, batch=qs[0], heads_q=qs[1],
+        heads_kv=heads_kv, q_len=qs[2], head_dim=head_dim, num_blocks=num_blocks,
+        block_size=block_size, max_blocks=bts[1], scale=check_scale(scale, head_dim), left=left,
+        right=right, max_context=max_context)
+
+
+def check_slots(slot_mapping, capacity: int) -> None:
+    """Non-negative slots must be < capacity and distinct (two writes to one slot race)."""
+    n = shape_tuple(slot_mapping)[0]
+    if n == 0:
+        return
+    if is_torch_tensor(slot_mapping):
+        import torch
+
+        s = torch.sort(slot_mapping.to(torch.int64)).values
+        # Sorted, a repeated non-negative slot shows as two equal neighbours; no data-dependent shapes,
+        # so the check stays one read-back on a GPU.
+        dups = ((s[1:] == s[:-1]) & (s[1:] >= 0)).sum()
+        hi, dups = (int(x) for x in torch.stack([s[-1], dups]).tolist())
+    else:
+        s = np.sort(np.asarray(slot_mapping).astype(np.int64, copy=False))
+        hi, dups = int(s[-1]), int(((s[1:] == s[:-1]) & (s[1:] >= 0)).sum())
+    if hi >= capacity:
+        raise ValueError(f"slot_mapping holds slot {hi}, outside the cache's num_blocks * block_size = "
+                         f"{capacity} slots (negative slots are skipped)")
+    if dups:
+        raise ValueError(f"slot_mapping writes {dups} slot(s) more than once; each non-negative slot "
+                         "must appear at most once")
+
+
+def canonicalize_write_kv(key, value, k_cache, v_cache, slot_mapping) -> KVWriteCall:
+    """Validate the public arguments of :func:`aule.copy_kv_to_paged` once."""
+    cache_kind, dev, dtype, cs = check_cache_pair(k_cache, v_cache)
+    num_blocks, block_size, heads_kv, head_dim = cs
+    for n, x in (("key", key), ("value", value)):
+        kind = array_kind(x, n)
+        if cache_kind == "gpu":
+            ok = kind == "gpu" or kind == "numpy" or (kind == "torch" and device_of(x) == "cpu")
+        else:
+            ok = kind == cache_kind and device_of(x) == dev
+        if not ok:
+            raise TypeError(f"{n} ({kind} on {device_of(x)}) does not match the caches ({cache_kind} on {dev})")
+        if shape_tuple(x) != shape_tuple(key) or len(shape_tuple(x)) != 3 or shape_tuple(x)[1:] != (heads_kv, head_dim):
+            raise ValueError(f"key and value must both be [num_tokens, heads_kv={heads_kv}, head_dim={head_dim}], "
+                             f"got key {shape_tuple(key)}, value {shape_tuple(value)}")
+        if dtype_name(x) != dtype:
+            raise TypeError(f"{n} has dtype {dtype_name(x)} but the caches hold {dtype}")
+    slot_mapping = int_table(slot_mapping, "slot_mapping", 1)
+    if shape_tuple(slot_mapping)[0] != shape_tuple(key)[0]:
+        raise ValueError(f"slot_mapping has {shape_tuple(slot_mapping)[0]} entries for {shape_tuple(key)[0]} tokens "
+                         "(one slot per token)")
+    _check_on_cache_device(cache_kind, dev, {"slot_mapping": slot_mapping})
+    check_slots(slot_mapping, num_blocks * block_size)
+    return KVWriteCall(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
+                       kind=cache_kind, device=dev, dtype=dtype, num_tokens=shape_tuple(key)[0],
+                       num_blocks=num_blocks, block_size=block_size, heads_kv=heads_kv, head_dim=head_dim)

@@ -1,0 +1,71 @@
+"""Every ``AULE_*`` environment setting, read and checked in one place.
+
+The environment is looked at on each call (tests and benchmarks change it within one process),
+but each distinct set of values is parsed once: a repeated call costs one tuple of lookups.
+A malformed value is a ``ValueError`` naming the variable and what it accepts.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+_VULKAN_VARS = ("AULE_VULKAN_DEVICE", "AULE_VULKAN_VARIANT", "AULE_VULKAN_TILES", "AULE_VULKAN_STAGING",
+                "AULE_VULKAN_PIPELINE_CACHE", "AULE_VULKAN_NO_EGL_RETRY", "AULE_VALIDATION", "AULE_CACHE_DIR")
+
+
+@dataclass(frozen=True)
+class VulkanSettings:
+    device: str                 # AULE_VULKAN_DEVICE: index or part of a name; "" picks the best GPU
+    variant: str | None         # AULE_VULKAN_VARIANT: force a shader variant (checked by the variant table)
+    tiles: tuple | None         # AULE_VULKAN_TILES: (rows, keys) for `cpu`, (bm, bn, wg, tc) for tiled variants
+    staging: bool               # AULE_VULKAN_STAGING=1: stage through host memory even where mapping works
+    pipeline_cache: bool        # AULE_VULKAN_PIPELINE_CACHE=0: do not persist the pipeline cache
+    egl_retry: bool             # AULE_VULKAN_NO_EGL_RETRY=1: never retry through NVIDIA's EGL entry point
+    validation: bool            # AULE_VALIDATION=1: the Khronos validation layer, messages collected
+    cache_dir: str | None       # AULE_CACHE_DIR: where the pipeline cache and the EGL manifest live
+
+    @property
+    def tiles_key(self) -> str:
+        """The tile override as a cache key ("" when unset)."""
+        return ",".join(map(str, self.tiles)) if self.tiles else ""
+
+
+def _flag(raw: str | None) -> bool:
+    return (raw or "").strip() not in ("", "0")
+
+
+def _parse_tiles(raw: str) -> tuple | None:
+    text = raw.strip()
+    if not text:
+        return None
+    parts = text.split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 4) or any(v <= 0 for v in values):
+        raise ValueError(f"AULE_VULKAN_TILES={raw!r}: expected 2 positive integers (rows,keys for the cpu "
+                         "variant) or 4 (bm,bn,wg,tc for the tiled variants), comma-separated")
+    return values
+
+
+@functools.lru_cache(maxsize=64)
+def _vulkan(raw: tuple) -> VulkanSettings:
+    device, variant, tiles, staging, pcache, no_egl, validation, cache_dir = raw
+    return VulkanSettings(
+        device=(device or "").strip(), variant=(variant or "").strip() or None,
+        tiles=_parse_tiles(tiles or ""), staging=(staging or "").strip() == "1",
+        pipeline_cache=(pcache or "1").strip() != "0", egl_retry=(no_egl or "").strip() != "1",
+        validation=_flag(validation), cache_dir=cache_dir or None)
+
+
+def vulkan() -> VulkanSettings:
+    """The Vulkan settings as the environment holds them now."""
+    env = os.environ
+    return _vulkan(tuple(env.get(k) for k in _VULKAN_VARS))
+
+
+def forced_backend() -> str | None:
+    """AULE_BACKEND: a backend name the router must use, or None (names are checked by the registry)."""
+    return os.environ.get("AULE_BACKEND", "").strip() or None
