@@ -1,4 +1,4 @@
-"""Every ``AULE_*`` environment setting, read and checked in one place.
+"""Every `AULE_*` setting of the router and the Vulkan backend, read and checked in one place.
 
 The environment is looked at on each call (tests and benchmarks change it within one process),
 but each distinct set of values is parsed once: a repeated call costs one tuple of lookups.
@@ -10,25 +10,21 @@ import functools
 import os
 from dataclasses import dataclass
 
-_VULKAN_VARS = ("AULE_VULKAN_DEVICE", "AULE_VULKAN_VARIANT", "AULE_VULKAN_TILES", "AULE_VULKAN_STAGING",
-                "AULE_VULKAN_PIPELINE_CACHE", "AULE_VULKAN_NO_EGL_RETRY", "AULE_VALIDATION", "AULE_CACHE_DIR")
+_VULKAN_VARS = ("AULE_VULKAN_DEVICE", "AULE_VULKAN_STAGING", "AULE_VULKAN_PIPELINE_CACHE",
+                "AULE_VULKAN_NO_EGL_RETRY", "AULE_VALIDATION", "AULE_CACHE_DIR")
 
 
 @dataclass(frozen=True)
 class VulkanSettings:
+    """How the runtime finds and uses the device (read when a context is made, and by the
+    pipeline cache). The kernel choice, read on every call, is :class:`KernelChoice`."""
+
     device: str                 # AULE_VULKAN_DEVICE: index or part of a name; "" picks the best GPU
-    variant: str | None         # AULE_VULKAN_VARIANT: force a shader variant (checked by the variant table)
-    tiles: tuple | None         # AULE_VULKAN_TILES: (rows, keys) for `cpu`, (bm, bn, wg, tc) for tiled variants
     staging: bool               # AULE_VULKAN_STAGING=1: stage through host memory even where mapping works
     pipeline_cache: bool        # AULE_VULKAN_PIPELINE_CACHE=0: do not persist the pipeline cache
     egl_retry: bool             # AULE_VULKAN_NO_EGL_RETRY=1: never retry through NVIDIA's EGL entry point
     validation: bool            # AULE_VALIDATION=1: the Khronos validation layer, messages collected
     cache_dir: str | None       # AULE_CACHE_DIR: where the pipeline cache and the EGL manifest live
-
-    @property
-    def tiles_key(self) -> str:
-        """The tile override as a cache key ("" when unset)."""
-        return ",".join(map(str, self.tiles)) if self.tiles else ""
 
 
 def _flag(raw: str | None) -> bool:
@@ -52,10 +48,9 @@ def _parse_tiles(raw: str) -> tuple | None:
 
 @functools.lru_cache(maxsize=64)
 def _vulkan(raw: tuple) -> VulkanSettings:
-    device, variant, tiles, staging, pcache, no_egl, validation, cache_dir = raw
+    device, staging, pcache, no_egl, validation, cache_dir = raw
     return VulkanSettings(
-        device=(device or "").strip(), variant=(variant or "").strip() or None,
-        tiles=_parse_tiles(tiles or ""), staging=(staging or "").strip() == "1",
+        device=(device or "").strip(), staging=(staging or "").strip() == "1",
         pipeline_cache=(pcache or "1").strip() != "0", egl_retry=(no_egl or "").strip() != "1",
         validation=_flag(validation), cache_dir=cache_dir or None)
 
@@ -64,6 +59,27 @@ def vulkan() -> VulkanSettings:
     """The Vulkan settings as the environment holds them now."""
     env = os.environ
     return _vulkan(tuple(env.get(k) for k in _VULKAN_VARS))
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    variant: str | None  # AULE_VULKAN_VARIANT: force a shader variant (checked by the variant table)
+    tiles: tuple | None  # AULE_VULKAN_TILES: (rows, keys) for `cpu`, (bm, bn, wg, tc) for tiled variants
+    tiles_key: str       # the tile override as a cache key ("" when unset)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_choice(variant: str | None, tiles: str | None) -> KernelChoice:
+    parsed = _parse_tiles(tiles or "")
+    return KernelChoice((variant or "").strip() or None, parsed, ",".join(map(str, parsed)) if parsed else "")
+
+
+def kernel_choice() -> KernelChoice:
+    """The two settings every Vulkan call consults (forced variant and tiles). Each os.environ
+    lookup costs about a microsecond, so the per-call path reads these two rather than all of
+    :func:`vulkan`'s eight."""
+    get = os.environ.get
+    return _kernel_choice(get("AULE_VULKAN_VARIANT"), get("AULE_VULKAN_TILES"))
 
 
 def forced_backend() -> str | None:

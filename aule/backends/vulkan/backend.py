@@ -149,7 +149,7 @@ class VulkanBackend(Backend):
                     chosen[f"{dt} head_dim {d}"] = host_variant(dt, d, info).name
                 except UnsupportedError as exc:
                     chosen[f"{dt} head_dim {d}"] = f"none ({exc})"
-        tiles = settings.vulkan().tiles
+        tiles = settings.kernel_choice().tiles
         usable = {n: (v.unfit(128, info, tiles=tiles) or "ok") for n, v in VARIANTS.items()}
         return dict(ctx.details(), variants_chosen=chosen, variants_head_dim_128=usable,
                     auto_route=("NumPy inputs go to Vulkan" if not info.is_cpu

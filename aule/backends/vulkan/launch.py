@@ -66,7 +66,7 @@ def attention_plan_for(call, ctx):
     """(variant, shape, dispatch plan, pipeline) for a call, cached by everything that shapes the
     dispatches, so a repeated call costs one dictionary lookup. UnsupportedError when a device
     limit cannot be met."""
-    vk = settings.vulkan()
+    vk = settings.kernel_choice()
     key = (call.dtype, call.kind, call.batch, call.heads_q, call.heads_kv, call.seq_q, call.seq_k,
            call.head_dim, call.scale, call.left, call.right, call.return_lse, vk.variant, vk.tiles_key)
     hit = _PLANS.get(key)
@@ -88,8 +88,9 @@ def attention(call, ctx, timestamps: bool = False):
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem = np.dtype(variant.elem)
     rows = (shape.batch, shape.heads_q, shape.seq_q)
-    out_bytes = int(np.prod(rows)) * shape.head_dim * elem.itemsize
-    lse_bytes = int(np.prod(rows)) * 4
+    n_rows = shape.batch * shape.heads_q * shape.seq_q
+    out_bytes = n_rows * shape.head_dim * elem.itemsize
+    lse_bytes = n_rows * 4
     if call.kind == "gpu":
         o = GpuTensor(ctx, ctx.pool.acquire(out_bytes), rows + (shape.head_dim,), elem)
         lse = GpuTensor(ctx, ctx.pool.acquire(lse_bytes), rows, np.float32) if call.return_lse else None

@@ -11,7 +11,7 @@ from .shaders import VARIANTS, Module
 
 def forced_variant() -> str | None:
     """The variant AULE_VULKAN_VARIANT names, or None; ValueError when it names none."""
-    name = settings.vulkan().variant
+    name = settings.kernel_choice().variant
     if name is not None and name not in VARIANTS:
         raise ValueError(f"AULE_VULKAN_VARIANT={name!r} names no variant; choose one of {sorted(VARIANTS)}")
     return name
@@ -26,7 +26,7 @@ def select(dtype: str, d: int, info, forced: str | None = None, seq_k: int = 0, 
     # The sequence lengths matter only for whole-tile modules and loop-limited drivers; leaving them
     # out elsewhere keeps the cache small.
     exact = info.loop_limit or info.coopmat_f16
-    return _select(dtype, d, info, forced, seq_k if exact else 0, seq_q if exact else 0, settings.vulkan().tiles)
+    return _select(dtype, d, info, forced, seq_k if exact else 0, seq_q if exact else 0, settings.kernel_choice().tiles)
 
 
 @functools.lru_cache(maxsize=1024)
