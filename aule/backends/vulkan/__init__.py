@@ -5,8 +5,6 @@ run one call without routing and report the GPU time, for benchmarks.
 """
 from __future__ import annotations
 
-import functools
-
 from ...errors import UnsupportedError
 from . import launch, runtime
 from .backend import VulkanBackend
@@ -16,13 +14,10 @@ from .tensor import GpuTensor, to_gpu
 __all__ = ["VulkanBackend", "GpuTensor", "to_gpu", "attention", "paged_attention", "VARIANTS"]
 
 
-@functools.lru_cache(maxsize=None)
-def _backend() -> VulkanBackend:
-    return VulkanBackend()
-
-
 def _refuse_unless_served(op: str, call) -> None:
-    why = _backend().why_not(op, call, forced=True)
+    from .. import get  # the registry's instance: one probe per process
+
+    why = get("vulkan").why_not(op, call, forced=True)
     if why:
         raise UnsupportedError(f"backend 'vulkan' cannot serve {call.describe()}: {why}")
 

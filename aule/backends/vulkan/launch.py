@@ -46,13 +46,17 @@ class _Held(list):
         for lease in self:
             lease.release()
 
+    def upload(self, ctx, array: np.ndarray):
+        """The device buffer of a lease holding ``array``, released with the others."""
+        lease = ctx.upload(array)
+        self.append(lease)
+        return lease.buffer
+
     def device_buffer(self, ctx, x, dtype):
         """``x``'s device buffer: a GpuTensor's own, else an upload of the host data as ``dtype``."""
         if isinstance(x, GpuTensor):
             return x.buffer
-        lease = ctx.upload(np.ascontiguousarray(to_numpy(x), dtype=dtype))
-        self.append(lease)
-        return lease.buffer
+        return self.upload(ctx, np.ascontiguousarray(to_numpy(x), dtype=dtype))
 
     def acquire(self, ctx, nbytes: int):
         lease = ctx.pool.acquire(nbytes)
@@ -131,8 +135,7 @@ def paged_attention(call, ctx, timestamps: bool = False):
     with _Held() as held:
         qb = held.device_buffer(ctx, call.q, elem)
         kb, vb = held.device_buffer(ctx, call.k_cache, elem), held.device_buffer(ctx, call.v_cache, elem)
-        bt, cl = ctx.upload(_int32(call.block_tables)), ctx.upload(_int32(call.context_lens))
-        held += [bt, cl]
+        bt, cl = held.upload(ctx, _int32(call.block_tables)), held.upload(ctx, _int32(call.context_lens))
         out_t = GpuTensor.empty((call.batch, call.heads_q, call.q_len, d), elem) if call.q_kind == "gpu" else None
         ob = out_t.buffer if out_t is not None else held.acquire(ctx, q_bytes)
         if plan.splits > 1:
@@ -142,7 +145,7 @@ def paged_attention(call, ctx, timestamps: bool = False):
             pob = plb = _dummy_buffer(ctx)
             po_n = pl_n = 16
         bindings = (_binding(qb, q_bytes), _binding(kb, cache_bytes), _binding(vb, cache_bytes),
-                    _binding(bt.buffer, 4 * call.batch * call.max_blocks), _binding(cl.buffer, 4 * call.batch),
+                    _binding(bt, 4 * call.batch * call.max_blocks), _binding(cl, 4 * call.batch),
                     _binding(ob, q_bytes), _binding(pob, po_n), _binding(plb, pl_n))
         ns = _attend_then_merge(ctx, pipe, bindings, plan, timestamps)
         if out_t is not None:
@@ -158,13 +161,12 @@ def _copy_rows(ctx, held, src_k, src_v, k_cache, v_cache, src_slots, dst_slots_b
     caches; a destination slot of -1 is skipped by the shader."""
     row_bytes = k_cache.shape[2] * k_cache.shape[3] * k_cache.dtype.itemsize
     pushes = copy_pushes(n, row_bytes, ctx.info)
-    src_lease = ctx.upload(src_slots)
-    held.append(src_lease)
+    src_buf = held.upload(ctx, src_slots)
     pipe = pipeline(ctx, "copy_kv_to_paged", ((0, COPY_WG),))
     span = max(n, int(src_slots.max(initial=0) + 1)) * row_bytes
     bindings = (_binding(src_k, span), _binding(src_v, span),
                 _binding(k_cache.buffer, k_cache.nbytes), _binding(v_cache.buffer, v_cache.nbytes),
-                _binding(src_lease.buffer, 4 * n), _binding(dst_slots_buf, 4 * n))
+                _binding(src_buf, 4 * n), _binding(dst_slots_buf, 4 * n))
     ctx.run([Dispatch(pipe, bindings, push, groups) for push, groups in pushes])
 
 
@@ -173,15 +175,13 @@ def write_kv(call, ctx) -> None:
     n = call.num_tokens
     with _Held() as held:
         kb, vb = (held.device_buffer(ctx, x, np.dtype(call.dtype)) for x in (call.key, call.value))
-        slots = ctx.upload(_int32(call.slot_mapping))
-        held.append(slots)
-        _copy_rows(ctx, held, kb, vb, call.k_cache, call.v_cache, np.arange(n, dtype=np.int32), slots.buffer, n)
+        slots = held.upload(ctx, _int32(call.slot_mapping))
+        _copy_rows(ctx, held, kb, vb, call.k_cache, call.v_cache, np.arange(n, dtype=np.int32), slots, n)
 
 
 def copy_slots(ctx, k_cache, v_cache, src, dst) -> None:
     """Copy cache rows ``src`` to ``dst`` within both caches (the slots are disjoint blocks)."""
     with _Held() as held:
-        dst_lease = ctx.upload(np.asarray(dst, dtype=np.int32))
-        held.append(dst_lease)
+        dst_buf = held.upload(ctx, np.asarray(dst, dtype=np.int32))
         _copy_rows(ctx, held, k_cache.buffer, v_cache.buffer, k_cache, v_cache,
-                   np.asarray(src, dtype=np.int32), dst_lease.buffer, len(dst))
+                   np.asarray(src, dtype=np.int32), dst_buf, len(dst))

@@ -58,25 +58,6 @@ class Context:
         log.info("aule: Vulkan device %s (%s, %s) via %s", self.info.name, self.info.type,
                  self.info.driver, self.route)
 
-    # memory policy, as callers and tests read it ----------------------------------------------
-    @property
-    def memory_flags(self) -> list:
-        return self.memory.flags
-
-    @property
-    def direct(self) -> bool:
-        return self.memory.direct
-
-    @property
-    def force_staging(self) -> bool:
-        return self.memory.force_staging
-
-    @property
-    def memory_route(self) -> str:
-        return self.memory.route
-
-    def memory_type(self, bits: int, kind: str) -> int:
-        return self.memory.type_for(bits, kind)
 
     def pools(self):
         return [p for p in (self.pool, self.upload_pool, self.download_pool) if p is not None]
@@ -178,7 +159,7 @@ class Context:
             "device": self.info.summary(),
             "devices": [d.summary() for _, d in self.devices],
             "route": self.route,
-            "memory": self.memory_route,
+            "memory": self.memory.route,
             "validation": self.validation_active,
             "pipeline_cache": str(self.pipeline_cache_path),
         }
