@@ -251,9 +251,22 @@ def test_torch_compile_no_graph_break():
 
 
 @gpu_only
-@pytest.mark.parametrize("case", FULL, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
-def test_full_size(case):
+@pytest.mark.parametrize("index", range(len(FULL)), ids=lambda i: "-".join(map(str, FULL[i])).replace(" ", ""))
+def test_full_size(index, monkeypatch):
+    # Case i runs configuration i (modulo what fits its shape), so the table's later rows, which
+    # autotuning may pick in use, are checked too without compiling every row for every case.
+    monkeypatch.setenv("AULE_TRITON_CONFIG", str(index))
+    case = FULL[index]
     _run(case, seed=zlib.crc32(repr(case).encode()) & 0xFFFF)
+
+
+@gpu_only
+def test_autotuned_path(monkeypatch):
+    monkeypatch.setenv("AULE_TRITON_AUTOTUNE", "1")
+    monkeypatch.delenv("AULE_TRITON_CONFIG", raising=False)
+    case = (1, 4, 2, 300, 300, 64, True, -1, "float16")
+    _run(case, seed=11)
+    assert any("fwd/cuda/d64" in name or "fwd/gfx" in name for name in ops.tuned_choices()), ops.tuned_choices()
 
 
 @gpu_only
