@@ -115,14 +115,35 @@ def shape_tuple(x):
     return tuple(int(s) for s in x.shape)
 
 
+# The kernels compute in float32 and fold log2(e) into the scale for a base-2 softmax: a scale is
+# usable only where both stay finite, and nonzero, in float32. Doubles at or above this round to
+# +inf as float32 (FLT_MAX plus half its last place); doubles at or below 2**-150 round to 0.
+_F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
+_F32_UNDERFLOW = 2.0 ** -150
+_LOG2E = math.log2(math.e)
+
+
+def scale_problem(scale: float) -> str | None:
+    """What is wrong with a real ``scale`` (a sentence for an error or a log), or ``None``."""
+    if not math.isfinite(scale) or scale <= 0:
+        return "must be finite and > 0"
+    if scale * _LOG2E >= _F32_OVERFLOW:
+        return (f"must stay finite in float32, the precision the kernels use, times log2(e) too "
+                f"(their softmax is base 2): at most {_F32_OVERFLOW / _LOG2E:.4g}")
+    if scale <= _F32_UNDERFLOW:
+        return "must stay > 0 in float32, the precision the kernels use: above 2**-150"
+    return None
+
+
 def check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
     s = float(scale)
-    if not math.isfinite(s) or s <= 0:
-        raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+    problem = scale_problem(s)
+    if problem:
+        raise ValueError(f"scale {problem}, got {scale!r}")
     return s
 
 

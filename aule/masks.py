@@ -11,8 +11,19 @@ sits at key position ``pos(i) = i + seq_k - seq_q``. Key ``j`` is visible from r
     0 <= j < seq_k
 
 ``left``/``right`` of ``-1`` mean unbounded on that side. ``causal`` is ``right = 0``.
-A row may see no key at all (for example the first ``seq_q - seq_k`` rows of a causal call with
-``seq_q > seq_k``); such rows produce zeros and an LSE of ``-inf``.
+
+What a row gives, from the scores (after ``scale``) of the keys it sees, first rule that applies:
+
+1. no visible key (for example the first ``seq_q - seq_k`` rows of a causal call with
+   ``seq_q > seq_k``): zeros, LSE ``-inf``;
+2. a visible score is NaN: the row is NaN, LSE NaN;
+3. a visible score is ``+inf``: the row is NaN (``inf - inf``, as torch's math), LSE ``+inf``;
+4. every visible score is ``-inf``: as if masked, zeros and LSE ``-inf`` (an online softmax
+   cannot tell these rows from masked ones);
+5. otherwise the softmax, LSE in natural log.
+
+A NaN in a value reaches the output only through the product ``P.V``, as IEEE arithmetic gives it.
+:func:`finish_rows` applies the rule to a row's softmax statistics.
 """
 from __future__ import annotations
 
@@ -109,3 +120,24 @@ def tile_fully_visible(q_start: int, q_end: int, k_start: int, k_end: int,
     if right >= 0 and k_end - 1 > q_start + off + right:
         return False
     return True
+
+
+def finish_rows(m, l, acc):
+    """``(out, lse)`` of rows from their online-softmax state, by the rule in this module's
+    docstring.
+
+    ``m`` is the running maximum of each row's visible scores, combined with ``np.maximum`` so
+    that one NaN score leaves it NaN (``-inf`` when the row saw no key or only ``-inf``);
+    ``l = sum(exp(s - m))`` and ``acc = sum(exp(s - m) * v)`` were shifted by 0 wherever ``m`` is
+    not finite. Shapes: ``m, l [...]``, ``acc [..., D]``; results keep ``acc``'s dtype.
+    """
+    finite = np.isfinite(m)
+    # A finite maximum is itself one of the terms, so l >= 1 there; elsewhere l is not used.
+    l_safe = np.where(finite, l, 1)
+    out = acc / l_safe[..., None]
+    bad = ~finite
+    if bad.any():
+        out[bad] = np.where(np.isneginf(m[bad]), 0, np.nan)[:, None]
+    # log(1) + m is m itself where m is not finite: -inf, +inf or NaN, the rule's LSE.
+    lse = np.log(l_safe) + m
+    return out, lse

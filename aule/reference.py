@@ -13,7 +13,8 @@ def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return
 
     Same meaning as :func:`aule.flash_attention`: layout ``[batch, heads, seq, head_dim]``,
     GQA when ``heads_q`` is a multiple of ``heads_kv``, bottom-right causal, windows per
-    :mod:`aule.masks`. Returns float64 output (and float64 LSE ``[batch, heads_q, seq_q]``).
+    :mod:`aule.masks`, rows with NaN or infinite scores by the rule stated there. Returns float64
+    output (and float64 LSE ``[batch, heads_q, seq_q]``).
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -27,14 +28,11 @@ def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return
     vis = masks.mask(sq, sk, left, right)
     kx = np.repeat(k, group, axis=1)  # fine for an oracle; backends never expand K/V
     vx = np.repeat(v, group, axis=1)
-    s = np.einsum("bhqd,bhkd->bhqk", q, kx) * scale
-    s = np.where(vis, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True) if sk else np.full(s.shape[:-1] + (1,), -np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m_safe)
-    l = p.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.einsum("bhqk,bhkd->bhqd", p, vx) / np.where(l > 0, l, 1.0)
-        lse = np.where(l[..., 0] > 0, np.log(np.where(l[..., 0] > 0, l[..., 0], 1.0)) + m_safe[..., 0], -np.inf)
-    out = np.where(l > 0, out, 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = np.einsum("bhqd,bhkd->bhqk", q, kx) * scale
+        s = np.where(vis, s, -np.inf)
+        # np.max keeps a NaN score, so the row's maximum says which rule of aule.masks applies.
+        m = s.max(axis=-1) if sk else np.full(s.shape[:-1], -np.inf)
+        p = np.exp(s - np.where(np.isfinite(m), m, 0.0)[..., None])
+        out, lse = masks.finish_rows(m, p.sum(axis=-1), np.einsum("bhqk,bhkd->bhqd", p, vx))
     return (out, lse) if return_lse else out

@@ -17,7 +17,6 @@ the backward pass.
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import threading
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import api
-from .call import canonicalize
+from .call import canonicalize, scale_problem
 from .errors import UnsupportedError
 
 log = logging.getLogger("aule")
@@ -119,18 +118,27 @@ def _window_mask(seq_q, seq_k, left, right, device):
 
 
 def sdpa_reference(q, k, v, scale, left, right):
-    """The original SDPA computing aule's bottom-right ``(left, right)`` window through an explicit
-    mask (4-D inputs, GQA allowed). Rows that see no key give zeros, as aule's do, not NaN."""
+    """aule's attention in plain torch ops: the bottom-right ``(left, right)`` window on 4-D inputs
+    (GQA allowed), rows by aule.masks' rule, differentiable. O(seq_q * seq_k) memory, as torch's
+    math SDPA.
+
+    Not torch's SDPA itself: its CPU flash kernel turns a row with a NaN score into zeros, and its
+    math kernel adds the mask as a -inf bias, so a NaN in a hidden key still makes the row NaN.
+    Here hidden scores are replaced, and rows whose maximum is -inf (no key seen, or only -inf
+    scores) give zeros."""
     sq, sk = q.shape[-2], k.shape[-2]
-    mask = None
-    empty_rows = None
+    if sk == 0:
+        return q.new_zeros(q.shape)
+    group = q.shape[-3] // k.shape[-3]
+    k, v = (t.repeat_interleave(group, dim=-3) if group > 1 else t for t in (k, v))
+    # Scores in float32 at least, as every backend computes them.
+    wide = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * scale
     if left >= 0 or right >= 0:
-        mask = _window_mask(sq, sk, left, right, q.device)
-        empty_rows = ~mask.any(dim=-1)
-    out = _ORIGINAL_SDPA(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
-    if empty_rows is not None:
-        out = out.masked_fill(empty_rows[:, None], 0.0)
-    return out
+        s = s.masked_fill(~_window_mask(sq, sk, left, right, q.device), float("-inf"))
+    empty = s.amax(dim=-1, keepdim=True) == float("-inf")  # amax keeps NaN: NaN rows stay NaN
+    out = torch.matmul(torch.softmax(s, dim=-1), v.to(wide)).masked_fill(empty, 0.0)
+    return out.to(q.dtype)
 
 
 class _Handoff(threading.local):
@@ -309,9 +317,12 @@ def _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> s
         return "mixed devices"
     if query.dtype not in (_CUDA_DTYPES if query.device.type == "cuda" else _HOST_DTYPES):
         return f"dtype {query.dtype}"
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale) or scale <= 0):
-        return "scale is not a finite positive number"
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            return "scale is not a real number"
+        problem = scale_problem(float(scale))
+        if problem:
+            return "scale " + problem
     return None
 
 

@@ -18,8 +18,9 @@ BLOCK_K = 512
 def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK_Q, block_k=BLOCK_K):
     """Attention on C-contiguous NumPy arrays ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]``.
 
-    Accumulates in float32 (float64 for float64 inputs). Returns ``(out, lse)`` in the
-    accumulation dtype; ``lse`` is ``None`` unless asked for.
+    Accumulates in float32 (float64 for float64 inputs), with ``scale`` rounded to that dtype.
+    Rows with NaN or infinite scores follow the rule in :mod:`aule.masks`. Returns ``(out, lse)``
+    in the accumulation dtype; ``lse`` is ``None`` unless asked for.
     """
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
@@ -55,8 +56,10 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
             if not masks.tile_fully_visible(q0, q1, k0, k1, sq, sk, left, right):
                 hidden = ~masks.visible(rows, np.arange(k0, k1)[None, :], sq, sk, left, right)
                 s.reshape(nh, g, bq, k1 - k0)[:, :, hidden] = -np.inf
+            # np.maximum keeps a NaN score: m then tells masks.finish_rows which rule applies.
             m_new = np.maximum(m, s.max(axis=-1))
-            # Rows that have seen no visible key yet keep m = -inf; shift them by 0 so exp gives 0.
+            # Rows whose maximum is not finite (no key seen yet, NaN, +inf) shift by 0: their
+            # statistics are not used, and exp then gives 0 for rows that have seen nothing.
             m_shift = np.where(np.isfinite(m_new), m_new, acc_t(0))
             np.subtract(s, m_shift[..., None], out=s)
             np.exp(s, out=s)
@@ -66,17 +69,14 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
             acc *= alpha[..., None]
             acc += np.matmul(s, vt)
             m = m_new
-        seen = l > 0
-        safe_l = np.where(seen, l, acc_t(1))
-        acc /= safe_l[..., None]
-        acc[~seen] = 0
-        outg[bi, :, :, q0:q1, :] = acc.reshape(nh, g, bq, d)
+        out_blk, lse_blk = masks.finish_rows(m, l, acc)
+        outg[bi, :, :, q0:q1, :] = out_blk.reshape(nh, g, bq, d)
         if return_lse:
-            with np.errstate(divide="ignore"):
-                blk = np.where(seen, np.log(safe_l) + m, -np.inf)
-            lseg[bi, :, :, q0:q1] = blk.reshape(nh, g, bq)
+            lseg[bi, :, :, q0:q1] = lse_blk.reshape(nh, g, bq)
 
-    for bi in range(b):
-        for q0 in range(0, sq, block_q):
-            query_block(bi, q0)
+    # NaN or infinite inputs are answered by the rule in aule.masks, not by warnings.
+    with np.errstate(invalid="ignore", over="ignore"):
+        for bi in range(b):
+            for q0 in range(0, sq, block_q):
+                query_block(bi, q0)
     return out, lse

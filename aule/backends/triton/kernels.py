@@ -14,6 +14,9 @@ One set of kernels for NVIDIA and AMD; targets differ only by the configurations
   fully visible ones (window's left edge), fully visible tiles (no mask arithmetic at all), masked
   tiles after them (causal diagonal, right window edge, ragged end). Tiles that no row of the
   block can see are never visited.
+* Rows with NaN or infinite scores follow aule.masks' rule (:func:`_finish_rows`): a NaN score
+  makes the row NaN with LSE NaN, a ``+inf`` score makes it NaN with LSE ``+inf``, scores all
+  ``-inf`` give zeros like a masked row. The backward pass defines no gradient for such rows.
 * head_dim is padded to the power of two BLOCK_D inside the kernel by masked loads (PAD_D).
 * Every tensor is addressed through its strides, so non-contiguous inputs need no copy.
 """
@@ -35,6 +38,29 @@ def _load(ptrs, ok0, ok1, CHECK0: tl.constexpr, CHECK1: tl.constexpr):
     else:
         x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _shift(m):
+    """What the online softmax subtracts from a row's scores: its maximum where finite, else 0.
+    A row that has seen no key (or only -inf) then gets exp2 = 0; at a +inf maximum the shift by 0
+    keeps l finite or +inf, never NaN, so NaN in l still means a NaN score (see _finish_rows)."""
+    return tl.where(tl.abs(m) < float("inf"), m, 0.0)
+
+
+@triton.jit
+def _finish_rows(acc, l_i, m_i):
+    """``(out, lse2)`` of rows by aule.masks' rule, LSE in base 2. ``tl.max`` and ``tl.maximum``
+    skip NaN (maxnum), so ``m_i`` never holds one; a NaN score reaches ``l_i`` through exp2
+    instead, and ``l_i`` is NaN exactly when the row saw one."""
+    saw_nan = l_i != l_i
+    ok = (tl.abs(m_i) < float("inf")) & (l_i == l_i)
+    l_safe = tl.where(ok, l_i, 1.0)  # a finite maximum is one of the terms: l >= 1 there
+    # log2(1) + m is m where m is infinite: -inf for rows that saw nothing, +inf for a +inf score.
+    lse2 = tl.where(saw_nan, float("nan"), m_i + tl.math.log2(l_safe))
+    poisoned = saw_nan | (m_i == float("inf"))
+    out = tl.where(ok[:, None], acc / l_safe[:, None], tl.where(poisoned[:, None], float("nan"), 0.0))
+    return out, lse2
 
 
 @triton.jit
@@ -143,12 +169,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
             vis = _visible(pos[:, None], offs_n[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             qk = tl.where(vis, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row that has seen no visible key yet keeps m = -inf: shift it by 0 so exp2 gives 0.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            m_use = _shift(m_new)
             p = tl.math.exp2(qk - m_use[:, None])
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = m_new
+            m_use = _shift(m_new)  # visible keys can still score -inf or +inf
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -200,10 +225,8 @@ def _attn_fwd(Q, K, V, O, LSE,
                                             qk_scale, run != 1, HAS_LEFT, HAS_RIGHT, HEAD_DIM,
                                             PAD_D, BLOCK_N, DOT_PREC)
 
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]  # rows that saw nothing have acc == 0: zeros, never NaN
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out, lse2 = _finish_rows(acc, l_i, m_i)
+    lse = lse2 * 0.6931471805599453
     tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=m_ok)
     o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)

@@ -151,7 +151,7 @@ def _check(q, k, v):
 def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None):
     """``(out, lse)`` for ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` (any strides). ``out`` is
     contiguous in q's dtype; ``lse`` float32 ``[B,Hq,Sq]``, natural log, ``-inf`` for rows that
-    see no key. ``tile`` forces a configuration (tests exercise the tile-run arithmetic with it)."""
+    see no key (NaN and ``+inf`` rows by aule.masks' rule). ``tile`` forces a configuration (tests exercise the tile-run arithmetic with it)."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]

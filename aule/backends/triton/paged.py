@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, MAX_HEAD_DIM, block_d, cdiv, interpreting, next_pow2, torch_gpu_flavour
+from .kernels import _finish_rows, _shift
 
 log = logging.getLogger("aule")
 
@@ -62,8 +63,7 @@ def _paged_tiles(acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_from, t_to, k
                 vis = vis & (offs_n[None, :] >= pos[:, None] - LEFT)
             s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen no key yet keep m = -inf; shifting by 0 keeps exp2 at 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = _shift(m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -151,11 +151,10 @@ def _paged_attn_fwd(
         LEFT, scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
         BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION)
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out, lse2 = _finish_rows(acc, l_i, m_i)
     if SPLIT:
-        # Partial result of this split: normalised output and its base-2 LSE (-inf when empty).
-        lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        # Partial result of this split: its output and base-2 LSE by aule.masks' rule (-inf when
+        # empty, NaN or +inf when the split saw such a score), merged by _paged_attn_merge.
         prow = ((b * HEADS_KV * GROUP + head) * Q_LEN + qi) * NUM_SPLITS + split
         tl.store(PL + prow, lse2, mask=row_ok)
         tl.store(PO + prow[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
@@ -176,13 +175,16 @@ def _paged_attn_merge(PO, PL, O, stride_ob, stride_oh, stride_om, stride_od, HEA
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < NUM_SPLITS
     lse2 = tl.load(PL + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse2, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse2 - m_safe)  # 0 for empty splits and padding lanes
+    m = tl.max(lse2, 0)  # skips NaN: a NaN split shows in total instead
+    w = tl.math.exp2(lse2 - _shift(m))  # 0 for empty splits and padding lanes
     total = tl.sum(w, 0)
     part = tl.load(PO + (row * NUM_SPLITS + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
                    mask=s_ok[:, None], other=0.0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    ok = (tl.abs(m) < float("inf")) & (total == total)
+    out = tl.sum(part * w[:, None], 0) / tl.where(ok, total, 1.0)
+    # The splits' rule, merged: a NaN or +inf split poisons the row, all empty leaves zeros.
+    poisoned = (total != total) | (m == float("inf"))
+    out = tl.where(ok, out, tl.where(poisoned, float("nan"), 0.0))
     tl.store(O + b * stride_ob + head * stride_oh + qi * stride_om + offs_d * stride_od,
              out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
