@@ -12,6 +12,7 @@ import logging
 import numpy as np
 
 from . import backends, settings
+from .backends.base import nothing_to_compute
 from .call import AttentionCall, canonicalize, shape_tuple
 from .errors import UnsupportedError
 from .paged_call import PagedCall, canonicalize_paged, canonicalize_write_kv
@@ -29,8 +30,10 @@ _AUTO_ORDER = {
 def forced_backend(backend=None) -> str | None:
     """The backend the caller (``backend=``) or the environment (``AULE_BACKEND``) names, checked
     and canonical; ``None`` for auto routing. A name that is no backend is a ``ValueError``."""
-    name = settings.forced_backend() if backend is None else backend
-    return None if name is None else backends.canonical_name(name)
+    if backend is not None:
+        return backends.canonical_name(backend)
+    name = settings.forced_backend()
+    return None if name is None else backends.canonical_name(name, source="AULE_BACKEND")
 
 
 def tensors_need_grad(*tensors) -> bool:
@@ -78,7 +81,8 @@ def route(call, op: str, backend=None):
 # dense attention
 
 def _empty_result(call: AttentionCall):
-    """Zero-sized batch/sequence, or no keys at all: no kernel runs."""
+    """Zero-sized batch, heads or sequence, or no keys at all, on host data or torch tensors: no
+    kernel runs."""
     shape = (call.batch, call.heads_q, call.seq_q, call.head_dim)
     lse_shape = shape[:3]
     q = call.q
@@ -94,10 +98,11 @@ def _empty_result(call: AttentionCall):
 
 
 def attend(call: AttentionCall, backend=None):
-    """``(out, lse)`` of a validated call, routed, or answered here when there is nothing to do."""
-    if call.batch == 0 or call.seq_q == 0 or call.seq_k == 0:
-        if backend is not None:
-            forced_backend(backend)  # still reject a name that is no backend
+    """``(out, lse)`` of a validated call, routed, or answered here when there is nothing to do.
+    GpuTensors are routed even then: their empty results are GpuTensors, which only the backend
+    that owns their device can make."""
+    if call.kind != "gpu" and nothing_to_compute(call):
+        forced_backend(backend)  # still reject a name (argument or AULE_BACKEND) that is no backend
         return _empty_result(call)
     return route(call, "attention", backend).run("attention", call)
 
@@ -134,8 +139,7 @@ def _zeros_like_q(call: PagedCall):
 def attend_paged(call: PagedCall, backend=None):
     """The output of a validated paged call (see :func:`flash_attention_paged`)."""
     if call.batch == 0 or call.q_len == 0:
-        if backend is not None:
-            forced_backend(backend)  # still reject a name that is no backend
+        forced_backend(backend)  # still reject a name (argument or AULE_BACKEND) that is no backend
         out = _zeros_like_q(call)
         if out is not None:
             return out

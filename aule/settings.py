@@ -31,6 +31,12 @@ def _flag(raw: str | None) -> bool:
     return (raw or "").strip() not in ("", "0")
 
 
+#: The largest tile field AULE_VULKAN_TILES takes: no device runs a workgroup wider than this, and
+#: far larger values (they become specialization constants) made the CPU driver's compiler run
+#: out of memory.
+MAX_TILE = 1024
+
+
 def _parse_tiles(raw: str) -> tuple | None:
     text = raw.strip()
     if not text:
@@ -40,9 +46,10 @@ def _parse_tiles(raw: str) -> tuple | None:
         values = tuple(int(p) for p in parts)
     except ValueError:
         values = ()
-    if len(values) not in (2, 4) or any(v <= 0 for v in values):
+    if len(values) not in (2, 4) or any(not 0 < v <= MAX_TILE for v in values):
         raise ValueError(f"AULE_VULKAN_TILES={raw!r}: expected 2 positive integers (rows,keys for the cpu "
-                         "variant) or 4 (bm,bn,wg,tc for the tiled variants), comma-separated")
+                         "variant) or 4 (bm,bn,wg,tc for the tiled variants), comma-separated, each at most "
+                         f"{MAX_TILE}")
     return values
 
 

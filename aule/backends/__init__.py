@@ -27,13 +27,15 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def canonical_name(name: str) -> str:
+def canonical_name(name: str, source: str = "backend") -> str:
+    """The registry's name for ``name`` (aliases resolved); errors name ``source``, the argument
+    or environment variable the name came from."""
     if not isinstance(name, str):
-        raise TypeError(f"backend must be a string naming a backend, got {type(name).__name__}")
+        raise TypeError(f"{source} must be a string naming a backend, got {type(name).__name__}")
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
-        raise ValueError(f"backend={name!r} names no backend; choose one of {names() + list(_ALIASES)}")
+        raise ValueError(f"{source}={name!r} names no backend; choose one of {names() + list(_ALIASES)}")
     return key
 
 

@@ -14,6 +14,11 @@ Operations and what they return:
     caller's array type when ``call.return_lse``, else ``None``.
 ``paged_attention(PagedCall) -> out``
     ``out`` like ``call.q``.
+
+A call with nothing to compute (:func:`nothing_to_compute`; for paged calls no batch or no
+``q_len``) never reaches a kernel: its output is zeros and its LSE ``-inf``. The front end answers host data itself; a backend whose data
+stays on its own device (Vulkan GpuTensors) builds those results there, so it must accept such
+calls without planning a dispatch.
 ``write_kv(KVWriteCall) -> None``
     Writes token rows into the caches in place.
 ``kv_store(CacheSpec)``
@@ -27,6 +32,12 @@ import functools
 
 #: Every operation a backend may declare, in the order ``aule info`` lists them.
 OPS = ("attention", "paged_attention", "write_kv", "kv_store")
+
+
+def nothing_to_compute(call) -> bool:
+    """Whether a dense attention call has no output rows (batch, heads_q or seq_q is 0) or no
+    keys to attend to (seq_k is 0)."""
+    return call.batch == 0 or call.heads_q == 0 or call.seq_q == 0 or call.seq_k == 0
 
 
 class Backend:

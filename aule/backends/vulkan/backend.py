@@ -13,7 +13,7 @@ import numpy as np
 from ... import settings
 from ...arrays import to_numpy
 from ...errors import UnsupportedError
-from ..base import Backend
+from ..base import Backend, nothing_to_compute
 from . import launch, runtime
 from .plans import paged_unfit
 from .select import host_variant
@@ -32,6 +32,20 @@ def _foreign_device(call, what: str) -> str | None:
 def _cpu_device_reason(info) -> str:
     return (f"the only Vulkan device is a CPU rasteriser ({info.name}); the NumPy backend serves CPUs "
             "(backend='vulkan' forces it)")
+
+
+def _cache_too_big(shape: tuple, dtype: str, info) -> str | None:
+    """Why a K (or V) cache of ``shape`` [num_blocks, block_size, heads_kv, head_dim] cannot be
+    bound to the paged shaders, which address each cache as one storage buffer; else None."""
+    num_blocks, block_size, heads_kv, head_dim = shape
+    block_bytes = block_size * heads_kv * head_dim * (2 if dtype == "float16" else 4)
+    limit = info.max_storage_buffer_range
+    if num_blocks * block_bytes <= limit:
+        return None
+    return (f"a {dtype} cache of {num_blocks} blocks x {block_bytes} bytes = {num_blocks * block_bytes} bytes "
+            f"exceeds {info.name}'s storage-buffer range of {limit} bytes per binding (the K and V caches "
+            f"are bound whole): use at most {limit // block_bytes} blocks (num_blocks), or a smaller "
+            "block_size, heads_kv or head_dim, or split the model's layers or heads over several caches")
 
 
 class VulkanBackend(Backend):
@@ -63,6 +77,8 @@ class VulkanBackend(Backend):
                 return _cpu_device_reason(ctx.info)
             if call.dtype == "float64":
                 return "vulkan computes in float32; float64 inputs go to a float64 backend (backend='vulkan' forces it)"
+        if nothing_to_compute(call):
+            return None  # no dispatch to plan: launch.attention builds the empty results
         try:
             launch.attention_plan_for(call, ctx)
         except UnsupportedError as exc:
@@ -91,12 +107,7 @@ class VulkanBackend(Backend):
             return f"{info.name} lacks shaderFloat16 / 16-bit storage for a float16 cache"
         if call.head_dim % 4 or call.head_dim > 256:
             return f"head_dim must be a multiple of 4 up to 256 for the paged shader, got {call.head_dim}"
-        cache_bytes = call.num_blocks * call.block_size * call.heads_kv * call.head_dim * (
-            2 if call.dtype == "float16" else 4)
-        if cache_bytes > info.max_storage_buffer_range:
-            return (f"a cache of {cache_bytes} bytes exceeds the device's storage-buffer range "
-                    f"({info.max_storage_buffer_range} bytes): use fewer blocks per cache")
-        return None
+        return _cache_too_big((call.num_blocks, call.block_size, call.heads_kv, call.head_dim), call.dtype, info)
 
     def why_not_paged_attention(self, call, forced: bool) -> str | None:
         ctx = runtime.context()
@@ -126,7 +137,8 @@ class VulkanBackend(Backend):
         info = runtime.context().info
         if not forced and info.is_cpu:
             return _cpu_device_reason(info)
-        return None
+        # Refused here, not at the first append: each cache is bound whole to the paged shaders.
+        return _cache_too_big(spec.shape, spec.dtype, info)
 
     def allocate_cache(self, spec):
         zeros = np.zeros(spec.shape, dtype=spec.dtype)  # pooled memory may hold another call's data

@@ -6,11 +6,15 @@ or as GpuTensors when the inputs were.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ... import settings
 from ...arrays import like, lse_like, to_numpy
-from .plans import COPY_WG, Shape, attention_plan, bind, copy_pushes, paged_plan
+from ...call import shape_tuple
+from ..base import nothing_to_compute
+from .plans import COPY_WG, Shape, attention_plan, bind, copy_pushes, paged_plan, unbounded_beyond
 from .runtime import Dispatch
 from .select import variant_for
 from .shaders import pipeline
@@ -87,8 +91,29 @@ def attention_plan_for(call, ctx):
     return plan
 
 
+def _to_caller(kind: str, ref, host: np.ndarray, dtype, as_lse: bool = False):
+    """A result computed on the host, handed back where the call's data lives: a GpuTensor of
+    ``dtype`` for GpuTensor calls, else the type of ``ref`` (the query)."""
+    if kind == "gpu":
+        return GpuTensor.from_numpy(host, dtype)
+    return lse_like(host, ref) if as_lse else like(host, ref)
+
+
+def _empty_attention(call):
+    """``(out, lse, None)`` of a call with no rows or no keys: zeros and an LSE of -inf, where the
+    inputs live, without a dispatch (a plan of zero rows or heads would divide by zero)."""
+    rows = (call.batch, call.heads_q, call.seq_q)
+    out = _to_caller(call.kind, call.q, np.zeros(rows + (call.head_dim,), np.float32), call.dtype)
+    lse = None
+    if call.return_lse:
+        lse = _to_caller(call.kind, call.q, np.full(rows, -np.inf, np.float32), np.float32, as_lse=True)
+    return out, lse, None
+
+
 def attention(call, ctx, timestamps: bool = False):
     """Attention for a validated call; returns ``(out, lse, gpu_ns)``."""
+    if nothing_to_compute(call):
+        return _empty_attention(call)
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem = np.dtype(variant.elem)
     rows = (shape.batch, shape.heads_q, shape.seq_q)
@@ -126,6 +151,13 @@ def _attend_then_merge(ctx, pipe, bindings, plan, timestamps: bool):
 def paged_attention(call, ctx, timestamps: bool = False):
     """Paged attention for a validated call; returns ``(out, gpu_ns)``."""
     elem = np.dtype(call.dtype)
+    if call.batch == 0 or call.q_len == 0:  # no rows: nothing to plan (the split count divides by them)
+        return _to_caller(call.q_kind, call.q, np.zeros(shape_tuple(call.q), np.float32), elem), None
+    left = unbounded_beyond(call.left, call.max_context)
+    if left != call.left:
+        # paged_plan writes the window as an int32 push constant; one reaching past the longest
+        # context is no window at all, however large the caller made it.
+        call = dataclasses.replace(call, left=left)
     plan = paged_plan(call, ctx.info)
     pipe = pipeline(ctx, plan.module, plan.spec)
     d = call.head_dim

@@ -39,6 +39,14 @@ def offset_alignment(info) -> int:
     return max(16, info.min_storage_offset_alignment)
 
 
+def unbounded_beyond(side: int, extent: int) -> int:
+    """A window side (``left`` or ``right``, -1 unbounded) as the shaders take it: a side of
+    ``extent`` or more reaches past every key, so it is unbounded (-1). A window of any size then
+    fits the int32 push constants, and the shaders' ``pos - left`` / ``pos + right`` cannot
+    overflow int32 (windows near 2**31 hid keys they should show)."""
+    return -1 if side >= extent else side
+
+
 def plan_chunks(per_pair: dict, pairs: int, info, max_heads: int) -> int:
     """How many (batch, kv-head) pairs one dispatch may cover so that every binding's range fits
     ``maxStorageBufferRange`` (with room for offset alignment) and heads fit the grid."""
@@ -62,6 +70,9 @@ def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right
     d = shape.head_dim
     es = 2 if variant.elem == "float16" else 4
     g = shape.group
+    # Key j is visible from a row at position pos when pos - left <= j <= pos + right, with pos in
+    # [seq_k - seq_q, seq_k - 1]: left >= seq_k or right >= seq_q excludes no key.
+    left, right = unbounded_beyond(left, shape.seq_k), unbounded_beyond(right, shape.seq_q)
     blocks = math.ceil(shape.seq_q / variant.rows_per_group(d, info, tiles))
     if blocks > info.max_workgroup_count[0]:
         raise UnsupportedError(f"seq_q={shape.seq_q} needs {blocks} workgroups in x, more than the device's "

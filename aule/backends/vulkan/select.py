@@ -63,8 +63,13 @@ def variant_for(call, info) -> Module:
     want = "float16" if call.dtype == "float16" else "float32"
     if call.kind != "gpu":
         return host_variant(want, call.head_dim, info, call.seq_k, call.seq_q)
-    v = select(want, call.head_dim, info, seq_k=call.seq_k, seq_q=call.seq_q)
+    forced = forced_variant()
+    v = select(want, call.head_dim, info, forced, seq_k=call.seq_k, seq_q=call.seq_q)
     if v.elem != call.dtype:
+        if forced:
+            raise UnsupportedError(f"AULE_VULKAN_VARIANT={forced}: {forced} stores {v.elem} but the GpuTensors "
+                                   f"hold {call.dtype}: make the GpuTensors {v.elem}, name a {call.dtype} variant "
+                                   "or unset AULE_VULKAN_VARIANT")
         raise UnsupportedError(f"GpuTensors hold {call.dtype} but variant {v.name} computes in {v.elem}: "
                                f"make the GpuTensors {v.elem}")
     return v

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...arrays import to_numpy
+from ...call import is_torch_tensor
 from .runtime import Context, Lease, context
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
@@ -22,15 +24,31 @@ class GpuTensor:
 
     @classmethod
     def from_numpy(cls, array, dtype=None) -> "GpuTensor":
-        """Copy a NumPy array (or anything ``np.asarray`` takes) to the device.
-        float64 becomes float32; float16 stays float16."""
-        a = np.asarray(array)
+        """Copy a NumPy array, a torch tensor or anything ``np.asarray`` takes to the device.
+
+        ``dtype`` (float32 or float16) defaults to float16 for float16 data and float32 for
+        everything else: float64 is rounded to float32, and integers and bools are converted to
+        float32 (exact up to 2**24 in magnitude; False/True become 0/1). Complex data is refused
+        (``TypeError``: taking the real part is the caller's decision), as is anything not
+        numeric. A finite value that the dtype cannot hold (beyond float16's 65504, say) is a
+        ``ValueError`` rather than an inf; inf and NaN pass as they are."""
+        a = to_numpy(array) if is_torch_tensor(array) else np.asarray(array)
+        if a.dtype.kind == "c":
+            raise TypeError(f"array must be real, got complex data ({a.dtype}): pass its .real or abs() "
+                            "explicitly")
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"array must hold numbers (float, int or bool), got dtype {a.dtype}")
         if dtype is None:
             dtype = np.float16 if a.dtype == np.float16 else np.float32
         dtype = np.dtype(dtype)
         if dtype not in _DTYPES:
             raise TypeError(f"GpuTensor dtype must be float32 or float16, got {dtype}")
-        a = np.ascontiguousarray(a, dtype=dtype)
+        try:
+            with np.errstate(over="raise"):
+                a = np.ascontiguousarray(a, dtype=dtype)
+        except FloatingPointError:
+            raise ValueError(f"array holds {a.dtype} values outside {dtype}'s range (largest "
+                             f"{np.finfo(dtype).max:g}); scale them or choose dtype=float32") from None
         ctx = context()
         return cls(ctx, ctx.upload(a), a.shape, dtype)
 

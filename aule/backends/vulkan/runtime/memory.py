@@ -128,8 +128,9 @@ class Lease:
 class BufferPool:
     """Reuses buffers between calls: allocation is the slowest thing a small call could do.
 
-    Sizes round up to an eighth of their power of two (at most 12.5% slack); free buffers are
-    kept up to ``limit`` bytes, oldest dropped first.
+    Sizes round up to a multiple of an eighth of the power of two below them, and of 256 bytes:
+    at most 12.5% slack above 2 KiB, at most 255 bytes below. Free buffers are kept up to
+    ``limit`` bytes, oldest dropped first.
     """
 
     def __init__(self, ctx, kind: str, limit: int):
@@ -141,11 +142,14 @@ class BufferPool:
     @staticmethod
     def size_class(n: int) -> int:
         n = max(256, int(n))
-        step = max(256, 1 << max(0, (n - 1).bit_length() - 3))
+        # n - 1 lies in [2**k, 2**(k+1)); a step of 2**(k-3) is under n / 8.
+        step = max(256, 1 << max(0, (n - 1).bit_length() - 4))
         return (n + step - 1) // step * step
 
     def acquire(self, nbytes: int) -> Lease:
         size = self.size_class(nbytes)
+        if nbytes <= self.ctx.info.max_allocation < size:
+            size = int(nbytes)  # the slack must not push a request that fits over the device's limit
         with self.lock:
             bucket = self.free.get(size)
             if bucket:
@@ -156,7 +160,12 @@ class BufferPool:
             buf = Buffer(self.ctx, size, self.kind)
         except VulkanOutOfMemoryError:
             self.ctx.trim_pools()  # cached buffers may be what fills the device; free them, retry once
-            buf = Buffer(self.ctx, size, self.kind)
+            try:
+                buf = Buffer(self.ctx, size, self.kind)
+            except VulkanOutOfMemoryError as exc:
+                # The driver saw the pooled size; the caller knows the size it asked for.
+                raise type(exc)(f"out of memory for a {self.kind} buffer of {int(nbytes)} bytes (pooled as "
+                                f"{size} bytes): {exc}", call=exc.call, result=exc.result) from None
         return Lease(self, buf, nbytes)
 
     def _give_back(self, buf: Buffer) -> None:
