@@ -259,3 +259,12 @@ def test_pool_rounding_never_pushes_a_fitting_request_over_the_limit(ctx, monkey
         assert want <= lease.buffer.nbytes <= want + 4096
     finally:
         lease.release()
+
+
+def test_numpy_backend_refuses_gpu_tensors_with_reason():
+    vk = pytest.importorskip("aule.backends.vulkan")
+    if not aule.backends.get("vulkan").available:
+        pytest.skip("no Vulkan device")
+    q = vk.to_gpu(np.random.default_rng(0).standard_normal((1, 1, 4, 8)).astype(np.float32))
+    with pytest.raises(aule.UnsupportedError, match="GpuTensors.*NumPy backend reads host memory"):
+        aule.flash_attention(q, q, q, backend="numpy")

@@ -19,6 +19,11 @@ class NumpyBackend(Backend):
     ops = ("attention", "paged_attention", "write_kv", "kv_store")
 
     # -- dense --------------------------------------------------------------------------------
+    def why_not_attention(self, call, forced):
+        if call.kind == "gpu":
+            return "the inputs are Vulkan GpuTensors; the NumPy backend reads host memory (use .numpy())"
+        return None
+
     def attention(self, call):
         q, k, v = (to_numpy(x) for x in (call.q, call.k, call.v))
         out, lse = attention_numpy(q, k, v, call.scale, call.left, call.right, call.return_lse)
