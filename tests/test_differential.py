@@ -393,7 +393,7 @@ def paged_calls(draw):
 @PAGED_BUDGET
 @given(call=paged_calls())
 # Decode over an empty, a one-token and a three-block sequence; a NaN in q and in a visible V.
-@example(call=Paged("float32", (0, 1, 40), 2, 2, 1, 64, 16, -1, None, 5, hostile=(("q", 9, "nan"), ("v", 2, "nan"))))
+@example(call=Paged("float32", (0, 1, 40), 2, 2, 1, 64, 16, -1, None, 5, hostile=(("q", 600, "nan"), ("v", 2, "nan"))))
 # Chunked prefill longer than a context (leading rows see nothing), fp16 at its largest magnitude.
 @example(call=Paged("float16", (3, 17), 1, 4, 4, 64, 4, 8, None, 6, hostile=(("k", 4, "+65504"), ("q", 1, "-65504"))))
 def test_paged_follows_the_rule(present, call):
