@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make a fresh Debian/Ubuntu machine ready for aule, then run one job:
 #   scripts/bootstrap.sh demo   -> `aule demo`
-#   scripts/bootstrap.sh test   -> the whole test suite
+#   scripts/bootstrap.sh test   -> the whole test suite (then, with no arguments and where lavapipe is
+#                                  installed, the Vulkan tests again on lavapipe at subgroup size 4)
 #   scripts/bootstrap.sh setup  -> only install
 # Idempotent: every step checks first and installs only what is missing.
 set -euo pipefail
@@ -26,6 +27,8 @@ if command -v dpkg-query >/dev/null && command -v apt-get >/dev/null; then
   fi
   if [ "$job" = test ]; then
     have_pkg vulkan-validationlayers || need_pkgs+=(vulkan-validationlayers)
+    # SPIRV-Cross: tests/test_portability.py translates every shader to Metal, MoltenVK's path.
+    have_pkg spirv-cross || need_pkgs+=(spirv-cross)
   fi
   python3 -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
   if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -60,7 +63,22 @@ fi
 case "$job" in
   demo)  exec "$venv/bin/aule" demo "$@" ;;
   test)  export AULE_VALIDATION=${AULE_VALIDATION:-1}
-         exec "$py" -m pytest -q "$@" ;;
+         lavapipe=$(compgen -G "/usr/share/vulkan/icd.d/lvp_icd*.json" || compgen -G "/etc/vulkan/icd.d/lvp_icd*.json" || true)
+         if [ $# -gt 0 ] || [ -z "$lavapipe" ]; then exec "$py" -m pytest -q "$@"; fi
+         status=0
+         "$py" -m pytest -q || status=$?
+         # Lavapipe at 4 lanes instead of 8 (LP_NATIVE_VECTOR_WIDTH=128): the subgroup-dependent shader
+         # paths, on the Vulkan-specific tests only. Its own cache folders: aule names its pipeline-cache
+         # file by the driver's pipelineCacheUUID alone, which lavapipe reports the same at every width,
+         # and Mesa's shader cache is kept apart too, so no 8-lane build can ever be picked up.
+         lp_cache="${XDG_CACHE_HOME:-$HOME/.cache}/aule-lavapipe-128"
+         log "Vulkan tests again on lavapipe at subgroup size 4"
+         LP_NATIVE_VECTOR_WIDTH=128 AULE_VULKAN_DEVICE=llvmpipe AULE_CACHE_DIR="$lp_cache/aule" \
+           MESA_SHADER_CACHE_DIR="$lp_cache/mesa" "$py" -m pytest -q tests/test_vulkan*.py tests/test_paged_vulkan.py \
+           "tests/test_portability.py::test_lavapipe_reports_the_subgroup_its_vector_width_gives" \
+           "tests/test_differential.py::test_dense_follows_the_rule[vulkan]" \
+           "tests/test_differential.py::test_paged_follows_the_rule[vulkan]" || status=$?
+         exit $status ;;
   setup) log "ready: $venv" ;;
   *) echo "usage: $0 demo|test|setup" >&2; exit 2 ;;
 esac
