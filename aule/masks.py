@@ -22,7 +22,10 @@ What a row gives, from the scores (after ``scale``) of the keys it sees, first r
    cannot tell these rows from masked ones);
 5. otherwise the softmax, LSE in natural log.
 
-A NaN in a value reaches the output only through the product ``P.V``, as IEEE arithmetic gives it.
+A NaN in a value reaches the output only through the product ``P.V``, as IEEE arithmetic gives it:
+a non-finite value of a key hidden from a row may reach that row when the key shares a computed tile
+with keys the row sees (``0 * NaN``, as in torch's math and FlashAttention), but a row that sees no key
+(cases 1 and 4) is zeros whatever the values hold.
 :func:`finish_rows` applies the rule to a row's softmax statistics.
 """
 from __future__ import annotations
