@@ -73,7 +73,9 @@ class KeyLoop:
     loop, so an invocation runs the key loop's steps plus one: the pass that finds it done (loops
     end under a lane mask, so that pass is a real iteration). Measured on lavapipe (Mesa 22.3): a
     key loop of 65535 steps is right and one of 65536 loses its last keys, so this count is one
-    above the truth, the safe side."""
+    above the truth, the safe side. A loop in a branch the invocation does not take still costs a
+    pass (llvmpipe runs it under an all-off lane mask): paged.comp's merge loops do, see
+    plans.paged_loop_iterations."""
 
     def loop_iterations(self, d, info, tiles, seq_k, seq_q) -> int:
         return -(-seq_k // self.keys_per_iteration(d, info, tiles)) + 1
