@@ -3,7 +3,8 @@
 // softmax update. The workgroup walks the keys its rows can see together with the same key
 // index in every invocation, so K and V loads are uniform. Any head_dim, any Vulkan 1.2 device.
 // Loops over head_dim are unrolled: the key loop is then the only loop, which matters on
-// lavapipe, where an invocation stops after 65535 loop iterations in total.
+// lavapipe, where an invocation stops after 65535 loop iterations in total (RowPerInvocation in
+// shaders.py counts them).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #include "attn_common.glsl"
@@ -32,16 +33,19 @@ void main() {
     float qv[D];
     float acc[D];
     const uint qo = pc.q_base + (head * pc.seq_q + uint(live ? row : q0)) * D;
-    [[unroll]] for (uint d = 0; d < D; ++d) { qv[d] = q[qo + d] * pc.scale_log2; acc[d] = 0.0; }
+    [[unroll]] for (uint d = 0; d < D; ++d) { qv[d] = q[qo + d]; acc[d] = 0.0; }
 
     const ivec2 kr = key_range(q0, q1);
     const bool full = tile_fully_visible(q0, q1, kr.x, kr.y);
     float m = NEG_INF, l = 0.0;
+    bool bad = false;   // a visible score was NaN
     for (int j = kr.x; j < kr.y; ++j) {
         const uint ko = kb + uint(j) * D;
         float s = 0.0;
         [[unroll]] for (uint d = 0; d < D; ++d) s += qv[d] * k[ko + d];
+        s = SCORE(s);
         if (!full && !visible(row, j)) s = NEG_INF;
+        bad = bad || isnan(s);
         const float m_new = max(m, s);
         const float m_use = AULE_SOFTMAX_SHIFT(m_new);
         const float a = exp2(m - m_use);
@@ -53,8 +57,8 @@ void main() {
     }
     if (!live) return;
     const uint oo = pc.o_base + (head * pc.seq_q + uint(row)) * D;
-    const float inv = l > 0.0 ? 1.0 / l : 0.0;   // a row that sees no key gives zeros, never NaN
-    [[unroll]] for (uint d = 0; d < D; ++d) o[oo + d] = acc[d] * inv;
+    const float inv = AULE_ROW_INV(m, l, bad);
+    [[unroll]] for (uint d = 0; d < D; ++d) o[oo + d] = AULE_ROW_OUT(float, acc[d], inv);
     if ((pc.flags & 1u) != 0u)
-        lse[pc.lse_base + head * pc.seq_q + uint(row)] = l > 0.0 ? (m + log2(l)) * LN2 : NEG_INF;
+        lse[pc.lse_base + head * pc.seq_q + uint(row)] = AULE_ROW_LSE2(m, l, bad) * LN2;
 }

@@ -7,6 +7,11 @@
 
 const float LN2 = 0.69314718055994530942;   // log-sum-exp: base 2 inside, natural log out
 
+// A score in base 2 from the fp32 dot product q.k: scaled after the product, never folded into q,
+// so half q needs no room for the scale and equal products (exact for integer-valued inputs such
+// as +-1e4) stay equal scores, as in the reference.
+#define SCORE(qk) ((qk) * pc.scale_log2)
+
 // Mirrored in aule/backends/vulkan/shaders.py (ATTN_PUSH); 4-byte fields only, order matters.
 layout(push_constant) uniform Params {
     uint seq_q;       // rows per head

@@ -25,6 +25,8 @@ layout(local_size_x_id = 3) in;
 const uint BM = 16 * NSG;
 const uint DT = D / 16;      // 16-wide column tiles of the head
 const uint NT = BN / 16;     // 16-wide column tiles of a key step
+const uint LANES = WG / NSG; // the subgroup size (the CoopMat family sets WG = NSG * subgroup size)
+const uint NE = (256 + LANES - 1) / LANES;   // elements of a 16x16 tile per lane
 
 layout(std430, binding = 0) readonly buffer QB { float16_t q[]; };
 layout(std430, binding = 1) readonly buffer KB { float16_t k[]; };
@@ -47,11 +49,15 @@ void sync() {
 }
 
 // Multiply each row of accumulator tile `t` by row_s of its row (through shared memory: the
-// element-to-lane mapping of a cooperative matrix is opaque).
-ACC scale_rows(ACC t, uint sg, uint lane, uint nlanes) {
+// element-to-lane mapping of a cooperative matrix is opaque). Loops have constant trip counts and
+// are unrolled, as in every attention shader (lavapipe counts every loop iteration).
+ACC scale_rows(ACC t, uint sg, uint lane) {
     coopMatStore(t, Xs, sg * 256, 16, gl_CooperativeMatrixLayoutRowMajor);
     sync();
-    for (uint e = lane; e < 256; e += nlanes) Xs[sg * 256 + e] *= row_s[sg * 16 + e / 16];
+    [[unroll]] for (uint it = 0; it < NE; ++it) {
+        const uint e = lane + it * LANES;
+        if (e < 256) Xs[sg * 256 + e] *= row_s[sg * 16 + e / 16];
+    }
     sync();
     ACC r;
     coopMatLoad(r, Xs, sg * 256, 16, gl_CooperativeMatrixLayoutRowMajor);
@@ -62,7 +68,7 @@ ACC scale_rows(ACC t, uint sg, uint lane, uint nlanes) {
 void main() {
     const uint head = gl_WorkGroupID.y;
     if (head >= pc.heads) return;
-    const uint sg = gl_SubgroupID, lane = gl_SubgroupInvocationID, nlanes = gl_SubgroupSize;
+    const uint sg = gl_SubgroupID, lane = gl_SubgroupInvocationID;
     const int r0 = int(query_block() * BM + sg * 16);   // this subgroup's first row
     if (r0 >= int(pc.seq_q)) return;                   // whole subgroup: no workgroup barriers below
     const uint kvh = head / pc.group;
@@ -76,6 +82,7 @@ void main() {
     ACC oacc[DT];
     [[unroll]] for (uint t = 0; t < DT; ++t) oacc[t] = ACC(0.0);
     float m = NEG_INF, l = 0.0;   // statistics of row `lane` (lanes 0..15)
+    bool bad = false;             // row `lane` saw a NaN score
     const int my_row = r0 + int(lane);
 
     const ivec2 kr = key_range(r0, r0 + 16);
@@ -97,16 +104,17 @@ void main() {
             const bool full = tile_fully_visible(r0, r0 + 16, k0, k0 + int(BN));
             const uint base = sg * 16 * BN + lane * BN;
             float mx = m;
-            for (uint j = 0; j < BN; ++j) {
-                float x = Ss[base + j] * pc.scale_log2;
+            [[unroll]] for (uint j = 0; j < BN; ++j) {
+                float x = SCORE(Ss[base + j]);
                 if (!full && !visible(my_row, k0 + int(j))) x = NEG_INF;
                 Ss[base + j] = x;
+                bad = bad || isnan(x);
                 mx = max(mx, x);
             }
             const float m_use = AULE_SOFTMAX_SHIFT(mx);
             const float a = exp2(m - m_use);
             float sum = 0.0;
-            for (uint j = 0; j < BN; ++j) {
+            [[unroll]] for (uint j = 0; j < BN; ++j) {
                 const float p = exp2(Ss[base + j] - m_use);
                 sum += p;
                 Ps[base + j] = float16_t(p);
@@ -116,7 +124,7 @@ void main() {
             row_s[sg * 16 + lane] = a;
         }
         sync();
-        [[unroll]] for (uint t = 0; t < DT; ++t) oacc[t] = scale_rows(oacc[t], sg, lane, nlanes);
+        [[unroll]] for (uint t = 0; t < DT; ++t) oacc[t] = scale_rows(oacc[t], sg, lane);
         [[unroll]] for (uint n = 0; n < NT; ++n) {
             MATA pa;
             coopMatLoad(pa, Ps, sg * 16 * BN + n * 16, BN, gl_CooperativeMatrixLayoutRowMajor);
@@ -130,19 +138,23 @@ void main() {
         sync();
     }
 
-    // 1/l per row; rows that saw no key give zeros and LSE = -inf.
+    // The row's factor (aule's numeric rule, mask.glsl).
     if (lane < 16) {
-        row_s[sg * 16 + lane] = l > 0.0 ? 1.0 / l : 0.0;
+        row_s[sg * 16 + lane] = AULE_ROW_INV(m, l, bad);
         if ((pc.flags & 1u) != 0u)
-            lse[pc.lse_base + head * pc.seq_q + uint(my_row)] = l > 0.0 ? (m + log2(l)) * LN2 : NEG_INF;
+            lse[pc.lse_base + head * pc.seq_q + uint(my_row)] = AULE_ROW_LSE2(m, l, bad) * LN2;
     }
     sync();
     const uint obase = pc.o_base + (head * pc.seq_q + uint(r0)) * D;
     [[unroll]] for (uint t = 0; t < DT; ++t) {
         coopMatStore(oacc[t], Xs, sg * 256, 16, gl_CooperativeMatrixLayoutRowMajor);
         sync();
-        for (uint e = lane; e < 256; e += nlanes)
-            o[obase + (e / 16) * D + t * 16 + e % 16] = float16_t(Xs[sg * 256 + e] * row_s[sg * 16 + e / 16]);
+        [[unroll]] for (uint it = 0; it < NE; ++it) {
+            const uint e = lane + it * LANES;
+            if (e < 256)
+                o[obase + (e / 16) * D + t * 16 + e % 16] =
+                    float16_t(AULE_ROW_OUT(float, Xs[sg * 256 + e], row_s[sg * 16 + e / 16]));
+        }
         sync();
     }
 }

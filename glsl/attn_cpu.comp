@@ -10,7 +10,8 @@
 //   handed to all lanes with subgroupBroadcast (a register permute on a CPU);
 // - the online softmax rescale happens once per block of BK keys, not per key.
 // Loops over head_dim, rows and the keys of a block are unrolled: lavapipe ends an invocation
-// after 65535 loop iterations in total, so the key-block loop is the only long loop.
+// after 65535 loop iterations in total, so the key-block loop is the only loop (CpuLanes in
+// shaders.py counts its iterations).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #extension GL_KHR_shader_subgroup_basic : require
@@ -59,16 +60,18 @@ void main() {
     vec4 qv[R][D4];
     vec4 acc[R][D4];
     float m_i[R], l_i[R], alpha[R];
+    bool bad[R];   // a visible score of the row was NaN
     [[unroll]] for (uint r = 0; r < R; ++r) {
         row[r] = q0 + int(r * WG + lane);
         // Rows past seq_q compute on a clamped copy and are never written.
         uint qr = uint(min(row[r], q1 - 1));
         [[unroll]] for (uint d = 0; d < D4; ++d) {
-            qv[r][d] = q[qbase + qr * D4 + d] * pc.scale_log2;
+            qv[r][d] = q[qbase + qr * D4 + d];
             acc[r][d] = vec4(0);
         }
         m_i[r] = NEG_INF;
         l_i[r] = 0.0;
+        bad[r] = false;
     }
 
     const ivec2 kr = key_range(q0, q1);
@@ -97,7 +100,8 @@ void main() {
             [[unroll]] for (uint j = 0; j < BK; ++j) {
                 // Branch-free mask: on a CPU both sides of an `if` run under a lane mask anyway.
                 const bool vis = visible(row[r], k0 + int(j));
-                p[r][j] = (full || vis) ? p[r][j] : NEG_INF;
+                p[r][j] = (full || vis) ? SCORE(p[r][j]) : NEG_INF;
+                bad[r] = bad[r] || isnan(p[r][j]);
                 mx = max(mx, p[r][j]);
             }
             const float m_use = AULE_SOFTMAX_SHIFT(mx);
@@ -125,12 +129,15 @@ void main() {
     }
 
     const uint obase = pc.o_base / 4u + head * pc.seq_q * D4;
+    // No `continue` here: a loop with one might not be unrolled, and after a long key loop it would
+    // be cut short.
     [[unroll]] for (uint r = 0; r < R; ++r) {
-        if (row[r] >= q1) continue;
-        // A row that sees no key gives zeros and LSE = -inf, never NaN.
-        const float inv = l_i[r] > 0.0 ? 1.0 / l_i[r] : 0.0;
-        [[unroll]] for (uint d = 0; d < D4; ++d) o[obase + uint(row[r]) * D4 + d] = acc[r][d] * inv;
-        if ((pc.flags & 1u) != 0u)
-            lse[pc.lse_base + head * pc.seq_q + uint(row[r])] = l_i[r] > 0.0 ? (m_i[r] + log2(l_i[r])) * LN2 : NEG_INF;
+        if (row[r] < q1) {
+            const float inv = AULE_ROW_INV(m_i[r], l_i[r], bad[r]);
+            [[unroll]] for (uint d = 0; d < D4; ++d)
+                o[obase + uint(row[r]) * D4 + d] = AULE_ROW_OUT(vec4, acc[r][d], inv);
+            if ((pc.flags & 1u) != 0u)
+                lse[pc.lse_base + head * pc.seq_q + uint(row[r])] = AULE_ROW_LSE2(m_i[r], l_i[r], bad[r]) * LN2;
+        }
     }
 }

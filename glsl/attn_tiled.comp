@@ -1,12 +1,13 @@
 #version 450
-// fast / fp16 / fp16_amd: FlashAttention-2 forward over BM x BN tiles staged in shared memory.
+// fast / fp16 / fp16_amd / fp16_io: FlashAttention-2 forward over BM x BN tiles staged in shared memory.
 // A workgroup owns BM query rows of one head; its TR x TC invocation grid gives each invocation
 // R rows x (BN/TC) keys of the score tile and R rows x (D/4/TC) vec4 columns of the output.
-// Loops inside the key-tile loop are unrolled: besides giving the compiler constant indices
-// into the register arrays, lavapipe ends an invocation after 65535 loop iterations in total.
-// Defines (build_shaders.py): AULE_FP16 -> half storage and tile arithmetic, fp32 statistics
-// and fp32 accumulation across tiles; AULE_HALF_IO -> half in memory only (converted on the way
-// into shared memory, fp32 from there on).
+// Every loop but the key-tile loop runs a number of times fixed by the specialization constants and
+// is unrolled: besides giving the compiler constant indices into the register arrays, lavapipe ends
+// an invocation after 65535 loop iterations in total (Tiled in shaders.py counts the key tiles).
+// Defines (build_shaders.py): AULE_FP16 -> half in memory and in shared memory (Q, K/V tiles, P),
+// the half read there converted to fp32 for every product and sum, so |q|, |k|, |v| up to 65504
+// never overflow; AULE_HALF_IO -> half in memory only (fp32 shared memory).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #if defined(AULE_FP16) || defined(AULE_HALF_IO)
@@ -17,10 +18,8 @@
 #define IO4 vec4
 #endif
 #ifdef AULE_FP16
-#define ELEM float16_t
 #define ELEM4 f16vec4
 #else
-#define ELEM float
 #define ELEM4 vec4
 #endif
 #include "attn_common.glsl"
@@ -31,7 +30,7 @@
 
 layout(constant_id = 0) const uint D = 64;     // head_dim, a multiple of 4
 layout(constant_id = 1) const uint BM = 64;    // query rows per workgroup
-layout(constant_id = 2) const uint BN = 32;    // keys per tile
+layout(constant_id = 2) const uint BN = 32;    // keys per tile, a multiple of 4
 layout(constant_id = 3) const uint WG = AULE_DEFAULT_WG;  // invocations (>= BM)
 layout(constant_id = 4) const uint TC = 8;     // invocations sharing one row group
 layout(local_size_x_id = 3) in;
@@ -43,6 +42,8 @@ const uint R = BM / TR;                  // rows per invocation
 const uint NC = BN / TC;                 // keys per invocation in the score tile
 const uint NV = (D4 + TC - 1) / TC;      // output vec4 columns per invocation
 const uint SP4 = BN / 4 + 1;             // score row stride in vec4 (padded): P is read 4 keys at once
+const uint NQ = (BM * D4 + WG - 1) / WG;   // Q vec4s each invocation loads
+const uint NKV = (BN * D4 + WG - 1) / WG;  // K (or V) vec4s of a tile each invocation loads
 
 layout(std430, binding = 0) readonly buffer QB { IO4 q[]; };
 layout(std430, binding = 1) readonly buffer KB { IO4 k[]; };
@@ -54,7 +55,7 @@ shared ELEM4 Qs[BM * DP4];
 shared ELEM4 KVs[BN * DP4];   // K for the score phase, then V for the output phase
 shared vec4 Ss[BM * SP4];
 #ifdef AULE_FP16
-shared f16vec4 Ps[BM * SP4];  // probabilities in half, so the P.V loop has no conversions
+shared f16vec4 Ps[BM * SP4];  // probabilities (<= 1) in half: half the shared-memory traffic of P.V
 #define PS Ps
 #else
 #define PS Ss
@@ -62,13 +63,16 @@ shared f16vec4 Ps[BM * SP4];  // probabilities in half, so the P.V loop has no c
 shared float alpha_s[BM];
 
 void load_tile(uint base, int k0, bool is_v) {
-    // Rows past seq_k are zero: a NaN from unwritten memory would survive P = 0.
-    [[unroll]] for (uint i = gl_LocalInvocationID.x; i < BN * D4; i += WG) {
-        uint r = i / D4, c = i % D4;
-        int j = k0 + int(r);
-        ELEM4 x = ELEM4(0);
-        if (j < int(pc.seq_k)) x = ELEM4(is_v ? v[base + uint(j) * D4 + c] : k[base + uint(j) * D4 + c]);
-        KVs[r * DP4 + c] = x;
+    [[unroll]] for (uint a = 0; a < NKV; ++a) {
+        const uint i = gl_LocalInvocationID.x + a * WG;
+        if (i < BN * D4) {
+            uint r = i / D4, c = i % D4;
+            int j = k0 + int(r);
+            // Rows past seq_k are zero: a NaN from unwritten memory would survive P = 0.
+            ELEM4 x = ELEM4(0);
+            if (j < int(pc.seq_k)) x = ELEM4(is_v ? v[base + uint(j) * D4 + c] : k[base + uint(j) * D4 + c]);
+            KVs[r * DP4 + c] = x;
+        }
     }
 }
 
@@ -84,19 +88,23 @@ void main() {
     const uint kbase = pc.k_base / 4u + kvh * pc.seq_k * D4;
     const uint vbase = pc.v_base / 4u + kvh * pc.seq_k * D4;
 
-    // Q once per workgroup, pre-scaled by scale*log2(e) so scores are already in base 2.
-    for (uint i = tid; i < BM * D4; i += WG) {
-        uint r = i / D4, c = i % D4;
-        int row = q0 + int(r);
-        ELEM4 x = ELEM4(0);
-        if (row < q1) x = ELEM4(vec4(q[qbase + uint(row) * D4 + c]) * pc.scale_log2);
-        Qs[r * DP4 + c] = x;
+    // Q once per workgroup, unscaled: the fp32 score is scaled (SCORE in attn_common.glsl).
+    [[unroll]] for (uint a = 0; a < NQ; ++a) {
+        const uint i = tid + a * WG;
+        if (i < BM * D4) {
+            uint r = i / D4, c = i % D4;
+            int row = q0 + int(r);
+            ELEM4 x = ELEM4(0);
+            if (row < q1) x = ELEM4(q[qbase + uint(row) * D4 + c]);
+            Qs[r * DP4 + c] = x;
+        }
     }
 
     vec4 acc[R][NV];
     [[unroll]] for (uint r = 0; r < R; ++r)
         [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] = vec4(0);
     float m_i = NEG_INF, l_i = 0.0;   // statistics of row `tid` (only tid < BM uses them)
+    bool bad = false;                  // row `tid` saw a NaN score
 
     ivec2 kr = key_range(q0, q1);
     // Whole tiles outside [kr.x, kr.y) are never visited: causal and window skipping.
@@ -107,41 +115,22 @@ void main() {
         barrier();
 
         bool full = tile_fully_visible(q0, q1, k0, k0 + int(BN));
-#ifdef AULE_FP16
-        f16vec4 s4[R][NC];
-        [[unroll]] for (uint r = 0; r < R; ++r)
-            [[unroll]] for (uint c = 0; c < NC; ++c) s4[r][c] = f16vec4(0);
-        [[unroll]] for (uint d = 0; d < D4; ++d) {
-            f16vec4 kk[NC];
-            [[unroll]] for (uint c = 0; c < NC; ++c) kk[c] = KVs[(tc + c * TC) * DP4 + d];
-            [[unroll]] for (uint r = 0; r < R; ++r) {
-                f16vec4 qq = Qs[(tr * R + r) * DP4 + d];
-                [[unroll]] for (uint c = 0; c < NC; ++c) s4[r][c] = fma(qq, kk[c], s4[r][c]);
-            }
-        }
-#else
         float s4[R][NC];
         [[unroll]] for (uint r = 0; r < R; ++r)
             [[unroll]] for (uint c = 0; c < NC; ++c) s4[r][c] = 0.0;
         [[unroll]] for (uint d = 0; d < D4; ++d) {
             vec4 kk[NC];
-            [[unroll]] for (uint c = 0; c < NC; ++c) kk[c] = KVs[(tc + c * TC) * DP4 + d];
+            [[unroll]] for (uint c = 0; c < NC; ++c) kk[c] = vec4(KVs[(tc + c * TC) * DP4 + d]);
             [[unroll]] for (uint r = 0; r < R; ++r) {
-                vec4 qq = Qs[(tr * R + r) * DP4 + d];
+                vec4 qq = vec4(Qs[(tr * R + r) * DP4 + d]);
                 [[unroll]] for (uint c = 0; c < NC; ++c) s4[r][c] += dot(qq, kk[c]);
             }
         }
-#endif
         [[unroll]] for (uint r = 0; r < R; ++r) {
             uint lr = tr * R + r;
             [[unroll]] for (uint c = 0; c < NC; ++c) {
                 uint lc = tc + c * TC;
-#ifdef AULE_FP16
-                f16vec4 t = s4[r][c];
-                float s = float((t.x + t.y) + (t.z + t.w));
-#else
-                float s = s4[r][c];
-#endif
+                float s = SCORE(s4[r][c]);
                 if (!full && !visible(q0 + int(lr), k0 + int(lc))) s = NEG_INF;
                 Ss[lr * SP4 + lc / 4][lc % 4] = s;
             }
@@ -153,6 +142,7 @@ void main() {
             float mx = m_i;
             [[unroll]] for (uint j = 0; j < BN / 4; ++j) {
                 vec4 x = Ss[tid * SP4 + j];
+                bad = bad || any(isnan(x));
                 mx = max(mx, max(max(x.x, x.y), max(x.z, x.w)));
             }
             float m_use = AULE_SOFTMAX_SHIFT(mx);
@@ -174,61 +164,42 @@ void main() {
             float a = alpha_s[tr * R + r];
             [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] *= a;
         }
-#ifdef AULE_FP16
-        // Half products summed over one tile (p <= 1), then folded into fp32 accumulators.
-        f16vec4 t16[R][NV];
-        [[unroll]] for (uint r = 0; r < R; ++r)
-            [[unroll]] for (uint n = 0; n < NV; ++n) t16[r][n] = f16vec4(0);
-        [[unroll]] for (uint j4 = 0; j4 < BN / 4; ++j4) {
-            f16vec4 pr[R];
-            [[unroll]] for (uint r = 0; r < R; ++r) pr[r] = Ps[(tr * R + r) * SP4 + j4];
-            [[unroll]] for (uint jj = 0; jj < 4; ++jj) {
-                f16vec4 vv[NV];
-                [[unroll]] for (uint n = 0; n < NV; ++n) {
-                    uint c = tc + n * TC;
-                    vv[n] = c < D4 ? KVs[(j4 * 4 + jj) * DP4 + c] : f16vec4(0);
-                }
-                [[unroll]] for (uint r = 0; r < R; ++r)
-                    [[unroll]] for (uint n = 0; n < NV; ++n) t16[r][n] = fma(f16vec4(pr[r][jj]), vv[n], t16[r][n]);
-            }
-        }
-        [[unroll]] for (uint r = 0; r < R; ++r)
-            [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] += vec4(t16[r][n]);
-#else
         [[unroll]] for (uint j4 = 0; j4 < BN / 4; ++j4) {
             vec4 pr[R];
-            [[unroll]] for (uint r = 0; r < R; ++r) pr[r] = Ss[(tr * R + r) * SP4 + j4];
+            [[unroll]] for (uint r = 0; r < R; ++r) pr[r] = vec4(PS[(tr * R + r) * SP4 + j4]);
             [[unroll]] for (uint jj = 0; jj < 4; ++jj) {
                 vec4 vv[NV];
                 [[unroll]] for (uint n = 0; n < NV; ++n) {
                     uint c = tc + n * TC;
-                    vv[n] = c < D4 ? KVs[(j4 * 4 + jj) * DP4 + c] : vec4(0);
+                    vv[n] = c < D4 ? vec4(KVs[(j4 * 4 + jj) * DP4 + c]) : vec4(0);
                 }
                 [[unroll]] for (uint r = 0; r < R; ++r)
                     [[unroll]] for (uint n = 0; n < NV; ++n) acc[r][n] += pr[r][jj] * vv[n];
             }
         }
-#endif
     }
 
-    // 1/l per row through shared memory; rows that saw no key give zeros and LSE = -inf.
+    // The row's factor (aule's numeric rule, mask.glsl) through shared memory.
     barrier();
     if (tid < BM) {
-        alpha_s[tid] = l_i > 0.0 ? 1.0 / l_i : 0.0;
+        alpha_s[tid] = AULE_ROW_INV(m_i, l_i, bad);
         int row = q0 + int(tid);
         if ((pc.flags & 1u) != 0u && row < q1)
-            lse[pc.lse_base + head * pc.seq_q + uint(row)] = l_i > 0.0 ? (m_i + log2(l_i)) * LN2 : NEG_INF;
+            lse[pc.lse_base + head * pc.seq_q + uint(row)] = AULE_ROW_LSE2(m_i, l_i, bad) * LN2;
     }
     barrier();
     const uint obase = pc.o_base / 4u + head * pc.seq_q * D4;
+    // No `continue` here: a loop with one might not be unrolled, and after a long key loop it would
+    // be cut short.
     [[unroll]] for (uint r = 0; r < R; ++r) {
         uint lr = tr * R + r;
         int row = q0 + int(lr);
-        if (row >= q1) continue;
-        float inv = alpha_s[lr];
-        [[unroll]] for (uint n = 0; n < NV; ++n) {
-            uint c = tc + n * TC;
-            if (c < D4) o[obase + uint(row) * D4 + c] = IO4(acc[r][n] * inv);
+        if (row < q1) {
+            float inv = alpha_s[lr];
+            [[unroll]] for (uint n = 0; n < NV; ++n) {
+                uint c = tc + n * TC;
+                if (c < D4) o[obase + uint(row) * D4 + c] = IO4(AULE_ROW_OUT(vec4, acc[r][n], inv));
+            }
         }
     }
 }

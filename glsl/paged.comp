@@ -11,6 +11,11 @@
 //
 // Rows are the last q_len positions of their sequence (row position ctx - q_len + qi), causal
 // among themselves; the window follows aule/masks.py (keys j >= pos - left), through mask.glsl.
+// A split that saw a NaN (or +inf) score writes a NaN (+inf) log-sum-exp, which makes the merged
+// row NaN, as one split would.
+// Every loop but the key-tile loop (and the merge's loops over the splits) runs a number of times
+// fixed by the specialization constants and is unrolled: lavapipe ends an invocation after 65535
+// loop iterations in total (plans.paged_loop_iterations counts them).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #ifdef AULE_FP16
@@ -33,6 +38,9 @@ const uint KP4 = D4 + 1;          // padded K row: score-loop neighbours read di
 const uint SP = BN + 1;           // padded score row
 const uint NA = (BM * D4 + WG - 1) / WG;  // output vec4s per invocation
 const uint NS = (BM * BN + WG - 1) / WG;  // (row, key) scores per invocation
+const uint NQ = (BM * D4 + WG - 1) / WG;  // Q vec4s each invocation loads
+const uint NR = (BM + WG - 1) / WG;       // rows each invocation initialises
+const uint NM = (D4 + WG - 1) / WG;       // output vec4s per invocation in the merge
 
 // Mirrored in aule/backends/vulkan/shaders.py (PAGED_PUSH); 4-byte fields only, order matters.
 layout(push_constant) uniform PagedParams {
@@ -65,6 +73,7 @@ shared float Ss[BM * SP];     // scores of the tile
 shared float Ps[BM * SP];     // their probabilities (a second array: Ss is still read for row maxima)
 shared float row_a[BM];       // per-row rescale factor of the tile, then the final l
 shared float row_m[2 * BM];   // running row maxima, double-buffered by tile parity
+shared uint row_bad[BM];      // 1: the row saw a NaN score (GLSL's max() is undefined for NaN)
 
 // The next key tile, fetched into registers while the current one is computed. The loads are
 // unconditional (keys outside the tile's range read slot 0 and are zeroed when stored), so none sits
@@ -95,17 +104,25 @@ void merge_splits() {
     const uint row = gl_WorkGroupID.x * pc.q_len + gl_WorkGroupID.y;
     const uint S = pc.num_splits;
     float m = NEG_INF;
-    for (uint s = 0; s < S; ++s) m = max(m, part_lse[row * S + s]);
+    bool bad = false;   // a split saw a NaN or +inf score
+    for (uint s = 0; s < S; ++s) {
+        const float x = part_lse[row * S + s];
+        bad = bad || isnan(x) || x == POS_INF;
+        m = max(m, x);
+    }
     float m_safe = AULE_SOFTMAX_SHIFT(m);
-    for (uint c = gl_LocalInvocationID.x; c < D4; c += WG) {
-        vec4 acc = vec4(0);
-        float total = 0.0;
-        for (uint s = 0; s < S; ++s) {
-            float w = exp2(part_lse[row * S + s] - m_safe);   // 0 for empty splits
-            total += w;
-            acc += w * part_o[(row * S + s) * D4 + c];
+    [[unroll]] for (uint a = 0; a < NM; ++a) {
+        const uint c = gl_LocalInvocationID.x + a * WG;
+        if (c < D4) {
+            vec4 acc = vec4(0);
+            float total = 0.0;
+            for (uint s = 0; s < S; ++s) {
+                float w = exp2(part_lse[row * S + s] - m_safe);   // 0 for empty splits
+                total += w;
+                acc += w * part_o[(row * S + s) * D4 + c];
+            }
+            o[row * D4 + c] = ELEM4(bad ? vec4(AULE_NAN) : (total > 0.0 ? acc / total : vec4(0)));
         }
-        o[row * D4 + c] = ELEM4(total > 0.0 ? acc / total : vec4(0));
     }
 }
 
@@ -137,16 +154,20 @@ void main() {
     const int t_start = t_lo + int(split) * per;
     const int t_end = min(t_start + per, t_hi);
 
-    // Q pre-scaled into base 2; rows past the group stay zero.
-    for (uint i = tid; i < BM * D4; i += WG) {
-        uint r = i / D4, c = i % D4;
-        int row = r0 + int(r);
-        vec4 x = vec4(0);
-        if (row < r1) {
-            uint qi = uint(row) / pc.group, head = hk * pc.group + uint(row) % pc.group;
-            x = vec4(q[((b * heads_q + head) * pc.q_len + qi) * D4 + c]) * pc.scale_log2;
+    // Q in fp32 (a half cache's q too), unscaled: the fp32 score is scaled, as in the attention
+    // shaders (attn_common.glsl's SCORE); rows past the group stay zero.
+    [[unroll]] for (uint a = 0; a < NQ; ++a) {
+        const uint i = tid + a * WG;
+        if (i < BM * D4) {
+            uint r = i / D4, c = i % D4;
+            int row = r0 + int(r);
+            vec4 x = vec4(0);
+            if (row < r1) {
+                uint qi = uint(row) / pc.group, head = hk * pc.group + uint(row) % pc.group;
+                x = vec4(q[((b * heads_q + head) * pc.q_len + qi) * D4 + c]);
+            }
+            Qs[i] = x;
         }
-        Qs[i] = x;
     }
     vec4 acc[NA];
     [[unroll]] for (uint a = 0; a < NA; ++a) acc[a] = vec4(0);
@@ -155,7 +176,13 @@ void main() {
     float s_own[NS];
     float l_own[NS];
     [[unroll]] for (uint k = 0; k < NS; ++k) l_own[k] = 0.0;
-    for (uint r = tid; r < BM; r += WG) row_m[r] = NEG_INF;
+    [[unroll]] for (uint a = 0; a < NR; ++a) {
+        const uint r = tid + a * WG;
+        if (r < BM) {
+            row_m[r] = NEG_INF;
+            row_bad[r] = 0u;
+        }
+    }
 
     if (t_start < t_end) fetch_tile(t_start, b, hk, k_lo, k_hi);
     for (int t = t_start; t < t_end; ++t) {
@@ -178,14 +205,15 @@ void main() {
             if (i < BM * BN) {
                 uint r = i / BN, n = i % BN;
                 float s = 0.0;
-                for (uint c = 0; c < D4; ++c) s += dot(Qs[r * D4 + c], vec4(Ks[n * KP4 + c]));
+                [[unroll]] for (uint c = 0; c < D4; ++c) s += dot(Qs[r * D4 + c], vec4(Ks[n * KP4 + c]));
                 int j = k0 + int(n);
                 int pos = ctx - ql + (r0 + int(r)) / int(pc.group);
                 // Causal among the rows (right = 0) over the context's keys; that also keeps the key
                 // inside [k_lo, k_hi), the tile range this workgroup loaded.
                 bool ok = AULE_VISIBLE(pos, j, ctx, pc.left, 0);
-                s_own[k] = ok ? s : NEG_INF;
+                s_own[k] = ok ? s * pc.scale_log2 : NEG_INF;
                 Ss[r * SP + n] = s_own[k];
+                if (isnan(s_own[k])) row_bad[r] = 1u;   // every writer stores the same value
             }
         }
         barrier();
@@ -195,7 +223,7 @@ void main() {
             if (i < BM * BN) {
                 uint r = i / BN, n = i % BN;
                 float mx = NEG_INF;
-                for (uint c = 0; c < BN; ++c) mx = max(mx, Ss[r * SP + c]);
+                [[unroll]] for (uint c = 0; c < BN; ++c) mx = max(mx, Ss[r * SP + c]);
                 float m_old = row_m[cur * BM + r];
                 float m_new = max(m_old, mx);
                 float m_safe = AULE_SOFTMAX_SHIFT(m_new);
@@ -215,7 +243,7 @@ void main() {
             if (i < BM * D4) {
                 uint r = i / D4, c = i % D4;
                 vec4 x = acc[a] * row_a[r];
-                for (uint n = 0; n < BN; ++n) x += Ps[r * SP + n] * vec4(Vs[n * D4 + c]);
+                [[unroll]] for (uint n = 0; n < BN; ++n) x += Ps[r * SP + n] * vec4(Vs[n * D4 + c]);
                 acc[a] = x;
             }
         }
@@ -231,26 +259,30 @@ void main() {
     barrier();
     if (tid < BM) {
         float l = 0.0;
-        for (uint n = 0; n < BN; ++n) l += Ps[tid * SP + n];
+        [[unroll]] for (uint n = 0; n < BN; ++n) l += Ps[tid * SP + n];
         row_a[tid] = l;
     }
     barrier();
+    // No `continue` here: a loop with one might not be unrolled, and after a long key loop it would
+    // be cut short.
     [[unroll]] for (uint a = 0; a < NA; ++a) {
         uint i = tid + a * WG;
-        if (i >= BM * D4) continue;
         uint r = i / D4, c = i % D4;
         int row = r0 + int(r);
-        if (row >= r1) continue;
-        uint qi = uint(row) / pc.group, head = hk * pc.group + uint(row) % pc.group;
-        uint orow = (b * heads_q + head) * pc.q_len + qi;
-        float l = row_a[r];
-        vec4 out_v = l > 0.0 ? acc[a] / l : vec4(0);
-        if (pc.num_splits == 1u) {
-            o[orow * D4 + c] = ELEM4(out_v);
-        } else {
-            uint prow = orow * pc.num_splits + split;
-            part_o[prow * D4 + c] = out_v;
-            if (c == 0u) part_lse[prow] = l > 0.0 ? row_m[fin * BM + r] + log2(l) : NEG_INF;
+        if (i < BM * D4 && row < r1) {
+            uint qi = uint(row) / pc.group, head = hk * pc.group + uint(row) % pc.group;
+            uint orow = (b * heads_q + head) * pc.q_len + qi;
+            // aule's numeric rule (mask.glsl) on the row, or on this split's share of it.
+            const float l = row_a[r], m = row_m[fin * BM + r];
+            const bool bad = row_bad[r] != 0u;
+            vec4 out_v = AULE_ROW_OUT(vec4, acc[a], AULE_ROW_INV(m, l, bad));
+            if (pc.num_splits == 1u) {
+                o[orow * D4 + c] = ELEM4(out_v);
+            } else {
+                uint prow = orow * pc.num_splits + split;
+                part_o[prow * D4 + c] = out_v;
+                if (c == 0u) part_lse[prow] = AULE_ROW_LSE2(m, l, bad);
+            }
         }
     }
 }

@@ -142,13 +142,36 @@ def paged_tiles(rows: int, d: int, info, elem_bytes: int) -> tuple[int, int] | N
     return None
 
 
+def paged_loop_iterations(key_tiles: int, splits: int) -> int:
+    """Loop iterations one invocation of paged.comp runs (what lavapipe's loop limit counts, see
+    shaders.KeyLoop); every loop of the shader is unrolled but the key-tile loop and the merge's two
+    loops over the splits. llvmpipe runs a branch not taken under an all-off lane mask, and a loop
+    there costs one pass, so the attention pass (``key_tiles`` tiles of its split, plus the pass that
+    finds the loop done) also pays for the merge's two loops, and the merge for the key loop.
+    Measured on lavapipe: one split over 65533 tiles is right, over 65534 it loses keys."""
+    return max(key_tiles + PAGED_LOOP_PASSES, 2 * (splits + 1) + 1)
+
+
+PAGED_LOOP_PASSES = 3  # of an attention invocation besides its key tiles (paged_loop_iterations)
+
+
+def _key_tiles(call, bn: int) -> int:
+    """Key tiles a row tile's range spans at most (it lies within the longest context)."""
+    return -(-max(call.max_context, 1) // bn)
+
+
 def paged_splits(call, bm: int, bn: int, info) -> int:
     """How many workgroups share one row tile's context: enough to reach the device's target of
-    workgroups in flight, at most one per two key tiles."""
+    workgroups in flight, at most one per two key tiles; more where one split's key tiles would
+    run past the device's loop limit (paged_unfit refuses beyond MAX_SPLITS)."""
     programs = call.batch * call.heads_kv * -(-call.group * call.q_len // bm)
-    tiles = -(-max(call.max_context, 1) // bn)
+    tiles = _key_tiles(call, bn)
     want = TARGET_GROUPS["cpu" if info.is_cpu else "gpu"]
-    return max(1, min(MAX_SPLITS, -(-want // programs), tiles // 2))
+    splits = max(1, min(MAX_SPLITS, -(-want // programs), tiles // 2))
+    if info.loop_limit:
+        most = info.loop_limit - PAGED_LOOP_PASSES  # tiles one split may walk
+        splits = max(splits, -(-tiles // most))
+    return splits
 
 
 def paged_unfit(call, info) -> str | None:
@@ -159,6 +182,16 @@ def paged_unfit(call, info) -> str | None:
     gx, gy = info.max_workgroup_count[0], info.max_workgroup_count[1]
     if call.batch * call.heads_q > gx or -(-call.group * call.q_len // tiles[0]) > gy or call.q_len > gy:
         return f"batch {call.batch} x heads {call.heads_q} x q_len {call.q_len} exceeds the device's workgroup grid"
+    if info.loop_limit:
+        bn = tiles[1]
+        splits = paged_splits(call, *tiles, info)
+        per_split = -(-_key_tiles(call, bn) // splits)
+        if splits > MAX_SPLITS or paged_loop_iterations(per_split, splits) > info.loop_limit:
+            most = (info.loop_limit - PAGED_LOOP_PASSES) * bn
+            return (f"a context of {call.max_context} keys needs {splits} splits of at most {most} keys on "
+                    f"{info.name}, which silently ends every loop after {info.loop_limit} in total; the "
+                    f"merge takes at most {MAX_SPLITS} splits, so the context may be at most "
+                    f"{MAX_SPLITS * most} keys here")
     return None
 
 

@@ -65,8 +65,24 @@ def _needs_multiple_of_4(name: str, d: int) -> str | None:
     return f"{name} supports head_dim 4..256 in steps of 4, got {d}"
 
 
+class KeyLoop:
+    """What lavapipe's loop limit sees of an attention shader. llvmpipe keeps one counter per
+    invocation for all its loops together, taken down at every loop back-edge, and ends every loop
+    once it is spent; a loop NIR unrolls (trip count constant after specialization, marked
+    [[unroll]]) has no back-edge. Every loop of the attention shaders but the key loop is such a
+    loop, so an invocation runs the key loop's steps plus one: the pass that finds it done (loops
+    end under a lane mask, so that pass is a real iteration). Measured on lavapipe (Mesa 22.3): a
+    key loop of 65535 steps is right and one of 65536 loses its last keys, so this count is one
+    above the truth, the safe side. A loop in a branch the invocation does not take still costs a
+    pass (llvmpipe runs it under an all-off lane mask): paged.comp's merge loops do, see
+    plans.paged_loop_iterations."""
+
+    def loop_iterations(self, d, info, tiles, seq_k, seq_q) -> int:
+        return -(-seq_k // self.keys_per_iteration(d, info, tiles)) + 1
+
+
 @dataclass(frozen=True)
-class RowPerInvocation:
+class RowPerInvocation(KeyLoop):
     """attn_baseline.comp: one invocation per query row, one key per step, no shared memory."""
 
     SPEC = ("head_dim", "rows per workgroup")
@@ -89,7 +105,7 @@ class RowPerInvocation:
 
 
 @dataclass(frozen=True)
-class Tiled:
+class Tiled(KeyLoop):
     """attn_tiled.comp: BM rows x BN keys per step through shared memory, vec4 loads.
 
     ``tiles`` are best first (``cpu_tiles`` first on CPU devices, where other shapes win); the first
@@ -107,7 +123,8 @@ class Tiled:
         tried += (self.cpu_tiles if info.is_cpu and self.cpu_tiles else ()) + self.tiles
         for t in tried:
             if (self.tile_bytes(t, d) <= info.max_shared_memory and t.wg <= info.max_workgroup_size
-                    and t.wg >= t.bm and t.bn % t.tc == 0 and t.wg % t.tc == 0 and t.bm % (t.wg // t.tc) == 0):
+                    and t.wg >= t.bm and t.bn % 4 == 0 and t.bn % t.tc == 0 and t.wg % t.tc == 0
+                    and t.bm % (t.wg // t.tc) == 0):
                 return t
         return None
 
@@ -138,7 +155,7 @@ class Tiled:
 
 
 @dataclass(frozen=True)
-class CoopMat:
+class CoopMat(KeyLoop):
     """attn_coopmat.comp: fp16 matrix-core tiles of 16 rows x ``KEYS`` keys, one subgroup per 16
     rows, 128 invocations per workgroup."""
 
@@ -175,7 +192,7 @@ class CoopMat:
 
 
 @dataclass(frozen=True)
-class CpuLanes:
+class CpuLanes(KeyLoop):
     """attn_cpu.comp: rows held in registers, K/V rows shared by subgroup broadcast; one workgroup
     is one subgroup. ``lanes`` rows are (largest head_dim, rows per invocation, keys per block);
     a 2-field AULE_VULKAN_TILES (rows,keys) replaces them."""
@@ -272,12 +289,28 @@ class Module:
         device with the tile override ``tiles``, else None."""
         why = self.needs.unfit(self.name, info) or self.path.unfit(self.name, d, info, seq_k, seq_q, tiles)
         if why is None and info.loop_limit and seq_k:
-            # The key loop is the shader's only loop (plus a few iterations outside it).
-            max_keys = (info.loop_limit - 64) * self.path.keys_per_iteration(d, info, tiles)
-            if seq_k > max_keys:
-                why = (f"{self.name} handles at most {max_keys} keys on {info.name}, which stops a shader "
-                       f"after {info.loop_limit} loop iterations; seq_k is {seq_k}")
+            n = self.path.loop_iterations(d, info, tiles, seq_k, seq_q)
+            if n > info.loop_limit:
+                why = (f"{self.name} would run {n} loop iterations per invocation for seq_k={seq_k}, but "
+                       f"{info.name} silently ends every loop after {info.loop_limit} in total: it serves "
+                       f"at most seq_k={self.max_seq_k(d, info, tiles)} here")
         return why
+
+    def max_seq_k(self, d: int, info, tiles: tuple | None = None) -> int | None:
+        """The longest key sequence the device's loop limit leaves this module (None: no limit)."""
+        if not info.loop_limit:
+            return None
+
+        def fits(n):
+            return self.path.loop_iterations(d, info, tiles, n, 1) <= info.loop_limit
+
+        lo, hi = 0, 1
+        while fits(hi):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:  # fits(lo), not fits(hi); iterations grow with seq_k
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
     def spec(self, d: int, info, tiles: tuple | None = None) -> tuple:
         return self.path.spec(d, info, tiles)
