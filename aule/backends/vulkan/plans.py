@@ -125,9 +125,9 @@ TARGET_GROUPS = {"gpu": 512, "cpu": 64}
 
 def paged_shared_bytes(bm: int, bn: int, d: int, elem_bytes: int) -> int:
     """Mirror of glsl/paged.comp's shared arrays: Q in fp32, K/V tiles in the storage type, scores,
-    probabilities and row statistics in fp32."""
+    probabilities and row statistics in fp32 (row_a, row_m twice, row_bad)."""
     d4 = d // 4
-    return 16 * bm * d4 + 4 * elem_bytes * (bn * (d4 + 1) + bn * d4) + 4 * (2 * bm * (bn + 1) + 3 * bm)
+    return 16 * bm * d4 + 4 * elem_bytes * (bn * (d4 + 1) + bn * d4) + 4 * (2 * bm * (bn + 1) + 4 * bm)
 
 
 def paged_tiles(rows: int, d: int, info, elem_bytes: int) -> tuple[int, int] | None:
@@ -176,6 +176,8 @@ def paged_splits(call, bm: int, bn: int, info) -> int:
 
 def paged_unfit(call, info) -> str | None:
     """Why the paged module cannot run ``call``'s shape on the device, else None."""
+    if call.batch == 0 or call.q_len == 0:
+        return None  # no rows: launch answers with zeros, no dispatch (and no split count) is planned
     tiles = paged_tiles(call.group * call.q_len, call.head_dim, info, np.dtype(call.dtype).itemsize)
     if tiles is None:
         return f"head_dim {call.head_dim} needs more shared memory than {info.name}'s {info.max_shared_memory} bytes"
