@@ -39,7 +39,9 @@ def test_cpu_sdpa_traces_to_one_custom_op_and_compiles():
     assert explained.graph_break_count == 0, explained.break_reasons
     assert _count(explained, "aule.host_attention") == 1
     assert _count(explained, "scaled_dot_product_attention") == 0
-    got = torch.compile(_layer, fullgraph=True)(q, k, v)
+    # Inductor's CPU code generation around the opaque op is torch's (a minute of C++ compiles on a
+    # cold cache); a GPU machine checks inductor on the GPU path and traces the CPU one only.
+    got = torch.compile(_layer, fullgraph=True, backend="aot_eager" if HAS_CUDA else "inductor")(q, k, v)
     want = ORIGINAL(q, k, v, is_causal=True, enable_gqa=True) + 1
     assert (got - want).abs().max() <= 2e-5
 

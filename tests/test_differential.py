@@ -71,7 +71,10 @@ BUDGET = settings(max_examples=40, deadline=None, derandomize=True, database=Non
                                          HealthCheck.function_scoped_fixture])
 PAGED_BUDGET = settings(BUDGET, max_examples=max(1, BUDGET.max_examples // 2))
 
-DENSE_BACKENDS = ["numpy", "vulkan", "triton", "triton-amd"]
+TRITON_BUDGET = settings(BUDGET, max_examples=10)
+
+HOST_BACKENDS = ["numpy", "vulkan"]
+TRITON_BACKENDS = ["triton", "triton-amd"]
 PAGED_BACKENDS = ["numpy", "vulkan"]
 
 
@@ -308,18 +311,37 @@ def _report(call, backend, problems):
     assert not problems, f"{backend} on {call}:\n  " + "\n  ".join(problems)
 
 
-@pytest.mark.parametrize("backend", DENSE_BACKENDS)
-@BUDGET
-@given(call=dense_calls())
 # Every case of the rule in one call: NaN in q (row NaN), +inf in K (rows seeing that key: +inf
 # scores), a NaN in V (its column), a row of -inf scores (zeros), and causal rows that see nothing.
-@example(call=Dense("float32", 1, 1, 2, 9, 6, 16, True, -1, None, True, 7,
-                    hostile=(("q", 5, "nan"), ("k", 70, "+inf"), ("v", 20, "nan")), rows=(("-", 4, 2),)))
-# fp16 at its largest magnitude (q.k must not overflow), a +inf row, a two-sided window, GQA 4.
-@example(call=Dense("float16", 2, 1, 4, 33, 50, 64, False, (5, 3), None, True, 11,
-                    hostile=(("q", 3, "+65504"), ("k", 1000, "-65504"), ("v", 77, "+65504"), ("k", 9, "-1e4")),
-                    rows=(("+", 20, 7),)))
+# Then fp16 at its largest magnitude (q.k must not overflow), a +inf row, a two-sided window, GQA 4.
+DENSE_EXAMPLES = (
+    Dense("float32", 1, 1, 2, 9, 6, 16, True, -1, None, True, 7,
+          hostile=(("q", 5, "nan"), ("k", 70, "+inf"), ("v", 20, "nan")), rows=(("-", 4, 2),)),
+    Dense("float16", 2, 1, 4, 33, 50, 64, False, (5, 3), None, True, 11,
+          hostile=(("q", 3, "+65504"), ("k", 1000, "-65504"), ("v", 77, "+65504"), ("k", 9, "-1e4")),
+          rows=(("+", 20, 7),)),
+)
+
+
+def dense_property(budget):
+    """A dense test under ``budget``: generated calls plus DENSE_EXAMPLES."""
+    def wrap(fn):
+        for call in DENSE_EXAMPLES:
+            fn = example(call=call)(fn)
+        return budget(given(call=dense_calls())(fn))
+    return wrap
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@dense_property(BUDGET)
 def test_dense_follows_the_rule(present, call):
+    _report(call, present, dense_problems(present, call))
+
+
+# Each Triton example JIT-compiles its own kernels (seconds apiece on a GPU): a smaller budget.
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+@dense_property(TRITON_BUDGET)
+def test_dense_follows_the_rule_on_triton(present, call):
     _report(call, present, dense_problems(present, call))
 
 
