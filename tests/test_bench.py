@@ -413,3 +413,18 @@ def test_forced_vulkan_variants_only_on_their_dtype():
     with contenders._environ({"AULE_VULKAN_VARIANT": "fp16"}):
         assert os.environ["AULE_VULKAN_VARIANT"] == "fp16"
     assert os.environ.get("AULE_VULKAN_VARIANT") != "fp16"
+
+
+def test_merging_a_suite_run_keeps_the_cards_measured_ceilings():
+    from aule.bench import report
+
+    ceilings = {"copy_tbps": 4.2, "matmul_bf16_tflops": 769.0}
+    old = {"machine": {"name": "m", "date": "d0", "gpu": {"name": "G", "ceilings": ceilings}},
+           "suites": {"dense": {"rows": [1]}}}
+    new = {"machine": {"name": "m", "date": "d1", "gpu": {"name": "G"}}, "suites": {"vulkan": {"rows": [2]}}}
+    merged = report.merge_results(old, new)
+    assert merged["machine"]["gpu"]["ceilings"] == ceilings and merged["machine"]["gpu"]["ceilings_date"] == "d0"
+    assert set(merged["suites"]) == {"dense", "vulkan"} and merged["machine"]["date"] == "d1"
+    assert "ceilings" not in new["machine"]["gpu"]  # the run's own record is left as measured
+    fresh = {"machine": {"name": "m", "gpu": {"name": "G", "ceilings": {"copy_tbps": 1.0}}}, "suites": {}}
+    assert report.merge_results(old, fresh)["machine"]["gpu"]["ceilings"] == {"copy_tbps": 1.0}

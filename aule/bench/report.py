@@ -225,7 +225,14 @@ def merge_results(old: dict, new: dict) -> dict:
     suites.update(new["suites"])
     machines = dict(old.get("suite_machines", {}))
     machines.update({n: new["machine"] for n in new["suites"]})
-    return {**new, "suites": suites, "suite_machines": machines}
+    top = new["machine"]
+    # A run of suites that need no GPU ceilings (Vulkan, CPU) keeps the card's measured ones, which
+    # the other suites' fractions were computed against.
+    old_ceilings = (old.get("machine", {}).get("gpu") or {}).get("ceilings")
+    if top.get("gpu") and "ceilings" not in top["gpu"] and old_ceilings:
+        top = {**top, "gpu": {**top["gpu"], "ceilings": old_ceilings,
+                              "ceilings_date": old["machine"].get("date")}}
+    return {**new, "machine": top, "suites": suites, "suite_machines": machines}
 
 
 def merge_into(path: str, results: dict) -> dict:
