@@ -62,7 +62,10 @@ layout(std430, binding = 3) readonly buffer TB { int block_tables[]; };
 layout(std430, binding = 4) readonly buffer CB { int context_lens[]; };
 layout(std430, binding = 5) buffer OB { ELEM4 o[]; };                 // [B, Hq, q_len, D]
 layout(std430, binding = 6) buffer POB { vec4 part_o[]; };            // [B, Hq, q_len, splits, D]
-layout(std430, binding = 7) buffer PLB { float part_lse[]; };         // [B, Hq, q_len, splits]
+// Each split's (maximum, sum) in base 2, kept apart rather than as one log-sum-exp: at logits of
+// 1e7 and more an fp32 LSE has no bits left for log2(sum), and ties across splits would be weighted
+// by split instead of by key.
+layout(std430, binding = 7) buffer PLB { vec2 part_ml[]; };           // [B, Hq, q_len, splits]
 
 shared vec4 Qs[BM * D4];
 // K/V tiles stay in their storage type: half the footprint for fp16 caches, so more workgroups
@@ -106,7 +109,7 @@ void merge_splits() {
     float m = NEG_INF;
     bool bad = false;   // a split saw a NaN or +inf score
     for (uint s = 0; s < S; ++s) {
-        const float x = part_lse[row * S + s];
+        const float x = part_ml[row * S + s].x;
         bad = bad || isnan(x) || x == POS_INF;
         m = max(m, x);
     }
@@ -117,7 +120,8 @@ void merge_splits() {
             vec4 acc = vec4(0);
             float total = 0.0;
             for (uint s = 0; s < S; ++s) {
-                float w = exp2(part_lse[row * S + s] - m_safe);   // 0 for empty splits
+                const vec2 ml = part_ml[row * S + s];
+                float w = ml.y * exp2(ml.x - m_safe);   // 0 for empty splits (l = 0, m = -inf)
                 total += w;
                 acc += w * part_o[(row * S + s) * D4 + c];
             }
@@ -281,7 +285,12 @@ void main() {
             } else {
                 uint prow = orow * pc.num_splits + split;
                 part_o[prow * D4 + c] = out_v;
-                if (c == 0u) part_lse[prow] = AULE_ROW_LSE2(m, l, bad);
+                // The rule's LSE says whether the split is NaN (NaN), +inf or empty (-inf); a finite
+                // one is carried as (m, l).
+                if (c == 0u) {
+                    const float lse2 = AULE_ROW_LSE2(m, l, bad);
+                    part_ml[prow] = isinf(lse2) || isnan(lse2) ? vec2(lse2, lse2 == NEG_INF ? 0.0 : 1.0) : vec2(m, l);
+                }
             }
         }
     }

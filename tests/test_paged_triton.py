@@ -111,3 +111,29 @@ def test_triton_paged_full_size(batch, ctx):
     lens = list(rng.integers(ctx // 2, ctx + 1, size=batch))
     case = _case(rng, lens, 32, 8, 128, 16, 1, "float16")
     check(_run(case, "float16"), reference_paged(case), "float16")
+
+
+def test_triton_paged_merge_weighs_ties_by_key_not_by_split():
+    """Scores near 4e7 (base 2) tied at three keys of the first split and one of the last: the
+    merge must weigh the splits 3:1. An fp32 LSE per split (ulp 4 there) loses log2(3) and
+    weighed them 1:1 (output 3.0 instead of 2.0)."""
+    rng = np.random.default_rng(3)
+    bs, ctx, d = 16, 256 if ON_GPU else 64, 16
+    kc = rng.standard_normal((ctx // bs, bs, 1, d)).astype(np.float32)
+    vc = np.zeros_like(kc)
+    q = np.zeros((1, 1, 1, d), np.float32)
+    q[..., 0] = 1e4
+    ties = (0, 1, 2, ctx - 14)
+    for j, value in zip(ties, (1.0, 1.0, 1.0, 5.0)):
+        kc[j // bs, j % bs, 0] = 0
+        kc[j // bs, j % bs, 0, 0] = 1e4
+        vc[j // bs, j % bs, 0] = value
+    bt = np.arange(ctx // bs, dtype=np.int32)[None]
+    cl = np.array([ctx], np.int32)
+    t = lambda a: torch.from_numpy(a).to(DEV)  # noqa: E731
+    from aule.backends.triton import paged as tp
+
+    splits = tp.choose_config(1, 1, 1, 1, d, ctx, 0, itemsize=4)[4]
+    assert splits > 1 and ties[-1] // bs != 0, "the ties must sit in different splits"
+    out = aule.flash_attention_paged(t(q), t(kc), t(vc), t(bt), t(cl), backend="triton").cpu().numpy()
+    np.testing.assert_allclose(out, 2.0, rtol=1e-5)

@@ -153,10 +153,14 @@ def _paged_attn_fwd(
 
     out, lse2 = _finish_rows(acc, l_i, m_i)
     if SPLIT:
-        # Partial result of this split: its output and base-2 LSE by aule.masks' rule (-inf when
-        # empty, NaN or +inf when the split saw such a score), merged by _paged_attn_merge.
+        # Partial result of this split: its output and its (maximum, sum) in base 2, merged by
+        # _paged_attn_merge. Kept apart, not as one LSE: beside logits of 1e7 and more an fp32 LSE has
+        # no bits left for log2(sum), and ties across splits would be weighed by split, not by key.
+        # A split that is empty, NaN or +inf (aule.masks' rule) stores its LSE as the maximum.
         prow = ((b * HEADS_KV * GROUP + head) * Q_LEN + qi) * NUM_SPLITS + split
-        tl.store(PL + prow, lse2, mask=row_ok)
+        finite = tl.abs(lse2) < float("inf")
+        tl.store(PL + 2 * prow, tl.where(finite, m_i, lse2), mask=row_ok)
+        tl.store(PL + 2 * prow + 1, tl.where(finite, l_i, tl.where(lse2 == float("-inf"), 0.0, 1.0)), mask=row_ok)
         tl.store(PO + prow[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
     else:
         o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :] * stride_od
@@ -174,9 +178,11 @@ def _paged_attn_merge(PO, PL, O, stride_ob, stride_oh, stride_om, stride_od, HEA
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < NUM_SPLITS
-    lse2 = tl.load(PL + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse2, 0)  # skips NaN: a NaN split shows in total instead
-    w = tl.math.exp2(lse2 - _shift(m))  # 0 for empty splits and padding lanes
+    at = 2 * (row * NUM_SPLITS + offs_s)
+    ms = tl.load(PL + at, mask=s_ok, other=float("-inf"))
+    ls = tl.load(PL + at + 1, mask=s_ok, other=0.0)
+    m = tl.max(ms, 0)  # skips NaN: a NaN split shows in total instead
+    w = ls * tl.math.exp2(ms - _shift(m))  # 0 for empty splits and padding lanes
     total = tl.sum(w, 0)
     part = tl.load(PO + (row * NUM_SPLITS + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
                    mask=s_ok[:, None], other=0.0)
@@ -281,7 +287,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     bd = block_d(head_dim)
     if splits > 1:
         po = torch.empty((batch * heads_q * q_len * splits, bd), dtype=torch.float32, device=q.device)
-        pl = torch.empty((batch * heads_q * q_len * splits,), dtype=torch.float32, device=q.device)
+        pl = torch.empty((batch * heads_q * q_len * splits * 2,), dtype=torch.float32, device=q.device)
     else:
         po = pl = out  # unused by the kernel when SPLIT is off
     grid = (batch * heads_kv, m_tiles, splits)

@@ -171,7 +171,7 @@ def paged_attention(call, ctx, timestamps: bool = False):
         out_t = GpuTensor.empty((call.batch, call.heads_q, call.q_len, d), elem) if call.q_kind == "gpu" else None
         ob = out_t.buffer if out_t is not None else held.acquire(ctx, q_bytes)
         if plan.splits > 1:
-            po_n, pl_n = rows * plan.splits * d * 4, rows * plan.splits * 4
+            po_n, pl_n = rows * plan.splits * d * 4, rows * plan.splits * 8  # part_ml: (m, l) per split
             pob, plb = held.acquire(ctx, po_n), held.acquire(ctx, pl_n)
         else:
             pob = plb = _dummy_buffer(ctx)
