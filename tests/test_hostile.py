@@ -268,3 +268,16 @@ def test_numpy_backend_refuses_gpu_tensors_with_reason():
     q = vk.to_gpu(np.random.default_rng(0).standard_normal((1, 1, 4, 8)).astype(np.float32))
     with pytest.raises(aule.UnsupportedError, match="GpuTensors.*NumPy backend reads host memory"):
         aule.flash_attention(q, q, q, backend="numpy")
+
+
+def test_a_tile_override_that_does_not_fit_is_named_once(caplog):
+    from aule.backends.vulkan import shaders
+    tiled = shaders.VARIANTS["fast"].path
+    class Dev:  # the properties pick_tiles reads
+        name, is_cpu, max_shared_memory, max_workgroup_size = "a 16 KB device", False, 16384, 1024
+    with caplog.at_level("WARNING", logger="aule"):
+        t1 = tiled.pick_tiles(64, Dev, (64, 64, 256, 16))
+        t2 = tiled.pick_tiles(64, Dev, (64, 64, 256, 16))
+    assert t1 == t2 and t1 is not None and t1 != shaders.Tiles(64, 64, 256, 16)
+    msgs = [r.getMessage() for r in caplog.records if "AULE_VULKAN_TILES" in r.getMessage()]
+    assert len(msgs) == 1 and "64,64,256,16 is ignored for head_dim 64" in msgs[0] and "shared memory" in msgs[0]

@@ -13,11 +13,21 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger("aule").warning(message)
+
 
 # --- push-constant mirrors ----------------------------------------------------------------------
 
@@ -119,13 +129,25 @@ class Tiled(KeyLoop):
     SPEC = ("head_dim", "rows", "keys", "invocations", "invocations per row group")
 
     def pick_tiles(self, d, info, tiles) -> Tiles | None:
-        tried = (Tiles(*tiles),) if tiles and len(tiles) == 4 else ()  # 2 fields belong to `cpu`
-        tried += (self.cpu_tiles if info.is_cpu and self.cpu_tiles else ()) + self.tiles
-        for t in tried:
-            if (self.tile_bytes(t, d) <= info.max_shared_memory and t.wg <= info.max_workgroup_size
-                    and t.wg >= t.bm and t.bn % 4 == 0 and t.bn % t.tc == 0 and t.wg % t.tc == 0
-                    and t.bm % (t.wg // t.tc) == 0):
-                return t
+        tried = (self.cpu_tiles if info.is_cpu and self.cpu_tiles else ()) + self.tiles
+        if tiles and len(tiles) == 4:  # 2 fields belong to `cpu`
+            why = self.tiles_unfit(Tiles(*tiles), d, info)
+            if why is None:
+                return Tiles(*tiles)
+            _warn_once(f"AULE_VULKAN_TILES={','.join(map(str, tiles))} is ignored for head_dim {d} on "
+                       f"{info.name}: {why}; the default tiles are used")
+        return next((t for t in tried if self.tiles_unfit(t, d, info) is None), None)
+
+    def tiles_unfit(self, t: Tiles, d: int, info) -> str | None:
+        """Why tile shape ``t`` cannot run head_dim ``d`` on the device, else None."""
+        if self.tile_bytes(t, d) > info.max_shared_memory:
+            return f"it needs {self.tile_bytes(t, d)} bytes of shared memory, the device has {info.max_shared_memory}"
+        if t.wg > info.max_workgroup_size:
+            return f"{t.wg} invocations exceed the device's {info.max_workgroup_size} per workgroup"
+        if not (t.wg >= t.bm and t.bn % 4 == 0 and t.bn % t.tc == 0 and t.wg % t.tc == 0
+                and t.bm % (t.wg // t.tc) == 0):
+            return ("the shape breaks the shader's rules (invocations >= rows, keys a multiple of 4 and of "
+                    "the row-group width, rows a multiple of invocations / row-group width)")
         return None
 
     def tile_bytes(self, t: Tiles, d: int) -> int:
