@@ -53,10 +53,22 @@ def _refusal(b, op: str, call, forced: bool) -> str | None:
     return reason
 
 
+_logged: set = set()
+
+
+def _log_once(name: str, op: str, reason: str, call) -> None:
+    """INFO, once per (backend, operation, reason): a generation loop asks the same question every
+    step, and the answer is news only the first time."""
+    key = (name, op, reason)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("aule: skipping backend %s for %s (first seen on %s): %s", name, op, call.describe(), reason)
+
+
 def route(call, op: str, backend=None):
     """The backend that runs ``op`` on ``call``: the forced one (``backend=`` or ``AULE_BACKEND``;
     ``UnsupportedError`` saying why when it cannot), else the first in the auto order for
-    ``call.place`` that can, logging at INFO why the others were passed over."""
+    ``call.place`` that can, logging at INFO (once per reason) why the others were passed over."""
     forced = forced_backend(backend)
     if forced is not None:
         b = backends.get(forced)
@@ -73,7 +85,7 @@ def route(call, op: str, backend=None):
         if reason is None:
             return b
         passed.append(f"{name}: {reason}")
-        log.info("aule: skipping backend %s for %s: %s", name, call.describe(), reason)
+        _log_once(name, op, reason, call)
     raise UnsupportedError(f"no backend can serve {call.describe()} ({'; '.join(passed)})")
 
 

@@ -1,4 +1,5 @@
 """Public API: validation (one test per rule), empty inputs, type/device/dtype mirroring, routing."""
+from unittest import mock
 import numpy as np
 import pytest
 
@@ -271,3 +272,17 @@ def test_import_graph_has_no_cycle(lazy):
     assert "aule.api" in graph["aule"], "the graph must see relative imports"
     cycle = _a_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_routing_logs_each_reason_once(caplog, monkeypatch):
+    from aule import api
+
+    monkeypatch.setattr(api, "_logged", set())
+    rng = np.random.default_rng(0)
+    with caplog.at_level("INFO", logger="aule"):
+        for s in (8, 8, 9, 10):   # the same reason on different shapes
+            q = rng.standard_normal((1, 2, s, 16)).astype(np.float32)
+            with mock.patch.object(aule.backends.get("vulkan"), "why_not", return_value="a test's reason"):
+                aule.flash_attention(q, q, q)
+    lines = [r.getMessage() for r in caplog.records if "skipping backend vulkan" in r.getMessage()]
+    assert len(lines) == 1 and "a test's reason" in lines[0], lines
