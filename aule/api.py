@@ -2,121 +2,16 @@
 
 Dense attention (:func:`flash_attention`), paged attention (:func:`flash_attention_paged`) and
 KV writes (:func:`copy_kv_to_paged`) build a validated call (:mod:`aule.call`,
-:mod:`aule.paged_call`) and hand it to :func:`route`, which picks the backend for the operation.
-Calls with nothing to compute (an empty batch or sequence) are answered here without a backend.
+:mod:`aule.paged_call`) and hand it to the one router (:mod:`aule.routing`), which picks the backend
+for the operation and answers calls with nothing to compute without one. Torch tensors being traced
+by ``torch.compile`` take a custom op instead (:func:`aule.sdpa_core.traced_attention`).
 """
 from __future__ import annotations
 
-import logging
+import sys
 
-import numpy as np
-
-from . import backends, settings
-from .backends.base import nothing_to_compute
-from .call import AttentionCall, canonicalize, shape_tuple
-from .errors import UnsupportedError
-from .paged_call import PagedCall, canonicalize_paged, canonicalize_write_kv
-
-log = logging.getLogger("aule")
-
-# Auto-routing preference by where the data lives (``call.place``; for paged calls, the cache).
-_AUTO_ORDER = {
-    "cuda": ("triton", "triton-amd", "numpy"),
-    "host": ("vulkan", "numpy"),
-    "gpu": ("vulkan",),
-}
-
-
-def forced_backend(backend=None) -> str | None:
-    """The backend the caller (``backend=``) or the environment (``AULE_BACKEND``) names, checked
-    and canonical; ``None`` for auto routing. A name that is no backend is a ``ValueError``."""
-    if backend is not None:
-        return backends.canonical_name(backend)
-    name = settings.forced_backend()
-    return None if name is None else backends.canonical_name(name, source="AULE_BACKEND")
-
-
-def tensors_need_grad(*tensors) -> bool:
-    """True when autograd is on and any of these torch tensors requires grad."""
-    import torch
-
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _refusal(b, op: str, call, forced: bool) -> str | None:
-    """Why backend ``b`` cannot run ``op`` on ``call`` (``None`` if it can). Gradients are never
-    dropped: an attention call that needs them goes only to a backend with a backward pass."""
-    reason = b.why_not(op, call, forced)
-    if (reason is None and op == "attention" and not b.differentiable and call.kind == "torch"
-            and tensors_need_grad(call.q, call.k, call.v)):
-        reason = "it has no backward pass and the inputs require grad"
-    return reason
-
-
-_logged: set = set()
-
-
-def _log_once(name: str, op: str, reason: str, call) -> None:
-    """INFO, once per (backend, operation, reason): a generation loop asks the same question every
-    step, and the answer is news only the first time."""
-    key = (name, op, reason)
-    if key not in _logged:
-        _logged.add(key)
-        log.info("aule: skipping backend %s for %s (first seen on %s): %s", name, op, call.describe(), reason)
-
-
-def route(call, op: str, backend=None):
-    """The backend that runs ``op`` on ``call``: the forced one (``backend=`` or ``AULE_BACKEND``;
-    ``UnsupportedError`` saying why when it cannot), else the first in the auto order for
-    ``call.place`` that can, logging at INFO (once per reason) why the others were passed over."""
-    forced = forced_backend(backend)
-    if forced is not None:
-        b = backends.get(forced)
-        reason = _refusal(b, op, call, forced=True)
-        if reason is None:
-            return b
-        if reason is b.unavailable_reason:
-            raise UnsupportedError(f"backend {b.name!r} is unavailable here: {reason}")
-        raise UnsupportedError(f"backend {forced!r} cannot serve {call.describe()}: {reason}")
-    passed = []
-    for name in _AUTO_ORDER[call.place]:
-        b = backends.get(name)
-        reason = _refusal(b, op, call, forced=False)
-        if reason is None:
-            return b
-        passed.append(f"{name}: {reason}")
-        _log_once(name, op, reason, call)
-    raise UnsupportedError(f"no backend can serve {call.describe()} ({'; '.join(passed)})")
-
-
-# --------------------------------------------------------------------------------------------
-# dense attention
-
-def _empty_result(call: AttentionCall):
-    """Zero-sized batch, heads or sequence, or no keys at all, on host data or torch tensors: no
-    kernel runs."""
-    shape = (call.batch, call.heads_q, call.seq_q, call.head_dim)
-    lse_shape = shape[:3]
-    q = call.q
-    if call.kind == "numpy":
-        out = np.zeros(shape, dtype=q.dtype)
-        lse = np.full(lse_shape, -np.inf, dtype=np.float64 if q.dtype == np.float64 else np.float32)
-    else:
-        import torch
-
-        out = torch.zeros(shape, dtype=q.dtype, device=q.device)
-        lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
-    return out, lse
-
-
-def attend(call: AttentionCall, backend=None):
-    """``(out, lse)`` of a validated call, routed, or answered here when there is nothing to do.
-    GpuTensors are routed even then: their empty results are GpuTensors, which only the backend
-    that owns their device can make."""
-    if call.kind != "gpu" and nothing_to_compute(call):
-        forced_backend(backend)  # still reject a name (argument or AULE_BACKEND) that is no backend
-        return _empty_result(call)
-    return route(call, "attention", backend).run("attention", call)
+from .paged_call import canonicalize_paged, canonicalize_write_kv
+from .routing import attend, attend_paged, attention, forced_backend, route, tensors_need_grad  # noqa: F401
 
 
 def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, *,
@@ -129,34 +24,22 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
     position) or ``(left, right)``. See :mod:`aule.masks`. Returns an output like ``query``, and
     with ``return_lse=True`` also the float32 log-sum-exp ``[batch, heads_q, seq_q]``.
     """
-    call = canonicalize(query, key, value, causal, scale, window_size, return_lse)
-    out, lse = attend(call, backend)
+    if _compiling(query):
+        from .sdpa_core import traced_attention
+
+        return traced_attention(query, key, value, causal, scale, window_size, backend, return_lse)
+    out, lse = attention(query, key, value, causal, scale, window_size, backend, return_lse)
     return (out, lse) if return_lse else out
+
+
+def _compiling(x) -> bool:
+    """Whether ``x`` is a torch tensor being traced by ``torch.compile`` (torch is never imported here)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor) and torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------------------------
 # paged attention and KV writes
-
-def _zeros_like_q(call: PagedCall):
-    q = call.q
-    if call.q_kind == "numpy":
-        return np.zeros(shape_tuple(q), dtype=q.dtype)
-    if call.q_kind == "torch":
-        import torch
-
-        return torch.zeros_like(q, memory_format=torch.contiguous_format)
-    return None  # a GpuTensor q: the backend builds the empty result where q lives
-
-
-def attend_paged(call: PagedCall, backend=None):
-    """The output of a validated paged call (see :func:`flash_attention_paged`)."""
-    if call.batch == 0 or call.q_len == 0:
-        forced_backend(backend)  # still reject a name (argument or AULE_BACKEND) that is no backend
-        out = _zeros_like_q(call)
-        if out is not None:
-            return out
-    return route(call, "paged_attention", backend).run("paged_attention", call)
-
 
 def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
                           backend=None):

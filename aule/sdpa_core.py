@@ -23,8 +23,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import api
-from .call import canonicalize, scale_problem
+from . import routing
+from . import masks
+from .call import canonicalize, check_scale, scale_problem
 from .errors import UnsupportedError
 
 log = logging.getLogger("aule")
@@ -176,8 +177,7 @@ def host_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             call, b = routed
             out = b.run("attention", call)[0]
         else:  # a compiled graph: validated and routed here, for the first time
-            out = api.flash_attention(query, key, value, causal=False, scale=scale,
-                                      window_size=(left, right), backend=backend or None)
+            out = routing.attention(query, key, value, False, scale, (left, right), backend or None, False)[0]
     except UnsupportedError as exc:
         _note(("host-op-unsupported", str(exc)), "aule: host attention falls back to torch SDPA: %s", exc)
         out = sdpa_reference(query, key, value, scale, left, right)
@@ -190,6 +190,44 @@ def _host_attention_fake(query, key, value, scale, left, right, backend):
     return query.new_empty(query.shape)
 
 
+@torch.library.custom_op("aule::host_attention_lse", mutates_args=())
+def host_attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                       left: int, right: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`host_attention` with the float32 log-sum-exp, for ``aule.flash_attention(...,
+    return_lse=True)`` inside a compiled graph."""
+    out, lse = routing.attention(query, key, value, False, scale, (left, right), backend or None, True)
+    return out.contiguous(), lse.contiguous()
+
+
+@host_attention_lse.register_fake
+def _host_attention_lse_fake(query, key, value, scale, left, right, backend):
+    return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=torch.float32)
+
+
+def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse):
+    """``aule.flash_attention`` on torch tensors inside ``torch.compile``: one custom op in the graph.
+    aule's routing (backend probes, locks, caches) cannot be traced, so the window and scale are
+    resolved here and the op validates and routes the call when the graph runs."""
+    left, right = masks.canonical_window(causal, window_size)
+    scale = check_scale(scale, q.shape[-1])
+    forced = backend or ""
+    if q.device.type == "cpu":
+        if routing.tensors_need_grad(q, k, v):
+            raise UnsupportedError("aule's CPU backends (Vulkan, NumPy) have no backward pass: the inputs "
+                                   "require grad (use CUDA tensors for Triton, or torch.no_grad())")
+        if return_lse:
+            return host_attention_lse(q, k, v, scale, left, right, forced)
+        out = host_attention(q, k, v, scale, left, right, forced)
+        return out
+    if forced not in ("", "triton", "triton-amd"):
+        raise UnsupportedError(f"inside torch.compile aule serves {q.device.type} tensors through Triton's "
+                               f"custom op only, not backend {backend!r}")
+    from .backends.triton import ops  # noqa: F401  (registers aule::triton_attention_fwd)
+
+    out, lse = torch.ops.aule.triton_attention_fwd(q, k, v, scale, left, right)
+    return (out, lse) if return_lse else out
+
+
 # --------------------------------------------------------------------------------------------
 # routing
 
@@ -197,7 +235,7 @@ def _routed(q, k, v, scale, left, right, forced):
     """The validated call and the backend aule would use for it, or ``(None, None, reason)``."""
     call = canonicalize(q, k, v, False, scale, (left, right))
     try:
-        return call, api.route(call, "attention", forced), None
+        return call, routing.route(call, "attention", forced), None
     except UnsupportedError as exc:
         return call, None, str(exc)
 
@@ -217,7 +255,7 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str):
     exactly, gradients included. ``label`` names the caller's shape class for the log. Each call
     is validated and routed once."""
     forced = _state.backend
-    needs_grad = api.tensors_need_grad(q, k, v)
+    needs_grad = routing.tensors_need_grad(q, k, v)
     device = q.device.type
     if device not in ("cpu", "cuda"):
         _note(("fallback", "device", device), "aule: no aule backend for %s tensors; torch SDPA serves them",

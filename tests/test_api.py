@@ -275,9 +275,9 @@ def test_import_graph_has_no_cycle(lazy):
 
 
 def test_routing_logs_each_reason_once(caplog, monkeypatch):
-    from aule import api
+    from aule import routing
 
-    monkeypatch.setattr(api, "_logged", set())
+    monkeypatch.setattr(routing, "_logged", set())
     rng = np.random.default_rng(0)
     with caplog.at_level("INFO", logger="aule"):
         for s in (8, 8, 9, 10):   # the same reason on different shapes
