@@ -35,6 +35,15 @@ _TORCH_SDPA_NAMES = ("install", "uninstall", "installed")
 _VULKAN_NAMES = ("GpuTensor", "to_gpu")
 
 
+def _arm_transformers():
+    from .integrations import autoregister
+
+    autoregister.arm()
+
+
+_arm_transformers()
+
+
 def __getattr__(name):
     if name in _VULKAN_NAMES:
         from .backends import vulkan

@@ -261,3 +261,32 @@ def test_llama_training_on_gpu_goes_through_triton():
     assert abs(losses["aule"] - losses["sdpa"]) <= 1e-2 * abs(losses["sdpa"])
     rel = (grads["aule"] - grads["sdpa"]).norm() / grads["sdpa"].norm()
     assert rel <= 5e-2, rel
+
+
+@pytest.mark.parametrize("first", ["aule", "transformers"])
+def test_attn_implementation_aule_works_in_either_import_order_without_install(first):
+    """A fresh interpreter: no aule.install(), aule imported before or after transformers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    second = "transformers" if first == "aule" else "aule"
+    code = f"""
+import {first}, {second}
+from transformers import LlamaConfig, LlamaForCausalLM
+import torch
+cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100)
+torch.manual_seed(0)
+m = LlamaForCausalLM._from_config(cfg, attn_implementation="aule").eval()
+ids = torch.randint(0, 100, (1, 12))
+with torch.no_grad():
+    a = m(ids).logits
+    m.set_attn_implementation("sdpa")
+    b = m(ids).logits
+assert (a - b).abs().max() < 1e-4, (a - b).abs().max()
+print("ok")
+"""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

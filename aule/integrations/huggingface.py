@@ -1,8 +1,8 @@
 """``"aule"`` as a Hugging Face transformers attention implementation.
 
-After :func:`register` (``aule.install()`` calls it when transformers is already imported),
-``from_pretrained(..., attn_implementation="aule")`` and ``model.set_attn_implementation("aule")``
-work. Results equal the ``"sdpa"`` implementation's: whatever aule cannot compute exactly goes
+After :func:`register`, which ``import aule`` arranges whatever the import order
+(:mod:`.autoregister`), ``from_pretrained(..., attn_implementation="aule")`` and
+``model.set_attn_implementation("aule")`` work without ``aule.install()``. Results equal the ``"sdpa"`` implementation's: whatever aule cannot compute exactly goes
 to transformers' own SDPA path with the mask it would have had.
 
 The mask is the single source of truth, as it is for ``"sdpa"``. aule's mask function (registered
