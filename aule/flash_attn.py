@@ -7,7 +7,8 @@ does, not probabilities). Causal masks are bottom-right aligned in both librarie
 are deterministic (no atomics), so ``deterministic`` holds whatever its value.
 
 Not served yet, and refused with an error naming the argument rather than ignored: ``dropout_p > 0``,
-``softcap`` and ``alibi_slopes``.
+``softcap`` and ``alibi_slopes`` (and, for :func:`flash_attn_with_kvcache`, rotary embedding,
+``cache_batch_idx`` and ``cache_leftpad``).
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import numbers
 
 import numpy as np
 
-from .api import flash_attention
+from .api import copy_kv_to_paged, flash_attention, flash_attention_paged
+from .arrays import to_numpy
 from .errors import UnsupportedError
 
-__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func"]
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_with_kvcache"]
 
 
 def _refuse_unserved(dropout_p, softcap, alibi_slopes) -> None:
@@ -89,3 +91,86 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     k, v = _unpack(kv, 2, "k and v stacked", "kv")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs)
+
+
+def _lengths(cache_seqlens, batch: int) -> np.ndarray:
+    if cache_seqlens is None:
+        raise ValueError("cache_seqlens is required: aule needs each sequence's length in the cache")
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        return np.full(batch, int(cache_seqlens), np.int64)
+    lens = to_numpy(cache_seqlens).astype(np.int64).reshape(-1)
+    if lens.shape != (batch,) or (lens < 0).any():
+        raise ValueError(f"cache_seqlens must be an int or {batch} non-negative lengths, got {lens.tolist()}")
+    return lens
+
+
+def _like(values, ref):
+    """``values`` (int32 NumPy) as the type of ``ref`` (a torch tensor's device), for table arguments."""
+    if isinstance(ref, np.ndarray):
+        return values
+    import torch
+
+    return torch.from_numpy(values).to(ref.device)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """flash-attn's ``flash_attn_with_kvcache``: ``q [B, Sq, Hq, D]`` over a KV cache of
+    ``cache_seqlens`` tokens per sequence, after writing the new ``k, v [B, Snew, Hkv, D]`` (if given)
+    into it in place at those positions. The cache is contiguous ``[B, S_cache, Hkv, D]`` or paged
+    ``[num_blocks, block_size, Hkv, D]`` with ``block_table [B, max_blocks]`` (vLLM's layout, served by
+    aule's paged attention). The query rows are the last ``Sq`` positions of each sequence.
+    ``num_splits`` is aule's choice and is ignored."""
+    _refuse_unserved(0.0, softcap, alibi_slopes)
+    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
+                        ("cache_leftpad", cache_leftpad)):
+        if value is not None:
+            raise UnsupportedError(f"{name}: aule's flash_attn_with_kvcache does not take it yet")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new tokens' keys and values) or not at all")
+    qh = _heads_first(q, "q")
+    batch, s_q = qh.shape[0], qh.shape[2]
+    lens = _lengths(cache_seqlens, batch)
+    left, right = _window(window_size)
+    s_new = 0 if k is None else _heads_first(k, "k").shape[2]
+    total = lens + s_new
+    if block_table is not None:
+        if not causal and s_q > 1:
+            raise UnsupportedError("causal=False with several query rows over a paged cache: aule's paged "
+                                   "attention keeps the query rows causal among themselves (decode, chunked prefill)")
+        if right not in (-1, 0) or return_softmax_lse:
+            raise UnsupportedError("a paged cache serves window_size=(left, -1 or 0) and no return_softmax_lse")
+        bs = k_cache.shape[1]
+        table = to_numpy(block_table).astype(np.int64)
+        if table.ndim != 2 or table.shape[0] != batch or int(total.max(initial=0)) > table.shape[1] * bs:
+            raise ValueError(f"block_table must be [{batch}, max_blocks] with room for cache_seqlens + new tokens "
+                             f"({total.tolist()} tokens at block size {bs}), got shape {table.shape}")
+        if k is not None:
+            pos = lens[:, None] + np.arange(s_new)[None]
+            blocks = np.take_along_axis(table, pos // bs, axis=1)
+            slots = (blocks * bs + pos % bs).astype(np.int64).reshape(-1)
+            copy_kv_to_paged(k.reshape(batch * s_new, *k.shape[2:]), v.reshape(batch * s_new, *v.shape[2:]),
+                             k_cache, v_cache, _like(slots, k))
+        out = flash_attention_paged(qh, k_cache, v_cache, block_table, _like(total.astype(np.int32), q),
+                                    scale=softmax_scale, window_size=(left, -1))
+        return _seq_first(out)
+    if k_cache.shape[0] != batch or int(total.max(initial=0)) > k_cache.shape[1]:
+        raise ValueError(f"k_cache must be [{batch}, seqlen_cache, heads_kv, head_dim] with room for cache_seqlens + "
+                         f"new tokens ({total.tolist()}), got shape {tuple(k_cache.shape)}")
+    if k is not None:
+        for b in range(batch):
+            k_cache[b, lens[b]:total[b]] = k[b]
+            v_cache[b, lens[b]:total[b]] = v[b]
+    outs, lses = [], []
+    for b in range(batch):  # each sequence's own length: one call per sequence
+        n = int(total[b])
+        res = flash_attention(qh[b:b + 1], _heads_first(k_cache[b:b + 1, :n], "k_cache"),
+                              _heads_first(v_cache[b:b + 1, :n], "v_cache"), causal=causal, scale=softmax_scale,
+                              window_size=(left, right), return_lse=True)
+        outs.append(res[0])
+        lses.append(res[1])
+    cat = np.concatenate if isinstance(q, np.ndarray) else __import__("torch").cat
+    out = _seq_first(cat(outs, 0))
+    return (out, cat(lses, 0)) if return_softmax_lse else out

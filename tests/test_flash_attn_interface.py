@@ -73,3 +73,72 @@ def test_layout_errors_name_the_argument():
         fa.flash_attn_func(np.zeros((4, 2, 8), np.float32), np.zeros((1, 4, 2, 8)), np.zeros((1, 4, 2, 8)))
     with pytest.raises(ValueError, match="qkv must be 5-D"):
         fa.flash_attn_qkvpacked_func(np.zeros((1, 4, 2, 2, 8), np.float32))
+
+
+def _decode_reference(q, ks, vs, causal, window=(-1, -1)):
+    """Per sequence: q rows are the last positions of its keys (flash-attn's bottom-right)."""
+    outs = [_ref(q[b:b + 1], ks[b][None], vs[b][None], causal=causal, window_size=window)[0][0]
+            for b in range(q.shape[0])]
+    return np.stack(outs)
+
+
+@pytest.mark.parametrize("s_q,causal", [(1, False), (3, True)])
+def test_with_kvcache_contiguous_appends_in_place_and_attends(s_q, causal):
+    rng = np.random.default_rng(4)
+    lens = np.array([5, 0, 9], np.int32)
+    kc, vc = _bshd(rng, 3, 16, 2, 16), _bshd(rng, 3, 16, 2, 16)
+    k_new, v_new = _bshd(rng, 3, 2, 2, 16), _bshd(rng, 3, 2, 2, 16)
+    q = _bshd(rng, 3, s_q, 4, 16)
+    out, lse = fa.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=lens, causal=causal,
+                                          return_softmax_lse=True)
+    for b, n in enumerate(lens):
+        assert (kc[b, n:n + 2] == k_new[b]).all() and (vc[b, n:n + 2] == v_new[b]).all()
+    want = _decode_reference(q, [kc[b, :n + 2] for b, n in enumerate(lens)],
+                             [vc[b, :n + 2] for b, n in enumerate(lens)], causal)
+    assert out.shape == q.shape and lse.shape == (3, 4, s_q) and np.abs(out - want).max() < 2e-5
+
+
+def test_with_kvcache_paged_appends_through_the_block_table():
+    rng = np.random.default_rng(5)
+    bs, hk, d = 4, 2, 16
+    lens = np.array([6, 1], np.int32)
+    kc, vc = (rng.standard_normal((8, bs, hk, d)).astype(np.float32) for _ in range(2))
+    table = np.array([[5, 2, 7], [0, 3, 1]], np.int32)
+    k_new, v_new = _bshd(rng, 2, 3, hk, d), _bshd(rng, 2, 3, hk, d)
+    q = _bshd(rng, 2, 3, 4, d)
+    out = fa.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=lens, block_table=table, causal=True,
+                                     window_size=(4, 0))
+
+    def seq(cache, b, n):
+        return np.concatenate([cache[blk] for blk in table[b]])[:n]
+
+    for b, n in enumerate(lens):
+        assert (seq(kc, b, n + 3)[n:] == k_new[b]).all() and (seq(vc, b, n + 3)[n:] == v_new[b]).all()
+    want = _decode_reference(q, [seq(kc, b, n + 3) for b, n in enumerate(lens)],
+                             [seq(vc, b, n + 3) for b, n in enumerate(lens)], True, (4, 0))
+    assert np.abs(out - want).max() < 2e-5
+
+
+def test_with_kvcache_refuses_what_it_does_not_serve_by_name():
+    q = np.zeros((1, 2, 2, 8), np.float32)
+    kc = np.zeros((4, 4, 2, 8), np.float32)
+    table = np.zeros((1, 4), np.int32)
+    with pytest.raises(aule.UnsupportedError, match="causal=False with several query rows"):
+        fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=3, block_table=table)
+    with pytest.raises(aule.UnsupportedError, match="rotary_cos"):
+        fa.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=3, rotary_cos=np.zeros(4))
+    with pytest.raises(ValueError, match="cache_seqlens is required"):
+        fa.flash_attn_with_kvcache(q, kc, kc)
+    with pytest.raises(ValueError, match="k and v must be given together"):
+        fa.flash_attn_with_kvcache(q, kc, kc, k=q, cache_seqlens=1)
+
+
+def test_with_kvcache_refuses_a_cache_too_small_for_the_new_tokens():
+    q = np.zeros((1, 1, 2, 8), np.float32)
+    kc = np.zeros((1, 4, 2, 8), np.float32)
+    new = np.zeros((1, 2, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="room for cache_seqlens \\+ new tokens"):
+        fa.flash_attn_with_kvcache(q, kc, kc, new, new, cache_seqlens=3)
+    with pytest.raises(ValueError, match="block_table must be \\[1, max_blocks\\] with room"):
+        fa.flash_attn_with_kvcache(q, kc, kc, new, new, cache_seqlens=3, block_table=np.zeros((1, 1), np.int32),
+                                   causal=True)
