@@ -104,6 +104,12 @@ class AttentionCall(Grouped):
     right: int
     return_lse: bool
     causal: bool
+    softcap: float = 0.0   # > 0: scores become softcap * tanh(score / softcap) (masks.py)
+
+    @property
+    def features(self) -> frozenset:
+        """The optional score modifiers this call uses; a backend serves it only if it has them all."""
+        return frozenset(("softcap",) if self.softcap else ())
 
     def describe(self) -> str:
         return (f"q[{self.batch},{self.heads_q},{self.seq_q},{self.head_dim}] "
@@ -172,7 +178,17 @@ def check_float_dtypes(named: dict) -> str:
     return next(iter(dtypes.values()))
 
 
-def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, return_lse=False) -> AttentionCall:
+def check_softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a real number (0 for none), got {type(softcap).__name__} {softcap!r}")
+    c = float(softcap)
+    if not (math.isfinite(c) and 0 <= c < _F32_OVERFLOW):  # the kernels divide by it in float32
+        raise ValueError(f"softcap must be finite in float32 and >= 0 (0 for none), got {softcap!r}")
+    return c
+
+
+def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, return_lse=False,
+                 softcap=0.0) -> AttentionCall:
     """Validate the public arguments once; every error names the argument and the rule."""
     named = {"query": query, "key": key, "value": value}
     kind, device = check_same_family(named)
@@ -200,4 +216,4 @@ def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, ret
         q=query, k=key, v=value, kind=kind, device=device, dtype=dtype,
         batch=qs[0], heads_q=qs[1], heads_kv=ks[1], seq_q=qs[2], seq_k=ks[2], head_dim=qs[3],
         scale=check_scale(scale, qs[3]), left=left, right=right, return_lse=bool(return_lse),
-        causal=bool(causal))
+        causal=bool(causal), softcap=check_softcap(softcap))

@@ -12,7 +12,10 @@ sits at key position ``pos(i) = i + seq_k - seq_q``. Key ``j`` is visible from r
 
 ``left``/``right`` of ``-1`` mean unbounded on that side. ``causal`` is ``right = 0``.
 
-What a row gives, from the scores (after ``scale``) of the keys it sees, first rule that applies:
+With ``softcap > 0`` a score ``s`` (after ``scale``) becomes ``softcap * tanh(s / softcap)`` before any
+masking (Gemma 2; flash-attn's definition): :func:`apply_softcap`.
+
+What a row gives, from the scores (after ``scale`` and softcap) of the keys it sees, first rule that applies:
 
 1. no visible key (for example the first ``seq_q - seq_k`` rows of a causal call with
    ``seq_q > seq_k``): zeros, LSE ``-inf``;
@@ -144,3 +147,11 @@ def finish_rows(m, l, acc):
     # log(1) + m is m itself where m is not finite: -inf, +inf or NaN, the rule's LSE.
     lse = np.log(l_safe) + m
     return out, lse
+
+
+def apply_softcap(s, softcap: float):
+    """``s <- softcap * tanh(s / softcap)`` in place (``s`` a NumPy float array); returns ``s``."""
+    s /= softcap
+    np.tanh(s, out=s)
+    s *= softcap
+    return s

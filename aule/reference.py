@@ -8,7 +8,7 @@ import numpy as np
 from . import masks
 
 
-def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return_lse=False):
+def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return_lse=False, softcap=0.0):
     """Reference attention on NumPy arrays (any float dtype), computed in float64.
 
     Same meaning as :func:`aule.flash_attention`: layout ``[batch, heads, seq, head_dim]``,
@@ -30,6 +30,8 @@ def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return
     vx = np.repeat(v, group, axis=1)
     with np.errstate(invalid="ignore", over="ignore"):
         s = np.einsum("bhqd,bhkd->bhqk", q, kx) * scale
+        if softcap:
+            masks.apply_softcap(s, softcap)
         s = np.where(vis, s, -np.inf)
         # np.max keeps a NaN score, so the row's maximum says which rule of aule.masks applies.
         m = s.max(axis=-1) if sk else np.full(s.shape[:-1], -np.inf)

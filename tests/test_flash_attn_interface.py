@@ -59,7 +59,7 @@ def test_torch_tensors_come_back_as_contiguous_tensors():
 
 @pytest.mark.parametrize("kw,match", [
     ({"dropout_p": 0.1}, "dropout_p=0.1"), ({"dropout_p": 1.5}, "dropout_p must be"),
-    ({"softcap": 30.0}, "softcap=30.0"), ({"alibi_slopes": np.ones(2, np.float32)}, "alibi_slopes"),
+    ({"alibi_slopes": np.ones(2, np.float32)}, "alibi_slopes"), ({"softcap": -1.0}, "softcap must be"),
     ({"window_size": 4}, "window_size must be a \\(left, right\\) pair"),
 ])
 def test_unserved_arguments_are_refused_by_name(kw, match):
@@ -142,3 +142,10 @@ def test_with_kvcache_refuses_a_cache_too_small_for_the_new_tokens():
     with pytest.raises(ValueError, match="block_table must be \\[1, max_blocks\\] with room"):
         fa.flash_attn_with_kvcache(q, kc, kc, new, new, cache_seqlens=3, block_table=np.zeros((1, 1), np.int32),
                                    causal=True)
+
+
+def test_softcap_passes_through():
+    rng = np.random.default_rng(6)
+    q, k, v = (3 * _bshd(rng, 1, 10, 2, 16) for _ in range(3))
+    want, _ = _ref(q, k, v, causal=True, softcap=2.0)
+    assert np.abs(fa.flash_attn_func(q, k, v, causal=True, softcap=2.0) - want).max() < 2e-5

@@ -50,6 +50,9 @@ class Backend:
     name = ""
     #: The operations this backend serves (names from :data:`OPS`).
     ops: tuple = ()
+    # Optional score modifiers it applies (AttentionCall.features: "softcap"); a call using one it
+    # lacks is refused with that reason, so the router moves on to a backend that has it.
+    features: frozenset = frozenset()
     #: Whether ``attention`` has a backward pass (gradient calls are routed only to such backends).
     differentiable = False
 
@@ -77,6 +80,9 @@ class Backend:
             return self.unavailable_reason
         if op not in self.ops:
             return f"backend {self.name!r} has no {op.replace('_', ' ')}"
+        missing = sorted(getattr(call, "features", frozenset()) - self.features)
+        if missing:
+            return f"backend {self.name!r} does not apply {', '.join(missing)} yet"
         return getattr(self, "why_not_" + op)(call, forced)
 
     def run(self, op: str, call):

@@ -15,7 +15,7 @@ BLOCK_Q = 128
 BLOCK_K = 512
 
 
-def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK_Q, block_k=BLOCK_K):
+def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK_Q, block_k=BLOCK_K, softcap=0.0):
     """Attention on C-contiguous NumPy arrays ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]``.
 
     Accumulates in float32 (float64 for float64 inputs), with ``scale`` rounded to that dtype.
@@ -53,6 +53,8 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
             kt = k[bi, :, k0:k1, :].astype(acc_t, copy=False)
             vt = v[bi, :, k0:k1, :].astype(acc_t, copy=False)
             s = np.matmul(qt, kt.transpose(0, 2, 1))  # [nh, g*bq, bk]
+            if softcap:
+                masks.apply_softcap(s, softcap)
             if not masks.tile_fully_visible(q0, q1, k0, k1, sq, sk, left, right):
                 hidden = ~masks.visible(rows, np.arange(k0, k1)[None, :], sq, sk, left, right)
                 s.reshape(nh, g, bq, k1 - k0)[:, :, hidden] = -np.inf
