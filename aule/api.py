@@ -15,7 +15,7 @@ from .routing import attend, attend_paged, attention, forced_backend, route, ten
 
 
 def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, *,
-                    backend=None, return_lse=False, softcap=0.0):
+                    backend=None, return_lse=False, softcap=0.0, alibi_slopes=None):
     """Exact attention, memory-efficient, on whichever backend suits the inputs.
 
     ``query [batch, heads_q, seq_q, head_dim]``, ``key``/``value [batch, heads_kv, seq_k, head_dim]``
@@ -24,13 +24,16 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
     position) or ``(left, right)``. See :mod:`aule.masks`. Returns an output like ``query``, and
     with ``return_lse=True`` also the float32 log-sum-exp ``[batch, heads_q, seq_q]``.
     ``softcap > 0`` caps each score to ``softcap * tanh(score / softcap)`` before masking (Gemma 2);
-    today only the NumPy backend applies it, so such calls are routed there.
+    ``alibi_slopes`` (``[heads_q]`` or ``[batch, heads_q]``) adds ``-slope * |i + seq_k - seq_q - j|`` to
+    each score (flash-attn's ALiBi). Today only the NumPy backend applies either, so such calls are
+    routed there.
     """
     if _compiling(query):
         from .sdpa_core import traced_attention
 
-        return traced_attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap)
-    out, lse = attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap)
+        return traced_attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap,
+                                alibi_slopes)
+    out, lse = attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap, alibi_slopes)
     return (out, lse) if return_lse else out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -105,11 +105,13 @@ class AttentionCall(Grouped):
     return_lse: bool
     causal: bool
     softcap: float = 0.0   # > 0: scores become softcap * tanh(score / softcap) (masks.py)
+    # ALiBi slopes as float32 [batch, heads_q], or None: score(i, j) -= slope * |i + seq_k - seq_q - j|
+    alibi: Any = field(default=None, compare=False, repr=False)
 
     @property
     def features(self) -> frozenset:
         """The optional score modifiers this call uses; a backend serves it only if it has them all."""
-        return frozenset(("softcap",) if self.softcap else ())
+        return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None)) if on)
 
     def describe(self) -> str:
         return (f"q[{self.batch},{self.heads_q},{self.seq_q},{self.head_dim}] "
@@ -187,8 +189,26 @@ def check_softcap(softcap) -> float:
     return c
 
 
+def check_alibi(alibi_slopes, batch: int, heads_q: int):
+    """``alibi_slopes`` ([heads_q] or [batch, heads_q], NumPy or torch) as float32 [batch, heads_q]."""
+    if alibi_slopes is None:
+        return None
+    if not (isinstance(alibi_slopes, np.ndarray) or is_torch_tensor(alibi_slopes)):
+        raise TypeError(f"alibi_slopes must be a NumPy array or torch tensor, got {type(alibi_slopes).__name__}")
+    host = alibi_slopes.detach().float().cpu().numpy() if is_torch_tensor(alibi_slopes) else alibi_slopes
+    slopes = np.asarray(host, dtype=np.float32)
+    if slopes.shape == (heads_q,):
+        slopes = np.broadcast_to(slopes, (batch, heads_q))
+    if slopes.shape != (batch, heads_q):
+        raise ValueError(f"alibi_slopes must have shape [heads_q] = [{heads_q}] or [batch, heads_q] = "
+                         f"[{batch}, {heads_q}], got {tuple(alibi_slopes.shape)}")
+    if not np.isfinite(slopes).all():
+        raise ValueError("alibi_slopes must be finite (in float32)")
+    return np.ascontiguousarray(slopes)
+
+
 def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, return_lse=False,
-                 softcap=0.0) -> AttentionCall:
+                 softcap=0.0, alibi_slopes=None) -> AttentionCall:
     """Validate the public arguments once; every error names the argument and the rule."""
     named = {"query": query, "key": key, "value": value}
     kind, device = check_same_family(named)
@@ -216,4 +236,4 @@ def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, ret
         q=query, k=key, v=value, kind=kind, device=device, dtype=dtype,
         batch=qs[0], heads_q=qs[1], heads_kv=ks[1], seq_q=qs[2], seq_k=ks[2], head_dim=qs[3],
         scale=check_scale(scale, qs[3]), left=left, right=right, return_lse=bool(return_lse),
-        causal=bool(causal), softcap=check_softcap(softcap))
+        causal=bool(causal), softcap=check_softcap(softcap), alibi=check_alibi(alibi_slopes, qs[0], qs[1]))

@@ -2,13 +2,13 @@
 
 Code written for the ``flash_attn`` package calls these with its own layout and defaults:
 ``[batch, seqlen, heads, head_dim]`` tensors, ``causal=False``, ``softmax_scale``,
-``window_size=(-1, -1)``, ``softcap`` and ``return_attn_probs`` (which returns the log-sum-exp, as
+``window_size=(-1, -1)``, ``softcap``, ``alibi_slopes`` and ``return_attn_probs`` (which returns the log-sum-exp, as
 flash-attn does, not probabilities). Causal masks are bottom-right aligned in both libraries. aule's kernels
 are deterministic (no atomics), so ``deterministic`` holds whatever its value.
 
-Not served yet, and refused with an error naming the argument rather than ignored: ``dropout_p > 0``,
-``alibi_slopes`` and, in :func:`flash_attn_with_kvcache`, rotary embedding, ``cache_batch_idx``,
-``cache_leftpad`` and ``softcap`` over a paged cache.
+Not served yet, and refused with an error naming the argument rather than ignored: ``dropout_p > 0``
+and, in :func:`flash_attn_with_kvcache`, rotary embedding, ``cache_batch_idx``, ``cache_leftpad``, and
+``softcap`` or ``alibi_slopes`` over a paged cache.
 """
 from __future__ import annotations
 
@@ -23,14 +23,12 @@ from .errors import UnsupportedError
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_with_kvcache"]
 
 
-def _refuse_unserved(dropout_p, alibi_slopes) -> None:
+def _refuse_dropout(dropout_p) -> None:
     if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a real number in [0, 1), got {dropout_p!r}")
     if dropout_p > 0:
         raise UnsupportedError(f"dropout_p={dropout_p}: aule's kernels have no attention dropout; pass "
                                f"dropout_p=0.0 (flash-attn's value for evaluation)")
-    if alibi_slopes is not None:
-        raise UnsupportedError("alibi_slopes: aule does not add ALiBi biases yet")
 
 
 def _heads_first(x, name: str):
@@ -59,10 +57,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """flash-attn's ``flash_attn_func``: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` (Hq a
     multiple of Hkv). Returns ``out [B, Sq, Hq, D]``, or ``(out, softmax_lse [B, Hq, Sq], None)``
     with ``return_attn_probs``."""
-    _refuse_unserved(dropout_p, alibi_slopes)
+    _refuse_dropout(dropout_p)
     res = flash_attention(_heads_first(q, "q"), _heads_first(k, "k"), _heads_first(v, "v"), causal=causal,
                           scale=softmax_scale, window_size=_window(window_size), return_lse=return_attn_probs,
-                          softcap=softcap)
+                          softcap=softcap, alibi_slopes=alibi_slopes)
     if return_attn_probs:
         out, lse = res
         return _seq_first(out), lse, None
@@ -90,6 +88,11 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     k, v = _unpack(kv, 2, "k and v stacked", "kv")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs)
+
+
+def _batch_row(slopes, b: int):
+    """Sequence ``b``'s slopes from ``[heads]`` or ``[batch, heads]`` ones, as ``[1, heads]``."""
+    return slopes[None] if slopes.ndim == 1 else slopes[b:b + 1]
 
 
 def _lengths(cache_seqlens, batch: int) -> np.ndarray:
@@ -122,7 +125,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ``[num_blocks, block_size, Hkv, D]`` with ``block_table [B, max_blocks]`` (vLLM's layout, served by
     aule's paged attention). The query rows are the last ``Sq`` positions of each sequence.
     ``num_splits`` is aule's choice and is ignored."""
-    _refuse_unserved(0.0, alibi_slopes)
+
     for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
                         ("cache_leftpad", cache_leftpad)):
         if value is not None:
@@ -139,8 +142,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if not causal and s_q > 1:
             raise UnsupportedError("causal=False with several query rows over a paged cache: aule's paged "
                                    "attention keeps the query rows causal among themselves (decode, chunked prefill)")
-        if softcap:
-            raise UnsupportedError("softcap over a paged cache: aule's paged attention does not apply it yet")
+        if softcap or alibi_slopes is not None:
+            raise UnsupportedError("softcap and alibi_slopes over a paged cache: aule's paged attention does not "
+                                   "apply them yet")
         if right not in (-1, 0) or return_softmax_lse:
             raise UnsupportedError("a paged cache serves window_size=(left, -1 or 0) and no return_softmax_lse")
         bs = k_cache.shape[1]
@@ -169,7 +173,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         n = int(total[b])
         res = flash_attention(qh[b:b + 1], _heads_first(k_cache[b:b + 1, :n], "k_cache"),
                               _heads_first(v_cache[b:b + 1, :n], "v_cache"), causal=causal, scale=softmax_scale,
-                              window_size=(left, right), return_lse=True, softcap=softcap)
+                              window_size=(left, right), return_lse=True, softcap=softcap,
+                              alibi_slopes=None if alibi_slopes is None else _batch_row(alibi_slopes, b))
         outs.append(res[0])
         lses.append(res[1])
     cat = np.concatenate if isinstance(q, np.ndarray) else __import__("torch").cat

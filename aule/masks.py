@@ -13,7 +13,9 @@ sits at key position ``pos(i) = i + seq_k - seq_q``. Key ``j`` is visible from r
 ``left``/``right`` of ``-1`` mean unbounded on that side. ``causal`` is ``right = 0``.
 
 With ``softcap > 0`` a score ``s`` (after ``scale``) becomes ``softcap * tanh(s / softcap)`` before any
-masking (Gemma 2; flash-attn's definition): :func:`apply_softcap`.
+masking (Gemma 2; flash-attn's definition): :func:`apply_softcap`. ALiBi then adds
+``-slope * |pos(i) - j|`` to the score of query ``i`` and key ``j``, one slope per query head (and
+batch): :func:`alibi_bias`.
 
 What a row gives, from the scores (after ``scale`` and softcap) of the keys it sees, first rule that applies:
 
@@ -155,3 +157,10 @@ def apply_softcap(s, softcap: float):
     np.tanh(s, out=s)
     s *= softcap
     return s
+
+
+def alibi_bias(rows, cols, seq_q: int, seq_k: int, slopes):
+    """``-slope * |pos(i) - j|`` for query rows ``rows [R, 1]`` and keys ``cols [1, C]`` with
+    ``slopes [...]`` broadcast in front: shape ``[..., R, C]`` (float64 for float64 slopes)."""
+    dist = np.abs(np.asarray(rows) + (seq_k - seq_q) - np.asarray(cols))
+    return -np.asarray(slopes)[..., None, None] * dist

@@ -8,7 +8,8 @@ import numpy as np
 from . import masks
 
 
-def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return_lse=False, softcap=0.0):
+def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return_lse=False, softcap=0.0,
+                        alibi_slopes=None):
     """Reference attention on NumPy arrays (any float dtype), computed in float64.
 
     Same meaning as :func:`aule.flash_attention`: layout ``[batch, heads, seq, head_dim]``,
@@ -32,6 +33,9 @@ def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return
         s = np.einsum("bhqd,bhkd->bhqk", q, kx) * scale
         if softcap:
             masks.apply_softcap(s, softcap)
+        if alibi_slopes is not None:
+            slopes = np.broadcast_to(np.asarray(alibi_slopes, np.float64), (b, hq))
+            s = s + masks.alibi_bias(np.arange(sq)[:, None], np.arange(sk)[None, :], sq, sk, slopes)
         s = np.where(vis, s, -np.inf)
         # np.max keeps a NaN score, so the row's maximum says which rule of aule.masks applies.
         m = s.max(axis=-1) if sk else np.full(s.shape[:-1], -np.inf)

@@ -134,7 +134,8 @@ def attend_paged(call: PagedCall, backend=None):
     return route(call, "paged_attention", backend).run("paged_attention", call)
 
 
-def attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap=0.0):
+def attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap=0.0, alibi_slopes=None):
     """``(out, lse)`` of eager dense attention: validated once, then routed (see
     :func:`aule.flash_attention`)."""
-    return attend(canonicalize(query, key, value, causal, scale, window_size, return_lse, softcap), backend)
+    return attend(canonicalize(query, key, value, causal, scale, window_size, return_lse, softcap, alibi_slopes),
+                  backend)

@@ -59,7 +59,7 @@ def test_torch_tensors_come_back_as_contiguous_tensors():
 
 @pytest.mark.parametrize("kw,match", [
     ({"dropout_p": 0.1}, "dropout_p=0.1"), ({"dropout_p": 1.5}, "dropout_p must be"),
-    ({"alibi_slopes": np.ones(2, np.float32)}, "alibi_slopes"), ({"softcap": -1.0}, "softcap must be"),
+    ({"alibi_slopes": np.ones(3, np.float32)}, "alibi_slopes must have shape"), ({"softcap": -1.0}, "softcap must be"),
     ({"window_size": 4}, "window_size must be a \\(left, right\\) pair"),
 ])
 def test_unserved_arguments_are_refused_by_name(kw, match):
@@ -149,3 +149,13 @@ def test_softcap_passes_through():
     q, k, v = (3 * _bshd(rng, 1, 10, 2, 16) for _ in range(3))
     want, _ = _ref(q, k, v, causal=True, softcap=2.0)
     assert np.abs(fa.flash_attn_func(q, k, v, causal=True, softcap=2.0) - want).max() < 2e-5
+
+
+def test_alibi_passes_through_and_per_sequence_in_the_cache_path():
+    rng = np.random.default_rng(7)
+    q, k, v = _bshd(rng, 2, 6, 4, 16), _bshd(rng, 2, 9, 2, 16), _bshd(rng, 2, 9, 2, 16)
+    slopes = rng.uniform(0.1, 1.0, (2, 4)).astype(np.float32)
+    want, _ = _ref(q, k, v, causal=True, alibi_slopes=slopes)
+    assert np.abs(fa.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes) - want).max() < 2e-5
+    out = fa.flash_attn_with_kvcache(q, k.copy(), v.copy(), cache_seqlens=9, causal=True, alibi_slopes=slopes)
+    assert np.abs(out - want).max() < 2e-5

@@ -15,7 +15,8 @@ BLOCK_Q = 128
 BLOCK_K = 512
 
 
-def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK_Q, block_k=BLOCK_K, softcap=0.0):
+def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK_Q, block_k=BLOCK_K, softcap=0.0,
+                    alibi=None):
     """Attention on C-contiguous NumPy arrays ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]``.
 
     Accumulates in float32 (float64 for float64 inputs), with ``scale`` rounded to that dtype.
@@ -55,6 +56,11 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
             s = np.matmul(qt, kt.transpose(0, 2, 1))  # [nh, g*bq, bk]
             if softcap:
                 masks.apply_softcap(s, softcap)
+            if alibi is not None:
+                # Query head h = kv head * g + r: the slopes as [kv head, r] for this batch element.
+                slopes = alibi[bi].reshape(nh, g).astype(acc_t)
+                s.reshape(nh, g, bq, k1 - k0)[...] += masks.alibi_bias(
+                    rows, np.arange(k0, k1)[None, :], sq, sk, slopes).astype(acc_t)
             if not masks.tile_fully_visible(q0, q1, k0, k1, sq, sk, left, right):
                 hidden = ~masks.visible(rows, np.arange(k0, k1)[None, :], sq, sk, left, right)
                 s.reshape(nh, g, bq, k1 - k0)[:, :, hidden] = -np.inf
