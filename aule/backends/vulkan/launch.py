@@ -6,15 +6,13 @@ or as GpuTensors when the inputs were.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from ... import settings
 from ...arrays import like, lse_like, to_numpy
 from ...call import shape_tuple
 from ..base import nothing_to_compute
-from .plans import COPY_WG, Shape, attention_plan, bind, copy_pushes, paged_plan, unbounded_beyond
+from .plans import COPY_WG, Shape, attention_plan, bind, copy_pushes, paged_plan
 from .runtime import Dispatch
 from .select import variant_for
 from .shaders import pipeline
@@ -153,11 +151,6 @@ def paged_attention(call, ctx, timestamps: bool = False):
     elem = np.dtype(call.dtype)
     if call.batch == 0 or call.q_len == 0:  # no rows: nothing to plan (the split count divides by them)
         return _to_caller(call.q_kind, call.q, np.zeros(shape_tuple(call.q), np.float32), elem), None
-    left = unbounded_beyond(call.left, call.max_context)
-    if left != call.left:
-        # paged_plan writes the window as an int32 push constant; one reaching past the longest
-        # context is no window at all, however large the caller made it.
-        call = dataclasses.replace(call, left=left)
     plan = paged_plan(call, ctx.info)
     pipe = pipeline(ctx, plan.module, plan.spec)
     d = call.head_dim

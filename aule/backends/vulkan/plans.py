@@ -212,7 +212,9 @@ def paged_plan(call, info) -> PagedPlan:
     splits = paged_splits(call, bm, bn, info)
     pc = np.zeros((), dtype=PAGED_PUSH)
     pc["heads_kv"], pc["group"], pc["q_len"] = call.heads_kv, call.group, call.q_len
-    pc["block_size"], pc["max_blocks"], pc["left"] = call.block_size, call.max_blocks, call.left
+    # A window reaching past the longest context is no window (and fits the int32 push constant).
+    pc["block_size"], pc["max_blocks"] = call.block_size, call.max_blocks
+    pc["left"] = unbounded_beyond(call.left, call.max_context)
     pc["scale_log2"] = call.scale * LOG2E
     pc["num_splits"], pc["mode"] = splits, 0
     attend = (pc.tobytes(), (call.batch * call.heads_kv, -(-call.group * call.q_len // bm), splits))

@@ -90,6 +90,10 @@ class KeyLoop:
     def loop_iterations(self, d, info, tiles, seq_k, seq_q) -> int:
         return -(-seq_k // self.keys_per_iteration(d, info, tiles)) + 1
 
+    def max_seq_k(self, d, info, tiles) -> int:
+        """The longest seq_k whose loop_iterations stay within ``info.loop_limit``."""
+        return (info.loop_limit - 1) * self.keys_per_iteration(d, info, tiles)
+
 
 @dataclass(frozen=True)
 class RowPerInvocation(KeyLoop):
@@ -320,19 +324,7 @@ class Module:
 
     def max_seq_k(self, d: int, info, tiles: tuple | None = None) -> int | None:
         """The longest key sequence the device's loop limit leaves this module (None: no limit)."""
-        if not info.loop_limit:
-            return None
-
-        def fits(n):
-            return self.path.loop_iterations(d, info, tiles, n, 1) <= info.loop_limit
-
-        lo, hi = 0, 1
-        while fits(hi):
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:  # fits(lo), not fits(hi); iterations grow with seq_k
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
+        return self.path.max_seq_k(d, info, tiles) if info.loop_limit else None
 
     def spec(self, d: int, info, tiles: tuple | None = None) -> tuple:
         return self.path.spec(d, info, tiles)
@@ -486,9 +478,9 @@ def preserve_inf_nan(code: bytes, widths: tuple) -> bytes:
     words = list(struct.unpack(f"<{len(code) // 4}I", code))
     ins = _instructions(words)
     ops = [op for op, _ in ins]
-    if _CAP_PRESERVE in [words[i + 1] for op, i in ins if op == _OP_CAPABILITY]:
-        return code
     caps = {words[i + 1] for op, i in ins if op == _OP_CAPABILITY}
+    if _CAP_PRESERVE in caps:
+        return code
     wanted = [w for w in sorted(widths) if w == 32 or (w == 16 and _CAP_FLOAT16 in caps)]
     if not wanted:
         return code
@@ -525,5 +517,5 @@ def device_code(module: str, preserve: tuple) -> bytes:
 def pipeline(ctx, module: str, spec: tuple):
     """The context's pipeline of ``module`` with specialization constants ``spec``."""
     m = MODULES[module]
-    loader = functools.partial(device_code, m.name, tuple(getattr(ctx.info, "preserve_inf_nan", ())))
+    loader = functools.partial(device_code, m.name, ctx.info.preserve_inf_nan)
     return ctx.pipeline(m.name, loader, m.bindings, m.push.itemsize, spec)
