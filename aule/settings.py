@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 
 _VULKAN_VARS = ("AULE_VULKAN_DEVICE", "AULE_VULKAN_STAGING", "AULE_VULKAN_PIPELINE_CACHE",
@@ -37,20 +38,33 @@ def _flag(raw: str | None) -> bool:
 MAX_TILE = 1024
 
 
+_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)$")
+
+
 def _parse_tiles(raw: str) -> tuple | None:
     text = raw.strip()
     if not text:
         return None
-    parts = text.split(",")
+    parts = [p.strip() for p in text.split(",")]
+    # The cooperative-matrix variant's form leads with its matrix shape: MxNxK (or "auto", the
+    # device's best), then nothing or its 4 tile fields.
+    head = ()
+    shape = _SHAPE.match(parts[0].lower())
+    if shape or parts[0].lower() == "auto":
+        head = (tuple(int(g) for g in shape.groups()) if shape else "auto",)
+        parts = parts[1:]
     try:
         values = tuple(int(p) for p in parts)
     except ValueError:
-        values = ()
-    if len(values) not in (2, 4) or any(not 0 < v <= MAX_TILE for v in values):
+        values = None
+    counts = (0, 4) if head else (2, 4)
+    if (values is None or len(values) not in counts or any(not 0 < v <= MAX_TILE for v in values)
+            or (head and head[0] != "auto" and any(not 0 < v <= 64 for v in head[0]))):
         raise ValueError(f"AULE_VULKAN_TILES={raw!r}: expected 2 positive integers (rows,keys for the cpu "
-                         "variant) or 4 (bm,bn,wg,tc for the tiled variants), comma-separated, each at most "
-                         f"{MAX_TILE}")
-    return values
+                         "variant), 4 (bm,bn,wg,tc for the tiled variants), or for coopmat a matrix shape "
+                         "MxNxK or 'auto' optionally followed by 4 (subgroups,row_tiles,keys,buffers); "
+                         f"comma-separated, each at most {MAX_TILE} (matrix sides at most 64)")
+    return head + values
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,14 +85,16 @@ def vulkan() -> VulkanSettings:
 @dataclass(frozen=True)
 class KernelChoice:
     variant: str | None  # AULE_VULKAN_VARIANT: force a shader variant (checked by the variant table)
-    tiles: tuple | None  # AULE_VULKAN_TILES: (rows, keys) for `cpu`, (bm, bn, wg, tc) for tiled variants
+    tiles: tuple | None  # AULE_VULKAN_TILES: (rows, keys) for `cpu`, (bm, bn, wg, tc) for tiled variants,
+                         # ((M, N, K) or 'auto', [subgroups, row_tiles, keys, buffers]) for coopmat
     tiles_key: str       # the tile override as a cache key ("" when unset)
 
 
 @functools.lru_cache(maxsize=64)
 def _kernel_choice(variant: str | None, tiles: str | None) -> KernelChoice:
     parsed = _parse_tiles(tiles or "")
-    return KernelChoice((variant or "").strip() or None, parsed, ",".join(map(str, parsed)) if parsed else "")
+    key = ",".join("x".join(map(str, t)) if isinstance(t, tuple) else str(t) for t in parsed) if parsed else ""
+    return KernelChoice((variant or "").strip() or None, parsed, key)
 
 
 def kernel_choice() -> KernelChoice:

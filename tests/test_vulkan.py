@@ -92,7 +92,7 @@ def test_auto_selection_never_picks_an_unfit_variant(ctx):
             assert v.unfit(d, ctx.info) is None
 
 
-def _recorded_device(name, vendor, type_="discrete-gpu", shared=65536, subgroup=32, fp16=True, coopmat=False,
+def _recorded_device(name, vendor, type_="discrete-gpu", shared=65536, subgroup=32, fp16=True, coopmat=(),
                      loop_limit=None):
     """A device as the runtime records it, without the device: selection must need nothing else."""
     from aule.backends.vulkan.runtime import DeviceInfo
@@ -102,26 +102,35 @@ def _recorded_device(name, vendor, type_="discrete-gpu", shared=65536, subgroup=
                       max_workgroup_count=(2**31 - 1, 65535, 65535), max_workgroup_size=1024,
                       max_push_constants=128, min_storage_offset_alignment=64, max_allocation=2**32,
                       subgroup_size=subgroup, subgroup_ops=0xFF, shader_float16=fp16, storage_buffer_16bit=fp16,
-                      cooperative_matrix=coopmat, coopmat_f16=coopmat, timestamp_period=1.0,
-                      device_local_bytes=2**34, loop_limit=loop_limit)
+                      cooperative_matrix=bool(coopmat), coopmat_f16=bool(coopmat), timestamp_period=1.0,
+                      device_local_bytes=2**34, loop_limit=loop_limit, coopmat_shapes=tuple(coopmat))
+
+
+# The fp16 x fp16 + fp32 subgroup shapes vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR lists:
+# NVIDIA's as the H200 (driver 580) lists them; RDNA3's WMMA shape; Intel Arc's XMX shape.
+NVIDIA_SHAPES = ((16, 8, 8), (16, 8, 16), (16, 16, 16))
+RDNA3_SHAPES = ((16, 16, 16),)
+ARC_SHAPES = ((8, 8, 16),)
 
 
 # (device, input dtype, head_dim) -> (variant, its specialization constants). The tile shapes
 # follow the rule "best first: the first that fits the device's shared memory is used".
 RECORDED = {
-    "amd-rdna3-wave64": (dict(name="AMD Radeon RX 7900 XTX (RADV NAVI31)", vendor="AMD", subgroup=64, coopmat=True),
+    "amd-rdna3-wave64": (dict(name="AMD Radeon RX 7900 XTX (RADV NAVI31)", vendor="AMD", subgroup=64,
+                              coopmat=RDNA3_SHAPES),
                          {("float16", 128): ("fp16_amd", ((0, 128), (1, 64), (2, 32), (3, 256), (4, 16))),
                           ("float32", 128): ("fast", ((0, 128), (1, 64), (2, 32), (3, 256), (4, 16))),
                           ("float32", 33): ("baseline", ((0, 33), (1, 64)))}),
-    "intel-arc": (dict(name="Intel(R) Arc(tm) A770 Graphics (DG2)", vendor="Intel", coopmat=True),
+    "intel-arc": (dict(name="Intel(R) Arc(tm) A770 Graphics (DG2)", vendor="Intel", subgroup=8, coopmat=ARC_SHAPES),
                   {("float16", 128): ("fp16", ((0, 128), (1, 32), (2, 32), (3, 128), (4, 16))),
                    ("float32", 64): ("fast", ((0, 64), (1, 64), (2, 32), (3, 256), (4, 16)))}),
     "apple-m2-moltenvk": (dict(name="Apple M2 Pro", vendor="Apple", type_="integrated-gpu", shared=32768),
                           {("float16", 128): ("fp16", ((0, 128), (1, 32), (2, 32), (3, 128), (4, 16))),
                            ("float32", 128): ("fast", ((0, 128), (1, 32), (2, 16), (3, 64), (4, 8))),
                            ("float32", 64): ("fast", ((0, 64), (1, 32), (2, 32), (3, 128), (4, 16)))}),
-    "nvidia-h100": (dict(name="NVIDIA H100 80GB HBM3", vendor="NVIDIA", shared=49152, coopmat=True),
-                    {("float16", 128): ("fp16", ((0, 128), (1, 32), (2, 32), (3, 128), (4, 16))),
+    "nvidia-h100": (dict(name="NVIDIA H100 80GB HBM3", vendor="NVIDIA", shared=49152, coopmat=NVIDIA_SHAPES),
+                    {("float16", 128): ("coopmat", ((0, 128), (1, 4), (2, 1), (3, 32), (4, 128), (5, 16), (6, 16),
+                                                    (7, 16), (8, 2))),
                      ("float16", 40): ("fp16", ((0, 40), (1, 32), (2, 32), (3, 128), (4, 16))),
                      ("float32", 128): ("fast", ((0, 128), (1, 32), (2, 32), (3, 128), (4, 16)))}),
     "lavapipe": (dict(name="llvmpipe (LLVM 15.0.6, 256 bits)", vendor="Mesa", type_="cpu", shared=32768,

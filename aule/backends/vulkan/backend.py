@@ -163,6 +163,13 @@ class VulkanBackend(Backend):
                     chosen[f"{dt} head_dim {d}"] = f"none ({exc})"
         tiles = settings.kernel_choice().tiles
         usable = {n: (v.unfit(128, info, tiles=tiles) or "ok") for n, v in VARIANTS.items()}
-        return dict(ctx.details(), variants_chosen=chosen, variants_head_dim_128=usable,
+        coop = VARIANTS["coopmat"]
+        matrices = {"offered": ["x".join(map(str, s)) for s in info.coopmat_shapes]}
+        for d in (64, 128, 256):
+            if coop.unfit(d, info, tiles=tiles) is None:
+                shape, t = coop.path.pick(d, info, tiles)
+                matrices[f"head_dim {d}"] = (f"{'x'.join(map(str, shape))}, {t.subgroups} subgroups x {t.row_tiles} "
+                                             f"row tiles, {t.keys} keys, {t.buffers} K/V buffers")
+        return dict(ctx.details(), variants_chosen=chosen, variants_head_dim_128=usable, cooperative_matrix=matrices,
                     auto_route=("NumPy inputs go to Vulkan" if not info.is_cpu
                                 else "CPU device only: NumPy inputs go to the numpy backend unless forced"))

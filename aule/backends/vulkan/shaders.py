@@ -181,40 +181,118 @@ class Tiled(KeyLoop):
 
 
 @dataclass(frozen=True)
+class CoopTiles:
+    subgroups: int   # per workgroup
+    row_tiles: int   # row tiles of M rows per subgroup
+    keys: int        # keys per step
+    buffers: int     # K/V tile buffers in shared memory (2: the next tile's loads overlap the math)
+
+
+@dataclass(frozen=True)
 class CoopMat(KeyLoop):
-    """attn_coopmat.comp: fp16 matrix-core tiles of 16 rows x ``KEYS`` keys, one subgroup per 16
-    rows, 128 invocations per workgroup."""
+    """attn_coopmat.comp: matrix-core tiles in the device's own cooperative-matrix shape.
 
-    KEYS = 64
-    SPEC = ("head_dim", "subgroups", "keys", "invocations")
+    ``shapes`` are the (M, N, K) shapes it prefers, best first; a device listing none of them gets
+    the largest it lists that fits. ``tiles`` rows are (largest head_dim, CoopTiles), best first
+    (measurements: results/vulkan-tuning.md); the first that fits the device's shared memory and
+    the shader's rules is used. AULE_VULKAN_TILES=MxNxK (or auto), optionally followed by
+    subgroups,row_tiles,keys,buffers, forces a shape and tiles."""
 
-    def subgroups(self, info) -> int:
-        return max(1, 128 // max(16, info.subgroup_size))
+    tiles: tuple
+    shapes: tuple = ((16, 16, 16), (16, 8, 16))
+
+    SPEC = ("head_dim", "subgroups", "row tiles", "keys", "invocations", "M", "N", "K", "buffers")
+
+    @staticmethod
+    def forced(tiles) -> tuple:
+        """(shape or None, CoopTiles or None) that an AULE_VULKAN_TILES override names."""
+        if not tiles or not (isinstance(tiles[0], tuple) or tiles[0] == "auto"):
+            return None, None
+        shape = tiles[0] if isinstance(tiles[0], tuple) else None
+        return shape, (CoopTiles(*tiles[1:]) if len(tiles) == 5 else None)
+
+    def tiles_unfit(self, t: CoopTiles, shape: tuple, d: int, info) -> str | None:
+        """Why tiles ``t`` in matrix shape ``shape`` cannot run head_dim ``d`` on the device."""
+        m, n, k = shape
+        lanes = info.subgroup_size
+        sr = t.row_tiles * m
+        tpr = lanes // sr if lanes >= sr else 1
+        if t.subgroups * lanes > info.max_workgroup_size:
+            return f"{t.subgroups * lanes} invocations exceed the device's {info.max_workgroup_size} per workgroup"
+        if (lanes % sr if lanes >= sr else sr % lanes) or tpr & (tpr - 1):
+            return f"{sr} rows per subgroup do not divide among {lanes} lanes"
+        if d % n or d % k or t.keys % n or t.keys % k or n % 4 or k % 4:
+            return f"head_dim {d} and {t.keys} keys must be multiples of the {m}x{n}x{k} matrices' N and K (4s)"
+        if t.keys % (4 * tpr) or t.buffers not in (1, 2):
+            return f"{t.keys} keys do not split into vec4s over {tpr} lanes per row, or buffers is not 1 or 2"
+        st4 = sr * (t.keys // 4 + 1)
+        if t.row_tiles * m * n // 4 > st4 or m * n // 4 + -(-sr // 4) > st4:
+            return "the score block cannot hold the rescale and output tiles"
+        if self.tile_bytes(t, shape, d) > info.max_shared_memory:
+            return (f"it needs {self.tile_bytes(t, shape, d)} bytes of shared memory, the device has "
+                    f"{info.max_shared_memory}")
+        return None
+
+    @staticmethod
+    def tile_bytes(t: CoopTiles, shape: tuple, d: int) -> int:
+        """Mirror of the shader's shared arrays: K/V tiles (or the staged Q block), scores, P."""
+        sr = t.row_tiles * shape[0]
+        dp4 = d // 4 + 2
+        kv = max(t.buffers * 2 * t.keys * dp4, t.subgroups * sr * dp4) * 8
+        return kv + t.subgroups * sr * (t.keys // 4 + 1) * 16 + t.subgroups * sr * (t.keys // 4 + 2) * 8
+
+    def pick(self, d, info, tiles) -> tuple | None:
+        """(shape, CoopTiles) for head_dim ``d`` on the device, or None."""
+        return _coop_pick(self, d, info, tiles)
+
+    def _pick(self, d, info, tiles):
+        shape, forced = self.forced(tiles)
+        offered = tuple(info.coopmat_shapes)
+        if shape is not None:
+            shapes = (shape,) if shape in offered else ()
+        else:
+            shapes = tuple(s for s in self.shapes if s in offered) + tuple(
+                sorted((s for s in offered if s not in self.shapes), key=lambda s: -s[0] * s[1] * s[2]))
+        for sh in shapes:
+            cands = (forced,) if forced else tuple(t for dmax, t in self.tiles if d <= dmax)
+            for t in cands:
+                if self.tiles_unfit(t, sh, d, info) is None:
+                    return sh, t
+        return None
 
     def unfit(self, name, d, info, seq_k, seq_q, tiles) -> str | None:
-        if info.subgroup_size < 16:
-            return f"{name} gives each of 16 rows its own lane: needs subgroups of 16+, not {info.subgroup_size}"
-        if (seq_q and seq_q % 16) or (seq_k and seq_k % self.KEYS):
-            return f"{name} needs seq_q % 16 == 0 and seq_k % {self.KEYS} == 0, got {seq_q}, {seq_k}"
-        if self.shared_bytes(d, info, tiles) > info.max_shared_memory:
-            return f"{name} needs more shared memory than {info.name} has"
         if not (16 <= d <= 256 and d % 16 == 0):
             return f"{name} supports head_dim 16..256 in steps of 16, got {d}"
+        shape, forced = self.forced(tiles)
+        if shape is not None and shape not in info.coopmat_shapes:
+            return (f"AULE_VULKAN_TILES names the {'x'.join(map(str, shape))} matrix shape, which {info.name} "
+                    f"does not offer (it offers {', '.join('x'.join(map(str, s)) for s in info.coopmat_shapes)})")
+        if self.pick(d, info, tiles) is None:
+            sh = shape or next(iter(info.coopmat_shapes), None)
+            why = self.tiles_unfit(forced, sh, d, info) if forced and sh else "no tile shape fits"
+            return f"{name} cannot run head_dim {d} on {info.name}: {why}"
         return None
 
     def shared_bytes(self, d, info, tiles) -> int:
-        nsg = self.subgroups(info)
-        return nsg * 16 * self.KEYS * 6 + nsg * 256 * 4 + nsg * 16 * 4
+        shape, t = self.pick(d, info, tiles)
+        return self.tile_bytes(t, shape, d)
 
     def spec(self, d, info, tiles) -> tuple:
-        nsg = self.subgroups(info)
-        return ((0, d), (1, nsg), (2, self.KEYS), (3, nsg * max(16, info.subgroup_size)))
+        (m, n, k), t = self.pick(d, info, tiles)
+        return ((0, d), (1, t.subgroups), (2, t.row_tiles), (3, t.keys), (4, t.subgroups * info.subgroup_size),
+                (5, m), (6, n), (7, k), (8, t.buffers))
 
     def rows_per_group(self, d, info, tiles) -> int:
-        return 16 * self.subgroups(info)
+        (m, _, _), t = self.pick(d, info, tiles)
+        return t.subgroups * t.row_tiles * m
 
     def keys_per_iteration(self, d, info, tiles) -> int:
-        return self.KEYS
+        return self.pick(d, info, tiles)[1].keys
+
+
+@functools.lru_cache(maxsize=256)
+def _coop_pick(family, d, info, tiles):
+    return family._pick(d, info, tiles)
 
 
 @dataclass(frozen=True)
@@ -261,13 +339,13 @@ class Needs:
     """Device requirements; a module whose requirements fail is never run."""
 
     fp16: bool = False       # shaderFloat16 and storageBuffer16BitAccess
-    coopmat: bool = False    # VK_KHR_cooperative_matrix 16x16x16 fp16 and the memory model
+    coopmat: bool = False    # VK_KHR_cooperative_matrix fp16 x fp16 + fp32 shapes and the memory model
     cpu_only: bool = False   # built around a CPU driver's subgroups
 
     def unfit(self, name, info) -> str | None:
         if self.coopmat and not info.coopmat_f16:
-            return (f"{name} needs VK_KHR_cooperative_matrix with 16x16x16 fp16 matrices and the "
-                    f"Vulkan memory model, which {info.name} lacks")
+            return (f"{name} needs VK_KHR_cooperative_matrix with fp16 x fp16 + fp32 subgroup matrices and "
+                    f"the Vulkan memory model, which {info.name} lacks")
         if self.cpu_only and not info.is_cpu:
             return (f"{name} is built for CPU Vulkan drivers (one subgroup per workgroup, subgroup "
                     f"broadcasts); {info.name} is a {info.type} device")
@@ -347,6 +425,9 @@ _CPU_TILES = (Tiles(64, 16, 64, 4), Tiles(64, 32, 128, 8))
 # Rows per invocation shrink with head_dim, bounding the registers and the driver's JIT time.
 _CPU_LANES = ((64, 16, 4), (128, 8, 4), (256, 4, 4))
 _FP16 = Needs(fp16=True)
+# (largest head_dim, tiles) for the cooperative-matrix variant, best first.
+_COOP_TILES = ((64, CoopTiles(4, 2, 32, 2)), (64, CoopTiles(4, 1, 64, 1)), (128, CoopTiles(4, 1, 32, 2)), (128, CoopTiles(4, 1, 32, 1)),
+               (256, CoopTiles(4, 1, 16, 2)), (256, CoopTiles(4, 1, 16, 1)), (256, CoopTiles(2, 1, 16, 1)))
 
 MODULES: dict[str, Module] = {m.name: m for m in (
     _attention("baseline", "attn_baseline.comp", RowPerInvocation(), auto=Auto(4, ("float32", "float16"))),
@@ -356,8 +437,10 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     # fp16 in memory, fp32 in shared memory and arithmetic: half the bytes of `fast`, its math.
     _attention("fp16_io", "attn_tiled.comp", Tiled(_FP32_TILES, _CPU_TILES), "float16", (("AULE_HALF_IO", 1),),
                _FP16),
-    # Slower than fp16 wherever measured, so only AULE_VULKAN_VARIANT=coopmat selects it.
-    _attention("coopmat", "attn_coopmat.comp", CoopMat(), "float16", needs=Needs(fp16=True, coopmat=True)),
+    # Matrix cores: chosen first for float16 where measured faster (NVIDIA: results/vulkan-tuning.md);
+    # on other vendors' matrix cores (unmeasured here) AULE_VULKAN_VARIANT=coopmat selects it.
+    _attention("coopmat", "attn_coopmat.comp", CoopMat(_COOP_TILES), "float16", needs=Needs(fp16=True, coopmat=True),
+               auto=Auto(-1, ("float16",), "NVIDIA")),
     # fp16's arithmetic with workgroups of four 64-wide waves, for AMD's wave64.
     _attention("fp16_amd", "attn_tiled.comp", Tiled(_WAVE64_TILES, (), 2), "float16",
                (("AULE_DEFAULT_WG", 256), ("AULE_FP16", 1)), _FP16, Auto(0, ("float16",), "AMD", 64)),

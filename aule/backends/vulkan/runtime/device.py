@@ -51,7 +51,7 @@ class DeviceInfo:
     shader_float16: bool
     storage_buffer_16bit: bool
     cooperative_matrix: bool
-    coopmat_f16: bool             # a 16x16x16 fp16 x fp16 + fp32 subgroup shape, and the memory model
+    coopmat_f16: bool             # an fp16 x fp16 + fp32 subgroup matrix shape, and the memory model
     timestamp_period: float
     device_local_bytes: int
     extensions: frozenset = field(repr=False, default=frozenset())
@@ -60,6 +60,8 @@ class DeviceInfo:
     # Float widths whose signed zeros, Infs and NaNs a shader can ask the driver to keep
     # (shaderSignedZeroInfNanPreserveFloat16/32): the numeric rule's NaN and Inf rows rely on it.
     preserve_inf_nan: tuple = ()
+    # (M, N, K) of each fp16 x fp16 + fp32 subgroup cooperative-matrix shape the device lists.
+    coopmat_shapes: tuple = ()
 
     @property
     def is_cpu(self) -> bool:
@@ -75,7 +77,9 @@ class DeviceInfo:
             "driver": self.driver, "api": self.api_version,
             "shared_memory": self.max_shared_memory, "subgroup_size": self.subgroup_size,
             "fp16": self.shader_float16, "storage_16bit": self.storage_buffer_16bit,
-            "cooperative_matrix": self.cooperative_matrix, "preserve_inf_nan": list(self.preserve_inf_nan),
+            "cooperative_matrix": self.cooperative_matrix,
+            "coopmat_shapes": ["x".join(map(str, s)) for s in self.coopmat_shapes],
+            "preserve_inf_nan": list(self.preserve_inf_nan),
             "max_storage_buffer_range": self.max_storage_buffer_range,
             "device_local_mib": self.device_local_bytes >> 20,
         }
@@ -92,26 +96,27 @@ def instance_function(instance, name: str, signature: str | None = None):
     return None if fn == ffi.NULL else ffi.cast(signature or f"PFN_{name}", fn)
 
 
-def _has_coopmat_16x16x16(instance, pd, exts) -> bool:
-    """Whether the device offers fp16 A/B, fp32 C/result 16x16x16 matrices at subgroup scope."""
+def _coopmat_shapes(instance, pd, exts) -> tuple:
+    """The (M, N, K) shapes of the device's fp16 A/B, fp32 C/result subgroup-scope cooperative
+    matrices, as vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR lists them (sorted)."""
     if "VK_KHR_cooperative_matrix" not in exts:
-        return False
+        return ()
     vk, ffi, _ = binding()
     get = instance_function(instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR")
     if get is None:
-        return False
+        return ()
     n = ffi.new("uint32_t*")
     if get(pd, n, ffi.NULL) != 0 or not n[0]:
-        return False
+        return ()
     props = ffi.new("VkCooperativeMatrixPropertiesKHR[]", n[0])
     for i in range(n[0]):
         props[i].sType = vk.VK_STRUCTURE_TYPE_COOPERATIVE_MATRIX_PROPERTIES_KHR
     if get(pd, n, props) != 0:
-        return False
+        return ()
     f16, f32 = vk.VK_COMPONENT_TYPE_FLOAT16_KHR, vk.VK_COMPONENT_TYPE_FLOAT32_KHR
-    return any(p.MSize == 16 and p.NSize == 16 and p.KSize == 16 and p.AType == f16 and p.BType == f16
-               and p.CType == f32 and p.ResultType == f32 and p.scope == vk.VK_SCOPE_SUBGROUP_KHR
-               for p in props)
+    return tuple(sorted({(p.MSize, p.NSize, p.KSize) for p in props
+                         if p.AType == f16 and p.BType == f16 and p.CType == f32 and p.ResultType == f32
+                         and p.scope == vk.VK_SCOPE_SUBGROUP_KHR}))
 
 
 def _chain(ffi, ctype: str, stype: int, nxt=None, **fields):
@@ -142,6 +147,7 @@ def read_device(instance, pd, index: int):
                  if mem.memoryHeaps[i].flags & vk.VK_MEMORY_HEAP_DEVICE_LOCAL_BIT), default=0)
     lim = p.limits
     name = cstr(p.deviceName)
+    shapes = _coopmat_shapes(instance, pd, exts)
     return DeviceInfo(
         index=index, name=name, type=DEVICE_TYPES.get(p.deviceType, "other"),
         vendor=VENDORS.get(p.vendorID, hex(p.vendorID)), vendor_id=p.vendorID,
@@ -160,13 +166,14 @@ def read_device(instance, pd, index: int):
         shader_float16=bool(f12.shaderFloat16),
         storage_buffer_16bit=bool(f11.storageBuffer16BitAccess),
         cooperative_matrix="VK_KHR_cooperative_matrix" in exts,
-        coopmat_f16=bool(f12.vulkanMemoryModel) and _has_coopmat_16x16x16(instance, pd, exts),
+        coopmat_f16=bool(f12.vulkanMemoryModel) and bool(shapes),
         timestamp_period=lim.timestampPeriod,
         device_local_bytes=local,
         extensions=exts,
         loop_limit=65535 if "llvmpipe" in name.lower() else None,
         preserve_inf_nan=tuple(w for w, ok in ((16, v12p.shaderSignedZeroInfNanPreserveFloat16),
                                               (32, v12p.shaderSignedZeroInfNanPreserveFloat32)) if ok),
+        coopmat_shapes=shapes,
     ), p.apiVersion
 
 
