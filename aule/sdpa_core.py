@@ -211,8 +211,10 @@ def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, s
     left, right = masks.canonical_window(causal, window_size)
     scale = check_scale(scale, q.shape[-1])
     if softcap or alibi_slopes is not None:
-        raise UnsupportedError("softcap and alibi_slopes inside torch.compile: aule's custom ops do not apply "
-                               "them yet")
+        # Triton's op takes both, but the slopes are validated on the host (call.check_alibi), which a
+        # trace cannot enter.
+        raise UnsupportedError("softcap and alibi_slopes inside torch.compile: aule's traced path does not "
+                               "pass them to its custom ops yet")
     forced = backend or ""
     if q.device.type == "cpu":
         if routing.tensors_need_grad(q, k, v):

@@ -334,6 +334,15 @@ def test_full_size(index, monkeypatch):
 
 
 @gpu_only
+@pytest.mark.parametrize("case", [(2, 8, 2, 1025, 1025, 128, True, -1, "bfloat16", 50.0, "batch"),
+                                  (1, 8, 1, 97, 1025, 80, False, (300, 64), "float16", 5.0, "heads")],
+                         ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+def test_softcap_alibi_full_size(case, monkeypatch):
+    monkeypatch.setenv("AULE_TRITON_CONFIG", "0")  # one compiled tile per kernel, not a tuning sweep
+    _run_features(case)
+
+
+@gpu_only
 def test_autotuned_path(monkeypatch):
     monkeypatch.setenv("AULE_TRITON_AUTOTUNE", "1")
     monkeypatch.delenv("AULE_TRITON_CONFIG", raising=False)
