@@ -211,8 +211,10 @@ def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, s
     left, right = masks.canonical_window(causal, window_size)
     scale = check_scale(scale, q.shape[-1])
     if softcap or alibi_slopes is not None:
-        raise UnsupportedError("softcap and alibi_slopes inside torch.compile: aule's custom ops do not apply "
-                               "them yet")
+        # Triton's op takes both, but the slopes are validated on the host (call.check_alibi), which a
+        # trace cannot enter.
+        raise UnsupportedError("softcap and alibi_slopes inside torch.compile: aule's traced path does not "
+                               "pass them to its custom ops yet")
     forced = backend or ""
     if q.device.type == "cpu":
         if routing.tensors_need_grad(q, k, v):
@@ -227,7 +229,7 @@ def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, s
                                f"custom op only, not backend {backend!r}")
     from .backends.triton import ops  # noqa: F401  (registers aule::triton_attention_fwd)
 
-    out, lse = torch.ops.aule.triton_attention_fwd(q, k, v, scale, left, right)
+    out, lse = torch.ops.aule.triton_attention_fwd(q, k, v, scale, left, right, 0.0, None)
     return (out, lse) if return_lse else out
 
 
@@ -272,7 +274,7 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str):
         op = _TRITON_OP if forced in (None, "triton", "triton-amd") else None
         if not op or q.shape[-1] > _TRITON_MAX_HEAD_DIM:
             return None
-        return op(q, k, v, scale, left, right)[0]
+        return op(q, k, v, scale, left, right, 0.0, None)[0]
     call, b, why = _routed(q, k, v, scale, left, right, forced)
     if b is None:
         _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)

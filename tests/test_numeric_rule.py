@@ -35,7 +35,8 @@ def _torch_and_device():
 
 
 def dense(backend, q, k, v, **kw):
-    """``(out, lse)`` as float64 NumPy arrays from one backend (``kw``: causal, window_size, scale)."""
+    """``(out, lse)`` as float64 NumPy arrays from one backend (``kw``: causal, window_size, scale,
+    softcap, alibi_slopes)."""
     if backend == "reference":
         return attention_reference(q, k, v, return_lse=True, **kw)
     if backend == "numpy":
@@ -106,6 +107,19 @@ def test_inf_score_gives_nan_row_with_lse_inf(backend):
     k[0, 1, :, 0] += np.where(k[0, 1, :, 0] >= 0, 0.1, -0.1)  # no 0 * inf: scores are +inf or -inf
     out, lse = dense(backend, q, k, v, causal=False)
     check_rows(out, lse, (q, k, v), nan=rows([(2, 7)]), lse_of_nan=np.inf, causal=False)
+
+
+@pytest.mark.parametrize("backend", DENSE)
+def test_softcap_bounds_infinite_scores_and_keeps_nan(backend):
+    """The cap comes before the rule: a +-inf score becomes +-softcap, so its row is ordinary; a NaN
+    stays NaN. ALiBi's finite bias changes neither."""
+    q, k, v = inputs()
+    q[0, 2, 7, 0] = np.inf
+    k[0, 1, :, 0] += np.where(k[0, 1, :, 0] >= 0, 0.1, -0.1)  # no 0 * inf: scores are +inf or -inf
+    q[0, 0, 5, 3] = np.nan
+    kw = dict(causal=False, softcap=3.0, alibi_slopes=np.linspace(0.1, 0.4, 4, dtype=np.float32))
+    out, lse = dense(backend, q, k, v, **kw)
+    check_rows(out, lse, (q, k, v), nan=rows([(0, 5)]), **kw)
 
 
 @pytest.mark.parametrize("backend", DENSE)

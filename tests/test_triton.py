@@ -20,7 +20,7 @@ import aule  # noqa: E402
 from aule import masks  # noqa: E402
 from aule.backends.triton import TritonBackend  # noqa: E402
 from aule.backends.triton import ops  # noqa: E402
-from aule.call import canonicalize  # noqa: E402
+from aule.call import canonicalize, check_alibi  # noqa: E402
 from aule.reference import attention_reference  # noqa: E402
 
 DEV = "cuda" if GPU else "cpu"
@@ -32,12 +32,18 @@ OUT_TOL = {"float32": 5e-5, "float16": 3e-3, "bfloat16": 2.5e-2}
 GRAD_TOL = {"float32": 1e-4, "float16": 6e-3, "bfloat16": 4e-2}
 
 
-def ref_torch(q, k, v, scale, left, right):
-    """float64 attention with autograd, GQA by repeat (fine for an oracle), mask from aule.masks."""
+def ref_torch(q, k, v, scale, left, right, softcap=0.0, slopes=None):
+    """float64 attention with autograd, GQA by repeat (fine for an oracle); mask, softcap and ALiBi
+    (``slopes [B, Hq]``) from aule.masks."""
     sq, sk = q.shape[2], k.shape[2]
     g = q.shape[1] // k.shape[1]
     vis = torch.from_numpy(masks.mask(sq, sk, left, right))
     s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if slopes is not None:
+        s = s + torch.from_numpy(masks.alibi_bias(np.arange(sq)[:, None], np.arange(sk)[None, :], sq, sk,
+                                                  slopes.astype(np.float64)))
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, -1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
@@ -58,16 +64,22 @@ def rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp_min(0.1)).item()
 
 
-def check_fwd_bwd(q, k, v, scale, left, right, dtype, tile=None, lse_grad=False):
-    """Forward (out, lse) against aule.reference and backward against float64 autograd."""
+def check_fwd_bwd(q, k, v, scale, left, right, dtype, tile=None, lse_grad=False, softcap=0.0, alibi=None):
+    """Forward (out, lse) against aule.reference and backward against float64 autograd; without a
+    tile through the backend (as aule's router calls it), with one through the kernels' launcher.
+    ``alibi``: NumPy slopes as a caller gives them, ``[Hq]`` or ``[B, Hq]``."""
+    slopes = check_alibi(alibi, q.shape[0], q.shape[1])
     if tile is None:
         qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
-        out, lse = ops.triton_attention(qg, kg, vg, scale, left, right)
+        call = canonicalize(qg, kg, vg, causal=False, scale=scale, window_size=(left, right), return_lse=True,
+                            softcap=softcap, alibi_slopes=alibi)
+        out, lse = TritonBackend().attention(call)
     else:
-        out, lse = ops.attention_forward(q, k, v, scale, left, right, tile=tile)
+        alibi_t = None if slopes is None else torch.from_numpy(slopes).to(DEV)
+        out, lse = ops.attention_forward(q, k, v, scale, left, right, tile=tile, softcap=softcap, alibi=alibi_t)
     np_in = [x.detach().float().cpu().numpy() for x in (q, k, v)]
-    ref_out, ref_lse = attention_reference(*np_in, causal=False, scale=scale,
-                                           window_size=(left, right), return_lse=True)
+    ref_out, ref_lse = attention_reference(*np_in, causal=False, scale=scale, window_size=(left, right),
+                                           return_lse=True, softcap=softcap, alibi_slopes=alibi)
     got = out.detach().double().cpu().numpy()
     assert out.dtype == q.dtype and out.shape == q.shape
     assert not np.isnan(got).any()
@@ -77,10 +89,11 @@ def check_fwd_bwd(q, k, v, scale, left, right, dtype, tile=None, lse_grad=False)
     empty = np.isneginf(ref_lse)
     assert (np.isneginf(lse_np) == empty).all(), "LSE -inf exactly for rows that see no key"
     if (~empty).any():
-        assert np.abs(lse_np[~empty] - ref_lse[~empty]).max() <= 1e-4 if dtype == "float32" else 5e-3
+        lse_err, lse_tol = np.abs(lse_np[~empty] - ref_lse[~empty]).max(), 1e-4 if dtype == "float32" else 5e-3
+        assert lse_err <= lse_tol, f"LSE error {lse_err:.3g} > {lse_tol}"
 
     qd, kd, vd = (x.detach().double().cpu().requires_grad_() for x in (q, k, v))
-    ro, rl = ref_torch(qd, kd, vd, scale, left, right)
+    ro, rl = ref_torch(qd, kd, vd, scale, left, right, softcap, slopes)
     g = torch.Generator().manual_seed(7)
     dout = torch.randn(ro.shape, generator=g, dtype=torch.float64)
     dl = torch.randn(rl.shape, generator=g, dtype=torch.float64) if lse_grad else None
@@ -99,7 +112,8 @@ def check_fwd_bwd(q, k, v, scale, left, right, dtype, tile=None, lse_grad=False)
     else:
         grads = ops.attention_backward(dout_t, q, k, v, out, lse,
                                        dl.float().to(DEV) if lse_grad else None,
-                                       scale, left, right, tile_dkdv=tile, tile_dq=tile)
+                                       scale, left, right, tile_dkdv=tile, tile_dq=tile,
+                                       softcap=softcap, alibi=alibi_t)
     for name, got_g, want in zip(("dq", "dk", "dv"), grads, (qd.grad, kd.grad, vd.grad)):
         assert got_g.shape == want.shape and got_g.dtype == q.dtype
         e = rel_err(got_g, want)
@@ -163,6 +177,58 @@ def test_tile_runs(case, tile):
     _run(case, seed=3, tile=tile)
 
 
+# Score modifiers: (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, window, dtype, softcap,
+# alibi), alibi None or the slopes' shape as a caller passes them ("heads" [Hq], "batch" [B, Hq]).
+FEATURES = [
+    (1, 2, 2, 1, 1, 16, True, -1, "float32", 5.0, None),          # one key: only the LSE sees the cap
+    (2, 4, 2, 7, 33, 32, True, -1, "float16", 30.0, "heads"),
+    (1, 4, 1, 33, 33, 80, False, -1, "float32", 5.0, "batch"),
+    (2, 2, 1, 33, 7, 16, True, -1, "float32", 0.0, "batch"),      # seq_q > seq_k: rows without keys
+    (1, 2, 2, 33, 33, 32, False, (5, 3), "float16", 5.0, "heads"),
+    (1, 4, 2, 7, 33, 80, False, 9, "float32", 30.0, None),
+    (2, 2, 2, 1, 33, 32, False, -1, "float32", 0.0, "heads"),     # decode row
+]
+
+
+def _run_features(case, tile=None):
+    b, hq, hk, sq, sk, d, causal, window, dtype, softcap, alibi = case
+    left, right = masks.canonical_window(causal, window)
+    q, k, v = make(b, hq, hk, sq, sk, d, dtype, zlib.crc32(repr(case).encode()) & 0xFFFF)
+    q, k = q * 4, k * 4  # scores of std 16: the cap and the bias both change the softmax (x4 is exact)
+    rng = np.random.default_rng(sq * 1000 + sk)
+    slopes = None if alibi is None else rng.uniform(0.05, 1.0, (b, hq) if alibi == "batch" else (hq,)).astype(np.float32)
+    np_in = [x.float().cpu().numpy() for x in (q, k, v)]
+    plain = attention_reference(*np_in, causal=causal, window_size=window, return_lse=True)
+    modified = attention_reference(*np_in, causal=causal, window_size=window, return_lse=True, softcap=softcap,
+                                   alibi_slopes=slopes)
+    seen = np.isfinite(plain[1])
+    changed = max(np.abs(plain[0] - modified[0]).max(), np.abs(plain[1][seen] - modified[1][seen]).max())
+    assert changed > 0.1, f"the case must be one the features change (by {changed:.3g})"
+    check_fwd_bwd(q, k, v, d ** -0.5, left, right, dtype, tile=tile, lse_grad=True, softcap=softcap, alibi=slopes)
+
+
+@pytest.mark.parametrize("case", FEATURES, ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+def test_softcap_alibi_forward_backward(case):
+    _run_features(case)
+
+
+@pytest.mark.parametrize("tile", [(16, 32), (32, 16)])
+def test_softcap_alibi_tile_runs(tile):
+    """Masked and fully visible tile runs both apply the modifiers, in the forward, dK/dV and dQ."""
+    _run_features((2, 2, 1, 45, 70, 32, False, (40, 20), "float32", 5.0, "batch"), tile=tile)
+
+
+def test_routing_admits_softcap_and_alibi(monkeypatch):
+    """The router's feature check (Backend.why_not) passes Triton for calls with both modifiers."""
+    q, k, v = make(1, 2, 1, 8, 8, 16, "float32", 1)
+    call = canonicalize(q, k, v, softcap=3.0, alibi_slopes=np.array([0.5, 0.25], np.float32))
+    assert call.features == {"softcap", "alibi"}
+    b = TritonBackend()
+    monkeypatch.setitem(b.__dict__, "unavailable_reason", None)  # as if a GPU were here
+    assert b.why_not("attention", call, forced=True) == b.why_not_attention(call, forced=True)
+    assert "does not apply" not in (b.why_not("attention", call, forced=True) or "")
+
+
 def test_lse_gradient_flows():
     _run((1, 4, 2, 37, 50, 32, True, -1, "float32"), seed=11, lse_grad=True)
 
@@ -224,9 +290,11 @@ def test_forced_without_gpu_raises_with_reason():
         aule.flash_attention(x, x, x, backend="triton")
 
 
-def test_opcheck():
+@pytest.mark.parametrize("modified", [False, True], ids=["plain", "softcap-alibi"])
+def test_opcheck(modified):
     q, k, v = make(1, 4, 2, 24, 40, 32, "float32", 4)
-    args = tuple(x.requires_grad_() for x in (q, k, v)) + (0.2, -1, 0)
+    extra = (3.0, torch.rand(1, 4).to(DEV)) if modified else (0.0, None)
+    args = tuple(x.requires_grad_() for x in (q, k, v)) + (0.2, -1, 0) + extra
     torch.library.opcheck(torch.ops.aule.triton_attention_fwd.default, args)
 
 
@@ -266,6 +334,15 @@ def test_full_size(index, monkeypatch):
 
 
 @gpu_only
+@pytest.mark.parametrize("case", [(2, 8, 2, 1025, 1025, 128, True, -1, "bfloat16", 50.0, "batch"),
+                                  (1, 8, 1, 97, 1025, 80, False, (300, 64), "float16", 5.0, "heads")],
+                         ids=lambda c: "-".join(map(str, c)).replace(" ", ""))
+def test_softcap_alibi_full_size(case, monkeypatch):
+    monkeypatch.setenv("AULE_TRITON_CONFIG", "0")  # one compiled tile per kernel, not a tuning sweep
+    _run_features(case)
+
+
+@gpu_only
 def test_autotuned_path(monkeypatch):
     monkeypatch.setenv("AULE_TRITON_AUTOTUNE", "1")
     monkeypatch.delenv("AULE_TRITON_CONFIG", raising=False)
@@ -275,9 +352,14 @@ def test_autotuned_path(monkeypatch):
 
 
 @gpu_only
-def test_routing_auto_picks_triton():
+@pytest.mark.parametrize("features", [{}, {"softcap": 20.0, "alibi_slopes": np.linspace(0.1, 0.8, 4, dtype=np.float32)}],
+                         ids=["plain", "softcap-alibi"])
+def test_routing_auto_picks_triton(features):
+    from aule import routing
+
     q, k, v = make(1, 4, 2, 64, 64, 64, "bfloat16", 1)
-    out = aule.flash_attention(q, k, v, causal=True)
-    ref = attention_reference(*(x.float().cpu().numpy() for x in (q, k, v)), causal=True)
+    assert routing.route(canonicalize(q, k, v, **features), "attention").name.startswith("triton")
+    out = aule.flash_attention(q, k, v, causal=True, **features)
+    ref = attention_reference(*(x.float().cpu().numpy() for x in (q, k, v)), causal=True, **features)
     assert np.abs(out.float().cpu().numpy() - ref).max() < OUT_TOL["bfloat16"]
     assert "triton" in aule.get_available_backends() or "triton-amd" in aule.get_available_backends()

@@ -19,6 +19,9 @@ class TritonBackend(Backend):
     name = "triton"
     ops = ("attention", "paged_attention", "write_kv", "kv_store")
     differentiable = True
+    # Compile-time flags of the dense kernels (forward and backward); the paged kernels take
+    # neither, and paged calls carry no features.
+    features = frozenset({"softcap", "alibi"})
     flavour = "cuda"  # torch.version.cuda / torch.version.hip: which build this backend needs
 
     def _probe(self):
@@ -82,7 +85,14 @@ class TritonBackend(Backend):
     def attention(self, call):
         from .ops import triton_attention
 
-        out, lse = triton_attention(call.q, call.k, call.v, call.scale, call.left, call.right)
+        alibi = None
+        if call.alibi is not None:
+            import torch
+
+            # A copy: the validated slopes may be a read-only view of the caller's array.
+            alibi = torch.tensor(call.alibi, device=call.q.device)
+        out, lse = triton_attention(call.q, call.k, call.v, call.scale, call.left, call.right,
+                                    call.softcap, alibi)
         return out, (lse if call.return_lse else None)
 
     # -- paged attention and KV writes ----------------------------------------------------------

@@ -17,6 +17,11 @@ One set of kernels for NVIDIA and AMD; targets differ only by the configurations
 * Rows with NaN or infinite scores follow aule.masks' rule (:func:`_finish_rows`): a NaN score
   makes the row NaN with LSE NaN, a ``+inf`` score makes it NaN with LSE ``+inf``, scores all
   ``-inf`` give zeros like a masked row. The backward pass defines no gradient for such rows.
+* Score modifiers are compile-time flags, so kernels without them compile to exactly the plain
+  code: SOFTCAP caps the scaled score to ``softcap * tanh(score / softcap)`` and HAS_ALIBI adds
+  ``-slope * |pos - j|`` (one slope per batch and query head), both before masking as in
+  aule.masks (:func:`_scores2`). The backward differentiates through the cap with
+  ``1 - tanh^2``; ALiBi is additive and needs only the biased score.
 * head_dim is padded to the power of two BLOCK_D inside the kernel by masked loads (PAD_D).
 * Every tensor is addressed through its strides, so non-contiguous inputs need no copy.
 """
@@ -61,6 +66,43 @@ def _finish_rows(acc, l_i, m_i):
     poisoned = saw_nan | (m_i == float("inf"))
     out = tl.where(ok[:, None], acc / l_safe[:, None], tl.where(poisoned[:, None], float("nan"), 0.0))
     return out, lse2
+
+
+@triton.jit
+def _tanh(x):
+    """tanh through exp2, one instruction on every target and in the interpreter alike (libdevice's
+    tanh is a per-target library); exactly +-1 at +-inf, NaN stays NaN. Its absolute error near 0,
+    ~1e-7, is what float32 scores carry anyway."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _scores2(qk, pos, offs_k, qk_scale, cap_in, cap_out, slope2,
+             SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Base-2 scores of raw products ``qk`` of rows at key positions ``pos`` and keys ``offs_k``
+    (broadcastable to qk), with aule.masks' softcap and ALiBi: ``(s2, t)``, ``t`` the cap's
+    ``tanh(score / softcap)`` that the backward needs (``qk`` itself without SOFTCAP, unused).
+    ``cap_in = scale / softcap`` and ``cap_out = softcap * log2(e)`` fold the scale and the base
+    into the cap's two multiplies; ``slope2`` is the ALiBi slope times log2(e)."""
+    if SOFTCAP:
+        t = _tanh(qk * cap_in)
+        s2 = t * cap_out
+    else:
+        t = qk
+        s2 = qk * qk_scale
+    if HAS_ALIBI:
+        s2 = s2 - slope2 * tl.abs(pos - offs_k).to(tl.float32)
+    return s2, t
+
+
+@triton.jit
+def _slope2(ALIBI, off_b, off_h, H_Q, HAS_ALIBI: tl.constexpr):
+    """The ALiBi slope of (batch, query head) from ``ALIBI [B, H_Q]`` float32, times log2(e)."""
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + off_b * H_Q + off_h) * 1.4426950408889634
+    else:
+        slope2 = 0.0
+    return slope2
 
 
 @triton.jit
@@ -153,10 +195,10 @@ def _query_tile(H_Q, GROUP, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                    pos, offs_n0, offs_d, start, end, SEQ_K, LEFT, RIGHT, qk_scale,
-                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    pos, offs_n0, offs_d, start, end, SEQ_K, LEFT, RIGHT, qk_scale, cap_in, cap_out,
+                    slope2, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Online softmax (base 2) of one query tile over key tiles ``[start, end)``."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
@@ -165,13 +207,17 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         kt = _load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                    d_ok[:, None], n_ok[None, :], PAD_D, MASKED)
         qk = tl.dot(q, kt, input_precision=DOT_PREC)
-        if MASKED:
-            vis = _visible(pos[:, None], offs_n[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
-            qk = tl.where(vis, qk * qk_scale, float("-inf"))
+        if MASKED or SOFTCAP or HAS_ALIBI:
+            qk, _ = _scores2(qk, pos[:, None], offs_n[None, :], qk_scale, cap_in, cap_out, slope2,
+                             SOFTCAP, HAS_ALIBI)
+            if MASKED:
+                vis = _visible(pos[:, None], offs_n[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+                qk = tl.where(vis, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = _shift(m_new)
             p = tl.math.exp2(qk - m_use[:, None])
         else:
+            # Plain scores scale after the row maximum: one multiply per row instead of per score.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = _shift(m_new)  # visible keys can still score -inf or +inf
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
@@ -186,15 +232,16 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,
+def _attn_fwd(Q, K, V, O, LSE, ALIBI,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
-              SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, H_Q, GROUP,
+              SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, cap_in, cap_out, H_Q, GROUP,
               Q_BUCKET, K_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, batch*query head). Writes O and the natural-log LSE."""
     pid_bh, off_b, off_h, off_kvh, start_m = _query_tile(H_Q, GROUP, HAS_RIGHT, BLOCK_M)
@@ -210,6 +257,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     k_base = K + off_b * stride_kb + off_kvh * stride_kh
     v_base = V + off_b * stride_vb + off_kvh * stride_vh
     pos = offs_m + (SEQ_K - SEQ_Q)
+    slope2 = _slope2(ALIBI, off_b, off_h, H_Q, HAS_ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -222,8 +270,9 @@ def _attn_fwd(Q, K, V, O, LSE,
             acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base,
                                             stride_kn, stride_kd, stride_vn, stride_vd,
                                             pos, offs_n0, offs_d, start, end, SEQ_K, LEFT, RIGHT,
-                                            qk_scale, run != 1, HAS_LEFT, HAS_RIGHT, HEAD_DIM,
-                                            PAD_D, BLOCK_N, DOT_PREC)
+                                            qk_scale, cap_in, cap_out, slope2, run != 1, HAS_LEFT,
+                                            HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
+                                            SOFTCAP, HAS_ALIBI)
 
     out, lse2 = _finish_rows(acc, l_i, m_i)
     lse = lse2 * 0.6931471805599453
@@ -264,12 +313,13 @@ def _attn_bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, first_head, row0,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, off_b, first_head, row0,
                          stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
-                         offs_n, offs_m0, offs_d, start, end, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT,
-                         qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                         offs_n, offs_m0, offs_d, start, end, GROUP, H_Q, SEQ_Q, SEQ_K, LEFT, RIGHT,
+                         qk_scale, cap_in, cap_out, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+                         BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr):
     """Accumulate dK and dV of one key tile over query tiles ``[start, end)`` of every query head
     of the GQA group (transposed scores). Heads and tiles share one flat loop: a loop nest here
     made the compiler spill the dK/dV accumulators on Hopper."""
@@ -292,9 +342,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, first_head, row0,
             lse2 = tl.load(LSE2 + rows)
             delta = tl.load(DELTA + rows)
         st = tl.dot(k, qt, input_precision=DOT_PREC)
-        pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+        pos = offs_m + (SEQ_K - SEQ_Q)
+        st, tt = _scores2(st, pos[None, :], offs_n[:, None], qk_scale, cap_in, cap_out,
+                          _slope2(ALIBI, off_b, h, H_Q, HAS_ALIBI), SOFTCAP, HAS_ALIBI)
+        pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
-            pos = offs_m + (SEQ_K - SEQ_Q)
             vis = _visible(pos[None, :], offs_n[:, None], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(vis, pt, 0.0)
         do = _load(DO + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
@@ -302,22 +354,25 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, first_head, row0,
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:
+            dst = dst * (1.0 - tt * tt)  # d/dx c*tanh(x/c)
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                   SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, H_Q, H_KV, GROUP,
+                   SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, cap_in, cap_out, H_Q, H_KV, GROUP,
                    Q_BUCKET, K_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key tile, batch*KV head). It walks every query head of its GQA group, so
     dK/dV are summed over the group in registers: no atomics, no expanded K/V."""
@@ -346,11 +401,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV,
     for run in tl.static_range(3):
         if run != 0 or HAS_RIGHT:
             start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_b, do_b, LSE2, DELTA, first_head, row0,
-                                          stride_qh, stride_qm, stride_qd, stride_doh, stride_dom,
-                                          stride_dod, offs_n, offs_m0, offs_d, start, end, GROUP,
-                                          SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT,
-                                          HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_M, DOT_PREC)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_b, do_b, LSE2, DELTA, ALIBI, off_b,
+                                          first_head, row0, stride_qh, stride_qm, stride_qd,
+                                          stride_doh, stride_dom, stride_dod, offs_n, offs_m0,
+                                          offs_d, start, end, GROUP, H_Q, SEQ_Q, SEQ_K, LEFT, RIGHT,
+                                          qk_scale, cap_in, cap_out, run != 1, HAS_LEFT, HAS_RIGHT,
+                                          HEAD_DIM, PAD_D, BLOCK_M, DOT_PREC, SOFTCAP, HAS_ALIBI)
     dk = dk * sm_scale
     ok = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -362,9 +418,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd,
                        stride_vn, stride_vd, pos, offs_n0, offs_d, start, end, SEQ_K, LEFT, RIGHT,
-                       qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                       qk_scale, cap_in, cap_out, slope2, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                        HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                       BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr,
+                       HAS_ALIBI: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles ``[start, end)``."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
@@ -375,27 +432,32 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
         vt = _load(v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn,
                    d_ok[:, None], n_ok[None, :], PAD_D, MASKED)
         s = tl.dot(q, kt, input_precision=DOT_PREC)
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        s, t = _scores2(s, pos[:, None], offs_n[None, :], qk_scale, cap_in, cap_out, slope2,
+                        SOFTCAP, HAS_ALIBI)
+        p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             vis = _visible(pos[:, None], offs_n[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)  # d/dx c*tanh(x/c)
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ,
+def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                 SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, H_Q, GROUP,
+                 SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, cap_in, cap_out, H_Q, GROUP,
                  Q_BUCKET, K_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, batch*query head): dQ = scale * dS K over the visible keys."""
     pid_bh, off_b, off_h, off_kvh, start_m = _query_tile(H_Q, GROUP, HAS_RIGHT, BLOCK_M)
@@ -414,6 +476,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ,
     k_base = K + off_b * stride_kb + off_kvh * stride_kh
     v_base = V + off_b * stride_vb + off_kvh * stride_vh
     pos = offs_m + (SEQ_K - SEQ_Q)
+    slope2 = _slope2(ALIBI, off_b, off_h, H_Q, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
                                            HAS_LEFT, HAS_RIGHT)
@@ -422,8 +485,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ,
             start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
             dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd,
                                     stride_vn, stride_vd, pos, offs_n0, offs_d, start, end, SEQ_K,
-                                    LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT, HAS_RIGHT,
-                                    HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC)
+                                    LEFT, RIGHT, qk_scale, cap_in, cap_out, slope2, run != 1,
+                                    HAS_LEFT, HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
+                                    SOFTCAP, HAS_ALIBI)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),

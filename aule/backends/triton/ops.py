@@ -1,8 +1,9 @@
 """Launching the attention kernels, and the ``torch.library`` custom ops that make them autograd-
 and ``torch.compile``-friendly.
 
-``aule::triton_attention_fwd(q, k, v, scale, left, right) -> (out, lse)`` and
-``aule::triton_attention_bwd(dout, q, k, v, out, lse, dlse, scale, left, right) -> (dq, dk, dv)``
+``aule::triton_attention_fwd(q, k, v, scale, left, right, softcap, alibi) -> (out, lse)`` and
+``aule::triton_attention_bwd(dout, q, k, v, out, lse, dlse, scale, left, right, softcap, alibi)
+-> (dq, dk, dv)``
 are real custom operators with fake (meta) implementations, and the forward op has its backward
 registered through ``register_autograd``, so ``torch.compile`` traces calls without a graph break.
 """
@@ -25,7 +26,7 @@ log = logging.getLogger("aule")
 
 _KERNELS = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}
 # Shape buckets, head_dim and mask sides pick the tile; the autotuner adds the dtypes itself.
-_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"]
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI"]
 _PRE_BLOCK_M = 64
 
 
@@ -115,11 +116,26 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "tf32x3" if target_of(q) == "cuda" else "ieee"
 
 
-def _meta(q: torch.Tensor, left: int, right: int) -> dict:
+def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi) -> dict:
     d = q.shape[-1]
     bd = block_d(d)
     return dict(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                DOT_PREC=_dot_precision(q))
+                DOT_PREC=_dot_precision(q), SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None)
+
+
+def _cap(scale: float, softcap: float) -> tuple[float, float]:
+    """``(cap_in, cap_out)`` of the kernels' softcap in base 2 (kernels._scores2); unused at 0."""
+    return (scale / softcap, softcap * LOG2E) if softcap > 0 else (0.0, 0.0)
+
+
+def _slopes(alibi, q: torch.Tensor, b: int, hq: int):
+    """ALiBi slopes as the kernels read them: float32 ``[B, Hq]`` contiguous on q's device; any
+    tensor stands in when there are none (the kernels never read it then)."""
+    if alibi is None:
+        return q
+    if tuple(alibi.shape) != (b, hq):
+        raise ValueError(f"alibi must be [batch, heads_q] = [{b}, {hq}], got {tuple(alibi.shape)}")
+    return alibi.to(device=q.device, dtype=torch.float32).contiguous()
 
 
 def fp32_refusal(dtype_name: str, head_dim: int, device_type: str) -> str | None:
@@ -148,10 +164,13 @@ def _check(q, k, v):
         raise UnsupportedError(reason)
 
 
-def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None):
+def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, softcap: float = 0.0,
+                      alibi=None):
     """``(out, lse)`` for ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` (any strides). ``out`` is
     contiguous in q's dtype; ``lse`` float32 ``[B,Hq,Sq]``, natural log, ``-inf`` for rows that
-    see no key (NaN and ``+inf`` rows by aule.masks' rule). ``tile`` forces a configuration (tests exercise the tile-run arithmetic with it)."""
+    see no key (NaN and ``+inf`` rows by aule.masks' rule). ``softcap > 0`` caps the scores and
+    ``alibi`` (slopes ``[B, Hq]``) biases them, as aule.masks defines. ``tile`` forces a
+    configuration (tests exercise the tile-run arithmetic with it)."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -159,17 +178,19 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None):
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if b * hq * sq == 0 or sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            sq, sk, left, right, scale * LOG2E, hq, hq // hkv, next_pow2(sq), next_pow2(sk))
-    _launch("fwd", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), args, _meta(q, left, right), q,
-            (sq, sk), tile)
+    args = (q, k, v, out, lse, _slopes(alibi, q, b, hq), *q.stride(), *k.stride(), *v.stride(),
+            *out.stride(), sq, sk, left, right, scale * LOG2E, *_cap(scale, softcap), hq, hq // hkv,
+            next_pow2(sq), next_pow2(sk))
+    _launch("fwd", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), args,
+            _meta(q, left, right, softcap, alibi), q, (sq, sk), tile)
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, right: int,
-                       tile_dkdv=None, tile_dq=None):
+                       tile_dkdv=None, tile_dq=None, softcap: float = 0.0, alibi=None):
     """``(dq, dk, dv)`` (contiguous, in the inputs' dtype). ``dlse`` is the gradient reaching the
-    LSE output, or None. dK/dV are summed over each GQA group inside the kernel."""
+    LSE output, or None. dK/dV are summed over each GQA group inside the kernel. ``softcap`` and
+    ``alibi`` as the forward had them (the slopes get no gradient)."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -186,20 +207,21 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
     lse2 = torch.empty_like(lse)
     has_dlse = dlse is not None
     dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else delta
-    meta = _meta(q, left, right)
+    meta = _meta(q, left, right, softcap, alibi)
+    slopes = _slopes(alibi, q, b, hq)
     pre_bm = cfg.INTERPRET_TILE[0] if q.device.type == "cpu" else _PRE_BLOCK_M
     target_of(q)  # the CPU/interpreter check before any launch
     kernels._attn_bwd_preprocess[(cdiv(sq, pre_bm), b * hq)](
         out, dout, lse, dlse_arg, delta, lse2, *out.stride(), *dout.stride(), sq, hq,
         HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=has_dlse, BLOCK_M=pre_bm)
-    common = (sq, sk, left, right, scale * LOG2E, scale)
+    common = (sq, sk, left, right, scale * LOG2E, scale, *_cap(scale, softcap))
     buckets = (next_pow2(sq), next_pow2(sk))
     _launch("dkdv", lambda m: (cdiv(sk, m["BLOCK_N"]), b * hkv),
-            (q, k, v, dout, lse2, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+            (q, k, v, dout, lse2, delta, dk, dv, slopes, *q.stride(), *k.stride(), *v.stride(),
              *dout.stride(), *dk.stride(), *dv.stride(), *common, hq, hkv, hq // hkv, *buckets),
             meta, q, (sq, sk), tile_dkdv)
     _launch("dq", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq),
-            (q, k, v, dout, lse2, delta, dq, *q.stride(), *k.stride(), *v.stride(),
+            (q, k, v, dout, lse2, delta, dq, slopes, *q.stride(), *k.stride(), *v.stride(),
              *dout.stride(), *dq.stride(), *common, hq, hq // hkv, *buckets),
             meta, q, (sq, sk), tile_dq)
     return dq, dk, dv
@@ -209,41 +231,44 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
 
 @torch.library.custom_op("aule::triton_attention_fwd", mutates_args=())
 def triton_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                         left: int, right: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, scale, left, right)
+                         left: int, right: int, softcap: float, alibi: Optional[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale, left, right, softcap=softcap, alibi=alibi)
 
 
 @triton_attention_fwd.register_fake
-def _fwd_fake(q, k, v, scale, left, right):
+def _fwd_fake(q, k, v, scale, left, right, softcap, alibi):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("aule::triton_attention_bwd", mutates_args=())
 def triton_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
-                         scale: float, left: int, right: int
+                         scale: float, left: int, right: int, softcap: float,
+                         alibi: Optional[torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(dout, q, k, v, out, lse, dlse, scale, left, right)
+    return attention_backward(dout, q, k, v, out, lse, dlse, scale, left, right, softcap=softcap,
+                              alibi=alibi)
 
 
 @triton_attention_bwd.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, left, right):
+def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, left, right, softcap, alibi):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, left, right = inputs
+    q, k, v, scale, left, right, softcap, alibi = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.window = (scale, left, right)
+    ctx.save_for_backward(q, k, v, out, lse, alibi)
+    ctx.window = (scale, left, right, softcap)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, alibi = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = triton_attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.window)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = triton_attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.window, alibi)
+    return dq, dk, dv, None, None, None, None, None
 
 
 triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -263,11 +288,15 @@ def _functorch_active() -> bool:
     return bool(active()) if active is not None else False
 
 
-def triton_attention(q, k, v, scale: float, left: int = -1, right: int = -1):
+def triton_attention(q, k, v, scale: float, left: int = -1, right: int = -1, softcap: float = 0.0,
+                     alibi: Optional[torch.Tensor] = None):
     """Differentiable attention through the custom op: ``(out, lse)``. ``left``/``right`` are
-    aule.masks' canonical window (``-1`` unbounded; causal is ``right=0``)."""
+    aule.masks' canonical window (``-1`` unbounded; causal is ``right=0``); ``softcap`` (0 for
+    none) and ``alibi`` (float32 slopes ``[B, Hq]`` or None) modify the scores as aule.masks says."""
     if _eager_inference(q, k, v):
         # Inference in eager mode runs the kernels directly: the custom op's autograd wrapper and
         # redispatch add host time that short calls (a decode step, a 1k-token layer) feel.
-        return attention_forward(q, k, v, float(scale), int(left), int(right))
-    return torch.ops.aule.triton_attention_fwd(q, k, v, float(scale), int(left), int(right))
+        return attention_forward(q, k, v, float(scale), int(left), int(right), softcap=float(softcap),
+                                 alibi=alibi)
+    return torch.ops.aule.triton_attention_fwd(q, k, v, float(scale), int(left), int(right),
+                                               float(softcap), alibi)
