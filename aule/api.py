@@ -15,7 +15,7 @@ from .routing import attend, attend_paged, attention, forced_backend, route, ten
 
 
 def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, *,
-                    backend=None, return_lse=False, softcap=0.0, alibi_slopes=None):
+                    backend=None, return_lse=False, softcap=0.0, alibi_slopes=None, sinks=None):
     """Exact attention, memory-efficient, on whichever backend suits the inputs.
 
     ``query [batch, heads_q, seq_q, head_dim]``, ``key``/``value [batch, heads_kv, seq_k, head_dim]``
@@ -25,15 +25,17 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
     with ``return_lse=True`` also the float32 log-sum-exp ``[batch, heads_q, seq_q]``.
     ``softcap > 0`` caps each score to ``softcap * tanh(score / softcap)`` before masking (Gemma 2);
     ``alibi_slopes`` (``[heads_q]`` or ``[batch, heads_q]``) adds ``-slope * |i + seq_k - seq_q - j|`` to
-    each score (flash-attn's ALiBi). Today only the NumPy backend applies either, so such calls are
-    routed there.
+    each score (flash-attn's ALiBi). ``sinks [heads_q]`` (gpt-oss' attention sinks) are float logits that
+    join each row's softmax denominator, the LSE included (a row that sees no key stays zeros, with
+    LSE ``sinks[h]``). Today only the NumPy backend applies these features, so such calls are routed
+    there.
     """
+    features = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     if _compiling(query):
         from .sdpa_core import traced_attention
 
-        return traced_attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap,
-                                alibi_slopes)
-    out, lse = attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap, alibi_slopes)
+        return traced_attention(query, key, value, causal, scale, window_size, backend, return_lse, **features)
+    out, lse = attention(query, key, value, causal, scale, window_size, backend, return_lse, **features)
     return (out, lse) if return_lse else out
 
 
@@ -47,17 +49,17 @@ def _compiling(x) -> bool:
 # paged attention and KV writes
 
 def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
-                          backend=None):
+                          backend=None, sinks=None):
     """Attention of ``q`` over a paged (block-table) KV cache, vLLM's layout.
 
     ``q [batch, heads_q, q_len, head_dim]``: the last ``q_len`` positions of each sequence, causal
     among themselves. ``k_cache, v_cache [num_blocks, block_size, heads_kv, head_dim]``;
     ``block_tables [batch, max_blocks]`` int32; ``context_lens [batch]`` int32 (new tokens included,
     already written with :func:`copy_kv_to_paged`). ``window_size`` as in
-    :func:`aule.flash_attention`. Returns an array like ``q``. Bad tables raise ``ValueError``
-    before any kernel runs.
+    :func:`aule.flash_attention`, and so are ``sinks`` (served by the NumPy backend for now). Returns
+    an array like ``q``. Bad tables raise ``ValueError`` before any kernel runs.
     """
-    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size)
+    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size, sinks=sinks)
     return attend_paged(call, backend)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import masks
+from .errors import UnsupportedError
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -107,11 +108,14 @@ class AttentionCall(Grouped):
     softcap: float = 0.0   # > 0: scores become softcap * tanh(score / softcap) (masks.py)
     # ALiBi slopes as float32 [batch, heads_q], or None: score(i, j) -= slope * |i + seq_k - seq_q - j|
     alibi: Any = field(default=None, compare=False, repr=False)
+    # Attention sinks as float32 [heads_q], or None: one more softmax term per row (masks.py)
+    sinks: Any = field(default=None, compare=False, repr=False)
 
     @property
     def features(self) -> frozenset:
-        """The optional score modifiers this call uses; a backend serves it only if it has them all."""
-        return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None)) if on)
+        """The optional features this call uses; a backend serves it only if it has them all."""
+        return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None),
+                                               ("sinks", self.sinks is not None)) if on)
 
     def describe(self) -> str:
         return (f"q[{self.batch},{self.heads_q},{self.seq_q},{self.head_dim}] "
@@ -207,8 +211,33 @@ def check_alibi(alibi_slopes, batch: int, heads_q: int):
     return np.ascontiguousarray(slopes)
 
 
+def check_sinks(sinks, heads_q: int):
+    """``sinks`` ([heads_q] floats, NumPy or torch) as float32 [heads_q], or ``None``."""
+    if sinks is None:
+        return None
+    if not (isinstance(sinks, np.ndarray) or is_torch_tensor(sinks)):
+        raise TypeError(f"sinks must be a NumPy array or torch tensor, got {type(sinks).__name__}")
+    if dtype_name(sinks) not in FLOAT_DTYPES:
+        raise TypeError(f"sinks must hold floats (one logit per query head), got dtype {dtype_name(sinks)}")
+    if shape_tuple(sinks) != (heads_q,):
+        raise ValueError(f"sinks must have shape [heads_q] = [{heads_q}], got {shape_tuple(sinks)}")
+    if is_torch_tensor(sinks):
+        import torch
+
+        # Learned sinks: no backend differentiates through them, and a gradient must never go missing.
+        if sinks.requires_grad and torch.is_grad_enabled():
+            raise UnsupportedError("sinks requires grad, and no aule backend has a backward pass for sinks yet; "
+                                   "pass sinks.detach() or call under torch.no_grad()")
+        sinks = sinks.detach().float().cpu().numpy()
+    with np.errstate(over="ignore"):  # a logit beyond float32 becomes inf, refused next
+        host = np.asarray(sinks, dtype=np.float32)
+    if not np.isfinite(host).all():
+        raise ValueError("sinks must be finite (in float32)")
+    return np.ascontiguousarray(host)
+
+
 def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, return_lse=False,
-                 softcap=0.0, alibi_slopes=None) -> AttentionCall:
+                 softcap=0.0, alibi_slopes=None, sinks=None) -> AttentionCall:
     """Validate the public arguments once; every error names the argument and the rule."""
     named = {"query": query, "key": key, "value": value}
     kind, device = check_same_family(named)
@@ -236,4 +265,5 @@ def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, ret
         q=query, k=key, v=value, kind=kind, device=device, dtype=dtype,
         batch=qs[0], heads_q=qs[1], heads_kv=ks[1], seq_q=qs[2], seq_k=ks[2], head_dim=qs[3],
         scale=check_scale(scale, qs[3]), left=left, right=right, return_lse=bool(return_lse),
-        causal=bool(causal), softcap=check_softcap(softcap), alibi=check_alibi(alibi_slopes, qs[0], qs[1]))
+        causal=bool(causal), softcap=check_softcap(softcap), alibi=check_alibi(alibi_slopes, qs[0], qs[1]),
+        sinks=check_sinks(sinks, qs[1]))

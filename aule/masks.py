@@ -17,15 +17,21 @@ masking (Gemma 2; flash-attn's definition): :func:`apply_softcap`. ALiBi then ad
 ``-slope * |pos(i) - j|`` to the score of query ``i`` and key ``j``, one slope per query head (and
 batch): :func:`alibi_bias`.
 
+Attention sinks (gpt-oss): one learned logit ``sink[h]`` per query head joins every row's softmax
+denominator, ``out = sum_j e^{s_j} v_j / (e^{sink} + sum_j e^{s_j})`` and ``LSE = log(e^{sink} +
+sum_j e^{s_j})``. The sink is a key every row sees, whose value is zero and which no mask hides:
+:func:`finish_rows` joins it to the row's statistics.
+
 What a row gives, from the scores (after ``scale`` and softcap) of the keys it sees, first rule that applies:
 
 1. no visible key (for example the first ``seq_q - seq_k`` rows of a causal call with
-   ``seq_q > seq_k``): zeros, LSE ``-inf``;
+   ``seq_q > seq_k``): zeros, LSE ``-inf``; with sinks zeros too, and LSE ``sink`` (the sink is
+   then the only term of the denominator, so the LSE stays what the definition gives);
 2. a visible score is NaN: the row is NaN, LSE NaN;
 3. a visible score is ``+inf``: the row is NaN (``inf - inf``, as torch's math), LSE ``+inf``;
-4. every visible score is ``-inf``: as if masked, zeros and LSE ``-inf`` (an online softmax
-   cannot tell these rows from masked ones);
-5. otherwise the softmax, LSE in natural log.
+4. every visible score is ``-inf``: as if masked, zeros and LSE ``-inf`` (``sink`` with sinks; an
+   online softmax cannot tell these rows from masked ones);
+5. otherwise the softmax (the sink in its denominator), LSE in natural log.
 
 A NaN in a value reaches the output only through the product ``P.V``, as IEEE arithmetic gives it:
 a non-finite value of a key hidden from a row may reach that row when the key shares a computed tile
@@ -130,15 +136,18 @@ def tile_fully_visible(q_start: int, q_end: int, k_start: int, k_end: int,
     return True
 
 
-def finish_rows(m, l, acc):
+def finish_rows(m, l, acc, sink=None):
     """``(out, lse)`` of rows from their online-softmax state, by the rule in this module's
     docstring.
 
     ``m`` is the running maximum of each row's visible scores, combined with ``np.maximum`` so
     that one NaN score leaves it NaN (``-inf`` when the row saw no key or only ``-inf``);
     ``l = sum(exp(s - m))`` and ``acc = sum(exp(s - m) * v)`` were shifted by 0 wherever ``m`` is
-    not finite. Shapes: ``m, l [...]``, ``acc [..., D]``; results keep ``acc``'s dtype.
+    not finite. ``sink`` (finite, broadcastable to ``m``): the rows' sink logits, joined here as
+    one more term of value zero. Shapes: ``m, l [...]``, ``acc [..., D]``; results keep ``acc``'s dtype.
     """
+    if sink is not None:
+        m, l, acc = _join_sink(m, l, acc, sink)
     finite = np.isfinite(m)
     # A finite maximum is itself one of the terms, so l >= 1 there; elsewhere l is not used.
     l_safe = np.where(finite, l, 1)
@@ -149,6 +158,24 @@ def finish_rows(m, l, acc):
     # log(1) + m is m itself where m is not finite: -inf, +inf or NaN, the rule's LSE.
     lse = np.log(l_safe) + m
     return out, lse
+
+
+def _join_sink(m, l, acc, sink):
+    """The online-softmax step for one more term of logit ``sink`` and value 0."""
+    sink = np.asarray(sink, dtype=acc.dtype)
+    # np.maximum keeps a NaN maximum, and +inf beats any finite sink: rules 2 and 3 still apply.
+    m_new = np.maximum(m, sink)
+    shift = np.where(np.isfinite(m_new), m_new, 0)
+    # exp(-inf - shift) = 0 for rows that saw nothing, whose l and acc are 0 anyway.
+    alpha = np.exp(m - shift)
+    return m_new, l * alpha + np.exp(sink - shift), acc * alpha[..., None]
+
+
+def no_key_lse(shape, sinks, dtype):
+    """LSE of rows that see no key, ``[batch, heads_q, seq_q]``: ``-inf``, or each head's sink."""
+    if sinks is None:
+        return np.full(shape, -np.inf, dtype=dtype)
+    return np.broadcast_to(np.asarray(sinks, dtype)[:, None], shape).copy()
 
 
 def apply_softcap(s, softcap: float):

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from . import backends, settings
+from . import backends, masks, settings
 from .backends.base import nothing_to_compute
 from .call import AttentionCall, canonicalize, shape_tuple
 from .errors import UnsupportedError
@@ -94,12 +94,12 @@ def _empty_result(call: AttentionCall):
     q = call.q
     if call.kind == "numpy":
         out = np.zeros(shape, dtype=q.dtype)
-        lse = np.full(lse_shape, -np.inf, dtype=np.float64 if q.dtype == np.float64 else np.float32)
+        lse = masks.no_key_lse(lse_shape, call.sinks, np.float64 if q.dtype == np.float64 else np.float32)
     else:
         import torch
 
         out = torch.zeros(shape, dtype=q.dtype, device=q.device)
-        lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.from_numpy(masks.no_key_lse(lse_shape, call.sinks, np.float32)).to(q.device)
     return out, lse
 
 
@@ -134,8 +134,7 @@ def attend_paged(call: PagedCall, backend=None):
     return route(call, "paged_attention", backend).run("paged_attention", call)
 
 
-def attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap=0.0, alibi_slopes=None):
+def attention(query, key, value, causal, scale, window_size, backend, return_lse, **features):
     """``(out, lse)`` of eager dense attention: validated once, then routed (see
-    :func:`aule.flash_attention`)."""
-    return attend(canonicalize(query, key, value, causal, scale, window_size, return_lse, softcap, alibi_slopes),
-                  backend)
+    :func:`aule.flash_attention`; ``features`` are its keyword-only features, ``softcap=`` ...)."""
+    return attend(canonicalize(query, key, value, causal, scale, window_size, return_lse, **features), backend)

@@ -204,15 +204,17 @@ def _host_attention_lse_fake(query, key, value, scale, left, right, backend):
     return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=torch.float32)
 
 
-def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, softcap=0.0, alibi_slopes=None):
+def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, **features):
     """``aule.flash_attention`` on torch tensors inside ``torch.compile``: one custom op in the graph.
     aule's routing (backend probes, locks, caches) cannot be traced, so the window and scale are
     resolved here and the op validates and routes the call when the graph runs."""
     left, right = masks.canonical_window(causal, window_size)
     scale = check_scale(scale, q.shape[-1])
-    if softcap or alibi_slopes is not None:
-        raise UnsupportedError("softcap and alibi_slopes inside torch.compile: aule's custom ops do not apply "
-                               "them yet")
+    # softcap is off at 0, the array-valued features at None.
+    used = [name for name, value in features.items()
+            if (value if isinstance(value, numbers.Real) else value is not None)]
+    if used:
+        raise UnsupportedError(f"{', '.join(used)} inside torch.compile: aule's custom ops do not apply them yet")
     forced = backend or ""
     if q.device.type == "cpu":
         if routing.tensors_need_grad(q, k, v):

@@ -16,11 +16,12 @@ BLOCK_K = 512
 
 
 def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK_Q, block_k=BLOCK_K, softcap=0.0,
-                    alibi=None):
+                    alibi=None, sinks=None):
     """Attention on C-contiguous NumPy arrays ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]``.
 
     Accumulates in float32 (float64 for float64 inputs), with ``scale`` rounded to that dtype.
-    Rows with NaN or infinite scores follow the rule in :mod:`aule.masks`. Returns ``(out, lse)``
+    Rows with NaN or infinite scores follow the rule in :mod:`aule.masks`, as do ``alibi
+    [B, Hq]`` and ``sinks [Hq]`` (float32, or ``None``). Returns ``(out, lse)``
     in the accumulation dtype; ``lse`` is ``None`` unless asked for.
     """
     b, hq, sq, d = q.shape
@@ -28,7 +29,7 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
     g = hq // hk
     acc_t = np.float64 if q.dtype == np.float64 else np.float32
     out = np.zeros((b, hq, sq, d), dtype=acc_t)
-    lse = np.full((b, hq, sq), -np.inf, dtype=acc_t) if return_lse else None
+    lse = masks.no_key_lse((b, hq, sq), sinks, acc_t) if return_lse else None
     qg = q.reshape(b, hk, g, sq, d)
     outg = out.reshape(b, hk, g, sq, d)
     lseg = lse.reshape(b, hk, g, sq) if return_lse else None
@@ -42,7 +43,7 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
         bq, nh = q1 - q0, hk
         k_lo, k_hi = masks.key_range(q0, q1, sq, sk, left, right)
         if k_lo >= k_hi:
-            return  # no row of this block sees a key: zeros and -inf stay
+            return  # no row of this block sees a key: zeros and the no-key LSE stay
         # Scale folded into Q once per block instead of into every score tile.
         qt = (qg[bi, :, :, q0:q1, :].astype(acc_t) * acc_t(scale)).reshape(nh, g * bq, d)
         m = np.full((nh, g * bq), -np.inf, dtype=acc_t)
@@ -77,7 +78,9 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
             acc *= alpha[..., None]
             acc += np.matmul(s, vt)
             m = m_new
-        out_blk, lse_blk = masks.finish_rows(m, l, acc)
+        # Query head h = kv head * g + r: each row's sink, laid out as the rows of m.
+        sink = None if sinks is None else np.repeat(sinks.reshape(nh, g).astype(acc_t), bq, axis=1)
+        out_blk, lse_blk = masks.finish_rows(m, l, acc, sink)
         outg[bi, :, :, q0:q1, :] = out_blk.reshape(nh, g, bq, d)
         if return_lse:
             lseg[bi, :, :, q0:q1] = lse_blk.reshape(nh, g, bq)
