@@ -15,7 +15,7 @@ from .routing import attend, attend_paged, attention, forced_backend, route, ten
 
 
 def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, *,
-                    backend=None, return_lse=False, softcap=0.0, alibi_slopes=None, sinks=None):
+                    backend=None, return_lse=False, softcap=0.0, alibi_slopes=None, sinks=None, attn_mask=None):
     """Exact attention, memory-efficient, on whichever backend suits the inputs.
 
     ``query [batch, heads_q, seq_q, head_dim]``, ``key``/``value [batch, heads_kv, seq_k, head_dim]``
@@ -27,10 +27,13 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
     ``alibi_slopes`` (``[heads_q]`` or ``[batch, heads_q]``) adds ``-slope * |i + seq_k - seq_q - j|`` to
     each score (flash-attn's ALiBi). ``sinks [heads_q]`` (gpt-oss' attention sinks) are float logits that
     join each row's softmax denominator, the LSE included (a row that sees no key stays zeros, with
-    LSE ``sinks[h]``). Today only the NumPy backend applies these features, so such calls are routed
-    there.
+    LSE ``sinks[h]``). ``attn_mask`` (SDPA's convention: bool, True = may attend, or float added to the
+    scores; broadcastable to ``[batch, heads_q, seq_q, seq_k]``) hides keys together with ``causal``
+    and the window; a padding mask (one that does not vary along ``seq_q``) is served as key
+    vectors, without a per-row mask. Today only the NumPy backend applies these features, so such
+    calls are routed there.
     """
-    features = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    features = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, attn_mask=attn_mask)
     if _compiling(query):
         from .sdpa_core import traced_attention
 

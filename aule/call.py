@@ -110,12 +110,15 @@ class AttentionCall(Grouped):
     alibi: Any = field(default=None, compare=False, repr=False)
     # Attention sinks as float32 [heads_q], or None: one more softmax term per row (masks.py)
     sinks: Any = field(default=None, compare=False, repr=False)
+    # attn_mask as a masks.AttnMask (general, or padding held as keys / key_lengths), or None
+    mask: Any = field(default=None, compare=False, repr=False)
 
     @property
     def features(self) -> frozenset:
         """The optional features this call uses; a backend serves it only if it has them all."""
         return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None),
-                                               ("sinks", self.sinks is not None)) if on)
+                                               ("sinks", self.sinks is not None), ("mask", self.mask is not None))
+                         if on)
 
     def describe(self) -> str:
         return (f"q[{self.batch},{self.heads_q},{self.seq_q},{self.head_dim}] "
@@ -193,14 +196,34 @@ def check_softcap(softcap) -> float:
     return c
 
 
+def feature_dtype(x, name: str) -> str:
+    """The dtype name of a feature's array; a TypeError naming it when it is no NumPy array or tensor."""
+    if not (isinstance(x, np.ndarray) or is_torch_tensor(x)):
+        raise TypeError(f"{name} must be a NumPy array or torch tensor, got {type(x).__name__}")
+    return dtype_name(x)
+
+
+def host_feature(x, name: str, float32: bool):
+    """A feature's array (NumPy, or a torch tensor on any device) as NumPy, in float32 if asked.
+    A torch tensor that needs grad is refused: no backend differentiates through a feature yet
+    (learned sinks, a learned bias), and a gradient must never go missing in silence."""
+    if not is_torch_tensor(x):
+        return np.asarray(x, dtype=np.float32) if float32 else x
+    import torch
+
+    if x.requires_grad and torch.is_grad_enabled():
+        raise UnsupportedError(f"{name} requires grad, and no aule backend has a backward pass for {name} yet; "
+                               f"pass {name}.detach() or call under torch.no_grad()")
+    x = x.detach()
+    return (x.float() if float32 else x).cpu().numpy()
+
+
 def check_alibi(alibi_slopes, batch: int, heads_q: int):
     """``alibi_slopes`` ([heads_q] or [batch, heads_q], NumPy or torch) as float32 [batch, heads_q]."""
     if alibi_slopes is None:
         return None
-    if not (isinstance(alibi_slopes, np.ndarray) or is_torch_tensor(alibi_slopes)):
-        raise TypeError(f"alibi_slopes must be a NumPy array or torch tensor, got {type(alibi_slopes).__name__}")
-    host = alibi_slopes.detach().float().cpu().numpy() if is_torch_tensor(alibi_slopes) else alibi_slopes
-    slopes = np.asarray(host, dtype=np.float32)
+    feature_dtype(alibi_slopes, "alibi_slopes")
+    slopes = np.asarray(host_feature(alibi_slopes, "alibi_slopes", float32=True), dtype=np.float32)
     if slopes.shape == (heads_q,):
         slopes = np.broadcast_to(slopes, (batch, heads_q))
     if slopes.shape != (batch, heads_q):
@@ -215,29 +238,37 @@ def check_sinks(sinks, heads_q: int):
     """``sinks`` ([heads_q] floats, NumPy or torch) as float32 [heads_q], or ``None``."""
     if sinks is None:
         return None
-    if not (isinstance(sinks, np.ndarray) or is_torch_tensor(sinks)):
-        raise TypeError(f"sinks must be a NumPy array or torch tensor, got {type(sinks).__name__}")
-    if dtype_name(sinks) not in FLOAT_DTYPES:
-        raise TypeError(f"sinks must hold floats (one logit per query head), got dtype {dtype_name(sinks)}")
+    dt = feature_dtype(sinks, "sinks")
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"sinks must hold floats (one logit per query head), got dtype {dt}")
     if shape_tuple(sinks) != (heads_q,):
         raise ValueError(f"sinks must have shape [heads_q] = [{heads_q}], got {shape_tuple(sinks)}")
-    if is_torch_tensor(sinks):
-        import torch
-
-        # Learned sinks: no backend differentiates through them, and a gradient must never go missing.
-        if sinks.requires_grad and torch.is_grad_enabled():
-            raise UnsupportedError("sinks requires grad, and no aule backend has a backward pass for sinks yet; "
-                                   "pass sinks.detach() or call under torch.no_grad()")
-        sinks = sinks.detach().float().cpu().numpy()
     with np.errstate(over="ignore"):  # a logit beyond float32 becomes inf, refused next
-        host = np.asarray(sinks, dtype=np.float32)
+        host = host_feature(sinks, "sinks", float32=True)
     if not np.isfinite(host).all():
         raise ValueError("sinks must be finite (in float32)")
     return np.ascontiguousarray(host)
 
 
+def check_attn_mask(attn_mask, shape):
+    """``attn_mask`` (bool, True = may attend, or float added to the scores; NumPy or torch,
+    broadcastable to ``shape`` = ``[batch, heads_q, seq_q, seq_k]``) as a :class:`aule.masks.AttnMask`."""
+    if attn_mask is None:
+        return None
+    dt = feature_dtype(attn_mask, "attn_mask")
+    if dt != "bool" and dt not in FLOAT_DTYPES:
+        raise TypeError(f"attn_mask must be bool (True = may attend) or float (added to the scores), "
+                        f"got dtype {dt}")
+    ms = shape_tuple(attn_mask)
+    if len(ms) > 4 or any(m not in (1, n) for m, n in zip(ms[::-1], shape[::-1])):
+        raise ValueError(f"attn_mask of shape {ms} is not broadcastable to [batch, heads_q, seq_q, seq_k] = "
+                         f"{list(shape)}: each of its (at most 4) trailing dimensions must be 1 or the call's")
+    return masks.canonical_attn_mask(host_feature(attn_mask, "attn_mask", float32=dt in ("float16", "bfloat16")),
+                                     shape)
+
+
 def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, return_lse=False,
-                 softcap=0.0, alibi_slopes=None, sinks=None) -> AttentionCall:
+                 softcap=0.0, alibi_slopes=None, sinks=None, attn_mask=None) -> AttentionCall:
     """Validate the public arguments once; every error names the argument and the rule."""
     named = {"query": query, "key": key, "value": value}
     kind, device = check_same_family(named)
@@ -266,4 +297,4 @@ def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, ret
         batch=qs[0], heads_q=qs[1], heads_kv=ks[1], seq_q=qs[2], seq_k=ks[2], head_dim=qs[3],
         scale=check_scale(scale, qs[3]), left=left, right=right, return_lse=bool(return_lse),
         causal=bool(causal), softcap=check_softcap(softcap), alibi=check_alibi(alibi_slopes, qs[0], qs[1]),
-        sinks=check_sinks(sinks, qs[1]))
+        sinks=check_sinks(sinks, qs[1]), mask=check_attn_mask(attn_mask, (qs[0], qs[1], qs[2], ks[2])))

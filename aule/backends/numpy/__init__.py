@@ -17,7 +17,7 @@ from .paged import paged_attention_numpy, write_kv_rows
 class NumpyBackend(Backend):
     name = "numpy"
     ops = ("attention", "paged_attention", "write_kv", "kv_store")
-    features = frozenset({"softcap", "alibi", "sinks"})
+    features = frozenset({"softcap", "alibi", "sinks", "mask"})
 
     # -- dense --------------------------------------------------------------------------------
     def why_not_attention(self, call, forced):
@@ -28,7 +28,8 @@ class NumpyBackend(Backend):
     def attention(self, call):
         q, k, v = (to_numpy(x) for x in (call.q, call.k, call.v))
         out, lse = attention_numpy(q, k, v, call.scale, call.left, call.right, call.return_lse,
-                                   softcap=call.softcap, alibi=call.alibi, sinks=call.sinks)
+                                   softcap=call.softcap, alibi=call.alibi, sinks=call.sinks,
+                                   mask=call.mask)
         return like(out, call.q), (lse_like(lse, call.q) if call.return_lse else None)
 
     # -- paged --------------------------------------------------------------------------------
