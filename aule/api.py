@@ -1,17 +1,20 @@
 """Every public entry point: validate once, then route to one backend through one router.
 
-Dense attention (:func:`flash_attention`), paged attention (:func:`flash_attention_paged`) and
-KV writes (:func:`copy_kv_to_paged`) build a validated call (:mod:`aule.call`,
-:mod:`aule.paged_call`) and hand it to the one router (:mod:`aule.routing`), which picks the backend
-for the operation and answers calls with nothing to compute without one. Torch tensors being traced
+Dense attention (:func:`flash_attention`; :func:`flash_attention_varlen` for packed sequences), paged
+attention (:func:`flash_attention_paged`) and KV writes (:func:`copy_kv_to_paged`) build a validated
+call (:mod:`aule.call`, :mod:`aule.paged_call`) and hand it to the one router (:mod:`aule.routing`),
+which picks the backend for the operation and answers calls with nothing to compute without one. Torch tensors being traced
 by ``torch.compile`` take a custom op instead (:func:`aule.sdpa_core.traced_attention`).
 """
 from __future__ import annotations
 
 import sys
 
+from .call import canonicalize_varlen
+from .errors import UnsupportedError
 from .paged_call import canonicalize_paged, canonicalize_write_kv
-from .routing import attend, attend_paged, attention, forced_backend, route, tensors_need_grad  # noqa: F401
+from .routing import (attend, attend_paged, attend_varlen, attention, forced_backend, route,  # noqa: F401
+                      tensors_need_grad)
 
 
 def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, *,
@@ -39,6 +42,29 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
 
         return traced_attention(query, key, value, causal, scale, window_size, backend, return_lse, **features)
     out, lse = attention(query, key, value, causal, scale, window_size, backend, return_lse, **features)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                           window_size=-1, scale=None, softcap=0.0, alibi_slopes=None, return_lse=False, *,
+                           sinks=None, backend=None):
+    """Attention over variable-length sequences packed along dimension 0 (flash-attn's varlen layout).
+
+    ``q [total_q, heads_q, head_dim]``, ``k, v [total_k, heads_kv, head_dim]``; sequence ``i`` is rows
+    ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` of q and ``cu_seqlens_k[i]:cu_seqlens_k[i + 1]`` of k and v
+    (integer offsets from 0, non-decreasing, ending at ``total``), attended alone: ``causal`` (default
+    False, as flash-attn's) is bottom-right within each sequence, and ``window_size``, ``scale``,
+    ``softcap``, ``sinks`` and ``backend`` mean what they mean in :func:`flash_attention`;
+    ``alibi_slopes`` is ``[heads_q]`` or ``[batch, heads_q]``. ``max_seqlen_q``/``max_seqlen_k`` must
+    be at least each sequence's length. Returns ``out [total_q, heads_q, head_dim]`` like ``q`` and,
+    with ``return_lse``, the float32 LSE ``[heads_q, total_q]``.
+    """
+    if _compiling(q):
+        raise UnsupportedError("flash_attention_varlen inside torch.compile: it reads cu_seqlens on the host to "
+                               "cut the batch into sequences, which a traced graph cannot")
+    call = canonicalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size,
+                               scale, softcap, alibi_slopes, return_lse, sinks)
+    out, lse = attend_varlen(call, backend)
     return (out, lse) if return_lse else out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -187,6 +187,24 @@ def check_float_dtypes(named: dict) -> str:
     return next(iter(dtypes.values()))
 
 
+_INT_DTYPES = ("int32", "int64", "int16", "uint8", "int8", "uint16", "uint32")
+
+
+def int_table(x, name: str, ndim: int):
+    """Check an integer table (NumPy array or torch tensor; lists become int32) of ``ndim`` dimensions."""
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x, dtype=np.int32)
+    kind = array_kind(x, name)
+    if kind == "gpu":
+        raise TypeError(f"{name} must be a NumPy array or torch tensor of integers, not a GpuTensor")
+    dt = dtype_name(x)
+    if dt not in _INT_DTYPES:
+        raise TypeError(f"{name} must hold integers (int32 preferred), got dtype {dt}")
+    if len(x.shape) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {shape_tuple(x)}")
+    return x
+
+
 def check_softcap(softcap) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a real number (0 for none), got {type(softcap).__name__} {softcap!r}")
@@ -298,3 +316,97 @@ def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, ret
         scale=check_scale(scale, qs[3]), left=left, right=right, return_lse=bool(return_lse),
         causal=bool(causal), softcap=check_softcap(softcap), alibi=check_alibi(alibi_slopes, qs[0], qs[1]),
         sinks=check_sinks(sinks, qs[1]), mask=check_attn_mask(attn_mask, (qs[0], qs[1], qs[2], ks[2])))
+
+
+@dataclass
+class VarlenCall:
+    """A validated variable-length call: sequences packed along dimension 0 of ``q [total_q, Hq, D]``
+    and ``k, v [total_k, Hkv, D]``, sequence ``i`` being rows ``cu_q[i]:cu_q[i + 1]`` of q and
+    ``cu_k[i]:cu_k[i + 1]`` of k and v, each attended alone.
+
+    ``whole`` is the packed data as one ``[1, H, total, D]`` call, validated once (kinds, dtypes,
+    heads, scale, window, features); :meth:`sequence` cuts it into each sequence's own call.
+    """
+
+    whole: AttentionCall
+    cu_q: np.ndarray  # int64 [batch + 1]
+    cu_k: np.ndarray
+    alibi: Any = field(default=None, compare=False, repr=False)  # float32 [batch, heads_q], or None
+
+    @property
+    def batch(self) -> int:
+        return len(self.cu_q) - 1
+
+    @property
+    def place(self) -> str:
+        return self.whole.place
+
+    def sequence(self, i: int) -> AttentionCall:
+        """Sequence ``i`` as a dense call on views ``[1, H, len, D]`` of the packed data (no copy)."""
+        q0, q1, k0, k1 = (int(x) for x in (self.cu_q[i], self.cu_q[i + 1], self.cu_k[i], self.cu_k[i + 1]))
+        w = self.whole
+        return replace(w, q=w.q[:, :, q0:q1], k=w.k[:, :, k0:k1], v=w.v[:, :, k0:k1], seq_q=q1 - q0, seq_k=k1 - k0,
+                       alibi=None if self.alibi is None else self.alibi[i:i + 1])
+
+    def describe(self) -> str:
+        return f"varlen {self.batch} sequences, packed {self.whole.describe()}"
+
+
+def _heads_first(x):
+    """``[total, H, D]`` as a ``[1, H, total, D]`` view."""
+    return x.transpose(1, 0, 2)[None] if isinstance(x, np.ndarray) else x.transpose(0, 1).unsqueeze(0)
+
+
+def check_cu_seqlens(cu_seqlens, name: str, total: int, total_name: str, max_seqlen, max_name: str) -> np.ndarray:
+    """Cumulative sequence starts ``[batch + 1]`` (integers from 0, non-decreasing, ending at ``total``)
+    as int64 NumPy, each sequence no longer than ``max_seqlen``. One host read for device tensors."""
+    cu = int_table(cu_seqlens, name, 1)
+    cu = (cu.cpu().numpy() if is_torch_tensor(cu) else np.asarray(cu)).astype(np.int64)
+    if cu.size == 0:
+        raise ValueError(f"{name} must hold batch + 1 >= 1 offsets, got none")
+    if cu[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {int(cu[0])}")
+    lens = np.diff(cu)
+    if (lens < 0).any():
+        i = int(np.argmax(lens < 0))
+        raise ValueError(f"{name} must be non-decreasing, got {name}[{i + 1}] = {int(cu[i + 1])} < "
+                         f"{name}[{i}] = {int(cu[i])}")
+    if cu[-1] != total:
+        raise ValueError(f"{name} must end at {total_name} = {total}, got {name}[-1] = {int(cu[-1])}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
+        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if lens.size and lens.max() > max_seqlen:
+        i = int(np.argmax(lens))
+        raise ValueError(f"{max_name} = {int(max_seqlen)} is smaller than sequence {i}'s length {int(lens[i])} "
+                         f"(from {name})")
+    return cu
+
+
+def canonicalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                        window_size=-1, scale=None, softcap=0.0, alibi_slopes=None, return_lse=False,
+                        sinks=None) -> VarlenCall:
+    """Validate the public arguments of :func:`aule.flash_attention_varlen` once."""
+    named = {"q": q, "k": k, "v": v}
+    kind, _ = check_same_family(named)
+    if kind == "gpu":
+        raise TypeError("flash_attention_varlen takes NumPy arrays or torch tensors, not GpuTensors")
+    for n, x in named.items():
+        if len(x.shape) != 3:
+            raise ValueError(f"{n} must be 3-D [total_{'q' if n == 'q' else 'k'}, heads, head_dim] (sequences "
+                             f"packed along dimension 0), got shape {shape_tuple(x)}")
+    qs, ks, vs = shape_tuple(q), shape_tuple(k), shape_tuple(v)
+    if ks != vs:
+        raise ValueError(f"k and v must have the same [total_k, heads_kv, head_dim], got k {ks}, v {vs}")
+    if qs[2] != ks[2]:
+        raise ValueError(f"head_dim differs: q {qs}, k {ks} (dimension 2 must match)")
+    if ks[1] == 0 or qs[1] % ks[1] != 0:
+        raise ValueError(f"heads_q ({qs[1]}) must be a multiple of heads_kv ({ks[1]}) for grouped-query attention; "
+                         f"q {qs}, k {ks}")
+    cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", qs[0], "total_q (q.shape[0])", max_seqlen_q, "max_seqlen_q")
+    cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", ks[0], "total_k (k.shape[0])", max_seqlen_k, "max_seqlen_k")
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe one batch, got {len(cu_q) - 1} and "
+                         f"{len(cu_k) - 1} sequences")
+    whole = canonicalize(_heads_first(q), _heads_first(k), _heads_first(v), causal, scale, window_size, return_lse,
+                         softcap=softcap, sinks=sinks)
+    return VarlenCall(whole=whole, cu_q=cu_q, cu_k=cu_k, alibi=check_alibi(alibi_slopes, len(cu_q) - 1, qs[1]))

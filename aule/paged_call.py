@@ -24,10 +24,7 @@ import numpy as np
 
 from . import masks
 from .call import (FLOAT_DTYPES, Grouped, Placed, array_kind, check_float_dtypes, check_scale, check_sinks,
-                   device_of, dtype_name, is_torch_tensor, shape_tuple)
-
-_INT_DTYPES = ("int32", "int64", "int16", "uint8", "int8", "uint16", "uint32")
-
+                   device_of, dtype_name, int_table, is_torch_tensor, shape_tuple)
 
 @dataclass
 class PagedCall(Grouped):
@@ -120,21 +117,6 @@ def check_cache_spec(num_blocks, block_size, heads_kv, head_dim, dtype, device=N
         raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}")
     shape = (int(num_blocks), int(block_size), int(heads_kv), int(head_dim))
     return CacheSpec(shape=shape, dtype=name, device=device)
-
-
-def int_table(x, name: str, ndim: int):
-    """Check an integer table (NumPy array or torch tensor; lists become int32) of ``ndim`` dimensions."""
-    if isinstance(x, (list, tuple)):
-        x = np.asarray(x, dtype=np.int32)
-    kind = array_kind(x, name)
-    if kind == "gpu":
-        raise TypeError(f"{name} must be a NumPy array or torch tensor of integers, not a GpuTensor")
-    dt = dtype_name(x)
-    if dt not in _INT_DTYPES:
-        raise TypeError(f"{name} must hold integers (int32 preferred), got dtype {dt}")
-    if len(x.shape) != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {shape_tuple(x)}")
-    return x
 
 
 def check_tables(block_tables, context_lens, num_blocks: int, block_size: int) -> int:

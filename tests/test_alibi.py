@@ -63,3 +63,10 @@ def test_bad_slopes_are_refused_by_name(bad, err, match):
     q = np.zeros((1, 2, 4, 8), np.float32)
     with pytest.raises(err, match=match):
         aule.flash_attention(q, q, q, alibi_slopes=bad)
+
+
+def test_slopes_that_need_grad_are_refused():
+    torch = pytest.importorskip("torch")
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(aule.UnsupportedError, match="alibi_slopes requires grad"):
+        aule.flash_attention(q, q, q, alibi_slopes=torch.ones(2, requires_grad=True))
