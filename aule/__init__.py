@@ -1,5 +1,6 @@
 """aule: FlashAttention for every GPU."""
-from .api import copy_kv_to_paged, flash_attention, flash_attention_paged, flash_attention_paged_amd
+from .api import (copy_kv_to_paged, flash_attention, flash_attention_paged, flash_attention_paged_amd,
+                  flash_attention_varlen)
 from .backends import backend_info, get_available_backends
 from .errors import AuleError, UnsupportedError, VulkanError, VulkanOutOfMemoryError
 from .kv_cache import CacheFullError, PagedKVCache
@@ -8,6 +9,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "flash_attention",
+    "flash_attention_varlen",
     "flash_attention_paged",
     "flash_attention_paged_amd",
     "copy_kv_to_paged",

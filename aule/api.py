@@ -1,21 +1,24 @@
 """Every public entry point: validate once, then route to one backend through one router.
 
-Dense attention (:func:`flash_attention`), paged attention (:func:`flash_attention_paged`) and
-KV writes (:func:`copy_kv_to_paged`) build a validated call (:mod:`aule.call`,
-:mod:`aule.paged_call`) and hand it to the one router (:mod:`aule.routing`), which picks the backend
-for the operation and answers calls with nothing to compute without one. Torch tensors being traced
+Dense attention (:func:`flash_attention`; :func:`flash_attention_varlen` for packed sequences), paged
+attention (:func:`flash_attention_paged`) and KV writes (:func:`copy_kv_to_paged`) build a validated
+call (:mod:`aule.call`, :mod:`aule.paged_call`) and hand it to the one router (:mod:`aule.routing`),
+which picks the backend for the operation and answers calls with nothing to compute without one. Torch tensors being traced
 by ``torch.compile`` take a custom op instead (:func:`aule.sdpa_core.traced_attention`).
 """
 from __future__ import annotations
 
 import sys
 
+from .call import canonicalize_varlen
+from .errors import UnsupportedError
 from .paged_call import canonicalize_paged, canonicalize_write_kv
-from .routing import attend, attend_paged, attention, forced_backend, route, tensors_need_grad  # noqa: F401
+from .routing import (attend, attend_paged, attend_varlen, attention, forced_backend, route,  # noqa: F401
+                      tensors_need_grad)
 
 
 def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, *,
-                    backend=None, return_lse=False, softcap=0.0, alibi_slopes=None):
+                    backend=None, return_lse=False, softcap=0.0, alibi_slopes=None, sinks=None, attn_mask=None):
     """Exact attention, memory-efficient, on whichever backend suits the inputs.
 
     ``query [batch, heads_q, seq_q, head_dim]``, ``key``/``value [batch, heads_kv, seq_k, head_dim]``
@@ -25,15 +28,43 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
     with ``return_lse=True`` also the float32 log-sum-exp ``[batch, heads_q, seq_q]``.
     ``softcap > 0`` caps each score to ``softcap * tanh(score / softcap)`` before masking (Gemma 2);
     ``alibi_slopes`` (``[heads_q]`` or ``[batch, heads_q]``) adds ``-slope * |i + seq_k - seq_q - j|`` to
-    each score (flash-attn's ALiBi). Today only the NumPy backend applies either, so such calls are
-    routed there.
+    each score (flash-attn's ALiBi). ``sinks [heads_q]`` (gpt-oss' attention sinks) are float logits that
+    join each row's softmax denominator, the LSE included (a row that sees no key stays zeros, with
+    LSE ``sinks[h]``). ``attn_mask`` (SDPA's convention: bool, True = may attend, or float added to the
+    scores; broadcastable to ``[batch, heads_q, seq_q, seq_k]``) hides keys together with ``causal``
+    and the window; a padding mask (one that does not vary along ``seq_q``) is served as key
+    vectors, without a per-row mask. Today only the NumPy backend applies these features, so such
+    calls are routed there.
     """
+    features = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, attn_mask=attn_mask)
     if _compiling(query):
         from .sdpa_core import traced_attention
 
-        return traced_attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap,
-                                alibi_slopes)
-    out, lse = attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap, alibi_slopes)
+        return traced_attention(query, key, value, causal, scale, window_size, backend, return_lse, **features)
+    out, lse = attention(query, key, value, causal, scale, window_size, backend, return_lse, **features)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                           window_size=-1, scale=None, softcap=0.0, alibi_slopes=None, return_lse=False, *,
+                           sinks=None, backend=None):
+    """Attention over variable-length sequences packed along dimension 0 (flash-attn's varlen layout).
+
+    ``q [total_q, heads_q, head_dim]``, ``k, v [total_k, heads_kv, head_dim]``; sequence ``i`` is rows
+    ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]`` of q and ``cu_seqlens_k[i]:cu_seqlens_k[i + 1]`` of k and v
+    (integer offsets from 0, non-decreasing, ending at ``total``), attended alone: ``causal`` (default
+    False, as flash-attn's) is bottom-right within each sequence, and ``window_size``, ``scale``,
+    ``softcap``, ``sinks`` and ``backend`` mean what they mean in :func:`flash_attention`;
+    ``alibi_slopes`` is ``[heads_q]`` or ``[batch, heads_q]``. ``max_seqlen_q``/``max_seqlen_k`` must
+    be at least each sequence's length. Returns ``out [total_q, heads_q, head_dim]`` like ``q`` and,
+    with ``return_lse``, the float32 LSE ``[heads_q, total_q]``.
+    """
+    if _compiling(q):
+        raise UnsupportedError("flash_attention_varlen inside torch.compile: it reads cu_seqlens on the host to "
+                               "cut the batch into sequences, which a traced graph cannot")
+    call = canonicalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size,
+                               scale, softcap, alibi_slopes, return_lse, sinks)
+    out, lse = attend_varlen(call, backend)
     return (out, lse) if return_lse else out
 
 
@@ -47,17 +78,17 @@ def _compiling(x) -> bool:
 # paged attention and KV writes
 
 def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
-                          backend=None):
+                          backend=None, sinks=None):
     """Attention of ``q`` over a paged (block-table) KV cache, vLLM's layout.
 
     ``q [batch, heads_q, q_len, head_dim]``: the last ``q_len`` positions of each sequence, causal
     among themselves. ``k_cache, v_cache [num_blocks, block_size, heads_kv, head_dim]``;
     ``block_tables [batch, max_blocks]`` int32; ``context_lens [batch]`` int32 (new tokens included,
     already written with :func:`copy_kv_to_paged`). ``window_size`` as in
-    :func:`aule.flash_attention`. Returns an array like ``q``. Bad tables raise ``ValueError``
-    before any kernel runs.
+    :func:`aule.flash_attention`, and so are ``sinks`` (served by the NumPy backend for now). Returns
+    an array like ``q``. Bad tables raise ``ValueError`` before any kernel runs.
     """
-    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size)
+    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size, sinks=sinks)
     return attend_paged(call, backend)
 
 

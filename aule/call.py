@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from . import masks
+from .errors import UnsupportedError
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -107,11 +108,17 @@ class AttentionCall(Grouped):
     softcap: float = 0.0   # > 0: scores become softcap * tanh(score / softcap) (masks.py)
     # ALiBi slopes as float32 [batch, heads_q], or None: score(i, j) -= slope * |i + seq_k - seq_q - j|
     alibi: Any = field(default=None, compare=False, repr=False)
+    # Attention sinks as float32 [heads_q], or None: one more softmax term per row (masks.py)
+    sinks: Any = field(default=None, compare=False, repr=False)
+    # attn_mask as a masks.AttnMask (general, or padding held as keys / key_lengths), or None
+    mask: Any = field(default=None, compare=False, repr=False)
 
     @property
     def features(self) -> frozenset:
-        """The optional score modifiers this call uses; a backend serves it only if it has them all."""
-        return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None)) if on)
+        """The optional features this call uses; a backend serves it only if it has them all."""
+        return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None),
+                                               ("sinks", self.sinks is not None), ("mask", self.mask is not None))
+                         if on)
 
     def describe(self) -> str:
         return (f"q[{self.batch},{self.heads_q},{self.seq_q},{self.head_dim}] "
@@ -180,6 +187,24 @@ def check_float_dtypes(named: dict) -> str:
     return next(iter(dtypes.values()))
 
 
+_INT_DTYPES = ("int32", "int64", "int16", "uint8", "int8", "uint16", "uint32")
+
+
+def int_table(x, name: str, ndim: int):
+    """Check an integer table (NumPy array or torch tensor; lists become int32) of ``ndim`` dimensions."""
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x, dtype=np.int32)
+    kind = array_kind(x, name)
+    if kind == "gpu":
+        raise TypeError(f"{name} must be a NumPy array or torch tensor of integers, not a GpuTensor")
+    dt = dtype_name(x)
+    if dt not in _INT_DTYPES:
+        raise TypeError(f"{name} must hold integers (int32 preferred), got dtype {dt}")
+    if len(x.shape) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {shape_tuple(x)}")
+    return x
+
+
 def check_softcap(softcap) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a real number (0 for none), got {type(softcap).__name__} {softcap!r}")
@@ -189,14 +214,34 @@ def check_softcap(softcap) -> float:
     return c
 
 
+def feature_dtype(x, name: str) -> str:
+    """The dtype name of a feature's array; a TypeError naming it when it is no NumPy array or tensor."""
+    if not (isinstance(x, np.ndarray) or is_torch_tensor(x)):
+        raise TypeError(f"{name} must be a NumPy array or torch tensor, got {type(x).__name__}")
+    return dtype_name(x)
+
+
+def host_feature(x, name: str, float32: bool):
+    """A feature's array (NumPy, or a torch tensor on any device) as NumPy, in float32 if asked.
+    A torch tensor that needs grad is refused: no backend differentiates through a feature yet
+    (learned sinks, a learned bias), and a gradient must never go missing in silence."""
+    if not is_torch_tensor(x):
+        return np.asarray(x, dtype=np.float32) if float32 else x
+    import torch
+
+    if x.requires_grad and torch.is_grad_enabled():
+        raise UnsupportedError(f"{name} requires grad, and no aule backend has a backward pass for {name} yet; "
+                               f"pass {name}.detach() or call under torch.no_grad()")
+    x = x.detach()
+    return (x.float() if float32 else x).cpu().numpy()
+
+
 def check_alibi(alibi_slopes, batch: int, heads_q: int):
     """``alibi_slopes`` ([heads_q] or [batch, heads_q], NumPy or torch) as float32 [batch, heads_q]."""
     if alibi_slopes is None:
         return None
-    if not (isinstance(alibi_slopes, np.ndarray) or is_torch_tensor(alibi_slopes)):
-        raise TypeError(f"alibi_slopes must be a NumPy array or torch tensor, got {type(alibi_slopes).__name__}")
-    host = alibi_slopes.detach().float().cpu().numpy() if is_torch_tensor(alibi_slopes) else alibi_slopes
-    slopes = np.asarray(host, dtype=np.float32)
+    feature_dtype(alibi_slopes, "alibi_slopes")
+    slopes = np.asarray(host_feature(alibi_slopes, "alibi_slopes", float32=True), dtype=np.float32)
     if slopes.shape == (heads_q,):
         slopes = np.broadcast_to(slopes, (batch, heads_q))
     if slopes.shape != (batch, heads_q):
@@ -207,8 +252,41 @@ def check_alibi(alibi_slopes, batch: int, heads_q: int):
     return np.ascontiguousarray(slopes)
 
 
+def check_sinks(sinks, heads_q: int):
+    """``sinks`` ([heads_q] floats, NumPy or torch) as float32 [heads_q], or ``None``."""
+    if sinks is None:
+        return None
+    dt = feature_dtype(sinks, "sinks")
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"sinks must hold floats (one logit per query head), got dtype {dt}")
+    if shape_tuple(sinks) != (heads_q,):
+        raise ValueError(f"sinks must have shape [heads_q] = [{heads_q}], got {shape_tuple(sinks)}")
+    with np.errstate(over="ignore"):  # a logit beyond float32 becomes inf, refused next
+        host = host_feature(sinks, "sinks", float32=True)
+    if not np.isfinite(host).all():
+        raise ValueError("sinks must be finite (in float32)")
+    return np.ascontiguousarray(host)
+
+
+def check_attn_mask(attn_mask, shape):
+    """``attn_mask`` (bool, True = may attend, or float added to the scores; NumPy or torch,
+    broadcastable to ``shape`` = ``[batch, heads_q, seq_q, seq_k]``) as a :class:`aule.masks.AttnMask`."""
+    if attn_mask is None:
+        return None
+    dt = feature_dtype(attn_mask, "attn_mask")
+    if dt != "bool" and dt not in FLOAT_DTYPES:
+        raise TypeError(f"attn_mask must be bool (True = may attend) or float (added to the scores), "
+                        f"got dtype {dt}")
+    ms = shape_tuple(attn_mask)
+    if len(ms) > 4 or any(m not in (1, n) for m, n in zip(ms[::-1], shape[::-1])):
+        raise ValueError(f"attn_mask of shape {ms} is not broadcastable to [batch, heads_q, seq_q, seq_k] = "
+                         f"{list(shape)}: each of its (at most 4) trailing dimensions must be 1 or the call's")
+    return masks.canonical_attn_mask(host_feature(attn_mask, "attn_mask", float32=dt in ("float16", "bfloat16")),
+                                     shape)
+
+
 def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, return_lse=False,
-                 softcap=0.0, alibi_slopes=None) -> AttentionCall:
+                 softcap=0.0, alibi_slopes=None, sinks=None, attn_mask=None) -> AttentionCall:
     """Validate the public arguments once; every error names the argument and the rule."""
     named = {"query": query, "key": key, "value": value}
     kind, device = check_same_family(named)
@@ -236,4 +314,99 @@ def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, ret
         q=query, k=key, v=value, kind=kind, device=device, dtype=dtype,
         batch=qs[0], heads_q=qs[1], heads_kv=ks[1], seq_q=qs[2], seq_k=ks[2], head_dim=qs[3],
         scale=check_scale(scale, qs[3]), left=left, right=right, return_lse=bool(return_lse),
-        causal=bool(causal), softcap=check_softcap(softcap), alibi=check_alibi(alibi_slopes, qs[0], qs[1]))
+        causal=bool(causal), softcap=check_softcap(softcap), alibi=check_alibi(alibi_slopes, qs[0], qs[1]),
+        sinks=check_sinks(sinks, qs[1]), mask=check_attn_mask(attn_mask, (qs[0], qs[1], qs[2], ks[2])))
+
+
+@dataclass
+class VarlenCall:
+    """A validated variable-length call: sequences packed along dimension 0 of ``q [total_q, Hq, D]``
+    and ``k, v [total_k, Hkv, D]``, sequence ``i`` being rows ``cu_q[i]:cu_q[i + 1]`` of q and
+    ``cu_k[i]:cu_k[i + 1]`` of k and v, each attended alone.
+
+    ``whole`` is the packed data as one ``[1, H, total, D]`` call, validated once (kinds, dtypes,
+    heads, scale, window, features); :meth:`sequence` cuts it into each sequence's own call.
+    """
+
+    whole: AttentionCall
+    cu_q: np.ndarray  # int64 [batch + 1]
+    cu_k: np.ndarray
+    alibi: Any = field(default=None, compare=False, repr=False)  # float32 [batch, heads_q], or None
+
+    @property
+    def batch(self) -> int:
+        return len(self.cu_q) - 1
+
+    @property
+    def place(self) -> str:
+        return self.whole.place
+
+    def sequence(self, i: int) -> AttentionCall:
+        """Sequence ``i`` as a dense call on views ``[1, H, len, D]`` of the packed data (no copy)."""
+        q0, q1, k0, k1 = (int(x) for x in (self.cu_q[i], self.cu_q[i + 1], self.cu_k[i], self.cu_k[i + 1]))
+        w = self.whole
+        return replace(w, q=w.q[:, :, q0:q1], k=w.k[:, :, k0:k1], v=w.v[:, :, k0:k1], seq_q=q1 - q0, seq_k=k1 - k0,
+                       alibi=None if self.alibi is None else self.alibi[i:i + 1])
+
+    def describe(self) -> str:
+        return f"varlen {self.batch} sequences, packed {self.whole.describe()}"
+
+
+def _heads_first(x):
+    """``[total, H, D]`` as a ``[1, H, total, D]`` view."""
+    return x.transpose(1, 0, 2)[None] if isinstance(x, np.ndarray) else x.transpose(0, 1).unsqueeze(0)
+
+
+def check_cu_seqlens(cu_seqlens, name: str, total: int, total_name: str, max_seqlen, max_name: str) -> np.ndarray:
+    """Cumulative sequence starts ``[batch + 1]`` (integers from 0, non-decreasing, ending at ``total``)
+    as int64 NumPy, each sequence no longer than ``max_seqlen``. One host read for device tensors."""
+    cu = int_table(cu_seqlens, name, 1)
+    cu = (cu.cpu().numpy() if is_torch_tensor(cu) else np.asarray(cu)).astype(np.int64)
+    if cu.size == 0:
+        raise ValueError(f"{name} must hold batch + 1 >= 1 offsets, got none")
+    if cu[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {int(cu[0])}")
+    lens = np.diff(cu)
+    if (lens < 0).any():
+        i = int(np.argmax(lens < 0))
+        raise ValueError(f"{name} must be non-decreasing, got {name}[{i + 1}] = {int(cu[i + 1])} < "
+                         f"{name}[{i}] = {int(cu[i])}")
+    if cu[-1] != total:
+        raise ValueError(f"{name} must end at {total_name} = {total}, got {name}[-1] = {int(cu[-1])}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
+        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if lens.size and lens.max() > max_seqlen:
+        i = int(np.argmax(lens))
+        raise ValueError(f"{max_name} = {int(max_seqlen)} is smaller than sequence {i}'s length {int(lens[i])} "
+                         f"(from {name})")
+    return cu
+
+
+def canonicalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                        window_size=-1, scale=None, softcap=0.0, alibi_slopes=None, return_lse=False,
+                        sinks=None) -> VarlenCall:
+    """Validate the public arguments of :func:`aule.flash_attention_varlen` once."""
+    named = {"q": q, "k": k, "v": v}
+    kind, _ = check_same_family(named)
+    if kind == "gpu":
+        raise TypeError("flash_attention_varlen takes NumPy arrays or torch tensors, not GpuTensors")
+    for n, x in named.items():
+        if len(x.shape) != 3:
+            raise ValueError(f"{n} must be 3-D [total_{'q' if n == 'q' else 'k'}, heads, head_dim] (sequences "
+                             f"packed along dimension 0), got shape {shape_tuple(x)}")
+    qs, ks, vs = shape_tuple(q), shape_tuple(k), shape_tuple(v)
+    if ks != vs:
+        raise ValueError(f"k and v must have the same [total_k, heads_kv, head_dim], got k {ks}, v {vs}")
+    if qs[2] != ks[2]:
+        raise ValueError(f"head_dim differs: q {qs}, k {ks} (dimension 2 must match)")
+    if ks[1] == 0 or qs[1] % ks[1] != 0:
+        raise ValueError(f"heads_q ({qs[1]}) must be a multiple of heads_kv ({ks[1]}) for grouped-query attention; "
+                         f"q {qs}, k {ks}")
+    cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", qs[0], "total_q (q.shape[0])", max_seqlen_q, "max_seqlen_q")
+    cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", ks[0], "total_k (k.shape[0])", max_seqlen_k, "max_seqlen_k")
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe one batch, got {len(cu_q) - 1} and "
+                         f"{len(cu_k) - 1} sequences")
+    whole = canonicalize(_heads_first(q), _heads_first(k), _heads_first(v), causal, scale, window_size, return_lse,
+                         softcap=softcap, sinks=sinks)
+    return VarlenCall(whole=whole, cu_q=cu_q, cu_k=cu_k, alibi=check_alibi(alibi_slopes, len(cu_q) - 1, qs[1]))

@@ -6,9 +6,10 @@ Code written for the ``flash_attn`` package calls these with its own layout and 
 flash-attn does, not probabilities). Causal masks are bottom-right aligned in both libraries. aule's kernels
 are deterministic (no atomics), so ``deterministic`` holds whatever its value.
 
-Not served yet, and refused with an error naming the argument rather than ignored: ``dropout_p > 0``
-and, in :func:`flash_attn_with_kvcache`, rotary embedding, ``cache_batch_idx``, ``cache_leftpad``, and
-``softcap`` or ``alibi_slopes`` over a paged cache.
+:func:`flash_attn_varlen_func` takes packed ``[total, heads, head_dim]`` sequences and ``cu_seqlens``.
+Not served yet, and refused with an error naming the argument rather than ignored: ``dropout_p > 0``,
+``block_table`` in :func:`flash_attn_varlen_func` and, in :func:`flash_attn_with_kvcache`, rotary
+embedding, ``cache_batch_idx``, ``cache_leftpad``, and ``softcap`` or ``alibi_slopes`` over a paged cache.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import numbers
 
 import numpy as np
 
-from .api import copy_kv_to_paged, flash_attention, flash_attention_paged
+from .api import copy_kv_to_paged, flash_attention, flash_attention_paged, flash_attention_varlen
 from .arrays import to_numpy
 from .errors import UnsupportedError
 
-__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_with_kvcache"]
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache"]
 
 
 def _refuse_dropout(dropout_p) -> None:
@@ -65,6 +67,26 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out, lse = res
         return _seq_first(out), lse, None
     return _seq_first(res)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """flash-attn's ``flash_attn_varlen_func``: ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]`` with
+    sequences packed along dimension 0 at int32 offsets ``cu_seqlens_q/k [batch + 1]``, each attended
+    alone (causal bottom-right within it). Returns ``out [total_q, Hq, D]``, or ``(out, softmax_lse
+    [Hq, total_q], None)`` with ``return_attn_probs``."""
+    _refuse_dropout(dropout_p)
+    if block_table is not None:
+        raise UnsupportedError("block_table: aule's flash_attn_varlen_func does not read a paged cache yet; use "
+                               "flash_attn_with_kvcache or aule.flash_attention_paged")
+    res = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                 window_size=_window(window_size), scale=softmax_scale, softcap=softcap,
+                                 alibi_slopes=alibi_slopes, return_lse=return_attn_probs)
+    if return_attn_probs:
+        out, lse = res
+        return out, lse, None
+    return res
 
 
 def _unpack(x, n: int, axis_name: str, name: str):

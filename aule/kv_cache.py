@@ -181,14 +181,15 @@ class PagedKVCache:
         lens = np.asarray([self._lens[self._known(s)] for s in seq_ids], dtype=np.int32)
         return self._store.place_tables(lens, self.k_cache)
 
-    def attention(self, q, seq_ids, scale=None, window_size=-1):
+    def attention(self, q, seq_ids, scale=None, window_size=-1, *, sinks=None):
         """:func:`aule.flash_attention_paged` of ``q [len(seq_ids), heads_q, q_len, head_dim]`` over
         this cache. The tables come from this cache's own bookkeeping, so they are not read back to
         be checked (no host synchronisation on a GPU); ``q`` is validated as usual."""
         seq_ids = list(seq_ids)
         longest = max([self._lens[self._known(s)] for s in seq_ids] + [0])
         call = canonicalize_paged(q, self.k_cache, self.v_cache, self.block_tables(seq_ids),
-                                  self.context_lens(seq_ids), scale, window_size, tables_checked_max=longest)
+                                  self.context_lens(seq_ids), scale, window_size, sinks=sinks,
+                                  tables_checked_max=longest)
         return api.attend_paged(call, self.backend)
 
     def gather(self, seq_id):

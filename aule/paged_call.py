@@ -17,17 +17,14 @@ any kernel runs, so a bad table raises ``ValueError`` instead of reading out of 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import masks
-from .call import (FLOAT_DTYPES, Grouped, Placed, array_kind, check_float_dtypes, check_scale, device_of,
-                   dtype_name, is_torch_tensor, shape_tuple)
-
-_INT_DTYPES = ("int32", "int64", "int16", "uint8", "int8", "uint16", "uint32")
-
+from .call import (FLOAT_DTYPES, Grouped, Placed, array_kind, check_float_dtypes, check_scale, check_sinks,
+                   device_of, dtype_name, int_table, is_torch_tensor, shape_tuple)
 
 @dataclass
 class PagedCall(Grouped):
@@ -54,6 +51,13 @@ class PagedCall(Grouped):
     left: int
     right: int
     max_context: int  # longest context in the batch, read during validation
+    # Attention sinks as float32 [heads_q], or None (aule.masks)
+    sinks: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def features(self) -> frozenset:
+        """The optional features this call uses (see :attr:`aule.call.AttentionCall.features`)."""
+        return frozenset({"sinks"}) if self.sinks is not None else frozenset()
 
     def describe(self) -> str:
         return (f"paged q[{self.batch},{self.heads_q},{self.q_len},{self.head_dim}] "
@@ -113,21 +117,6 @@ def check_cache_spec(num_blocks, block_size, heads_kv, head_dim, dtype, device=N
         raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}")
     shape = (int(num_blocks), int(block_size), int(heads_kv), int(head_dim))
     return CacheSpec(shape=shape, dtype=name, device=device)
-
-
-def int_table(x, name: str, ndim: int):
-    """Check an integer table (NumPy array or torch tensor; lists become int32) of ``ndim`` dimensions."""
-    if isinstance(x, (list, tuple)):
-        x = np.asarray(x, dtype=np.int32)
-    kind = array_kind(x, name)
-    if kind == "gpu":
-        raise TypeError(f"{name} must be a NumPy array or torch tensor of integers, not a GpuTensor")
-    dt = dtype_name(x)
-    if dt not in _INT_DTYPES:
-        raise TypeError(f"{name} must hold integers (int32 preferred), got dtype {dt}")
-    if len(x.shape) != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {shape_tuple(x)}")
-    return x
 
 
 def check_tables(block_tables, context_lens, num_blocks: int, block_size: int) -> int:
@@ -201,7 +190,7 @@ def _check_on_cache_device(cache_kind: str, cache_dev: str, named: dict) -> None
 
 
 def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
-                       tables_checked_max: int | None = None) -> PagedCall:
+                       sinks=None, tables_checked_max: int | None = None) -> PagedCall:
     """Validate the public arguments of :func:`aule.flash_attention_paged` once.
 
     ``tables_checked_max`` is for :class:`aule.kv_cache.PagedKVCache` only: tables it built itself
@@ -249,7 +238,7 @@ def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=No
         kind=cache_kind, q_kind=qk, device=cache_dev, dtype=dtype, batch=qs[0], heads_q=qs[1],
         heads_kv=heads_kv, q_len=qs[2], head_dim=head_dim, num_blocks=num_blocks,
         block_size=block_size, max_blocks=bts[1], scale=check_scale(scale, head_dim), left=left,
-        right=right, max_context=max_context)
+        right=right, max_context=max_context, sinks=check_sinks(sinks, qs[1]))
 
 
 def check_slots(slot_mapping, capacity: int) -> None:

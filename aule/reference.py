@@ -9,7 +9,7 @@ from . import masks
 
 
 def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return_lse=False, softcap=0.0,
-                        alibi_slopes=None):
+                        alibi_slopes=None, sinks=None, attn_mask=None):
     """Reference attention on NumPy arrays (any float dtype), computed in float64.
 
     Same meaning as :func:`aule.flash_attention`: layout ``[batch, heads, seq, head_dim]``,
@@ -36,9 +36,13 @@ def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return
         if alibi_slopes is not None:
             slopes = np.broadcast_to(np.asarray(alibi_slopes, np.float64), (b, hq))
             s = s + masks.alibi_bias(np.arange(sq)[:, None], np.arange(sk)[None, :], sq, sk, slopes)
+        if attn_mask is not None:
+            am = np.asarray(attn_mask)
+            masks.apply_attn_mask(s, am if am.dtype == np.bool_ else am.astype(np.float64))
         s = np.where(vis, s, -np.inf)
         # np.max keeps a NaN score, so the row's maximum says which rule of aule.masks applies.
         m = s.max(axis=-1) if sk else np.full(s.shape[:-1], -np.inf)
         p = np.exp(s - np.where(np.isfinite(m), m, 0.0)[..., None])
-        out, lse = masks.finish_rows(m, p.sum(axis=-1), np.einsum("bhqk,bhkd->bhqd", p, vx))
+        sink = None if sinks is None else np.asarray(sinks, np.float64)[None, :, None]
+        out, lse = masks.finish_rows(m, p.sum(axis=-1), np.einsum("bhqk,bhkd->bhqd", p, vx), sink)
     return (out, lse) if return_lse else out

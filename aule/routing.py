@@ -8,9 +8,9 @@ import logging
 
 import numpy as np
 
-from . import backends, settings
+from . import backends, masks, settings
 from .backends.base import nothing_to_compute
-from .call import AttentionCall, canonicalize, shape_tuple
+from .call import AttentionCall, VarlenCall, canonicalize, shape_tuple
 from .errors import UnsupportedError
 from .paged_call import PagedCall
 
@@ -94,12 +94,12 @@ def _empty_result(call: AttentionCall):
     q = call.q
     if call.kind == "numpy":
         out = np.zeros(shape, dtype=q.dtype)
-        lse = np.full(lse_shape, -np.inf, dtype=np.float64 if q.dtype == np.float64 else np.float32)
+        lse = masks.no_key_lse(lse_shape, call.sinks, np.float64 if q.dtype == np.float64 else np.float32)
     else:
         import torch
 
         out = torch.zeros(shape, dtype=q.dtype, device=q.device)
-        lse = torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.from_numpy(masks.no_key_lse(lse_shape, call.sinks, np.float32)).to(q.device)
     return out, lse
 
 
@@ -111,6 +111,40 @@ def attend(call: AttentionCall, backend=None):
         forced_backend(backend)  # still reject a name (argument or AULE_BACKEND) that is no backend
         return _empty_result(call)
     return route(call, "attention", backend).run("attention", call)
+
+
+def _rows_first(x):
+    """``[H, S, D]`` as ``[S, H, D]`` (a view), NumPy or torch."""
+    return x.swapaxes(0, 1) if isinstance(x, np.ndarray) else x.transpose(0, 1)
+
+
+def attend_varlen(call: VarlenCall, backend=None):
+    """``(out [total_q, Hq, D], lse [Hq, total_q] or None)`` of a validated varlen call.
+
+    No backend has a varlen entry of its own yet, so each sequence is one dense call through
+    :func:`attend`, served by whichever backend can serve it; a backend that gains one would be
+    asked here first. Sequences without query rows are never routed; padding is never computed."""
+    forced_backend(backend)  # a bad name is an error even when no sequence has a row
+    w = call.whole
+    outs, lses = [], []
+    for i in range(call.batch):
+        piece = call.sequence(i)
+        if piece.seq_q == 0:
+            continue
+        out, lse = attend(piece, backend)
+        outs.append(_rows_first(out[0]))
+        if w.return_lse:
+            lses.append(lse[0])
+    if not outs:  # no query rows at all
+        out, lse = _empty_result(w)
+        return _rows_first(out[0]), (lse[0] if w.return_lse else None)
+    if w.kind == "numpy":
+        # Into a C-contiguous result: concatenating the [S, H, D] views would keep their layout.
+        out = np.concatenate(outs, out=np.empty((sum(len(o) for o in outs),) + outs[0].shape[1:], outs[0].dtype))
+        return out, (np.concatenate(lses, axis=1) if w.return_lse else None)
+    import torch
+
+    return torch.cat(outs), (torch.cat(lses, dim=1) if w.return_lse else None)
 
 
 def _zeros_like_q(call: PagedCall):
@@ -134,8 +168,7 @@ def attend_paged(call: PagedCall, backend=None):
     return route(call, "paged_attention", backend).run("paged_attention", call)
 
 
-def attention(query, key, value, causal, scale, window_size, backend, return_lse, softcap=0.0, alibi_slopes=None):
+def attention(query, key, value, causal, scale, window_size, backend, return_lse, **features):
     """``(out, lse)`` of eager dense attention: validated once, then routed (see
-    :func:`aule.flash_attention`)."""
-    return attend(canonicalize(query, key, value, causal, scale, window_size, return_lse, softcap, alibi_slopes),
-                  backend)
+    :func:`aule.flash_attention`; ``features`` are its keyword-only features, ``softcap=`` ...)."""
+    return attend(canonicalize(query, key, value, causal, scale, window_size, return_lse, **features), backend)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import numbers
 import threading
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,10 +119,10 @@ def _window_mask(seq_q, seq_k, left, right, device):
     return ok
 
 
-def sdpa_reference(q, k, v, scale, left, right):
+def sdpa_reference(q, k, v, scale, left, right, attn_mask=None):
     """aule's attention in plain torch ops: the bottom-right ``(left, right)`` window on 4-D inputs
-    (GQA allowed), rows by aule.masks' rule, differentiable. O(seq_q * seq_k) memory, as torch's
-    math SDPA.
+    (GQA allowed) and an SDPA ``attn_mask`` as :func:`aule.masks.apply_attn_mask` reads it, rows by
+    aule.masks' rule, differentiable. O(seq_q * seq_k) memory, as torch's math SDPA.
 
     Not torch's SDPA itself: its CPU flash kernel turns a row with a NaN score into zeros, and its
     math kernel adds the mask as a -inf bias, so a NaN in a hidden key still makes the row NaN.
@@ -135,6 +136,11 @@ def sdpa_reference(q, k, v, scale, left, right):
     # Scores in float32 at least, as every backend computes them.
     wide = torch.promote_types(q.dtype, torch.float32)
     s = torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:  # -inf entries hide their keys whatever the score (aule.masks)
+            s = (s + attn_mask).masked_fill(attn_mask == float("-inf"), float("-inf"))
     if left >= 0 or right >= 0:
         s = s.masked_fill(~_window_mask(sq, sk, left, right, q.device), float("-inf"))
     empty = s.amax(dim=-1, keepdim=True) == float("-inf")  # amax keeps NaN: NaN rows stay NaN
@@ -164,12 +170,12 @@ def _take_routed(query, key, value):
 
 @torch.library.custom_op("aule::host_attention", mutates_args=())
 def host_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                   left: int, right: int, backend: str) -> torch.Tensor:
+                   left: int, right: int, backend: str, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Forward-only attention on CPU tensors through aule's host backends (Vulkan or NumPy).
 
-    ``backend`` is a backend name or ``""`` for aule's auto routing. When the backend turns the
-    call down at run time (a compiled graph cannot ask first), the original SDPA computes the
-    same thing with an explicit mask.
+    ``backend`` is a backend name or ``""`` for aule's auto routing; ``attn_mask`` an SDPA mask
+    (bool or float) or ``None``. When the backend turns the call down at run time (a compiled graph
+    cannot ask first), the same thing is computed in torch ops (:func:`sdpa_reference`).
     """
     routed = _take_routed(query, key, value)
     try:
@@ -177,16 +183,17 @@ def host_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             call, b = routed
             out = b.run("attention", call)[0]
         else:  # a compiled graph: validated and routed here, for the first time
-            out = routing.attention(query, key, value, False, scale, (left, right), backend or None, False)[0]
+            out = routing.attention(query, key, value, False, scale, (left, right), backend or None, False,
+                                    attn_mask=attn_mask)[0]
     except UnsupportedError as exc:
         _note(("host-op-unsupported", str(exc)), "aule: host attention falls back to torch SDPA: %s", exc)
-        out = sdpa_reference(query, key, value, scale, left, right)
+        out = sdpa_reference(query, key, value, scale, left, right, attn_mask)
     # A custom op may not return a view of (or the same storage as) its inputs.
     return out.contiguous()
 
 
 @host_attention.register_fake
-def _host_attention_fake(query, key, value, scale, left, right, backend):
+def _host_attention_fake(query, key, value, scale, left, right, backend, attn_mask=None):
     return query.new_empty(query.shape)
 
 
@@ -204,17 +211,19 @@ def _host_attention_lse_fake(query, key, value, scale, left, right, backend):
     return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=torch.float32)
 
 
-def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, softcap=0.0, alibi_slopes=None):
+def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, **features):
     """``aule.flash_attention`` on torch tensors inside ``torch.compile``: one custom op in the graph.
     aule's routing (backend probes, locks, caches) cannot be traced, so the window and scale are
     resolved here and the op validates and routes the call when the graph runs."""
     left, right = masks.canonical_window(causal, window_size)
     scale = check_scale(scale, q.shape[-1])
-    if softcap or alibi_slopes is not None:
-        # Triton's op takes both, but the slopes are validated on the host (call.check_alibi), which a
-        # trace cannot enter.
-        raise UnsupportedError("softcap and alibi_slopes inside torch.compile: aule's traced path does not "
-                               "pass them to its custom ops yet")
+    # softcap is off at 0, the array-valued features at None. Triton's op takes softcap and ALiBi,
+    # but the slopes (like sinks and masks) are validated on the host, which a trace cannot enter.
+    used = [name for name, value in features.items()
+            if (value if isinstance(value, numbers.Real) else value is not None)]
+    if used:
+        raise UnsupportedError(f"{', '.join(used)} inside torch.compile: aule's traced path does not pass "
+                               "them to its custom ops yet")
     forced = backend or ""
     if q.device.type == "cpu":
         if routing.tensors_need_grad(q, k, v):
@@ -236,29 +245,29 @@ def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, s
 # --------------------------------------------------------------------------------------------
 # routing
 
-def _routed(q, k, v, scale, left, right, forced):
+def _routed(q, k, v, scale, left, right, forced, attn_mask):
     """The validated call and the backend aule would use for it, or ``(None, None, reason)``."""
-    call = canonicalize(q, k, v, False, scale, (left, right))
+    call = canonicalize(q, k, v, False, scale, (left, right), attn_mask=attn_mask)
     try:
         return call, routing.route(call, "attention", forced), None
     except UnsupportedError as exc:
         return call, None, str(exc)
 
 
-def _run_on_host(call, b, scale, left, right):
+def _run_on_host(call, b, scale, left, right, attn_mask):
     """Eager host attention through the custom op, which reuses this call and backend."""
     _handoff.call, _handoff.backend = call, b
     try:
-        return host_attention(call.q, call.k, call.v, scale, left, right, b.name)
+        return host_attention(call.q, call.k, call.v, scale, left, right, b.name, attn_mask=attn_mask)
     finally:
         _handoff.call = _handoff.backend = None
 
 
-def attend(q, k, v, scale: float, left: int, right: int, label: str):
+def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=None):
     """aule attention on 4-D ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` with aule's bottom-right
-    ``(left, right)`` window, or ``None`` (with the reason logged once) when aule cannot serve it
-    exactly, gradients included. ``label`` names the caller's shape class for the log. Each call
-    is validated and routed once."""
+    ``(left, right)`` window and an SDPA ``attn_mask`` (checked by :func:`_unservable`), or ``None``
+    (with the reason logged once) when aule cannot serve it exactly, gradients included. ``label``
+    names the caller's shape class for the log. Each call is validated and routed once."""
     forced = _state.backend
     needs_grad = routing.tensors_need_grad(q, k, v)
     device = q.device.type
@@ -270,12 +279,13 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str):
         # aule's Python routing is not traceable: compiled graphs get one custom op, chosen from
         # what the eager checks below would pick.
         if device == "cpu":
-            return None if needs_grad else host_attention(q, k, v, scale, left, right, forced or "")
+            return None if needs_grad else host_attention(q, k, v, scale, left, right, forced or "",
+                                                          attn_mask=attn_mask)
         op = _TRITON_OP if forced in (None, "triton", "triton-amd") else None
-        if not op or q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+        if not op or q.shape[-1] > _TRITON_MAX_HEAD_DIM or attn_mask is not None:
             return None
         return op(q, k, v, scale, left, right, 0.0, None)[0]
-    call, b, why = _routed(q, k, v, scale, left, right, forced)
+    call, b, why = _routed(q, k, v, scale, left, right, forced, attn_mask)
     if b is None:
         _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)
         return None
@@ -295,7 +305,7 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str):
                         "recomputing with torch SDPA", b.name)
             return None
     elif device == "cpu":
-        out = _run_on_host(call, b, scale, left, right)
+        out = _run_on_host(call, b, scale, left, right, attn_mask)
     else:
         out = b.run("attention", call)[0]
     _note(("route", b.name, label), "aule: %s -> %s%s", label, b.name, " (with gradients)" if needs_grad else "",
@@ -332,12 +342,10 @@ def _plain(t) -> bool:
     return not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> str | None:
+def _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal=False) -> str | None:
     """Why aule cannot serve this SDPA call (a reason key), or ``None``. Reads metadata only."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return "inputs are not tensors"
-    if attn_mask is not None:
-        return "attn_mask is given"
     if not _compiling() and not all(_plain(t) for t in (query, key, value)):
         return "nested, sparse, subclassed or functorch-wrapped tensors"
     if dropout_p != 0.0:
@@ -366,6 +374,25 @@ def _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa) -> s
         problem = scale_problem(float(scale))
         if problem:
             return "scale " + problem
+    return None if attn_mask is None else _unservable_mask(attn_mask, query, key, is_causal)
+
+
+def _unservable_mask(attn_mask, query, key, is_causal) -> str | None:
+    """Why aule cannot serve this SDPA ``attn_mask`` (a reason key), or ``None``: what torch refuses
+    (its errors stay its own) and what aule cannot take without losing a gradient."""
+    if not isinstance(attn_mask, torch.Tensor) or (not _compiling() and not _plain(attn_mask)):
+        return "attn_mask is not a plain tensor"
+    if is_causal:
+        return "attn_mask with is_causal"
+    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        return "attn_mask dtype is neither bool, float32 nor the query's"
+    if attn_mask.device != query.device:
+        return "attn_mask on another device"
+    target = tuple(query.shape[:-1]) + (key.shape[-2],)
+    if attn_mask.dim() > len(target) or any(m not in (1, n) for m, n in zip(attn_mask.shape[::-1], target[::-1])):
+        return "attn_mask does not broadcast to the scores"
+    if attn_mask.requires_grad and torch.is_grad_enabled():
+        return "attn_mask requires grad"
     return None
 
 

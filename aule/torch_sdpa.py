@@ -2,10 +2,15 @@
 
 ``install()`` swaps the function, ``uninstall()`` puts the exact original object back and
 ``with installed():`` does both. Calls aule can serve go to aule's backends (validated and routed
-once, in :func:`aule.sdpa_core.attend`); everything else (``attn_mask``, dropout, shapes or dtypes
-no backend takes, CPU calls that need gradients) goes to the original SDPA, logged once per reason.
-SDPA's top-left ``is_causal`` becomes aule's bottom-right window through
-:func:`aule.sdpa_core.sdpa_window`.
+once, in :func:`aule.sdpa_core.attend`), ``attn_mask`` calls included; everything else (dropout,
+shapes, dtypes or masks no backend takes, a mask with ``is_causal``, which torch refuses, CPU calls
+that need gradients) goes to the original SDPA, logged once per reason. SDPA's top-left
+``is_causal`` becomes aule's bottom-right window through :func:`aule.sdpa_core.sdpa_window`.
+
+A row that ``attn_mask`` hides entirely gives zeros, by aule's rule (:mod:`aule.masks`), whatever
+torch's kernel would give (torch 2.13's CPU kernels give zeros too; other torch kernels and versions
+have given NaN). A float mask's ``-inf`` entries hide their keys even where the score is ``+inf``,
+where torch's sum would be NaN.
 """
 from __future__ import annotations
 
@@ -30,10 +35,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  scale=None, enable_gqa=False):
     """``torch.nn.functional.scaled_dot_product_attention`` with aule serving what it can.
 
-    Same signature, same meaning (top-left ``is_causal``, ``scale``, ``enable_gqa``, 3-D or 4-D
-    inputs); anything else goes to the original function unchanged, so its errors are SDPA's own.
+    Same signature, same meaning (top-left ``is_causal``, ``attn_mask``, ``scale``, ``enable_gqa``,
+    3-D or 4-D inputs); anything else goes to the original function unchanged, so its errors are
+    SDPA's own.
     """
-    why = _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    why = _unservable(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal)
     out = None
     if why is None:
         squeeze = query.dim() == 3
@@ -43,7 +49,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             k, v = k[:, :, :keys], v[:, :, :keys]
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         label = "" if _compiling() else _shape_class(query, key, is_causal)
-        out = attend(q, k, v, s, left, right, label)
+        out = attend(q, k, v, s, left, right, label, attn_mask)
         if out is not None and squeeze:
             out = out.squeeze(0)
     else:

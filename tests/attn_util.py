@@ -5,7 +5,11 @@ import importlib
 import sys
 
 import numpy as np
+import pytest
 
+import aule
+from aule import backends
+from aule.call import canonicalize
 from aule.reference import attention_reference
 
 # Max-abs-error tolerances on outputs of O(1) magnitude (softmax-weighted averages of N(0,1) values).
@@ -53,3 +57,32 @@ def count_calls(monkeypatch, module_name, func_name):
         if (name == "aule" or name.startswith("aule.")) and getattr(mod, func_name, None) is real:
             monkeypatch.setattr(mod, func_name, counting)
     return calls
+
+
+def refusal(name, op, call):
+    """Why backend ``name`` turns ``call`` down for ``op``, its availability on this machine aside:
+    a feature check must hold on machines without the backend's device too."""
+    b = backends.get(name)
+    b.__dict__["unavailable_reason"] = None  # the cached probe, for this question only
+    try:
+        return b.why_not(op, call, True)
+    finally:
+        del b.__dict__["unavailable_reason"]
+
+
+#: The shape of the inputs :func:`assert_routed_to_numpy` uses: q, k, v [1, 2, 9, 16].
+FEATURE_SHAPE = (1, 2, 9, 16)
+
+
+def assert_routed_to_numpy(feature, refusing=("vulkan", "triton", "triton-amd"), **kw):
+    """A call with the keyword features ``kw`` (inputs of :data:`FEATURE_SHAPE`) is served in auto
+    mode and matches the reference, while the ``refusing`` backends turn it down naming ``feature``."""
+    q = np.random.default_rng(2).standard_normal(FEATURE_SHAPE).astype(np.float32)
+    out = aule.flash_attention(q, q, q, **kw)
+    assert np.abs(out - attention_reference(q, q, q, **kw)).max() < 2e-5
+    call = canonicalize(q, q, q, **kw)
+    for name in refusing:
+        assert refusal(name, "attention", call) == f"backend {name!r} does not apply {feature} yet"
+    if backends.get("vulkan").available:
+        with pytest.raises(aule.UnsupportedError, match=f"'vulkan' does not apply {feature} yet"):
+            aule.flash_attention(q, q, q, backend="vulkan", **kw)

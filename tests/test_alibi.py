@@ -7,6 +7,7 @@ import pytest
 import aule
 from aule import masks
 from aule.reference import attention_reference
+from attn_util import assert_routed_to_numpy
 
 
 def _naive(q, k, v, scale, slope, left, right):
@@ -50,14 +51,7 @@ def test_numpy_backend_matches_reference(shape, causal, window, per_batch):
 
 
 def test_auto_routes_alibi_to_a_backend_that_applies_it_and_others_say_why():
-    rng = np.random.default_rng(2)
-    q = rng.standard_normal((1, 2, 9, 16)).astype(np.float32)
-    slopes = np.array([0.5, 0.1], np.float32)
-    out = aule.flash_attention(q, q, q, alibi_slopes=slopes)
-    assert np.abs(out - attention_reference(q, q, q, alibi_slopes=slopes)).max() < 2e-5
-    if aule.backends.get("vulkan").available:
-        with pytest.raises(aule.UnsupportedError, match="'vulkan' does not apply alibi yet"):
-            aule.flash_attention(q, q, q, alibi_slopes=slopes, backend="vulkan")
+    assert_routed_to_numpy("alibi", ("vulkan",), alibi_slopes=np.array([0.5, 0.1], np.float32))
 
 
 @pytest.mark.parametrize("bad,err,match", [
@@ -69,3 +63,10 @@ def test_bad_slopes_are_refused_by_name(bad, err, match):
     q = np.zeros((1, 2, 4, 8), np.float32)
     with pytest.raises(err, match=match):
         aule.flash_attention(q, q, q, alibi_slopes=bad)
+
+
+def test_slopes_that_need_grad_are_refused():
+    torch = pytest.importorskip("torch")
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(aule.UnsupportedError, match="alibi_slopes requires grad"):
+        aule.flash_attention(q, q, q, alibi_slopes=torch.ones(2, requires_grad=True))

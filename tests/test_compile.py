@@ -47,9 +47,10 @@ def test_cpu_sdpa_traces_to_one_custom_op_and_compiles():
 
 
 def test_cpu_fallbacks_trace_too():
-    """A call aule hands back to torch (here: a mask) is traced as torch's SDPA, no break."""
+    """A call aule hands back to torch (here: a learned bias, which needs a gradient aule cannot
+    give) is traced as torch's SDPA, no break."""
     q, k, v = _inputs(hq=2)
-    mask = torch.ones(33, 40, dtype=torch.bool).tril()
+    mask = torch.zeros(33, 40, requires_grad=True)
 
     def f(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -58,6 +59,22 @@ def test_cpu_fallbacks_trace_too():
     explained = torch._dynamo.explain(f)(q, k, v)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert _count(explained, "host_attention") == 0
+
+
+def test_cpu_masked_sdpa_traces_to_the_custom_op():
+    q, k, v = _inputs(hq=2, hk=2)
+    mask = torch.ones(33, 40, dtype=torch.bool).tril()
+    mask[5] = False  # a row that sees no key: zeros, as in eager mode
+
+    def f(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    aule.install()
+    explained = torch._dynamo.explain(f)(q, k, v, mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert _count(explained, "aule.host_attention") == 1
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, mask)
+    assert (got - ORIGINAL(q, k, v, attn_mask=mask)).abs().max() <= 2e-5 and (got[:, :, 5] == 0).all()
 
 
 def test_cpu_forced_vulkan_under_compile():

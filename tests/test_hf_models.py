@@ -27,9 +27,9 @@ def served(monkeypatch):
     calls = []
     real = sdpa_core.host_attention
 
-    def spy(q, k, v, scale, left, right, backend):
+    def spy(q, k, v, scale, left, right, backend, **kw):
         calls.append((tuple(q.shape), tuple(k.shape), left, right))
-        return real(q, k, v, scale, left, right, backend)
+        return real(q, k, v, scale, left, right, backend, **kw)
 
     monkeypatch.setattr(sdpa_core, "host_attention", spy)
     return calls

@@ -57,13 +57,14 @@ def make_case(rng, lens, heads_q, heads_kv, head_dim, block_size, q_len, dtype=n
     return Case(q, k_cache, v_cache, block_tables, np.asarray(lens, dtype=np.int32), ks, vs)
 
 
-def reference_paged(case, scale=None, window_size=-1):
-    """Float64 reference on the contiguous copy: q rows are the last q_len positions, causal."""
+def reference_paged(case, scale=None, window_size=-1, **features):
+    """Float64 reference on the contiguous copy: q rows are the last q_len positions, causal
+    (``features``: the reference's keyword features, ``sinks=``)."""
     q = np.asarray(case.q, dtype=np.float64)
     out = np.zeros_like(q)
     for b in range(q.shape[0]):
         out[b] = attention_reference(q[b:b + 1], case.ks[b][None], case.vs[b][None], causal=True,
-                                     scale=scale, window_size=window_size)[0]
+                                     scale=scale, window_size=window_size, **features)[0]
     return out
 
 

@@ -7,6 +7,7 @@ import pytest
 import aule
 from aule import masks
 from aule.reference import attention_reference
+from attn_util import assert_routed_to_numpy
 
 
 def _naive(q, k, v, scale, cap, left, right):
@@ -45,19 +46,8 @@ def test_numpy_backend_matches_reference(shape, causal, window):
     assert np.abs(plain - want).max() > 1e-2, "the cap must change these scores"
 
 
-def test_auto_routes_softcap_to_a_backend_that_applies_it():
-    rng = np.random.default_rng(2)
-    q = rng.standard_normal((1, 2, 9, 16)).astype(np.float32)
-    out = aule.flash_attention(q, q, q, softcap=1.5)
-    assert np.abs(out - attention_reference(q, q, q, softcap=1.5)).max() < 2e-5
-
-
-def test_a_backend_without_softcap_says_so():
-    if not aule.backends.get("vulkan").available:
-        pytest.skip("no Vulkan device")
-    q = np.zeros((1, 1, 4, 8), np.float32)
-    with pytest.raises(aule.UnsupportedError, match="'vulkan' does not apply softcap yet"):
-        aule.flash_attention(q, q, q, softcap=2.0, backend="vulkan")
+def test_auto_routes_softcap_to_a_backend_that_applies_it_and_others_say_why():
+    assert_routed_to_numpy("softcap", ("vulkan",), softcap=1.5)
 
 
 @pytest.mark.parametrize("bad,err", [(-1.0, ValueError), (float("inf"), ValueError), (1e39, ValueError),

@@ -33,9 +33,9 @@ def served(monkeypatch):
     calls = []
     real = sdpa_core.host_attention
 
-    def spy(*args):
+    def spy(*args, **kw):
         calls.append(args[-1])
-        return real(*args)
+        return real(*args, **kw)
 
     monkeypatch.setattr(sdpa_core, "host_attention", spy)
     return calls
@@ -219,16 +219,44 @@ def _same_as_original(call):
         assert torch.equal(got, want)
 
 
-def test_attn_mask_falls_back(served, caplog):
+@pytest.mark.parametrize("case", ["bool", "float", "padding", "3-D", "hidden-row"])
+def test_attn_mask_is_served_by_aule(case, served):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = qkv(2, 4, 2, 9, 13, 80)
+    masks = {
+        "bool": torch.rand(2, 1, 9, 13, generator=gen) > 0.3,
+        "float": torch.randn(4, 9, 13, generator=gen),
+        "padding": (torch.arange(13) < torch.tensor([13, 6])[:, None])[:, None, None, :],
+        "3-D": torch.rand(9, 13, generator=gen) > 0.3,
+        "hidden-row": torch.ones(9, 13, dtype=torch.bool),
+    }
+    mask = masks[case]
+    if case == "3-D":
+        q, k, v = q[0, :2], k[0, :2], v[0, :2]
+    if case == "hidden-row":
+        mask[4] = False
+    gqa = q.shape[-3] != k.shape[-3]
+    with aule.installed():
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    assert served == ["numpy"] or served == ["vulkan"], "aule did not serve the masked call"
+    want = oracle(q, k, v, attn_mask=mask if mask.dtype == torch.bool else mask.double(), enable_gqa=gqa)
+    assert got.shape == want.shape and (got.double() - want).abs().max() <= 2e-5
+    if case == "hidden-row":  # aule's rule: zeros (torch's CPU kernels agree today)
+        assert (got[:, :, 4] == 0).all()
+
+
+def test_masks_aule_cannot_take_fall_back(served, caplog):
     q, k, v = qkv(1, 4, 4, 9, 9, 32)
-    mask = torch.rand(9, 9, generator=torch.Generator().manual_seed(0)) > 0.3
+    bias = torch.randn(9, 9, generator=torch.Generator().manual_seed(0))
     with caplog.at_level(logging.INFO, logger="aule"):
-        _same_as_original(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        _same_as_original(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias.half()))  # torch refuses
+        _same_as_original(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, :4]))  # no broadcast
+        learned = bias.clone().requires_grad_()
         with aule.installed():
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert not served
-    assert sum("attn_mask is given" in r.getMessage() for r in caplog.records) == 1, "log once per reason"
+            got = F.scaled_dot_product_attention(q, k, v, attn_mask=learned)
+            F.scaled_dot_product_attention(q, k, v, attn_mask=learned)
+    assert not served and got.grad_fn is not None
+    assert sum("attn_mask requires grad" in r.getMessage() for r in caplog.records) == 1, "log once per reason"
 
 
 def test_dropout_falls_back(served):

@@ -80,10 +80,15 @@ class Backend:
             return self.unavailable_reason
         if op not in self.ops:
             return f"backend {self.name!r} has no {op.replace('_', ' ')}"
+        return self.missing_features(call) or getattr(self, "why_not_" + op)(call, forced)
+
+    def missing_features(self, call) -> str | None:
+        """Why this backend cannot apply the features ``call`` uses (``None`` if it has them all).
+        Every ``why_not`` asks it, overrides included: a feature must never be dropped in silence."""
         missing = sorted(getattr(call, "features", frozenset()) - self.features)
         if missing:
             return f"backend {self.name!r} does not apply {', '.join(missing)} yet"
-        return getattr(self, "why_not_" + op)(call, forced)
+        return None
 
     def run(self, op: str, call):
         """Run a routed operation (see the module docstring for what each returns)."""

@@ -17,7 +17,7 @@ from .paged import paged_attention_numpy, write_kv_rows
 class NumpyBackend(Backend):
     name = "numpy"
     ops = ("attention", "paged_attention", "write_kv", "kv_store")
-    features = frozenset({"softcap", "alibi"})
+    features = frozenset({"softcap", "alibi", "sinks", "mask"})
 
     # -- dense --------------------------------------------------------------------------------
     def why_not_attention(self, call, forced):
@@ -28,7 +28,8 @@ class NumpyBackend(Backend):
     def attention(self, call):
         q, k, v = (to_numpy(x) for x in (call.q, call.k, call.v))
         out, lse = attention_numpy(q, k, v, call.scale, call.left, call.right, call.return_lse,
-                                   softcap=call.softcap, alibi=call.alibi)
+                                   softcap=call.softcap, alibi=call.alibi, sinks=call.sinks,
+                                   mask=call.mask)
         return like(out, call.q), (lse_like(lse, call.q) if call.return_lse else None)
 
     # -- paged --------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ class NumpyBackend(Backend):
         q = to_numpy(call.q)
         kc, vc = to_numpy(call.k_cache), to_numpy(call.v_cache)
         bt, cl = to_numpy(call.block_tables), to_numpy(call.context_lens)
-        out = paged_attention_numpy(q, kc, vc, bt, cl, call.scale, call.left, call.right)
+        out = paged_attention_numpy(q, kc, vc, bt, cl, call.scale, call.left, call.right, sinks=call.sinks)
         return like(out, call.q)
 
     def write_kv(self, call):

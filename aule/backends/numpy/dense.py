@@ -16,19 +16,21 @@ BLOCK_K = 512
 
 
 def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK_Q, block_k=BLOCK_K, softcap=0.0,
-                    alibi=None):
+                    alibi=None, sinks=None, mask=None):
     """Attention on C-contiguous NumPy arrays ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]``.
 
     Accumulates in float32 (float64 for float64 inputs), with ``scale`` rounded to that dtype.
-    Rows with NaN or infinite scores follow the rule in :mod:`aule.masks`. Returns ``(out, lse)``
-    in the accumulation dtype; ``lse`` is ``None`` unless asked for.
+    Rows with NaN or infinite scores follow the rule in :mod:`aule.masks`, as do ``alibi
+    [B, Hq]``, ``sinks [Hq]`` (float32, or ``None``) and ``mask`` (a :class:`aule.masks.AttnMask`:
+    a padding mask skips the tiles of keys no row sees, without a per-row mask). Returns
+    ``(out, lse)`` in the accumulation dtype; ``lse`` is ``None`` unless asked for.
     """
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     g = hq // hk
     acc_t = np.float64 if q.dtype == np.float64 else np.float32
     out = np.zeros((b, hq, sq, d), dtype=acc_t)
-    lse = np.full((b, hq, sq), -np.inf, dtype=acc_t) if return_lse else None
+    lse = masks.no_key_lse((b, hq, sq), sinks, acc_t) if return_lse else None
     qg = q.reshape(b, hk, g, sq, d)
     outg = out.reshape(b, hk, g, sq, d)
     lseg = lse.reshape(b, hk, g, sq) if return_lse else None
@@ -41,8 +43,11 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
         q1 = min(sq, q0 + block_q)
         bq, nh = q1 - q0, hk
         k_lo, k_hi = masks.key_range(q0, q1, sq, sk, left, right)
+        if mask is not None:
+            m_lo, m_hi = mask.key_span(bi, sk)
+            k_lo, k_hi = max(k_lo, m_lo), min(k_hi, m_hi)
         if k_lo >= k_hi:
-            return  # no row of this block sees a key: zeros and -inf stay
+            return  # no row of this block sees a key: zeros and the no-key LSE stay
         # Scale folded into Q once per block instead of into every score tile.
         qt = (qg[bi, :, :, q0:q1, :].astype(acc_t) * acc_t(scale)).reshape(nh, g * bq, d)
         m = np.full((nh, g * bq), -np.inf, dtype=acc_t)
@@ -51,6 +56,17 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
         rows = np.arange(q0, q1)[:, None]
         for k0 in range(k_lo, k_hi, block_k):
             k1 = min(k_hi, k0 + block_k)
+            tile = None
+            if mask is not None:
+                some, every = mask.keys_in_tile(bi, k0, k1)
+                if not some:
+                    continue  # padding no row of this batch element sees
+                if not every:
+                    tile = mask.block(bi, q0, q1, k0, k1)
+                    if tile.dtype == np.bool_ and not tile.any():
+                        continue
+                    # [h, rows, keys] with h = 1 or kv head * g + r, as the rows of s are laid out.
+                    tile = tile.reshape(((nh, g) if tile.shape[0] > 1 else (1, 1)) + tile.shape[1:])
             kt = k[bi, :, k0:k1, :].astype(acc_t, copy=False)
             vt = v[bi, :, k0:k1, :].astype(acc_t, copy=False)
             s = np.matmul(qt, kt.transpose(0, 2, 1))  # [nh, g*bq, bk]
@@ -61,6 +77,8 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
                 slopes = alibi[bi].reshape(nh, g).astype(acc_t)
                 s.reshape(nh, g, bq, k1 - k0)[...] += masks.alibi_bias(
                     rows, np.arange(k0, k1)[None, :], sq, sk, slopes).astype(acc_t)
+            if tile is not None:
+                masks.apply_attn_mask(s.reshape(nh, g, bq, k1 - k0), tile)
             if not masks.tile_fully_visible(q0, q1, k0, k1, sq, sk, left, right):
                 hidden = ~masks.visible(rows, np.arange(k0, k1)[None, :], sq, sk, left, right)
                 s.reshape(nh, g, bq, k1 - k0)[:, :, hidden] = -np.inf
@@ -77,7 +95,9 @@ def attention_numpy(q, k, v, scale, left, right, return_lse=False, block_q=BLOCK
             acc *= alpha[..., None]
             acc += np.matmul(s, vt)
             m = m_new
-        out_blk, lse_blk = masks.finish_rows(m, l, acc)
+        # Query head h = kv head * g + r: each row's sink, laid out as the rows of m.
+        sink = None if sinks is None else np.repeat(sinks.reshape(nh, g).astype(acc_t), bq, axis=1)
+        out_blk, lse_blk = masks.finish_rows(m, l, acc, sink)
         outg[bi, :, :, q0:q1, :] = out_blk.reshape(nh, g, bq, d)
         if return_lse:
             lseg[bi, :, :, q0:q1] = lse_blk.reshape(nh, g, bq)

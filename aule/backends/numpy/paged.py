@@ -20,9 +20,10 @@ def visible_key_span(context_len: int, q_len: int, left: int, right: int) -> tup
     return masks.key_range(0, q_len, q_len, context_len, left, right)
 
 
-def paged_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale, left, right):
-    """``q [B, Hq, q_len, D]`` over NumPy caches ``[num_blocks, block_size, Hkv, D]``; returns the
-    output in the accumulation dtype (float32, or float64 for float64 inputs)."""
+def paged_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale, left, right, sinks=None):
+    """``q [B, Hq, q_len, D]`` over NumPy caches ``[num_blocks, block_size, Hkv, D]``, with
+    ``sinks [Hq]`` or ``None``; returns the output in the accumulation dtype (float32, or float64
+    for float64 inputs)."""
     b, hq, q_len, d = q.shape
     bs, hk = k_cache.shape[1], k_cache.shape[2]
     acc_t = np.float64 if q.dtype == np.float64 else np.float32
@@ -31,14 +32,14 @@ def paged_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale
         length = int(context_lens[i])
         k_lo, k_hi = visible_key_span(length, q_len, left, right)
         if k_lo >= k_hi:
-            continue  # no row sees a key: zeros
+            continue  # no row sees a key: zeros (with or without sinks)
         first = k_lo // bs  # blocks before the window are never touched
         ids = np.asarray(block_tables[i, first:-(-length // bs)], dtype=np.int64)
         n = length - first * bs
         kk = k_cache[ids].reshape(-1, hk, d)[:n].transpose(1, 0, 2)[None]
         vv = v_cache[ids].reshape(-1, hk, d)[:n].transpose(1, 0, 2)[None]
         o, _ = attention_numpy(q[i:i + 1], np.ascontiguousarray(kk), np.ascontiguousarray(vv),
-                               scale, left, right)
+                               scale, left, right, sinks=sinks)
         out[i] = o[0]
     return out
 

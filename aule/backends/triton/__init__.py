@@ -58,7 +58,8 @@ class TritonBackend(Backend):
             # Under TRITON_INTERPRET=1 the paged kernels run on CPU tensors with any torch build
             # (that is how they are tested without a GPU); dense attention keeps its device probe,
             # so a CPU machine never lists Triton as available.
-            return self._missing_packages() or getattr(self, "why_not_" + op)(call, forced)
+            return (self._missing_packages() or self.missing_features(call)
+                    or getattr(self, "why_not_" + op)(call, forced))
         return super().why_not(op, call, forced)
 
     # -- dense attention ------------------------------------------------------------------------
