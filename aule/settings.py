@@ -57,12 +57,14 @@ def _parse_tiles(raw: str) -> tuple | None:
         values = tuple(int(p) for p in parts)
     except ValueError:
         values = None
-    counts = (0, 4) if head else (2, 4)
-    if (values is None or len(values) not in counts or any(not 0 < v <= MAX_TILE for v in values)
+    counts = (0, 4, 5) if head else (2, 4)
+    if (values is None or len(values) not in counts
+            or any(not 0 < v <= MAX_TILE for v in values[:4]) or any(v not in (0, 1) for v in values[4:])
             or (head and head[0] != "auto" and any(not 0 < v <= 64 for v in head[0]))):
         raise ValueError(f"AULE_VULKAN_TILES={raw!r}: expected 2 positive integers (rows,keys for the cpu "
                          "variant), 4 (bm,bn,wg,tc for the tiled variants), or for coopmat a matrix shape "
-                         "MxNxK or 'auto' optionally followed by 4 (subgroups,row_tiles,keys,buffers); "
+                         "MxNxK or 'auto' optionally followed by 4 (subgroups,row_tiles,keys,buffers) and a 0/1 (softmax in "
+                         "registers); "
                          f"comma-separated, each at most {MAX_TILE} (matrix sides at most 64)")
     return head + values
 

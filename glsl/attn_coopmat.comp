@@ -6,16 +6,19 @@
 // row tiles of MM rows, their Q fragments in registers for the whole key loop. Every step all
 // invocations stage one tile of BN keys (K and V, fp16) in shared memory; with NBUF = 2 the next
 // tile's global loads are issued before the current tile's math and land in the other buffer after
-// it, so their latency hides behind the matrix work. Per step a subgroup:
-//   S = Q.K^T on matrix cores, stored to its shared score block (fp32);
-//   the online softmax on every lane: TPR lanes per row, vec4 reads, shuffles for the row max/sum;
-//   P (fp16) back to shared memory, the A operand of P.V;
-//   O *= alpha only when some row's running maximum moved: a row keeps its maximum until a score
-//       exceeds it by RESCALE (log2 units), so p <= 2^RESCALE and after the first tiles the
-//       rescale is rare. The factor is a matrix whose rows are constant, loaded from shared memory
-//       and multiplied element by element (same type, so same element-to-lane mapping): O never
-//       leaves the registers;
-//   O += P.V on matrix cores.
+// it, so their latency hides behind the matrix work. Per step a subgroup computes S = Q.K^T on
+// matrix cores, then the online softmax on one of two paths (QG, chosen per vendor):
+//   registers (QG > 0): scale, mask and exp2 on the accumulator elements where they are, each
+//       element's place known from index tiles loaded as accumulators of the same type; a row's
+//       maximum is reduced (within the lane, then across the QG lanes holding the row) only when
+//       some score passes it by RESCALE, so p <= 2^RESCALE and after the first tiles the reduction
+//       and the rescale of O are rare; the row sums come from P times a matrix of ones on the
+//       matrix cores, so they sum the very halves P.V uses;
+//   shared memory (QG = 0, any element-to-lane mapping): S stored to a per-subgroup block and read
+//       back by every lane (TPR lanes per row, vec4 reads, shuffles for the row max and sum), O
+//       rescaled by an element-wise factor matrix loaded from shared memory when a maximum moved;
+// then P (fp16) goes through shared memory, where it becomes the A operand of O += P.V. O never
+// leaves the registers until the end.
 // The matrix shape MM x NN x KK is the device's (specialization constants: one SPIR-V serves
 // 16x16x16, 16x8x16, 8x8x16, ...), and so is the subgroup size (LANES = WG / NSG). Partial tiles are
 // masked (rows past seq_q are zero and never written, keys past seq_k are zero and invisible), so
@@ -41,6 +44,11 @@ layout(constant_id = 5) const uint MM = 16;   // the matrix shape: A is MM x KK,
 layout(constant_id = 6) const uint NN = 16;
 layout(constant_id = 7) const uint KK = 16;
 layout(constant_id = 8) const uint NBUF = 2;  // K/V tile buffers: 2 overlaps the next tile's loads
+// 0: the softmax reads the scores back from shared memory (any element-to-lane mapping). QG > 0:
+// the softmax runs on the accumulators in registers, for mappings where every row of a tile lives
+// in one group of QG lanes whose indices differ only in their low bits (NVIDIA's); the shader
+// checks this at run time and answers NaN rather than a wrong result where it does not hold.
+layout(constant_id = 9) const uint QG = 0;
 layout(local_size_x_id = 4) in;
 
 const uint LANES = WG / NSG;
@@ -63,21 +71,30 @@ const uint NL = (BN * D8 + WG - 1) / WG;          // uvec4 loads per invocation 
 const uint NQ = (BR * D8 + WG - 1) / WG;          // uvec4 loads per invocation of the Q block
 const uint KVN = NBUF * 2 * KV4, QN = BR * DP4;   // the Q block is staged where the K/V tiles go
 const float RESCALE = 8.0;
+const bool REG = QG != 0;
 
 layout(std430, binding = 0) readonly buffer QB { uvec4 q[]; };
 layout(std430, binding = 1) readonly buffer KB { uvec4 k[]; };
 layout(std430, binding = 2) readonly buffer VB { uvec4 v[]; };
 layout(std430, binding = 3) writeonly buffer OB { f16vec4 o[]; };
+layout(std430, binding = 3) writeonly buffer OH { float16_t oh[]; };   // the register path's element stores
 layout(std430, binding = 4) writeonly buffer LB { float lse[]; };
 
 shared f16vec4 KVs[KVN > QN ? KVN : QN];
 // Per subgroup: scores; then the rescale factors; at the end the output tiles and the row factors.
-shared vec4 Ss[NSG * ST4];
+// The register path needs none of it.
+shared vec4 Ss[REG ? 1 : NSG * ST4];
 shared f16vec4 Ps[NSG * SR * PP4];
+// Register path: the row and the column of each element of an MM x NN tile, as two tiles whose
+// element (r, c) is r and c. Loaded as accumulators they give each lane its elements' places (the
+// same type has the same element-to-lane mapping), read only where a place matters (masks, the
+// rare row reductions, the output), so no register holds them through the key loop.
+shared f16vec4 Ix[REG ? 2 * TILE4 : 1];
 
 #define ACC coopmat<float, gl_ScopeSubgroup, MM, NN, gl_MatrixUseAccumulator>
 #define MATA coopmat<float16_t, gl_ScopeSubgroup, MM, KK, gl_MatrixUseA>
 #define MATB coopmat<float16_t, gl_ScopeSubgroup, KK, NN, gl_MatrixUseB>
+#define ACC16 coopmat<float16_t, gl_ScopeSubgroup, MM, NN, gl_MatrixUseAccumulator>
 
 void sync() {
     subgroupMemoryBarrierShared();
@@ -133,6 +150,35 @@ bool row_any(bool b) {
     return x != 0u;
 }
 
+ACC index_tile(uint which) {
+    ACC16 t;
+    coopMatLoad(t, Ix, which * TILE4, NN / 4, gl_CooperativeMatrixLayoutRowMajor);
+    return ACC(t);
+}
+
+// Register path: each element of an accumulator tile combined with every element of its row,
+// given `ridx`, the row of each element (an accumulator of the same type: the same mapping).
+// Within the lane first, then across the QG lanes that hold the rest of the row.
+ACC tile_row_max(ACC x, ACC ridx) {
+    ACC y = x;
+    [[unroll]] for (int i = 0; i < x.length(); ++i)
+        [[unroll]] for (int j = 0; j < x.length(); ++j)
+            if (j != i && ridx[j] == ridx[i]) y[i] = max(y[i], x[j]);
+    [[unroll]] for (uint s = 1; s < QG; s *= 2)
+        [[unroll]] for (int i = 0; i < x.length(); ++i) y[i] = max(y[i], subgroupShuffleXor(y[i], s));
+    return y;
+}
+
+ACC tile_row_sum(ACC x, ACC ridx) {
+    ACC y = x;
+    [[unroll]] for (int i = 0; i < x.length(); ++i)
+        [[unroll]] for (int j = 0; j < x.length(); ++j)
+            if (j != i && ridx[j] == ridx[i]) y[i] += x[j];
+    [[unroll]] for (uint s = 1; s < QG; s *= 2)
+        [[unroll]] for (int i = 0; i < x.length(); ++i) y[i] += subgroupShuffleXor(y[i], s);
+    return y;
+}
+
 void main() {
     const uint head = gl_WorkGroupID.y;
     if (head >= pc.heads) return;   // the whole workgroup: no barrier is skipped by part of it
@@ -154,6 +200,16 @@ void main() {
             put8(r * DP4 + 2 * c, x);
         }
     }
+    if (REG) {
+        [[unroll]] for (uint e0 = 0; e0 < TILE4; e0 += WG) {
+            const uint e = e0 + tid;
+            if (e < TILE4) {
+                const float r = float(e / (NN / 4)), c = float((e % (NN / 4)) * 4);
+                Ix[e] = f16vec4(r);
+                Ix[TILE4 + e] = f16vec4(c, c + 1.0, c + 2.0, c + 3.0);
+            }
+        }
+    }
     barrier();
     MATA qa[RT * DK];
     [[unroll]] for (uint rt = 0; rt < RT; ++rt)
@@ -172,6 +228,29 @@ void main() {
         bad[rr] = false;
     }
     const uint h = lane % TPR;   // which part of its row(s) this lane handles
+
+    // Register path: per element of each row tile, the running maximum of its row (NaN once the
+    // row has seen a NaN score) and the row's sum (from P times a matrix of ones, so it sums the
+    // very halves P.V uses), accumulators of the tiles' type, so element i of one is element i of
+    // the others. The path relies on each row of a tile living in one group of QG lanes.
+    ACC mrow[RT];
+    ACC lrow[RT];
+    bool layout_ok = true;
+    if (REG) {
+        const ACC ridx = index_tile(0);
+        const ACC count = tile_row_sum(ACC(1.0), ridx);
+        bool ok = true;
+        [[unroll]] for (int i = 0; i < ridx.length(); ++i) {
+            ok = ok && count[i] == float(NN);
+            [[unroll]] for (uint s = 1; s < QG; s *= 2) ok = ok && subgroupShuffleXor(ridx[i], s) == ridx[i];
+        }
+        layout_ok = subgroupAll(ok);
+        [[unroll]] for (uint rt = 0; rt < RT; ++rt) {
+            mrow[rt] = ACC(NEG_INF);
+            lrow[rt] = ACC(0.0);
+        }
+    }
+    const MATB ones = MATB(1.0);
 
     const ivec2 kr = key_range(wr0, min(wr0 + int(BR), int(pc.seq_q)));
     const int sr1 = min(sr0 + int(SR), int(pc.seq_q));
@@ -202,61 +281,111 @@ void main() {
                         sacc[rt * NT + n] = coopMatMulAdd(qa[rt * DK + c], kbm, sacc[rt * NT + n]);
                 }
             }
-            [[unroll]] for (uint rt = 0; rt < RT; ++rt)
-                [[unroll]] for (uint n = 0; n < NT; ++n)
-                    coopMatStore(sacc[rt * NT + n], Ss, sg * ST4 + rt * MM * SP4 + n * NN / 4, SP4,
-                                 gl_CooperativeMatrixLayoutRowMajor);
-            sync();
-
-            const bool full = tile_fully_visible(sr0, sr0 + int(SR), k0, k0 + int(BN));
-            float alpha[RPL];
-            bool moved = false;
-            [[unroll]] for (uint rr = 0; rr < RPL; ++rr) {
-                const uint row = lane / TPR + rr * RSTEP;
-                const int qi = sr0 + int(row);
-                const int j0 = k0 + int(h * CPL4 * 4);
-                vec4 x[CPL4];
-                float mx = NEG_INF;
-                bool nan = false;
-                [[unroll]] for (uint c = 0; c < CPL4; ++c) {
-                    x[c] = SCORE(Ss[sg * ST4 + row * SP4 + h * CPL4 + c]);
+            if (REG) {
+                [[unroll]] for (uint rt = 0; rt < RT; ++rt) {
+                    const int r0 = sr0 + int(rt * MM);
+                    const bool full = tile_fully_visible(r0, r0 + int(MM), k0, k0 + int(BN));
+                    bool grows = false;   // a score passes its row's maximum by RESCALE or more
+                    [[unroll]] for (uint n = 0; n < NT; ++n)
+                        [[unroll]] for (int i = 0; i < sacc[0].length(); ++i)
+                            sacc[rt * NT + n][i] = SCORE(sacc[rt * NT + n][i]);
                     if (!full) {
-                        [[unroll]] for (uint e = 0; e < 4; ++e)
-                            if (!visible(qi, j0 + int(c * 4 + e))) x[c][e] = NEG_INF;
+                        const ACC ri = index_tile(0);
+                        const ACC ci = index_tile(1);
+                        [[unroll]] for (uint n = 0; n < NT; ++n)
+                            [[unroll]] for (int i = 0; i < ri.length(); ++i)
+                                if (!visible(r0 + int(ri[i]), k0 + int(n * NN) + int(ci[i])))
+                                    sacc[rt * NT + n][i] = NEG_INF;
                     }
-                    nan = nan || any(isnan(x[c]));
-                    mx = max(mx, max(max(x[c].x, x[c].y), max(x[c].z, x[c].w)));
+                    [[unroll]] for (uint n = 0; n < NT; ++n) {
+                        [[unroll]] for (int i = 0; i < sacc[0].length(); ++i) {
+                            const float x = sacc[rt * NT + n][i];
+                            if (isnan(x)) mrow[rt][i] = AULE_NAN;
+                            grows = grows || x > mrow[rt][i] + RESCALE;
+                        }
+                    }
+                    if (subgroupAny(grows)) {
+                        ACC mx = sacc[rt * NT];
+                        [[unroll]] for (uint n = 1; n < NT; ++n)
+                            [[unroll]] for (int i = 0; i < mx.length(); ++i) mx[i] = max(mx[i], sacc[rt * NT + n][i]);
+                        mx = tile_row_max(mx, index_tile(0));
+                        ACC alpha;
+                        bool moved = false;
+                        [[unroll]] for (int i = 0; i < mx.length(); ++i) {
+                            const float mo = mrow[rt][i], mn = mx[i] > mo + RESCALE ? mx[i] : mo;
+                            alpha[i] = exp2(mo - AULE_SOFTMAX_SHIFT(mn));
+                            moved = moved || (mn != mo && mo != NEG_INF);
+                            mrow[rt][i] = mn;
+                        }
+                        if (subgroupAny(moved)) {
+                            [[unroll]] for (uint t = 0; t < DN; ++t) oacc[rt * DN + t] = oacc[rt * DN + t] * alpha;
+                            lrow[rt] = lrow[rt] * alpha;
+                        }
+                    }
+                    [[unroll]] for (uint n = 0; n < NT; ++n) {
+                        [[unroll]] for (int i = 0; i < sacc[0].length(); ++i)
+                            sacc[rt * NT + n][i] = exp2(sacc[rt * NT + n][i] - AULE_SOFTMAX_SHIFT(mrow[rt][i]));
+                        coopMatStore(ACC16(sacc[rt * NT + n]), Ps, (sg * SR + rt * MM) * PP4 + n * NN / 4, PP4,
+                                     gl_CooperativeMatrixLayoutRowMajor);
+                    }
                 }
-                mx = row_max(mx);
-                bad[rr] = bad[rr] || row_any(nan);
-                const float mnew = mx > m[rr] + RESCALE ? mx : m[rr];
-                const float shift = AULE_SOFTMAX_SHIFT(mnew);
-                alpha[rr] = exp2(m[rr] - shift);
-                moved = moved || (m[rr] != mnew && m[rr] != NEG_INF);
-                float sum = 0.0;
-                [[unroll]] for (uint c = 0; c < CPL4; ++c) {
-                    const vec4 p = exp2(x[c] - shift);
-                    sum += (p.x + p.y) + (p.z + p.w);
-                    Ps[(sg * SR + row) * PP4 + h * CPL4 + c] = f16vec4(p);
-                }
-                l[rr] = l[rr] * alpha[rr] + row_sum(sum);
-                m[rr] = mnew;
-            }
-            // A row that had no visible key yet has O = 0 (or 0 * a hidden key's NaN, which the
-            // factor would keep): it needs no rescale.
-            if (subgroupAny(moved)) {
-                sync();   // every lane has read its scores: the block now holds the factors
+            } else {
+                [[unroll]] for (uint rt = 0; rt < RT; ++rt)
+                    [[unroll]] for (uint n = 0; n < NT; ++n)
+                        coopMatStore(sacc[rt * NT + n], Ss, sg * ST4 + rt * MM * SP4 + n * NN / 4, SP4,
+                                     gl_CooperativeMatrixLayoutRowMajor);
+                sync();
+
+                const bool full = tile_fully_visible(sr0, sr0 + int(SR), k0, k0 + int(BN));
+                float alpha[RPL];
+                bool moved = false;
                 [[unroll]] for (uint rr = 0; rr < RPL; ++rr) {
                     const uint row = lane / TPR + rr * RSTEP;
-                    const uint at = sg * ST4 + (row / MM) * TILE4 + (row % MM) * (NN / 4);
-                    [[unroll]] for (uint c0 = 0; c0 < NN / 4; c0 += TPR)
-                        if (c0 + h < NN / 4) Ss[at + c0 + h] = vec4(alpha[rr]);
+                    const int qi = sr0 + int(row);
+                    const int j0 = k0 + int(h * CPL4 * 4);
+                    vec4 x[CPL4];
+                    float mx = NEG_INF;
+                    bool nan = false;
+                    [[unroll]] for (uint c = 0; c < CPL4; ++c) {
+                        x[c] = SCORE(Ss[sg * ST4 + row * SP4 + h * CPL4 + c]);
+                        if (!full) {
+                            [[unroll]] for (uint e = 0; e < 4; ++e)
+                                if (!visible(qi, j0 + int(c * 4 + e))) x[c][e] = NEG_INF;
+                        }
+                        nan = nan || any(isnan(x[c]));
+                        mx = max(mx, max(max(x[c].x, x[c].y), max(x[c].z, x[c].w)));
+                    }
+                    mx = row_max(mx);
+                    bad[rr] = bad[rr] || row_any(nan);
+                    const float mnew = mx > m[rr] + RESCALE ? mx : m[rr];
+                    const float shift = AULE_SOFTMAX_SHIFT(mnew);
+                    alpha[rr] = exp2(m[rr] - shift);
+                    moved = moved || (m[rr] != mnew && m[rr] != NEG_INF);
+                    float sum = 0.0;
+                    [[unroll]] for (uint c = 0; c < CPL4; ++c) {
+                        const vec4 p = exp2(x[c] - shift);
+                        sum += (p.x + p.y) + (p.z + p.w);
+                        Ps[(sg * SR + row) * PP4 + h * CPL4 + c] = f16vec4(p);
+                    }
+                    l[rr] = l[rr] * alpha[rr] + row_sum(sum);
+                    m[rr] = mnew;
                 }
-                sync();
-                [[unroll]] for (uint rt = 0; rt < RT; ++rt) {
-                    ACC f;
-                    coopMatLoad(f, Ss, sg * ST4 + rt * TILE4, NN / 4, gl_CooperativeMatrixLayoutRowMajor);
-                    [[unroll]] for (uint t = 0; t < DN; ++t) oacc[rt * DN + t] = oacc[rt * DN + t] * f;
+                // A row that had no visible key yet has O = 0 (or 0 * a hidden key's NaN, which the
+                // factor would keep): it needs no rescale.
+                if (subgroupAny(moved)) {
+                    sync();   // every lane has read its scores: the block now holds the factors
+                    [[unroll]] for (uint rr = 0; rr < RPL; ++rr) {
+                        const uint row = lane / TPR + rr * RSTEP;
+                        const uint at = sg * ST4 + (row / MM) * TILE4 + (row % MM) * (NN / 4);
+                        [[unroll]] for (uint c0 = 0; c0 < NN / 4; c0 += TPR)
+                            if (c0 + h < NN / 4) Ss[at + c0 + h] = vec4(alpha[rr]);
+                    }
+                    sync();
+                    [[unroll]] for (uint rt = 0; rt < RT; ++rt) {
+                        ACC f;
+                        coopMatLoad(f, Ss, sg * ST4 + rt * TILE4, NN / 4, gl_CooperativeMatrixLayoutRowMajor);
+                        [[unroll]] for (uint t = 0; t < DN; ++t) oacc[rt * DN + t] = oacc[rt * DN + t] * f;
+                    }
                 }
             }
             sync();   // P is in shared memory
@@ -265,6 +394,8 @@ void main() {
                 [[unroll]] for (uint rt = 0; rt < RT; ++rt)
                     coopMatLoad(pa[rt], Ps, (sg * SR + rt * MM) * PP4 + c * KK / 4, PP4,
                                 gl_CooperativeMatrixLayoutRowMajor);
+                if (REG)
+                    [[unroll]] for (uint rt = 0; rt < RT; ++rt) lrow[rt] = coopMatMulAdd(pa[rt], ones, lrow[rt]);
                 [[unroll]] for (uint t = 0; t < DN; ++t) {
                     MATB vbm;
                     coopMatLoad(vbm, KVs, vt + c * KK * DP4 + t * NN / 4, DP4, gl_CooperativeMatrixLayoutRowMajor);
@@ -286,30 +417,57 @@ void main() {
         }
     }
 
-    // The row factors (aule's numeric rule, mask.glsl) go beside the output staging tile.
-    [[unroll]] for (uint rr = 0; rr < RPL; ++rr) {
-        const uint row = lane / TPR + rr * RSTEP;
-        const int qi = sr0 + int(row);
-        if (h == 0) {
-            Ss[sg * ST4 + TILE4 + row / 4][row % 4] = AULE_ROW_INV(m[rr], l[rr], bad[rr]);
-            if ((pc.flags & 1u) != 0u && qi < int(pc.seq_q))
-                lse[pc.lse_base + head * pc.seq_q + uint(qi)] = AULE_ROW_LSE2(m[rr], l[rr], bad[rr]) * LN2;
+    if (REG) {
+        // Each element writes itself: its row's factor from whether the row saw a NaN, its maximum
+        // and its sum (aule's numeric rule, mask.glsl); the column-0 element writes the row's LSE.
+        const uint ob = pc.o_base + head * pc.seq_q * D;
+        const ACC ridx = index_tile(0);
+        const ACC cidx = index_tile(1);
+        [[unroll]] for (uint rt = 0; rt < RT; ++rt) {
+            ACC nan;
+            [[unroll]] for (int i = 0; i < nan.length(); ++i) nan[i] = isnan(mrow[rt][i]) ? 1.0 : 0.0;
+            nan = tile_row_sum(nan, ridx);
+            const int r0 = sr0 + int(rt * MM);
+            [[unroll]] for (int i = 0; i < ridx.length(); ++i) {
+                const int qi = r0 + int(ridx[i]);
+                const bool bad = nan[i] > 0.0 || !layout_ok;
+                const float inv = AULE_ROW_INV(mrow[rt][i], lrow[rt][i], bad);
+                if (qi < int(pc.seq_q)) {
+                    [[unroll]] for (uint t = 0; t < DN; ++t)
+                        oh[ob + uint(qi) * D + t * NN + uint(cidx[i])] =
+                            float16_t(AULE_ROW_OUT(float, oacc[rt * DN + t][i], inv));
+                    if ((pc.flags & 1u) != 0u && cidx[i] == 0.0)
+                        lse[pc.lse_base + head * pc.seq_q + uint(qi)] =
+                            AULE_ROW_LSE2(mrow[rt][i], lrow[rt][i], bad) * LN2;
+                }
+            }
         }
-    }
-    const uint ob = pc.o_base / 4 + head * pc.seq_q * (D / 4);
-    [[unroll]] for (uint rt = 0; rt < RT; ++rt) {
-        [[unroll]] for (uint t = 0; t < DN; ++t) {
-            sync();
-            coopMatStore(oacc[rt * DN + t], Ss, sg * ST4, NN / 4, gl_CooperativeMatrixLayoutRowMajor);
-            sync();
-            [[unroll]] for (uint e0 = 0; e0 < TILE4; e0 += LANES) {
-                const uint e = e0 + lane;
-                const uint row = rt * MM + e / (NN / 4);
-                const int qi = sr0 + int(row);
-                if (e < TILE4 && qi < int(pc.seq_q)) {
-                    const float inv = Ss[sg * ST4 + TILE4 + row / 4][row % 4];
-                    o[ob + uint(qi) * (D / 4) + t * (NN / 4) + e % (NN / 4)] =
-                        f16vec4(AULE_ROW_OUT(vec4, Ss[sg * ST4 + e], inv));
+    } else {
+        // The row factors (aule's numeric rule, mask.glsl) go beside the output staging tile.
+        [[unroll]] for (uint rr = 0; rr < RPL; ++rr) {
+            const uint row = lane / TPR + rr * RSTEP;
+            const int qi = sr0 + int(row);
+            if (h == 0) {
+                Ss[sg * ST4 + TILE4 + row / 4][row % 4] = AULE_ROW_INV(m[rr], l[rr], bad[rr]);
+                if ((pc.flags & 1u) != 0u && qi < int(pc.seq_q))
+                    lse[pc.lse_base + head * pc.seq_q + uint(qi)] = AULE_ROW_LSE2(m[rr], l[rr], bad[rr]) * LN2;
+            }
+        }
+        const uint ob = pc.o_base / 4 + head * pc.seq_q * (D / 4);
+        [[unroll]] for (uint rt = 0; rt < RT; ++rt) {
+            [[unroll]] for (uint t = 0; t < DN; ++t) {
+                sync();
+                coopMatStore(oacc[rt * DN + t], Ss, sg * ST4, NN / 4, gl_CooperativeMatrixLayoutRowMajor);
+                sync();
+                [[unroll]] for (uint e0 = 0; e0 < TILE4; e0 += LANES) {
+                    const uint e = e0 + lane;
+                    const uint row = rt * MM + e / (NN / 4);
+                    const int qi = sr0 + int(row);
+                    if (e < TILE4 && qi < int(pc.seq_q)) {
+                        const float inv = Ss[sg * ST4 + TILE4 + row / 4][row % 4];
+                        o[ob + uint(qi) * (D / 4) + t * (NN / 4) + e % (NN / 4)] =
+                            f16vec4(AULE_ROW_OUT(vec4, Ss[sg * ST4 + e], inv));
+                    }
                 }
             }
         }

@@ -25,12 +25,12 @@ def coopmat():
 
 
 @pytest.mark.parametrize("props, d, shape, tiles", [
-    (H200, 128, (16, 16, 16), (4, 1, 32, 2)),
-    (H200, 64, (16, 16, 16), (4, 2, 32, 2)),
-    (H200, 256, (16, 16, 16), (4, 1, 16, 2)),
-    (H200, 80, (16, 16, 16), (4, 1, 32, 2)),
-    (RDNA3, 128, (16, 16, 16), (4, 1, 32, 2)),
-    (ARC, 128, (8, 8, 16), (4, 1, 32, 2)),
+    (H200, 128, (16, 8, 16), (8, 1, 32, 2)),
+    (H200, 64, (16, 8, 16), (8, 1, 32, 2)),
+    (H200, 256, (16, 8, 16), (4, 1, 16, 2)),
+    (H200, 80, (16, 8, 16), (8, 1, 32, 2)),
+    (RDNA3, 128, (16, 16, 16), (8, 1, 32, 2)),
+    (ARC, 128, (8, 8, 16), (8, 1, 32, 2)),
 ], ids=["h200-d128", "h200-d64", "h200-d256", "h200-d80", "rdna3-d128", "arc-d128"])
 def test_shape_and_tiles_follow_the_recorded_device(props, d, shape, tiles, monkeypatch):
     from aule.backends.vulkan.shaders import CoopTiles
@@ -43,6 +43,8 @@ def test_shape_and_tiles_follow_the_recorded_device(props, d, shape, tiles, monk
     spec = dict(coopmat().spec(d, info))
     assert spec[4] == tiles[0] * info.subgroup_size, "invocations are subgroups x the device's subgroup size"
     assert (spec[5], spec[6], spec[7]) == shape
+    # The register softmax where the vendor's accumulator layout is known (NVIDIA), else shared memory.
+    assert spec[9] == (4 if info.vendor == "NVIDIA" else 0)
     assert fam.shared_bytes(d, info, None) <= info.max_shared_memory
 
 
@@ -50,8 +52,10 @@ def test_a_forced_shape_is_used_and_an_unoffered_one_refused(monkeypatch):
     from aule.backends.vulkan import select
 
     info = _recorded_device(**H200)
-    spec = dict(coopmat().spec(128, info, ((16, 8, 16),)))
-    assert (spec[5], spec[6], spec[7]) == (16, 8, 16)
+    spec = dict(coopmat().spec(128, info, ((16, 16, 16),)))
+    assert (spec[5], spec[6], spec[7]) == (16, 16, 16)
+    spec = dict(coopmat().spec(128, info, ((16, 8, 8), 4, 1, 16, 1, 0)))
+    assert (spec[7], spec[1], spec[3], spec[8], spec[9]) == (8, 4, 16, 1, 0), "forced tiles and softmax path"
     monkeypatch.setenv("AULE_VULKAN_VARIANT", "coopmat")
     monkeypatch.setenv("AULE_VULKAN_TILES", "8x8x16")
     with pytest.raises(aule.UnsupportedError, match="8x8x16 matrix shape.*does not offer.*16x8x16"):

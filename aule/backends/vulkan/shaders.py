@@ -186,6 +186,8 @@ class CoopTiles:
     row_tiles: int   # row tiles of M rows per subgroup
     keys: int        # keys per step
     buffers: int     # K/V tile buffers in shared memory (2: the next tile's loads overlap the math)
+    registers: int = -1  # 1: the softmax on the accumulators in registers, 0: through shared memory,
+    #                      -1: the device's (registers where its matrix layout is known to allow it)
 
 
 @dataclass(frozen=True)
@@ -196,12 +198,16 @@ class CoopMat(KeyLoop):
     the largest it lists that fits. ``tiles`` rows are (largest head_dim, CoopTiles), best first
     (measurements: results/vulkan-tuning.md); the first that fits the device's shared memory and
     the shader's rules is used. AULE_VULKAN_TILES=MxNxK (or auto), optionally followed by
-    subgroups,row_tiles,keys,buffers, forces a shape and tiles."""
+    subgroups,row_tiles,keys,buffers[,registers], forces a shape and tiles."""
 
     tiles: tuple
-    shapes: tuple = ((16, 16, 16), (16, 8, 16))
+    shapes: tuple = ((16, 8, 16), (16, 16, 16))
+    # Lanes holding one row of an accumulator tile, by vendor, where the register softmax applies:
+    # NVIDIA's layout keeps a row in 4 lanes that differ in their two low bits (the shader checks).
+    row_lanes: tuple = (("NVIDIA", 4),)
 
-    SPEC = ("head_dim", "subgroups", "row tiles", "keys", "invocations", "M", "N", "K", "buffers")
+    SPEC = ("head_dim", "subgroups", "row tiles", "keys", "invocations", "M", "N", "K", "buffers",
+            "row lanes (register softmax)")
 
     @staticmethod
     def forced(tiles) -> tuple:
@@ -209,7 +215,14 @@ class CoopMat(KeyLoop):
         if not tiles or not (isinstance(tiles[0], tuple) or tiles[0] == "auto"):
             return None, None
         shape = tiles[0] if isinstance(tiles[0], tuple) else None
-        return shape, (CoopTiles(*tiles[1:]) if len(tiles) == 5 else None)
+        return shape, (CoopTiles(*tiles[1:]) if len(tiles) > 1 else None)
+
+    def groups(self, t: CoopTiles, info) -> int:
+        """QG, the specialization constant choosing the softmax path (0: through shared memory):
+        the vendor's row-group width, or 4 where tiles ask for the register path (1) elsewhere."""
+        if t.registers == 0:
+            return 0
+        return dict(self.row_lanes).get(info.vendor, 0) or (4 if t.registers == 1 else 0)
 
     def tiles_unfit(self, t: CoopTiles, shape: tuple, d: int, info) -> str | None:
         """Why tiles ``t`` in matrix shape ``shape`` cannot run head_dim ``d`` on the device."""
@@ -226,20 +239,24 @@ class CoopMat(KeyLoop):
         if t.keys % (4 * tpr) or t.buffers not in (1, 2):
             return f"{t.keys} keys do not split into vec4s over {tpr} lanes per row, or buffers is not 1 or 2"
         st4 = sr * (t.keys // 4 + 1)
-        if t.row_tiles * m * n // 4 > st4 or m * n // 4 + -(-sr // 4) > st4:
+        reg = self.groups(t, info) > 0
+        if not reg and (t.row_tiles * m * n // 4 > st4 or m * n // 4 + -(-sr // 4) > st4):
             return "the score block cannot hold the rescale and output tiles"
-        if self.tile_bytes(t, shape, d) > info.max_shared_memory:
-            return (f"it needs {self.tile_bytes(t, shape, d)} bytes of shared memory, the device has "
+        if self.tile_bytes(t, shape, d, reg) > info.max_shared_memory:
+            return (f"it needs {self.tile_bytes(t, shape, d, reg)} bytes of shared memory, the device has "
                     f"{info.max_shared_memory}")
         return None
 
     @staticmethod
-    def tile_bytes(t: CoopTiles, shape: tuple, d: int) -> int:
-        """Mirror of the shader's shared arrays: K/V tiles (or the staged Q block), scores, P."""
+    def tile_bytes(t: CoopTiles, shape: tuple, d: int, registers: bool) -> int:
+        """Mirror of the shader's shared arrays: K/V tiles (or the staged Q block), scores (one vec4
+        on the register path), P, and the register path's two index tiles (one f16vec4 without)."""
         sr = t.row_tiles * shape[0]
         dp4 = d // 4 + 2
         kv = max(t.buffers * 2 * t.keys * dp4, t.subgroups * sr * dp4) * 8
-        return kv + t.subgroups * sr * (t.keys // 4 + 1) * 16 + t.subgroups * sr * (t.keys // 4 + 2) * 8
+        scores = 16 if registers else t.subgroups * sr * (t.keys // 4 + 1) * 16
+        index = 4 * shape[0] * shape[1] if registers else 8
+        return kv + scores + t.subgroups * sr * (t.keys // 4 + 2) * 8 + index
 
     def pick(self, d, info, tiles) -> tuple | None:
         """(shape, CoopTiles) for head_dim ``d`` on the device, or None."""
@@ -275,12 +292,12 @@ class CoopMat(KeyLoop):
 
     def shared_bytes(self, d, info, tiles) -> int:
         shape, t = self.pick(d, info, tiles)
-        return self.tile_bytes(t, shape, d)
+        return self.tile_bytes(t, shape, d, self.groups(t, info) > 0)
 
     def spec(self, d, info, tiles) -> tuple:
         (m, n, k), t = self.pick(d, info, tiles)
         return ((0, d), (1, t.subgroups), (2, t.row_tiles), (3, t.keys), (4, t.subgroups * info.subgroup_size),
-                (5, m), (6, n), (7, k), (8, t.buffers))
+                (5, m), (6, n), (7, k), (8, t.buffers), (9, self.groups(t, info)))
 
     def rows_per_group(self, d, info, tiles) -> int:
         (m, _, _), t = self.pick(d, info, tiles)
@@ -426,7 +443,7 @@ _CPU_TILES = (Tiles(64, 16, 64, 4), Tiles(64, 32, 128, 8))
 _CPU_LANES = ((64, 16, 4), (128, 8, 4), (256, 4, 4))
 _FP16 = Needs(fp16=True)
 # (largest head_dim, tiles) for the cooperative-matrix variant, best first.
-_COOP_TILES = ((64, CoopTiles(4, 2, 32, 2)), (64, CoopTiles(4, 1, 64, 1)), (128, CoopTiles(4, 1, 32, 2)), (128, CoopTiles(4, 1, 32, 1)),
+_COOP_TILES = ((128, CoopTiles(8, 1, 32, 2)), (128, CoopTiles(4, 1, 32, 2)), (128, CoopTiles(4, 1, 16, 2)),
                (256, CoopTiles(4, 1, 16, 2)), (256, CoopTiles(4, 1, 16, 1)), (256, CoopTiles(2, 1, 16, 1)))
 
 MODULES: dict[str, Module] = {m.name: m for m in (
