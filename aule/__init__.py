@@ -1,6 +1,7 @@
 """aule: FlashAttention for every GPU."""
 from .api import copy_kv_to_paged, flash_attention, flash_attention_paged, flash_attention_paged_amd
 from .backends import backend_info, get_available_backends
+from .device_errors import check_device_errors
 from .errors import AuleError, UnsupportedError, VulkanError, VulkanOutOfMemoryError
 from .kv_cache import CacheFullError, PagedKVCache
 
@@ -11,6 +12,7 @@ __all__ = [
     "flash_attention_paged",
     "flash_attention_paged_amd",
     "copy_kv_to_paged",
+    "check_device_errors",
     "PagedKVCache",
     "CacheFullError",
     "get_available_backends",
