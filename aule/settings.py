@@ -1,4 +1,5 @@
-"""Every `AULE_*` setting of the router and the Vulkan backend, read and checked in one place.
+"""Every `AULE_*` setting of the router, the Vulkan backend and the device checks (and
+`TRITON_INTERPRET`), read and checked in one place.
 
 The environment is looked at on each call (tests and benchmarks change it within one process),
 but each distinct set of values is parsed once: a repeated call costs one tuple of lookups.

@@ -119,7 +119,8 @@ def test_slot_past_the_cache_is_skipped_and_raised():
     key = torch.randn(3, 2, 16, device=DEV)
     aule.copy_kv_to_paged(key, key + 1, kc, vc, torch.tensor([5, 12, 2 ** 40], device=DEV), backend="triton")
     _finished()
-    with pytest.raises(ValueError, match=r"slot_mapping\[1\] = 12 is outside the cache's num_blocks \* block_size = 12"):
+    words = r"slot_mapping\[1\] = 12 is outside the cache's num_blocks \* block_size = 12"
+    with pytest.raises(ValueError, match=words):
         aule.check_device_errors()
     assert torch.equal(kc[1, 1], key[0]) and torch.equal(vc[1, 1], key[0] + 1)
     assert int((kc.reshape(12, -1).abs().sum(1) > 0).sum()) == 1  # the two bad tokens wrote nothing
@@ -335,9 +336,8 @@ def test_sync_debug_mode_sees_no_synchronisation():
 
 def _graph_case(seed, lens, q_len, num_blocks):
     """A case whose cache has room to be refilled with other sequences of the same table width."""
-    rng = np.random.default_rng(seed)
-    case = make_case(rng, lens, 8, 2, 64, 16, q_len, np.float16, spare_blocks=num_blocks - sum(-(-n // 16) for n in lens))
-    return case
+    spare = num_blocks - sum(-(-n // 16) for n in lens)
+    return make_case(np.random.default_rng(seed), lens, 8, 2, 64, 16, q_len, np.float16, spare_blocks=spare)
 
 
 @needs_gpu

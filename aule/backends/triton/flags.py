@@ -34,7 +34,7 @@ log = logging.getLogger("aule")
 FIELDS = 8  # int64 words per row: code, index 0, index 1, value, done, padding to 64 bytes
 CODE, I0, I1, VALUE, DONE = range(5)
 BLOCK_ID, CONTEXT_LEN, SLOT = 1, 2, 3  # the kernels' error codes (constexprs in paged.py)
-CHUNK_ROWS = 1024  # row 0 of a chunk is its header: [dirty, scratch]
+CHUNK_ROWS = 1024  # row 0 of a chunk is its header: [dirty, -, scratch]
 RESERVE = 64  # free rows kept in hand, so a graph capture (which cannot pin memory) finds one
 
 
@@ -57,7 +57,9 @@ class _Chunk:
         self.np = self.t.numpy()  # the same memory, read and cleared without any CUDA call
         self.rows = [None] * CHUNK_ROWS  # row views, made once: a view costs a microsecond per call
         self.events = [None] * CHUNK_ROWS  # one reusable CUDA event per row, made on first use
-        self.dirty, self.scratch = self.t[0, 0:], self.t[0, 1:]
+        # Both 16-byte aligned, as Triton specialises pointers by alignment: a captured launch then
+        # reuses the kernel its eager warm-up compiled instead of compiling inside the capture.
+        self.dirty, self.scratch = self.t[0, 0:], self.t[0, 2:]
         self.free = list(range(CHUNK_ROWS - 1, 0, -1))
         self.captured: dict = {}  # row -> meta of a launch inside a CUDA graph
 
