@@ -2,6 +2,7 @@
 from .api import (copy_kv_to_paged, flash_attention, flash_attention_paged, flash_attention_paged_amd,
                   flash_attention_varlen)
 from .backends import backend_info, get_available_backends
+from .device_errors import check_device_errors
 from .errors import AuleError, UnsupportedError, VulkanError, VulkanOutOfMemoryError
 from .kv_cache import CacheFullError, PagedKVCache
 
@@ -13,6 +14,7 @@ __all__ = [
     "flash_attention_paged",
     "flash_attention_paged_amd",
     "copy_kv_to_paged",
+    "check_device_errors",
     "PagedKVCache",
     "CacheFullError",
     "get_available_backends",

@@ -14,7 +14,7 @@ from .call import canonicalize_varlen
 from .errors import UnsupportedError
 from .paged_call import canonicalize_paged, canonicalize_write_kv
 from .routing import (attend, attend_paged, attend_varlen, attention, forced_backend, route,  # noqa: F401
-                      tensors_need_grad)
+                      tensors_need_grad, write_kv)
 
 
 def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, *,
@@ -78,7 +78,7 @@ def _compiling(x) -> bool:
 # paged attention and KV writes
 
 def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
-                          backend=None, sinks=None):
+                          backend=None, sinks=None, max_context_len=None):
     """Attention of ``q`` over a paged (block-table) KV cache, vLLM's layout.
 
     ``q [batch, heads_q, q_len, head_dim]``: the last ``q_len`` positions of each sequence, causal
@@ -86,9 +86,14 @@ def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale
     ``block_tables [batch, max_blocks]`` int32; ``context_lens [batch]`` int32 (new tokens included,
     already written with :func:`copy_kv_to_paged`). ``window_size`` as in
     :func:`aule.flash_attention`, and so are ``sinks`` (served by the NumPy backend for now). Returns
-    an array like ``q``. Bad tables raise ``ValueError`` before any kernel runs.
+    an array like ``q``. ``max_context_len`` (vLLM's ``max_seq_len``, optional): the longest context,
+    which sizes the launch (split-K) without reading ``context_lens``; longer contexts are still
+    attended in full. Bad tables raise ``ValueError``: host tables before any kernel runs; CUDA tables
+    are checked by the kernel, never read back, and raise at the next aule call after it finished (at
+    once with ``AULE_CHECK_SYNC=1``).
     """
-    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size, sinks=sinks)
+    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size, sinks=sinks,
+                              max_context_len=max_context_len)
     return attend_paged(call, backend)
 
 
@@ -102,6 +107,4 @@ def copy_kv_to_paged(key, value, k_cache, v_cache, slot_mapping, *, backend=None
     vLLM's ``reshape_and_cache`` convention: token ``t`` goes to block ``slot_mapping[t] // block_size``,
     row ``slot_mapping[t] % block_size``; a negative slot skips the token (padding).
     """
-    call = canonicalize_write_kv(key, value, k_cache, v_cache, slot_mapping)
-    if call.num_tokens:
-        route(call, "write_kv", backend).run("write_kv", call)
+    write_kv(canonicalize_write_kv(key, value, k_cache, v_cache, slot_mapping), backend)

@@ -149,8 +149,10 @@ class PagedKVCache:
         canonicalize_write_kv(key, value, self.k_cache, self.v_cache, np.full(n, -1, np.int64))
         slots = self.reserve(seq_id, n)
         try:
-            api.copy_kv_to_paged(key, value, self.k_cache, self.v_cache,
-                                 self._store.place_tables(slots, self.k_cache), backend=self.backend)
+            # The slots come from this cache's own bookkeeping: valid by construction, not checked.
+            call = canonicalize_write_kv(key, value, self.k_cache, self.v_cache,
+                                         self._store.place_tables(slots, self.k_cache), slots_trusted=True)
+            api.write_kv(call, self.backend)
         except Exception:
             self._rollback(seq_id, table_before, len_before)
             raise

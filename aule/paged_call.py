@@ -11,9 +11,17 @@ sits at key position ``context_lens[b] - q_len + i`` and is causal with respect 
 follow :mod:`aule.masks` with ``seq_q = q_len`` and ``seq_k = context_lens[b]``. Key ``j`` of
 sequence ``b`` lives in block ``block_tables[b, j // block_size]`` at row ``j % block_size``.
 
-Every integer a kernel would use as an address (block ids, lengths, slots) is checked here before
-any kernel runs, so a bad table raises ``ValueError`` instead of reading out of bounds (tables a
-:class:`PagedKVCache` builds from its own bookkeeping are valid by construction and not re-read).
+Every integer a kernel would use as an address (block ids, lengths, slots) is checked before it
+is followed, so a bad table raises ``ValueError`` instead of reading out of bounds. Where depends
+on where the tables live (``checks`` on the call):
+
+- ``"host"``: host tables (NumPy, CPU tensors) are checked here, before any kernel runs;
+- ``"device"``: torch tables on a GPU (and on the CPU under Triton's interpreter, which runs the
+  same kernels there) are not read back, which would synchronise with the device: a backend with
+  ``checks_tables`` checks them in its kernels and reports through an error flag
+  (:mod:`aule.device_errors`); for any other backend the router checks them on the host first;
+- ``"trusted"``: tables a :class:`PagedKVCache` builds from its own bookkeeping are valid by
+  construction and not checked at all.
 """
 from __future__ import annotations
 
@@ -22,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from . import masks
+from . import masks, settings
 from .call import (FLOAT_DTYPES, Grouped, Placed, array_kind, check_float_dtypes, check_scale, check_sinks,
                    device_of, dtype_name, int_table, is_torch_tensor, shape_tuple)
+
 
 @dataclass
 class PagedCall(Grouped):
@@ -50,7 +59,8 @@ class PagedCall(Grouped):
     scale: float
     left: int
     right: int
-    max_context: int  # longest context in the batch, read during validation
+    max_context: int  # longest context when the host checked the tables, else an upper bound (sizing only)
+    checks: str = "host"  # where the tables are bounds-checked: "host", "device" or "trusted" (module doc)
     # Attention sinks as float32 [heads_q], or None (aule.masks)
     sinks: Any = field(default=None, compare=False, repr=False)
 
@@ -83,6 +93,7 @@ class KVWriteCall(Placed):
     block_size: int
     heads_kv: int
     head_dim: int
+    checks: str = "host"  # where slot_mapping is bounds-checked, as PagedCall.checks
 
     def describe(self) -> str:
         return (f"copy_kv {self.num_tokens} tokens into cache[{self.num_blocks},{self.block_size},"
@@ -180,6 +191,26 @@ def check_cache_pair(k_cache, v_cache):
     return kk, device_of(k_cache), dtype, ks
 
 
+def device_checked(cache_kind: str, *tables) -> bool:
+    """Whether these tables are left for the kernels to check (``checks == "device"``): torch
+    tables beside torch caches, on a GPU (reading them would synchronise) or under Triton's
+    interpreter (so that the kernels' own checks are what runs, as on a GPU)."""
+    if cache_kind != "torch" or not all(is_torch_tensor(t) for t in tables):
+        return False
+    return any(t.device.type != "cpu" for t in tables) or settings.triton_interpret()
+
+
+def check_max_context_len(max_context_len, capacity: int) -> int:
+    """``max_context_len`` (vLLM's ``max_seq_len``): ``None`` or an int >= 0; the split-K sizing
+    bound, never above the table's capacity. ``None`` sizes from the capacity itself."""
+    if max_context_len is None:
+        return capacity
+    if isinstance(max_context_len, bool) or not isinstance(max_context_len, (int, np.integer)) or max_context_len < 0:
+        raise ValueError(f"max_context_len must be None or an int >= 0 (the longest context_lens entry, "
+                         f"which sizes the launch), got {max_context_len!r}")
+    return min(int(max_context_len), capacity)
+
+
 def _check_on_cache_device(cache_kind: str, cache_dev: str, named: dict) -> None:
     """Torch tables must sit on the caches' device (a kernel would read them there)."""
     if cache_kind != "torch":
@@ -190,13 +221,13 @@ def _check_on_cache_device(cache_kind: str, cache_dev: str, named: dict) -> None
 
 
 def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
-                       sinks=None, tables_checked_max: int | None = None) -> PagedCall:
+                       sinks=None, max_context_len=None, tables_checked_max: int | None = None) -> PagedCall:
     """Validate the public arguments of :func:`aule.flash_attention_paged` once.
 
     ``tables_checked_max`` is for :class:`aule.kv_cache.PagedKVCache` only: tables it built itself
     are valid by construction, so it passes their longest context and the contents are not read
     back (on a GPU that read-back is a synchronisation). Shapes, dtypes and devices are checked
-    regardless.
+    regardless. Device tables are left to the kernels (module doc).
     """
     qk = array_kind(q, "q")
     cache_kind, cache_dev, dtype, cs = check_cache_pair(k_cache, v_cache)
@@ -229,16 +260,19 @@ def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=No
                          "(dimension 0 must match)")
     _check_on_cache_device(cache_kind, cache_dev, {"block_tables": block_tables, "context_lens": context_lens})
     left, right = masks.canonical_window(True, window_size)
-    if tables_checked_max is None:
-        max_context = check_tables(block_tables, context_lens, num_blocks, block_size)
+    bound = check_max_context_len(max_context_len, bts[1] * block_size)
+    if tables_checked_max is not None:
+        checks, max_context = "trusted", int(tables_checked_max)
+    elif device_checked(cache_kind, block_tables, context_lens):
+        checks, max_context = "device", bound
     else:
-        max_context = int(tables_checked_max)
+        checks, max_context = "host", check_tables(block_tables, context_lens, num_blocks, block_size)
     return PagedCall(
         q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens,
         kind=cache_kind, q_kind=qk, device=cache_dev, dtype=dtype, batch=qs[0], heads_q=qs[1],
         heads_kv=heads_kv, q_len=qs[2], head_dim=head_dim, num_blocks=num_blocks,
         block_size=block_size, max_blocks=bts[1], scale=check_scale(scale, head_dim), left=left,
-        right=right, max_context=max_context, sinks=check_sinks(sinks, qs[1]))
+        right=right, max_context=max_context, checks=checks, sinks=check_sinks(sinks, qs[1]))
 
 
 def check_slots(slot_mapping, capacity: int) -> None:
@@ -265,8 +299,9 @@ def check_slots(slot_mapping, capacity: int) -> None:
                          "must appear at most once")
 
 
-def canonicalize_write_kv(key, value, k_cache, v_cache, slot_mapping) -> KVWriteCall:
-    """Validate the public arguments of :func:`aule.copy_kv_to_paged` once."""
+def canonicalize_write_kv(key, value, k_cache, v_cache, slot_mapping, *, slots_trusted=False) -> KVWriteCall:
+    """Validate the public arguments of :func:`aule.copy_kv_to_paged` once. ``slots_trusted`` is for
+    :class:`aule.kv_cache.PagedKVCache`, whose slots are valid by construction (not checked)."""
     cache_kind, dev, dtype, cs = check_cache_pair(k_cache, v_cache)
     num_blocks, block_size, heads_kv, head_dim = cs
     for n, x in (("key", key), ("value", value)):
@@ -287,7 +322,14 @@ def canonicalize_write_kv(key, value, k_cache, v_cache, slot_mapping) -> KVWrite
         raise ValueError(f"slot_mapping has {shape_tuple(slot_mapping)[0]} entries for {shape_tuple(key)[0]} tokens "
                          "(one slot per token)")
     _check_on_cache_device(cache_kind, dev, {"slot_mapping": slot_mapping})
-    check_slots(slot_mapping, num_blocks * block_size)
+    if slots_trusted:
+        checks = "trusted"
+    elif device_checked(cache_kind, slot_mapping):
+        checks = "device"
+    else:
+        checks = "host"
+        check_slots(slot_mapping, num_blocks * block_size)
     return KVWriteCall(key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
                        kind=cache_kind, device=dev, dtype=dtype, num_tokens=shape_tuple(key)[0],
-                       num_blocks=num_blocks, block_size=block_size, heads_kv=heads_kv, head_dim=head_dim)
+                       num_blocks=num_blocks, block_size=block_size, heads_kv=heads_kv, head_dim=head_dim,
+                       checks=checks)

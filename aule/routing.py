@@ -8,11 +8,11 @@ import logging
 
 import numpy as np
 
-from . import backends, masks, settings
+from . import backends, device_errors, masks, settings
 from .backends.base import nothing_to_compute
 from .call import AttentionCall, VarlenCall, canonicalize, shape_tuple
 from .errors import UnsupportedError
-from .paged_call import PagedCall
+from .paged_call import KVWriteCall, PagedCall, check_slots, check_tables
 
 log = logging.getLogger("aule")
 
@@ -107,6 +107,7 @@ def attend(call: AttentionCall, backend=None):
     """``(out, lse)`` of a validated call, routed, or answered here when there is nothing to do.
     GpuTensors are routed even then: their empty results are GpuTensors, which only the backend
     that owns their device can make."""
+    device_errors.raise_pending()
     if call.kind != "gpu" and nothing_to_compute(call):
         forced_backend(backend)  # still reject a name (argument or AULE_BACKEND) that is no backend
         return _empty_result(call)
@@ -160,12 +161,29 @@ def _zeros_like_q(call: PagedCall):
 
 def attend_paged(call: PagedCall, backend=None):
     """The output of a validated paged call (see :func:`flash_attention_paged`)."""
+    device_errors.raise_pending()
     if call.batch == 0 or call.q_len == 0:
         forced_backend(backend)  # still reject a name (argument or AULE_BACKEND) that is no backend
         out = _zeros_like_q(call)
         if out is not None:
             return out
-    return route(call, "paged_attention", backend).run("paged_attention", call)
+    b = route(call, "paged_attention", backend)
+    if call.checks == "device" and not b.checks_tables:
+        call.max_context = check_tables(call.block_tables, call.context_lens, call.num_blocks, call.block_size)
+        call.checks = "host"
+    return b.run("paged_attention", call)
+
+
+def write_kv(call: KVWriteCall, backend=None) -> None:
+    """Write a validated call's token rows into the caches (see :func:`copy_kv_to_paged`)."""
+    device_errors.raise_pending()
+    if not call.num_tokens:
+        return
+    b = route(call, "write_kv", backend)
+    if call.checks == "device" and not b.checks_tables:
+        check_slots(call.slot_mapping, call.num_blocks * call.block_size)
+        call.checks = "host"
+    b.run("write_kv", call)
 
 
 def attention(query, key, value, causal, scale, window_size, backend, return_lse, **features):

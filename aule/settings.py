@@ -1,4 +1,5 @@
-"""Every `AULE_*` setting of the router and the Vulkan backend, read and checked in one place.
+"""Every `AULE_*` setting of the router, the Vulkan backend and the device checks (and
+`TRITON_INTERPRET`), read and checked in one place.
 
 The environment is looked at on each call (tests and benchmarks change it within one process),
 but each distinct set of values is parsed once: a repeated call costs one tuple of lookups.
@@ -110,3 +111,15 @@ def kernel_choice() -> KernelChoice:
 def forced_backend() -> str | None:
     """AULE_BACKEND: a backend name the router must use, or None (names are checked by the registry)."""
     return os.environ.get("AULE_BACKEND", "").strip() or None
+
+
+def check_sync() -> bool:
+    """AULE_CHECK_SYNC=1: a table error found by a kernel on the device is raised by the call that
+    launched it (aule waits for the kernel), not by a later call. For tests and debugging: the wait
+    is a host synchronisation, and it cannot happen while a CUDA graph is being captured."""
+    return _flag(os.environ.get("AULE_CHECK_SYNC"))
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")

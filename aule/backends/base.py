@@ -55,6 +55,9 @@ class Backend:
     features: frozenset = frozenset()
     #: Whether ``attention`` has a backward pass (gradient calls are routed only to such backends).
     differentiable = False
+    #: Whether its paged kernels bounds-check tables left to the device (``PagedCall.checks ==
+    #: "device"``); for other backends the router checks such tables on the host first.
+    checks_tables = False
 
     @functools.cached_property
     def unavailable_reason(self) -> str | None:

@@ -288,8 +288,8 @@ class AulePaged(Contender):
 
 class AulePagedLauncher(Contender):
     """``aule.backends.triton.paged.paged_attention_triton``: what a serving loop launches (and
-    captures in a CUDA graph) after validating its tables once; the public call validates them on
-    every call, which costs a device-to-host copy. ``tune`` replaces part of the automatic
+    captures in a CUDA graph) after validating its tables once: its kernel skips the in-kernel
+    bounds checks and the error flag that the public call pays for. ``tune`` replaces part of the automatic
     configuration: ``(block_n, warps, stages)`` or ``("splits", factor)`` (factor 0: no split)."""
 
     impl = "paged_launcher"

@@ -131,7 +131,7 @@ LEGEND = {
     "aule:vulkan resident": "Vulkan on GpuTensors uploaded beforehand; GPU time from Vulkan timestamps, wall time in the full tables",
     "aule:numpy": "aule.flash_attention(..., backend='numpy') on NumPy arrays",
     "aule:auto": "aule.flash_attention with automatic routing",
-    "aule-paged:triton": "aule.flash_attention_paged (the public call: validates the block tables on every call)",
+    "aule-paged:triton": "aule.flash_attention_paged (the public call: the kernel bounds-checks the tables, no read-back)",
     "aule-paged:triton launcher": "the Triton paged kernel launcher a serving loop calls after validating once",
     "aule-paged:vulkan resident": "the Vulkan paged shader on a GpuTensor cache; GPU time from Vulkan timestamps",
     "torch-sdpa": "torch's scaled_dot_product_attention with its own backend choice",

@@ -23,6 +23,8 @@ class TritonBackend(Backend):
     # neither, and paged calls carry no features.
     features = frozenset({"softcap", "alibi"})
     flavour = "cuda"  # torch.version.cuda / torch.version.hip: which build this backend needs
+    # The paged kernels bounds-check the tables themselves (error flags, no read-back).
+    checks_tables = True
 
     def _probe(self):
         reason = self._missing_packages()
@@ -120,17 +122,14 @@ class TritonBackend(Backend):
         from .paged import paged_attention_triton
 
         return paged_attention_triton(call.q, call.k_cache, call.v_cache, call.block_tables,
-                                      call.context_lens, call.scale, call.left, call.max_context)
+                                      call.context_lens, call.scale, call.left, call.max_context,
+                                      check=call.checks == "device")
 
     def write_kv(self, call):
-        import torch
-
         from .paged import copy_kv_triton
 
-        slots = call.slot_mapping
-        if slots.dtype not in (torch.int32, torch.int64):
-            slots = slots.to(torch.int64)
-        copy_kv_triton(call.key, call.value, call.k_cache, call.v_cache, slots)
+        copy_kv_triton(call.key, call.value, call.k_cache, call.v_cache, call.slot_mapping,
+                       check=call.checks == "device")
 
     # -- storage for PagedKVCache: torch tensors on the cache's device --------------------------
     def allocate_cache(self, spec):

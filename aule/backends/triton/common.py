@@ -5,7 +5,7 @@ Nothing here imports torch or triton at module load, so the registry can probe c
 from __future__ import annotations
 
 import functools
-import os
+from ... import settings
 
 LOG2E = 1.4426950408889634  # kernels work in base 2 (exp2 is one instruction on NVIDIA and AMD)
 MAX_HEAD_DIM = 256
@@ -13,7 +13,7 @@ MAX_HEAD_DIM = 256
 
 def interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1``: kernels run on CPU tensors through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return settings.triton_interpret()
 
 
 def next_pow2(n: int) -> int:

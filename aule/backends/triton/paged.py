@@ -10,6 +10,14 @@ Decode has few rows and, with a short batch, few programs: the context is then s
 ``NUM_SPLITS`` programs (flash-decoding) whose partial results carry their base-2 log-sum-exp and
 are merged by a second kernel. Keys outside the window or past the context are masked out of
 every load, so they are never read, and no NaN in unused cache memory can reach the output.
+
+With ``CHECK`` on (tables from the caller, not from a :class:`aule.kv_cache.PagedKVCache`) the
+kernels check every table entry they are about to follow instead of the host reading the tables
+back, which would be a synchronisation: a context length outside ``[0, max_blocks * block_size]``
+is taken as 0, a used block id outside ``[0, num_blocks)`` as block 0, a slot past the cache is
+skipped, and the first such entry of a launch is recorded in its error flag (:mod:`.flags`), which
+aule raises as ``ValueError``. The rows of a sequence with a bad entry are then meaningless, but
+nothing outside the cache, the tables and the output is read or written.
 """
 from __future__ import annotations
 
@@ -19,20 +27,39 @@ import logging
 import triton
 import triton.language as tl
 
+from . import flags as _flags
 from .common import LOG2E, MAX_HEAD_DIM, block_d, cdiv, interpreting, next_pow2, torch_gpu_flavour
 from .kernels import _finish_rows, _shift
 
 log = logging.getLogger("aule")
 
 MAX_SPLITS = 64
+BLOCK_ID = tl.constexpr(_flags.BLOCK_ID)
+CONTEXT_LEN = tl.constexpr(_flags.CONTEXT_LEN)
+SLOT = tl.constexpr(_flags.SLOT)
+
+
+@triton.jit
+def _record(ERR, DIRTY, code: tl.constexpr, i0, i1, value):
+    """Record one bad table entry in the launch's flag row; the first of the launch wins it. Every
+    word is written by a scalar atomic, so by one thread, and ``done`` is written last with release
+    semantics at system scope: a host that reads ``done`` set reads the fields with it."""
+    zero = i0.to(tl.int64) * 0
+    if tl.atomic_cas(ERR, zero, zero + code, sem="acq_rel", scope="sys") == 0:
+        tl.atomic_xchg(ERR + 1, i0.to(tl.int64), sem="relaxed", scope="sys")
+        tl.atomic_xchg(ERR + 2, i1.to(tl.int64), sem="relaxed", scope="sys")
+        tl.atomic_xchg(ERR + 3, value.to(tl.int64), sem="relaxed", scope="sys")
+        tl.atomic_xchg(ERR + 4, zero + 1, sem="release", scope="sys")
+        tl.atomic_xchg(DIRTY, zero + 1, sem="release", scope="sys")
 
 
 @triton.jit
 def _paged_tiles(acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_from, t_to, k_lo, k_hi, pos, LEFT,
                  scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
+                 b, ERR, DIRTY, NUM_BLOCKS,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
                  MASKED: tl.constexpr, PAD_D: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, CHECK: tl.constexpr):
     """Online softmax over key tiles ``[t_from, t_to)``. MASKED tiles may cross the context's
     ends, the window or the causal diagonal; the others are fully visible to every row and load
     without predicates."""
@@ -43,6 +70,15 @@ def _paged_tiles(acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_from, t_to, k
             blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0)
         else:
             blk = tl.load(bt_row + offs_n // BLOCK_SIZE)
+        if CHECK:
+            bad = (blk < 0) | (blk >= NUM_BLOCKS)
+            if MASKED:
+                bad = bad & n_ok
+            if tl.max(bad.to(tl.int32), 0) > 0:
+                first = tl.min(tl.where(bad, offs_n, 2147483647), 0)
+                _record(ERR, DIRTY, BLOCK_ID, b, first // BLOCK_SIZE, tl.sum(tl.where(offs_n == first, blk, 0), 0))
+            # Block 0 stands in for a bad id: the loads stay unpredicated on full tiles, and in bounds.
+            blk = tl.where(bad, 0, blk)
         if WIDE:  # caches past 2**31 elements need 64-bit offsets
             blk = blk.to(tl.int64)
         slot = offs_n % BLOCK_SIZE
@@ -82,21 +118,33 @@ def _paged_tiles(acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_from, t_to, k
 
 @triton.jit
 def _paged_attn_fwd(
-        Q, KC, VC, BT, CL, O, PO, PL,
+        Q, KC, VC, BT, CL, O, PO, PL, ERR, DIRTY,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kt, stride_kh, stride_kd,
         stride_vb, stride_vt, stride_vh, stride_vd,
         stride_bt, stride_ob, stride_oh, stride_om, stride_od,
-        HEADS_KV, NUM_SPLITS, scale2, LEFT,
+        HEADS_KV, NUM_SPLITS, scale2, LEFT, NUM_BLOCKS, CAPACITY,
         Q_LEN: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
-        SPLIT: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr):
+        SPLIT: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+        CHECK: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
     b = pid_bh // HEADS_KV
     hk = pid_bh % HEADS_KV
-    ctx = tl.load(CL + b).to(tl.int32)
+    ctx = tl.load(CL + b)
+    if CHECK:
+        # Compared at the table's own width: an int64 length must not wrap into range first.
+        bad_len = (ctx < 0) | (ctx > CAPACITY)
+        if bad_len:
+            _record(ERR, DIRTY, CONTEXT_LEN, b, b * 0, ctx)
+        # An empty cache has no block for any key: the row's first entry is out of range.
+        no_block = (ctx > 0) & (NUM_BLOCKS == 0) & ~bad_len
+        if no_block:
+            _record(ERR, DIRTY, BLOCK_ID, b, b * 0, tl.load(BT + b * stride_bt))
+        ctx = tl.where(bad_len | no_block, 0, ctx)
+    ctx = ctx.to(tl.int32)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < GROUP * Q_LEN
@@ -141,15 +189,16 @@ def _paged_attn_fwd(
     acc, l_i, m_i = _paged_tiles(
         acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_start, tl.minimum(t_end, u_lo), k_lo, k_hi, pos,
         LEFT, scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-        BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION)
+        b, ERR, DIRTY, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION, CHECK)
     acc, l_i, m_i = _paged_tiles(
         acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, tl.maximum(t_start, u_lo), tl.minimum(t_end, u_hi),
         k_lo, k_hi, pos, LEFT, scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt,
-        stride_vd, BLOCK_SIZE, BLOCK_N, HAS_LEFT, False, PAD_D, UPCAST, WIDE, PRECISION)
+        stride_vd, b, ERR, DIRTY, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, HAS_LEFT, False, PAD_D, UPCAST, WIDE, PRECISION,
+        CHECK)
     acc, l_i, m_i = _paged_tiles(
         acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, tl.maximum(t_start, u_hi), t_end, k_lo, k_hi, pos,
         LEFT, scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-        BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION)
+        b, ERR, DIRTY, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION, CHECK)
 
     out, lse2 = _finish_rows(acc, l_i, m_i)
     if SPLIT:
@@ -196,15 +245,21 @@ def _paged_attn_merge(PO, PL, O, stride_ob, stride_oh, stride_om, stride_od, HEA
 
 
 @triton.jit
-def _copy_kv_to_paged(K, V, KC, VC, SLOTS,
+def _copy_kv_to_paged(K, V, KC, VC, SLOTS, ERR, DIRTY,
                       stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                       stride_cb, stride_ct, stride_ch, stride_cd,
-                      stride_db, stride_dt, stride_dh, stride_dd,
+                      stride_db, stride_dt, stride_dh, stride_dd, CAPACITY,
                       HEADS_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                      CHECK: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(SLOTS + t).to(tl.int64)
-    if slot >= 0:  # a negative slot is padding: skip the token
+    keep = slot >= 0  # a negative slot is padding: skip the token
+    if CHECK:
+        if slot >= CAPACITY:
+            _record(ERR, DIRTY, SLOT, t, t * 0, slot)
+        keep = keep & (slot < CAPACITY)
+    if keep:
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
         offs_h = tl.arange(0, BLOCK_H)
@@ -263,23 +318,52 @@ SMEM_PER_SM = 227 * 1024  # fallback when torch does not report it (H100/H200's 
 MIN_TILES = 2
 
 
+def _index_table(t, torch):
+    """An integer table as the kernels read it: int32 or int64 as given (another width is widened,
+    never narrowed: a wrapped value could pass the kernels' bounds checks), unit stride in its last
+    dimension. No copy for what the public API is normally given."""
+    if t.dtype not in (torch.int32, torch.int64):
+        t = t.to(torch.int64)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _open_flag(check: bool, fallback, **meta):
+    """``(flag, err, dirty)`` for a launch: a flag row when the kernels check their tables, else
+    ``fallback`` (any tensor of the launch, never written) for both pointers."""
+    if not check:
+        return None, fallback, fallback
+    flag = _flags.error_flags().acquire(meta)
+    return flag, flag.err, flag.dirty
+
+
+def _close_flag(flag, device) -> None:
+    if flag is not None:
+        _flags.error_flags().launched(flag, device)
+
+
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, left, max_context,
-                           out=None, config=None):
+                           out=None, config=None, check=False):
     """Launch the paged kernels on validated torch tensors (see :mod:`aule.paged_call`).
 
     ``left`` is the window's left extent (-1 unbounded; paged attention is always causal).
-    ``max_context`` only sizes the split; any value >= 1 is safe. ``config`` overrides
-    :func:`choose_config` (benchmarks tune with it). Returns ``out`` ([B, Hq, q_len, D], q's dtype).
+    ``max_context`` only sizes the split; any value >= 1 is safe, longer contexts are still
+    attended in full. ``config`` overrides :func:`choose_config` (benchmarks tune with it).
+    ``check``: the kernel bounds-checks the tables and reports through an error flag (tables the
+    host has not checked); off, the tables must be valid. Returns ``out`` ([B, Hq, q_len, D], q's
+    dtype). Nothing here reads device memory back, and the scratch is allocated per call, so
+    inside a CUDA graph capture it comes from the graph's pool and the launch replays as is.
     """
     import torch
 
     batch, heads_q, q_len, head_dim = q.shape
-    heads_kv, block_size = k_cache.shape[2], k_cache.shape[1]
+    num_blocks, block_size, heads_kv = k_cache.shape[:3]
     group = heads_q // heads_kv
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
-        block_tables = block_tables.to(torch.int32).contiguous()
+    block_tables, context_lens = _index_table(block_tables, torch), _index_table(context_lens, torch)
+    max_blocks = block_tables.shape[1]
+    flag, err, dirty = _open_flag(check, context_lens, kernel="paged attention", device=str(q.device),
+                                  num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks)
     dev = q.device.index or 0
     block_m, block_n, num_warps, num_stages, splits, m_tiles = config or choose_config(
         batch, heads_kv, group, q_len, head_dim, max_context, dev, amd=torch_gpu_flavour() == "hip",
@@ -292,29 +376,40 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
         po = pl = out  # unused by the kernel when SPLIT is off
     grid = (batch * heads_kv, m_tiles, splits)
     _paged_attn_fwd[grid](
-        q, k_cache, v_cache, block_tables, context_lens, out, po, pl,
+        q, k_cache, v_cache, block_tables, context_lens, out, po, pl, err, dirty,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
-        heads_kv, splits, float(scale) * LOG2E, max(left, 0),
+        heads_kv, splits, float(scale) * LOG2E, max(left, 0), num_blocks,
+        # Key positions are int32 in the kernel; no table holds more keys than that anyway.
+        min(max_blocks * block_size, 2 ** 31 - 1),
         Q_LEN=q_len, GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_D=bd, HAS_LEFT=left >= 0, SPLIT=splits > 1,
         # Triton 3.9's interpreter computes bfloat16 dots wrongly; fp32 operands sidestep it on CPU.
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         WIDE=max(k_cache.numel(), v_cache.numel(), q.numel()) >= 2 ** 31 - 2 ** 20,
         # float32 callers get float32 products, not tf32 (decode is memory-bound: it costs nothing).
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CHECK=check,
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _paged_attn_merge[(batch * heads_q * q_len,)](
             po, pl, out, *out.stride(), heads_q, splits,
             Q_LEN=q_len, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_S=max(2, next_pow2(splits)), num_warps=4)
+    _close_flag(flag, q.device)
     return out
 
 
-def copy_kv_triton(key, value, k_cache, v_cache, slot_mapping):
-    """Launch the slot-mapping write on validated torch tensors."""
+def copy_kv_triton(key, value, k_cache, v_cache, slot_mapping, check=False):
+    """Launch the slot-mapping write on validated torch tensors; ``check`` as in
+    :func:`paged_attention_triton` (a slot past the cache is skipped and reported)."""
+    import torch
+
     num_tokens, heads_kv, head_dim = key.shape
+    num_blocks, block_size = k_cache.shape[:2]
+    slot_mapping = _index_table(slot_mapping, torch)
+    flag, err, dirty = _open_flag(check, slot_mapping, kernel="KV write", device=str(key.device),
+                                  capacity=num_blocks * block_size)
     _copy_kv_to_paged[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
-        *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
+        key, value, k_cache, v_cache, slot_mapping, err, dirty,
+        *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), num_blocks * block_size,
         HEADS_KV=heads_kv, HEAD_DIM=head_dim, BLOCK_H=next_pow2(heads_kv), BLOCK_D=next_pow2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1], num_warps=4 if heads_kv * head_dim >= 1024 else 1)
+        BLOCK_SIZE=block_size, CHECK=check, num_warps=4 if heads_kv * head_dim >= 1024 else 1)
+    _close_flag(flag, key.device)

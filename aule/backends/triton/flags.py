@@ -1,0 +1,180 @@
+"""The error flags of the paged kernels: what a kernel found wrong in its tables, read by the host
+without a synchronisation.
+
+A kernel that meets an out-of-range block id, context length or slot does not follow it and
+records ``(code, index, index, value)`` in a *flag*: one row of a small int64 table that lives in
+pinned host memory, which a CUDA kernel writes through its unified address and the host reads
+as ordinary memory (on the CPU, under Triton's interpreter, it is ordinary memory). The first
+error of a launch wins the row (compare-and-swap on the code); the kernel then sets the row's
+``done`` word with release semantics at system scope, so a host that sees ``done`` sees the rest.
+
+Two lifetimes:
+
+- an eager launch takes a row, records an event after its kernels, and gives the row back once
+  :meth:`ErrorFlags.poll` finds the event complete (``Event.query``, never a wait), reporting what
+  the row holds;
+- a launch captured into a CUDA graph keeps its row for good (the graph replays into it). Such
+  kernels also set their chunk's ``dirty`` word, so a poll reads one word per chunk and scans
+  the rows only after an error; the row is cleared once reported, ready for the next replay.
+
+The rows of eager launches are handed to kernels with a scratch word in place of ``dirty``:
+their errors are reported through their events.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from dataclasses import dataclass
+
+from ... import device_errors, settings
+
+log = logging.getLogger("aule")
+
+FIELDS = 8  # int64 words per row: code, index 0, index 1, value, done, padding to 64 bytes
+CODE, I0, I1, VALUE, DONE = range(5)
+BLOCK_ID, CONTEXT_LEN, SLOT = 1, 2, 3  # the kernels' error codes (constexprs in paged.py)
+CHUNK_ROWS = 1024  # row 0 of a chunk is its header: [dirty, -, scratch]
+RESERVE = 64  # free rows kept in hand, so a graph capture (which cannot pin memory) finds one
+
+
+@dataclass
+class Flag:
+    """One launch's row: ``err`` and ``dirty`` are the tensors its kernels write."""
+
+    chunk: "_Chunk"
+    row: int
+    err: object
+    dirty: object
+    meta: dict
+    captured: bool
+    event: object = None
+
+
+class _Chunk:
+    def __init__(self, torch, pinned: bool):
+        self.t = torch.zeros((CHUNK_ROWS, FIELDS), dtype=torch.int64, pin_memory=pinned)
+        self.np = self.t.numpy()  # the same memory, read and cleared without any CUDA call
+        self.rows = [None] * CHUNK_ROWS  # row views, made once: a view costs a microsecond per call
+        self.events = [None] * CHUNK_ROWS  # one reusable CUDA event per row, made on first use
+        # Both 16-byte aligned, as Triton specialises pointers by alignment: a captured launch then
+        # reuses the kernel its eager warm-up compiled instead of compiling inside the capture.
+        self.dirty, self.scratch = self.t[0, 0:], self.t[0, 2:]
+        self.free = list(range(CHUNK_ROWS - 1, 0, -1))
+        self.captured: dict = {}  # row -> meta of a launch inside a CUDA graph
+
+    def view(self, row):
+        if self.rows[row] is None:
+            self.rows[row] = self.t[row]
+        return self.rows[row]
+
+
+def describe(record, meta: dict) -> str:
+    """The ``ValueError`` message for one recorded row."""
+    code, i0, i1, value = (int(x) for x in record[:4])
+    where = (f". Found on {meta['device']} by the {meta['kernel']} kernel, which did not follow it, and raised "
+             "by the first aule call after that kernel finished (AULE_CHECK_SYNC=1 raises in the launching call)")
+    if code == BLOCK_ID:
+        return (f"block_tables[{i0}, {i1}] = {value} is outside [0, num_blocks={meta['num_blocks']}): "
+                f"the first ceil(context_lens[b] / block_size) entries of row b must be block ids{where}")
+    if code == CONTEXT_LEN:
+        cap = meta["max_blocks"] * meta["block_size"]
+        return (f"context_lens[{i0}] = {value} is outside [0, max_blocks * block_size = {meta['max_blocks']} * "
+                f"{meta['block_size']} = {cap}], the block table's capacity{where}")
+    if code == SLOT:
+        return (f"slot_mapping[{i0}] = {value} is outside the cache's num_blocks * block_size = "
+                f"{meta['capacity']} slots (negative slots are skipped){where}")
+    return f"unknown device error code {code} at ({i0}, {i1}), value {value}{where}"
+
+
+class ErrorFlags:
+    """Every flag row of this process (pinned memory is visible to every device)."""
+
+    def __init__(self, torch, pinned: bool):
+        self._torch = torch
+        self._pinned = pinned
+        self._chunks: list = []
+        self._inflight: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+
+    def _capturing(self) -> bool:
+        return self._pinned and self._torch.cuda.is_current_stream_capturing()
+
+    def acquire(self, meta: dict) -> Flag:
+        """A cleared row for one launch; ``meta`` (kernel, device, table sizes) words its error."""
+        captured = self._capturing()
+        with self._lock:
+            free = sum(len(c.free) for c in self._chunks)
+            if free == 0 or (free < RESERVE and not captured):
+                # Within a capture only as a last resort: pinning memory may be refused there.
+                self._chunks.append(_Chunk(self._torch, self._pinned))
+            chunk = next(c for c in self._chunks if c.free)
+            row = chunk.free.pop()
+            if captured:
+                chunk.captured[row] = meta
+        return Flag(chunk, row, chunk.view(row), chunk.dirty if captured else chunk.scratch, meta, captured)
+
+    def launched(self, flag: Flag, device) -> None:
+        """After the launch's last kernel: watch its row (an event, or the graph's dirty word)."""
+        if flag.captured:
+            return  # replays report through the chunk's dirty word; nothing may wait in a capture
+        if self._pinned:
+            chunk, row = flag.chunk, flag.row
+            if chunk.events[row] is None:
+                chunk.events[row] = self._torch.cuda.Event()
+            flag.event = chunk.events[row]
+            flag.event.record(self._torch.cuda.current_stream(device))
+        with self._lock:
+            self._inflight.append(flag)
+        if settings.check_sync():
+            device_errors.raise_pending(wait=True)
+
+    def poll(self, wait: bool) -> list:
+        """Messages of the errors in rows whose kernels have finished (``wait``: wait for them)."""
+        capturing = (wait or bool(self._inflight)) and self._capturing()
+        if wait and self._pinned and not capturing:
+            for index in range(self._torch.cuda.device_count()):  # graph replays too, which no event follows
+                self._torch.cuda.synchronize(index)
+        found = []
+        with self._lock:
+            while self._inflight:
+                flag = self._inflight[0]
+                # Querying an event is not allowed while a graph is captured (global capture mode);
+                # a stream runs its launches in order, so the first unfinished one ends the scan.
+                if flag.event is not None and (capturing or not flag.event.query()):
+                    break
+                self._inflight.popleft()
+                record = flag.chunk.np[flag.row]
+                if record[DONE]:
+                    found.append(describe(record, flag.meta))
+                record[:] = 0
+                flag.chunk.free.append(flag.row)
+            for chunk in self._chunks:
+                if chunk.np[0, 0]:
+                    chunk.np[0, 0] = 0  # cleared before the scan: an error set meanwhile is seen next time
+                    for row, meta in sorted(chunk.captured.items()):
+                        record = chunk.np[row]
+                        if record[DONE]:
+                            found.append(describe(record, meta))
+                            record[:] = 0
+        return found
+
+
+_flags: ErrorFlags | None = None
+_flags_lock = threading.Lock()
+
+
+def error_flags() -> ErrorFlags:
+    """The process's flags, made on first use and registered with :mod:`aule.device_errors`."""
+    global _flags
+    if _flags is None:
+        with _flags_lock:
+            if _flags is None:
+                import torch
+
+                from .common import interpreting
+
+                flags = ErrorFlags(torch, pinned=torch.cuda.is_available() and not interpreting())
+                device_errors.register(flags)
+                _flags = flags
+    return _flags
