@@ -6,13 +6,14 @@ import io
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pytest
 
 import aule
 from aule import bench, masks
-from aule.bench import checks, contenders, inputs, report, runner, suites
+from aule.bench import checks, contenders, inputs, report, runner, suites, timing
 from aule.bench.progress import Progress
 from aule.reference import attention_reference
 
@@ -346,8 +347,8 @@ EXPECTED_SUITES = {
                     "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")),
     "overhead": (2, ("aule:auto", "aule:triton", "aule:vulkan", "aule:vulkan resident", "aule:numpy",
                      "torch-sdpa")),
-    "vulkan": (12, ("aule:vulkan resident", "aule:vulkan", "torch-sdpa", "sdpa-flash", "sdpa-cudnn",
-                    "sdpa-efficient")),
+    "vulkan": (14, ("aule:vulkan resident", "aule:vulkan", "aule:vulkan fp16", "aule:vulkan coopmat", "torch-sdpa",
+                    "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")),
     "cpu": (4, ("aule:numpy", "aule:vulkan", "torch-sdpa")),
     "memory": (2, ("aule:numpy",)),
 }
@@ -428,3 +429,142 @@ def test_merging_a_suite_run_keeps_the_cards_measured_ceilings():
     assert "ceilings" not in new["machine"]["gpu"]  # the run's own record is left as measured
     fresh = {"machine": {"name": "m", "gpu": {"name": "G", "ceilings": {"copy_tbps": 1.0}}}, "suites": {}}
     assert report.merge_results(old, fresh)["machine"]["gpu"]["ceilings"] == {"copy_tbps": 1.0}
+
+
+def test_vulkan_suite_has_the_rows_and_targets_of_issue_13():
+    s = suites.SUITE_BY_NAME["vulkan"]
+    labels = [suites.case_label(p) for p in s.cases]
+    assert len(set(labels)) == len(labels), "rows are matched by label: fp32 and fp16 cases need their tags"
+    want = {"fwd B1 H32 hd128 s4k causal float16", "fwd B1 H32 hd64 s4k causal float16",
+            "fwd B1 H32 hd128 s16k full float16", "fwd B1 H32/8 hd128 s512x16k causal float16",
+            "fwd B1 H32 hd128 s4k causal float32", "fwd B1 H32 hd64 s16k causal float32"}
+    assert want <= set(labels)
+    assert want - {"fwd B1 H32 hd64 s16k causal float32"} <= {labels[i] for i in s.quick}
+    assert s.ceiling == "vulkan_coopmat" and s.ceiling in report.CEILINGS
+    goals = {}
+    for t in s.targets:
+        rows = [suites.case_label(p) for p in s.cases if suites.matches(p, t.where)]
+        assert rows and t.contender == "aule:vulkan resident" and t.baseline is None, t.text
+        goals.update({r: goals.get(r, ()) + (t.value,) for r in rows})
+    assert goals["fwd B1 H32 hd128 s4k causal float16"] == (150.0,)  # the old >= 20 is superseded
+    assert goals["fwd B1 H32 hd64 s4k causal float16"] == (120.0,)
+    assert goals["fwd B1 H32 hd128 s16k full float16"] == (200.0,)
+    assert goals["fwd B1 H32/8 hd128 s512x16k causal float16"] == (100.0,)
+    assert goals["fwd B1 H32 hd128 s4k causal float32"] == (10.0,)
+    assert all(len(v) == 1 for v in goals.values())
+
+
+def _vulkan_or_skip():
+    if not inputs.backend_info().get("vulkan", {}).get("available"):
+        pytest.skip(f"no Vulkan: {inputs.backend_info().get('vulkan', {}).get('reason')}")
+
+
+def test_vulkan_suite_contenders_on_a_chunked_prefill(monkeypatch):
+    """The Vulkan suite's contenders (lavapipe here) on a small chunked prefill: causal bottom-right
+    over a longer cache, GQA. SDPA gets the bottom-right mask (its is_causal is top-left), the
+    resident rows are timed in batched submissions, and what the device lacks skips with a reason."""
+    _vulkan_or_skip()
+    from aule.backends.vulkan import runtime
+
+    case = _case(S=16, Sk=80, Hq=4, Hkv=2, D=32, dtype="float16", device="auto")
+    res = _run(_suite([case], ["aule:vulkan resident", "aule:vulkan fp16", "aule:vulkan coopmat", "torch-sdpa",
+                               "sdpa-flash"], baseline="torch-sdpa"))
+    rows = _by_contender(res)
+    for name in ("aule:vulkan resident", "aule:vulkan fp16", "torch-sdpa"):
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert r["err"] < checks.tolerance("float16") and r["ms"] > 0
+    for name in ("aule:vulkan resident", "aule:vulkan fp16"):
+        r = rows[name]
+        assert r["calls_per_submission"] >= 1 and r["reps"] >= timing.DEVICE_MIN_REPS and r["wall_ms"] > 0
+        assert "back to back in one submission" in r["clock"]
+    assert rows["sdpa-flash"]["status"] in ("skipped", "ok")
+    coop = rows["aule:vulkan coopmat"]
+    if runtime.context().info.coopmat_f16:
+        assert coop["status"] == "ok", coop
+    else:
+        assert coop["status"] == "skipped" and "VK_KHR_cooperative_matrix" in coop["note"]
+
+
+def test_repeated_attention_reruns_the_call_it_recorded():
+    _vulkan_or_skip()
+    from aule.backends.vulkan import attention, repeated_attention, to_gpu
+
+    rng = np.random.default_rng(3)
+    q = to_gpu(rng.standard_normal((1, 4, 24, 32)).astype(np.float32))
+    k, v = (to_gpu(rng.standard_normal((1, 2, 40, 32)).astype(np.float32)) for _ in range(2))
+    one, _, ns = attention(q, k, v, causal=True, timestamps=True)
+    work = repeated_attention(q, k, v, causal=True, repeat=7)
+    try:
+        if ns is None:
+            assert work.ms() is None
+        else:
+            assert all(work.ms() > 0 for _ in range(3))
+        np.testing.assert_array_equal(work._owned[0].numpy(), one.numpy())
+    finally:
+        work.close()
+    with pytest.raises(TypeError, match="GpuTensor"):
+        repeated_attention(q.numpy(), k.numpy(), v.numpy(), repeat=2)
+    with pytest.raises(ValueError, match="repeat"):
+        repeated_attention(q, k, v, repeat=0)
+
+
+def test_device_timer_warms_up_right_before_enough_repeats():
+    stamps = []
+
+    def measure():
+        stamps.append(time.perf_counter())
+        return 1.0 + 0.01 * (len(stamps) % 3)
+
+    t = timing.reported_time(measure, warmup_s=0.05, min_reps=20, min_s=0.02)
+    assert t["reps"] >= 20 and t["ms_p20"] <= t["ms"] <= t["ms_p80"]
+    timed = stamps[-t["reps"]:]
+    warm = stamps[1:-t["reps"]]  # the first call only asks whether the device reports times
+    assert warm[-1] - warm[0] >= 0.05 * 0.9 and timed[0] - warm[-1] < 0.01
+    assert timing.reported_time(lambda: None) is None
+    few = timing.reported_time(lambda: (time.sleep(0.02), 2.0)[1], warmup_s=0, min_reps=50, max_s=0.1)
+    assert 3 <= few["reps"] < 50  # long calls stop at max_s
+    assert timing.batch_size(1.0) == 20 and timing.batch_size(500.0) == 1
+    assert timing.batch_size(1e-4) == timing.DEVICE_MAX_BATCH
+
+
+def _vulkan_results(ceilings):
+    rows = [{"case": "c", "contender": "aule:vulkan resident", "status": "ok", "tflops": 150.0, "ms": 2.0,
+             "params": {"S": 4096}, "calls_per_submission": 10, "clock": "Vulkan timestamps"},
+            {"case": "c", "contender": "sdpa-flash", "status": "skipped", "note": "no kernel", "params": {"S": 4096}}]
+    machine = {"name": "m", "date": "d", "cpu": {"model": "X", "cores": 2}, "gpu": None, "versions": {},
+               "python": "3", "vulkan": {"available": True, "device": {"name": "G", "type": "discrete-gpu", "driver": "d"}},
+               "vulkan_ceilings": ceilings}
+    return {"machine": machine,
+            "suites": {"vulkan": {"status": "ran", "title": "Vulkan", "metric": "tflops", "baseline": None,
+                                  "ceiling": "vulkan_coopmat", "rows": rows, "notes": []}}}
+
+
+def test_report_gives_each_row_its_fraction_of_the_measured_peak(tmp_path):
+    res = _vulkan_results({"coopmat_f16_tflops": 600.0, "shape": "16x16x16"})
+    table = report.suite_table(res["suites"]["vulkan"], res["machine"])
+    head, _, first, second = table.splitlines()[2:6]
+    assert "| of peak |" in head
+    assert "| 150 | 25% |" in first and "10 calls per submission" in first
+    assert "| skip | — |" in second
+    assert "Of peak: fraction of the fp16 cooperative-matrix peak measured through Vulkan" in table
+    assert "600 TFLOP/s at 16x16x16" in table
+    assert "cooperative-matrix peak 600 TFLOP/s at 16x16x16" in report.full_markdown(res)
+    path = tmp_path / "m.json"
+    report.write_json(str(path), res)
+    assert "Measured ceiling: the fp16 cooperative-matrix peak" in report.readme_section([str(path)], str(tmp_path))
+    # A row's fraction is read against the run that measured its suite, whatever a later run merged.
+    later = _vulkan_results({"coopmat_f16_tflops": 300.0, "shape": "16x8x16"})
+    later["suites"] = {"cpu": {**res["suites"]["vulkan"], "ceiling": None}}
+    merged = report.merge_results(dict(res, suite_machines={"vulkan": res["machine"]}), later)
+    assert merged["machine"]["vulkan_ceilings"]["coopmat_f16_tflops"] == 300.0
+    assert "| 150 | 25% |" in report.full_markdown(merged) and "| 150 | 50% |" not in report.full_markdown(merged)
+    # A later run that measured no ceiling keeps the one on record, dated.
+    del later["machine"]["vulkan_ceilings"]
+    kept = report.merge_results(res, later)["machine"]["vulkan_ceilings"]
+    assert kept["coopmat_f16_tflops"] == 600.0 and kept["date"] == "d"
+    # No ceiling measured: no column, and the table says why.
+    skipped = _vulkan_results({"skipped": "llvmpipe lacks VK_KHR_cooperative_matrix"})
+    table = report.suite_table(skipped["suites"]["vulkan"], skipped["machine"])
+    assert "of peak" not in table.splitlines()[2]
+    assert "No fraction of the fp16 cooperative-matrix peak" in table and "llvmpipe lacks" in table

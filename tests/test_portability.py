@@ -142,7 +142,8 @@ MSL_OPTIONS = {"bindings": ["--msl", "--msl-version", "20100"],
 
 
 def test_the_portable_set_leaves_out_only_cooperative_matrix_modules():
-    assert set(MODULES) - set(PORTABLE) == {n for n, m in MODULES.items() if m.needs.coopmat} == {"coopmat"}
+    assert set(MODULES) - set(PORTABLE) == {n for n, m in MODULES.items() if m.needs.coopmat} \
+        == {"coopmat", "coopmat_peak"}
     assert set(PORTABLE) <= set(manifest()["variants"])
 
 

@@ -105,8 +105,7 @@ def test_inf_nan_preservation_is_declared_validly(module, tmp_path):
     assert shaders.device_code(module, ()) == built and not _execution_modes(built)
     patched = shaders.device_code(module, (16, 32))
     assert shaders.preserve_inf_nan(patched, (16, 32)) == patched  # declared once
-    uses_half = any(d[0] in ("AULE_FP16", "AULE_HALF_IO") for d in shaders.MODULES[module].defines) \
-        or module == "coopmat"
+    uses_half = shaders.MODULES[module].needs.fp16  # every module needing fp16 declares Float16
     assert _execution_modes(patched) == ({(4461, 32), (4461, 16)} if uses_half else {(4461, 32)})
     assert _execution_modes(shaders.device_code(module, (32,))) == {(4461, 32)}
     spv = tmp_path / f"{module}.spv"

@@ -12,8 +12,8 @@ class Bound:
     the check compares), ``run()`` on the next set in rotation (what the timers call)."""
 
     def __init__(self, call, n_sets, *, clock="host", sync=None, context=None, grad_to_none=None,
-                 causal=None, window=None, variant=None, device_ms=None, cleanup=None, graphable=False,
-                 checked=None):
+                 causal=None, window=None, variant=None, device_ms=None, device_batch=None, cleanup=None,
+                 graphable=False, checked=None):
         self.call = call
         self.n = n_sets
         self.i = 0
@@ -24,6 +24,9 @@ class Bound:
         self.causal, self.window = causal, window  # the visibility computed, for its reference
         self.variant = variant
         self.device_ms = device_ms  # clock 'device': GPU milliseconds of one call on set i
+        # clock 'device', optional: (i, n) -> recorded work running n calls on set i back to back
+        # in one submission, with ms() (GPU milliseconds per call of a re-submission) and close()
+        self.device_batch = device_batch
         self.cleanup = cleanup
         self.graphable = graphable  # no host synchronisation inside: a CUDA graph can capture it
         self.checked = checked or call  # what the correctness check runs on set 0

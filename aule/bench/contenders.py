@@ -134,7 +134,7 @@ class AuleVulkanResident(Contender):
 
         try:
             from ..backends.vulkan import attention as vk_attention
-            from ..backends.vulkan import to_gpu
+            from ..backends.vulkan import repeated_attention, to_gpu
         except ImportError as exc:
             raise Skip(f"aule's Vulkan GpuTensor API is missing: {exc}") from None
         if inp.backward:
@@ -153,6 +153,10 @@ class AuleVulkanResident(Contender):
             out.free()
             return None if ns is None else ns / 1e6
 
+        def device_batch(i, n):
+            s = gsets[i]
+            return repeated_attention(s["q"], s["k"], s["v"], causal=causal, window_size=window, repeat=n)
+
         def cleanup():
             for s in gsets:
                 for t in s.values():
@@ -162,8 +166,8 @@ class AuleVulkanResident(Contender):
         if self.forced:
             env = {"AULE_VULKAN_VARIANT": self.forced, "AULE_VULKAN_TILES": self.tiles or ""}
             context = lambda: _environ(env)  # noqa: E731
-        return Bound(call, len(gsets), clock="device", device_ms=device_ms, cleanup=cleanup, context=context,
-                     causal=causal, window=window, variant=self.variant(case))
+        return Bound(call, len(gsets), clock="device", device_ms=device_ms, device_batch=device_batch, cleanup=cleanup,
+                     context=context, causal=causal, window=window, variant=self.variant(case))
 
 
 def _sdpa_context(name):
@@ -181,7 +185,9 @@ class Sdpa(Contender):
     """``torch.nn.functional.scaled_dot_product_attention`` under ``sdpa_kernel(<sdpa>)`` (None:
     torch's own choice); on decode cases over the contiguous cache. ``explicit_mask`` passes the
     case's visibility as a boolean mask (SDPA has no window); ``max_scores`` skips problems whose
-    B*Hq*Sq*Sk exceeds it (backends that materialise the scores)."""
+    B*Hq*Sq*Sk exceeds it (backends that materialise the scores). Causal cases with Sq != Sk
+    (chunked prefill) get aule's bottom-right causal as a boolean mask: SDPA's ``is_causal`` is
+    top-left there; a backend that takes no mask (flash) declines and its row says so."""
 
     impl = "sdpa"
     serves = ("dense", "decode")
@@ -228,7 +234,9 @@ class Sdpa(Contender):
         causal, window = self.visibility(case)
         sq, sk = case["S"], case.get("Sk", case["S"])
         kwargs = {"is_causal": causal, "attn_mask": None, **gqa}
-        if self.explicit_mask:
+        if window not in (-1, None) and not self.explicit_mask:
+            raise Skip("SDPA has no sliding window")
+        if self.explicit_mask or (causal and sq != sk):
             import torch
 
             from .. import masks
@@ -236,10 +244,6 @@ class Sdpa(Contender):
             left, right = masks.canonical_window(causal, window)
             kwargs["attn_mask"] = torch.from_numpy(masks.mask(sq, sk, left, right)).to(sets[0]["q"].device)
             kwargs["is_causal"] = False
-        elif window not in (-1, None):
-            raise Skip("SDPA has no sliding window")
-        elif causal and sq != sk:
-            raise Skip("SDPA's is_causal is top-left aligned; aule's is bottom-right (differs when Sq != Sk)")
 
         def call(i):
             s = sets[i]

@@ -89,6 +89,59 @@ def gpu_ceilings() -> dict:
     return out
 
 
+# One timed dispatch of the matrix-core peak loop: long against the host's gap between submissions.
+PEAK_DISPATCH_MS = 50.0
+
+
+def vulkan_ceilings() -> dict:
+    """The Vulkan device's matrix-core ceiling: glsl/coopmat_peak.comp (fp16 A/B, fp32
+    accumulators, registers only) in the matrix shape the coopmat attention variant uses at
+    head_dim 128, timed by Vulkan timestamps after at least timing.DEVICE_WARMUP_S of sustained
+    work. ``{"skipped": reason}`` where the device cannot run it, ``{"error": ...}`` when the
+    loop's results do not account for its work."""
+    from ..errors import UnsupportedError
+    from .timing import reported_time, spin_up
+
+    try:
+        from ..backends.vulkan import runtime
+        from ..backends.vulkan.timed import PEAK_ACCUMULATORS, PEAK_GROUPS, PEAK_SUBGROUPS, CoopMatPeak, peak_shape
+
+        ctx = runtime.context()
+        shape = peak_shape(ctx.info)
+    except UnsupportedError as exc:
+        return {"skipped": str(exc)}
+    except Exception as exc:  # no binding, no loader, no device: nothing to measure
+        return {"skipped": f"no Vulkan device: {type(exc).__name__}: {exc}"}
+
+    def calibrated(chunks, warm_s):
+        """Chunks for a PEAK_DISPATCH_MS dispatch, from the rate of a dispatch of ``chunks``
+        after ``warm_s`` seconds of them (the clocks rise under sustained work)."""
+        probe = CoopMatPeak(ctx, chunks, shape)
+        try:
+            ms = spin_up(probe.ms, warm_s)
+        finally:
+            probe.close()
+        return None if ms is None else max(chunks, round(chunks * PEAK_DISPATCH_MS / max(ms, 1e-3)))
+
+    first = calibrated(PEAK_GROUPS, 0.0)
+    if first is None:
+        return {"skipped": f"{ctx.info.name} reports no timestamps on its compute queue"}
+    peak = CoopMatPeak(ctx, calibrated(first, 0.25), shape)
+    try:
+        t = reported_time(peak.ms, max_s=10.0)
+        why = peak.verify()
+    finally:
+        peak.close()
+    if why:
+        return {"error": why}
+    return {"coopmat_f16_tflops": peak.flops / (t["ms"] * 1e-3) / 1e12,
+            "coopmat_f16_tflops_p20_p80": [peak.flops / (t["ms_p80"] * 1e-3) / 1e12,
+                                           peak.flops / (t["ms_p20"] * 1e-3) / 1e12],
+            "shape": "x".join(map(str, shape)), "ms_per_dispatch": t["ms"], "reps": t["reps"],
+            "chunks": peak.chunks, "workgroups": PEAK_GROUPS, "subgroups_per_workgroup": PEAK_SUBGROUPS,
+            "accumulators_per_subgroup": PEAK_ACCUMULATORS, "device": ctx.info.name}
+
+
 def vulkan_info() -> dict:
     """What aule's own Vulkan backend reports (available, reason, device details)."""
     import aule
@@ -125,9 +178,10 @@ def machine_name(info: dict) -> str:
     return slug(f"cpu {info['cpu']['model']} {info['cpu']['cores']}c")
 
 
-def detect(ceilings: bool = False) -> dict:
+def detect(ceilings: bool = False, vulkan_ceiling: bool = False) -> dict:
     """Everything a results file says about where it was measured. ``ceilings`` also measures
-    the GPU's copy bandwidth and matrix rate (about a second)."""
+    the GPU's copy bandwidth and matrix rate (about a second), ``vulkan_ceiling`` the Vulkan
+    device's matrix-core peak (:func:`vulkan_ceilings`, two or three seconds)."""
     import aule
 
     info = {
@@ -159,6 +213,11 @@ def detect(ceilings: bool = False) -> dict:
             info["gpu"]["ceilings"] = gpu_ceilings()
         except Exception as exc:  # a failed measurement must not stop the benchmark
             info["gpu"]["ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if vulkan_ceiling:
+        try:
+            info["vulkan_ceilings"] = vulkan_ceilings()
+        except Exception as exc:  # a failed measurement must not stop the benchmark
+            info["vulkan_ceilings"] = {"error": f"{type(exc).__name__}: {exc}"}
     info["name"] = machine_name(info)
     info["argv"] = sys.argv[1:]
     return info
@@ -186,6 +245,10 @@ def describe(info: dict) -> str:
         dev = vk.get("device") or "available"
         if isinstance(dev, dict):
             dev = f"{dev.get('name')} ({dev.get('type')}, {dev.get('driver')})"
+        peak = (info.get("vulkan_ceilings") or {}).get("coopmat_f16_tflops")
+        if peak:
+            dev += (f" (measured: fp16 cooperative-matrix peak {peak:.0f} TFLOP/s at "
+                    f"{info['vulkan_ceilings'].get('shape')})")
         parts.append(f"Vulkan device {dev}")
     v = info.get("versions", {})
     libs = ", ".join(f"{k} {v[k]}" for k in ("aule", "torch", "triton", "numpy") if v.get(k))

@@ -38,13 +38,42 @@ def _cell(row, metric):
     return "skip" if row["status"] == "skipped" else "error"
 
 
-def suite_table(res: dict) -> str:
-    """One row per (case, contender): error, time, the suite's metric, speed against the baseline."""
+# Ceilings a suite may name (Suite.ceiling): where the machine record keeps the measurement, the
+# field with the rate in the suite's metric, and how the tables name it.
+CEILINGS = {"vulkan_coopmat": ("vulkan_ceilings", "coopmat_f16_tflops", "tflops",
+                               "the fp16 cooperative-matrix peak measured through Vulkan (glsl/coopmat_peak.comp)")}
+
+
+def ceiling(res: dict, machine: dict | None):
+    """``(value, text)`` of the ceiling the suite's rows are read against: the value in the
+    suite's metric and what it is, or None and a sentence saying why there is none (``(None,
+    None)`` for a suite that names no ceiling)."""
+    name = res.get("ceiling")
+    if not name or name not in CEILINGS:
+        return None, None
+    where, field, metric, words = CEILINGS[name]
+    rec = (machine or {}).get(where) or {}
+    value = rec.get(field)
+    if value is None or metric != res.get("metric"):
+        why = rec.get("skipped") or rec.get("error") or "it was not measured in this run"
+        return None, f"No fraction of {words}: {why}."
+    shape = f" at {rec['shape']}" if rec.get("shape") else ""
+    return value, f"{words}, {_fmt(value)} {METRIC_LABEL[metric]}{shape}"
+
+
+def _fraction(x: float) -> str:
+    return f"{100 * x:.1f}%" if x < 0.1 else f"{100 * x:.0f}%"
+
+
+def suite_table(res: dict, machine: dict | None = None) -> str:
+    """One row per (case, contender): error, time, the suite's metric, speed against the baseline
+    and, where the suite names a ceiling that ``machine`` recorded, the fraction of it."""
     title = f"### {res['title']}\n\n"
     if res["status"] != "ran":
         return title + f"Skipped: {res.get('reason')}\n"
     metric = res["metric"]
     base = res.get("baseline")
+    peak, peak_note = ceiling(res, machine)
     head = ["case", "implementation", "error", "ms", METRIC_LABEL[metric]]
     if metric == "tbps":
         head.append("tokens/s")
@@ -52,6 +81,8 @@ def suite_table(res: dict) -> str:
         head = ["case", "implementation", "peak extra MB (tracemalloc)", "RSS growth MB", "output MB", "ms"]
     if base:
         head.append(f"vs {base}")
+    if peak:
+        head.append("of peak")
     head.append("note")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["rows"]:
@@ -67,12 +98,16 @@ def suite_table(res: dict) -> str:
                 cells.append(_fmt(r.get("tokens_per_s")) if r["status"] == "ok" else "—")
         if base:
             cells.append(f"{r['ratio']:.2f}x" if r.get("ratio") else "—")
+        if peak:
+            cells.append(_fraction(r[metric] / peak) if r["status"] == "ok" and r.get(metric) else "—")
         note = r.get("note") or ""
         if _contended(r):
             note = (f"other processes took {r['others_cpu_share']:.0%} of the CPU while timed"
                     + (f"; {note}" if note else ""))
         if r.get("reps") == 1:
             note = "one timed call (each takes long)" + (f"; {note}" if note else "")
+        if (r.get("calls_per_submission") or 1) > 1:
+            note = f"{r['calls_per_submission']} calls per submission" + (f"; {note}" if note else "")
         if r.get("wall_ms") is not None:
             note = f"wall {_fmt(r['wall_ms'])} ms per call" + (f"; {note}" if note else "")
         cells.append(note.replace("|", "/"))
@@ -83,6 +118,8 @@ def suite_table(res: dict) -> str:
     foot = f"\nError: relative L2 against {', '.join(refs)}." if refs else ""
     if clocks:
         foot += f" Times: median, {'; '.join(clocks)}."
+    if peak_note:
+        foot += f" Of peak: fraction of {peak_note}." if peak else " " + peak_note
     foot = "\n" + foot.strip() + "\n" if foot else ""
     return title + "\n".join(lines) + "\n" + foot + ("\n" + notes if notes else "")
 
@@ -209,9 +246,15 @@ def full_markdown(results: dict) -> str:
     tt = targets_table(results)
     if tt:
         parts += ["### Targets from the issues\n", tt]
-    for res in results["suites"].values():
-        parts.append(suite_table(res))
+    for name, res in results["suites"].items():
+        parts.append(suite_table(res, suite_machine(results, name)))
     return "\n".join(parts)
+
+
+def suite_machine(results: dict, name: str) -> dict:
+    """The machine record of the run that measured suite ``name`` (its ceilings are the ones
+    its rows were read against)."""
+    return (results.get("suite_machines") or {}).get(name) or results.get("machine") or {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,6 +275,9 @@ def merge_results(old: dict, new: dict) -> dict:
     if top.get("gpu") and "ceilings" not in top["gpu"] and old_ceilings:
         top = {**top, "gpu": {**top["gpu"], "ceilings": old_ceilings,
                               "ceilings_date": old["machine"].get("date")}}
+    old_vk = old.get("machine", {}).get("vulkan_ceilings")
+    if "vulkan_ceilings" not in top and old_vk:
+        top = {**top, "vulkan_ceilings": {**old_vk, "date": old_vk.get("date", old["machine"].get("date"))}}
     return {**new, "machine": top, "suites": suites, "suite_machines": machines}
 
 
@@ -295,7 +341,10 @@ def plots(results: dict, outdir: str, stem: str | None = None) -> list[str]:
             made.append(_plot_dense(plt, res, os.path.join(outdir, f"{stem}-{key}.png"), name))
     res = suites.get("vulkan")
     if res and res["status"] == "ran" and _any_ok(res):
-        made.append(_plot_lines(plt, res, os.path.join(outdir, f"{stem}-vulkan.png"), name, "S", "tflops",
+        # The lines are causal square problems by sequence length; the other rows are in the tables.
+        square = {**res, "rows": [r for r in res["rows"] if r["params"].get("causal")
+                                  and r["params"].get("Sk", r["params"]["S"]) == r["params"]["S"]]}
+        made.append(_plot_lines(plt, square, os.path.join(outdir, f"{stem}-vulkan.png"), name, "S", "tflops",
                                 ("dtype", "D"), lambda k: f"{k[0]}, hd {k[1]}", "sequence length", "TFLOP/s"))
     res = suites.get("decode")
     if res and res["status"] == "ran" and _any_ok(res):
@@ -457,6 +506,10 @@ def readme_section(result_files: list[str], readme_dir: str) -> str:
             if not _any_ok(s):
                 continue
             out += [f"**{s['title']}**", "", pivot_table(s)]
+            peak, peak_note = ceiling(s, suite_machine(res, sname))
+            if peak_note:
+                out += [f"Measured ceiling: {peak_note}; the full tables give each row's fraction of it."
+                        if peak else peak_note, ""]
             img = os.path.join(os.path.dirname(rel), f"{m['name']}-{sname}.png")
             if os.path.exists(os.path.join(readme_dir, img)):
                 out += [f"![{sname}]({img})", ""]

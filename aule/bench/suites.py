@@ -44,6 +44,9 @@ class Suite:
     needs: str = "cuda"
     targets: tuple = field(default_factory=tuple)
     graphs: bool = False  # time capturable contenders as CUDA-graph replays (microsecond kernels)
+    # A ceiling the run measures and each row is reported as a fraction of (a key of
+    # report.CEILINGS): "vulkan_coopmat", the matrix cores through Vulkan (machine.vulkan_ceilings).
+    ceiling: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,17 @@ def _pick(cases, *conditions):
 
 
 _DENSE_F, _DENSE_B, _WINDOW, _DECODE = _dense("fwd"), _dense("fwd+bwd"), _window(), _decode()
+# ``tag``: the fp32 and fp16 cases differ only by dtype, and rows are matched by label. Issue 13's
+# rows follow the causal ones: a long non-causal problem, and chunked prefill (512 new rows over a
+# 16k cache, GQA 32/8, causal bottom-right).
 _VULKAN = tuple(dict(mode="fwd", B=1, Hq=32, Hkv=32, S=s, D=d, causal=True, window=-1, dtype=dt,
-                     device="auto")
-                for dt in ("float32", "float16") for d in (64, 128) for s in (1024, 4096, 16384))
+                     device="auto", tag=dt)
+                for dt in ("float32", "float16") for d in (64, 128) for s in (1024, 4096, 16384)) + (
+    dict(mode="fwd", B=1, Hq=32, Hkv=32, S=16384, D=128, causal=False, window=-1, dtype="float16", device="auto",
+         tag="float16"),
+    dict(mode="fwd", B=1, Hq=32, Hkv=8, S=512, Sk=16384, D=128, causal=True, window=-1, dtype="float16",
+         device="auto", tag="float16"))
+_VULKAN_FP16 = {"dtype": "float16", "causal": True, "S": 4096}
 _GQA = tuple(dict(mode=m, B=4, Hq=hq, Hkv=8, S=4096, D=128, causal=True, window=-1, dtype="bfloat16",
                   device="cuda") for m in ("fwd", "fwd+bwd") for hq in (64, 32))
 
@@ -153,13 +164,21 @@ SUITES = (
           targets=(Target("Vulkan on GpuTensors: under 100 µs per call (wall)", "aule:vulkan resident",
                           {"device": "cpu"}, None, 100.0, at_most=True, gpu_only=True),)),
     Suite("vulkan", "Vulkan on the GPU (GpuTensor inputs, Vulkan timestamps) beside PyTorch SDPA",
-          "attention", _VULKAN, ("aule:vulkan resident", "aule:vulkan", "torch-sdpa", "sdpa-flash",
-                                 "sdpa-cudnn", "sdpa-efficient"),
-          "torch-sdpa", "tflops", quick=_pick(_VULKAN, {"S": 4096}), needs="vulkan-gpu",
+          "attention", _VULKAN, ("aule:vulkan resident", "aule:vulkan", "aule:vulkan fp16", "aule:vulkan coopmat",
+                                 "torch-sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient"),
+          "torch-sdpa", "tflops", quick=_pick(_VULKAN, {"S": 4096}, {"causal": False}, {"Sk": 16384}),
+          needs="vulkan-gpu", ceiling="vulkan_coopmat",
           targets=(Target("fast (fp32), B1 H32 S4096 hd 64/128 causal: >= 10 TFLOP/s", "aule:vulkan resident",
                           {"dtype": "float32", "S": 4096}, None, 10.0),
-                   Target("fp16, B1 H32 S4096 hd 64/128 causal: >= 20 TFLOP/s", "aule:vulkan resident",
-                          {"dtype": "float16", "S": 4096}, None, 20.0))),
+                   Target("fp16, B1 H32 S4096 hd 128 causal: >= 150 TFLOP/s", "aule:vulkan resident",
+                          {**_VULKAN_FP16, "D": 128}, None, 150.0),
+                   Target("fp16, B1 H32 S4096 hd 64 causal: >= 120 TFLOP/s", "aule:vulkan resident",
+                          {**_VULKAN_FP16, "D": 64}, None, 120.0),
+                   Target("fp16, B1 H32 S16384 hd 128 non-causal: >= 200 TFLOP/s", "aule:vulkan resident",
+                          {"dtype": "float16", "causal": False, "S": 16384, "D": 128}, None, 200.0),
+                   Target("fp16 chunked prefill, B1 H32/8 q_len 512 over a 16k cache, hd 128, causal: "
+                          ">= 100 TFLOP/s", "aule:vulkan resident",
+                          {"dtype": "float16", "causal": True, "S": 512, "Sk": 16384, "D": 128}, None, 100.0))),
     Suite("cpu", "CPU (fp32): aule's NumPy and Vulkan backends against torch's CPU SDPA", "attention",
           (dict(mode="fwd", B=1, Hq=8, Hkv=8, S=1024, D=64, causal=True, window=-1, dtype="float32", device="cpu"),
            dict(mode="fwd", B=1, Hq=32, Hkv=32, S=4096, D=128, causal=True, window=-1, dtype="float32", device="cpu"),
@@ -203,7 +222,7 @@ SUITES += (
     Suite("vulkan_variants", "Vulkan shader variants and tile shapes, forced (GpuTensor inputs, Vulkan timestamps)",
           "attention", _VK_SWEEP, ("aule:vulkan resident",) + _VK_FORCED
           + tuple(f"aule:vulkan {v} {t}" for v, _ in VULKAN_VARIANTS if v in VULKAN_TILED for t in VULKAN_TILES)
-          + ("torch-sdpa",), "aule:vulkan resident", "tflops", needs="vulkan-gpu"),
+          + ("torch-sdpa",), "aule:vulkan resident", "tflops", needs="vulkan-gpu", ceiling="vulkan_coopmat"),
     Suite("vulkan_variants_cpu", "Vulkan shader variants, forced, on a small problem (any Vulkan device, "
           "lavapipe included)", "attention", _VK_SWEEP_CPU, ("aule:vulkan resident",) + _VK_FORCED + ("torch-sdpa",),
           "aule:vulkan resident", "gflops", needs="vulkan"),

@@ -5,6 +5,7 @@ repeat (a page fault, another process on the core) moves the spread, not the num
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -156,17 +157,35 @@ def spin_up(fn, seconds: float = DEVICE_WARMUP_S, min_calls: int = 1):
     return out
 
 
-def reported_time(measure_ms, warmup: int = 2, reps: int = 10, max_s: float = 10.0,
-                  warmup_s: float = DEVICE_WARMUP_S):
-    """Median of times that each call reports itself (GPU timestamps); None when it reports none.
-    Warms up for ``warmup`` calls and at least ``warmup_s`` seconds of continuous calls."""
+# Self-timed device rows take at least this many repeats and this long, so the median rests on
+# enough samples whatever the kernel's length.
+DEVICE_MIN_REPS = 20
+DEVICE_MIN_S = 0.5
+# Calls recorded back to back in one submission: enough that the device stays busy this long per
+# submission (the host's gap between submissions is then a small share of it), at most this many.
+DEVICE_BATCH_MS = 20.0
+DEVICE_MAX_BATCH = 256
+
+
+def batch_size(one_call_ms: float, target_ms: float = DEVICE_BATCH_MS, most: int = DEVICE_MAX_BATCH) -> int:
+    """Calls per submission for a call of ``one_call_ms`` to fill ``target_ms`` (1 to ``most``)."""
+    return max(1, min(most, math.ceil(target_ms / max(one_call_ms, 1e-6))))
+
+
+def reported_time(measure_ms, max_s: float = 10.0, warmup_s: float = DEVICE_WARMUP_S,
+                  min_reps: int = DEVICE_MIN_REPS, min_s: float = DEVICE_MIN_S):
+    """Median of times that each call reports itself (GPU timestamps, per call); None when it
+    reports none. ``warmup_s`` seconds of back-to-back calls come immediately before the repeats,
+    which go on until there are ``min_reps`` of them and ``min_s`` seconds have passed, or, for
+    long calls, until ``max_s`` seconds with at least three."""
     if measure_ms() is None:
         return None
-    spin_up(measure_ms, warmup_s, max(0, warmup - 1))
+    spin_up(measure_ms, warmup_s)
     samples = []
     begin = time.perf_counter()
-    while len(samples) < reps:
+    while True:
         samples.append(measure_ms())
-        if len(samples) >= 3 and time.perf_counter() - begin > max_s:
+        spent = time.perf_counter() - begin
+        if (len(samples) >= min_reps and spent >= min_s) or (len(samples) >= 3 and spent > max_s):
             break
     return _summary(samples)

@@ -1,17 +1,19 @@
 """The Vulkan backend: FlashAttention in GLSL compute shaders on any Vulkan 1.2 device.
 
 :class:`VulkanBackend` is what the router uses; :func:`attention` and :func:`paged_attention`
-run one call without routing and report the GPU time, for benchmarks.
+run one call without routing and report the GPU time, for benchmarks; :func:`repeated_attention`
+records one call repeated back to back (and :mod:`.timed` the matrix-core peak) for their device timers.
 """
 from __future__ import annotations
 
 from ...errors import UnsupportedError
+from ..base import nothing_to_compute
 from . import launch, runtime
 from .backend import VulkanBackend
 from .shaders import VARIANTS
 from .tensor import GpuTensor, to_gpu
 
-__all__ = ["VulkanBackend", "GpuTensor", "to_gpu", "attention", "paged_attention", "VARIANTS"]
+__all__ = ["VulkanBackend", "GpuTensor", "to_gpu", "attention", "paged_attention", "repeated_attention", "VARIANTS"]
 
 
 def _refuse_unless_served(op: str, call) -> None:
@@ -30,6 +32,20 @@ def attention(q, k, v, causal=True, scale=None, window_size=-1, *, return_lse=Fa
     call = canonicalize(q, k, v, causal, scale, window_size, return_lse)
     _refuse_unless_served("attention", call)
     return launch.attention(call, runtime.context(), timestamps=timestamps)
+
+
+def repeated_attention(q, k, v, causal=True, scale=None, window_size=-1, *, repeat: int):
+    """One Vulkan attention call on GpuTensors recorded ``repeat`` times back to back in one
+    submission: a :class:`.timed.TimedWork` whose ``ms()`` re-submits it and returns the GPU
+    milliseconds per call; ``close()`` frees it and its output."""
+    from ...call import canonicalize
+    from . import timed
+
+    call = canonicalize(q, k, v, causal, scale, window_size, False)
+    _refuse_unless_served("attention", call)
+    if nothing_to_compute(call):
+        raise ValueError(f"{call.describe()} has nothing to compute: there is no dispatch to time")
+    return timed.repeated_attention(call, runtime.context(), repeat)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,

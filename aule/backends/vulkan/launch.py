@@ -108,22 +108,35 @@ def _empty_attention(call):
     return out, lse, None
 
 
+def _result_sizes(variant, shape):
+    """(element type, rows of the output, output bytes, LSE bytes) of a planned call."""
+    elem = np.dtype(variant.elem)
+    rows = (shape.batch, shape.heads_q, shape.seq_q)
+    n_rows = shape.batch * shape.heads_q * shape.seq_q
+    return elem, rows, n_rows * shape.head_dim * elem.itemsize, n_rows * 4
+
+
+def gpu_dispatches(call, ctx):
+    """``(out, lse, dispatches)`` of a GpuTensor call with something to compute: new output
+    GpuTensors (``lse`` None unless asked) and the planned dispatches that write them."""
+    variant, shape, chunks, pipe = attention_plan_for(call, ctx)
+    elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
+    o = GpuTensor(ctx, ctx.pool.acquire(out_bytes), rows + (shape.head_dim,), elem)
+    lse = GpuTensor(ctx, ctx.pool.acquire(lse_bytes), rows, np.float32) if call.return_lse else None
+    bufs = (call.q.buffer, call.k.buffer, call.v.buffer, o.buffer,
+            lse.buffer if lse is not None else _dummy_buffer(ctx))
+    return o, lse, bind(pipe, chunks, bufs)
+
+
 def attention(call, ctx, timestamps: bool = False):
     """Attention for a validated call; returns ``(out, lse, gpu_ns)``."""
     if nothing_to_compute(call):
         return _empty_attention(call)
-    variant, shape, chunks, pipe = attention_plan_for(call, ctx)
-    elem = np.dtype(variant.elem)
-    rows = (shape.batch, shape.heads_q, shape.seq_q)
-    n_rows = shape.batch * shape.heads_q * shape.seq_q
-    out_bytes = n_rows * shape.head_dim * elem.itemsize
-    lse_bytes = n_rows * 4
     if call.kind == "gpu":
-        o = GpuTensor(ctx, ctx.pool.acquire(out_bytes), rows + (shape.head_dim,), elem)
-        lse = GpuTensor(ctx, ctx.pool.acquire(lse_bytes), rows, np.float32) if call.return_lse else None
-        bufs = (call.q.buffer, call.k.buffer, call.v.buffer, o.buffer,
-                lse.buffer if lse is not None else _dummy_buffer(ctx))
-        return o, lse, ctx.run(bind(pipe, chunks, bufs), timestamps=timestamps)
+        o, lse, dispatches = gpu_dispatches(call, ctx)
+        return o, lse, ctx.run(dispatches, timestamps=timestamps)
+    variant, shape, chunks, pipe = attention_plan_for(call, ctx)
+    elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
     with _Held() as held:
         bufs = tuple(held.device_buffer(ctx, x, elem) for x in (call.q, call.k, call.v))
         ob = held.acquire(ctx, out_bytes)

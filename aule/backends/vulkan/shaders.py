@@ -57,6 +57,8 @@ PAGED_PUSH = push_block([
 ])
 # `CopyParams` in glsl/copy_kv_to_paged.comp.
 COPY_PUSH = push_block([("row_words", "<u4"), ("num_tokens", "<u4"), ("token_base", "<u4")])
+# `PeakParams` in glsl/coopmat_peak.comp.
+PEAK_PUSH = push_block([("chunks", "<u4"), ("chunk_iters", "<u4"), ("a", "<f4"), ("b", "<f4")])
 
 # --- kernel families: the code paths of the attention entry points ----------------------------
 
@@ -470,6 +472,9 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("paged_fp16", "paged.comp", (("AULE_FP16", 1),), PAGED_PUSH, 8,
            ("head_dim", "rows", "keys", "invocations"), _FP16),
     Module("copy_kv_to_paged", "copy_kv_to_paged.comp", (), COPY_PUSH, 6, ("invocations",)),
+    # The matrix-core ceiling the benchmarks read cooperative-matrix rows against (aule bench).
+    Module("coopmat_peak", "coopmat_peak.comp", (), PEAK_PUSH, 2, ("M", "N", "K", "invocations"),
+           Needs(fp16=True, coopmat=True)),
 )}
 
 #: The attention modules, the ones AULE_VULKAN_VARIANT may name.
