@@ -92,6 +92,30 @@ def test_rows_without_keys_give_zeros_and_the_sink_exactly():
     assert torch.isfinite(lse).all()
 
 
+def test_sinks_and_masks_keep_the_numeric_rule():
+    """aule.masks' rule with sinks and a float mask: a NaN score (here from the mask) makes the row
+    NaN, a +inf score NaN with LSE +inf, scores all -inf zeros with LSE = sink, as the reference."""
+    q = torch.zeros(1, 2, 4, 16)
+    k = torch.ones(1, 2, 6, 16)
+    q[0, 0, 2, 0] = float("inf")    # +inf scores
+    q[0, 1, 3, 0] = float("-inf")   # every score -inf: as if masked
+    bias = np.zeros((2, 4, 6), np.float32)
+    bias[0, 1, 2] = np.nan          # a NaN entry on a key the row sees
+    sinks = np.array([0.5, -1.0], np.float32)
+    want, want_lse = attention_reference(q.numpy(), k.numpy(), k.numpy(), causal=False, sinks=sinks,
+                                         attn_mask=bias, return_lse=True)
+    held = canonicalize(q, k, k, attn_mask=bias).mask
+    kspan, mask_t = ops.mask_tensors(held, 1, 2, q.device)
+    out, lse = ops.attention_forward(q.to(DEV), k.to(DEV), k.to(DEV), 0.25, -1, -1, kspan=kspan, mask=mask_t,
+                                     sinks=torch.from_numpy(sinks).to(DEV))
+    out, lse = out.cpu().numpy(), lse.cpu().numpy()
+    assert np.isnan(out[0, 0, 1]).all() and np.isnan(lse[0, 0, 1]) and np.isnan(want_lse[0, 0, 1])
+    assert np.isnan(out[0, 0, 2]).all() and lse[0, 0, 2] == np.inf == want_lse[0, 0, 2]
+    assert (out[0, 1, 3] == 0).all() and lse[0, 1, 3] == np.float32(-1.0) == want_lse[0, 1, 3]
+    fine = np.isfinite(want_lse)
+    assert np.abs(out[fine] - want[fine]).max() < 2e-5 and np.abs(lse[fine] - want_lse[fine]).max() < 2e-5
+
+
 def test_learned_sinks_are_routed_only_where_they_get_a_gradient():
     q, k, v = make(1, 2, 1, 8, 8, 16, "float32", 2)
     learned = torch.tensor([0.5, -0.5], requires_grad=True)
