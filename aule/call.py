@@ -112,6 +112,8 @@ class AttentionCall(Grouped):
     sinks: Any = field(default=None, compare=False, repr=False)
     # attn_mask as a masks.AttnMask (general, or padding held as keys / key_lengths), or None
     mask: Any = field(default=None, compare=False, repr=False)
+    # The caller's torch sinks when they require grad (``sinks`` holds their values), else None
+    sinks_grad: Any = field(default=None, compare=False, repr=False)
 
     @property
     def features(self) -> frozenset:
@@ -119,6 +121,11 @@ class AttentionCall(Grouped):
         return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None),
                                                ("sinks", self.sinks is not None), ("mask", self.mask is not None))
                          if on)
+
+    @property
+    def grad_features(self) -> frozenset:
+        """The features whose arrays require grad; only a backend that differentiates them may serve it."""
+        return frozenset({"sinks"}) if self.sinks_grad is not None else frozenset()
 
     def describe(self) -> str:
         return (f"q[{self.batch},{self.heads_q},{self.seq_q},{self.head_dim}] "
@@ -223,14 +230,13 @@ def feature_dtype(x, name: str) -> str:
 
 def host_feature(x, name: str, float32: bool):
     """A feature's array (NumPy, or a torch tensor on any device) as NumPy, in float32 if asked.
-    A torch tensor that needs grad is refused: no backend differentiates through a feature yet
-    (learned sinks, a learned bias), and a gradient must never go missing in silence."""
+    A torch tensor that needs grad is refused: a gradient must never go missing in silence. Only
+    dense attention's sinks have a backward pass (on Triton), and :func:`canonicalize` hands those
+    over detached, keeping the learned tensor for the router."""
     if not is_torch_tensor(x):
         return np.asarray(x, dtype=np.float32) if float32 else x
-    import torch
-
-    if x.requires_grad and torch.is_grad_enabled():
-        raise UnsupportedError(f"{name} requires grad, and no aule backend has a backward pass for {name} yet; "
+    if needs_grad(x):
+        raise UnsupportedError(f"{name} requires grad, and aule has no backward pass for {name} here; "
                                f"pass {name}.detach() or call under torch.no_grad()")
     x = x.detach()
     return (x.float() if float32 else x).cpu().numpy()
@@ -266,6 +272,15 @@ def check_sinks(sinks, heads_q: int):
     if not np.isfinite(host).all():
         raise ValueError("sinks must be finite (in float32)")
     return np.ascontiguousarray(host)
+
+
+def needs_grad(x) -> bool:
+    """Whether ``x`` is a torch tensor that autograd would differentiate now."""
+    if not is_torch_tensor(x):
+        return False
+    import torch
+
+    return bool(x.requires_grad and torch.is_grad_enabled())
 
 
 def check_attn_mask(attn_mask, shape):
@@ -310,12 +325,16 @@ def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, ret
     left, right = masks.canonical_window(causal, window_size)
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    # Learned sinks are checked by value like any others; the router then admits only a backend
+    # that differentiates them (Backend.grad_features), so their gradient never goes missing.
+    learned = sinks if needs_grad(sinks) else None
     return AttentionCall(
         q=query, k=key, v=value, kind=kind, device=device, dtype=dtype,
         batch=qs[0], heads_q=qs[1], heads_kv=ks[1], seq_q=qs[2], seq_k=ks[2], head_dim=qs[3],
         scale=check_scale(scale, qs[3]), left=left, right=right, return_lse=bool(return_lse),
         causal=bool(causal), softcap=check_softcap(softcap), alibi=check_alibi(alibi_slopes, qs[0], qs[1]),
-        sinks=check_sinks(sinks, qs[1]), mask=check_attn_mask(attn_mask, (qs[0], qs[1], qs[2], ks[2])))
+        sinks=check_sinks(sinks if learned is None else sinks.detach(), qs[1]),
+        mask=check_attn_mask(attn_mask, (qs[0], qs[1], qs[2], ks[2])), sinks_grad=learned)
 
 
 @dataclass

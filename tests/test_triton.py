@@ -32,9 +32,11 @@ OUT_TOL = {"float32": 5e-5, "float16": 3e-3, "bfloat16": 2.5e-2}
 GRAD_TOL = {"float32": 1e-4, "float16": 6e-3, "bfloat16": 4e-2}
 
 
-def ref_torch(q, k, v, scale, left, right, softcap=0.0, slopes=None):
+def ref_torch(q, k, v, scale, left, right, softcap=0.0, slopes=None, sinks=None, attn_mask=None):
     """float64 attention with autograd, GQA by repeat (fine for an oracle); mask, softcap and ALiBi
-    (``slopes [B, Hq]``) from aule.masks."""
+    (``slopes [B, Hq]``) from aule.masks; ``sinks`` (a float64 ``[Hq]`` tensor, its gradient
+    wanted) as one more term of each row's denominator, ``LSE = log(e^sink + sum_j e^s_j)``;
+    ``attn_mask`` (NumPy, SDPA's convention) hiding (bool False, float -inf) or adding to scores."""
     sq, sk = q.shape[2], k.shape[2]
     g = q.shape[1] // k.shape[1]
     vis = torch.from_numpy(masks.mask(sq, sk, left, right))
@@ -44,8 +46,19 @@ def ref_torch(q, k, v, scale, left, right, softcap=0.0, slopes=None):
     if slopes is not None:
         s = s + torch.from_numpy(masks.alibi_bias(np.arange(sq)[:, None], np.arange(sk)[None, :], sq, sk,
                                                   slopes.astype(np.float64)))
+    if attn_mask is not None:
+        m = torch.from_numpy(np.asarray(attn_mask))
+        if m.dtype == torch.bool:
+            vis = vis & m
+        else:
+            s = s + m.double()
+            vis = vis & ~torch.isneginf(m)
     s = s.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(s, -1)
+    if sinks is not None:
+        terms = torch.cat([s, sinks[None, :, None, None].expand(*s.shape[:3], 1)], -1)
+        lse = torch.logsumexp(terms, -1)
+    else:
+        lse = torch.logsumexp(s, -1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.where(vis, torch.exp(s - safe[..., None]), torch.zeros_like(s))
     return p @ v.repeat_interleave(g, 1), lse
@@ -64,22 +77,30 @@ def rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp_min(0.1)).item()
 
 
-def check_fwd_bwd(q, k, v, scale, left, right, dtype, tile=None, lse_grad=False, softcap=0.0, alibi=None):
+def check_fwd_bwd(q, k, v, scale, left, right, dtype, tile=None, lse_grad=False, softcap=0.0, alibi=None,
+                  sinks=None, attn_mask=None):
     """Forward (out, lse) against aule.reference and backward against float64 autograd; without a
     tile through the backend (as aule's router calls it), with one through the kernels' launcher.
-    ``alibi``: NumPy slopes as a caller gives them, ``[Hq]`` or ``[B, Hq]``."""
+    ``alibi``: NumPy slopes as a caller gives them, ``[Hq]`` or ``[B, Hq]``; ``sinks``: NumPy
+    float32 ``[Hq]``, learned (their gradient is checked too); ``attn_mask``: NumPy, as SDPA's."""
     slopes = check_alibi(alibi, q.shape[0], q.shape[1])
+    sinks_t = None if sinks is None else torch.from_numpy(sinks).to(DEV).requires_grad_()
     if tile is None:
         qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
         call = canonicalize(qg, kg, vg, causal=False, scale=scale, window_size=(left, right), return_lse=True,
-                            softcap=softcap, alibi_slopes=alibi)
+                            softcap=softcap, alibi_slopes=alibi, sinks=sinks_t, attn_mask=attn_mask)
         out, lse = TritonBackend().attention(call)
     else:
         alibi_t = None if slopes is None else torch.from_numpy(slopes).to(DEV)
-        out, lse = ops.attention_forward(q, k, v, scale, left, right, tile=tile, softcap=softcap, alibi=alibi_t)
+        held = canonicalize(q, k, v, attn_mask=attn_mask).mask
+        kspan, mask_t = ops.mask_tensors(held, q.shape[0], q.shape[1], q.device)
+        spec = dict(softcap=softcap, alibi=alibi_t, sinks=None if sinks_t is None else sinks_t.detach(),
+                    kspan=kspan, mask=mask_t)
+        out, lse = ops.attention_forward(q, k, v, scale, left, right, tile=tile, **spec)
     np_in = [x.detach().float().cpu().numpy() for x in (q, k, v)]
     ref_out, ref_lse = attention_reference(*np_in, causal=False, scale=scale, window_size=(left, right),
-                                           return_lse=True, softcap=softcap, alibi_slopes=alibi)
+                                           return_lse=True, softcap=softcap, alibi_slopes=alibi, sinks=sinks,
+                                           attn_mask=attn_mask)
     got = out.detach().double().cpu().numpy()
     assert out.dtype == q.dtype and out.shape == q.shape
     assert not np.isnan(got).any()
@@ -93,7 +114,8 @@ def check_fwd_bwd(q, k, v, scale, left, right, dtype, tile=None, lse_grad=False,
         assert lse_err <= lse_tol, f"LSE error {lse_err:.3g} > {lse_tol}"
 
     qd, kd, vd = (x.detach().double().cpu().requires_grad_() for x in (q, k, v))
-    ro, rl = ref_torch(qd, kd, vd, scale, left, right, softcap, slopes)
+    sd = None if sinks is None else torch.from_numpy(sinks).double().requires_grad_()
+    ro, rl = ref_torch(qd, kd, vd, scale, left, right, softcap, slopes, sd, attn_mask)
     g = torch.Generator().manual_seed(7)
     dout = torch.randn(ro.shape, generator=g, dtype=torch.float64)
     dl = torch.randn(rl.shape, generator=g, dtype=torch.float64) if lse_grad else None
@@ -109,15 +131,19 @@ def check_fwd_bwd(q, k, v, scale, left, right, dtype, tile=None, lse_grad=False,
             loss = loss + (lse_f * dl.float().to(DEV)).sum()
         loss.backward()
         grads = (qg.grad, kg.grad, vg.grad)
+        dsinks = None if sinks_t is None else sinks_t.grad
     else:
-        grads = ops.attention_backward(dout_t, q, k, v, out, lse,
-                                       dl.float().to(DEV) if lse_grad else None,
-                                       scale, left, right, tile_dkdv=tile, tile_dq=tile,
-                                       softcap=softcap, alibi=alibi_t)
+        *grads, dsinks = ops.attention_backward(dout_t, q, k, v, out, lse,
+                                                dl.float().to(DEV) if lse_grad else None,
+                                                scale, left, right, tile_dkdv=tile, tile_dq=tile, **spec)
     for name, got_g, want in zip(("dq", "dk", "dv"), grads, (qd.grad, kd.grad, vd.grad)):
         assert got_g.shape == want.shape and got_g.dtype == q.dtype
         e = rel_err(got_g, want)
         assert e <= GRAD_TOL[dtype], f"{name} relative error {e:.3g} > {GRAD_TOL[dtype]}"
+    if sinks is not None:
+        assert dsinks is not None and dsinks.shape == sd.shape, "no gradient reached the sinks"
+        e = rel_err(dsinks, sd.grad)
+        assert e <= GRAD_TOL[dtype], f"dsinks relative error {e:.3g} > {GRAD_TOL[dtype]}"
 
 
 # (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, window, dtype)

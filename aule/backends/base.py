@@ -53,6 +53,8 @@ class Backend:
     # Optional score modifiers it applies (AttentionCall.features: "softcap"); a call using one it
     # lacks is refused with that reason, so the router moves on to a backend that has it.
     features: frozenset = frozenset()
+    # Features whose arrays it differentiates (AttentionCall.grad_features: "sinks" that require grad).
+    grad_features: frozenset = frozenset()
     #: Whether ``attention`` has a backward pass (gradient calls are routed only to such backends).
     differentiable = False
     #: Whether its paged kernels bounds-check tables left to the device (``PagedCall.checks ==
@@ -88,10 +90,20 @@ class Backend:
     def missing_features(self, call) -> str | None:
         """Why this backend cannot apply the features ``call`` uses (``None`` if it has them all).
         Every ``why_not`` asks it, overrides included: a feature must never be dropped in silence."""
-        missing = sorted(getattr(call, "features", frozenset()) - self.features)
+        missing = sorted(getattr(call, "features", frozenset()) - self.features_for(call))
         if missing:
             return f"backend {self.name!r} does not apply {', '.join(missing)} yet"
+        learned = sorted(getattr(call, "grad_features", frozenset()) - self.grad_features)
+        if learned:
+            names = ", ".join(learned)
+            return (f"{names} requires grad, and backend {self.name!r} has no backward pass for {names}; "
+                    f"pass {learned[0]}.detach() or call under torch.no_grad()")
         return None
+
+    def features_for(self, call) -> frozenset:
+        """The features this backend applies to calls like ``call`` (``features`` for every op
+        unless a backend's operations differ in what they apply)."""
+        return self.features
 
     def run(self, op: str, call):
         """Run a routed operation (see the module docstring for what each returns)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 
+from ...call import AttentionCall
 from ..base import Backend
 from .common import MAX_HEAD_DIM, interpreting
 
@@ -19,9 +20,11 @@ class TritonBackend(Backend):
     name = "triton"
     ops = ("attention", "paged_attention", "write_kv", "kv_store")
     differentiable = True
-    # Compile-time flags of the dense kernels (forward and backward); the paged kernels take
-    # neither, and paged calls carry no features.
-    features = frozenset({"softcap", "alibi"})
+    # Compile-time flags of the dense kernels (forward and backward), sinks with their gradient;
+    # the paged kernels apply none of them (paged_features), so paged calls with sinks are refused.
+    features = frozenset({"softcap", "alibi", "sinks", "mask"})
+    grad_features = frozenset({"sinks"})
+    paged_features = frozenset()
     flavour = "cuda"  # torch.version.cuda / torch.version.hip: which build this backend needs
     # The paged kernels bounds-check the tables themselves (error flags, no read-back).
     checks_tables = True
@@ -55,6 +58,9 @@ class TritonBackend(Backend):
             return "triton is not installed (pip install 'aule[torch]')"
         return None
 
+    def features_for(self, call):
+        return self.features if isinstance(call, AttentionCall) else self.paged_features
+
     def why_not(self, op, call, forced):
         if op in self.ops and op != "attention" and interpreting():
             # Under TRITON_INTERPRET=1 the paged kernels run on CPU tensors with any torch build
@@ -86,16 +92,21 @@ class TritonBackend(Backend):
         return fp32_refusal(call.dtype, call.head_dim, "cuda")
 
     def attention(self, call):
-        from .ops import triton_attention
+        import torch
 
-        alibi = None
-        if call.alibi is not None:
-            import torch
+        from .ops import mask_tensors, triton_attention
 
-            # A copy: the validated slopes may be a read-only view of the caller's array.
-            alibi = torch.tensor(call.alibi, device=call.q.device)
+        dev = call.q.device
+        # Copies: the validated slopes and sinks may be read-only views of the caller's arrays.
+        alibi = None if call.alibi is None else torch.tensor(call.alibi, device=dev)
+        if call.sinks_grad is not None:
+            # The caller's learned tensor itself, so autograd carries d sinks back to it.
+            sinks = call.sinks_grad.to(device=dev, dtype=torch.float32).contiguous()
+        else:
+            sinks = None if call.sinks is None else torch.tensor(call.sinks, device=dev)
+        kspan, mask = mask_tensors(call.mask, call.batch, call.heads_q, dev)
         out, lse = triton_attention(call.q, call.k, call.v, call.scale, call.left, call.right,
-                                    call.softcap, alibi)
+                                    call.softcap, alibi, sinks, kspan, mask)
         return out, (lse if call.return_lse else None)
 
     # -- paged attention and KV writes ----------------------------------------------------------

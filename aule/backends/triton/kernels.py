@@ -22,6 +22,17 @@ One set of kernels for NVIDIA and AMD; targets differ only by the configurations
   ``-slope * |pos - j|`` (one slope per batch and query head), both before masking as in
   aule.masks (:func:`_scores2`). The backward differentiates through the cap with
   ``1 - tanh^2``; ALiBi is additive and needs only the biased score.
+* Attention sinks (HAS_SINKS) join each row's statistics after its last key tile as one more term
+  of logit ``sink`` and value zero (:func:`_join_sink`); rows that saw no key keep LSE = sink
+  exactly. They change neither dQ nor dK/dV (the LSE the backward reads includes them); the
+  backward preprocess computes ``d sink = -sum_rows exp(sink - lse) * delta``.
+* An ``attn_mask`` comes in two compile-time forms. HAS_KSPAN: per (batch, query head) the span
+  ``[kstart, kend)`` of keys a padding mask shows (``KSPAN [B, H_Q, 2]`` int32); key tiles outside
+  it are never visited and the tiles it cuts are masked like the window's edges. MASK_KIND (1
+  boolean, 2 additive): a tile of ``MASK`` read through its strides (0 along broadcast
+  dimensions) and applied to every visited tile's scores (:func:`_apply_mask`), after softcap
+  and ALiBi as in aule.masks. A padding mask with holes is both: its span and its key vector as a
+  boolean mask of row stride 0.
 * head_dim is padded to the power of two BLOCK_D inside the kernel by masked loads (PAD_D).
 * Every tensor is addressed through its strides, so non-contiguous inputs need no copy.
 """
@@ -103,6 +114,64 @@ def _slope2(ALIBI, off_b, off_h, H_Q, HAS_ALIBI: tl.constexpr):
     else:
         slope2 = 0.0
     return slope2
+
+
+@triton.jit
+def _join_sink(acc, l_i, m_i, sink2):
+    """The online-softmax step for one more term of base-2 logit ``sink2`` and value 0
+    (aule.masks._join_sink). ``tl.maximum`` keeps a ``+inf`` maximum, so rules 2 and 3 still apply."""
+    m_new = tl.maximum(m_i, sink2)
+    m_use = _shift(m_new)
+    alpha = tl.math.exp2(m_i - m_use)  # 0 for rows that saw nothing, whose l and acc are 0
+    return acc * alpha[:, None], l_i * alpha + tl.math.exp2(sink2 - m_use), m_new
+
+
+@triton.jit
+def _key_span(KSPAN, off_b, off_h, H_Q, SEQ_K, HAS_KSPAN: tl.constexpr):
+    """``[kstart, kend)``, the keys a padding mask shows to (batch, query head): all without one."""
+    if HAS_KSPAN:
+        at = KSPAN + (off_b * H_Q + off_h) * 2
+        kstart = tl.load(at)
+        kend = tl.load(at + 1)
+    else:
+        kstart = 0
+        kend = SEQ_K
+    return kstart, kend
+
+
+@triton.jit
+def _clamp_runs(lo, lo_end, mid0, mid1, hi, kstart, kend, BLOCK_N: tl.constexpr):
+    """Key tile runs of :func:`_key_runs` narrowed to the span ``[kstart, kend)``: the tiles its
+    ends cut join the masked runs, tiles outside it disappear. Tile starts stay BLOCK_N-aligned."""
+    lo = tl.maximum(lo, (kstart // BLOCK_N) * BLOCK_N)
+    mid0 = tl.maximum(mid0, ((kstart + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum(hi, kend)
+    mid1 = tl.maximum(tl.minimum(mid1, (kend // BLOCK_N) * BLOCK_N), mid0)
+    return lo, tl.minimum(mid0, hi), mid0, mid1, hi
+
+
+@triton.jit
+def _apply_mask(s2, ptrs, ok, MASK_KIND: tl.constexpr):
+    """Base-2 scores ``s2`` under an attn_mask tile at ``ptrs`` (``ok``: in bounds). Boolean
+    (MASK_KIND 1, stored as bytes): 0 hides. Additive (2, float32): added, its ``-inf`` entries
+    hiding whatever the score was (``+inf - inf`` must not make a NaN); a NaN entry stays NaN."""
+    if MASK_KIND == 1:
+        mk = tl.load(ptrs, mask=ok, other=0)
+        s2 = tl.where(mk != 0, s2, float("-inf"))
+    elif MASK_KIND == 2:
+        mk = tl.load(ptrs, mask=ok, other=float("-inf"))
+        s2 = tl.where(mk == float("-inf"), float("-inf"), s2 + mk * 1.4426950408889634)
+    return s2
+
+
+@triton.jit
+def _mask_rows(MASK, off_b, off_h, offs_m, stride_mb, stride_mh, stride_mm, MASK_KIND: tl.constexpr):
+    """Pointers to rows ``offs_m`` of (batch, query head)'s attn_mask (``offs_m`` unused without one)."""
+    if MASK_KIND != 0:
+        rows = MASK + off_b * stride_mb + off_h * stride_mh + offs_m * stride_mm
+    else:
+        rows = offs_m
+    return rows
 
 
 @triton.jit
@@ -195,23 +264,35 @@ def _query_tile(H_Q, GROUP, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                    pos, offs_n0, offs_d, start, end, SEQ_K, LEFT, RIGHT, qk_scale, cap_in, cap_out,
-                    slope2, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    pos, offs_n0, offs_d, start, end, KEND, LEFT, RIGHT, qk_scale, cap_in, cap_out,
+                    slope2, kstart, mask_rows, stride_mn, m_ok, MASKED: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """Online softmax (base 2) of one query tile over key tiles ``[start, end)``."""
+                    DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Online softmax (base 2) of one query tile over key tiles ``[start, end)``. Keys end at
+    ``KEND`` (SEQ_K, or a padding span's end, which then starts at ``kstart``); ``mask_rows``
+    points at the rows of an attn_mask tile (MASK_KIND)."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        n_ok = offs_n < SEQ_K
+        n_ok = offs_n < KEND
+        if HAS_KSPAN:
+            # Keys before the span are never read: what padding holds must not reach P.V.
+            n_ok = n_ok & (offs_n >= kstart)
         kt = _load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                    d_ok[:, None], n_ok[None, :], PAD_D, MASKED)
         qk = tl.dot(q, kt, input_precision=DOT_PREC)
-        if MASKED or SOFTCAP or HAS_ALIBI:
+        if MASKED or SOFTCAP or HAS_ALIBI or MASK_KIND != 0:
             qk, _ = _scores2(qk, pos[:, None], offs_n[None, :], qk_scale, cap_in, cap_out, slope2,
                              SOFTCAP, HAS_ALIBI)
+            if MASK_KIND != 0:
+                qk = _apply_mask(qk, mask_rows[:, None] + offs_n[None, :] * stride_mn,
+                                 m_ok[:, None] & n_ok[None, :], MASK_KIND)
             if MASKED:
-                vis = _visible(pos[:, None], offs_n[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+                vis = _visible(pos[:, None], offs_n[None, :], KEND, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+                if HAS_KSPAN:
+                    vis = vis & (offs_n[None, :] >= kstart)
                 qk = tl.where(vis, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = _shift(m_new)
@@ -232,16 +313,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, ALIBI,
+def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
+              stride_mb, stride_mh, stride_mm, stride_mn,
               SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, cap_in, cap_out, H_Q, GROUP,
               Q_BUCKET, K_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+              HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, batch*query head). Writes O and the natural-log LSE."""
     pid_bh, off_b, off_h, off_kvh, start_m = _query_tile(H_Q, GROUP, HAS_RIGHT, BLOCK_M)
@@ -262,20 +345,33 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    mask_rows = _mask_rows(MASK, off_b, off_h, offs_m, stride_mb, stride_mh, stride_mm, MASK_KIND)
+    kstart, kend = _key_span(KSPAN, off_b, off_h, H_Q, SEQ_K, HAS_KSPAN)
     lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
                                            HAS_LEFT, HAS_RIGHT)
+    if HAS_KSPAN:
+        lo, lo_end, mid0, mid1, hi = _clamp_runs(lo, lo_end, mid0, mid1, hi, kstart, kend, BLOCK_N)
     for run in tl.static_range(3):
-        if run != 0 or HAS_LEFT:
+        if run != 0 or HAS_LEFT or HAS_KSPAN:
             start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
             acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base,
                                             stride_kn, stride_kd, stride_vn, stride_vd,
-                                            pos, offs_n0, offs_d, start, end, SEQ_K, LEFT, RIGHT,
-                                            qk_scale, cap_in, cap_out, slope2, run != 1, HAS_LEFT,
+                                            pos, offs_n0, offs_d, start, end, kend, LEFT, RIGHT,
+                                            qk_scale, cap_in, cap_out, slope2, kstart, mask_rows,
+                                            stride_mn, m_ok, run != 1, HAS_LEFT,
                                             HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
-                                            SOFTCAP, HAS_ALIBI)
+                                            SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND)
 
+    if HAS_SINKS:
+        sink = tl.load(SINKS + off_h)
+        # Rows that saw no key (or only -inf scores): the definition's LSE is the sink itself,
+        # which a round trip through base 2 would miss by an ulp.
+        unseen = (m_i == float("-inf")) & (l_i == 0.0)
+        acc, l_i, m_i = _join_sink(acc, l_i, m_i, sink * 1.4426950408889634)
     out, lse2 = _finish_rows(acc, l_i, m_i)
     lse = lse2 * 0.6931471805599453
+    if HAS_SINKS:
+        lse = tl.where(unseen, sink, lse)
     tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=m_ok)
     o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
@@ -283,13 +379,18 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI,
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
+def _attn_bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2, SINKS, DSINKS,
                          stride_ob, stride_oh, stride_om, stride_od,
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          SEQ_Q, H_Q,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
-                         BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O) - dLSE, and lse2 = LSE * log2(e) (+inf for rows without keys)."""
+                         HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) - dLSE, and lse2 = LSE * log2(e) (+inf for rows without keys).
+
+    With sinks, this program's share of ``d sink[h]``: ``dO/d sink = -p_sink O`` and ``dLSE/d sink
+    = p_sink`` with ``p_sink = exp(sink - lse)``, so each row adds ``-p_sink * delta``. Partial sums
+    go to ``DSINKS [B * H_Q, programs along seq_q]`` and are summed by the caller: a fixed order,
+    so the gradient is deterministic, which atomics would not make it."""
     pid_bh = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -310,19 +411,25 @@ def _attn_bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     tl.store(DELTA + row, delta, mask=m_ok)
     tl.store(LSE2 + row, lse2, mask=m_ok)
+    if HAS_SINKS:
+        sink2 = tl.load(SINKS + off_h) * 1.4426950408889634
+        part = tl.sum(tl.where(m_ok, -tl.math.exp2(sink2 - lse2) * delta, 0.0), 0)
+        tl.store(DSINKS + pid_bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0), part)
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, off_b, first_head, row0,
-                         stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, KSPAN, MASK_B, off_b, first_head,
+                         row0, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                         stride_mh, stride_mm, stride_mn,
                          offs_n, offs_m0, offs_d, start, end, GROUP, H_Q, SEQ_Q, SEQ_K, LEFT, RIGHT,
                          qk_scale, cap_in, cap_out, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr,
-                         HAS_ALIBI: tl.constexpr):
+                         HAS_ALIBI: tl.constexpr, HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr):
     """Accumulate dK and dV of one key tile over query tiles ``[start, end)`` of every query head
     of the GQA group (transposed scores). Heads and tiles share one flat loop: a loop nest here
-    made the compiler spill the dK/dV accumulators on Hopper."""
+    made the compiler spill the dK/dV accumulators on Hopper. A padding span and an attn_mask
+    belong to each query head, so they apply in every run: the runs follow the window only."""
     d_ok = offs_d < HEAD_DIM
     n_tiles = (tl.maximum(end - start, 0) + BLOCK_M - 1) // BLOCK_M
     for t in range(0, n_tiles * GROUP):
@@ -345,15 +452,26 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, off_b, first_h
         pos = offs_m + (SEQ_K - SEQ_Q)
         st, tt = _scores2(st, pos[None, :], offs_n[:, None], qk_scale, cap_in, cap_out,
                           _slope2(ALIBI, off_b, h, H_Q, HAS_ALIBI), SOFTCAP, HAS_ALIBI)
+        if MASK_KIND != 0:
+            st = _apply_mask(st, MASK_B + h * stride_mh + offs_n[:, None] * stride_mn
+                             + offs_m[None, :] * stride_mm,
+                             (offs_n < SEQ_K)[:, None] & m_ok[None, :], MASK_KIND)
         pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
             vis = _visible(pos[None, :], offs_n[:, None], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(vis, pt, 0.0)
+        if HAS_KSPAN:
+            kstart, kend = _key_span(KSPAN, off_b, h, H_Q, SEQ_K, HAS_KSPAN)
+            in_span = (offs_n[:, None] >= kstart) & (offs_n[:, None] < kend)
+            pt = tl.where(in_span, pt, 0.0)
         do = _load(DO + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                    m_ok[:, None], d_ok[None, :], MASKED, PAD_D)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = pt * (dpt - delta[None, :])
+        if HAS_KSPAN:
+            # Padding keys may hold anything (NaN in unwritten memory): 0 * NaN must not reach dK.
+            dst = tl.where(in_span, dst, 0.0)
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)  # d/dx c*tanh(x/c)
         dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PREC)
@@ -361,18 +479,20 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, off_b, first_h
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   stride_mb, stride_mh, stride_mm, stride_mn,
                    SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, cap_in, cap_out, H_Q, H_KV, GROUP,
                    Q_BUCKET, K_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key tile, batch*KV head). It walks every query head of its GQA group, so
     dK/dV are summed over the group in registers: no atomics, no expanded K/V."""
@@ -395,18 +515,34 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI,
     lo, lo_end, mid0, mid1, hi = _query_runs(start_n, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
                                              HAS_LEFT, HAS_RIGHT)
     first_head = off_kvh * GROUP
+    if HAS_KSPAN:
+        # A key tile outside every span of its group's heads is padding to all of them: no query
+        # tile is visited, and its dK/dV are stored as zeros.
+        ustart = SEQ_K
+        uend = SEQ_K * 0
+        for g in range(0, GROUP):
+            kstart, kend = _key_span(KSPAN, off_b, first_head + g, H_Q, SEQ_K, HAS_KSPAN)
+            ustart = tl.minimum(ustart, kstart)
+            uend = tl.maximum(uend, kend)
+        gone = (start_n >= uend) | (start_n + BLOCK_N <= ustart)
+        lo_end = tl.where(gone, lo, lo_end)
+        mid1 = tl.where(gone, mid0, mid1)
+        hi = tl.where(gone, mid0, hi)
     q_b = Q + off_b * stride_qb
     do_b = DO + off_b * stride_dob
+    mask_b = MASK + off_b * stride_mb
     row0 = (off_b * H_Q + first_head) * SEQ_Q
     for run in tl.static_range(3):
         if run != 0 or HAS_RIGHT:
             start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_b, do_b, LSE2, DELTA, ALIBI, off_b,
-                                          first_head, row0, stride_qh, stride_qm, stride_qd,
-                                          stride_doh, stride_dom, stride_dod, offs_n, offs_m0,
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_b, do_b, LSE2, DELTA, ALIBI, KSPAN, mask_b,
+                                          off_b, first_head, row0, stride_qh, stride_qm, stride_qd,
+                                          stride_doh, stride_dom, stride_dod, stride_mh, stride_mm,
+                                          stride_mn, offs_n, offs_m0,
                                           offs_d, start, end, GROUP, H_Q, SEQ_Q, SEQ_K, LEFT, RIGHT,
                                           qk_scale, cap_in, cap_out, run != 1, HAS_LEFT, HAS_RIGHT,
-                                          HEAD_DIM, PAD_D, BLOCK_M, DOT_PREC, SOFTCAP, HAS_ALIBI)
+                                          HEAD_DIM, PAD_D, BLOCK_M, DOT_PREC, SOFTCAP, HAS_ALIBI,
+                                          HAS_KSPAN, MASK_KIND)
     dk = dk * sm_scale
     ok = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -417,16 +553,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI,
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd,
-                       stride_vn, stride_vd, pos, offs_n0, offs_d, start, end, SEQ_K, LEFT, RIGHT,
-                       qk_scale, cap_in, cap_out, slope2, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                       stride_vn, stride_vd, pos, offs_n0, offs_d, start, end, KEND, LEFT, RIGHT,
+                       qk_scale, cap_in, cap_out, slope2, kstart, mask_rows, stride_mn, m_ok,
+                       MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                        HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
                        BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr,
-                       HAS_ALIBI: tl.constexpr):
-    """Accumulate dQ of one query tile over key tiles ``[start, end)``."""
+                       HAS_ALIBI: tl.constexpr, HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Accumulate dQ of one query tile over key tiles ``[start, end)`` (``KEND``, ``kstart`` and
+    ``mask_rows`` as in :func:`_attn_fwd_inner`)."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        n_ok = offs_n < SEQ_K
+        n_ok = offs_n < KEND
+        if HAS_KSPAN:
+            # Keys before the span are never read: what padding holds must not reach P.V.
+            n_ok = n_ok & (offs_n >= kstart)
         kt = _load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                    d_ok[:, None], n_ok[None, :], PAD_D, MASKED)
         vt = _load(v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn,
@@ -434,9 +575,14 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
         s = tl.dot(q, kt, input_precision=DOT_PREC)
         s, t = _scores2(s, pos[:, None], offs_n[None, :], qk_scale, cap_in, cap_out, slope2,
                         SOFTCAP, HAS_ALIBI)
+        if MASK_KIND != 0:
+            s = _apply_mask(s, mask_rows[:, None] + offs_n[None, :] * stride_mn,
+                            m_ok[:, None] & n_ok[None, :], MASK_KIND)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
-            vis = _visible(pos[:, None], offs_n[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+            vis = _visible(pos[:, None], offs_n[None, :], KEND, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+            if HAS_KSPAN:
+                vis = vis & (offs_n[None, :] >= kstart)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -447,17 +593,19 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI,
+def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 stride_mb, stride_mh, stride_mm, stride_mn,
                  SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, cap_in, cap_out, H_Q, GROUP,
                  Q_BUCKET, K_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                  SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, batch*query head): dQ = scale * dS K over the visible keys."""
     pid_bh, off_b, off_h, off_kvh, start_m = _query_tile(H_Q, GROUP, HAS_RIGHT, BLOCK_M)
@@ -478,16 +626,21 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI,
     pos = offs_m + (SEQ_K - SEQ_Q)
     slope2 = _slope2(ALIBI, off_b, off_h, H_Q, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    mask_rows = _mask_rows(MASK, off_b, off_h, offs_m, stride_mb, stride_mh, stride_mm, MASK_KIND)
+    kstart, kend = _key_span(KSPAN, off_b, off_h, H_Q, SEQ_K, HAS_KSPAN)
     lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
                                            HAS_LEFT, HAS_RIGHT)
+    if HAS_KSPAN:
+        lo, lo_end, mid0, mid1, hi = _clamp_runs(lo, lo_end, mid0, mid1, hi, kstart, kend, BLOCK_N)
     for run in tl.static_range(3):
-        if run != 0 or HAS_LEFT:
+        if run != 0 or HAS_LEFT or HAS_KSPAN:
             start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
             dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd,
-                                    stride_vn, stride_vd, pos, offs_n0, offs_d, start, end, SEQ_K,
-                                    LEFT, RIGHT, qk_scale, cap_in, cap_out, slope2, run != 1,
+                                    stride_vn, stride_vd, pos, offs_n0, offs_d, start, end, kend,
+                                    LEFT, RIGHT, qk_scale, cap_in, cap_out, slope2, kstart,
+                                    mask_rows, stride_mn, m_ok, run != 1,
                                     HAS_LEFT, HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
-                                    SOFTCAP, HAS_ALIBI)
+                                    SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),

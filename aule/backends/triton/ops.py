@@ -1,9 +1,9 @@
 """Launching the attention kernels, and the ``torch.library`` custom ops that make them autograd-
 and ``torch.compile``-friendly.
 
-``aule::triton_attention_fwd(q, k, v, scale, left, right, softcap, alibi) -> (out, lse)`` and
-``aule::triton_attention_bwd(dout, q, k, v, out, lse, dlse, scale, left, right, softcap, alibi)
--> (dq, dk, dv)``
+``aule::triton_attention_fwd(q, k, v, scale, left, right, softcap, alibi, sinks, kspan, mask)
+-> (out, lse)`` and ``aule::triton_attention_bwd(dout, q, k, v, out, lse, dlse, scale, left, right,
+softcap, alibi, sinks, kspan, mask) -> (dq, dk, dv, dsinks)``
 are real custom operators with fake (meta) implementations, and the forward op has its backward
 registered through ``register_autograd``, so ``torch.compile`` traces calls without a graph break.
 """
@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 
@@ -25,8 +26,11 @@ from .common import LOG2E, block_d, cdiv, device_arch, interpreting, next_pow2, 
 log = logging.getLogger("aule")
 
 _KERNELS = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}
-# Shape buckets, head_dim and mask sides pick the tile; the autotuner adds the dtypes itself.
-_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI"]
+# Shape buckets, head_dim, mask sides and features pick the tile; the autotuner adds the dtypes.
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI",
+             "HAS_KSPAN", "MASK_KIND"]
+# Sinks change only the forward kernel (the backward's LSE already holds them).
+_KERNEL_KEY = {"fwd": ["HAS_SINKS"], "dkdv": [], "dq": []}
 _PRE_BLOCK_M = 64
 
 
@@ -41,7 +45,7 @@ _tuned_keys: list = []
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel: str, target: str, dim_class: int, fp32: bool):
     _tuned_keys.append((kernel, target, dim_class, fp32))
-    kw = dict(configs=cfg.configs(target, kernel, dim_class, fp32), key=_TUNE_KEY,
+    kw = dict(configs=cfg.configs(target, kernel, dim_class, fp32), key=_TUNE_KEY + _KERNEL_KEY[kernel],
               prune_configs_by={"early_config_prune": cfg.prune})
     try:
         return triton.autotune(do_bench=_bench, **kw)(_KERNELS[kernel])
@@ -116,11 +120,47 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "tf32x3" if target_of(q) == "cuda" else "ieee"
 
 
-def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi) -> dict:
+def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask) -> dict:
     d = q.shape[-1]
     bd = block_d(d)
     return dict(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                DOT_PREC=_dot_precision(q), SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None)
+                DOT_PREC=_dot_precision(q), SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
+                HAS_KSPAN=kspan is not None, MASK_KIND=_mask_kind(mask))
+
+
+def _mask_kind(mask) -> int:
+    """The kernels' MASK_KIND: 0 without a mask tile, 1 boolean (as bytes), 2 additive (float32)."""
+    if mask is None:
+        return 0
+    return 1 if mask.dtype == torch.uint8 else 2
+
+
+def _mask_strides(mask) -> tuple:
+    """A mask's ``[b, h, rows, keys]`` strides, 0 along each dimension it broadcasts (size 1)."""
+    if mask is None:
+        return (0, 0, 0, 0)
+    return tuple(st if n > 1 else 0 for n, st in zip(mask.shape, mask.stride()))
+
+
+def _check_features(q, b: int, hq: int, sq: int, sk: int, sinks, kspan, mask):
+    """The feature tensors in the forms the kernels read, refused otherwise: a wrong shape here
+    would be read out of bounds, not raise."""
+    if sinks is not None and (tuple(sinks.shape) != (hq,) or sinks.dtype != torch.float32
+                              or not sinks.is_contiguous()):
+        raise ValueError(f"sinks must be contiguous float32 [heads_q] = [{hq}], got {sinks.dtype} "
+                         f"{tuple(sinks.shape)}")
+    if kspan is not None and (tuple(kspan.shape) != (b, hq, 2) or kspan.dtype != torch.int32
+                              or not kspan.is_contiguous()):
+        raise ValueError(f"kspan must be contiguous int32 [batch, heads_q, 2] = [{b}, {hq}, 2], got "
+                         f"{kspan.dtype} {tuple(kspan.shape)}")
+    if mask is not None:
+        if mask.dtype not in (torch.uint8, torch.float32) or mask.dim() != 4 or any(
+                m not in (1, n) for m, n in zip(mask.shape, (b, hq, sq, sk))):
+            raise ValueError(f"mask must be uint8 (boolean) or float32 broadcastable as [b, h, rows, keys] "
+                             f"to {[b, hq, sq, sk]}, got {mask.dtype} {tuple(mask.shape)}")
+    for name, t in (("sinks", sinks), ("kspan", kspan), ("mask", mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}, got {t.device}")
 
 
 def _cap(scale: float, softcap: float) -> tuple[float, float]:
@@ -136,6 +176,35 @@ def _slopes(alibi, q: torch.Tensor, b: int, hq: int):
     if tuple(alibi.shape) != (b, hq):
         raise ValueError(f"alibi must be [batch, heads_q] = [{b}, {hq}], got {tuple(alibi.shape)}")
     return alibi.to(device=q.device, dtype=torch.float32).contiguous()
+
+
+def mask_tensors(mask, b: int, hq: int, device):
+    """``(kspan, mask)`` the kernels read for an :class:`aule.masks.AttnMask` (``(None, None)``
+    without one). A padding mask becomes the span of keys each (batch, query head) sees, int32
+    ``[B, Hq, 2]`` (its tiles bound the key loops), plus its key vector as a boolean mask of one
+    row when the visible keys are not one run; a general mask stays as it was broadcast, as bytes
+    (boolean) or float32 (additive)."""
+    if mask is None:
+        return None, None
+    if not mask.padding:
+        vals = mask.values
+        vals = vals.view(np.uint8) if vals.dtype == np.bool_ else vals.astype(np.float32, copy=False)
+        return None, torch.tensor(vals, device=device)
+    keys = mask.keys  # [b or 1, hq or 1, seq_k] bool
+    if mask.key_lengths is not None:
+        start, end = np.zeros_like(mask.key_lengths), mask.key_lengths
+        runs = True
+    else:
+        sk = keys.shape[-1]
+        some = keys.any(axis=-1)
+        start = np.where(some, keys.argmax(axis=-1), 0)
+        end = np.where(some, sk - keys[..., ::-1].argmax(axis=-1), 0)
+        runs = bool((keys.sum(axis=-1) == end - start).all())
+    span = np.broadcast_to(np.stack([start, end], axis=-1).astype(np.int32), (b, hq, 2))
+    kspan = torch.tensor(span, device=device)
+    if runs:
+        return kspan, None
+    return kspan, torch.tensor(keys[:, :, None, :].view(np.uint8), device=device)
 
 
 def fp32_refusal(dtype_name: str, head_dim: int, device_type: str) -> str | None:
@@ -165,79 +234,111 @@ def _check(q, k, v):
 
 
 def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, softcap: float = 0.0,
-                      alibi=None):
+                      alibi=None, sinks=None, kspan=None, mask=None):
     """``(out, lse)`` for ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` (any strides). ``out`` is
     contiguous in q's dtype; ``lse`` float32 ``[B,Hq,Sq]``, natural log, ``-inf`` for rows that
     see no key (NaN and ``+inf`` rows by aule.masks' rule). ``softcap > 0`` caps the scores and
-    ``alibi`` (slopes ``[B, Hq]``) biases them, as aule.masks defines. ``tile`` forces a
+    ``alibi`` (slopes ``[B, Hq]``) biases them, as aule.masks defines; ``sinks`` (float32
+    ``[Hq]``) join each row's denominator. An attn_mask arrives as ``kspan`` (int32 ``[B, Hq, 2]``,
+    the span of keys a padding mask shows) and/or ``mask`` (uint8 for boolean, float32 for
+    additive, ``[b, h, rows, keys]`` with 1 for broadcast dimensions). ``tile`` forces a
     configuration (tests exercise the tile-run arithmetic with it)."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
+    _check_features(q, b, hq, sq, sk, sinks, kspan, mask)
     out = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if b * hq * sq == 0 or sk == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
-    args = (q, k, v, out, lse, _slopes(alibi, q, b, hq), *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), sq, sk, left, right, scale * LOG2E, *_cap(scale, softcap), hq, hq // hkv,
+        lse.fill_(float("-inf"))
+        if sinks is not None and lse.numel():
+            lse.copy_(sinks[None, :, None].expand_as(lse))
+        return out.zero_(), lse
+    args = (q, k, v, out, lse, _slopes(alibi, q, b, hq), _or(sinks, q), _or(kspan, q), _or(mask, q),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(mask),
+            sq, sk, left, right, scale * LOG2E, *_cap(scale, softcap), hq, hq // hkv,
             next_pow2(sq), next_pow2(sk))
     _launch("fwd", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), args,
-            _meta(q, left, right, softcap, alibi), q, (sq, sk), tile)
+            dict(_meta(q, left, right, softcap, alibi, kspan, mask), HAS_SINKS=sinks is not None),
+            q, (sq, sk), tile)
     return out, lse
 
 
+def _or(t, stand_in):
+    """``t``, or a tensor that stands in for a feature the kernels are compiled without (never read)."""
+    return stand_in if t is None else t
+
+
 def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, right: int,
-                       tile_dkdv=None, tile_dq=None, softcap: float = 0.0, alibi=None):
-    """``(dq, dk, dv)`` (contiguous, in the inputs' dtype). ``dlse`` is the gradient reaching the
-    LSE output, or None. dK/dV are summed over each GQA group inside the kernel. ``softcap`` and
-    ``alibi`` as the forward had them (the slopes get no gradient)."""
+                       tile_dkdv=None, tile_dq=None, softcap: float = 0.0, alibi=None, sinks=None,
+                       kspan=None, mask=None):
+    """``(dq, dk, dv, dsinks)`` (dq/dk/dv contiguous, in the inputs' dtype). ``dlse`` is the
+    gradient reaching the LSE output, or None. dK/dV are summed over each GQA group inside the
+    kernel. The features as the forward had them; of those only ``sinks`` get a gradient:
+    ``dsinks`` float32 ``[Hq]``, or an empty tensor without sinks."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
+    _check_features(q, b, hq, sq, sk, sinks, kspan, mask)
     empty = b * hq * sq == 0 or sk == 0
     # The kernels write every element, so no memset, except when no kernel runs at all.
     alloc = torch.zeros if empty else torch.empty
     dq = alloc((b, hq, sq, d), dtype=q.dtype, device=q.device)
     dk = alloc((b, hkv, sk, d), dtype=k.dtype, device=k.device)
     dv = alloc((b, hkv, sk, d), dtype=v.dtype, device=v.device)
-    if empty:
-        return dq, dk, dv
+    dsinks = torch.zeros((hq if sinks is not None else 0,), dtype=torch.float32, device=q.device)
+    if b * hq * sq == 0:
+        return dq, dk, dv, dsinks
     lse = lse.contiguous()
+    has_dlse = dlse is not None
+    if sk == 0:
+        if sinks is not None and has_dlse:
+            # No key at all: LSE = sink, so the LSE's gradient is the sink's whole gradient.
+            dsinks = dlse.to(torch.float32).sum((0, 2))
+        return dq, dk, dv, dsinks
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
-    has_dlse = dlse is not None
     dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else delta
-    meta = _meta(q, left, right, softcap, alibi)
+    meta = _meta(q, left, right, softcap, alibi, kspan, mask)
     slopes = _slopes(alibi, q, b, hq)
     pre_bm = cfg.INTERPRET_TILE[0] if q.device.type == "cpu" else _PRE_BLOCK_M
     target_of(q)  # the CPU/interpreter check before any launch
+    sink_parts = torch.empty((b * hq, cdiv(sq, pre_bm)) if sinks is not None else (0,),
+                             dtype=torch.float32, device=q.device)
     kernels._attn_bwd_preprocess[(cdiv(sq, pre_bm), b * hq)](
-        out, dout, lse, dlse_arg, delta, lse2, *out.stride(), *dout.stride(), sq, hq,
-        HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], HAS_DLSE=has_dlse, BLOCK_M=pre_bm)
+        out, dout, lse, dlse_arg, delta, lse2, _or(sinks, lse), sink_parts,
+        *out.stride(), *dout.stride(), sq, hq, HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"],
+        HAS_DLSE=has_dlse, HAS_SINKS=sinks is not None, BLOCK_M=pre_bm)
+    if sinks is not None:
+        dsinks = sink_parts.view(b, hq, -1).sum((0, 2))
     common = (sq, sk, left, right, scale * LOG2E, scale, *_cap(scale, softcap))
     buckets = (next_pow2(sq), next_pow2(sk))
+    features = (slopes, _or(kspan, q), _or(mask, q))
     _launch("dkdv", lambda m: (cdiv(sk, m["BLOCK_N"]), b * hkv),
-            (q, k, v, dout, lse2, delta, dk, dv, slopes, *q.stride(), *k.stride(), *v.stride(),
-             *dout.stride(), *dk.stride(), *dv.stride(), *common, hq, hkv, hq // hkv, *buckets),
+            (q, k, v, dout, lse2, delta, dk, dv, *features, *q.stride(), *k.stride(), *v.stride(),
+             *dout.stride(), *dk.stride(), *dv.stride(), *_mask_strides(mask), *common, hq, hkv,
+             hq // hkv, *buckets),
             meta, q, (sq, sk), tile_dkdv)
     _launch("dq", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq),
-            (q, k, v, dout, lse2, delta, dq, slopes, *q.stride(), *k.stride(), *v.stride(),
-             *dout.stride(), *dq.stride(), *common, hq, hq // hkv, *buckets),
+            (q, k, v, dout, lse2, delta, dq, *features, *q.stride(), *k.stride(), *v.stride(),
+             *dout.stride(), *dq.stride(), *_mask_strides(mask), *common, hq, hq // hkv, *buckets),
             meta, q, (sq, sk), tile_dq)
-    return dq, dk, dv
+    return dq, dk, dv, dsinks
 
 
 # --- torch.library custom ops -------------------------------------------------------------------
 
 @torch.library.custom_op("aule::triton_attention_fwd", mutates_args=())
 def triton_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                         left: int, right: int, softcap: float, alibi: Optional[torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, scale, left, right, softcap=softcap, alibi=alibi)
+                         left: int, right: int, softcap: float, alibi: Optional[torch.Tensor],
+                         sinks: Optional[torch.Tensor] = None, kspan: Optional[torch.Tensor] = None,
+                         mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale, left, right, softcap=softcap, alibi=alibi, sinks=sinks,
+                             kspan=kspan, mask=mask)
 
 
 @triton_attention_fwd.register_fake
-def _fwd_fake(q, k, v, scale, left, right, softcap, alibi):
+def _fwd_fake(q, k, v, scale, left, right, softcap, alibi, sinks=None, kspan=None, mask=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -245,30 +346,35 @@ def _fwd_fake(q, k, v, scale, left, right, softcap, alibi):
 def triton_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                          scale: float, left: int, right: int, softcap: float,
-                         alibi: Optional[torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         alibi: Optional[torch.Tensor], sinks: Optional[torch.Tensor] = None,
+                         kspan: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(dout, q, k, v, out, lse, dlse, scale, left, right, softcap=softcap,
-                              alibi=alibi)
+                              alibi=alibi, sinks=sinks, kspan=kspan, mask=mask)
 
 
 @triton_attention_bwd.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, left, right, softcap, alibi):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, left, right, softcap, alibi, sinks=None, kspan=None,
+              mask=None):
+    dsinks = q.new_empty((q.shape[1] if sinks is not None else 0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, left, right, softcap, alibi = inputs
+    q, k, v, scale, left, right, softcap, alibi, sinks, kspan, mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi)
+    ctx.save_for_backward(q, k, v, out, lse, alibi, sinks, kspan, mask)
     ctx.window = (scale, left, right, softcap)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi = ctx.saved_tensors
+    q, k, v, out, lse, alibi, sinks, kspan, mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = triton_attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.window, alibi)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv, dsinks = triton_attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.window, alibi, sinks,
+                                              kspan, mask)
+    # Only the sinks of the features are learned; slopes, spans and masks get no gradient.
+    return dq, dk, dv, None, None, None, None, None, (dsinks if sinks is not None else None), None, None
 
 
 triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -289,14 +395,18 @@ def _functorch_active() -> bool:
 
 
 def triton_attention(q, k, v, scale: float, left: int = -1, right: int = -1, softcap: float = 0.0,
-                     alibi: Optional[torch.Tensor] = None):
+                     alibi: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+                     kspan: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
     """Differentiable attention through the custom op: ``(out, lse)``. ``left``/``right`` are
     aule.masks' canonical window (``-1`` unbounded; causal is ``right=0``); ``softcap`` (0 for
-    none) and ``alibi`` (float32 slopes ``[B, Hq]`` or None) modify the scores as aule.masks says."""
-    if _eager_inference(q, k, v):
+    none) and ``alibi`` (float32 slopes ``[B, Hq]`` or None) modify the scores as aule.masks says;
+    ``sinks`` (float32 ``[Hq]``, differentiable) join the denominators; ``kspan`` and ``mask``
+    are an attn_mask as :func:`attention_forward` takes it."""
+    grad_inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
+    if _eager_inference(*grad_inputs):
         # Inference in eager mode runs the kernels directly: the custom op's autograd wrapper and
         # redispatch add host time that short calls (a decode step, a 1k-token layer) feel.
         return attention_forward(q, k, v, float(scale), int(left), int(right), softcap=float(softcap),
-                                 alibi=alibi)
+                                 alibi=alibi, sinks=sinks, kspan=kspan, mask=mask)
     return torch.ops.aule.triton_attention_fwd(q, k, v, float(scale), int(left), int(right),
-                                               float(softcap), alibi)
+                                               float(softcap), alibi, sinks, kspan, mask)
