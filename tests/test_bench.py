@@ -568,3 +568,15 @@ def test_report_gives_each_row_its_fraction_of_the_measured_peak(tmp_path):
     table = report.suite_table(skipped["suites"]["vulkan"], skipped["machine"])
     assert "of peak" not in table.splitlines()[2]
     assert "No fraction of the fp16 cooperative-matrix peak" in table and "llvmpipe lacks" in table
+
+
+def test_causal_flops_over_a_longer_cache_count_the_bottom_right_pairs():
+    # q_len 512 over 16k keys, causal bottom-right: row i sees 16384 - 512 + i + 1 keys, nearly all
+    # of them, not half (the halving holds only for square causal problems).
+    from aule.bench.metrics import attention_flops
+
+    p = dict(mode="fwd", B=1, Hq=32, S=512, Sk=16384, D=128, causal=True, window=-1)
+    pairs = sum(16384 - 512 + i + 1 for i in range(512))
+    assert attention_flops(p) == 4.0 * 32 * 128 * pairs
+    square = dict(p, S=4096, Sk=4096)
+    assert attention_flops(square) == 4.0 * 32 * 128 * 4096 * 4096 / 2

@@ -62,7 +62,8 @@ def _run_sinks(case, tile=None, lse_grad=True):
     q, k, v = make(b, hq, hk, sq, sk, d, dtype, _seed(case))
     sinks = _sinks(np.random.default_rng(_seed(case)), hq)
     np_in = [x.float().cpu().numpy() for x in (q, k, v)]
-    assert _changed(np_in, causal, window, sinks=sinks) > 0.05, "the sinks must change the result"
+    # Far above fp16's error: with hundreds of visible keys the sink's share is small, but present.
+    assert _changed(np_in, causal, window, sinks=sinks) > 0.01, "the sinks must change the result"
     check_fwd_bwd(q, k, v, d ** -0.5, left, right, dtype, tile=tile, lse_grad=lse_grad, sinks=sinks)
 
 
@@ -105,7 +106,7 @@ def test_sinks_and_masks_keep_the_numeric_rule():
     want, want_lse = attention_reference(q.numpy(), k.numpy(), k.numpy(), causal=False, sinks=sinks,
                                          attn_mask=bias, return_lse=True)
     held = canonicalize(q, k, k, attn_mask=bias).mask
-    kspan, mask_t = ops.mask_tensors(held, 1, 2, q.device)
+    kspan, mask_t = ops.mask_tensors(held, 1, 2, torch.device(DEV))
     out, lse = ops.attention_forward(q.to(DEV), k.to(DEV), k.to(DEV), 0.25, -1, -1, kspan=kspan, mask=mask_t,
                                      sinks=torch.from_numpy(sinks).to(DEV))
     out, lse = out.cpu().numpy(), lse.cpu().numpy()
@@ -232,14 +233,14 @@ def test_padding_is_never_read():
         kspan, mask_t = ops.mask_tensors(canonicalize(q, k, v, attn_mask=m[:, None, None]).mask, b, hq, q.device)
         assert mask_t is None
         out, lse = ops.attention_forward(qg, kg, vg, 0.25, -1, -1, tile=tile, kspan=kspan)
-        want = attention_reference(*(x.numpy() for x in (q, clean_k, clean_v)), causal=False, scale=0.25,
+        want = attention_reference(*(x.cpu().numpy() for x in (q, clean_k, clean_v)), causal=False, scale=0.25,
                                    attn_mask=m[:, None, None])
-        assert torch.isfinite(out).all() and np.abs(out.numpy() - want).max() < 5e-5
+        assert torch.isfinite(out).all() and np.abs(out.detach().cpu().numpy() - want).max() < 5e-5
         dq, dk, dv, _ = ops.attention_backward(torch.ones_like(out), qg, kg, vg, out, lse, None, 0.25, -1, -1,
                                                tile_dkdv=tile, tile_dq=tile, kspan=kspan)
         assert torch.isfinite(dq).all()
         for bi in range(b):
-            hidden = ~torch.from_numpy(m[bi])
+            hidden = ~torch.from_numpy(m[bi]).to(dk.device)
             assert (dk[bi][:, hidden] == 0).all() and (dv[bi][:, hidden] == 0).all()
             assert torch.isfinite(dk[bi]).all() and torch.isfinite(dv[bi]).all()
 

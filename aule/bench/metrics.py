@@ -9,13 +9,14 @@ from . import checks
 
 
 def attention_flops(p: dict) -> float:
-    """4*B*H*Sq*Sk*D, halved for causal; with a window, 4*B*H*D per visible (query, key) pair;
-    x3.5 for forward+backward (backward counted as 2.5 forwards)."""
+    """4*B*H*Sq*Sk*D, halved for causal (FlashAttention's convention); with a window, or causal over
+    more keys than queries (bottom-right: the rows see nearly all keys, not half), 4*B*H*D per
+    visible (query, key) pair; x3.5 for forward+backward (backward counted as 2.5 forwards)."""
     from .. import masks
 
     sq, sk = p["S"], p.get("Sk", p["S"])
     window = p.get("window", -1)
-    if window in (-1, None):
+    if window in (-1, None) and (sq == sk or not p["causal"]):
         pairs = sq * sk / (2 if p["causal"] else 1)
     else:
         left, right = masks.canonical_window(p["causal"], window)
