@@ -17,8 +17,11 @@ under the same name) describes the masks aule can compute without materialising 
   tensor and runs aule's window. Hybrid models that pass no ``sliding_window`` argument to the
   attention function are handled too, because the window travels with the mask.
 
-Anything else (padding, packed sequences, overlays, static caches with empty slots, tracing) gets
-the fully materialised boolean mask, and the attention hands it to transformers' SDPA path.
+Anything else (padding, packed sequences, overlays, static caches with empty slots) gets the fully
+materialised boolean mask, which the attention hands to aule as ``attn_mask`` (padding-only masks
+become per-sequence key ranges there); inside ``torch.compile`` it goes to transformers' SDPA path.
+Rows that see no key (padded query positions) give zeros, where torch may give NaN; they are
+padding, which no caller reads.
 """
 from __future__ import annotations
 
@@ -112,26 +115,31 @@ def aule_attention_forward(module, query, key, value, attention_mask, dropout=0.
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = _window_of(attention_mask, bool(causal))
-    reason = None
+    reason, mask = None, None
     if window is None:
-        reason = "a materialised attention mask (padding, packing, overlays or a static cache)"
-    elif dropout and dropout > 0.0:
+        # A materialised mask (padding, packing, overlays, a static cache): aule applies it as SDPA
+        # would, its causal part included, and recognises padding-only masks itself.
+        reason = sdpa_core._unservable_mask(attention_mask, query, key, False)
+        if reason is None and torch.compiler.is_compiling():
+            reason = "a materialised attention mask inside torch.compile"
+        window, mask = (-1, -1), attention_mask
+    if reason is None and dropout and dropout > 0.0:
         reason = "attention dropout in training"
-    elif kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+    if reason is None and (kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None):
         reason = "softcap or position_bias"
-    elif kwargs.get("output_attentions", False):
+    if reason is None and kwargs.get("output_attentions", False):
         reason = "output_attentions"
-    else:
+    if reason is None:
         reason = sdpa_core._unservable(query, key, value, None, 0.0, scaling, True)
     out = None
     if reason is None:
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         label = "" if torch.compiler.is_compiling() else "transformers " + sdpa_core._shape_class(query, key, causal)
-        out = sdpa_core.attend(query, key, value, scale, window[0], window[1], label)
+        out = sdpa_core.attend(query, key, value, scale, window[0], window[1], label, attn_mask=mask)
     else:
         sdpa_core._note(("hf-fallback", reason), "aule: transformers attention uses sdpa: %s", reason)
     if out is None:
-        if attention_mask is None or hasattr(attention_mask, _WINDOW_TAG):
+        if mask is None and (attention_mask is None or hasattr(attention_mask, _WINDOW_TAG)):
             # The mask tag or None stood for aule's bottom-right window; hand SDPA the explicit mask
             # unless its own reading of None (top-left is_causal) means the same.
             l, r = window
