@@ -106,18 +106,23 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape", ["16x16x16", "16x8x16", "16x8x8"])
+# Every shape the H200 offers, and the shared-memory softmax (the path other vendors take) forced.
+@pytest.mark.parametrize("shape", ["16x16x16", "16x8x16", "16x8x8", "16x16x16,4,1,16,1,0"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}/{}q{}k{}d{}c{}w{}".format(*c))
 def test_every_offered_shape_matches_the_reference(ctx, shape, case, monkeypatch):
-    m = tuple(int(x) for x in shape.split("x"))
+    m = tuple(int(x) for x in shape.split(",")[0].split("x"))
     if m not in ctx.info.coopmat_shapes:
         pytest.skip(f"{ctx.info.name} offers no {shape} fp16 cooperative matrix")
     b, hq, hk, sq, sk, d, causal, window = case
+    from aule import settings
+
+    monkeypatch.setenv("AULE_VULKAN_TILES", shape)
+    why = coopmat().unfit(d, ctx.info, sk, sq, settings.kernel_choice().tiles)
+    assert why is None, why
     rng = np.random.default_rng(sum(case[:6]))
     q = rng.standard_normal((b, hq, sq, d)).astype(np.float16)
     k = rng.standard_normal((b, hk, sk, d)).astype(np.float16)
     v = rng.standard_normal((b, hk, sk, d)).astype(np.float16)
-    monkeypatch.setenv("AULE_VULKAN_TILES", shape)
     with forced_variant("coopmat"):
         out, lse = aule.flash_attention(q, k, v, causal=causal, window_size=window, backend="vulkan",
                                         return_lse=True)
