@@ -27,6 +27,7 @@ void main() {
     const int row = q0 + int(gl_LocalInvocationID.x);
     const bool live = row < q1;
     const uint kvh = head / pc.group;
+    const float slope2 = head_slope2(head);
     const uint kb = pc.k_base + kvh * pc.seq_k * D;
     const uint vb = pc.v_base + kvh * pc.seq_k * D;
 
@@ -43,7 +44,7 @@ void main() {
         const uint ko = kb + uint(j) * D;
         float s = 0.0;
         [[unroll]] for (uint d = 0; d < D; ++d) s += qv[d] * k[ko + d];
-        s = SCORE(s);
+        s = modified_score(SCORE(s), row, j, slope2);
         if (!full && !visible(row, j)) s = NEG_INF;
         bad = bad || isnan(s);
         const float m_new = max(m, s);
@@ -57,7 +58,8 @@ void main() {
     }
     if (!live) return;
     const uint oo = pc.o_base + (head * pc.seq_q + uint(row)) * D;
-    const float inv = AULE_ROW_INV(m, l, bad);
+    const float sa = join_sink(m, l, bad, head);
+    const float inv = AULE_ROW_INV(m, l, bad) * sa;
     [[unroll]] for (uint d = 0; d < D; ++d) o[oo + d] = AULE_ROW_OUT(float, acc[d], inv);
     if ((pc.flags & 1u) != 0u)
         lse[pc.lse_base + head * pc.seq_q + uint(row)] = AULE_ROW_LSE2(m, l, bad) * LN2;

@@ -6,6 +6,7 @@
 #include "mask.glsl"
 
 const float LN2 = 0.69314718055994530942;   // log-sum-exp: base 2 inside, natural log out
+const float LOG2E = 1.44269504088896340736;
 
 // A score in base 2 from the fp32 dot product q.k: scaled after the product, never folded into q,
 // so half q needs no room for the scale and equal products (exact for integer-valued inputs such
@@ -28,9 +29,49 @@ layout(push_constant) uniform Params {
     uint o_base;
     uint lse_base;
     uint reverse;     // 1: hand out query blocks last-first (causal: the longest rows start first)
+    float softcap2;   // softcap * log2(e) where flags bit 1 is set: the cap of base-2 scores
+    uint x_base;      // flat head of this dispatch's first head in `extras` (binding 5)
+    uint x_stride;    // flat heads of the whole call: the sinks follow the slopes
 } pc;
 
 int key_offset() { return int(pc.seq_k) - int(pc.seq_q); }
+
+// Optional score modifiers and sinks (aule/masks.py), switched by flags: bit 1 softcap, bit 2 ALiBi,
+// bit 3 sinks. Slopes and sinks are per flat (batch, query head), in natural units: the slope of
+// head h at extras[x_base + h], its sink at extras[x_base + x_stride + h]. Unused calls bind any
+// buffer here; nothing reads it.
+layout(std430, binding = 5) readonly buffer XB { float extras[]; };
+
+// A head's ALiBi slope for base-2 scores (0 without ALiBi).
+float head_slope2(uint head) {
+    return (pc.flags & 4u) != 0u ? extras[pc.x_base + head] * LOG2E : 0.0;
+}
+
+// Score s2 (base 2) of query row i and key j after softcap, then ALiBi, as masks.py orders them;
+// masking comes after. tanh from exp2 keeps +-inf at +-1 and NaN NaN, which GLSL's tanh leaves
+// undefined.
+float modified_score(float s2, int i, int j, float slope2) {
+    if ((pc.flags & 2u) != 0u) {
+        const float t = s2 / pc.softcap2;
+        s2 = pc.softcap2 * (1.0 - 2.0 / (exp2(2.0 * LOG2E * t) + 1.0));
+    }
+    if ((pc.flags & 4u) != 0u) s2 -= slope2 * abs(float(i + key_offset() - j));
+    return s2;
+}
+
+// The head's sink joined to a finished row's (m, l) as one more term of value 0 (masks._join_sink);
+// returns the factor its accumulators take. NaN and +inf rows keep their rule; a row that saw no
+// key gets m = sink, l = 1 and factor 0: zeros, LSE = sink.
+float join_sink(inout float m, inout float l, bool bad, uint head) {
+    if ((pc.flags & 8u) == 0u || bad || m == POS_INF) return 1.0;
+    const float sink2 = extras[pc.x_base + pc.x_stride + head] * LOG2E;
+    const float mn = max(m, sink2);
+    const float a = exp2(m - mn);
+    l = l * a + exp2(sink2 - mn);
+    m = mn;
+    return a;
+}
+
 
 // masks.key_range: keys [lo, hi) that rows [q0, q1) can see together.
 ivec2 key_range(int q0, int q1) {

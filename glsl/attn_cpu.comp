@@ -48,6 +48,7 @@ void main() {
     const uint lane = gl_LocalInvocationID.x;
     const uint head = gl_WorkGroupID.y;
     if (head >= pc.heads) return;
+    const float slope2 = head_slope2(head);
     const int q0 = int(query_block() * WG * R);
     const int q1 = min(q0 + int(WG * R), int(pc.seq_q));
     const uint kvh = head / pc.group;
@@ -100,7 +101,7 @@ void main() {
             [[unroll]] for (uint j = 0; j < BK; ++j) {
                 // Branch-free mask: on a CPU both sides of an `if` run under a lane mask anyway.
                 const bool vis = visible(row[r], k0 + int(j));
-                p[r][j] = (full || vis) ? SCORE(p[r][j]) : NEG_INF;
+                p[r][j] = (full || vis) ? modified_score(SCORE(p[r][j]), row[r], k0 + int(j), slope2) : NEG_INF;
                 bad[r] = bad[r] || isnan(p[r][j]);
                 mx = max(mx, p[r][j]);
             }
@@ -133,7 +134,8 @@ void main() {
     // be cut short.
     [[unroll]] for (uint r = 0; r < R; ++r) {
         if (row[r] < q1) {
-            const float inv = AULE_ROW_INV(m_i[r], l_i[r], bad[r]);
+            const float a = join_sink(m_i[r], l_i[r], bad[r], head);
+            const float inv = AULE_ROW_INV(m_i[r], l_i[r], bad[r]) * a;
             [[unroll]] for (uint d = 0; d < D4; ++d)
                 o[obase + uint(row[r]) * D4 + d] = AULE_ROW_OUT(vec4, acc[r][d], inv);
             if ((pc.flags & 1u) != 0u)

@@ -84,6 +84,7 @@ void main() {
     const int q0 = int(query_block() * BM);
     const int q1 = min(q0 + int(BM), int(pc.seq_q));
     const uint kvh = head / pc.group;
+    const float slope2 = head_slope2(head);
     const uint qbase = pc.q_base / 4u + head * pc.seq_q * D4;
     const uint kbase = pc.k_base / 4u + kvh * pc.seq_k * D4;
     const uint vbase = pc.v_base / 4u + kvh * pc.seq_k * D4;
@@ -130,7 +131,7 @@ void main() {
             uint lr = tr * R + r;
             [[unroll]] for (uint c = 0; c < NC; ++c) {
                 uint lc = tc + c * TC;
-                float s = SCORE(s4[r][c]);
+                float s = modified_score(SCORE(s4[r][c]), q0 + int(lr), k0 + int(lc), slope2);
                 if (!full && !visible(q0 + int(lr), k0 + int(lc))) s = NEG_INF;
                 Ss[lr * SP4 + lc / 4][lc % 4] = s;
             }
@@ -182,7 +183,8 @@ void main() {
     // The row's factor (aule's numeric rule, mask.glsl) through shared memory.
     barrier();
     if (tid < BM) {
-        alpha_s[tid] = AULE_ROW_INV(m_i, l_i, bad);
+        const float sa = join_sink(m_i, l_i, bad, head);
+        alpha_s[tid] = AULE_ROW_INV(m_i, l_i, bad) * sa;
         int row = q0 + int(tid);
         if ((pc.flags & 1u) != 0u && row < q1)
             lse[pc.lse_base + head * pc.seq_q + uint(row)] = AULE_ROW_LSE2(m_i, l_i, bad) * LN2;

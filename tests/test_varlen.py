@@ -92,8 +92,12 @@ def test_pieces_take_the_normal_route():
     if backends.get("vulkan").available:
         got = aule.flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 9, causal=True, return_lse=True, backend="vulkan")
         _close(got, _reference(q, k, v, cu_q, cu_k, causal=True), tol=1e-4)
-        with pytest.raises(aule.UnsupportedError, match="'vulkan' does not apply sinks yet"):
-            aule.flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 9, sinks=sinks, backend="vulkan")
+        got = aule.flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 9, causal=True, sinks=sinks, return_lse=True,
+                                          backend="vulkan")
+        _close(got, _reference(q, k, v, cu_q, cu_k, causal=True, sinks=sinks), tol=1e-4)
+        with pytest.raises(aule.UnsupportedError, match="'vulkan' does not apply mask yet"):
+            dense = [x[None].transpose(0, 2, 1, 3) for x in (q, k, v)]   # [1, H, total, D]
+            aule.flash_attention(*dense, attn_mask=np.ones((13, 13), bool), backend="vulkan")
     with pytest.raises(ValueError, match="backend"):
         aule.flash_attention_varlen(q[:0], k[:0], v[:0], [0], [0], 0, 0, backend="no-such-backend")
 

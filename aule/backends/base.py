@@ -55,6 +55,8 @@ class Backend:
     features: frozenset = frozenset()
     # Features whose arrays it differentiates (AttentionCall.grad_features: "sinks" that require grad).
     grad_features: frozenset = frozenset()
+    # The features its paged attention applies, where they differ from ``features`` (None: the same).
+    paged_features: frozenset | None = None
     #: Whether ``attention`` has a backward pass (gradient calls are routed only to such backends).
     differentiable = False
     #: Whether its paged kernels bounds-check tables left to the device (``PagedCall.checks ==
@@ -101,9 +103,13 @@ class Backend:
         return None
 
     def features_for(self, call) -> frozenset:
-        """The features this backend applies to calls like ``call`` (``features`` for every op
-        unless a backend's operations differ in what they apply)."""
-        return self.features
+        """The features this backend applies to calls like ``call``: ``features`` for dense calls,
+        ``paged_features`` (where set) for paged ones."""
+        from ..call import AttentionCall
+
+        if self.paged_features is None or isinstance(call, AttentionCall):
+            return self.features
+        return self.paged_features
 
     def run(self, op: str, call):
         """Run a routed operation (see the module docstring for what each returns)."""

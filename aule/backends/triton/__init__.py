@@ -58,9 +58,6 @@ class TritonBackend(Backend):
             return "triton is not installed (pip install 'aule[torch]')"
         return None
 
-    def features_for(self, call):
-        return self.features if isinstance(call, AttentionCall) else self.paged_features
-
     def why_not(self, op, call, forced):
         if op in self.ops and op != "attention" and interpreting():
             # Under TRITON_INTERPRET=1 the paged kernels run on CPU tensors with any torch build

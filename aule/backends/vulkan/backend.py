@@ -17,7 +17,7 @@ from ..base import Backend, nothing_to_compute
 from . import launch, runtime
 from .plans import paged_unfit
 from .select import host_variant
-from .shaders import VARIANTS, spirv_dir
+from .shaders import SCORE_FEATURES, VARIANTS, spirv_dir
 from .tensor import GpuTensor
 
 log = logging.getLogger("aule")
@@ -51,6 +51,10 @@ def _cache_too_big(shape: tuple, dtype: str, info) -> str | None:
 class VulkanBackend(Backend):
     name = "vulkan"
     ops = ("attention", "paged_attention", "write_kv", "kv_store")
+    # What the scalar attention shaders apply (the variant chosen for such a call is one of them,
+    # select.py); paged.comp applies none.
+    features = SCORE_FEATURES
+    paged_features = frozenset()
 
     def _probe(self):
         try:

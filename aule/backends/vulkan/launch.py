@@ -12,7 +12,7 @@ from ... import settings
 from ...arrays import like, lse_like, to_numpy
 from ...call import shape_tuple
 from ..base import nothing_to_compute
-from .plans import COPY_WG, Shape, attention_plan, bind, copy_pushes, paged_plan
+from .plans import COPY_WG, Shape, attention_plan, bind, copy_pushes, extras_array, extras_flags, paged_plan
 from .runtime import Dispatch
 from .select import variant_for
 from .shaders import pipeline
@@ -74,14 +74,15 @@ def attention_plan_for(call, ctx):
     limit cannot be met."""
     vk = settings.kernel_choice()
     key = (call.dtype, call.kind, call.batch, call.heads_q, call.heads_kv, call.seq_q, call.seq_k,
-           call.head_dim, call.scale, call.left, call.right, call.return_lse, vk.variant, vk.tiles_key)
+           call.head_dim, call.scale, call.left, call.right, call.return_lse, vk.variant, vk.tiles_key,
+           call.softcap, extras_flags(call))
     hit = _PLANS.get(key)
     if hit is not None and hit[0] is ctx:
         return hit[1]
     variant = variant_for(call, ctx.info)
     shape = Shape(call.batch, call.heads_q, call.heads_kv, call.seq_q, call.seq_k, call.head_dim)
     spec, chunks = attention_plan(variant, shape, call.scale, call.left, call.right, call.return_lse,
-                                  ctx.info, vk.tiles)
+                                  ctx.info, vk.tiles, call.softcap, extras_flags(call))
     plan = (variant, shape, chunks, pipeline(ctx, variant.name, spec))
     if len(_PLANS) > 4096:
         _PLANS.clear()
@@ -116,15 +117,19 @@ def _result_sizes(variant, shape):
     return elem, rows, n_rows * shape.head_dim * elem.itemsize, n_rows * 4
 
 
-def gpu_dispatches(call, ctx):
+def gpu_dispatches(call, ctx, extras=None):
     """``(out, lse, dispatches)`` of a GpuTensor call with something to compute: new output
-    GpuTensors (``lse`` None unless asked) and the planned dispatches that write them."""
+    GpuTensors (``lse`` None unless asked) and the planned dispatches that write them. ``extras``:
+    the buffer holding :func:`plans.extras_array` of a call with ALiBi or sinks, kept alive by the
+    caller until the dispatches ran."""
+    if extras is None and extras_flags(call):
+        raise ValueError("a call with ALiBi or sinks needs the buffer of its slopes and sinks")
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
     o = GpuTensor(ctx, ctx.pool.acquire(out_bytes), rows + (shape.head_dim,), elem)
     lse = GpuTensor(ctx, ctx.pool.acquire(lse_bytes), rows, np.float32) if call.return_lse else None
     bufs = (call.q.buffer, call.k.buffer, call.v.buffer, o.buffer,
-            lse.buffer if lse is not None else _dummy_buffer(ctx))
+            lse.buffer if lse is not None else _dummy_buffer(ctx), extras or _dummy_buffer(ctx))
     return o, lse, bind(pipe, chunks, bufs)
 
 
@@ -132,16 +137,20 @@ def attention(call, ctx, timestamps: bool = False):
     """Attention for a validated call; returns ``(out, lse, gpu_ns)``."""
     if nothing_to_compute(call):
         return _empty_attention(call)
+    extras = extras_array(call)
     if call.kind == "gpu":
-        o, lse, dispatches = gpu_dispatches(call, ctx)
-        return o, lse, ctx.run(dispatches, timestamps=timestamps)
+        with _Held() as held:
+            xb = held.upload(ctx, extras) if extras is not None else None
+            o, lse, dispatches = gpu_dispatches(call, ctx, xb)
+            return o, lse, ctx.run(dispatches, timestamps=timestamps)
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
     with _Held() as held:
         bufs = tuple(held.device_buffer(ctx, x, elem) for x in (call.q, call.k, call.v))
         ob = held.acquire(ctx, out_bytes)
         lb = held.acquire(ctx, lse_bytes) if call.return_lse else _dummy_buffer(ctx)
-        ns = ctx.run(bind(pipe, chunks, bufs + (ob, lb)), timestamps=timestamps)
+        xb = held.upload(ctx, extras) if extras is not None else _dummy_buffer(ctx)
+        ns = ctx.run(bind(pipe, chunks, bufs + (ob, lb, xb)), timestamps=timestamps)
         out = ctx.download(ob, np.empty(rows + (shape.head_dim,), elem))
         lse = ctx.download(lb, np.empty(rows, np.float32)) if call.return_lse else None
     return like(out, call.q), (lse_like(lse, call.q) if lse is not None else None), ns

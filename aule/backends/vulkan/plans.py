@@ -63,9 +63,10 @@ def plan_chunks(per_pair: dict, pairs: int, info, max_heads: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right: int, want_lse: bool,
-                   info, tiles: tuple | None) -> tuple:
+                   info, tiles: tuple | None, softcap: float = 0.0, extras: int = 0) -> tuple:
     """Everything about a call's dispatches that does not depend on which buffers hold the data:
-    ``(spec, [(push bytes, ((binding start, nbytes) or None x 5), groups), ...])``. Raises
+    ``(spec, [(push bytes, ((binding start, nbytes) or None x 6), groups), ...])``. ``extras``:
+    EXTRAS_ALIBI and/or EXTRAS_SINKS, whose values binding 5 holds (:func:`extras_array`). Raises
     UnsupportedError when a device limit cannot be met."""
     d = shape.head_dim
     es = 2 if variant.elem == "float16" else 4
@@ -88,7 +89,9 @@ def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right
         pc["seq_q"], pc["seq_k"], pc["group"], pc["heads"] = shape.seq_q, shape.seq_k, g, n * g
         pc["left"], pc["right"] = left, right
         pc["scale_log2"] = scale * LOG2E
-        pc["flags"] = 1 if want_lse else 0
+        pc["flags"] = (1 if want_lse else 0) | (2 if softcap else 0) | extras
+        pc["softcap2"] = softcap * LOG2E
+        pc["x_base"], pc["x_stride"] = p0 * g, shape.pairs * g
         pc["reverse"] = 1 if right >= 0 else 0
         ranges = []
         for name, base in (("query", "q_base"), ("key", "k_base"), ("value", "v_base"), ("output", "o_base"),
@@ -100,12 +103,38 @@ def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right
             off = start // align * align
             pc[base] = (start - off) // (4 if name == "lse" else es)
             ranges.append((off, nbytes + (start - off)))
+        ranges.append(None)   # the slopes and sinks of every head
         chunks.append((pc.tobytes(), tuple(ranges), (blocks, n * g, 1)))
     return variant.spec(d, info, tiles), tuple(chunks)
 
 
+# flags bits of attn_common.glsl's push constants: binding 5 holds slopes and/or sinks.
+EXTRAS_ALIBI, EXTRAS_SINKS = 4, 8
+
+
+def extras_flags(call) -> int:
+    return (EXTRAS_ALIBI if call.alibi is not None else 0) | (EXTRAS_SINKS if call.sinks is not None else 0)
+
+
+def extras_array(call) -> np.ndarray | None:
+    """Binding 5's contents for a call with ALiBi or sinks: ``[2, batch * heads_q]`` float32, the
+    slopes then the sinks of each flat (batch, query head); None when it has neither."""
+    if not extras_flags(call):
+        return None
+    n = call.batch * call.heads_q
+    out = np.zeros((2, n), np.float32)
+    if call.alibi is not None:
+        out[0] = np.asarray(call.alibi, np.float32).reshape(n)
+    if call.sinks is not None:
+        out[1] = np.tile(np.asarray(call.sinks, np.float32).reshape(call.heads_q), call.batch)
+    return out
+
+
 def bind(pipeline, chunks, buffers) -> list[Dispatch]:
-    """Dispatches of a plan's chunks over ``buffers`` (q, k, v, o, lse), each bound to its range."""
+    """Dispatches of a plan's chunks over ``buffers`` (q, k, v, o, lse, extras), each bound to its range."""
+    if chunks and len(buffers) != len(chunks[0][1]):
+        # zip would leave the last bindings unwritten: the shader would read whatever is there.
+        raise ValueError(f"the plan binds {len(chunks[0][1])} buffers, {len(buffers)} were given")
     out = []
     for push, ranges, groups in chunks:
         bindings = tuple((b, 0, b.nbytes) if r is None else (b, r[0], max(4, min(r[1], b.nbytes - r[0])))

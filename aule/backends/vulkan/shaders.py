@@ -48,7 +48,7 @@ ATTN_PUSH = push_block([
     ("seq_q", "<u4"), ("seq_k", "<u4"), ("group", "<u4"), ("heads", "<u4"),
     ("left", "<i4"), ("right", "<i4"), ("scale_log2", "<f4"), ("flags", "<u4"),
     ("q_base", "<u4"), ("k_base", "<u4"), ("v_base", "<u4"), ("o_base", "<u4"), ("lse_base", "<u4"),
-    ("reverse", "<u4"),
+    ("reverse", "<u4"), ("softcap2", "<f4"), ("x_base", "<u4"), ("x_stride", "<u4"),
 ])
 # `PagedParams` in glsl/paged.comp.
 PAGED_PUSH = push_block([
@@ -402,6 +402,7 @@ class Module:
     path: object = None            # the kernel family
     elem: str = "float32"          # storage type of q/k/v/o
     auto: Auto | None = None       # None: only AULE_VULKAN_VARIANT selects it
+    features: frozenset = frozenset()  # the optional score modifiers it applies (AttentionCall.features)
 
     @property
     def module(self) -> str:
@@ -430,8 +431,14 @@ class Module:
         return self.path.rows_per_group(d, info, tiles)
 
 
-def _attention(name, source, path, elem="float32", defines=(), needs=Needs(), auto=None) -> Module:
-    return Module(name, source, defines, ATTN_PUSH, 5, path.SPEC, needs, path, elem, auto)
+#: What the scalar attention shaders apply through attn_common.glsl's modified_score and join_sink.
+SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks"})
+
+
+def _attention(name, source, path, elem="float32", defines=(), needs=Needs(), auto=None,
+               features=SCORE_FEATURES) -> Module:
+    # Binding 5 holds the ALiBi slopes and sinks (attn_common.glsl's `extras`).
+    return Module(name, source, defines, ATTN_PUSH, 6, path.SPEC, needs, path, elem, auto, features)
 
 
 # Tile shapes, best first (measurements behind each list: results/vulkan-tuning.md). The later
@@ -459,7 +466,7 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     # Matrix cores: chosen first for float16 where measured faster (NVIDIA: results/vulkan-tuning.md);
     # on other vendors' matrix cores (unmeasured here) AULE_VULKAN_VARIANT=coopmat selects it.
     _attention("coopmat", "attn_coopmat.comp", CoopMat(_COOP_TILES), "float16", needs=Needs(fp16=True, coopmat=True),
-               auto=Auto(-1, ("float16",), "NVIDIA")),
+               auto=Auto(-1, ("float16",), "NVIDIA"), features=frozenset()),
     # fp16's arithmetic with workgroups of four 64-wide waves, for AMD's wave64.
     _attention("fp16_amd", "attn_tiled.comp", Tiled(_WAVE64_TILES, (), 2), "float16",
                (("AULE_DEFAULT_WG", 256), ("AULE_FP16", 1)), _FP16, Auto(0, ("float16",), "AMD", 64)),
