@@ -248,6 +248,21 @@ class AttnMask:
         rows = slice(q0, q1) if m.shape[1] > 1 else slice(0, 1)
         return m[:, rows, slice(k0, k1) if m.shape[2] > 1 else slice(0, 1)]
 
+    def spans(self, b: int, hq: int) -> tuple[np.ndarray, bool]:
+        """A padding mask as the half-open span of keys each (batch, query head) sees, int32
+        ``[b, hq, 2]`` (``[0, 0]`` where it sees none), and whether every span holds exactly the
+        visible keys (one run each; else the key vector must still be read inside the span)."""
+        keys = self.keys  # [b or 1, hq or 1, seq_k] bool
+        if self.key_lengths is not None:
+            start, end, runs = np.zeros_like(self.key_lengths), self.key_lengths, True
+        else:
+            sk = keys.shape[-1]
+            some = keys.any(axis=-1)
+            start = np.where(some, keys.argmax(axis=-1), 0)
+            end = np.where(some, sk - keys[..., ::-1].argmax(axis=-1), 0)
+            runs = bool((keys.sum(axis=-1) == end - start).all())
+        return np.broadcast_to(np.stack([start, end], axis=-1).astype(np.int32), (b, hq, 2)), runs
+
     def key_span(self, b: int, seq_k: int) -> tuple[int, int]:
         """Half-open span of the keys any row of batch element ``b`` may see (all for a general mask)."""
         if self._some is None:

@@ -36,15 +36,38 @@ layout(push_constant) uniform Params {
 
 int key_offset() { return int(pc.seq_k) - int(pc.seq_q); }
 
-// Optional score modifiers and sinks (aule/masks.py), switched by flags: bit 1 softcap, bit 2 ALiBi,
-// bit 3 sinks. Slopes and sinks are per flat (batch, query head), in natural units: the slope of
-// head h at extras[x_base + h], its sink at extras[x_base + x_stride + h]. Unused calls bind any
-// buffer here; nothing reads it.
-layout(std430, binding = 5) readonly buffer XB { float extras[]; };
+// Optional score modifiers, sinks and padding masks (aule/masks.py), switched by flags: bit 1
+// softcap, bit 2 ALiBi, bit 3 sinks, bit 4 a span of visible keys per head (a padding mask). Four
+// rows of 32-bit words per flat (batch, query head) h: its slope and its sink (float bits, natural
+// units) at extras[x_base + h] and extras[x_base + x_stride + h], its span [start, end) at rows 2
+// and 3. Calls without them bind any buffer here; nothing reads it.
+layout(std430, binding = 5) readonly buffer XB { uint extras[]; };
+
+// The flat head this invocation works on: the span bounds every key range and visibility test.
+uint aule_head = 0u;
+
+bool has_span() { return (pc.flags & 16u) != 0u; }
+int span_lo() { return int(extras[pc.x_base + 2u * pc.x_stride + aule_head]); }
+int span_hi() { return int(extras[pc.x_base + 3u * pc.x_stride + aule_head]); }
+
+// Whether key j of a tile may be read from memory: within the keys and, under a padding mask, its
+// head's span. Keys outside are never loaded (a padding key's NaN must not reach a row as 0 * NaN).
+bool key_in_memory(int j) {
+    return j < int(pc.seq_k) && (!has_span() || (j >= span_lo() && j < span_hi()));
+}
+
+// The key a tile's slot j loads instead, for shaders that fill whole blocks: j itself where it may
+// be read, else the nearest key that may (invisible to every row of the slot, so only its value's
+// finiteness matters). Only called on blocks that hold at least one readable key.
+int readable_key(int j) {
+    const int hi = has_span() ? min(int(pc.seq_k), span_hi()) : int(pc.seq_k);
+    const int lo = has_span() ? span_lo() : 0;
+    return clamp(j, lo, hi - 1);
+}
 
 // A head's ALiBi slope for base-2 scores (0 without ALiBi).
 float head_slope2(uint head) {
-    return (pc.flags & 4u) != 0u ? extras[pc.x_base + head] * LOG2E : 0.0;
+    return (pc.flags & 4u) != 0u ? uintBitsToFloat(extras[pc.x_base + head]) * LOG2E : 0.0;
 }
 
 // Score s2 (base 2) of query row i and key j after softcap, then ALiBi, as masks.py orders them;
@@ -64,7 +87,7 @@ float modified_score(float s2, int i, int j, float slope2) {
 // key gets m = sink, l = 1 and factor 0: zeros, LSE = sink.
 float join_sink(inout float m, inout float l, bool bad, uint head) {
     if ((pc.flags & 8u) == 0u || bad || m == POS_INF) return 1.0;
-    const float sink2 = extras[pc.x_base + pc.x_stride + head] * LOG2E;
+    const float sink2 = uintBitsToFloat(extras[pc.x_base + pc.x_stride + head]) * LOG2E;
     const float mn = max(m, sink2);
     const float a = exp2(m - mn);
     l = l * a + exp2(sink2 - mn);
@@ -78,19 +101,25 @@ ivec2 key_range(int q0, int q1) {
     int off = key_offset();
     int lo = pc.left < 0 ? 0 : max(0, q0 + off - pc.left);
     int hi = pc.right < 0 ? int(pc.seq_k) : min(int(pc.seq_k), q1 - 1 + off + pc.right + 1);
+    if (has_span()) {
+        lo = max(lo, span_lo());
+        hi = max(lo, min(hi, span_hi()));
+    }
     return ivec2(lo, hi);
 }
 
 // masks.visible for one (row, key) pair.
 bool visible(int i, int j) {
     int pos = i + key_offset();
-    return AULE_VISIBLE(pos, j, int(pc.seq_k), pc.left, pc.right);
+    return AULE_VISIBLE(pos, j, int(pc.seq_k), pc.left, pc.right)
+        && (!has_span() || (j >= span_lo() && j < span_hi()));
 }
 
 // masks.tile_fully_visible: true when no pair of the tile needs the mask.
 bool tile_fully_visible(int q0, int q1, int k0, int k1) {
     int off = key_offset();
     if (k0 < 0 || k1 > int(pc.seq_k)) return false;
+    if (has_span() && (k0 < span_lo() || k1 > span_hi())) return false;
     if (pc.left >= 0 && k0 < (q1 - 1 + off) - pc.left) return false;
     if (pc.right >= 0 && k1 - 1 > q0 + off + pc.right) return false;
     return true;

@@ -48,6 +48,7 @@ void main() {
     const uint lane = gl_LocalInvocationID.x;
     const uint head = gl_WorkGroupID.y;
     if (head >= pc.heads) return;
+    aule_head = head;
     const float slope2 = head_slope2(head);
     const int q0 = int(query_block() * WG * R);
     const int q1 = min(q0 + int(WG * R), int(pc.seq_q));
@@ -81,7 +82,7 @@ void main() {
         vec4 kv[BK][D4];
         [[unroll]] for (uint j = 0; j < BK; ++j) {
             // Past the last key: load a real row (clamped) and mask it to -inf below.
-            const uint kj = uint(min(k0 + int(j), int(pc.seq_k) - 1));
+            const uint kj = uint(readable_key(k0 + int(j)));
             FETCH_ROW(kv[j], k, kbase, kj);
         }
         float p[R][BK];
@@ -117,7 +118,7 @@ void main() {
             alpha[r] = a;
         }
         [[unroll]] for (uint j = 0; j < BK; ++j) {
-            const uint kj = uint(min(k0 + int(j), int(pc.seq_k) - 1));
+            const uint kj = uint(readable_key(k0 + int(j)));
             FETCH_ROW(kv[j], v, vbase, kj);
         }
         // Rescale and accumulate in one pass: each accumulator is read and written once per block.

@@ -70,7 +70,7 @@ void load_tile(uint base, int k0, bool is_v) {
             int j = k0 + int(r);
             // Rows past seq_k are zero: a NaN from unwritten memory would survive P = 0.
             ELEM4 x = ELEM4(0);
-            if (j < int(pc.seq_k)) x = ELEM4(is_v ? v[base + uint(j) * D4 + c] : k[base + uint(j) * D4 + c]);
+            if (key_in_memory(j)) x = ELEM4(is_v ? v[base + uint(j) * D4 + c] : k[base + uint(j) * D4 + c]);
             KVs[r * DP4 + c] = x;
         }
     }
@@ -81,6 +81,7 @@ void main() {
     const uint tr = tid / TC, tc = tid % TC;
     const uint head = gl_WorkGroupID.y;
     if (head >= pc.heads) return;
+    aule_head = head;
     const int q0 = int(query_block() * BM);
     const int q1 = min(q0 + int(BM), int(pc.seq_q));
     const uint kvh = head / pc.group;

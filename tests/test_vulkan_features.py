@@ -127,3 +127,51 @@ def test_paged_vulkan_refuses_sinks():
         assert b.why_not("paged_attention", call, True) == "backend 'vulkan' does not apply sinks yet"
     finally:
         del b.__dict__["unavailable_reason"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", ["lengths", "left-padding", "per-head-run", "with-sinks"])
+def test_padding_masks_bound_each_heads_keys(ctx, variant, kind):
+    from aule.backends.vulkan import VARIANTS as TABLE
+
+    b, hq, hk, sq, sk, d = 3, 4, 2, 9, 45, 64
+    v_ = TABLE[variant]
+    why = v_.unfit(d, ctx.info, sk, sq)
+    if why:
+        pytest.skip(why)
+    rng = np.random.default_rng(len(kind))
+    dt = np.float16 if v_.elem == "float16" else np.float32
+    q, k, v = (rng.standard_normal(s).astype(dt) for s in ((b, hq, sq, d), (b, hk, sk, d), (b, hk, sk, d)))
+    cols = np.arange(sk)
+    if kind in ("lengths", "with-sinks"):
+        mask = (cols < np.array([45, 17, 0])[:, None])[:, None, None]        # the last sequence sees nothing
+    elif kind == "left-padding":
+        mask = (cols >= np.array([0, 30, 44])[:, None])[:, None, None]
+    else:
+        lo, hi = rng.integers(0, 20, (b, hq)), rng.integers(25, 45, (b, hq))
+        mask = ((cols >= lo[..., None]) & (cols < hi[..., None]))[:, :, None]
+    kw = dict(sinks=rng.uniform(-1, 2, hq).astype(np.float32)) if kind == "with-sinks" else {}
+    # NaN where no query may look: a key outside the spans must never be read into a row.
+    hidden = ~np.broadcast_to(mask, (b, hq, 1, sk)).any(axis=(1, 2))
+    k[np.broadcast_to(hidden[:, None, :, None], k.shape)] = np.nan
+    v[np.broadcast_to(hidden[:, None, :, None], v.shape)] = np.nan
+    with forced_variant(variant):
+        out, lse = aule.flash_attention(q, k, v, causal=False, attn_mask=mask, backend="vulkan", return_lse=True, **kw)
+    ref, ref_lse = attention_reference(q, np.nan_to_num(k), np.nan_to_num(v), causal=False, attn_mask=mask,
+                                       return_lse=True, **kw)
+    assert max_err(out, ref) <= VARIANT_ATOL[variant]
+    fin = np.isfinite(ref_lse)
+    assert (np.isfinite(lse) == fin).all() and np.abs(lse[fin] - ref_lse[fin]).max() <= 1e-3
+
+
+def test_masks_that_are_not_one_run_of_keys_are_refused(ctx):
+    q = np.random.default_rng(0).standard_normal((1, 2, 8, 16)).astype(np.float32)
+    holes = np.arange(8) % 2 == 0
+    with pytest.raises(aule.UnsupportedError, match="padding masks only"):
+        aule.flash_attention(q, q, q, attn_mask=holes, backend="vulkan")
+    general = np.tril(np.ones((8, 8), bool))
+    with pytest.raises(aule.UnsupportedError, match="padding masks only"):
+        aule.flash_attention(q, q, q, attn_mask=general, backend="vulkan")
+    # The router moves on to a backend that applies them.
+    assert np.abs(aule.flash_attention(q, q, q, attn_mask=holes)
+                  - attention_reference(q, q, q, attn_mask=holes)).max() < 2e-5

@@ -190,21 +190,11 @@ def mask_tensors(mask, b: int, hq: int, device):
         vals = mask.values
         vals = vals.view(np.uint8) if vals.dtype == np.bool_ else vals.astype(np.float32, copy=False)
         return None, torch.tensor(vals, device=device)
-    keys = mask.keys  # [b or 1, hq or 1, seq_k] bool
-    if mask.key_lengths is not None:
-        start, end = np.zeros_like(mask.key_lengths), mask.key_lengths
-        runs = True
-    else:
-        sk = keys.shape[-1]
-        some = keys.any(axis=-1)
-        start = np.where(some, keys.argmax(axis=-1), 0)
-        end = np.where(some, sk - keys[..., ::-1].argmax(axis=-1), 0)
-        runs = bool((keys.sum(axis=-1) == end - start).all())
-    span = np.broadcast_to(np.stack([start, end], axis=-1).astype(np.int32), (b, hq, 2))
-    kspan = torch.tensor(span, device=device)
+    span, runs = mask.spans(b, hq)
+    kspan = torch.tensor(np.ascontiguousarray(span), device=device)
     if runs:
         return kspan, None
-    return kspan, torch.tensor(keys[:, :, None, :].view(np.uint8), device=device)
+    return kspan, torch.tensor(mask.keys[:, :, None, :].view(np.uint8), device=device)
 
 
 def fp32_refusal(dtype_name: str, head_dim: int, device_type: str) -> str | None:

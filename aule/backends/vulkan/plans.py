@@ -108,25 +108,30 @@ def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right
     return variant.spec(d, info, tiles), tuple(chunks)
 
 
-# flags bits of attn_common.glsl's push constants: binding 5 holds slopes and/or sinks.
-EXTRAS_ALIBI, EXTRAS_SINKS = 4, 8
+# flags bits of attn_common.glsl's push constants whose values binding 5 holds.
+EXTRAS_ALIBI, EXTRAS_SINKS, EXTRAS_SPAN = 4, 8, 16
 
 
 def extras_flags(call) -> int:
-    return (EXTRAS_ALIBI if call.alibi is not None else 0) | (EXTRAS_SINKS if call.sinks is not None else 0)
+    return ((EXTRAS_ALIBI if call.alibi is not None else 0) | (EXTRAS_SINKS if call.sinks is not None else 0)
+            | (EXTRAS_SPAN if getattr(call, "mask", None) is not None else 0))
 
 
 def extras_array(call) -> np.ndarray | None:
-    """Binding 5's contents for a call with ALiBi or sinks: ``[2, batch * heads_q]`` float32, the
-    slopes then the sinks of each flat (batch, query head); None when it has neither."""
+    """Binding 5's contents for a call with ALiBi, sinks or a padding mask: ``[4, batch * heads_q]``
+    32-bit words per flat (batch, query head): the slope and the sink (float32 bits), the start and
+    end of its span of visible keys; None when it has none of them."""
     if not extras_flags(call):
         return None
     n = call.batch * call.heads_q
-    out = np.zeros((2, n), np.float32)
+    out = np.zeros((4, n), np.uint32)
     if call.alibi is not None:
-        out[0] = np.asarray(call.alibi, np.float32).reshape(n)
+        out[0] = np.asarray(call.alibi, np.float32).reshape(n).view(np.uint32)
     if call.sinks is not None:
-        out[1] = np.tile(np.asarray(call.sinks, np.float32).reshape(call.heads_q), call.batch)
+        out[1] = np.tile(np.asarray(call.sinks, np.float32).reshape(call.heads_q), call.batch).view(np.uint32)
+    if getattr(call, "mask", None) is not None:
+        span, _ = call.mask.spans(call.batch, call.heads_q)
+        out[2:] = span.reshape(n, 2).T
     return out
 
 

@@ -431,8 +431,9 @@ class Module:
         return self.path.rows_per_group(d, info, tiles)
 
 
-#: What the scalar attention shaders apply through attn_common.glsl's modified_score and join_sink.
-SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks"})
+#: What the scalar attention shaders apply through attn_common.glsl (modified_score, join_sink, and
+#: the per-head key span of padding masks: VulkanBackend refuses masks that are not one run of keys).
+SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks", "mask"})
 
 
 def _attention(name, source, path, elem="float32", defines=(), needs=Needs(), auto=None,
