@@ -186,6 +186,8 @@ def host_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             out = routing.attention(query, key, value, False, scale, (left, right), backend or None, False,
                                     attn_mask=attn_mask)[0]
     except UnsupportedError as exc:
+        if routed is not None and routed[0].features - {"mask"}:
+            raise   # torch's SDPA below has no softcap or sinks: never answer without them
         _note(("host-op-unsupported", str(exc)), "aule: host attention falls back to torch SDPA: %s", exc)
         out = sdpa_reference(query, key, value, scale, left, right, attn_mask)
     # A custom op may not return a view of (or the same storage as) its inputs.
@@ -245,9 +247,9 @@ def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, *
 # --------------------------------------------------------------------------------------------
 # routing
 
-def _routed(q, k, v, scale, left, right, forced, attn_mask):
+def _routed(q, k, v, scale, left, right, forced, attn_mask, softcap=0.0, sinks=None):
     """The validated call and the backend aule would use for it, or ``(None, None, reason)``."""
-    call = canonicalize(q, k, v, False, scale, (left, right), attn_mask=attn_mask)
+    call = canonicalize(q, k, v, False, scale, (left, right), attn_mask=attn_mask, softcap=softcap, sinks=sinks)
     try:
         return call, routing.route(call, "attention", forced), None
     except UnsupportedError as exc:
@@ -263,12 +265,17 @@ def _run_on_host(call, b, scale, left, right, attn_mask):
         _handoff.call = _handoff.backend = None
 
 
-def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=None):
+def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=None, softcap: float = 0.0,
+           sinks=None):
     """aule attention on 4-D ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` with aule's bottom-right
-    ``(left, right)`` window and an SDPA ``attn_mask`` (checked by :func:`_unservable`), or ``None``
-    (with the reason logged once) when aule cannot serve it exactly, gradients included. ``label``
-    names the caller's shape class for the log. Each call is validated and routed once."""
+    ``(left, right)`` window, an SDPA ``attn_mask`` (checked by :func:`_unservable`), ``softcap`` and
+    ``sinks`` (aule.masks), or ``None`` (with the reason logged once) when aule cannot serve it
+    exactly, gradients included. ``label`` names the caller's shape class for the log. Each call
+    is validated and routed once."""
     forced = _state.backend
+    if (softcap or sinks is not None) and _compiling():
+        _note(("fallback", "traced-features"), "aule: softcap and sinks are not traced yet; torch serves them")
+        return None
     needs_grad = routing.tensors_need_grad(q, k, v)
     device = q.device.type
     if device not in ("cpu", "cuda"):
@@ -285,7 +292,7 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=N
         if not op or q.shape[-1] > _TRITON_MAX_HEAD_DIM or attn_mask is not None:
             return None
         return op(q, k, v, scale, left, right, 0.0, None)[0]
-    call, b, why = _routed(q, k, v, scale, left, right, forced, attn_mask)
+    call, b, why = _routed(q, k, v, scale, left, right, forced, attn_mask, softcap, sinks)
     if b is None:
         _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)
         return None

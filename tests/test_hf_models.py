@@ -293,3 +293,47 @@ print("ok")
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def _gemma2():
+    cfg = transformers.Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=None, sliding_window=8,
+                                    max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:   # scores of several units, so the cap at 2 matters
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    return model
+
+
+def _gpt_oss():
+    cfg = transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=8, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.uniform_(-1.0, 3.0)   # learned logits that take a real share
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma2-softcap", "gpt-oss-sinks"])
+def test_softcap_and_sinks_models_reach_aule_and_match_eager(family, served):
+    model = _gemma2() if family == "gemma2-softcap" else _gpt_oss()
+    ids = _ids(2, 13)
+    want = _logits(model, "eager", ids)
+    got = _logits(model, "aule", ids)
+    assert served, "the attention went through aule"
+    assert (got - want).abs().max() <= 1e-4
+    assert torch.equal(_generate(model, "aule", ids, 6), _generate(model, "eager", ids, 6))
+    # The feature matters on these inputs: without it eager gives other logits.
+    for layer in model.model.layers:
+        if family == "gemma2-softcap":
+            layer.self_attn.attn_logit_softcapping = None
+        else:
+            layer.self_attn.sinks.data.fill_(-1e4)
+    assert (_logits(model, "eager", ids) - want).abs().max() > 1e-3

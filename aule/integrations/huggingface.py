@@ -21,7 +21,9 @@ Anything else (padding, packed sequences, overlays, static caches with empty slo
 materialised boolean mask, which the attention hands to aule as ``attn_mask`` (padding-only masks
 become per-sequence key ranges there); inside ``torch.compile`` it goes to transformers' SDPA path.
 Rows that see no key (padded query positions) give zeros, where torch may give NaN; they are
-padding, which no caller reads.
+padding, which no caller reads. Gemma 2's ``softcap`` and gpt-oss's sinks (``s_aux``) are applied by
+aule (results then equal the ``"eager"`` implementation's, which transformers' SDPA path cannot
+give); a sinks call aule cannot serve raises rather than lose them.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import logging
 import torch
 
 from .. import sdpa_core
+from ..errors import UnsupportedError
 
 log = logging.getLogger("aule")
 
@@ -125,8 +128,11 @@ def aule_attention_forward(module, query, key, value, attention_mask, dropout=0.
         window, mask = (-1, -1), attention_mask
     if reason is None and dropout and dropout > 0.0:
         reason = "attention dropout in training"
-    if reason is None and (kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None):
-        reason = "softcap or position_bias"
+    # Gemma 2's logit softcapping and gpt-oss's sinks (``s_aux``) are aule features.
+    softcap = float(kwargs.get("softcap") or 0.0)
+    sinks = kwargs.get("s_aux")
+    if reason is None and kwargs.get("position_bias") is not None:
+        reason = "position_bias"
     if reason is None and kwargs.get("output_attentions", False):
         reason = "output_attentions"
     if reason is None:
@@ -135,9 +141,13 @@ def aule_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if reason is None:
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         label = "" if torch.compiler.is_compiling() else "transformers " + sdpa_core._shape_class(query, key, causal)
-        out = sdpa_core.attend(query, key, value, scale, window[0], window[1], label, attn_mask=mask)
+        out = sdpa_core.attend(query, key, value, scale, window[0], window[1], label, attn_mask=mask,
+                               softcap=softcap, sinks=sinks)
     else:
         sdpa_core._note(("hf-fallback", reason), "aule: transformers attention uses sdpa: %s", reason)
+    if out is None and sinks is not None:
+        raise UnsupportedError(f"aule cannot serve this attention with sinks ({reason or 'see the log'}), and "
+                               "transformers' SDPA path would drop them: use attn_implementation='eager'")
     if out is None:
         if mask is None and (attention_mask is None or hasattr(attention_mask, _WINDOW_TAG)):
             # The mask tag or None stood for aule's bottom-right window; hand SDPA the explicit mask
