@@ -50,6 +50,7 @@ with keys the row sees (``0 * NaN``, as in torch's math and FlashAttention), but
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 
@@ -252,6 +253,12 @@ class AttnMask:
         """A padding mask as the half-open span of keys each (batch, query head) sees, int32
         ``[b, hq, 2]`` (``[0, 0]`` where it sees none), and whether every span holds exactly the
         visible keys (one run each; else the key vector must still be read inside the span)."""
+        span, runs = self._spans
+        return np.broadcast_to(span, (b, hq, 2)), runs
+
+    @functools.cached_property
+    def _spans(self) -> tuple[np.ndarray, bool]:
+        # Once per mask: a backend asks whether the spans are runs, then reads them.
         keys = self.keys  # [b or 1, hq or 1, seq_k] bool
         if self.key_lengths is not None:
             start, end, runs = np.zeros_like(self.key_lengths), self.key_lengths, True
@@ -261,7 +268,7 @@ class AttnMask:
             start = np.where(some, keys.argmax(axis=-1), 0)
             end = np.where(some, sk - keys[..., ::-1].argmax(axis=-1), 0)
             runs = bool((keys.sum(axis=-1) == end - start).all())
-        return np.broadcast_to(np.stack([start, end], axis=-1).astype(np.int32), (b, hq, 2)), runs
+        return np.stack([start, end], axis=-1).astype(np.int32), runs
 
     def key_span(self, b: int, seq_k: int) -> tuple[int, int]:
         """Half-open span of the keys any row of batch element ``b`` may see (all for a general mask)."""

@@ -22,7 +22,7 @@ layout(std430, binding = 4) writeonly buffer LB { float lse[]; };
 void main() {
     const uint head = gl_WorkGroupID.y;
     if (head >= pc.heads) return;
-    aule_head = head;
+    set_head(head);
     const int q0 = int(query_block() * WG);
     const int q1 = min(q0 + int(WG), int(pc.seq_q));
     const int row = q0 + int(gl_LocalInvocationID.x);

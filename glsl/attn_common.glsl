@@ -43,12 +43,21 @@ int key_offset() { return int(pc.seq_k) - int(pc.seq_q); }
 // and 3. Calls without them bind any buffer here; nothing reads it.
 layout(std430, binding = 5) readonly buffer XB { uint extras[]; };
 
-// The flat head this invocation works on: the span bounds every key range and visibility test.
-uint aule_head = 0u;
+// The span of the flat head this invocation works on, read once (set_head): it bounds every key
+// range, visibility test and tile load, which run per key.
+int aule_span_lo = 0;
+int aule_span_hi = 0;
 
 bool has_span() { return (pc.flags & 16u) != 0u; }
-int span_lo() { return int(extras[pc.x_base + 2u * pc.x_stride + aule_head]); }
-int span_hi() { return int(extras[pc.x_base + 3u * pc.x_stride + aule_head]); }
+int span_lo() { return aule_span_lo; }
+int span_hi() { return aule_span_hi; }
+
+void set_head(uint head) {
+    if (has_span()) {
+        aule_span_lo = int(extras[pc.x_base + 2u * pc.x_stride + head]);
+        aule_span_hi = int(extras[pc.x_base + 3u * pc.x_stride + head]);
+    }
+}
 
 // Whether key j of a tile may be read from memory: within the keys and, under a padding mask, its
 // head's span. Keys outside are never loaded (a padding key's NaN must not reach a row as 0 * NaN).

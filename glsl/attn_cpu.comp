@@ -48,7 +48,7 @@ void main() {
     const uint lane = gl_LocalInvocationID.x;
     const uint head = gl_WorkGroupID.y;
     if (head >= pc.heads) return;
-    aule_head = head;
+    set_head(head);
     const float slope2 = head_slope2(head);
     const int q0 = int(query_block() * WG * R);
     const int q1 = min(q0 + int(WG * R), int(pc.seq_q));

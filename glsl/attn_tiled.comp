@@ -81,7 +81,7 @@ void main() {
     const uint tr = tid / TC, tc = tid % TC;
     const uint head = gl_WorkGroupID.y;
     if (head >= pc.heads) return;
-    aule_head = head;
+    set_head(head);
     const int q0 = int(query_block() * BM);
     const int q1 = min(q0 + int(BM), int(pc.seq_q));
     const uint kvh = head / pc.group;

@@ -73,16 +73,17 @@ def attention_plan_for(call, ctx):
     dispatches, so a repeated call costs one dictionary lookup. UnsupportedError when a device
     limit cannot be met."""
     vk = settings.kernel_choice()
+    extras = extras_flags(call)
     key = (call.dtype, call.kind, call.batch, call.heads_q, call.heads_kv, call.seq_q, call.seq_k,
            call.head_dim, call.scale, call.left, call.right, call.return_lse, vk.variant, vk.tiles_key,
-           call.softcap, extras_flags(call))
+           call.softcap, extras)
     hit = _PLANS.get(key)
     if hit is not None and hit[0] is ctx:
         return hit[1]
     variant = variant_for(call, ctx.info)
     shape = Shape(call.batch, call.heads_q, call.heads_kv, call.seq_q, call.seq_k, call.head_dim)
     spec, chunks = attention_plan(variant, shape, call.scale, call.left, call.right, call.return_lse,
-                                  ctx.info, vk.tiles, call.softcap, extras_flags(call))
+                                  ctx.info, vk.tiles, call.softcap, extras)
     plan = (variant, shape, chunks, pipeline(ctx, variant.name, spec))
     if len(_PLANS) > 4096:
         _PLANS.clear()
@@ -120,10 +121,11 @@ def _result_sizes(variant, shape):
 def gpu_dispatches(call, ctx, extras=None):
     """``(out, lse, dispatches)`` of a GpuTensor call with something to compute: new output
     GpuTensors (``lse`` None unless asked) and the planned dispatches that write them. ``extras``:
-    the buffer holding :func:`plans.extras_array` of a call with ALiBi or sinks, kept alive by the
-    caller until the dispatches ran."""
+    the buffer holding :func:`plans.extras_array` of a call with ALiBi, sinks or a padding mask, kept
+    alive by the caller until the dispatches ran."""
     if extras is None and extras_flags(call):
-        raise ValueError("a call with ALiBi or sinks needs the buffer of its slopes and sinks")
+        raise ValueError("a call with ALiBi, sinks or a padding mask needs the buffer of its slopes, sinks "
+                         "and key spans")
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
     o = GpuTensor(ctx, ctx.pool.acquire(out_bytes), rows + (shape.head_dim,), elem)

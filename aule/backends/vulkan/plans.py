@@ -114,7 +114,7 @@ EXTRAS_ALIBI, EXTRAS_SINKS, EXTRAS_SPAN = 4, 8, 16
 
 def extras_flags(call) -> int:
     return ((EXTRAS_ALIBI if call.alibi is not None else 0) | (EXTRAS_SINKS if call.sinks is not None else 0)
-            | (EXTRAS_SPAN if getattr(call, "mask", None) is not None else 0))
+            | (EXTRAS_SPAN if call.mask is not None else 0))
 
 
 def extras_array(call) -> np.ndarray | None:
@@ -129,7 +129,7 @@ def extras_array(call) -> np.ndarray | None:
         out[0] = np.asarray(call.alibi, np.float32).reshape(n).view(np.uint32)
     if call.sinks is not None:
         out[1] = np.tile(np.asarray(call.sinks, np.float32).reshape(call.heads_q), call.batch).view(np.uint32)
-    if getattr(call, "mask", None) is not None:
+    if call.mask is not None:
         span, _ = call.mask.spans(call.batch, call.heads_q)
         out[2:] = span.reshape(n, 2).T
     return out

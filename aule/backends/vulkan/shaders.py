@@ -438,7 +438,7 @@ SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks", "mask"})
 
 def _attention(name, source, path, elem="float32", defines=(), needs=Needs(), auto=None,
                features=SCORE_FEATURES) -> Module:
-    # Binding 5 holds the ALiBi slopes and sinks (attn_common.glsl's `extras`).
+    # Binding 5 holds the ALiBi slopes, sinks and padding spans (attn_common.glsl's `extras`).
     return Module(name, source, defines, ATTN_PUSH, 6, path.SPEC, needs, path, elem, auto, features)
 
 
