@@ -48,7 +48,7 @@ def _parse_tiles(raw: str) -> tuple | None:
         return None
     parts = [p.strip() for p in text.split(",")]
     # The cooperative-matrix variant's form leads with its matrix shape: MxNxK (or "auto", the
-    # device's best), then nothing or its 4 tile fields.
+    # device's best), then nothing, its 4 tile fields, or those and a 0/1 for the register softmax.
     head = ()
     shape = _SHAPE.match(parts[0].lower())
     if shape or parts[0].lower() == "auto":
@@ -64,9 +64,9 @@ def _parse_tiles(raw: str) -> tuple | None:
             or (head and head[0] != "auto" and any(not 0 < v <= 64 for v in head[0]))):
         raise ValueError(f"AULE_VULKAN_TILES={raw!r}: expected 2 positive integers (rows,keys for the cpu "
                          "variant), 4 (bm,bn,wg,tc for the tiled variants), or for coopmat a matrix shape "
-                         "MxNxK or 'auto' optionally followed by 4 (subgroups,row_tiles,keys,buffers) and a 0/1 (softmax in "
-                         "registers); "
-                         f"comma-separated, each at most {MAX_TILE} (matrix sides at most 64)")
+                         "MxNxK or 'auto' optionally followed by 4 (subgroups,row_tiles,keys,buffers) and a 0/1 "
+                         f"(softmax in registers); comma-separated, each at most {MAX_TILE} (matrix sides at "
+                         "most 64)")
     return head + values
 
 
@@ -89,7 +89,7 @@ def vulkan() -> VulkanSettings:
 class KernelChoice:
     variant: str | None  # AULE_VULKAN_VARIANT: force a shader variant (checked by the variant table)
     tiles: tuple | None  # AULE_VULKAN_TILES: (rows, keys) for `cpu`, (bm, bn, wg, tc) for tiled variants,
-                         # ((M, N, K) or 'auto', [subgroups, row_tiles, keys, buffers]) for coopmat
+                         # ((M, N, K) or 'auto', [subgroups, row_tiles, keys, buffers[, registers]]) for coopmat
     tiles_key: str       # the tile override as a cache key ("" when unset)
 
 
