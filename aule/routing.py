@@ -119,14 +119,34 @@ def _rows_first(x):
     return x.swapaxes(0, 1) if isinstance(x, np.ndarray) else x.transpose(0, 1)
 
 
+def _varlen_backend(call: VarlenCall, backend=None):
+    """The backend whose own ``varlen_attention`` serves ``call`` in one launch (the forced one only
+    if it can), or None: then each sequence is routed as a dense call."""
+    forced = forced_backend(backend)
+    for name in (forced,) if forced is not None else _AUTO_ORDER[call.place]:
+        b = backends.get(name)
+        if b.why_not("varlen_attention", call, forced is not None) is None and _refusal(
+                b, "attention", call.whole, forced is not None) is None:
+            return b
+        if forced is None and b.why_not("attention", call.whole, False) is None:
+            return None  # the first backend that can serve the sequences keeps them
+    return None
+
+
 def attend_varlen(call: VarlenCall, backend=None):
     """``(out [total_q, Hq, D], lse [Hq, total_q] or None)`` of a validated varlen call.
 
-    No backend has a varlen entry of its own yet, so each sequence is one dense call through
-    :func:`attend`, served by whichever backend can serve it; a backend that gains one would be
-    asked here first. Sequences without query rows are never routed; padding is never computed."""
+    A backend with a varlen kernel of its own (``varlen_attention``) takes the packed call in one
+    launch when it is the one routing would pick; otherwise each sequence is one dense call through
+    :func:`attend`, served by whichever backend can serve it. Sequences without query rows are never
+    routed; padding is never computed."""
     forced_backend(backend)  # a bad name is an error even when no sequence has a row
+    device_errors.raise_pending()
     w = call.whole
+    if w.seq_q and w.heads_q:
+        b = _varlen_backend(call, backend)
+        if b is not None:
+            return b.run("varlen_attention", call)
     outs, lses = [], []
     for i in range(call.batch):
         piece = call.sequence(i)

@@ -14,6 +14,10 @@ Operations and what they return:
     caller's array type when ``call.return_lse``, else ``None``.
 ``paged_attention(PagedCall) -> out``
     ``out`` like ``call.q``.
+``varlen_attention(VarlenCall) -> (out, lse)``
+    Packed sequences in one launch: ``out`` like the packed ``q [total_q, Hq, D]``, ``lse``
+    ``[Hq, total_q]`` float32 when asked, else ``None``. Optional: the router serves a backend
+    without it one dense ``attention`` call per sequence.
 
 A call with nothing to compute (:func:`nothing_to_compute`; for paged calls no batch or no
 ``q_len``) never reaches a kernel: its output is zeros and its LSE ``-inf``. The front end answers host data itself; a backend whose data
@@ -31,7 +35,7 @@ from __future__ import annotations
 import functools
 
 #: Every operation a backend may declare, in the order ``aule info`` lists them.
-OPS = ("attention", "paged_attention", "write_kv", "kv_store")
+OPS = ("attention", "paged_attention", "varlen_attention", "write_kv", "kv_store")
 
 
 def nothing_to_compute(call) -> bool:
@@ -120,6 +124,9 @@ class Backend:
         return None
 
     def why_not_paged_attention(self, call, forced: bool) -> str | None:
+        return None
+
+    def why_not_varlen_attention(self, call, forced: bool) -> str | None:
         return None
 
     def why_not_write_kv(self, call, forced: bool) -> str | None:
