@@ -52,6 +52,13 @@ layout(constant_id = 8) const uint NBUF = 2;  // K/V tile buffers: 2 overlaps th
 // in one group of QG lanes whose indices differ only in their low bits (NVIDIA's); the shader
 // checks this at run time and answers NaN rather than a wrong result where it does not hold.
 layout(constant_id = 9) const uint QG = 0;
+// The lengths of the shared arrays, from the host (CoopMat.arrays in shaders.py, which also checks
+// their bytes against the device's shared memory): sizes the shader derived itself with ?: from the
+// other constants came out wrong on NVIDIA's driver (580), every score of the shared-memory path
+// garbage, while one constant per length is right.
+layout(constant_id = 10) const uint KVS = 1;  // f16vec4: the K/V tiles, or the staged Q block if larger
+layout(constant_id = 11) const uint SS4 = 1;  // vec4: the score blocks (1 on the register path)
+layout(constant_id = 12) const uint IX4 = 1;  // f16vec4: the two index tiles (1 on the shared-memory path)
 layout(local_size_x_id = 4) in;
 
 const uint LANES = WG / NSG;
@@ -72,7 +79,6 @@ const uint TILE4 = MM * NN / 4;                   // vec4 of one accumulator til
 const uint KV4 = BN * DP4;                        // f16vec4 of one K (or V) tile
 const uint NL = (BN * D8 + WG - 1) / WG;          // uvec4 loads per invocation per K (or V) tile
 const uint NQ = (BR * D8 + WG - 1) / WG;          // uvec4 loads per invocation of the Q block
-const uint KVN = NBUF * 2 * KV4, QN = BR * DP4;   // the Q block is staged where the K/V tiles go
 const float RESCALE = 8.0;
 const bool REG = QG != 0;
 
@@ -83,16 +89,16 @@ layout(std430, binding = 3) writeonly buffer OB { f16vec4 o[]; };
 layout(std430, binding = 3) writeonly buffer OH { float16_t oh[]; };   // the register path's element stores
 layout(std430, binding = 4) writeonly buffer LB { float lse[]; };
 
-shared f16vec4 KVs[KVN > QN ? KVN : QN];
+shared f16vec4 KVs[KVS];
 // Per subgroup: scores; then the rescale factors; at the end the output tiles and the row factors.
 // The register path needs none of it.
-shared vec4 Ss[REG ? 1 : NSG * ST4];
+shared vec4 Ss[SS4];
 shared f16vec4 Ps[NSG * SR * PP4];
 // Register path: the row and the column of each element of an MM x NN tile, as two tiles whose
 // element (r, c) is r and c. Loaded as accumulators they give each lane its elements' places (the
 // same type has the same element-to-lane mapping), read only where a place matters (masks, the
 // rare row reductions, the output), so no register holds them through the key loop.
-shared f16vec4 Ix[REG ? 2 * TILE4 : 1];
+shared f16vec4 Ix[IX4];
 
 #define ACC coopmat<float, gl_ScopeSubgroup, MM, NN, gl_MatrixUseAccumulator>
 #define MATA coopmat<float16_t, gl_ScopeSubgroup, MM, KK, gl_MatrixUseA>
@@ -295,7 +301,7 @@ void main() {
                     [[unroll]] for (uint n = 0; n < NT; ++n)
                         [[unroll]] for (int i = 0; i < sacc[0].length(); ++i)
                             sacc[rt * NT + n][i] = SCORE(sacc[rt * NT + n][i]);
-                    if (!full || modify) {
+                    if (!full || (pc.flags & 4u) != 0u) {   // masks and ALiBi need each score's place
                         const ACC ri = index_tile(0);
                         const ACC ci = index_tile(1);
                         [[unroll]] for (uint n = 0; n < NT; ++n)
@@ -305,6 +311,10 @@ void main() {
                                 if (!full && !visible(qi, kj)) x = NEG_INF;
                                 sacc[rt * NT + n][i] = x;
                             }
+                    } else if (modify) {   // softcap alone: no index tiles to load
+                        [[unroll]] for (uint n = 0; n < NT; ++n)
+                            [[unroll]] for (int i = 0; i < sacc[0].length(); ++i)
+                                sacc[rt * NT + n][i] = modified_score(sacc[rt * NT + n][i], 0, 0, 0.0);
                     }
                     [[unroll]] for (uint n = 0; n < NT; ++n) {
                         [[unroll]] for (int i = 0; i < sacc[0].length(); ++i) {
