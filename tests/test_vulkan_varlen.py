@@ -145,6 +145,18 @@ def test_host_dtypes_and_torch_tensors(ctx, dtype, source):
     assert (out[cu_q[1]] == 0).all() and np.allclose(lse[:, cu_q[1]], sinks)
 
 
+def test_bfloat16_tensors(ctx):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(10)
+    q, k, v, cu_q, cu_k = packed(rng, LENS_Q, LENS_K, 4, 2, 32)
+    t = [torch.from_numpy(x).to(torch.bfloat16) for x in (q, k, v)]
+    out, lse = varlen(*t, cu_q, cu_k, causal=True, window_size=(7, 0), return_lse=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    # Against the bfloat16 values the kernel read (computed in float32), within bfloat16's rounding of the output.
+    want = reference(*(x.float().numpy() for x in t), cu_q, cu_k, causal=True, window_size=(7, 0))
+    check((out.float().numpy(), lse.numpy()), want, 2e-2)
+
+
 def test_non_contiguous_inputs_and_no_lse(ctx):
     rng = np.random.default_rng(4)
     q, k, v, cu_q, cu_k = packed(rng, [7, 30, 2], [7, 12, 50], 4, 2, 96)

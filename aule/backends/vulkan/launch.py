@@ -325,7 +325,7 @@ def varlen_layout(call, ctx) -> VarlenLayout:
 
 def _packed(x):
     """The caller's packed ``[total, H, D]`` array or tensor behind the ``[1, H, total, D]`` view a
-    varlen call holds (as NumPy, its own layout: no copy when it was contiguous)."""
+    varlen call holds: its own layout, so reading it as NumPy copies nothing when it was contiguous."""
     x = x[0]
     return x.swapaxes(0, 1) if isinstance(x, np.ndarray) else x.transpose(0, 1)
 
