@@ -74,22 +74,45 @@ def varlen(q, k, v, cu_q, cu_k, **kw):
 
 @pytest.fixture
 def submissions(monkeypatch):
-    """Counts of Sequence.submit, Context.run, dispatches and barriers recorded while a test runs."""
+    """What the Vulkan runtime did while a test ran: ``submit`` (queue submissions), ``runs`` (the
+    dispatch count of each Context.run: uploads and downloads through staging are runs without
+    dispatches), ``events`` ("d" per dispatch, "b" per barrier, in recording order) and the
+    ``bindings`` of every dispatch."""
     from aule.backends.vulkan.runtime.context import Context
     from aule.backends.vulkan.runtime.sequence import Sequence
 
-    counts = {"submit": 0, "run": 0, "dispatch": 0, "barrier": 0, "bindings": []}
-    for cls, name in ((Sequence, "submit"), (Context, "run"), (Sequence, "barrier"), (Sequence, "dispatch")):
+    seen = {"submit": 0, "runs": [], "events": [], "bindings": []}
+
+    def wrap(cls, name, note):
         real = getattr(cls, name)
 
-        def counting(self, *a, _real=real, _name=name, **kw):
-            counts[_name] += 1
-            if _name == "dispatch":
-                counts["bindings"].append(a[0].bindings)
-            return _real(self, *a, **kw)
+        def counting(self, *a, **kw):
+            note(*a)
+            return real(self, *a, **kw)
 
         monkeypatch.setattr(cls, name, counting)
-    return counts
+
+    wrap(Sequence, "submit", lambda *a: seen.__setitem__("submit", seen["submit"] + 1))
+    wrap(Context, "run", lambda dispatches, *a: seen["runs"].append(len(dispatches)))
+    wrap(Sequence, "barrier", lambda *a: seen["events"].append("b"))
+
+    def dispatch(d, *a):
+        seen["events"].append("d")
+        seen["bindings"].append(d.bindings)
+
+    wrap(Sequence, "dispatch", dispatch)
+    return seen
+
+
+def computed(seen) -> list:
+    """The dispatch counts of the runs that dispatched (not staging copies)."""
+    return [n for n in seen["runs"] if n]
+
+
+def staged_submissions(ctx) -> int:
+    """Submissions a call spends besides its dispatches: one per staging copy (none where the
+    device memory is mapped, as on lavapipe)."""
+    return (ctx.upload_pool is not None) + (ctx.download_pool is not None)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -108,6 +131,9 @@ def test_each_variant_serves_packed_sequences(ctx, variant, name, causal, window
     dt = np.float16 if v_.elem == "float16" else np.float32
     q, k, v, cu_q, cu_k = packed(rng, LENS_Q, LENS_K, *heads, d, dt, scale=1.5)
     kw = dict(causal=causal, window_size=window, **features(rng, name, len(LENS_Q), heads[0]))
+    lacks = {f for f, arg in (("softcap", "softcap"), ("alibi", "alibi_slopes"), ("sinks", "sinks")) if arg in kw}
+    if lacks - v_.features:  # refused by name, see test_refusals_name_the_reason
+        pytest.skip(f"{variant} does not apply {', '.join(sorted(lacks - v_.features))}")
     with forced_variant(variant):
         got = varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
     assert got[0].dtype == dt and got[0].shape == q.shape and got[0].flags["C_CONTIGUOUS"]
@@ -129,7 +155,8 @@ def test_host_dtypes_and_torch_tensors(ctx, dtype, source):
     q, k, v, cu_q, cu_k = packed(rng, LENS_Q, LENS_K, 4, 2, 40, dtype)
     sinks = rng.uniform(-1.0, 1.0, 4).astype(np.float32)
     want = reference(q, k, v, cu_q, cu_k, causal=True, sinks=sinks)
-    atol = 2e-3 if dtype == np.float16 else 2e-5
+    # float16 within the fp16 variants' tolerance: a GPU computes float16 host data in them.
+    atol = VARIANT_ATOL["fp16"] if dtype == np.float16 else 2e-5
     if source == "torch":
         torch = pytest.importorskip("torch")
         args = [torch.from_numpy(x) for x in (q, k, v, cu_q, cu_k)]
@@ -172,11 +199,10 @@ def test_one_submission_serves_the_whole_call(ctx, submissions):
     q, k, v, cu_q, cu_k = packed(rng, LENS_Q, LENS_K, 4, 2, 64)
     out, lse = varlen(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
     served = sum(1 for a, b in zip(np.diff(cu_q), np.diff(cu_k)) if a and b)
-    assert submissions["submit"] == submissions["run"] == 1
-    # One dispatch per sequence with rows and keys, none between them a barrier: the only barrier
-    # makes the results visible to the host.
-    assert submissions["dispatch"] == served == 4
-    assert submissions["barrier"] == 1
+    assert computed(submissions) == [served] and served == 4
+    assert submissions["submit"] == 1 + staged_submissions(ctx)
+    # One dispatch per sequence with rows and keys, recorded back to back: no barrier between them.
+    assert "".join(submissions["events"]).count("dddd") == 1
     check((out, lse), reference(q, k, v, cu_q, cu_k, causal=True), 2e-5)
 
 
@@ -190,7 +216,7 @@ def test_more_sequences_than_the_descriptor_cache_holds(ctx, submissions):
     want = reference(q, k, v, cu_q, cu_k, causal=False)
     for _ in range(2):  # again: cached sets, then the overflow once more
         check(varlen(q, k, v, cu_q, cu_k, causal=False, return_lse=True), want, 2e-5)
-    assert submissions["submit"] == 2 and submissions["dispatch"] == 2 * n
+    assert computed(submissions) == [n, n]
     assert len({tuple((id(b), off) for b, off, _ in bs) for bs in submissions["bindings"][:n]}) == n
 
 
@@ -200,7 +226,7 @@ def test_nothing_to_dispatch(ctx, submissions):
     sinks = np.array([0.25, -2.0], np.float32)
     out, lse = varlen(q, k, k, np.array([0, 0, 2, 5]), np.array([0, 0, 0, 0]), sinks=sinks, return_lse=True)
     assert (out == 0).all() and out.shape == q.shape and np.array_equal(lse, np.repeat(sinks[:, None], 5, 1))
-    assert submissions["submit"] == 0
+    assert submissions["submit"] == 0 and not submissions["runs"]
 
 
 class _Limited:
@@ -231,7 +257,7 @@ def test_bindings_respect_the_storage_buffer_range(ctx, submissions, monkeypatch
     out, lse, _ = launch.varlen_attention(call, small)
     check((out, lse), reference(q, k, v, cu_q, cu_k, causal=True), 2e-5)
     align = max(16, ctx.info.min_storage_offset_alignment)
-    assert submissions["submit"] == 1 and submissions["dispatch"] > 3
+    assert len(computed(submissions)) == 1 and computed(submissions)[0] > 3
     for bindings in submissions["bindings"]:
         assert all(rng_ <= limit and off % align == 0 for _, off, rng_ in bindings)
     # A sequence whose one head alone exceeds the range is refused (the router then moves on).
