@@ -163,7 +163,7 @@ def test_kv_store_is_asked_like_every_other_op(ctx):
     from aule.backends.vulkan import GpuTensor, VulkanBackend
 
     b = VulkanBackend()
-    assert b.ops == ("attention", "paged_attention", "write_kv", "kv_store")
+    assert b.ops == ("attention", "paged_attention", "varlen_attention", "write_kv", "kv_store")
 
     def spec(dtype="float32", device=None):
         return SimpleNamespace(shape=(3, 4, 2, 8), dtype=dtype, device=device)

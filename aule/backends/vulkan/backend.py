@@ -48,9 +48,18 @@ def _cache_too_big(shape: tuple, dtype: str, info) -> str | None:
             "block_size, heads_kv or head_dim, or split the model's layers or heads over several caches")
 
 
+def _host_preference(call, info) -> str | None:
+    """Why host data goes to another backend unless vulkan is forced, else None."""
+    if info.is_cpu:
+        return _cpu_device_reason(info)
+    if call.dtype == "float64":
+        return "vulkan computes in float32; float64 inputs go to a float64 backend (backend='vulkan' forces it)"
+    return None
+
+
 class VulkanBackend(Backend):
     name = "vulkan"
-    ops = ("attention", "paged_attention", "write_kv", "kv_store")
+    ops = ("attention", "paged_attention", "varlen_attention", "write_kv", "kv_store")
     # What the scalar attention shaders apply (the variant chosen for such a call is one of them,
     # select.py); paged.comp applies none.
     features = SCORE_FEATURES
@@ -80,10 +89,9 @@ class VulkanBackend(Backend):
             if any(x.ctx is not ctx for x in (call.q, call.k, call.v)):
                 return "the GpuTensors belong to another Vulkan context"
         elif not forced:
-            if ctx.info.is_cpu:
-                return _cpu_device_reason(ctx.info)
-            if call.dtype == "float64":
-                return "vulkan computes in float32; float64 inputs go to a float64 backend (backend='vulkan' forces it)"
+            why = _host_preference(call, ctx.info)
+            if why:
+                return why
         if nothing_to_compute(call):
             return None  # no dispatch to plan: launch.attention builds the empty results
         try:
@@ -156,6 +164,23 @@ class VulkanBackend(Backend):
 
     def to_host(self, cache):
         return cache.numpy() if isinstance(cache, GpuTensor) else to_numpy(cache)
+
+    # -- varlen attention: every sequence in one submission ------------------------------------------
+    def why_not_varlen_attention(self, call, forced: bool) -> str | None:
+        ctx = runtime.context()
+        w = call.whole
+        why = _foreign_device(w, "these tensors are") or (None if forced else _host_preference(w, ctx.info))
+        if why:
+            return why
+        try:
+            launch.varlen_layout(call, ctx)  # plans every sequence: its lengths pick its variant and chunks
+        except UnsupportedError as exc:
+            return str(exc)
+        return None
+
+    def varlen_attention(self, call):
+        out, lse, _ = launch.varlen_attention(call, runtime.context())
+        return out, lse
 
     # -- aule info --------------------------------------------------------------------------------
     def details(self) -> dict:

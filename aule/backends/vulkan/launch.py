@@ -6,13 +6,18 @@ or as GpuTensors when the inputs were.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
 from ... import settings
 from ...arrays import like, lse_like, to_numpy
 from ...call import shape_tuple
+from ...errors import UnsupportedError
+from ...masks import no_key_lse
 from ..base import nothing_to_compute
-from .plans import COPY_WG, Shape, attention_plan, bind, copy_pushes, extras_array, extras_flags, paged_plan
+from .plans import (COPY_WG, Shape, attention_plan, bind, bind_within, copy_pushes, extras_array, extras_flags,
+                    offset_alignment, paged_plan)
 from .runtime import Dispatch
 from .select import variant_for
 from .shaders import pipeline
@@ -234,3 +239,167 @@ def copy_slots(ctx, k_cache, v_cache, src, dst) -> None:
         dst_buf = held.upload(ctx, np.asarray(dst, dtype=np.int32))
         _copy_rows(ctx, held, k_cache.buffer, v_cache.buffer, k_cache, v_cache,
                    np.asarray(src, dtype=np.int32), dst_buf, len(dst))
+
+
+# --- varlen attention --------------------------------------------------------------------------------
+# The shaders read each head's rows contiguously ([H, S, D] per sequence), while varlen packs
+# tokens first ([total, H, D]). One host pass repacks every sequence heads-first into its own
+# aligned blocks of one upload, so each sequence is a dense [1, H, len, D] call bound to its blocks
+# and the attention plans serve it unchanged; its results are unpacked the same way.
+
+@dataclass(frozen=True)
+class VarlenPiece:
+    """One sequence with query rows: its rows and keys in the packed data, its plan (None when it
+    has no keys: zeros, no dispatch) and the byte offsets of its blocks in the upload (q, k, v,
+    extras or None) and in the results (out, LSE or None)."""
+
+    seq: int               # its index in the batch (its row of ALiBi slopes)
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    plan: tuple | None = None
+    q_at: int = 0
+    k_at: int = 0
+    v_at: int = 0
+    x_at: int | None = None
+    o_at: int = 0
+    lse_at: int | None = None
+
+
+@dataclass(frozen=True)
+class VarlenLayout:
+    pieces: tuple          # VarlenPiece per sequence with query rows, in order
+    in_bytes: int          # of the one upload: q, k, v (and extras) blocks of every sequence
+    out_bytes: int         # of the one result buffer: output (and LSE) blocks
+
+
+def _elem_of(plan) -> np.dtype:
+    return np.dtype(plan[0].elem)
+
+
+def varlen_layout(call, ctx) -> VarlenLayout:
+    """Where every sequence of a varlen call lies on the device, with its plan (variants and chunks
+    follow each sequence's lengths; plans are shared by sequences of equal lengths). Raises
+    UnsupportedError when a sequence cannot be planned or a buffer would exceed the device's
+    allocation limit."""
+    w, info = call.whole, ctx.info
+    align = offset_alignment(info)
+    hq, hk, d = w.heads_q, w.heads_kv, w.head_dim
+    has_extras = call.alibi is not None or w.sinks is not None
+
+    def place(at: int, nbytes: int) -> tuple[int, int]:
+        at = -(-at // align) * align
+        return at, at + nbytes
+
+    plans: dict = {}
+    pieces, n_in, n_out = [], 0, 0
+    for i in range(call.batch):
+        q0, q1, k0, k1 = (int(x) for x in (call.cu_q[i], call.cu_q[i + 1], call.cu_k[i], call.cu_k[i + 1]))
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            pieces.append(VarlenPiece(i, q0, q1, k0, k1))
+            continue
+        plan = plans.get((q1 - q0, k1 - k0))
+        if plan is None:
+            plan = plans[(q1 - q0, k1 - k0)] = attention_plan_for(call.sequence(i), ctx)
+        es = _elem_of(plan).itemsize
+        q_at, n_in = place(n_in, hq * (q1 - q0) * d * es)
+        k_at, n_in = place(n_in, hk * (k1 - k0) * d * es)
+        v_at, n_in = place(n_in, hk * (k1 - k0) * d * es)
+        x_at = None
+        if has_extras:
+            x_at, n_in = place(n_in, 16 * hq)
+        o_at, n_out = place(n_out, hq * (q1 - q0) * d * es)
+        lse_at = None
+        if w.return_lse:
+            lse_at, n_out = place(n_out, 4 * hq * (q1 - q0))
+        pieces.append(VarlenPiece(i, q0, q1, k0, k1, plan, q_at, k_at, v_at, x_at, o_at, lse_at))
+    for what, n in (("packed q, k and v", n_in), ("packed results", n_out)):
+        if n > info.max_allocation:
+            raise UnsupportedError(f"the {what} of this varlen call take {n} bytes in one buffer, more than "
+                                   f"{info.name}'s maxMemoryAllocationSize ({info.max_allocation}): split the batch")
+    return VarlenLayout(tuple(pieces), n_in, n_out)
+
+
+def _packed(x):
+    """The caller's packed ``[total, H, D]`` array or tensor behind the ``[1, H, total, D]`` view a
+    varlen call holds: its own layout, so reading it as NumPy copies nothing when it was contiguous."""
+    x = x[0]
+    return x.swapaxes(0, 1) if isinstance(x, np.ndarray) else x.transpose(0, 1)
+
+
+def _block(raw: np.ndarray, at: int, dtype, shape) -> np.ndarray:
+    """A typed view of ``shape`` on bytes ``at`` onwards of the uint8 array ``raw``."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return raw[at:at + n].view(dtype).reshape(shape)
+
+
+def _varlen_upload(call, layout: VarlenLayout) -> np.ndarray:
+    """The bytes of the one upload: each sequence's q, k and v heads-first, and its binding-5 words."""
+    w = call.whole
+    q, k, v = (to_numpy(_packed(x)) for x in (w.q, w.k, w.v))
+    raw = np.empty(layout.in_bytes, np.uint8)  # the gaps left for alignment are never read
+    extras = None
+    if call.alibi is not None or w.sinks is not None:
+        # Every sequence's slopes and sinks at once: column block i is sequence i's [4, heads_q].
+        whole = extras_array(replace(w, batch=call.batch, alibi=call.alibi, mask=None))
+        extras = whole.reshape(4, call.batch, w.heads_q)
+    for p in layout.pieces:
+        if p.plan is None:
+            continue
+        elem = _elem_of(p.plan)
+        for at, src, rows in ((p.q_at, q, slice(p.q0, p.q1)), (p.k_at, k, slice(p.k0, p.k1)),
+                              (p.v_at, v, slice(p.k0, p.k1))):
+            part = src[rows]
+            _block(raw, at, elem, (part.shape[1], part.shape[0], part.shape[2]))[...] = part.transpose(1, 0, 2)
+        if p.x_at is not None:
+            _block(raw, p.x_at, np.uint32, (4, w.heads_q))[...] = extras[:, p.seq]
+    return raw
+
+
+def _varlen_dispatches(call, layout: VarlenLayout, ctx, inb, outb) -> list:
+    """Every sequence's dispatches, bound to its blocks of the upload ``inb`` and results ``outb``."""
+    w = call.whole
+    dummy = _dummy_buffer(ctx)
+    none = (dummy, 0, dummy.nbytes)
+    out = []
+    for p in layout.pieces:
+        if p.plan is None:
+            continue
+        variant, shape, chunks, pipe = p.plan
+        es = _elem_of(p.plan).itemsize
+        nq, nk = w.heads_q * shape.seq_q * w.head_dim * es, w.heads_kv * shape.seq_k * w.head_dim * es
+        regions = ((inb, p.q_at, nq), (inb, p.k_at, nk), (inb, p.v_at, nk), (outb, p.o_at, nq),
+                   (outb, p.lse_at, 4 * w.heads_q * shape.seq_q) if p.lse_at is not None else none,
+                   (inb, p.x_at, 16 * w.heads_q) if p.x_at is not None else none)
+        out += bind_within(pipe, chunks, regions)
+    return out
+
+
+def varlen_attention(call, ctx, timestamps: bool = False):
+    """A validated varlen call in one upload, one submission (every sequence's dispatches, with no
+    barrier between them: they write disjoint blocks) and one download. Returns ``(out
+    [total_q, Hq, D] like q, lse [Hq, total_q] float32 or None, gpu_ns)``."""
+    w = call.whole
+    layout = varlen_layout(call, ctx)
+    total, hq, d = w.seq_q, w.heads_q, w.head_dim
+    out = np.zeros((total, hq, d), np.float16 if w.dtype == "float16" else np.float32)
+    lse = no_key_lse((hq, total), w.sinks, np.float32) if w.return_lse else None
+    ns = None
+    if any(p.plan is not None for p in layout.pieces):
+        with _Held() as held:
+            inb = held.upload(ctx, _varlen_upload(call, layout))
+            outb = held.acquire(ctx, layout.out_bytes)
+            ns = ctx.run(_varlen_dispatches(call, layout, ctx, inb, outb), timestamps=timestamps)
+            raw = ctx.download(outb, np.empty(layout.out_bytes, np.uint8))
+        for p in layout.pieces:
+            if p.plan is None:
+                continue  # no keys: zeros, and the LSE of no key (-inf, or the sink)
+            n = p.q1 - p.q0
+            out[p.q0:p.q1] = _block(raw, p.o_at, _elem_of(p.plan), (hq, n, d)).transpose(1, 0, 2)
+            if lse is not None:
+                lse[:, p.q0:p.q1] = _block(raw, p.lse_at, np.float32, (hq, n))
+    ref = _packed(w.q)
+    return like(out, ref), (lse_like(lse, ref) if lse is not None else None), ns

@@ -137,13 +137,21 @@ def extras_array(call) -> np.ndarray | None:
 
 def bind(pipeline, chunks, buffers) -> list[Dispatch]:
     """Dispatches of a plan's chunks over ``buffers`` (q, k, v, o, lse, extras), each bound to its range."""
-    if chunks and len(buffers) != len(chunks[0][1]):
+    return bind_within(pipeline, chunks, tuple((b, 0, b.nbytes) for b in buffers))
+
+
+def bind_within(pipeline, chunks, regions) -> list[Dispatch]:
+    """Dispatches of a plan's chunks over regions of buffers: ``(buffer, start, nbytes)`` per binding
+    (q, k, v, o, lse, extras), ``start`` a multiple of :func:`offset_alignment`, so several calls'
+    data may share one buffer (varlen's sequences). A chunk's range lies at ``start`` plus its
+    offset; a binding the plan leaves whole covers the whole region."""
+    if chunks and len(regions) != len(chunks[0][1]):
         # zip would leave the last bindings unwritten: the shader would read whatever is there.
-        raise ValueError(f"the plan binds {len(chunks[0][1])} buffers, {len(buffers)} were given")
+        raise ValueError(f"the plan binds {len(chunks[0][1])} buffers, {len(regions)} were given")
     out = []
     for push, ranges, groups in chunks:
-        bindings = tuple((b, 0, b.nbytes) if r is None else (b, r[0], max(4, min(r[1], b.nbytes - r[0])))
-                         for b, r in zip(buffers, ranges))
+        bindings = tuple((b, at, n) if r is None else (b, at + r[0], max(4, min(r[1], n - r[0])))
+                         for (b, at, n), r in zip(regions, ranges))
         out.append(Dispatch(pipeline, bindings, push, groups))
     return out
 

@@ -114,15 +114,28 @@ def _allocate_set(device, pool, layout, bindings):
 class DescriptorCache:
     """Set layouts per binding count, and descriptor sets cached per (pipeline layout, bound
     ranges): a repeated call binds the same set without writing descriptors. Least recently
-    used sets are freed past ``capacity``; a destroyed buffer's sets are freed at once."""
+    used sets are freed past ``capacity``; a destroyed buffer's sets are freed at once.
+
+    A set bound in the recording under way is never freed (its command buffer would be invalid):
+    a recording that binds more distinct sets than ``capacity`` (a packed varlen call of many
+    sequences) takes the rest from an overflow arena, cleared when the next recording begins."""
 
     def __init__(self, device, capacity: int, lock):
         self.device, self.capacity, self.lock = device, capacity, lock
         self.layouts: dict = {}
+        # key -> (set, recording it was last bound in)
         self._sets: "collections.OrderedDict" = collections.OrderedDict()
         self._by_buffer: dict = collections.defaultdict(set)
         self.pool = _descriptor_pool(device, capacity, free_sets=True)
         self._set_p = binding()[1].new("VkDescriptorSet[1]")
+        self._recording = 0
+        self._overflow: DescriptorArena | None = None
+
+    def begin(self) -> None:
+        """A new recording starts, the last one's submission finished: its sets may be freed again."""
+        self._recording += 1
+        if self._overflow is not None:
+            self._overflow.clear()
 
     def layout(self, n_bindings: int):
         vk, ffi, _ = binding()
@@ -144,15 +157,21 @@ class DescriptorCache:
     def get(self, pipeline: Pipeline, bindings: tuple):
         """The set for ``bindings``; call with the context lock held (the pool is shared)."""
         key = (pipeline.n_bindings,) + tuple((b._id, off, rng) for b, off, rng in bindings)
-        ds = self._sets.get(key)
-        if ds is not None:
+        hit = self._sets.get(key)
+        if hit is not None:
+            self._sets[key] = (hit[0], self._recording)
             self._sets.move_to_end(key)
-            return ds
+            return hit[0]
         if len(self._sets) >= self.capacity:
-            old_key, old = self._sets.popitem(last=False)
+            old_key, (old, used) = next(iter(self._sets.items()))
+            if used == self._recording:  # least recently used, yet bound now: so is every cached set
+                if self._overflow is None:
+                    self._overflow = DescriptorArena(self.device)
+                return self._overflow.get(pipeline, bindings)
+            del self._sets[old_key]
             self._free(old_key, old)
         ds = _allocate_set(self.device, self.pool, pipeline.set_layout, bindings)
-        self._sets[key] = ds
+        self._sets[key] = (ds, self._recording)
         for b, _, _ in bindings:
             self._by_buffer[b._id].add(key)
         return ds
@@ -169,15 +188,17 @@ class DescriptorCache:
         """A destroyed buffer's descriptor sets must never be bound again."""
         with self.lock:
             for key in self._by_buffer.pop(buffer_id, ()):
-                ds = self._sets.pop(key, None)
-                if ds is not None:
-                    self._free(key, ds)
+                hit = self._sets.pop(key, None)
+                if hit is not None:
+                    self._free(key, hit[0])
 
     def destroy(self):
         _, ffi, lib = binding()
         for layout in self.layouts.values():
             lib.vkDestroyDescriptorSetLayout(self.device, layout, ffi.NULL)
         lib.vkDestroyDescriptorPool(self.device, self.pool, ffi.NULL)
+        if self._overflow is not None:
+            self._overflow.destroy()
         self._sets.clear()
         self._by_buffer.clear()
 

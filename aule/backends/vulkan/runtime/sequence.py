@@ -249,6 +249,8 @@ class Sequence:
         if self._owned:
             self._h.arena.clear()
             self._buffers.clear()
+        else:
+            self._sets.begin()
         self._state, self._bound, self._writes, self._n_ts = _EMPTY, None, False, 0
         return self
 
