@@ -367,6 +367,20 @@ class VarlenCall:
         return replace(w, q=w.q[:, :, q0:q1], k=w.k[:, :, k0:k1], v=w.v[:, :, k0:k1], seq_q=q1 - q0, seq_k=k1 - k0,
                        alibi=None if self.alibi is None else self.alibi[i:i + 1])
 
+    @property
+    def features(self) -> frozenset:
+        """The packed call's features, ALiBi included (its slopes are per sequence, so they live here)."""
+        return self.whole.features | ({"alibi"} if self.alibi is not None else frozenset())
+
+    @property
+    def grad_features(self) -> frozenset:
+        return self.whole.grad_features
+
+    def longest(self) -> AttentionCall:
+        """The sequence with the most (query, key) pairs: what a backend must serve to serve them all."""
+        lens = np.diff(self.cu_q) * np.diff(self.cu_k)
+        return self.sequence(int(np.argmax(lens)))
+
     def describe(self) -> str:
         return f"varlen {self.batch} sequences, packed {self.whole.describe()}"
 

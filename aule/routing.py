@@ -121,15 +121,18 @@ def _rows_first(x):
 
 def _varlen_backend(call: VarlenCall, backend=None):
     """The backend whose own ``varlen_attention`` serves ``call`` in one launch (the forced one only
-    if it can), or None: then each sequence is routed as a dense call."""
+    if it can), or None: then each sequence is routed as a dense call. In the auto order, the first
+    backend that can serve the sequences one by one (asked with the longest) keeps them when it has
+    no varlen kernel, as routing each sequence would pick it."""
     forced = forced_backend(backend)
+    w = call.whole
+    needs_grad = w.kind == "torch" and tensors_need_grad(w.q, w.k, w.v)
     for name in (forced,) if forced is not None else _AUTO_ORDER[call.place]:
         b = backends.get(name)
-        if b.why_not("varlen_attention", call, forced is not None) is None and _refusal(
-                b, "attention", call.whole, forced is not None) is None:
+        if b.why_not("varlen_attention", call, forced is not None) is None and (b.differentiable or not needs_grad):
             return b
-        if forced is None and b.why_not("attention", call.whole, False) is None:
-            return None  # the first backend that can serve the sequences keeps them
+        if forced is None and _refusal(b, "attention", call.longest(), False) is None:
+            return None
     return None
 
 
