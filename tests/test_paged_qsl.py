@@ -11,9 +11,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import aule
-from aule import api
-from test_paged import TOL, check, make_case, reference_paged
+from triton_setup import import_torch_and_triton
+
+try:  # the Triton part needs torch and triton; the rest of this module does not
+    torch, ON_GPU = import_torch_and_triton()
+except pytest.skip.Exception as exc:
+    torch, ON_GPU, NO_TRITON = None, False, str(exc)
+else:
+    NO_TRITON = None
+    from test_paged_device_checks import no_read_back  # noqa: F401  (a fixture)
+
+import aule  # noqa: E402
+from aule import api  # noqa: E402
+from test_paged import check, make_case, reference_paged  # noqa: E402
 
 # One batch of every kind: decode (1), chunked prefill (17), speculative verification (4), a
 # sequence without rows (0), a decode row at the very start of a context (1 of 1).
@@ -162,3 +172,268 @@ def test_bad_loc_beside_a_bad_table_names_the_table_first(no_kernel):
     with pytest.raises(ValueError, match=r"block_tables\[1, 0\] = -5"):
         aule.flash_attention_paged(case.q, case.k_cache, case.v_cache, bt, case.context_lens,
                                    query_start_loc=np.array([0, 1, 18, 12, 22, 23], np.int32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton: device tables (under the interpreter here, CPU tensors take the device path)
+
+needs_triton = pytest.mark.skipif(NO_TRITON is not None, reason=f"torch/triton unavailable: {NO_TRITON}")
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (CUDA graphs, full-size shapes)")
+DEV = "cuda" if ON_GPU else "cpu"
+
+
+def _t(a, dtype=None):
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(DEV)
+    return t if dtype is None else t.to(dtype)
+
+
+def _round(case, dtype):
+    """The case with q, K and V rounded through ``dtype``, so the reference sees the kernel's inputs."""
+    dt = getattr(torch, dtype)
+    rnd = (lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dt).float().numpy())
+    for n in ("q", "k_cache", "v_cache"):
+        setattr(case, n, rnd(getattr(case, n)))
+    case.ks, case.vs = [rnd(k) for k in case.ks], [rnd(v) for v in case.vs]
+    return case
+
+
+def _triton(case, dtype="float32", **kw):
+    dt = getattr(torch, dtype)
+    out = aule.flash_attention_paged(_t(case.q, dt), _t(case.k_cache, dt), _t(case.v_cache, dt),
+                                     _t(case.block_tables), _t(case.context_lens),
+                                     query_start_loc=_t(case.query_start_loc), backend="triton", **kw)
+    assert out.shape == case.q.shape and out.dtype == dt
+    return out
+
+
+@pytest.fixture
+def device_errors_consumed():
+    """Each test consumes the device errors it provokes: one left pending would fail the next test."""
+    yield
+    aule.check_device_errors()
+
+
+@needs_triton
+@pytest.mark.parametrize("heads,block_size,max_query_len", [((8, 2), 8, None), ((4, 4), 1, 17), ((8, 1), 32, 20)])
+def test_triton_packed_matches_reference(heads, block_size, max_query_len, device_errors_consumed):
+    case = _case(11, heads=heads, head_dim=32, block_size=block_size)
+    out = _triton(case, max_query_len=max_query_len)
+    check(out.cpu().numpy(), reference_paged(case), "float32")
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [3, (20, 0)])
+def test_triton_packed_window(window, device_errors_consumed):
+    case = _case(12, head_dim=32, window=window)
+    out = _triton(case, window_size=window, scale=0.2)
+    check(out.cpu().numpy(), reference_paged(case, window_size=window, scale=0.2), "float32")
+
+
+@needs_triton
+def test_triton_packed_float16_split(device_errors_consumed):
+    """float16, and a context long enough that the interpreter's configuration splits it (split-K
+    partials are kept per packed row)."""
+    from aule.backends.triton import paged as tp
+
+    case = _round(_case(13, lens=[70, 5, 33], ns=[4, 1, 17], heads=(4, 2), head_dim=32, block_size=16),
+                  "float16")
+    assert tp.choose_config(3, 2, 2, 17, 32, 70, 0)[4] > 1
+    out = _triton(case, "float16", max_context_len=70)
+    check(out.float().cpu().numpy(), reference_paged(case), "float16")
+
+
+def _device_poison(what):
+    """``(case, query_start_loc, max_query_len, bad sequences, message)``: one bad entry each, so the
+    error the kernels record is the one expected whatever order their programs run in."""
+    case = _case(14, head_dim=16, heads=(4, 2))  # query_start_loc [0, 1, 18, 22, 22, 23]
+    loc, bound = case.query_start_loc.copy(), None
+    if what == "decreasing":
+        loc[3] = 17
+        return case, loc, bound, {2}, (r"query_start_loc\[3\] = 17 must be non-decreasing: it is below "
+                                       r"query_start_loc\[2\]")
+    if what == "negative":
+        loc[1] = -1
+        return case, loc, bound, {0, 1}, r"query_start_loc\[1\] = -1 must be non-decreasing"
+    if what == "past num_tokens":
+        loc[5] = 24
+        return case, loc, bound, {4}, r"query_start_loc\[5\] = 24 is past num_tokens = 23"
+    if what == "int64 offset that int32 would wrap":
+        loc = loc.astype(np.int64)
+        loc[5] = 2 ** 32 + 23
+        return case, loc, bound, {4}, r"query_start_loc\[5\] = %d is past num_tokens = 23" % (2 ** 32 + 23)
+    if what == "not ending at num_tokens":
+        loc[5] = 22
+        return case, loc, bound, {4}, r"query_start_loc\[5\] = 22 must end at num_tokens = 23"
+    if what == "not starting at 0":
+        loc[0] = 1
+        return case, loc, bound, {0}, r"query_start_loc\[0\] = 1 must start at 0"
+    if what == "more rows than context":
+        case = _case(15, lens=[40, 3, 9], ns=[1, 3, 2], head_dim=16, heads=(4, 2))
+        loc = np.array([0, 1, 5, 6], np.int32)
+        return case, loc, bound, {1, 2}, (r"sequence 1 has 4 query rows \(query_start_loc\[2\] - query_start_loc\[1\]\) "
+                                          r"but context_lens\[1\] = 3")
+    if what == "more rows than max_query_len":
+        return case, loc, 4, {1}, r"sequence 1 has 17 query rows .* more than max_query_len = 4"
+    raise AssertionError(what)
+
+
+DEVICE_POISONS = ["decreasing", "negative", "past num_tokens", "int64 offset that int32 would wrap",
+                  "not ending at num_tokens", "not starting at 0", "more rows than context",
+                  "more rows than max_query_len"]
+
+
+@needs_triton
+@pytest.mark.parametrize("what", DEVICE_POISONS)
+def test_device_offsets_raise_at_the_next_call(what):
+    case, loc, bound, bad, words = _device_poison(what)
+    q, kc, vc, bt, cl = (_t(a) for a in _args(case))
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = aule.flash_attention_paged(q, kc, vc, bt, cl, query_start_loc=_t(loc), max_query_len=bound,
+                                     backend="triton")  # nothing read back: no raise here
+    if ON_GPU:
+        torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=words):
+        aule.flash_attention_paged(q, kc, vc, bt, cl, query_start_loc=_t(case.query_start_loc), backend="triton")
+    aule.check_device_errors()  # reported once, then forgotten
+    assert torch.equal(kc.view(torch.uint8), kc0.view(torch.uint8)) and torch.equal(vc.view(torch.uint8),
+                                                                                    vc0.view(torch.uint8))
+    # The sequences whose offsets are sound are still right; the bad ones are merely meaningless.
+    rows = _good_rows(case, loc, bad)
+    assert rows
+    check(out.cpu().numpy()[rows], reference_paged(case)[rows], "float32")
+
+
+def _good_rows(case, loc, bad):
+    """The rows of q a poisoned ``loc`` leaves as they were: rows of sequences whose offsets are
+    unchanged and not named bad, which no other sequence's rows (as ``loc`` has them) overlap."""
+    orig = case.query_start_loc
+    changed = [b for b in range(len(orig) - 1) if b in bad or loc[b] != orig[b] or loc[b + 1] != orig[b + 1]]
+    taken = {r for b in changed for r in range(max(int(loc[b]), 0), min(int(loc[b + 1]), len(case.q)))}
+    return [r for b in range(len(orig) - 1) if b not in changed for r in range(orig[b], orig[b + 1])
+            if r not in taken]
+
+
+@needs_triton
+@pytest.mark.parametrize("what", ["decreasing", "past num_tokens", "not starting at 0", "negative"])
+def test_device_offsets_are_never_followed_out_of_bounds(what, device_errors_consumed):
+    """q and the output are views into larger buffers with sentinels on both sides (NaN before and
+    after q): a bad offset must not write the output's margins, and the good sequences must read
+    none of q's (a NaN would reach their rows). The context is split here, so the merge pass runs
+    too."""
+    from aule.backends.triton import paged as tp
+
+    case, loc, _, bad, words = _device_poison(what)
+    n, (hq, d) = case.q.shape[0], case.q.shape[1:]
+    q_big = torch.full((n + 16, hq, d), float("nan"), device=DEV)
+    q_big[8:8 + n] = _t(case.q)
+    o_big = torch.full((n + 16, hq, d), 12345.0, device=DEV)
+    kc, vc, bt, cl = (_t(a) for a in _args(case)[1:])
+    tp.paged_attention_triton(q_big[8:8 + n], kc, vc, bt, cl, case.q.shape[-1] ** -0.5, -1, 64,
+                              out=o_big[8:8 + n], check=True, query_start_loc=_t(loc))
+    with pytest.raises(ValueError, match=words):
+        aule.check_device_errors()
+    assert bool((o_big[:8] == 12345.0).all()) and bool((o_big[8 + n:] == 12345.0).all())
+    rows = _good_rows(case, loc, bad)
+    check(o_big[8:8 + n].cpu().numpy()[rows], reference_paged(case)[rows], "float32")
+
+
+@needs_triton
+def test_host_backend_checks_device_offsets_itself():
+    """Device offsets routed to a backend without in-kernel checks are checked before it runs."""
+    case, loc, _, _, _ = _device_poison("decreasing")
+    with pytest.raises(ValueError, match=r"non-decreasing, got query_start_loc\[3\] = 17 < query_start_loc\[2\] = 18"):
+        aule.flash_attention_paged(*(_t(a) for a in _args(case)), query_start_loc=_t(loc), backend="numpy")
+    out = aule.flash_attention_paged(*(_t(a) for a in _args(case)), query_start_loc=_t(case.query_start_loc),
+                                     backend="numpy")
+    check(out.numpy(), reference_paged(case), "float32")
+
+
+@needs_triton
+def test_packed_device_path_reads_nothing_back(no_read_back, device_errors_consumed):
+    case = _case(16, head_dim=16, heads=(4, 2))
+    args = [_t(a) for a in _args(case)]
+    loc = _t(case.query_start_loc)
+    aule.flash_attention_paged(*args, query_start_loc=loc, backend="triton")  # warm: flags made, kernels compiled
+    with no_read_back:
+        out = aule.flash_attention_paged(*args, query_start_loc=loc, max_query_len=17, max_context_len=64,
+                                         backend="triton")
+    assert no_read_back.seen == []
+    check(out.cpu().numpy(), reference_paged(case), "float32")
+
+
+@needs_triton
+def test_packed_bounds_size_the_launch(monkeypatch, device_errors_consumed):
+    """max_query_len (else num_tokens) sizes the row tiles; no offset is read to size them."""
+    from aule.backends.triton import paged as tp
+
+    seen = []
+    real = tp.choose_config
+
+    def spy(*args, **kwargs):
+        seen.append(args[3])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tp, "choose_config", spy)
+    case = _case(17, head_dim=16, heads=(4, 2))
+    ref = reference_paged(case)
+    for given, sized in ((None, 23), (17, 17), (10 ** 6, 23)):
+        out = _triton(case, max_query_len=given)
+        assert seen[-1] == sized
+        check(out.cpu().numpy(), ref, "float32")
+
+
+@needs_gpu
+def test_packed_graph_replay_with_new_contents():
+    """One CUDA graph, captured once for 40 packed rows, replayed with other splits of those rows
+    among the sequences (decode, prefill chunks, drafts, none), other lengths, tables and data."""
+    num_tokens, bs, width = 40, 16, 40
+    batches = [([100, 3000, 17, 1, 50], [1, 30, 4, 1, 4]), ([2900, 5, 600, 1500, 9], [17, 5, 0, 1, 17]),
+               ([64, 64, 64, 64, 64], [8, 8, 8, 8, 8])]
+    num_blocks = 2 * sum(-(-n // bs) for lens, _ in batches for n in lens)
+    cases = []
+    for i, (lens, ns) in enumerate(batches):
+        spare = num_blocks - sum(-(-n // bs) for n in lens)
+        c = make_case(np.random.default_rng(20 + i), lens, 8, 2, 64, bs, ns, np.float16, spare_blocks=spare)
+        c.block_tables = np.pad(c.block_tables, ((0, 0), (0, width - c.block_tables.shape[1])), constant_values=10 ** 6)
+        cases.append(c)
+    static = {n: _t(getattr(cases[0], n)) for n in ("q", "k_cache", "v_cache", "block_tables", "context_lens",
+                                                       "query_start_loc")}
+
+    def call():
+        return aule.flash_attention_paged(static["q"], static["k_cache"], static["v_cache"], static["block_tables"],
+                                          static["context_lens"], query_start_loc=static["query_start_loc"],
+                                          max_query_len=30, max_context_len=width * bs)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    assert all(c.q.shape[0] == num_tokens for c in cases)
+    for case in cases + cases[:1]:
+        for n in static:
+            static[n].copy_(_t(getattr(case, n)))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out.float().cpu().numpy(), reference_paged(case), "float16")
+    aule.check_device_errors()
+    # A bad offset written between replays is reported by the next aule call.
+    static["query_start_loc"][2] = 2
+    graph.replay()
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=r"query_start_loc\[2\] = 2 must be non-decreasing"):
+        aule.check_device_errors()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_packed_full_size(dtype):
+    rng = np.random.default_rng(30)
+    lens = [int(x) for x in rng.integers(2000, 8000, size=24)]
+    ns = [1] * 16 + [512, 256, 4, 4, 5, 0, 1, 7]
+    case = _round(make_case(rng, lens, 32, 8, 128, 16, ns, np.float32), dtype)
+    out = _triton(case, dtype, max_query_len=512, max_context_len=8000)
+    check(out.float().cpu().numpy(), reference_paged(case), dtype)
+    aule.check_device_errors()
