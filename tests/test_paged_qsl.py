@@ -22,7 +22,7 @@ else:
     from test_paged_device_checks import no_read_back  # noqa: F401  (a fixture)
 
 import aule  # noqa: E402
-from aule import api  # noqa: E402
+from aule import api, paged_call  # noqa: E402, F401
 from test_paged import check, make_case, reference_paged  # noqa: E402
 
 # One batch of every kind: decode (1), chunked prefill (17), speculative verification (4), a
@@ -437,3 +437,91 @@ def test_packed_full_size(dtype):
     out = _triton(case, dtype, max_query_len=512, max_context_len=8000)
     check(out.float().cpu().numpy(), reference_paged(case), dtype)
     aule.check_device_errors()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vulkan (lavapipe here; under the Khronos validation layer with AULE_VALIDATION=1)
+
+
+@pytest.fixture
+def vk():
+    from _vulkan_util import vulkan_context
+
+    ctx = vulkan_context()
+    ctx.take_validation_messages()
+    yield ctx
+    msgs = ctx.take_validation_messages()
+    assert not msgs, "Vulkan validation messages:\n" + "\n".join(msgs)
+
+
+def _vulkan(case, dtype=np.float32, q=None, **kw):
+    from aule.backends.vulkan import GpuTensor
+
+    kc, vc = (GpuTensor.from_numpy(c.astype(dtype), dtype) for c in (case.k_cache, case.v_cache))
+    q = case.q.astype(dtype) if q is None else q
+    return aule.flash_attention_paged(q, kc, vc, case.block_tables, case.context_lens,
+                                      query_start_loc=case.query_start_loc, **kw)  # a GpuTensor cache: Vulkan
+
+
+@pytest.mark.parametrize("heads,block_size", [((8, 2), 8), ((4, 4), 1), ((8, 1), 32)])
+def test_vulkan_packed_matches_reference(vk, heads, block_size):
+    case = _case(21, heads=heads, block_size=block_size)
+    out = _vulkan(case)
+    assert isinstance(out, np.ndarray) and out.shape == case.q.shape and out.dtype == np.float32
+    check(out, reference_paged(case), "float32")
+
+
+@pytest.mark.parametrize("window", [1, 6, (25, 0)])
+def test_vulkan_packed_window_and_scale(vk, window):
+    case = _case(22, window=window)
+    check(_vulkan(case, window_size=window, scale=0.3), reference_paged(case, window_size=window, scale=0.3),
+          "float32")
+
+
+def test_vulkan_packed_float16(vk):
+    if not vk.info.fp16:
+        pytest.skip(f"{vk.info.name} has no float16 storage/arithmetic")
+    case = _case(23, heads=(4, 1), head_dim=128)
+    for n in ("q", "k_cache", "v_cache"):
+        setattr(case, n, getattr(case, n).astype(np.float16))
+    case.ks, case.vs = [k.astype(np.float16) for k in case.ks], [v.astype(np.float16) for v in case.vs]
+    out = _vulkan(case, np.float16)
+    assert out.dtype == np.float16
+    check(out, reference_paged(case), "float16")
+
+
+def test_vulkan_packed_split_context_and_gpu_tensors(vk):
+    """Contexts long enough to be split (the merge then runs over the packed rows), with q a
+    GpuTensor: the output is a GpuTensor of q's packed shape."""
+    from aule.backends.vulkan import GpuTensor, plans
+
+    case = _case(24, lens=[700, 300, 90, 12], ns=[17, 1, 4, 0], heads=(4, 2), block_size=16)
+    kc = GpuTensor.from_numpy(case.k_cache)
+    call = aule.paged_call.canonicalize_paged(case.q, kc, kc, case.block_tables, case.context_lens,
+                                              query_start_loc=case.query_start_loc)
+    assert call.q_len == 17 and plans.paged_plan(call, vk.info).merge is not None, "the case must split"
+    out = _vulkan(case, q=GpuTensor.from_numpy(case.q))
+    assert isinstance(out, GpuTensor) and out.shape == case.q.shape
+    check(out.numpy(), reference_paged(case), "float32")
+
+
+def test_vulkan_packed_equals_numpy_row_for_row(vk):
+    case = _case(25)
+    np.testing.assert_allclose(_vulkan(case), aule.flash_attention_paged(
+        *_args(case), query_start_loc=case.query_start_loc, backend="numpy"), rtol=1e-4, atol=1e-5)
+
+
+def test_vulkan_bad_offsets_raise_before_any_dispatch(vk, monkeypatch):
+    """Vulkan's tables are host tables: a bad query_start_loc is refused before anything runs."""
+    from aule.backends.vulkan import launch
+
+    def boom(*a, **k):
+        raise AssertionError("a dispatch was planned with invalid offsets")
+    monkeypatch.setattr(launch, "paged_plan", boom)
+    case = _loc_case()
+    case.query_start_loc = np.array([0, 1, 18, 12, 22, 23], np.int32)
+    with pytest.raises(ValueError, match=r"query_start_loc\[3\] = 12 < query_start_loc\[2\] = 18"):
+        _vulkan(case)
+    case.query_start_loc = np.array([0, 1, 18, 22, 22, 30], np.int32)
+    with pytest.raises(ValueError, match=r"query_start_loc\[5\] = 30 is outside \[0, num_tokens = 23\]"):
+        _vulkan(case)
