@@ -332,10 +332,9 @@ def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=No
 
     ``tables_checked_max`` is for :class:`aule.kv_cache.PagedKVCache` only: tables it built itself
     are valid by construction, so it passes their longest context and the contents are not read
-    back (on a GPU that read-back is a synchronisation). Shapes, dtypes and devices are checked
-    regardless. Device tables are left to the kernels (module doc); ``query_start_loc`` follows
-    the block table's rule, except beside trusted tables, where the caller's offsets are checked on
-    the host.
+    back (on a GPU that read-back is a synchronisation); its ``query_start_loc`` too, built from
+    row counts it checked, with ``max_query_len`` their maximum. Shapes, dtypes and devices are
+    checked regardless. Device tables are left to the kernels (module doc).
     """
     qk = array_kind(q, "q")
     cache_kind, cache_dev, dtype, cs = check_cache_pair(k_cache, v_cache)
@@ -386,8 +385,6 @@ def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=No
         q_len = check_max_query_len(max_query_len, num_tokens)
     if tables_checked_max is not None:
         checks, max_context = "trusted", int(tables_checked_max)
-        if packed:
-            q_len = check_query_start_loc(query_start_loc, num_tokens, context_lens, q_len)
     elif device_checked(cache_kind, *tables.values()):
         checks, max_context = "device", bound
     else:

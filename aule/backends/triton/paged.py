@@ -429,7 +429,8 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     block_tables, context_lens = _index_table(block_tables, torch), _index_table(context_lens, torch)
-    qsl = _index_table(query_start_loc, torch) if packed else context_lens  # never read unpacked
+    # Offsets given as host data were checked on the host; they are copied to where the kernel reads.
+    qsl = _index_table(torch.as_tensor(query_start_loc, device=q.device), torch) if packed else context_lens
     max_blocks = block_tables.shape[1]
     flag, err, dirty = _open_flag(check, context_lens, kernel="paged attention", device=str(q.device),
                                   num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks,
@@ -466,8 +467,8 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     if splits > 1:
         _paged_attn_merge[(num_tokens * heads_q,)](
             po, pl, out, *o_strides, heads_q, splits,
-            Q_LEN=1 if packed else q_len, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_S=max(2, next_pow2(splits)), PACKED=packed,
-            num_warps=4)
+            Q_LEN=1 if packed else q_len, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_S=max(2, next_pow2(splits)),
+            PACKED=packed, num_warps=4)
     _close_flag(flag, q.device)
     return out
 
