@@ -28,6 +28,13 @@ from .inputs import DecodeInputs, Skip, resolve_device, torch_or_none
 from .train import HfModel
 
 
+def _need_vulkan_gpu():
+    """Skip a row whose numbers only mean something on a GPU-type Vulkan device."""
+    why = _inputs.vulkan_gpu_missing()
+    if why:
+        raise Skip(why)
+
+
 def _device_clock(case):
     """(sync, clock) for torch inputs of ``case``: CUDA events on a GPU, the wall clock on a CPU."""
     if resolve_device(case) == "cuda":
@@ -196,9 +203,7 @@ class AuleVulkanResident(Contender):
             raise Skip("GpuTensors carry no gradients")
         causal, window = self.visibility(case)
         if self.padding:
-            why = _inputs.vulkan_gpu_missing()
-            if why:
-                raise Skip(why)
+            _need_vulkan_gpu()
         extra = {"attn_mask": _inputs.padding_mask(case["lengths"], case.get("Sk", case["S"]))} if self.padding else {}
         gsets = [{n: to_gpu(s[n]) for n in ("q", "k", "v")} for s in inp.host_sets()]
         # With a mask the variant is not the plain call's (selection passes over those without it).
@@ -326,9 +331,7 @@ class AuleUnpadded(Contender):
         causal, window = self.visibility(case)
         vulkan = self.backend == "vulkan"
         if vulkan:
-            why = _inputs.vulkan_gpu_missing()
-            if why:
-                raise Skip(why)
+            _need_vulkan_gpu()
         host = self.backend in _HOST_BACKENDS
         pieces = [inp.pieces(i, host=host) for i in range(len(inp.sets))]
         context = None
@@ -388,9 +391,7 @@ class AuleVarlen(Contender):
         causal, window = self.visibility(case)
         vulkan = self.backend == "vulkan"
         if vulkan:
-            why = _inputs.vulkan_gpu_missing()
-            if why:
-                raise Skip(why)
+            _need_vulkan_gpu()
         host = self.backend in _HOST_BACKENDS
         sets = inp.host_sets() if host else inp.sets
         longest = max(case["lengths"])
@@ -411,7 +412,8 @@ class AuleVarlen(Contender):
             s = sets[i]
             vc = canonicalize_varlen(s["q"], s["k"], s["v"], s["cu_seqlens"], s["cu_seqlens"], longest, longest,
                                      causal, window)
-            ns = [_vulkan_call_ns(vc.sequence(j)) for j in range(vc.batch) if vc.sequence(j).seq_q]
+            pieces = (vc.sequence(j) for j in range(vc.batch))
+            ns = [_vulkan_call_ns(piece) for piece in pieces if piece.seq_q]
             return None if any(n is None for n in ns) else sum(ns) / 1e6
 
         note = None
@@ -625,9 +627,7 @@ class AulePagedVulkanResident(Contender):
     def prepare(self, case, inp):
         import aule
 
-        why = _inputs.vulkan_gpu_missing()
-        if why:
-            raise Skip(why)
+        _need_vulkan_gpu()
         try:
             from ..backends.vulkan import paged_attention as vk_paged
             from ..backends.vulkan import to_gpu
