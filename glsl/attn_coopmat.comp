@@ -23,7 +23,10 @@
 // 16x16x16, 16x8x16, 8x8x16, ...), and so is the subgroup size (LANES = WG / NSG). Partial tiles are
 // masked (rows past seq_q are zero and never written, keys past seq_k are zero and invisible), so
 // any seq_q and seq_k run; whole key tiles a subgroup cannot see are skipped. head_dim is a
-// multiple of 16 (CoopMat in shaders.py checks this and the shared-memory fit).
+// multiple of 16 (CoopMat in shaders.py checks this and the shared-memory fit). Softcap, ALiBi,
+// sinks and padding spans come from attn_common.glsl as in the scalar variants: the score of each
+// element is modified where its row and column are known (the index tiles on the register path),
+// and a padding span bounds the key range and the tile loads.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
@@ -49,6 +52,13 @@ layout(constant_id = 8) const uint NBUF = 2;  // K/V tile buffers: 2 overlaps th
 // in one group of QG lanes whose indices differ only in their low bits (NVIDIA's); the shader
 // checks this at run time and answers NaN rather than a wrong result where it does not hold.
 layout(constant_id = 9) const uint QG = 0;
+// The lengths of the shared arrays, from the host (CoopMat.arrays in shaders.py, which also checks
+// their bytes against the device's shared memory): sizes the shader derived itself with ?: from the
+// other constants came out wrong on NVIDIA's driver (580), every score of the shared-memory path
+// garbage, while one constant per length is right.
+layout(constant_id = 10) const uint KVS = 1;  // f16vec4: the K/V tiles, or the staged Q block if larger
+layout(constant_id = 11) const uint SS4 = 1;  // vec4: the score blocks (1 on the register path)
+layout(constant_id = 12) const uint IX4 = 1;  // f16vec4: the two index tiles (1 on the shared-memory path)
 layout(local_size_x_id = 4) in;
 
 const uint LANES = WG / NSG;
@@ -69,7 +79,6 @@ const uint TILE4 = MM * NN / 4;                   // vec4 of one accumulator til
 const uint KV4 = BN * DP4;                        // f16vec4 of one K (or V) tile
 const uint NL = (BN * D8 + WG - 1) / WG;          // uvec4 loads per invocation per K (or V) tile
 const uint NQ = (BR * D8 + WG - 1) / WG;          // uvec4 loads per invocation of the Q block
-const uint KVN = NBUF * 2 * KV4, QN = BR * DP4;   // the Q block is staged where the K/V tiles go
 const float RESCALE = 8.0;
 const bool REG = QG != 0;
 
@@ -80,16 +89,16 @@ layout(std430, binding = 3) writeonly buffer OB { f16vec4 o[]; };
 layout(std430, binding = 3) writeonly buffer OH { float16_t oh[]; };   // the register path's element stores
 layout(std430, binding = 4) writeonly buffer LB { float lse[]; };
 
-shared f16vec4 KVs[KVN > QN ? KVN : QN];
+shared f16vec4 KVs[KVS];
 // Per subgroup: scores; then the rescale factors; at the end the output tiles and the row factors.
 // The register path needs none of it.
-shared vec4 Ss[REG ? 1 : NSG * ST4];
+shared vec4 Ss[SS4];
 shared f16vec4 Ps[NSG * SR * PP4];
 // Register path: the row and the column of each element of an MM x NN tile, as two tiles whose
 // element (r, c) is r and c. Loaded as accumulators they give each lane its elements' places (the
 // same type has the same element-to-lane mapping), read only where a place matters (masks, the
 // rare row reductions, the output), so no register holds them through the key loop.
-shared f16vec4 Ix[REG ? 2 * TILE4 : 1];
+shared f16vec4 Ix[IX4];
 
 #define ACC coopmat<float, gl_ScopeSubgroup, MM, NN, gl_MatrixUseAccumulator>
 #define MATA coopmat<float16_t, gl_ScopeSubgroup, MM, KK, gl_MatrixUseA>
@@ -115,7 +124,7 @@ void fetch(inout uvec4 kx[NL], inout uvec4 vx[NL], int k0, uint kb, uint vb) {
         const uint r = i / D8, c = i % D8;
         kx[a] = uvec4(0);
         vx[a] = uvec4(0);
-        if (i < BN * D8 && k0 + int(r) < int(pc.seq_k)) {
+        if (i < BN * D8 && key_in_memory(k0 + int(r))) {
             kx[a] = k[kb + uint(k0 + int(r)) * D8 + c];
             vx[a] = v[vb + uint(k0 + int(r)) * D8 + c];
         }
@@ -182,6 +191,9 @@ ACC tile_row_sum(ACC x, ACC ridx) {
 void main() {
     const uint head = gl_WorkGroupID.y;
     if (head >= pc.heads) return;   // the whole workgroup: no barrier is skipped by part of it
+    set_head(head);
+    const float slope2 = head_slope2(head);
+    const bool modify = (pc.flags & 6u) != 0u;   // softcap or ALiBi: each score needs its place
     const uint tid = gl_LocalInvocationID.x, sg = gl_SubgroupID, lane = gl_SubgroupInvocationID;
     const int wr0 = int(query_block() * BR);      // the workgroup's first row
     const int sr0 = wr0 + int(sg * SR);           // this subgroup's first row
@@ -289,13 +301,20 @@ void main() {
                     [[unroll]] for (uint n = 0; n < NT; ++n)
                         [[unroll]] for (int i = 0; i < sacc[0].length(); ++i)
                             sacc[rt * NT + n][i] = SCORE(sacc[rt * NT + n][i]);
-                    if (!full) {
+                    if (!full || (pc.flags & 4u) != 0u) {   // masks and ALiBi need each score's place
                         const ACC ri = index_tile(0);
                         const ACC ci = index_tile(1);
                         [[unroll]] for (uint n = 0; n < NT; ++n)
-                            [[unroll]] for (int i = 0; i < ri.length(); ++i)
-                                if (!visible(r0 + int(ri[i]), k0 + int(n * NN) + int(ci[i])))
-                                    sacc[rt * NT + n][i] = NEG_INF;
+                            [[unroll]] for (int i = 0; i < ri.length(); ++i) {
+                                const int qi = r0 + int(ri[i]), kj = k0 + int(n * NN) + int(ci[i]);
+                                float x = modified_score(sacc[rt * NT + n][i], qi, kj, slope2);
+                                if (!full && !visible(qi, kj)) x = NEG_INF;
+                                sacc[rt * NT + n][i] = x;
+                            }
+                    } else if (modify) {   // softcap alone: no index tiles to load
+                        [[unroll]] for (uint n = 0; n < NT; ++n)
+                            [[unroll]] for (int i = 0; i < sacc[0].length(); ++i)
+                                sacc[rt * NT + n][i] = modified_score(sacc[rt * NT + n][i], 0, 0, 0.0);
                     }
                     [[unroll]] for (uint n = 0; n < NT; ++n) {
                         [[unroll]] for (int i = 0; i < sacc[0].length(); ++i) {
@@ -348,9 +367,12 @@ void main() {
                     bool nan = false;
                     [[unroll]] for (uint c = 0; c < CPL4; ++c) {
                         x[c] = SCORE(Ss[sg * ST4 + row * SP4 + h * CPL4 + c]);
-                        if (!full) {
-                            [[unroll]] for (uint e = 0; e < 4; ++e)
-                                if (!visible(qi, j0 + int(c * 4 + e))) x[c][e] = NEG_INF;
+                        if (!full || modify) {
+                            [[unroll]] for (uint e = 0; e < 4; ++e) {
+                                const int kj = j0 + int(c * 4 + e);
+                                x[c][e] = modified_score(x[c][e], qi, kj, slope2);
+                                if (!full && !visible(qi, kj)) x[c][e] = NEG_INF;
+                            }
                         }
                         nan = nan || any(isnan(x[c]));
                         mx = max(mx, max(max(x[c].x, x[c].y), max(x[c].z, x[c].w)));
@@ -431,14 +453,15 @@ void main() {
             [[unroll]] for (int i = 0; i < ridx.length(); ++i) {
                 const int qi = r0 + int(ridx[i]);
                 const bool bad = nan[i] > 0.0 || !layout_ok;
-                const float inv = AULE_ROW_INV(mrow[rt][i], lrow[rt][i], bad);
+                float mi = mrow[rt][i], li = lrow[rt][i];
+                const float sa = join_sink(mi, li, bad, head);
+                const float inv = AULE_ROW_INV(mi, li, bad) * sa;
                 if (qi < int(pc.seq_q)) {
                     [[unroll]] for (uint t = 0; t < DN; ++t)
                         oh[ob + uint(qi) * D + t * NN + uint(cidx[i])] =
                             float16_t(AULE_ROW_OUT(float, oacc[rt * DN + t][i], inv));
                     if ((pc.flags & 1u) != 0u && cidx[i] == 0.0)
-                        lse[pc.lse_base + head * pc.seq_q + uint(qi)] =
-                            AULE_ROW_LSE2(mrow[rt][i], lrow[rt][i], bad) * LN2;
+                        lse[pc.lse_base + head * pc.seq_q + uint(qi)] = AULE_ROW_LSE2(mi, li, bad) * LN2;
                 }
             }
         }
@@ -447,8 +470,9 @@ void main() {
         [[unroll]] for (uint rr = 0; rr < RPL; ++rr) {
             const uint row = lane / TPR + rr * RSTEP;
             const int qi = sr0 + int(row);
+            const float sa = join_sink(m[rr], l[rr], bad[rr], head);
             if (h == 0) {
-                Ss[sg * ST4 + TILE4 + row / 4][row % 4] = AULE_ROW_INV(m[rr], l[rr], bad[rr]);
+                Ss[sg * ST4 + TILE4 + row / 4][row % 4] = AULE_ROW_INV(m[rr], l[rr], bad[rr]) * sa;
                 if ((pc.flags & 1u) != 0u && qi < int(pc.seq_q))
                     lse[pc.lse_base + head * pc.seq_q + uint(qi)] = AULE_ROW_LSE2(m[rr], l[rr], bad[rr]) * LN2;
             }

@@ -135,3 +135,50 @@ def test_every_offered_shape_matches_the_reference(ctx, shape, case, monkeypatch
     else:
         assert err <= 1e-2, f"error {err:.3g}"
     assert np.abs(lse[~empty] - ref_lse[~empty]).max() <= 1e-3
+
+
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, window) for the score features: GQA,
+# seq_q > seq_k (rows that see no key: zeros, LSE = sink), a window, partial tiles.
+FEATURE_CASES = [(2, 4, 2, 97, 300, 64, True, -1), (1, 4, 1, 200, 130, 128, True, -1),
+                 (1, 2, 2, 77, 77, 64, False, (9, 4))]
+
+
+def _features(rng, name, b, hq, sk):
+    slopes = rng.uniform(0.01, 0.3, (b, hq)).astype(np.float32)
+    sinks = rng.uniform(-1.0, 3.0, hq).astype(np.float32)
+    # One run of visible keys per batch element (a padding mask: the span path), the second
+    # element's starting past key 0 (left padding).
+    keep = np.zeros((b, 1, 1, sk), bool)
+    for i in range(b):
+        keep[i, ..., i * sk // 5: sk - 3 * i] = True
+    return {"softcap": dict(softcap=4.0), "alibi": dict(alibi_slopes=slopes), "sinks": dict(sinks=sinks),
+            "padding": dict(attn_mask=keep),
+            "all": dict(softcap=4.0, alibi_slopes=slopes, sinks=sinks, attn_mask=keep)}[name]
+
+
+@pytest.mark.parametrize("shape", ["16x8x16", "16x16x16,4,1,16,1,0"], ids=["registers", "shared"])
+@pytest.mark.parametrize("name", ["softcap", "alibi", "sinks", "padding", "all"])
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=lambda c: "b{}h{}/{}q{}k{}d{}c{}w{}".format(*c))
+def test_score_features_on_matrix_cores(ctx, shape, name, case, monkeypatch):
+    """softcap, ALiBi, sinks and padding spans on both softmax paths (the register one NVIDIA
+    takes, the shared-memory one other vendors take) against the float64 reference."""
+    m = tuple(int(x) for x in shape.split(",")[0].split("x"))
+    if m not in ctx.info.coopmat_shapes:
+        pytest.skip(f"{ctx.info.name} offers no {shape} fp16 cooperative matrix")
+    b, hq, hk, sq, sk, d, causal, window = case
+    monkeypatch.setenv("AULE_VULKAN_TILES", shape)
+    rng = np.random.default_rng(sum(case[:6]) + len(name))
+    q = rng.standard_normal((b, hq, sq, d)).astype(np.float16)
+    k = rng.standard_normal((b, hk, sk, d)).astype(np.float16)
+    v = rng.standard_normal((b, hk, sk, d)).astype(np.float16)
+    kw = _features(rng, name, b, hq, sk)
+    with forced_variant("coopmat"):
+        out, lse = aule.flash_attention(q, k, v, causal=causal, window_size=window, backend="vulkan",
+                                        return_lse=True, **kw)
+    ref, ref_lse = attention_reference(q, k, v, causal=causal, window_size=window, return_lse=True, **kw)
+    empty = ~np.isfinite(ref_lse) | (np.abs(ref).max(axis=-1) == 0)
+    assert (out[empty] == 0).all(), "rows that see no key are zeros"
+    assert np.abs(out.astype(np.float64) - ref).max() <= 1e-2
+    fin = np.isfinite(ref_lse)
+    assert (np.isneginf(lse) == np.isneginf(ref_lse)).all()
+    assert np.abs(lse[fin] - ref_lse[fin]).max() <= 2e-3

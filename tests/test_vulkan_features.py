@@ -1,6 +1,7 @@
 """softcap, ALiBi and sinks on the Vulkan backend (attn_common.glsl's modified_score and join_sink):
-every scalar variant against the float64 reference, GpuTensors, the numeric rule, and the calls the
-variants that lack them (coopmat, paged) refuse by name."""
+every scalar variant against the float64 reference, GpuTensors, the numeric rule, and the calls
+paged attention, which lacks them, refuses by name (coopmat's are checked on the GPU:
+test_vulkan_coopmat.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -93,14 +94,9 @@ def test_the_numeric_rule_holds_with_the_features(ctx):
     assert (out[0, :, :3] == 0).all() and np.allclose(lse[0, :, :3], sinks[:, None], atol=1e-6)
 
 
-def test_variants_without_the_features_refuse_them_by_name(ctx, monkeypatch):
-    q = np.random.default_rng(0).standard_normal((1, 2, 16, 64)).astype(np.float16)
-    monkeypatch.setenv("AULE_VULKAN_VARIANT", "coopmat")
-    with pytest.raises(aule.UnsupportedError, match="coopmat does not apply softcap"):
-        aule.flash_attention(q, q, q, backend="vulkan", softcap=2.0)
-
-
-def test_selection_passes_over_a_variant_lacking_a_feature(monkeypatch):
+def test_matrix_core_selection_keeps_the_features(monkeypatch):
+    """coopmat applies softcap, ALiBi, sinks and padding spans, so a call using them keeps the
+    matrix cores (before, selection passed over to the scalar fp16 variant)."""
     from aule.backends.vulkan import select
     from test_vulkan import NVIDIA_SHAPES, _recorded_device
 
@@ -108,8 +104,8 @@ def test_selection_passes_over_a_variant_lacking_a_feature(monkeypatch):
     monkeypatch.delenv("AULE_VULKAN_TILES", raising=False)
     h200 = _recorded_device(name="NVIDIA H200", vendor="NVIDIA", shared=49152, coopmat=NVIDIA_SHAPES)
     assert select.select("float16", 128, h200).name == "coopmat"
-    for f in ("softcap", "alibi", "sinks"):
-        assert select.select("float16", 128, h200, features=frozenset({f})).name == "fp16"
+    for f in ("softcap", "alibi", "sinks", "mask", "softcap alibi sinks mask"):
+        assert select.select("float16", 128, h200, features=frozenset(f.split())).name == "coopmat"
 
 
 def test_paged_vulkan_refuses_sinks():

@@ -34,14 +34,15 @@ def attention(q, k, v, causal=True, scale=None, window_size=-1, *, return_lse=Fa
     return launch.attention(call, runtime.context(), timestamps=timestamps)
 
 
-def repeated_attention(q, k, v, causal=True, scale=None, window_size=-1, *, repeat: int):
+def repeated_attention(q, k, v, causal=True, scale=None, window_size=-1, *, repeat: int, **features):
     """One Vulkan attention call on GpuTensors recorded ``repeat`` times back to back in one
     submission: a :class:`.timed.TimedWork` whose ``ms()`` re-submits it and returns the GPU
-    milliseconds per call; ``close()`` frees it and its output."""
+    milliseconds per call; ``close()`` frees it and its output. ``features``: softcap,
+    alibi_slopes, sinks, attn_mask, as :func:`aule.flash_attention` takes them."""
     from ...call import canonicalize
     from . import timed
 
-    call = canonicalize(q, k, v, causal, scale, window_size, False)
+    call = canonicalize(q, k, v, causal, scale, window_size, False, **features)
     _refuse_unless_served("attention", call)
     if nothing_to_compute(call):
         raise ValueError(f"{call.describe()} has nothing to compute: there is no dispatch to time")

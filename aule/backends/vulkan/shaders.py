@@ -250,15 +250,21 @@ class CoopMat(KeyLoop):
         return None
 
     @staticmethod
-    def tile_bytes(t: CoopTiles, shape: tuple, d: int, registers: bool) -> int:
-        """Mirror of the shader's shared arrays: K/V tiles (or the staged Q block), scores (one vec4
-        on the register path), P, and the register path's two index tiles (one f16vec4 without)."""
+    def arrays(t: CoopTiles, shape: tuple, d: int, registers: bool) -> tuple[int, int, int, int]:
+        """Lengths of the shader's shared arrays, which it takes as specialization constants:
+        K/V tiles (or the staged Q block) and P in f16vec4, scores in vec4 (one on the register
+        path), the register path's two index tiles in f16vec4 (one without)."""
         sr = t.row_tiles * shape[0]
         dp4 = d // 4 + 2
-        kv = max(t.buffers * 2 * t.keys * dp4, t.subgroups * sr * dp4) * 8
-        scores = 16 if registers else t.subgroups * sr * (t.keys // 4 + 1) * 16
-        index = 4 * shape[0] * shape[1] if registers else 8
-        return kv + scores + t.subgroups * sr * (t.keys // 4 + 2) * 8 + index
+        kvs = max(t.buffers * 2 * t.keys * dp4, t.subgroups * sr * dp4)
+        scores = 1 if registers else t.subgroups * sr * (t.keys // 4 + 1)
+        index = shape[0] * shape[1] // 2 if registers else 1
+        return kvs, scores, t.subgroups * sr * (t.keys // 4 + 2), index
+
+    @classmethod
+    def tile_bytes(cls, t: CoopTiles, shape: tuple, d: int, registers: bool) -> int:
+        kvs, scores, p, index = cls.arrays(t, shape, d, registers)
+        return 8 * kvs + 16 * scores + 8 * p + 8 * index
 
     def pick(self, d, info, tiles) -> tuple | None:
         """(shape, CoopTiles) for head_dim ``d`` on the device, or None."""
@@ -298,8 +304,10 @@ class CoopMat(KeyLoop):
 
     def spec(self, d, info, tiles) -> tuple:
         (m, n, k), t = self.pick(d, info, tiles)
+        qg = self.groups(t, info)
+        kvs, scores, _, index = self.arrays(t, (m, n, k), d, qg > 0)
         return ((0, d), (1, t.subgroups), (2, t.row_tiles), (3, t.keys), (4, t.subgroups * info.subgroup_size),
-                (5, m), (6, n), (7, k), (8, t.buffers), (9, self.groups(t, info)))
+                (5, m), (6, n), (7, k), (8, t.buffers), (9, qg), (10, kvs), (11, scores), (12, index))
 
     def rows_per_group(self, d, info, tiles) -> int:
         (m, _, _), t = self.pick(d, info, tiles)
@@ -467,7 +475,7 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     # Matrix cores: chosen first for float16 where measured faster (NVIDIA: results/vulkan-tuning.md);
     # on other vendors' matrix cores (unmeasured here) AULE_VULKAN_VARIANT=coopmat selects it.
     _attention("coopmat", "attn_coopmat.comp", CoopMat(_COOP_TILES), "float16", needs=Needs(fp16=True, coopmat=True),
-               auto=Auto(-1, ("float16",), "NVIDIA"), features=frozenset()),
+               auto=Auto(-1, ("float16",), "NVIDIA")),
     # fp16's arithmetic with workgroups of four 64-wide waves, for AMD's wave64.
     _attention("fp16_amd", "attn_tiled.comp", Tiled(_WAVE64_TILES, (), 2), "float16",
                (("AULE_DEFAULT_WG", 256), ("AULE_FP16", 1)), _FP16, Auto(0, ("float16",), "AMD", 64)),

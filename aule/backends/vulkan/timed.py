@@ -41,7 +41,9 @@ def repeated_attention(call, ctx, repeat: int) -> TimedWork:
         raise TypeError("repeated_attention records GpuTensor calls only (host arrays are uploaded per call)")
     if repeat < 1:
         raise ValueError(f"repeat must be at least 1, got {repeat}")
-    out, lse, dispatches = launch.gpu_dispatches(call, ctx)
+    extras = launch.extras_array(call)
+    lease = ctx.upload(extras) if extras is not None else None
+    out, lse, dispatches = launch.gpu_dispatches(call, ctx, lease.buffer if lease is not None else None)
     seq = ctx.sequence(timestamps=2)
     seq.timestamp()
     for i in range(repeat):
@@ -50,7 +52,7 @@ def repeated_attention(call, ctx, repeat: int) -> TimedWork:
         for d in dispatches:
             seq.dispatch(d)
     seq.timestamp()
-    return TimedWork(seq.end(), repeat, (out, lse))
+    return TimedWork(seq.end(), repeat, (out, lse, lease))
 
 
 # --- the matrix-core ceiling --------------------------------------------------------------------------
