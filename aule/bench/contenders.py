@@ -174,9 +174,7 @@ class AuleVulkanResident(Contender):
     def __init__(self, variant=None, tiles=None, dtype=None, *, padding=False):
         super().__init__("vulkan")
         self.forced, self.tiles, self.dtype = variant, tiles, dtype
-        # The case's key-padding mask as attn_mask; GPU time from one call per submission, as
-        # repeated_attention records calls without features.
-        self.padding = padding
+        self.padding = padding  # the case's key-padding mask as attn_mask
 
     def applies(self, case):
         return case.get("pack") == "mask" if self.padding else super().applies(case)
@@ -225,7 +223,7 @@ class AuleVulkanResident(Contender):
 
         def device_batch(i, n):
             s = gsets[i]
-            return repeated_attention(s["q"], s["k"], s["v"], causal=causal, window_size=window, repeat=n)
+            return repeated_attention(s["q"], s["k"], s["v"], causal=causal, window_size=window, repeat=n, **extra)
 
         def cleanup():
             for s in gsets:
@@ -236,8 +234,7 @@ class AuleVulkanResident(Contender):
         if self.forced:
             env = {"AULE_VULKAN_VARIANT": self.forced, "AULE_VULKAN_TILES": self.tiles or ""}
             context = lambda: _environ(env)  # noqa: E731
-        return Bound(call, len(gsets), clock="device", device_ms=device_ms, cleanup=cleanup,
-                     device_batch=None if extra else device_batch,
+        return Bound(call, len(gsets), clock="device", device_ms=device_ms, device_batch=device_batch, cleanup=cleanup,
                      context=context, causal=causal, window=window, variant=chosen or self.variant(case))
 
 
@@ -276,6 +273,23 @@ def _vulkan_call_ns(call):
     return ns
 
 
+class _Summed:
+    """Recorded work of several calls (one per sequence), each repeated back to back in a submission
+    of its own: ``ms()`` submits each once and gives their GPU milliseconds per call, summed, which
+    is what the calls take one after the other."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def ms(self) -> float | None:
+        times = [w.ms() for w in self.works]
+        return None if any(t is None for t in times) else sum(times)
+
+    def close(self) -> None:
+        for w in self.works:
+            w.close()
+
+
 def _host_out(x):
     """A result as NumPy when it is a GpuTensor (read back and freed), else as it is."""
     if type(x).__name__ != "GpuTensor":
@@ -293,7 +307,8 @@ class AuleUnpadded(Contender):
     pieces), the calls back to back and timed together, so its FLOP/s (visible pairs only) is
     plain attention's on the same problem. Triton on the torch tensors; Vulkan on NumPy arrays
     (wall clock, uploads included, with the dispatches' GPU time summed beside it) or, ``resident``,
-    on GpuTensors (the summed GPU time is the row's time, the wall time beside it).
+    on GpuTensors (the GPU time, each call recorded back to back in a submission of its own and the
+    per-call times summed, is the row's time; the wall time beside it).
     ``mask_variant`` (resident, padded cases): forced to the shader variant Vulkan selects for the
     padded call, which may not be the plain call's (a variant that lacks masks is passed over), so
     the mask's own cost is read apart from the variant's."""
@@ -357,6 +372,18 @@ class AuleUnpadded(Contender):
             ns = [vulkan_gpu_ns(q, k, v, causal, window) for q, k, v in pieces[i]]
             return None if any(n is None for n in ns) else sum(ns) / 1e6
 
+        def device_batch(i, n):
+            from ..backends.vulkan import repeated_attention
+
+            work = _Summed([])
+            try:
+                for q, k, v in pieces[i]:
+                    work.works.append(repeated_attention(q, k, v, causal=causal, window_size=window, repeat=n))
+            except BaseException:
+                work.close()
+                raise
+            return work
+
         def cleanup():
             for x in owned:
                 x.free()
@@ -365,8 +392,10 @@ class AuleUnpadded(Contender):
             with (context or contextlib.nullcontext)():
                 chosen = vulkan_variant(*pieces[0][0], causal, window)
             return Bound(call, len(pieces), clock="device" if self.resident else "host", device_ms=device_ms,
-                         checked=checked, cleanup=cleanup, causal=causal, window=window, variant=chosen,
-                         context=context)
+                         device_batch=device_batch if self.resident else None, checked=checked, cleanup=cleanup,
+                         causal=causal, window=window, variant=chosen, context=context,
+                         note="each sequence's calls in a submission of their own, GPU times summed"
+                         if self.resident else None)
         sync, clock = (None, "host") if host else _device_clock(case)
         return Bound(call, len(pieces), sync=sync, clock=clock, checked=checked, causal=causal, window=window)
 

@@ -189,8 +189,9 @@ LEGEND = {
     "aule:triton padded": "aule:triton with a boolean key-padding attn_mask [B, 1, 1, S] (FLOPs of visible pairs)",
     "aule:triton varlen": "aule.flash_attention_varlen on packed [total, H, D] CUDA tensors",
     "aule:triton unpadded": "the same visible work as one plain aule:triton call per sequence, back to back",
-    "aule:vulkan resident padded": "aule:vulkan resident with the key-padding attn_mask (one call per submission)",
-    "aule:vulkan resident unpadded": "one aule:vulkan resident call per sequence; GPU times summed",
+    "aule:vulkan resident padded": "aule:vulkan resident with the key-padding attn_mask",
+    "aule:vulkan resident unpadded": "one aule:vulkan resident call per sequence, each timed in batched "
+                                     "submissions; GPU times summed",
     "aule:vulkan resident unpadded, mask's variant": "the same, forced to the shader variant the padded call runs",
     "aule:vulkan varlen": "aule.flash_attention_varlen(..., backend='vulkan') on NumPy arrays: wall clock, "
                           "uploads included",
