@@ -751,7 +751,7 @@ def test_padded_and_varlen_rows_on_vulkan(monkeypatch):
     padded, varlen = (suites.case_label(p) for p in cases)
     for key in ((padded, "aule:vulkan resident padded"), (padded, "aule:vulkan resident unpadded"),
                 (padded, "aule:vulkan resident unpadded, mask's variant"), (varlen, "aule:vulkan varlen"),
-                (varlen, "aule:vulkan unpadded"), (padded, "aule:vulkan unpadded")):
+                (varlen, "aule:vulkan unpadded")):
         r = rows[key]
         assert r["status"] == "ok", r
         assert r["err"] < checks.tolerance("float16") and r["ms"] > 0 and r["ratio"] > 0
@@ -760,6 +760,10 @@ def test_padded_and_varlen_rows_on_vulkan(monkeypatch):
         assert "back to back in one submission" in r["clock"] and r["calls_per_submission"] >= 1
         assert r["reps"] >= timing.DEVICE_MIN_REPS and r["wall_ms"] > 0
     assert "submission of their own" in rows[(padded, "aule:vulkan resident unpadded")]["note"]
+    vulkan_rows = {(case, c) for case, c in rows if c.startswith("aule:vulkan")}
+    assert vulkan_rows == {(padded, "aule:vulkan resident padded"), (padded, "aule:vulkan resident unpadded"),
+                           (padded, "aule:vulkan resident unpadded, mask's variant"), (varlen, "aule:vulkan varlen"),
+                           (varlen, "aule:vulkan unpadded")}  # each with the row it is compared with, no more
     same = rows[(padded, "aule:vulkan resident unpadded, mask's variant")]
     assert same["variant"] == rows[(padded, "aule:vulkan resident padded")]["variant"]
     for key in ((varlen, "aule:vulkan varlen"), (varlen, "aule:vulkan unpadded")):

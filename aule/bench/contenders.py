@@ -309,19 +309,20 @@ class AuleUnpadded(Contender):
     (wall clock, uploads included, with the dispatches' GPU time summed beside it) or, ``resident``,
     on GpuTensors (the GPU time, each call recorded back to back in a submission of its own and the
     per-call times summed, is the row's time; the wall time beside it).
-    ``mask_variant`` (resident, padded cases): forced to the shader variant Vulkan selects for the
+    ``packs``: the kinds of case it has rows on. ``mask_variant`` (resident, padded cases): forced to the shader variant Vulkan selects for the
     padded call, which may not be the plain call's (a variant that lacks masks is passed over), so
     the mask's own cost is read apart from the variant's."""
 
     impl = "unpadded"
 
-    def __init__(self, backend, *, resident=False, mask_variant=False):
+    def __init__(self, backend, *, resident=False, mask_variant=False, packs=("mask", "varlen")):
         super().__init__(backend)
         self.resident = resident
         self.mask_variant = mask_variant
+        self.packs = packs  # the kinds of case ('pack') it has rows on: those with a row to compare
 
     def applies(self, case):
-        return case.get("pack") == "mask" if self.mask_variant else "lengths" in case
+        return "lengths" in case and case.get("pack") in self.packs
 
     def _padded_variant(self, case, inp):
         from ..backends.vulkan import to_gpu
@@ -721,10 +722,11 @@ CONTENDERS = _registry(**{
     "aule:triton unpadded": AuleUnpadded("triton"),
     "aule:triton varlen": AuleVarlen("triton"),
     "aule:vulkan resident padded": AuleVulkanResident(padding=True),
-    "aule:vulkan resident unpadded": AuleUnpadded("vulkan", resident=True),
-    "aule:vulkan resident unpadded, mask's variant": AuleUnpadded("vulkan", resident=True, mask_variant=True),
+    "aule:vulkan resident unpadded": AuleUnpadded("vulkan", resident=True, packs=("mask",)),
+    "aule:vulkan resident unpadded, mask's variant": AuleUnpadded("vulkan", resident=True, mask_variant=True,
+                                                                  packs=("mask",)),
     "aule:vulkan varlen": AuleVarlen("vulkan"),
-    "aule:vulkan unpadded": AuleUnpadded("vulkan"),
+    "aule:vulkan unpadded": AuleUnpadded("vulkan", packs=("varlen",)),
     "aule-paged:triton": AulePaged("triton"),
     "aule-paged:triton graph": AulePaged("triton", graph=True),
     "aule-paged:vulkan": AulePaged("vulkan"),
