@@ -254,12 +254,14 @@ class CoopMat(KeyLoop):
     def arrays(t: CoopTiles, shape: tuple, d: int, registers: bool) -> tuple[int, int, int, int]:
         """Lengths of the shader's shared arrays, which it takes as specialization constants:
         K/V tiles (or the staged Q block) and P in f16vec4, scores in vec4 (one on the register
-        path), the register path's two index tiles in f16vec4 (one without)."""
+        path), the two index tiles in f16vec4. The index tiles keep their length on the shared-memory
+        path, which never reads them: with one element there, every row that path gave on the H200
+        was wrong (NVIDIA 580)."""
         sr = t.row_tiles * shape[0]
         dp4 = d // 4 + 2
         kvs = max(t.buffers * 2 * t.keys * dp4, t.subgroups * sr * dp4)
         scores = 1 if registers else t.subgroups * sr * (t.keys // 4 + 1)
-        index = shape[0] * shape[1] // 2 if registers else 1
+        index = shape[0] * shape[1] // 2
         return kvs, scores, t.subgroups * sr * (t.keys // 4 + 2), index
 
     @classmethod
