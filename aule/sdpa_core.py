@@ -186,7 +186,7 @@ def host_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             out = routing.attention(query, key, value, False, scale, (left, right), backend or None, False,
                                     attn_mask=attn_mask)[0]
     except UnsupportedError as exc:
-        if routed is not None and routed[0].features - {"mask"}:
+        if routed is not None and routed[0].features - {"mask", "general_mask"}:
             raise   # torch's SDPA below has no softcap or sinks: never answer without them
         _note(("host-op-unsupported", str(exc)), "aule: host attention falls back to torch SDPA: %s", exc)
         out = sdpa_reference(query, key, value, scale, left, right, attn_mask)

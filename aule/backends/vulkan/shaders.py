@@ -49,6 +49,7 @@ ATTN_PUSH = push_block([
     ("left", "<i4"), ("right", "<i4"), ("scale_log2", "<f4"), ("flags", "<u4"),
     ("q_base", "<u4"), ("k_base", "<u4"), ("v_base", "<u4"), ("o_base", "<u4"), ("lse_base", "<u4"),
     ("reverse", "<u4"), ("softcap2", "<f4"), ("x_base", "<u4"), ("x_stride", "<u4"),
+    ("mask_row", "<u4"), ("mask_col", "<u4"),
 ])
 # `PagedParams` in glsl/paged.comp.
 PAGED_PUSH = push_block([
@@ -431,15 +432,17 @@ class Module:
         return self.path.rows_per_group(d, info, tiles)
 
 
-#: What the scalar attention shaders apply through attn_common.glsl (modified_score, join_sink, and
-#: the per-head key span of padding masks: VulkanBackend refuses masks that are not one run of keys).
-SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks", "mask"})
+#: What the scalar attention shaders apply through attn_common.glsl: modified_score, join_sink, the
+#: per-head key span of padding masks ("mask") and, through masked_score, any other mask
+#: ("general_mask"; AttentionCall.features).
+SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask"})
 
 
 def _attention(name, source, path, elem="float32", defines=(), needs=Needs(), auto=None,
                features=SCORE_FEATURES) -> Module:
-    # Binding 5 holds the ALiBi slopes, sinks and padding spans (attn_common.glsl's `extras`).
-    return Module(name, source, defines, ATTN_PUSH, 6, path.SPEC, needs, path, elem, auto, features)
+    # Binding 5 holds the ALiBi slopes, sinks, padding spans and mask offsets (attn_common.glsl's
+    # `extras`), binding 6 a general mask; every attention module declares both, used or not.
+    return Module(name, source, defines, ATTN_PUSH, 7, path.SPEC, needs, path, elem, auto, features)
 
 
 # Tile shapes, best first (measurements behind each list: results/vulkan-tuning.md). The later
