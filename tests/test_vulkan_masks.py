@@ -372,4 +372,4 @@ def test_every_attention_module_binds_the_mask(ctx):
         if m.unfit(64, ctx.info, 20, 10) is None:
             _, chunks = plans.attention_plan(m, plans.Shape(1, 2, 1, 10, 20, 64), 0.125, -1, 0, True, ctx.info,
                                              None, 0.0, plans.EXTRAS_MASK, (1, 1, 10, 20))
-            assert all(len(r) == m.bindings and r[-1] is None for _, r, _ in chunks)
+            assert all(len(r) == m.bindings and r[-1] == (0, 4 * 10 * 20) for _, r, _ in chunks)

@@ -129,22 +129,21 @@ def feature_buffers(call, ctx, held) -> tuple:
             held.upload(ctx, mask) if mask is not None else _dummy_buffer(ctx))
 
 
-def gpu_dispatches(call, ctx, features=None):
+def gpu_dispatches(call, ctx, extras=None, mask=None):
     """``(out, lse, dispatches)`` of a GpuTensor call with something to compute: new output
-    GpuTensors (``lse`` None unless asked) and the planned dispatches that write them. ``features``:
-    the buffers of bindings 5 and 6 (:func:`feature_buffers`) of a call with ALiBi, sinks or a mask,
-    kept alive by the caller until the dispatches ran."""
-    if features is None:
-        if extras_flags(call):
-            raise ValueError("a call with ALiBi, sinks or a mask needs the buffers of its slopes, sinks, key "
-                             "spans and mask (launch.feature_buffers)")
-        features = (_dummy_buffer(ctx),) * 2
+    GpuTensors (``lse`` None unless asked) and the planned dispatches that write them. ``extras``,
+    ``mask``: the buffers of bindings 5 and 6 (:func:`feature_buffers`) of a call with ALiBi, sinks
+    or a mask, kept alive by the caller until the dispatches ran."""
+    if (extras is None and extras_flags(call)) or (mask is None and mask_shape(call) is not None):
+        raise ValueError("a call with ALiBi, sinks or a mask needs the buffers of its slopes, sinks, key spans "
+                         "and mask (launch.feature_buffers)")
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
     o = GpuTensor(ctx, ctx.pool.acquire(out_bytes), rows + (shape.head_dim,), elem)
     lse = GpuTensor(ctx, ctx.pool.acquire(lse_bytes), rows, np.float32) if call.return_lse else None
     bufs = (call.q.buffer, call.k.buffer, call.v.buffer, o.buffer,
-            lse.buffer if lse is not None else _dummy_buffer(ctx), *features)
+            lse.buffer if lse is not None else _dummy_buffer(ctx), extras or _dummy_buffer(ctx),
+            mask or _dummy_buffer(ctx))
     return o, lse, bind(pipe, chunks, bufs)
 
 
@@ -154,7 +153,7 @@ def attention(call, ctx, timestamps: bool = False):
         return _empty_attention(call)
     if call.kind == "gpu":
         with _Held() as held:
-            o, lse, dispatches = gpu_dispatches(call, ctx, feature_buffers(call, ctx, held))
+            o, lse, dispatches = gpu_dispatches(call, ctx, *feature_buffers(call, ctx, held))
             return o, lse, ctx.run(dispatches, timestamps=timestamps)
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)

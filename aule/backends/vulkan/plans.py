@@ -72,6 +72,7 @@ def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right
     when a device limit cannot be met."""
     d = shape.head_dim
     mask_row = mask_col = 0
+    mask_range = None   # no mask: the whole (dummy) buffer
     if mask is not None:
         nbytes = 4 * math.prod(mask)
         if nbytes > info.max_storage_buffer_range:
@@ -80,6 +81,8 @@ def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right
                 f"the device's storage-buffer range ({info.max_storage_buffer_range} bytes), and it is bound "
                 "whole: broadcast it along the dimensions it does not vary in, or use a padding mask")
         mask_row, mask_col = mask_strides(mask)[2:]
+        # Exactly the mask's bytes: its pooled buffer may be larger, past the range.
+        mask_range = (0, nbytes)
     es = 2 if variant.elem == "float16" else 4
     g = shape.group
     # Key j is visible from a row at position pos when pos - left <= j <= pos + right, with pos in
@@ -116,7 +119,7 @@ def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right
             pc[base] = (start - off) // (4 if name == "lse" else es)
             ranges.append((off, nbytes + (start - off)))
         ranges.append(None)   # the slopes, sinks, spans and mask offsets of every head
-        ranges.append(None)   # the general mask, which each head reads through its own offset
+        ranges.append(mask_range)   # the general mask, whole: each head reads it through its own offset
         chunks.append((pc.tobytes(), tuple(ranges), (blocks, n * g, 1)))
     return variant.spec(d, info, tiles), tuple(chunks)
 
