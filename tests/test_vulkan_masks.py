@@ -62,9 +62,9 @@ def make_mask(rng, shape, kind):
     return m
 
 
-def inputs(rng, b, hq, hk, sq, sk, dtype, scale=1.0):
+def inputs(rng, b, hq, hk, sq, sk, dtype, scale=1.0, d=D):
     return tuple((rng.standard_normal(s) * scale).astype(dtype)
-                 for s in ((b, hq, sq, D), (b, hk, sk, D), (b, hk, sk, D)))
+                 for s in ((b, hq, sq, d), (b, hk, sk, d), (b, hk, sk, d)))
 
 
 def check(out, lse, q, k, v, atol, sinks=None, **kw):
@@ -358,6 +358,28 @@ def test_coopmat_refuses_general_masks(ctx, monkeypatch):
     h200 = _recorded_device(name="NVIDIA H200", vendor="NVIDIA", shared=49152, coopmat=NVIDIA_SHAPES)
     assert select.select("float16", 128, h200).name == "coopmat"
     assert select.select("float16", 128, h200, features=frozenset({"mask", "general_mask"})).name == "fp16"
+
+
+def test_float16_masks_on_a_matrix_core_device_run_a_scalar_variant(ctx, monkeypatch):
+    # GPU only: where coopmat is selectable, a masked float16 call must go to a variant that applies
+    # the mask (the router's choice on NVIDIA is coopmat without one).
+    from aule.backends.vulkan import launch, to_gpu
+
+    if not ctx.info.coopmat_f16:
+        pytest.skip(f"{ctx.info.name} has no cooperative matrix, so no variant here refuses masks")
+    monkeypatch.delenv("AULE_VULKAN_VARIANT", raising=False)
+    monkeypatch.delenv("AULE_VULKAN_TILES", raising=False)
+    rng = np.random.default_rng(17)
+    b, hq, hk, sq, sk, d = 2, 8, 2, 129, 257, 128
+    q, k, v = inputs(rng, b, hq, hk, sq, sk, np.float16, d=d)
+    for mask in (make_mask(rng, (b, 1, sq, sk), "float"), make_mask(rng, (b, hq, sq, sk), "bool")):
+        gq, gk, gv = (to_gpu(x) for x in (q, k, v))
+        variant = launch.attention_plan_for(canonicalize(gq, gk, gv, attn_mask=mask), ctx)[0]
+        assert variant.name != "coopmat" and "general_mask" in variant.features
+        out, lse = aule.flash_attention(gq, gk, gv, causal=True, attn_mask=mask, backend="vulkan", return_lse=True)
+        check(out.numpy(), lse.numpy(), q, k, v, VARIANT_ATOL[variant.name], causal=True, attn_mask=mask)
+        for t in (gq, gk, gv, out, lse):
+            t.free()
 
 
 def test_every_attention_module_binds_the_mask(ctx):
