@@ -22,7 +22,7 @@ class TritonBackend(Backend):
     differentiable = True
     # Compile-time flags of the dense kernels (forward and backward), sinks with their gradient;
     # the paged kernels apply none of them (paged_features), so paged calls with sinks are refused.
-    features = frozenset({"softcap", "alibi", "sinks", "mask"})
+    features = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask"})
     grad_features = frozenset({"sinks"})
     paged_features = frozenset()
     flavour = "cuda"  # torch.version.cuda / torch.version.hip: which build this backend needs
