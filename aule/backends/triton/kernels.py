@@ -305,23 +305,25 @@ def _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP, HAS_RIGHT: tl.constexpr,
                 BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
     """Program coordinates for kernels with one program per (query tile, sequence, query head):
     the grid is (query tiles, B * H_Q), or with VARLEN (query tiles of the longest sequence, H_Q,
-    sequences), where tiles past a sequence's end exit. ``(row0, off_b, off_h, off_kvh, start_m,
-    q0, sq, k0, sk)`` (:func:`_row0`, :func:`_sequence`)."""
+    sequences), where tiles past a sequence's end exit. ``(pid_bh, off_b, off_h, off_kvh,
+    start_m, q0, sq, k0, sk)`` (:func:`_sequence`): the sequence's LSE rows start at
+    ``pid_bh * SEQ_Q + q0``, as a varlen LSE ``[H_Q, total_q]`` is one batch entry's. The dense
+    branch issues exactly the operations it did before VARLEN existed."""
+    if VARLEN:
+        off_b = tl.program_id(2).to(tl.int64)
+    pid_bh = tl.program_id(1)
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
         # Causal-like masks make late query tiles the longest: start those first (less tail).
         pid_m = tl.num_programs(0) - 1 - pid_m
     if VARLEN:
-        off_b = tl.program_id(2).to(tl.int64)
-        off_h = tl.program_id(1).to(tl.int64)
+        off_h = pid_bh.to(tl.int64)
     else:
-        pid_bh = tl.program_id(1)
         off_b = (pid_bh // H_Q).to(tl.int64)
         off_h = (pid_bh % H_Q).to(tl.int64)
     off_kvh = off_h // GROUP  # GQA: the query head's KV head, read in place, never expanded
     q0, sq, k0, sk = _sequence(CU_Q, CU_K, off_b, SEQ_Q, SEQ_K, VARLEN)
-    row0 = _row0(off_b, off_h, q0, H_Q, SEQ_Q, VARLEN)
-    return row0, off_b, off_h, off_kvh, pid_m * BLOCK_M, q0, sq, k0, sk
+    return pid_bh, off_b, off_h, off_kvh, pid_m * BLOCK_M, q0, sq, k0, sk
 
 
 @triton.jit
@@ -389,8 +391,8 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K,
               HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, sequence, query head). Writes O and the natural-log LSE."""
-    row0, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP,
-                                                                       HAS_RIGHT, BLOCK_M, VARLEN)
+    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP,
+                                                                         HAS_RIGHT, BLOCK_M, VARLEN)
     if VARLEN:
         if start_m >= sq:
             return
@@ -438,7 +440,7 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K,
     lse = lse2 * 0.6931471805599453
     if HAS_SINKS:
         lse = tl.where(unseen, sink, lse)
-    tl.store(LSE + row0 + offs_m, lse, mask=m_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + q0 + offs_m, lse, mask=m_ok)
     o_ptrs = (O + _at(off_b, q0, stride_ob, stride_om, VARLEN) + off_h * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -687,8 +689,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K,
                  HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, sequence, query head): dQ = scale * dS K over the visible keys."""
-    row0, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP,
-                                                                       HAS_RIGHT, BLOCK_M, VARLEN)
+    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP,
+                                                                         HAS_RIGHT, BLOCK_M, VARLEN)
     if VARLEN:
         if start_m >= sq:
             return
@@ -702,7 +704,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K,
     do = _load(DO + _at(off_b, q0, stride_dob, stride_dom, VARLEN) + off_h * stride_doh
                + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, m_ok[:, None], d_ok[None, :],
                True, PAD_D)
-    row = row0 + offs_m
+    row = pid_bh.to(tl.int64) * SEQ_Q + q0 + offs_m
     lse2 = tl.load(LSE2 + row, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
     k_base = K + _at(off_b, k0, stride_kb, stride_kn, VARLEN) + off_kvh * stride_kh
