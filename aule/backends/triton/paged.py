@@ -478,9 +478,10 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     # A packed q and output are [num_tokens, Hq, D]: as [B, Hq, rows, D] with no batch stride.
     q_strides = (0, q.stride(1), q.stride(0), q.stride(2)) if packed else q.stride()
     o_strides = (0, out.stride(1), out.stride(0), out.stride(2)) if packed else out.stride()
-    # The features' small tables go where the kernels read them; absent ones pass any tensor, never read.
-    alibi_t = out if alibi is None else torch.as_tensor(alibi, dtype=torch.float32, device=q.device).contiguous()
-    sinks_t = out if sinks is None else torch.as_tensor(sinks, dtype=torch.float32, device=q.device).contiguous()
+    # The features' small tables go where the kernels read them (copies: validated NumPy tables may be
+    # read-only views of the caller's arrays); absent ones pass any tensor, never read.
+    alibi_t, sinks_t = (out if x is None else torch.tensor(x, dtype=torch.float32, device=q.device).contiguous()
+                        for x in (alibi, sinks))
     cap_in, cap_out = (float(scale) / softcap, softcap * LOG2E) if softcap else (0.0, 0.0)
     grid = (batch * heads_kv, m_tiles, splits)
     _paged_attn_fwd[grid](
