@@ -79,15 +79,19 @@ def _compiling(x) -> bool:
 # paged attention and KV writes
 
 def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
-                          backend=None, sinks=None, max_context_len=None, query_start_loc=None, max_query_len=None):
+                          backend=None, softcap=0.0, alibi_slopes=None, sinks=None, max_context_len=None,
+                          query_start_loc=None, max_query_len=None):
     """Attention of ``q`` over a paged (block-table) KV cache, vLLM's layout.
 
     ``q [batch, heads_q, q_len, head_dim]``: the last ``q_len`` positions of each sequence, causal
     among themselves. ``k_cache, v_cache [num_blocks, block_size, heads_kv, head_dim]``;
     ``block_tables [batch, max_blocks]`` int32; ``context_lens [batch]`` int32 (new tokens included,
-    already written with :func:`copy_kv_to_paged`). ``window_size`` as in
-    :func:`aule.flash_attention`, and so are ``sinks`` (served by the NumPy backend for now). Returns
-    an array like ``q``. ``max_context_len`` (vLLM's ``max_seq_len``, optional): the longest context,
+    already written with :func:`copy_kv_to_paged`). ``window_size``, ``softcap``, ``alibi_slopes``
+    (``[heads_q]`` or ``[batch, heads_q]``) and ``sinks [heads_q]`` as in :func:`aule.flash_attention`,
+    with each row at its position in its sequence: ALiBi adds ``-slope * |pos - j|`` for the row at
+    position ``pos`` and key ``j``; a row that sees no key (a 4-D ``q`` with more rows than its
+    sequence has keys) is zeros, sinks or not. Every backend's paged kernels apply them. Returns an
+    array like ``q``. ``max_context_len`` (vLLM's ``max_seq_len``, optional): the longest context,
     which sizes the launch (split-K) without reading ``context_lens``; longer contexts are still
     attended in full.
 
@@ -104,8 +108,8 @@ def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale
     (``query_start_loc`` included) are checked by the kernel, never read back, and raise at the
     next aule call after it finished (at once with ``AULE_CHECK_SYNC=1``).
     """
-    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size, sinks=sinks,
-                              max_context_len=max_context_len, query_start_loc=query_start_loc,
+    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size,
+                              softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, max_context_len=max_context_len, query_start_loc=query_start_loc,
                               max_query_len=max_query_len)
     return attend_paged(call, backend)
 

@@ -168,7 +168,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     into it in place at those positions. The cache is contiguous ``[B, S_cache, Hkv, D]`` or paged
     ``[num_blocks, block_size, Hkv, D]`` with ``block_table [B, max_blocks]`` (vLLM's layout, served by
     aule's paged attention). The query rows are the last ``Sq`` positions of each sequence.
-    ``num_splits`` is aule's choice and is ignored."""
+    ``softcap`` and ``alibi_slopes`` (``[Hq]`` or ``[B, Hq]``) apply on either cache, ALiBi at each
+    row's position in its sequence. ``num_splits`` is aule's choice and is ignored."""
 
     for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
                         ("cache_leftpad", cache_leftpad)):
@@ -186,9 +187,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if not causal and s_q > 1:
             raise UnsupportedError("causal=False with several query rows over a paged cache: aule's paged "
                                    "attention keeps the query rows causal among themselves (decode, chunked prefill)")
-        if softcap or alibi_slopes is not None:
-            raise UnsupportedError("softcap and alibi_slopes over a paged cache: aule's paged attention does not "
-                                   "apply them yet")
         if right not in (-1, 0) or return_softmax_lse:
             raise UnsupportedError("a paged cache serves window_size=(left, -1 or 0) and no return_softmax_lse")
         bs = k_cache.shape[1]
@@ -203,7 +201,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             copy_kv_to_paged(k.reshape(batch * s_new, *k.shape[2:]), v.reshape(batch * s_new, *v.shape[2:]),
                              k_cache, v_cache, _like(slots, k))
         out = flash_attention_paged(qh, k_cache, v_cache, block_table, _like(total.astype(np.int32), q),
-                                    scale=softmax_scale, window_size=(left, -1))
+                                    scale=softmax_scale, window_size=(left, -1), softcap=softcap,
+                                    alibi_slopes=alibi_slopes)
         return _seq_first(out)
     if k_cache.shape[0] != batch or int(total.max(initial=0)) > k_cache.shape[1]:
         raise ValueError(f"k_cache must be [{batch}, seqlen_cache, heads_kv, head_dim] with room for cache_seqlens + "

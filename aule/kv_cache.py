@@ -183,9 +183,10 @@ class PagedKVCache:
         lens = np.asarray([self._lens[self._known(s)] for s in seq_ids], dtype=np.int32)
         return self._store.place_tables(lens, self.k_cache)
 
-    def attention(self, q, seq_ids, scale=None, window_size=-1, *, sinks=None, query_lens=None):
+    def attention(self, q, seq_ids, scale=None, window_size=-1, *, softcap=0.0, alibi_slopes=None, sinks=None,
+                  query_lens=None):
         """:func:`aule.flash_attention_paged` of ``q [len(seq_ids), heads_q, q_len, head_dim]`` over
-        this cache. The tables come from this cache's own bookkeeping, so they are not read back to
+        this cache (``softcap``, ``alibi_slopes`` and ``sinks`` as there). The tables come from this cache's own bookkeeping, so they are not read back to
         be checked (no host synchronisation on a GPU); ``q`` is validated as usual.
 
         ``query_lens`` (one row count per sequence, host ints): q is packed ``[sum(query_lens),
@@ -199,7 +200,8 @@ class PagedKVCache:
             loc, most = self._query_start_loc(query_lens, lens, q)
             packed = dict(query_start_loc=self._store.place_tables(loc, self.k_cache), max_query_len=most)
         call = canonicalize_paged(q, self.k_cache, self.v_cache, self.block_tables(seq_ids),
-                                  self.context_lens(seq_ids), scale, window_size, sinks=sinks,
+                                  self.context_lens(seq_ids), scale, window_size, softcap=softcap,
+                                  alibi_slopes=alibi_slopes, sinks=sinks,
                                   tables_checked_max=max(lens + [0]), **packed)
         return api.attend_paged(call, self.backend)
 

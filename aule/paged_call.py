@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from . import masks, settings
-from .call import (FLOAT_DTYPES, Grouped, Placed, array_kind, check_float_dtypes, check_scale, check_sinks,
-                   device_of, dtype_name, int_table, is_torch_tensor, shape_tuple)
+from .call import (FLOAT_DTYPES, Grouped, Placed, array_kind, check_alibi, check_float_dtypes, check_scale,
+                   check_sinks, check_softcap, device_of, dtype_name, int_table, is_torch_tensor, shape_tuple)
 
 
 @dataclass
@@ -66,6 +66,10 @@ class PagedCall(Grouped):
     right: int
     max_context: int  # longest context when the host checked the tables, else an upper bound (sizing only)
     checks: str = "host"  # where the tables are bounds-checked: "host", "device" or "trusted" (module doc)
+    softcap: float = 0.0  # > 0: scores become softcap * tanh(score / softcap) (aule.masks)
+    # ALiBi slopes as float32 [batch, heads_q], or None: score -= slope * |pos(row) - j|, the row's
+    # position in its sequence (context_lens[b] - n_b + r) as the key's
+    alibi: Any = field(default=None, compare=False, repr=False)
     # Attention sinks as float32 [heads_q], or None (aule.masks)
     sinks: Any = field(default=None, compare=False, repr=False)
     # Packed calls (vLLM's layout): the [batch + 1] row offsets into q [num_tokens, heads_q, head_dim]
@@ -92,7 +96,8 @@ class PagedCall(Grouped):
     @property
     def features(self) -> frozenset:
         """The optional features this call uses (see :attr:`aule.call.AttentionCall.features`)."""
-        return frozenset({"sinks"}) if self.sinks is not None else frozenset()
+        return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None),
+                                               ("sinks", self.sinks is not None)) if on)
 
     def describe(self) -> str:
         q = (f"packed q[{self.num_tokens},{self.heads_q},{self.head_dim}] of {self.batch} sequences (at most "
@@ -326,7 +331,7 @@ def _q_layout(q, packed: bool) -> tuple:
 
 
 def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
-                       sinks=None, max_context_len=None, query_start_loc=None, max_query_len=None,
+                       softcap=0.0, alibi_slopes=None, sinks=None, max_context_len=None, query_start_loc=None, max_query_len=None,
                        tables_checked_max: int | None = None) -> PagedCall:
     """Validate the public arguments of :func:`aule.flash_attention_paged` once.
 
@@ -396,7 +401,8 @@ def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=No
         kind=cache_kind, q_kind=qk, device=cache_dev, dtype=dtype, batch=bts[0], heads_q=heads_q,
         heads_kv=heads_kv, q_len=q_len, head_dim=head_dim, num_blocks=num_blocks,
         block_size=block_size, max_blocks=bts[1], scale=check_scale(scale, head_dim), left=left,
-        right=right, max_context=max_context, checks=checks, sinks=check_sinks(sinks, heads_q),
+        right=right, max_context=max_context, checks=checks, softcap=check_softcap(softcap),
+        alibi=check_alibi(alibi_slopes, bts[0], heads_q), sinks=check_sinks(sinks, heads_q),
         query_start_loc=query_start_loc, num_tokens=num_tokens)
 
 

@@ -55,14 +55,25 @@ def paged_reference(q, ks, vs, query_start_loc=None, scale=None, window_size=-1,
     ``[batch, heads_q, q_len, head_dim]``, or packed ``[num_tokens, heads_q, head_dim]`` with
     ``query_start_loc [batch + 1]``; either way each sequence's rows are its last positions,
     causal among themselves (:func:`aule.flash_attention_paged`). ``features`` as in
-    :func:`attention_reference` (``sinks=``). Returns float64 in q's layout.
+    :func:`attention_reference` (``softcap=``, ``sinks=``, ``alibi_slopes=`` ``[heads_q]`` or
+    ``[batch, heads_q]``, sequence ``b`` taking its row). Each sequence is attended alone with
+    bottom-right positions, which puts its rows at their positions in it: ALiBi's distances are
+    the paged call's. Returns float64 in q's layout.
     """
     q = np.asarray(q, dtype=np.float64)
     out = np.zeros_like(q)
+    slopes = features.pop("alibi_slopes", None)
+    if slopes is not None:
+        slopes = np.asarray(slopes, np.float64)
+        slopes = np.broadcast_to(slopes, (len(ks), slopes.shape[-1]))
+
+    def seq_features(b):
+        return features if slopes is None else dict(features, alibi_slopes=slopes[b])
+
     if query_start_loc is None:
         for b in range(q.shape[0]):
             out[b] = attention_reference(q[b:b + 1], ks[b][None], vs[b][None], causal=True, scale=scale,
-                                         window_size=window_size, **features)[0]
+                                         window_size=window_size, **seq_features(b))[0]
         return out
     loc = np.asarray(query_start_loc, dtype=np.int64)
     for b in range(len(loc) - 1):
@@ -70,6 +81,6 @@ def paged_reference(q, ks, vs, query_start_loc=None, scale=None, window_size=-1,
         if hi > lo:
             rows = q[lo:hi].transpose(1, 0, 2)[None]  # [1, heads_q, n_b, head_dim]
             o = attention_reference(rows, ks[b][None], vs[b][None], causal=True, scale=scale,
-                                    window_size=window_size, **features)
+                                    window_size=window_size, **seq_features(b))
             out[lo:hi] = o[0].transpose(1, 0, 2)
     return out

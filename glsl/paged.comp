@@ -17,6 +17,9 @@
 // rows walks no key). The window follows aule/masks.py (keys j >= pos - left), through mask.glsl.
 // A split that saw a NaN (or +inf) score writes a NaN (+inf) log-sum-exp, which makes the merged
 // row NaN, as one split would.
+// Softcap and ALiBi (flags bits 1 and 2) modify every score, each row with its own head's slope and
+// its position in the sequence (aule/masks.py). Sinks (bit 3) are one more term of a row's whole
+// softmax, so they join once: at the end with one split, else in the merge, never in a partial.
 // Every loop but the key-tile loop (and the merge's loops over the splits) runs a number of times
 // fixed by the specialization constants and is unrolled: lavapipe ends an invocation after 65535
 // loop iterations in total (plans.paged_loop_iterations counts them).
@@ -59,13 +62,18 @@ layout(push_constant) uniform PagedParams {
     uint mode;         // 0 attention, 1 merge splits
     uint packed;       // 1: q and the output are [num_tokens, Hq, D], rows from query_start_loc
     uint batch;        // sequences; packed, query_start_loc follows their lengths in binding 4
+    float softcap2;    // softcap * log2(e) where flags bit 1 is set: the cap of base-2 scores
+    uint flags;        // bit 1 softcap, bit 2 ALiBi, bit 3 sinks (attn_common.glsl's bits)
+    uint slopes_at;    // binding 4: ALiBi slopes [B, Hq] from here, sinks [Hq] from sinks_at
+    uint sinks_at;     //   (float32 bits, natural units), after the lengths and offsets
 } pc;
 
 layout(std430, binding = 0) readonly buffer QB { ELEM4 q[]; };        // [B, Hq, q_len, D] or [tokens, Hq, D]
 layout(std430, binding = 1) readonly buffer KB { ELEM4 kc[]; };       // [blocks, bs, Hkv, D]
 layout(std430, binding = 2) readonly buffer VB { ELEM4 vc[]; };
 layout(std430, binding = 3) readonly buffer TB { int block_tables[]; };
-// context_lens [B], then, packed, query_start_loc [B + 1]: one upload, within the runtime's bindings.
+// context_lens [B], then, packed, query_start_loc [B + 1], then the features' slopes and sinks: one
+// upload, within the runtime's bindings.
 layout(std430, binding = 4) readonly buffer CB { int context_lens[]; };
 layout(std430, binding = 5) buffer OB { ELEM4 o[]; };                 // q's layout
 layout(std430, binding = 6) buffer POB { vec4 part_o[]; };            // [rows of o, splits, D]
@@ -84,6 +92,26 @@ shared float Ps[BM * SP];     // their probabilities (a second array: Ss is stil
 shared float row_a[BM];       // per-row rescale factor of the tile, then the final l
 shared float row_m[2 * BM];   // running row maxima, double-buffered by tile parity
 shared uint row_bad[BM];      // 1: the row saw a NaN score (GLSL's max() is undefined for NaN)
+shared float row_slope2[BM];  // the row's ALiBi slope in base 2 (read once, used per score)
+
+const float LOG2E = 1.44269504088896340736;
+
+float feature(uint at) { return intBitsToFloat(context_lens[at]); }
+
+// Score s2 (base 2) of the row at position pos and key j after softcap, then ALiBi, as masks.py
+// orders them; masking comes after. The arithmetic of attn_common.glsl's modified_score (tanh from
+// exp2: +-inf gives +-1, NaN stays NaN), over this shader's push constants.
+float paged_score(float s2, int pos, int j, float slope2) {
+    if ((pc.flags & 2u) != 0u) {
+        const float t = s2 / pc.softcap2;
+        s2 = pc.softcap2 * (1.0 - 2.0 / (exp2(2.0 * LOG2E * t) + 1.0));
+    }
+    if ((pc.flags & 4u) != 0u) s2 -= slope2 * abs(float(pos - j));
+    return s2;
+}
+
+// The head's sink in base 2 (its natural-log logit in binding 4).
+float sink2_of(uint head) { return feature(pc.sinks_at + head) * LOG2E; }
 
 // The next key tile, fetched into registers while the current one is computed. The loads are
 // unconditional (keys outside the tile's range read slot 0 and are zeroed when stored), so none sits
@@ -128,12 +156,19 @@ void merge_splits() {
         bad = bad || isnan(x) || x == POS_INF;
         m = max(m, x);
     }
+    // The sink joins the merged row as one more term of value 0 (masks._join_sink); a row that saw no
+    // key then has total 1 and a zero accumulator: zeros.
+    const bool sink = (pc.flags & 8u) != 0u && !bad;
+    const uint heads_q = pc.heads_kv * pc.group;
+    const float sink2 = sink ? sink2_of(pc.packed != 0u ? gl_WorkGroupID.y : gl_WorkGroupID.x % heads_q) : 0.0;
+    if (sink) m = max(m, sink2);
     float m_safe = AULE_SOFTMAX_SHIFT(m);
+    const float extra = sink ? exp2(sink2 - m_safe) : 0.0;
     [[unroll]] for (uint a = 0; a < NM; ++a) {
         const uint c = gl_LocalInvocationID.x + a * WG;
         if (c < D4) {
             vec4 acc = vec4(0);
-            float total = 0.0;
+            float total = extra;
             for (uint s = 0; s < S; ++s) {
                 const vec2 ml = part_ml[row * S + s];
                 float w = ml.y * exp2(ml.x - m_safe);   // 0 for empty splits (l = 0, m = -inf)
@@ -200,6 +235,10 @@ void main() {
         if (r < BM) {
             row_m[r] = NEG_INF;
             row_bad[r] = 0u;
+            const int row = r0 + int(r);
+            const uint head = hk * pc.group + uint(row) % pc.group;
+            row_slope2[r] = (pc.flags & 4u) != 0u && row < r1
+                ? feature(pc.slopes_at + b * pc.heads_kv * pc.group + head) * LOG2E : 0.0;
         }
     }
 
@@ -230,7 +269,7 @@ void main() {
                 // Causal among the rows (right = 0) over the context's keys; that also keeps the key
                 // inside [k_lo, k_hi), the tile range this workgroup loaded.
                 bool ok = AULE_VISIBLE(pos, j, ctx, pc.left, 0);
-                s_own[k] = ok ? s * pc.scale_log2 : NEG_INF;
+                s_own[k] = ok ? paged_score(s * pc.scale_log2, pos, j, row_slope2[r]) : NEG_INF;
                 Ss[r * SP + n] = s_own[k];
                 if (isnan(s_own[k])) row_bad[r] = 1u;   // every writer stores the same value
             }
@@ -292,9 +331,19 @@ void main() {
             uint qi = uint(row) / pc.group, head = hk * pc.group + uint(row) % pc.group;
             uint orow = q_row(b, head, start, qi);
             // aule's numeric rule (mask.glsl) on the row, or on this split's share of it.
-            const float l = row_a[r], m = row_m[fin * BM + r];
+            float l = row_a[r], m = row_m[fin * BM + r];
             const bool bad = row_bad[r] != 0u;
-            vec4 out_v = AULE_ROW_OUT(vec4, acc[a], AULE_ROW_INV(m, l, bad));
+            // One split: the sink joins here (factor a on the accumulator; 0 for a row that saw no key,
+            // which AULE_ROW_OUT then writes as exact zeros). NaN and +inf rows keep their rule.
+            float a_sink = 1.0;
+            if (pc.num_splits == 1u && (pc.flags & 8u) != 0u && !bad && m != POS_INF) {
+                const float sink2 = sink2_of(head);
+                const float mn = max(m, sink2);
+                a_sink = exp2(m - mn);
+                l = l * a_sink + exp2(sink2 - mn);
+                m = mn;
+            }
+            vec4 out_v = AULE_ROW_OUT(vec4, acc[a], a_sink * AULE_ROW_INV(m, l, bad));
             if (pc.num_splits == 1u) {
                 o[orow * D4 + c] = ELEM4(out_v);
             } else {

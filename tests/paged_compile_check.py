@@ -1,5 +1,6 @@
-"""Compile the bounds-checking paged kernels for an H100/H200 (sm90) without a GPU: Triton's
-compiler and the ptxas it ships need no device. The interpreter accepts code the compiler refuses
+"""Compile the bounds-checking paged kernels (with and without softcap, ALiBi and sinks, and the
+split-K merge) for an H100/H200 (sm90) without a GPU: Triton's compiler and the ptxas it ships need
+no device. The interpreter accepts code the compiler refuses
 (a global that is no constexpr, mismatched atomic operand types), so this is what catches it on a
 CPU machine. Run in its own process: the interpreter must not be on (``TRITON_INTERPRET`` unset).
 """
@@ -29,16 +30,25 @@ def compile_kernel(fn, pointers: dict, scalars: dict, constexprs: dict) -> str:
 def main() -> int:
     strides = ("qb qh qm qd kb kt kh kd vb vt vh vd bt ob oh om od").split()
     attn = ""
-    for packed in (False, True):  # packed: the query offsets' checks too
+    # packed: the query offsets' checks too; features: softcap, ALiBi and sinks, the sinks joined
+    # after the last tile (unsplit) or in the merge (split).
+    for packed, split, features in ((False, True, False), (True, True, False), (True, False, True),
+                                    (False, True, True)):
         attn += compile_kernel(
             tp._paged_attn_fwd,
             {"Q": "*fp16", "KC": "*fp16", "VC": "*fp16", "BT": "*i64", "CL": "*i32", "QSL": "*i32", "O": "*fp16",
-             "PO": "*fp32", "PL": "*fp32", "ERR": "*i64", "DIRTY": "*i64"},
+             "PO": "*fp32", "PL": "*fp32", "ERR": "*i64", "DIRTY": "*i64", "ALIBI": "*fp32", "SINKS": "*fp32"},
             {**{"stride_" + n: "i32" for n in strides}, "HEADS_KV": "i32", "NUM_SPLITS": "i32", "scale2": "fp32",
-             "LEFT": "i32", "NUM_BLOCKS": "i32", "CAPACITY": "i32", "BATCH": "i32", "NUM_TOKENS": "i32",
-             "MAX_Q": "i32"},
+             "cap_in": "fp32", "cap_out": "fp32", "LEFT": "i32", "NUM_BLOCKS": "i32", "CAPACITY": "i32",
+             "BATCH": "i32", "NUM_TOKENS": "i32", "MAX_Q": "i32"},
             dict(Q_LEN=1, GROUP=4, BLOCK_M=16, BLOCK_SIZE=16, BLOCK_N=64, HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False,
-                 SPLIT=True, UPCAST=False, WIDE=False, PRECISION="tf32", CHECK=True, PACKED=packed))
+                 SPLIT=split, UPCAST=False, WIDE=False, PRECISION="tf32", CHECK=True, PACKED=packed,
+                 SOFTCAP=features, HAS_ALIBI=features, HAS_SINKS=features))
+    for packed in (False, True):
+        compile_kernel(
+            tp._paged_attn_merge, {"PO": "*fp32", "PL": "*fp32", "O": "*fp16", "SINKS": "*fp32"},
+            {**{"stride_" + n: "i32" for n in "ob oh om od".split()}, "HEADS_Q": "i32", "NUM_SPLITS": "i32"},
+            dict(Q_LEN=1, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=8, PACKED=packed, HAS_SINKS=True))
     strides = ("kt kh kd vt vh vd cb ct ch cd db dt dh dd").split()
     copy = compile_kernel(
         tp._copy_kv_to_paged,

@@ -108,21 +108,18 @@ def test_matrix_core_selection_keeps_the_features(monkeypatch):
         assert select.select("float16", 128, h200, features=frozenset(f.split())).name == "coopmat"
 
 
-def test_paged_vulkan_refuses_sinks():
+def test_paged_vulkan_applies_softcap_alibi_and_sinks():
+    """paged.comp applies the three score features; they are no reason to refuse a paged call
+    (tests/test_paged_features.py checks the results)."""
     from aule import backends
     from aule.paged_call import canonicalize_paged
 
     rng = np.random.default_rng(2)
     q = rng.standard_normal((1, 2, 1, 16)).astype(np.float32)
     kc = rng.standard_normal((4, 4, 2, 16)).astype(np.float32)
-    call = canonicalize_paged(q, kc, kc, np.array([[0, 1]], np.int32), np.array([6], np.int32),
-                              sinks=np.array([0.1, 0.2], np.float32))
-    b = backends.get("vulkan")
-    b.__dict__["unavailable_reason"] = None
-    try:
-        assert b.why_not("paged_attention", call, True) == "backend 'vulkan' does not apply sinks yet"
-    finally:
-        del b.__dict__["unavailable_reason"]
+    call = canonicalize_paged(q, kc, kc, np.array([[0, 1]], np.int32), np.array([6], np.int32), softcap=3.0,
+                              alibi_slopes=np.array([0.5, 0.25], np.float32), sinks=np.array([0.1, 0.2], np.float32))
+    assert backends.get("vulkan").missing_features(call) is None
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -4,7 +4,8 @@ Attention gathers, per sequence, only the blocks the window can see into one con
 ``[heads_kv, n, head_dim]`` run and hands it to :func:`attention_numpy`, the dense backend's
 online-softmax loop. The gathered run ends at the sequence's last key, so bottom-right alignment
 (``seq_q = q_len``, ``seq_k = n``) puts every query row at its true position relative to the
-gathered keys, and the window's left/right distances carry over unchanged. Extra memory: the
+gathered keys, and the window's left/right distances carry over unchanged, as do ALiBi's (it reads
+only the distance ``pos(i) - j``, which the gather's shift leaves as it was). Extra memory: the
 visible part of one sequence's K and V. A packed call (``query_start_loc``) runs each sequence's
 rows through the same loop as a batch of one.
 """
@@ -21,12 +22,12 @@ def visible_key_span(context_len: int, q_len: int, left: int, right: int) -> tup
     return masks.key_range(0, q_len, q_len, context_len, left, right)
 
 
-def paged_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale, left, right, sinks=None,
-                          query_start_loc=None):
+def paged_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale, left, right, softcap=0.0,
+                          alibi=None, sinks=None, query_start_loc=None):
     """``q [B, Hq, q_len, D]`` (or packed ``[num_tokens, Hq, D]`` with ``query_start_loc [B + 1]``,
-    host-checked) over NumPy caches ``[num_blocks, block_size, Hkv, D]``, with ``sinks [Hq]`` or
-    ``None``; returns the output in q's layout and the accumulation dtype (float32, or float64 for
-    float64 inputs)."""
+    host-checked) over NumPy caches ``[num_blocks, block_size, Hkv, D]``, with ``softcap``, ``alibi
+    [B, Hq]`` and ``sinks [Hq]`` (float32, or ``None``) as in :mod:`aule.masks`; returns the output
+    in q's layout and the accumulation dtype (float32, or float64 for float64 inputs)."""
     acc_t = np.float64 if q.dtype == np.float64 else np.float32
     out = np.zeros(q.shape, dtype=acc_t)
     for i in range(len(context_lens)):
@@ -37,8 +38,9 @@ def paged_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale
             if lo == hi:
                 continue
             rows = q[lo:hi].transpose(1, 0, 2)[None]  # a batch of one, [1, Hq, n_b, D]: the dense layout
+        features = dict(softcap=softcap, alibi=None if alibi is None else alibi[i:i + 1], sinks=sinks)
         o = _attend_sequence(rows, k_cache, v_cache, block_tables[i], int(context_lens[i]), scale, left, right,
-                             sinks)
+                             features)
         if o is None:
             continue
         if query_start_loc is None:
@@ -48,9 +50,10 @@ def paged_attention_numpy(q, k_cache, v_cache, block_tables, context_lens, scale
     return out
 
 
-def _attend_sequence(rows, k_cache, v_cache, table, length: int, scale, left, right, sinks):
+def _attend_sequence(rows, k_cache, v_cache, table, length: int, scale, left, right, features):
     """One sequence's ``rows [1, Hq, n, D]`` (its last n positions) over its blocks: ``[Hq, n, D]``,
-    or None when no row sees a key (the output stays zeros, with or without sinks)."""
+    or None when no row sees a key (the output stays zeros, with or without sinks). ``features``:
+    :func:`attention_numpy`'s softcap, alibi (this sequence's ``[1, Hq]``) and sinks."""
     bs, hk, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     k_lo, k_hi = visible_key_span(length, rows.shape[2], left, right)
     if k_lo >= k_hi:
@@ -61,7 +64,7 @@ def _attend_sequence(rows, k_cache, v_cache, table, length: int, scale, left, ri
     kk = k_cache[ids].reshape(-1, hk, d)[:n].transpose(1, 0, 2)[None]
     vv = v_cache[ids].reshape(-1, hk, d)[:n].transpose(1, 0, 2)[None]
     o, _ = attention_numpy(np.ascontiguousarray(rows), np.ascontiguousarray(kk), np.ascontiguousarray(vv),
-                           scale, left, right, sinks=sinks)
+                           scale, left, right, **features)
     return o[0]
 
 

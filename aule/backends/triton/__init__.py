@@ -23,10 +23,10 @@ class TritonBackend(Backend):
     ops = ("attention", "paged_attention", "varlen_attention", "write_kv", "kv_store")
     differentiable = True
     # Compile-time flags of the dense kernels (forward and backward), sinks with their gradient;
-    # the paged kernels apply none of them (paged_features), so paged calls with sinks are refused.
+    # the paged kernels apply softcap, ALiBi and sinks (forward only: paged attention has no backward).
     features = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask"})
     grad_features = frozenset({"sinks"})
-    paged_features = frozenset()
+    paged_features = frozenset({"softcap", "alibi", "sinks"})
     flavour = "cuda"  # torch.version.cuda / torch.version.hip: which build this backend needs
     # The paged kernels bounds-check the tables themselves (error flags, no read-back).
     checks_tables = True
@@ -164,7 +164,8 @@ class TritonBackend(Backend):
         return paged_attention_triton(call.q, call.k_cache, call.v_cache, call.block_tables,
                                       call.context_lens, call.scale, call.left, call.max_context,
                                       check=call.checks == "device", query_start_loc=call.query_start_loc,
-                                      max_query_len=call.q_len if call.packed else None)
+                                      max_query_len=call.q_len if call.packed else None,
+                                      softcap=call.softcap, alibi=call.alibi, sinks=call.sinks)
 
     def write_kv(self, call):
         from .paged import copy_kv_triton

@@ -11,6 +11,11 @@ Decode has few rows and, with a short batch, few programs: the context is then s
 are merged by a second kernel. Keys outside the window or past the context are masked out of
 every load, so they are never read, and no NaN in unused cache memory can reach the output.
 
+Softcap and ALiBi (SOFTCAP, HAS_ALIBI) modify every score as the dense kernels do
+(:func:`aule.backends.triton.kernels._scores2`), each row with its own head's slope and its position
+in the sequence. Sinks (HAS_SINKS) are one more term of each row's whole softmax, so they join once:
+after the last key tile when the context is not split, else in the merge, never in a split's partial.
+
 With ``CHECK`` on (tables from the caller, not from a :class:`aule.kv_cache.PagedKVCache`) the
 kernels check every table entry they are about to follow instead of the host reading the tables
 back, which would be a synchronisation: a context length outside ``[0, max_blocks * block_size]``
@@ -29,7 +34,7 @@ import triton.language as tl
 
 from . import flags as _flags
 from .common import LOG2E, MAX_HEAD_DIM, block_d, cdiv, interpreting, next_pow2, torch_gpu_flavour
-from .kernels import _finish_rows, _shift
+from .kernels import _finish_rows, _join_sink, _scores2, _shift
 
 log = logging.getLogger("aule")
 
@@ -58,14 +63,14 @@ def _record(ERR, DIRTY, code: tl.constexpr, i0, i1, value):
 
 @triton.jit
 def _paged_tiles(acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_from, t_to, k_lo, k_hi, pos, LEFT,
-                 scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-                 b, ERR, DIRTY, NUM_BLOCKS,
+                 scale2, cap_in, cap_out, slope2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb,
+                 stride_vt, stride_vd, b, ERR, DIRTY, NUM_BLOCKS,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
                  MASKED: tl.constexpr, PAD_D: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
-                 PRECISION: tl.constexpr, CHECK: tl.constexpr):
+                 PRECISION: tl.constexpr, CHECK: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Online softmax over key tiles ``[t_from, t_to)``. MASKED tiles may cross the context's
     ends, the window or the causal diagonal; the others are fully visible to every row and load
-    without predicates."""
+    without predicates. ``slope2 [BLOCK_M]``: each row's ALiBi slope times log2(e)."""
     for t in range(t_from, t_to):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -95,7 +100,8 @@ def _paged_tiles(acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_from, t_to, k
             k = tl.load(k_ptrs)
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale2
+        s, _ = _scores2(tl.dot(q, tl.trans(k), input_precision=PRECISION), pos[:, None], offs_n[None, :], scale2,
+                        cap_in, cap_out, slope2[:, None], SOFTCAP, HAS_ALIBI)
         if MASKED:
             vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
             if HAS_LEFT:
@@ -157,16 +163,17 @@ def _query_rows(QSL, b, ctx, ERR, DIRTY, BATCH, NUM_TOKENS, MAX_Q, CHECK: tl.con
 
 @triton.jit
 def _paged_attn_fwd(
-        Q, KC, VC, BT, CL, QSL, O, PO, PL, ERR, DIRTY,
+        Q, KC, VC, BT, CL, QSL, O, PO, PL, ERR, DIRTY, ALIBI, SINKS,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kt, stride_kh, stride_kd,
         stride_vb, stride_vt, stride_vh, stride_vd,
         stride_bt, stride_ob, stride_oh, stride_om, stride_od,
-        HEADS_KV, NUM_SPLITS, scale2, LEFT, NUM_BLOCKS, CAPACITY, BATCH, NUM_TOKENS, MAX_Q,
+        HEADS_KV, NUM_SPLITS, scale2, cap_in, cap_out, LEFT, NUM_BLOCKS, CAPACITY, BATCH, NUM_TOKENS, MAX_Q,
         Q_LEN: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
         SPLIT: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
-        CHECK: tl.constexpr, PACKED: tl.constexpr):
+        CHECK: tl.constexpr, PACKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+        HAS_SINKS: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -238,20 +245,34 @@ def _paged_attn_fwd(
     kv_head_k = KC + hk * stride_kh
     kv_head_v = VC + hk * stride_vh
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b * (HEADS_KV * GROUP) + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    else:
+        slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, l_i, m_i = _paged_tiles(
         acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_start, tl.minimum(t_end, u_lo), k_lo, k_hi, pos,
-        LEFT, scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-        b, ERR, DIRTY, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION, CHECK)
+        LEFT, scale2, cap_in, cap_out, slope2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt,
+        stride_vd, b, ERR, DIRTY, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION,
+        CHECK, SOFTCAP, HAS_ALIBI)
     acc, l_i, m_i = _paged_tiles(
         acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, tl.maximum(t_start, u_lo), tl.minimum(t_end, u_hi),
-        k_lo, k_hi, pos, LEFT, scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt,
-        stride_vd, b, ERR, DIRTY, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, HAS_LEFT, False, PAD_D, UPCAST, WIDE, PRECISION,
-        CHECK)
+        k_lo, k_hi, pos, LEFT, scale2, cap_in, cap_out, slope2, offs_d, d_ok, stride_kb, stride_kt, stride_kd,
+        stride_vb, stride_vt, stride_vd, b, ERR, DIRTY, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, HAS_LEFT, False, PAD_D,
+        UPCAST, WIDE, PRECISION, CHECK, SOFTCAP, HAS_ALIBI)
     acc, l_i, m_i = _paged_tiles(
         acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, tl.maximum(t_start, u_hi), t_end, k_lo, k_hi, pos,
-        LEFT, scale2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt, stride_vd,
-        b, ERR, DIRTY, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION, CHECK)
+        LEFT, scale2, cap_in, cap_out, slope2, offs_d, d_ok, stride_kb, stride_kt, stride_kd, stride_vb, stride_vt,
+        stride_vd, b, ERR, DIRTY, NUM_BLOCKS, BLOCK_SIZE, BLOCK_N, HAS_LEFT, True, PAD_D, UPCAST, WIDE, PRECISION,
+        CHECK, SOFTCAP, HAS_ALIBI)
 
+    if HAS_SINKS:
+        if not SPLIT:  # split, the merge joins it
+            # A row that saw no key is zeros, whatever 0 * value its accumulator holds (the join scales
+            # it by 0 and gives it l = 1).
+            unseen = m_i == float("-inf")
+            sink2 = tl.load(SINKS + head, mask=row_ok, other=0.0) * 1.4426950408889634
+            acc, l_i, m_i = _join_sink(acc, l_i, m_i, sink2)
+            acc = tl.where(unseen[:, None], 0.0, acc)
     out, lse2 = _finish_rows(acc, l_i, m_i)
     if SPLIT:
         # Partial result of this split: its output and its (maximum, sum) in base 2, merged by
@@ -270,9 +291,9 @@ def _paged_attn_fwd(
 
 
 @triton.jit
-def _paged_attn_merge(PO, PL, O, stride_ob, stride_oh, stride_om, stride_od, HEADS_Q, NUM_SPLITS,
+def _paged_attn_merge(PO, PL, O, SINKS, stride_ob, stride_oh, stride_om, stride_od, HEADS_Q, NUM_SPLITS,
                       Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_S: tl.constexpr, PACKED: tl.constexpr):
+                      BLOCK_S: tl.constexpr, PACKED: tl.constexpr, HAS_SINKS: tl.constexpr):
     row = tl.program_id(0)  # (row of q, head) flattened, rows numbered as _paged_attn_fwd's tok0 does
     head = row % HEADS_Q
     tok = row // HEADS_Q
@@ -289,8 +310,15 @@ def _paged_attn_merge(PO, PL, O, stride_ob, stride_oh, stride_om, stride_od, HEA
     ms = tl.load(PL + at, mask=s_ok, other=float("-inf"))
     ls = tl.load(PL + at + 1, mask=s_ok, other=0.0)
     m = tl.max(ms, 0)  # skips NaN: a NaN split shows in total instead
+    if HAS_SINKS:
+        # The sink joins the merged row once, as one more term of value 0 (no split holds it).
+        sink2 = tl.load(SINKS + head) * 1.4426950408889634
+        m = tl.maximum(m, sink2)  # keeps a +inf maximum: the row stays NaN
+        extra = tl.math.exp2(sink2 - _shift(m))
+    else:
+        extra = 0.0
     w = ls * tl.math.exp2(ms - _shift(m))  # 0 for empty splits and padding lanes
-    total = tl.sum(w, 0)
+    total = tl.sum(w, 0) + extra
     part = tl.load(PO + (row * NUM_SPLITS + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
                    mask=s_ok[:, None], other=0.0)
     ok = (tl.abs(m) < float("inf")) & (total == total)
@@ -400,7 +428,8 @@ def _close_flag(flag, device) -> None:
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, left, max_context,
-                           out=None, config=None, check=False, query_start_loc=None, max_query_len=None):
+                           out=None, config=None, check=False, query_start_loc=None, max_query_len=None,
+                           softcap=0.0, alibi=None, sinks=None):
     """Launch the paged kernels on validated torch tensors (see :mod:`aule.paged_call`).
 
     ``left`` is the window's left extent (-1 unbounded; paged attention is always causal).
@@ -410,7 +439,8 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     host has not checked); off, the tables must be valid. With ``query_start_loc [batch + 1]`` q
     is packed ``[num_tokens, Hq, D]`` and ``max_query_len`` (default ``num_tokens``) bounds each
     sequence's rows: it sizes the grid (row tiles per sequence) and the split, so no offset is read
-    here. Returns ``out`` (q's shape and dtype). Nothing here reads device memory back, and the
+    here. ``softcap``, ``alibi [B, Hq]`` and ``sinks [Hq]`` (float32 NumPy arrays or tensors, or
+    ``None``) as in :mod:`aule.masks`. Returns ``out`` (q's shape and dtype). Nothing here reads device memory back, and the
     scratch is allocated per call, so inside a CUDA graph capture it comes from the graph's pool
     and the launch replays as is.
     """
@@ -448,11 +478,16 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     # A packed q and output are [num_tokens, Hq, D]: as [B, Hq, rows, D] with no batch stride.
     q_strides = (0, q.stride(1), q.stride(0), q.stride(2)) if packed else q.stride()
     o_strides = (0, out.stride(1), out.stride(0), out.stride(2)) if packed else out.stride()
+    # The features' small tables go where the kernels read them (copies: validated NumPy tables may be
+    # read-only views of the caller's arrays); absent ones pass any tensor, never read.
+    alibi_t, sinks_t = (out if x is None else torch.tensor(x, dtype=torch.float32, device=q.device).contiguous()
+                        for x in (alibi, sinks))
+    cap_in, cap_out = (float(scale) / softcap, softcap * LOG2E) if softcap else (0.0, 0.0)
     grid = (batch * heads_kv, m_tiles, splits)
     _paged_attn_fwd[grid](
-        q, k_cache, v_cache, block_tables, context_lens, qsl, out, po, pl, err, dirty,
+        q, k_cache, v_cache, block_tables, context_lens, qsl, out, po, pl, err, dirty, alibi_t, sinks_t,
         *q_strides, *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *o_strides,
-        heads_kv, splits, float(scale) * LOG2E, max(left, 0), num_blocks,
+        heads_kv, splits, float(scale) * LOG2E, cap_in, cap_out, max(left, 0), num_blocks,
         # Key positions are int32 in the kernel; no table holds more keys than that anyway.
         min(max_blocks * block_size, 2 ** 31 - 1), batch, num_tokens, q_len,
         # Packed, the row bound is a runtime argument: a new num_tokens every step compiles nothing.
@@ -463,12 +498,13 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
         WIDE=max(k_cache.numel(), v_cache.numel(), q.numel()) >= 2 ** 31 - 2 ** 20,
         # float32 callers get float32 products, not tf32 (decode is memory-bound: it costs nothing).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CHECK=check, PACKED=packed,
+        SOFTCAP=bool(softcap), HAS_ALIBI=alibi is not None, HAS_SINKS=sinks is not None,
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _paged_attn_merge[(num_tokens * heads_q,)](
-            po, pl, out, *o_strides, heads_q, splits,
+            po, pl, out, sinks_t, *o_strides, heads_q, splits,
             Q_LEN=1 if packed else q_len, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_S=max(2, next_pow2(splits)),
-            PACKED=packed, num_warps=4)
+            PACKED=packed, HAS_SINKS=sinks is not None, num_warps=4)
     _close_flag(flag, q.device)
     return out
 

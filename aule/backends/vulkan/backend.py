@@ -61,9 +61,9 @@ class VulkanBackend(Backend):
     name = "vulkan"
     ops = ("attention", "paged_attention", "varlen_attention", "write_kv", "kv_store")
     # What the scalar attention shaders apply (the variant chosen for such a call is one of them,
-    # select.py); paged.comp applies none.
+    # select.py); paged.comp applies softcap, ALiBi and sinks (not attn_mask, which paged calls lack).
     features = SCORE_FEATURES
-    paged_features = frozenset()
+    paged_features = frozenset({"softcap", "alibi", "sinks"})
 
     def _probe(self):
         try:

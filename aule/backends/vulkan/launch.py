@@ -17,7 +17,7 @@ from ...errors import UnsupportedError
 from ...masks import no_key_lse
 from ..base import nothing_to_compute
 from .plans import (COPY_WG, EXTRAS_ROWS, Shape, attention_plan, bind, bind_within, copy_pushes, extras_array,
-                    extras_flags, mask_array, mask_shape, offset_alignment, paged_plan)
+                    extras_flags, mask_array, mask_shape, offset_alignment, paged_features, paged_plan)
 from .runtime import Dispatch
 from .select import variant_for
 from .shaders import pipeline
@@ -199,11 +199,13 @@ def paged_attention(call, ctx, timestamps: bool = False):
         qb = held.device_buffer(ctx, call.q, elem)
         kb, vb = held.device_buffer(ctx, call.k_cache, elem), held.device_buffer(ctx, call.v_cache, elem)
         bt = held.upload(ctx, _int32(call.block_tables))
-        # A packed call's offsets follow the lengths in one buffer. Host-checked (Vulkan's tables always
-        # are): the shader follows them as they are.
-        lens = _int32(call.context_lens)
+        # A packed call's offsets follow the lengths in one buffer, and the features' slopes and sinks
+        # follow them (plans.paged_features): every binding the runtime allows is taken. Host-checked
+        # (Vulkan's tables always are): the shader follows them as they are.
+        lens = [_int32(call.context_lens)]
         if call.packed:
-            lens = np.concatenate([lens, _int32(call.query_start_loc)])
+            lens.append(_int32(call.query_start_loc))
+        lens = np.concatenate(lens + [paged_features(call)[1]])
         cl = held.upload(ctx, lens)
         out_t = GpuTensor.empty(shape, elem) if call.q_kind == "gpu" else None
         ob = out_t.buffer if out_t is not None else held.acquire(ctx, q_bytes)

@@ -232,9 +232,9 @@ TARGET_GROUPS = {"gpu": 512, "cpu": 64}
 
 def paged_shared_bytes(bm: int, bn: int, d: int, elem_bytes: int) -> int:
     """Mirror of glsl/paged.comp's shared arrays: Q in fp32, K/V tiles in the storage type, scores,
-    probabilities and row statistics in fp32 (row_a, row_m twice, row_bad)."""
+    probabilities and row statistics in fp32 (row_a, row_m twice, row_bad, row_slope2)."""
     d4 = d // 4
-    return 16 * bm * d4 + 4 * elem_bytes * (bn * (d4 + 1) + bn * d4) + 4 * (2 * bm * (bn + 1) + 4 * bm)
+    return 16 * bm * d4 + 4 * elem_bytes * (bn * (d4 + 1) + bn * d4) + 4 * (2 * bm * (bn + 1) + 5 * bm)
 
 
 def paged_tiles(rows: int, d: int, info, elem_bytes: int) -> tuple[int, int] | None:
@@ -325,6 +325,21 @@ def _paged_grids(call, bm: int, splits: int) -> tuple[tuple, tuple]:
     return attend, (call.batch * call.heads_q, call.q_len, 1)
 
 
+def paged_features(call) -> tuple[int, np.ndarray]:
+    """``(flags, words)`` of a paged call's softcap, ALiBi and sinks: the push constant's flag bits
+    (attn_common.glsl's) and the int32 words that follow the lengths (and a packed call's offsets)
+    in binding 4, the slopes ``[B, Hq]`` then the sinks ``[Hq]`` as float32 bits."""
+    flags = (2 if call.softcap else 0) | (EXTRAS_ALIBI if call.alibi is not None else 0) \
+        | (EXTRAS_SINKS if call.sinks is not None else 0)
+    parts = [np.asarray(x, np.float32).reshape(-1).view(np.int32) for x in (call.alibi, call.sinks) if x is not None]
+    return flags, np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def paged_lengths_words(call) -> int:
+    """Words of binding 4 before the features: the lengths, then a packed call's offsets."""
+    return call.batch + (call.batch + 1 if call.packed else 0)
+
+
 def paged_plan(call, info) -> PagedPlan:
     elem = np.dtype(call.dtype)
     bm, bn = paged_tiles(call.group * call.q_len, call.head_dim, info, elem.itemsize)
@@ -336,6 +351,9 @@ def paged_plan(call, info) -> PagedPlan:
     pc["left"] = unbounded_beyond(call.left, call.max_context)
     pc["scale_log2"] = call.scale * LOG2E
     pc["num_splits"], pc["mode"], pc["packed"], pc["batch"] = splits, 0, int(call.packed), call.batch
+    pc["softcap2"], pc["flags"] = call.softcap * LOG2E, paged_features(call)[0]
+    pc["slopes_at"] = paged_lengths_words(call)
+    pc["sinks_at"] = pc["slopes_at"] + (call.batch * call.heads_q if call.alibi is not None else 0)
     attend_groups, merge_groups = _paged_grids(call, bm, splits)
     attend = (pc.tobytes(), attend_groups)
     merge = None

@@ -55,7 +55,7 @@ ATTN_PUSH = push_block([
 PAGED_PUSH = push_block([
     ("heads_kv", "<u4"), ("group", "<u4"), ("q_len", "<u4"), ("block_size", "<u4"), ("max_blocks", "<u4"),
     ("left", "<i4"), ("scale_log2", "<f4"), ("num_splits", "<u4"), ("mode", "<u4"), ("packed", "<u4"),
-    ("batch", "<u4"),
+    ("batch", "<u4"), ("softcap2", "<f4"), ("flags", "<u4"), ("slopes_at", "<u4"), ("sinks_at", "<u4"),
 ])
 # `CopyParams` in glsl/copy_kv_to_paged.comp.
 COPY_PUSH = push_block([("row_words", "<u4"), ("num_tokens", "<u4"), ("token_base", "<u4")])
