@@ -5,8 +5,6 @@
 
 #include "mask.glsl"
 
-const float LN2 = 0.69314718055994530942;   // log-sum-exp: base 2 inside, natural log out
-const float LOG2E = 1.44269504088896340736;
 
 // A score in base 2 from the fp32 dot product q.k: scaled after the product, never folded into q,
 // so half q needs no room for the scale and equal products (exact for integer-valued inputs such
@@ -114,11 +112,8 @@ float head_slope2(uint head) {
 // masking comes after. tanh from exp2 keeps +-inf at +-1 and NaN NaN, which GLSL's tanh leaves
 // undefined.
 float modified_score(float s2, int i, int j, float slope2) {
-    if ((pc.flags & 2u) != 0u) {
-        const float t = s2 / pc.softcap2;
-        s2 = pc.softcap2 * (1.0 - 2.0 / (exp2(2.0 * LOG2E * t) + 1.0));
-    }
-    if ((pc.flags & 4u) != 0u) s2 -= slope2 * abs(float(i + key_offset() - j));
+    if ((pc.flags & 2u) != 0u) s2 = AULE_SOFTCAP2(s2, pc.softcap2);
+    if ((pc.flags & 4u) != 0u) s2 = AULE_ALIBI2(s2, slope2, i + key_offset(), j);
     return s2;
 }
 
@@ -128,10 +123,8 @@ float modified_score(float s2, int i, int j, float slope2) {
 float join_sink(inout float m, inout float l, bool bad, uint head) {
     if ((pc.flags & 8u) == 0u || bad || m == POS_INF) return 1.0;
     const float sink2 = uintBitsToFloat(extras[pc.x_base + pc.x_stride + head]) * LOG2E;
-    const float mn = max(m, sink2);
-    const float a = exp2(m - mn);
-    l = l * a + exp2(sink2 - mn);
-    m = mn;
+    float a;
+    AULE_JOIN_SINK(m, l, sink2, a)
     return a;
 }
 

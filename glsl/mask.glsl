@@ -7,6 +7,8 @@
 #ifndef AULE_MASK
 #define AULE_MASK
 
+const float LN2 = 0.69314718055994530942;   // log-sum-exp: base 2 inside, natural log out
+const float LOG2E = 1.44269504088896340736;
 const float NEG_INF = -1.0 / 0.0;
 const float POS_INF = 1.0 / 0.0;
 // A quiet NaN, built from its bits: glslang would fold 0.0 / 0.0 with a warning.
@@ -36,5 +38,21 @@ const float POS_INF = 1.0 / 0.0;
 // The base-2 log-sum-exp (multiply by LN2 for the natural log).
 #define AULE_ROW_LSE2(m, l, bad) \
     ((bad) ? AULE_NAN : ((m) == NEG_INF || (m) == POS_INF ? (m) : (m) + log2(l)))
+
+// softcap (aule/masks.py) on a base-2 score s2 with the cap c2 = softcap * log2(e): c2 * tanh(s2 / c2),
+// the tanh from exp2, so +-inf gives +-c2 and NaN stays NaN (GLSL's tanh leaves both undefined).
+#define AULE_SOFTCAP2(s2, c2) ((c2) * (1.0 - 2.0 / (exp2(2.0 * LOG2E * ((s2) / (c2))) + 1.0)))
+
+// ALiBi on a base-2 score: the slope (base 2) times the distance between query position and key.
+#define AULE_ALIBI2(s2, slope2, pos, j) ((s2) - (slope2) * abs(float((pos) - (j))))
+
+// A finished row's (m, l), both base 2, joined by a sink of base-2 logit sink2 as one more term of
+// value 0 (masks._join_sink): the factor its accumulators take, 0 for a row that saw no key (m = -inf).
+// Callers keep NaN and +inf rows out (their rule stands).
+#define AULE_JOIN_SINK(m, l, sink2, a) { \
+    const float aule_mn = max((m), (sink2)); \
+    (a) = exp2((m) - aule_mn); \
+    (l) = (l) * (a) + exp2((sink2) - aule_mn); \
+    (m) = aule_mn; }
 
 #endif

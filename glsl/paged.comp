@@ -94,19 +94,14 @@ shared float row_m[2 * BM];   // running row maxima, double-buffered by tile par
 shared uint row_bad[BM];      // 1: the row saw a NaN score (GLSL's max() is undefined for NaN)
 shared float row_slope2[BM];  // the row's ALiBi slope in base 2 (read once, used per score)
 
-const float LOG2E = 1.44269504088896340736;
-
 float feature(uint at) { return intBitsToFloat(context_lens[at]); }
 
 // Score s2 (base 2) of the row at position pos and key j after softcap, then ALiBi, as masks.py
-// orders them; masking comes after. The arithmetic of attn_common.glsl's modified_score (tanh from
-// exp2: +-inf gives +-1, NaN stays NaN), over this shader's push constants.
+// orders them; masking comes after: mask.glsl's arithmetic, as attn_common.glsl's modified_score
+// applies it, over this shader's push constants.
 float paged_score(float s2, int pos, int j, float slope2) {
-    if ((pc.flags & 2u) != 0u) {
-        const float t = s2 / pc.softcap2;
-        s2 = pc.softcap2 * (1.0 - 2.0 / (exp2(2.0 * LOG2E * t) + 1.0));
-    }
-    if ((pc.flags & 4u) != 0u) s2 -= slope2 * abs(float(pos - j));
+    if ((pc.flags & 2u) != 0u) s2 = AULE_SOFTCAP2(s2, pc.softcap2);
+    if ((pc.flags & 4u) != 0u) s2 = AULE_ALIBI2(s2, slope2, pos, j);
     return s2;
 }
 
@@ -338,10 +333,7 @@ void main() {
             float a_sink = 1.0;
             if (pc.num_splits == 1u && (pc.flags & 8u) != 0u && !bad && m != POS_INF) {
                 const float sink2 = sink2_of(head);
-                const float mn = max(m, sink2);
-                a_sink = exp2(m - mn);
-                l = l * a_sink + exp2(sink2 - mn);
-                m = mn;
+                AULE_JOIN_SINK(m, l, sink2, a_sink)
             }
             vec4 out_v = AULE_ROW_OUT(vec4, acc[a], a_sink * AULE_ROW_INV(m, l, bad));
             if (pc.num_splits == 1u) {
