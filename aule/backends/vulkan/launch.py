@@ -44,14 +44,40 @@ def _int32(x) -> np.ndarray:
 
 
 class _Held(list):
-    """Leases taken for one call, released when it ends however it ends."""
+    """Leases and transfers taken for one call, released when it ends however it ends.
+
+    ``uploads``/``downloads`` collect the GPU copies of :meth:`staged` inputs and
+    :meth:`readback` results, for the call's own submission (``ctx.run(..., uploads=,
+    downloads=)``): host data costs no submission of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.uploads, self.downloads = [], []
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for lease in self:
-            lease.release()
+        for held in self:
+            held.release()
+
+    def staged(self, ctx, x, dtype):
+        """``x``'s device buffer: a GpuTensor's own, else a lease that the copies added to
+        ``uploads`` fill (already filled where device memory is mapped)."""
+        if isinstance(x, GpuTensor):
+            return x.buffer
+        lease, transfer = ctx.stage(np.ascontiguousarray(to_numpy(x), dtype=dtype))
+        self += (lease, transfer)
+        self.uploads += transfer.copies
+        return lease.buffer
+
+    def readback(self, ctx, buf, shape, dtype):
+        """The transfer of ``buf``'s first bytes into a new host array of ``shape`` and ``dtype``,
+        its copies added to ``downloads``: ``finish()`` it after the run."""
+        transfer = ctx.readback(buf, ctx.host_empty(shape, dtype))
+        self.append(transfer)
+        self.downloads += transfer.copies
+        return transfer
 
     def upload(self, ctx, array: np.ndarray):
         """The device buffer of a lease holding ``array``, released with the others."""
@@ -152,14 +178,15 @@ def attention(call, ctx, timestamps: bool = False):
             return o, lse, ctx.run(dispatches, timestamps=timestamps)
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
-    with _Held() as held:
-        bufs = tuple(held.device_buffer(ctx, x, elem) for x in (call.q, call.k, call.v))
+    with _Held() as held:  # one submission: uploads, dispatches, downloads
+        bufs = tuple(held.staged(ctx, x, elem) for x in (call.q, call.k, call.v))
         ob = held.acquire(ctx, out_bytes)
         lb = held.acquire(ctx, lse_bytes) if call.return_lse else _dummy_buffer(ctx)
-        xb = held.upload(ctx, extras) if extras is not None else _dummy_buffer(ctx)
-        ns = ctx.run(bind(pipe, chunks, bufs + (ob, lb, xb)), timestamps=timestamps)
-        out = ctx.download(ob, np.empty(rows + (shape.head_dim,), elem))
-        lse = ctx.download(lb, np.empty(rows, np.float32)) if call.return_lse else None
+        xb = held.staged(ctx, extras, extras.dtype) if extras is not None else _dummy_buffer(ctx)
+        out = held.readback(ctx, ob, rows + (shape.head_dim,), elem)
+        lse = held.readback(ctx, lb, rows, np.float32) if call.return_lse else None
+        ns = ctx.run(bind(pipe, chunks, bufs + (ob, lb, xb)), held.uploads, held.downloads, timestamps)
+        out, lse = out.finish(), (lse.finish() if lse is not None else None)
     return like(out, call.q), (lse_like(lse, call.q) if lse is not None else None), ns
 
 
