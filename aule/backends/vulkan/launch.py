@@ -58,7 +58,9 @@ class _Held(list):
         return self
 
     def __exit__(self, *exc):
-        for held in self:
+        # Last taken, first given back: the pool hands buffers out last-in first-out, so the next
+        # call binds the same buffer in the same place and re-submits its recording.
+        for held in reversed(self):
             held.release()
 
     def staged(self, ctx, x, dtype):

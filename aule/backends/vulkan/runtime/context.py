@@ -62,7 +62,10 @@ class Context:
         self.pool, self.upload_pool, self.download_pool = _memory.make_pools(self, self.memory)
         self.copier = _memory.Copier(s.copy_threads)
         self._host_pointer_fn = None
-        self.host_import = s.host_import and self._enable_host_import()
+        # Where the device can import host memory, the setting decides whether transfers do
+        # (the probe script flips ``host_import`` to compare both ways in one process).
+        self.host_import_available = self._enable_host_import()
+        self.host_import = s.host_import and self.host_import_available
         # The per-call sequence, re-recorded by a run() seen for the first time; its queries are
         # the timing ones.
         self._runner = Sequence(self, timestamps=2, one_time=True)
@@ -74,8 +77,8 @@ class Context:
                  "pooled" if self.upload_pool else "none", "pooled" if self.download_pool else "none",
                  self.copier.threads,
                  ("on (alignment %d)" % self.memory.import_alignment) if self.host_import else
-                 ("off (AULE_VULKAN_HOST_IMPORT=1 turns it on)" if "VK_EXT_external_memory_host"
-                  in self.info.extensions else "unavailable (no VK_EXT_external_memory_host)"),
+                 ("off (AULE_VULKAN_HOST_IMPORT=1 turns it on)" if self.host_import_available
+                  else "unavailable (no VK_EXT_external_memory_host)"),
                  "re-submitted when repeated" if self.reuse else "made anew for every call")
 
     RECORDINGS = 32

@@ -210,6 +210,9 @@ class BufferPool:
         with self.lock:
             while self.cached > limit and self.free:
                 size, bucket = next(iter(self.free.items()))
+                if not bucket:  # emptied by acquire
+                    del self.free[size]
+                    continue
                 buf = bucket.pop(0)
                 if not bucket:
                     del self.free[size]
