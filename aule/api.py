@@ -79,7 +79,7 @@ def _compiling(x) -> bool:
 # paged attention and KV writes
 
 def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
-                          backend=None, sinks=None, max_context_len=None):
+                          backend=None, sinks=None, max_context_len=None, query_start_loc=None, max_query_len=None):
     """Attention of ``q`` over a paged (block-table) KV cache, vLLM's layout.
 
     ``q [batch, heads_q, q_len, head_dim]``: the last ``q_len`` positions of each sequence, causal
@@ -89,12 +89,24 @@ def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale
     :func:`aule.flash_attention`, and so are ``sinks`` (served by the NumPy backend for now). Returns
     an array like ``q``. ``max_context_len`` (vLLM's ``max_seq_len``, optional): the longest context,
     which sizes the launch (split-K) without reading ``context_lens``; longer contexts are still
-    attended in full. Bad tables raise ``ValueError``: host tables before any kernel runs; CUDA tables
-    are checked by the kernel, never read back, and raise at the next aule call after it finished (at
-    once with ``AULE_CHECK_SYNC=1``).
+    attended in full.
+
+    Packed batches (vLLM's layout): with ``query_start_loc [batch + 1]`` (int32, from 0,
+    non-decreasing, ending at ``num_tokens``) q is ``[num_tokens, heads_q, head_dim]`` and sequence
+    ``b``'s rows are ``q[query_start_loc[b]:query_start_loc[b + 1]]``, its last ``n_b`` positions
+    (row ``r`` at position ``context_lens[b] - n_b + r``, ``n_b <= context_lens[b]``), causal among
+    themselves: decode rows, chunked-prefill chunks and speculative drafts of any lengths (0
+    included) share one call. The output has q's packed shape. ``max_query_len`` (vLLM's, optional)
+    bounds every ``n_b`` and sizes the launch without reading ``query_start_loc``; a sequence with
+    more rows is an error. Without it ``num_tokens`` is the bound.
+
+    Bad tables raise ``ValueError``: host tables before any kernel runs; CUDA tables
+    (``query_start_loc`` included) are checked by the kernel, never read back, and raise at the
+    next aule call after it finished (at once with ``AULE_CHECK_SYNC=1``).
     """
     call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size, sinks=sinks,
-                              max_context_len=max_context_len)
+                              max_context_len=max_context_len, query_start_loc=query_start_loc,
+                              max_query_len=max_query_len)
     return attend_paged(call, backend)
 
 

@@ -10,6 +10,12 @@ are deterministic (no atomics), so ``deterministic`` holds whatever its value.
 Not served yet, and refused with an error naming the argument rather than ignored: ``dropout_p > 0``,
 ``block_table`` in :func:`flash_attn_varlen_func` and, in :func:`flash_attn_with_kvcache`, rotary
 embedding, ``cache_batch_idx``, ``cache_leftpad``, and ``softcap`` or ``alibi_slopes`` over a paged cache.
+
+Under ``torch.compile`` :func:`flash_attn_func` and the packed forms trace into one aule custom op
+(:func:`aule.flash_attention`), so ``fullgraph=True`` holds. :func:`flash_attn_varlen_func` and
+:func:`flash_attn_with_kvcache` read ``cu_seqlens`` / ``cache_seqlens`` and block tables on the host
+to cut the batch into sequences, which a traced graph cannot: Dynamo breaks the graph at them and
+runs them eagerly, and ``fullgraph=True`` fails at once with that reason.
 """
 from __future__ import annotations
 
@@ -17,12 +23,26 @@ import numbers
 
 import numpy as np
 
+try:  # flash-attn's callers hold torch tensors; NumPy callers need no torch
+    import torch
+except ImportError:
+    torch = None
+
 from .api import copy_kv_to_paged, flash_attention, flash_attention_paged, flash_attention_varlen
 from .arrays import to_numpy
 from .errors import UnsupportedError
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_with_kvcache"]
+
+
+def _eager_under_compile(reason: str):
+    """Run the decorated function outside any graph: ``torch.compile`` breaks the graph at it, and
+    ``fullgraph=True`` raises naming ``reason``. Built when the function is defined, since Dynamo
+    cannot trace the building."""
+    def wrap(fn):
+        return fn if torch is None else torch.compiler.disable(fn, reason=reason)
+    return wrap
 
 
 def _refuse_dropout(dropout_p) -> None:
@@ -69,6 +89,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     return _seq_first(res)
 
 
+@_eager_under_compile("aule's flash_attn_varlen_func reads cu_seqlens on the host to cut the batch into "
+                      "sequences, which a traced graph cannot: it runs eagerly, outside the graph")
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
@@ -132,11 +154,11 @@ def _like(values, ref):
     """``values`` (int32 NumPy) as the type of ``ref`` (a torch tensor's device), for table arguments."""
     if isinstance(ref, np.ndarray):
         return values
-    import torch
-
     return torch.from_numpy(values).to(ref.device)
 
 
+@_eager_under_compile("aule's flash_attn_with_kvcache reads cache_seqlens (and a block_table) on the host "
+                      "to find each sequence's keys, which a traced graph cannot: it runs eagerly, outside the graph")
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -199,6 +221,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                               alibi_slopes=None if alibi_slopes is None else _batch_row(alibi_slopes, b))
         outs.append(res[0])
         lses.append(res[1])
-    cat = np.concatenate if isinstance(q, np.ndarray) else __import__("torch").cat
+    cat = np.concatenate if isinstance(q, np.ndarray) else torch.cat
     out = _seq_first(cat(outs, 0))
     return (out, cat(lses, 0)) if return_softmax_lse else out

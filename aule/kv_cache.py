@@ -183,16 +183,45 @@ class PagedKVCache:
         lens = np.asarray([self._lens[self._known(s)] for s in seq_ids], dtype=np.int32)
         return self._store.place_tables(lens, self.k_cache)
 
-    def attention(self, q, seq_ids, scale=None, window_size=-1, *, sinks=None):
+    def attention(self, q, seq_ids, scale=None, window_size=-1, *, sinks=None, query_lens=None):
         """:func:`aule.flash_attention_paged` of ``q [len(seq_ids), heads_q, q_len, head_dim]`` over
         this cache. The tables come from this cache's own bookkeeping, so they are not read back to
-        be checked (no host synchronisation on a GPU); ``q`` is validated as usual."""
+        be checked (no host synchronisation on a GPU); ``q`` is validated as usual.
+
+        ``query_lens`` (one row count per sequence, host ints): q is packed ``[sum(query_lens),
+        heads_q, head_dim]``, sequence ``i``'s rows its last ``query_lens[i]`` positions (decode,
+        prefill chunks and drafts in one call); the cache builds ``query_start_loc`` itself from
+        counts it checks against its own lengths, so that is not read back either."""
         seq_ids = list(seq_ids)
-        longest = max([self._lens[self._known(s)] for s in seq_ids] + [0])
+        lens = [self._lens[self._known(s)] for s in seq_ids]
+        packed = {}
+        if query_lens is not None:
+            loc, most = self._query_start_loc(query_lens, lens, q)
+            packed = dict(query_start_loc=self._store.place_tables(loc, self.k_cache), max_query_len=most)
         call = canonicalize_paged(q, self.k_cache, self.v_cache, self.block_tables(seq_ids),
                                   self.context_lens(seq_ids), scale, window_size, sinks=sinks,
-                                  tables_checked_max=longest)
+                                  tables_checked_max=max(lens + [0]), **packed)
         return api.attend_paged(call, self.backend)
+
+    @staticmethod
+    def _query_start_loc(query_lens, lens, q):
+        """``(query_start_loc int32 [n + 1], longest)`` of checked row counts for sequences of
+        ``lens`` tokens and a packed ``q``."""
+        counts = list(query_lens)
+        if len(counts) != len(lens) or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0
+                                           for n in counts):
+            raise ValueError(f"query_lens must hold one int >= 0 per sequence ({len(lens)}), got {query_lens!r}")
+        for i, (n, length) in enumerate(zip(counts, lens)):
+            if n > length:
+                raise ValueError(f"query_lens[{i}] = {n} but the sequence holds {length} tokens: its query rows "
+                                 "are its last positions, so there may be at most that many (append first)")
+        total = int(sum(counts))
+        rows = shape_tuple(q)
+        if len(rows) != 3 or rows[0] != total:
+            raise ValueError(f"with query_lens, q must be [sum(query_lens) = {total}, heads_q, head_dim], "
+                             f"got shape {rows}")
+        loc = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32)
+        return loc, max(counts + [0])
 
     def gather(self, seq_id):
         """The sequence's keys and values as contiguous NumPy arrays ``[heads_kv, len, head_dim]``

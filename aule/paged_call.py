@@ -3,15 +3,20 @@ the storage a :class:`aule.kv_cache.PagedKVCache` asks a backend for.
 
 Layout (vLLM's): ``k_cache, v_cache [num_blocks, block_size, heads_kv, head_dim]``,
 ``block_tables [batch, max_blocks]`` (integer block ids), ``context_lens [batch]`` (tokens of each
-sequence, the new ones included), ``q [batch, heads_q, q_len, head_dim]``.
+sequence, the new ones included), ``q [batch, heads_q, q_len, head_dim]``; or, packed (vLLM's
+layout, with ``query_start_loc [batch + 1]``), ``q [num_tokens, heads_q, head_dim]`` where
+sequence ``b``'s ``n_b = query_start_loc[b + 1] - query_start_loc[b]`` rows are
+``q[query_start_loc[b]:query_start_loc[b + 1]]``.
 
-Meaning: the ``q_len`` query rows of sequence ``b`` are its LAST ``q_len`` positions, so row ``i``
-sits at key position ``context_lens[b] - q_len + i`` and is causal with respect to the others
-(decode when ``q_len == 1``; chunked prefill and speculative verification otherwise). Windows
-follow :mod:`aule.masks` with ``seq_q = q_len`` and ``seq_k = context_lens[b]``. Key ``j`` of
-sequence ``b`` lives in block ``block_tables[b, j // block_size]`` at row ``j % block_size``.
+Meaning: the ``q_len`` (packed: ``n_b``) query rows of sequence ``b`` are its LAST positions, so
+row ``i`` sits at key position ``context_lens[b] - q_len + i`` and is causal with respect to the
+others (decode when ``q_len == 1``; chunked prefill and speculative verification otherwise; packed,
+all of them in one batch). Windows follow :mod:`aule.masks` with ``seq_q = q_len`` and ``seq_k =
+context_lens[b]``. Key ``j`` of sequence ``b`` lives in block ``block_tables[b, j // block_size]``
+at row ``j % block_size``. ``query_start_loc`` starts at 0, never decreases and ends at
+``num_tokens``, and no sequence has more rows than keys (``n_b <= context_lens[b]``).
 
-Every integer a kernel would use as an address (block ids, lengths, slots) is checked before it
+Every integer a kernel would use as an address (block ids, lengths, query offsets, slots) is checked before it
 is followed, so a bad table raises ``ValueError`` instead of reading out of bounds. Where depends
 on where the tables live (``checks`` on the call):
 
@@ -51,7 +56,7 @@ class PagedCall(Grouped):
     batch: int
     heads_q: int
     heads_kv: int
-    q_len: int
+    q_len: int  # rows per sequence; packed: the most any sequence has (host-checked), else a bound
     head_dim: int
     num_blocks: int
     block_size: int
@@ -63,6 +68,26 @@ class PagedCall(Grouped):
     checks: str = "host"  # where the tables are bounds-checked: "host", "device" or "trusted" (module doc)
     # Attention sinks as float32 [heads_q], or None (aule.masks)
     sinks: Any = field(default=None, compare=False, repr=False)
+    # Packed calls (vLLM's layout): the [batch + 1] row offsets into q [num_tokens, heads_q, head_dim]
+    query_start_loc: Any = field(default=None, compare=False, repr=False)
+    num_tokens: int = 0  # rows of a packed q (batch * q_len for the 4-D layout)
+
+    @property
+    def packed(self) -> bool:
+        return self.query_start_loc is not None
+
+    @property
+    def rows(self) -> int:
+        """Query rows of the call (per head): what the output holds."""
+        return self.num_tokens if self.packed else self.batch * self.q_len
+
+    def check_on_host(self) -> None:
+        """Check tables left to the device on the host instead (one read-back), for a backend whose
+        kernels do not check them; the call is then ``"host"``-checked and exactly sized."""
+        self.max_context = check_tables(self.block_tables, self.context_lens, self.num_blocks, self.block_size)
+        if self.packed:
+            self.q_len = check_query_start_loc(self.query_start_loc, self.num_tokens, self.context_lens, self.q_len)
+        self.checks = "host"
 
     @property
     def features(self) -> frozenset:
@@ -70,7 +95,10 @@ class PagedCall(Grouped):
         return frozenset({"sinks"}) if self.sinks is not None else frozenset()
 
     def describe(self) -> str:
-        return (f"paged q[{self.batch},{self.heads_q},{self.q_len},{self.head_dim}] "
+        q = (f"packed q[{self.num_tokens},{self.heads_q},{self.head_dim}] of {self.batch} sequences (at most "
+             f"{self.q_len} rows each)" if self.packed else f"paged q[{self.batch},{self.heads_q},{self.q_len},"
+             f"{self.head_dim}]")
+        return (f"{q} "
                 f"cache[{self.num_blocks},{self.block_size},{self.heads_kv},{self.head_dim}] "
                 f"{self.dtype} on {self.device} window=({self.left},{self.right}) "
                 f"max_context={self.max_context}")
@@ -211,6 +239,69 @@ def check_max_context_len(max_context_len, capacity: int) -> int:
     return min(int(max_context_len), capacity)
 
 
+def check_max_query_len(max_query_len, num_tokens: int) -> int:
+    """``max_query_len`` (vLLM's): ``None`` or an int >= 0, at least 1 when there are rows; the bound on
+    any sequence's rows that sizes the launch, never above ``num_tokens``. ``None`` sizes from
+    ``num_tokens`` itself. Unlike ``max_context_len`` it is a promise: a sequence with more rows is an
+    error (its rows past the bound would have no program to compute them)."""
+    if max_query_len is None:
+        return num_tokens
+    if isinstance(max_query_len, bool) or not isinstance(max_query_len, (int, np.integer)) or max_query_len < 0:
+        raise ValueError(f"max_query_len must be None or an int >= 0 (the most query rows any sequence has in "
+                         f"query_start_loc, which sizes the launch), got {max_query_len!r}")
+    if max_query_len == 0 and num_tokens > 0:
+        raise ValueError(f"max_query_len = 0 but q holds num_tokens = {num_tokens} rows, so some sequence has at "
+                         "least one (query_start_loc runs from 0 to num_tokens)")
+    return min(int(max_query_len), num_tokens)
+
+
+def _host_ints(t) -> np.ndarray:
+    """A NumPy or torch integer table as int64 NumPy (one read-back for device tensors)."""
+    if is_torch_tensor(t):
+        t = t.cpu().numpy()
+    return np.asarray(t).astype(np.int64, copy=False)
+
+
+def check_query_start_loc(query_start_loc, num_tokens: int, context_lens, max_query_len: int) -> int:
+    """Check a packed call's row offsets; returns the most rows any sequence has.
+
+    ``query_start_loc [batch + 1]`` must start at 0, stay within ``[0, num_tokens]``, never
+    decrease and end at ``num_tokens``; sequence ``b``'s ``n_b`` rows may number at most
+    ``max_query_len`` and at most ``context_lens[b]`` (they are its last positions). The
+    messages name the rule, the index and the value; the device kernels' are worded alike
+    (:mod:`aule.backends.triton.flags`).
+    """
+    loc = _host_ints(query_start_loc)
+    if loc[0] != 0:
+        raise ValueError(f"query_start_loc must start at 0, got query_start_loc[0] = {int(loc[0])}")
+    out = (loc < 0) | (loc > num_tokens)
+    if out.any():
+        i = int(np.argmax(out))
+        raise ValueError(f"query_start_loc[{i}] = {int(loc[i])} is outside [0, num_tokens = {num_tokens}] "
+                         "(q.shape[0], the packed rows)")
+    n = np.diff(loc)
+    if (n < 0).any():
+        i = int(np.argmax(n < 0)) + 1
+        raise ValueError(f"query_start_loc must be non-decreasing, got query_start_loc[{i}] = {int(loc[i])} < "
+                         f"query_start_loc[{i - 1}] = {int(loc[i - 1])}")
+    if loc[-1] != num_tokens:
+        raise ValueError(f"query_start_loc must end at num_tokens = {num_tokens} (q.shape[0]), got "
+                         f"query_start_loc[{len(loc) - 1}] = {int(loc[-1])}")
+    if not n.size:
+        return 0
+    if n.max() > max_query_len:
+        b = int(np.argmax(n))
+        raise ValueError(f"sequence {b} has {int(n[b])} query rows (query_start_loc[{b + 1}] - query_start_loc[{b}]), "
+                         f"more than max_query_len = {max_query_len}")
+    over = n > _host_ints(context_lens)
+    if over.any():
+        b = int(np.argmax(over))
+        raise ValueError(f"sequence {b} has {int(n[b])} query rows (query_start_loc[{b + 1}] - query_start_loc[{b}]) "
+                         f"but context_lens[{b}] = {int(_host_ints(context_lens)[b])}: its rows are its last "
+                         "positions, so there may be at most context_lens[b] of them")
+    return int(n.max())
+
+
 def _check_on_cache_device(cache_kind: str, cache_dev: str, named: dict) -> None:
     """Torch tables must sit on the caches' device (a kernel would read them there)."""
     if cache_kind != "torch":
@@ -220,14 +311,30 @@ def _check_on_cache_device(cache_kind: str, cache_dev: str, named: dict) -> None
             raise ValueError(f"{n} is on {t.device} but the caches are on {cache_dev}")
 
 
+def _q_layout(q, packed: bool) -> tuple:
+    """``(rows per batch entry or None, heads_q, q_len or None, head_dim, num_tokens)`` of q."""
+    qs = shape_tuple(q)
+    if not packed:
+        if len(qs) != 4:
+            raise ValueError(f"q must be 4-D [batch, heads_q, q_len, head_dim], got shape {qs} (a packed 3-D q "
+                             "[num_tokens, heads_q, head_dim] takes query_start_loc)")
+        return qs[0], qs[1], qs[2], qs[3], qs[0] * qs[2]
+    if len(qs) != 3:
+        raise ValueError(f"with query_start_loc, q must be 3-D [num_tokens, heads_q, head_dim] (vLLM's packed "
+                         f"layout), got shape {qs}")
+    return None, qs[1], None, qs[2], qs[0]
+
+
 def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
-                       sinks=None, max_context_len=None, tables_checked_max: int | None = None) -> PagedCall:
+                       sinks=None, max_context_len=None, query_start_loc=None, max_query_len=None,
+                       tables_checked_max: int | None = None) -> PagedCall:
     """Validate the public arguments of :func:`aule.flash_attention_paged` once.
 
     ``tables_checked_max`` is for :class:`aule.kv_cache.PagedKVCache` only: tables it built itself
     are valid by construction, so it passes their longest context and the contents are not read
-    back (on a GPU that read-back is a synchronisation). Shapes, dtypes and devices are checked
-    regardless. Device tables are left to the kernels (module doc).
+    back (on a GPU that read-back is a synchronisation); its ``query_start_loc`` too, built from
+    row counts it checked, with ``max_query_len`` their maximum. Shapes, dtypes and devices are
+    checked regardless. Device tables are left to the kernels (module doc).
     """
     qk = array_kind(q, "q")
     cache_kind, cache_dev, dtype, cs = check_cache_pair(k_cache, v_cache)
@@ -240,39 +347,57 @@ def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=No
     elif qk != cache_kind or qdev != cache_dev:
         raise TypeError(f"q and the caches must be the same kind of array on one device, got q: {qk} on "
                         f"{qdev}, caches: {cache_kind} on {cache_dev}")
+    packed = query_start_loc is not None
+    if max_query_len is not None and not packed:
+        raise ValueError("max_query_len bounds the rows of a packed call; it takes query_start_loc (a 4-D q "
+                         "has q_len rows per sequence)")
     qs = shape_tuple(q)
-    if len(qs) != 4:
-        raise ValueError(f"q must be 4-D [batch, heads_q, q_len, head_dim], got shape {qs}")
+    q_batch, heads_q, q_len, q_dim, num_tokens = _q_layout(q, packed)
     qdt = dtype_name(q)
     if qdt != dtype:
         raise TypeError(f"q and the caches must share one dtype, got q: {qdt}, caches: {dtype}")
     num_blocks, block_size, heads_kv, head_dim = cs
-    if qs[3] != head_dim:
-        raise ValueError(f"head_dim differs: q {qs}, k_cache {cs} (q dimension 3 must equal cache dimension 3)")
-    if qs[1] == 0 or qs[1] % heads_kv:
-        raise ValueError(f"heads_q ({qs[1]}) must be a positive multiple of heads_kv ({heads_kv}) for "
+    if q_dim != head_dim:
+        raise ValueError(f"head_dim differs: q {qs}, k_cache {cs} (q's last dimension must equal cache dimension 3)")
+    if heads_q == 0 or heads_q % heads_kv:
+        raise ValueError(f"heads_q ({heads_q}) must be a positive multiple of heads_kv ({heads_kv}) for "
                          f"grouped-query attention; q {qs}, k_cache {cs}")
     block_tables = int_table(block_tables, "block_tables", 2)
     context_lens = int_table(context_lens, "context_lens", 1)
     bts, cls = shape_tuple(block_tables), shape_tuple(context_lens)
-    if bts[0] != qs[0] or cls[0] != qs[0]:
+    tables = {"block_tables": block_tables, "context_lens": context_lens}
+    if packed:
+        query_start_loc = int_table(query_start_loc, "query_start_loc", 1)
+        qsl = shape_tuple(query_start_loc)
+        if cls[0] != bts[0] or qsl[0] != bts[0] + 1:
+            raise ValueError(f"batch sizes differ: block_tables {bts}, context_lens {cls}, query_start_loc {qsl} "
+                             "(query_start_loc holds batch + 1 offsets)")
+        if bts[0] == 0 and num_tokens:
+            raise ValueError(f"query_start_loc {qsl} names no sequence, but q holds num_tokens = {num_tokens} rows")
+        tables["query_start_loc"] = query_start_loc
+    elif bts[0] != q_batch or cls[0] != q_batch:
         raise ValueError(f"batch sizes differ: q {qs}, block_tables {bts}, context_lens {cls} "
                          "(dimension 0 must match)")
-    _check_on_cache_device(cache_kind, cache_dev, {"block_tables": block_tables, "context_lens": context_lens})
+    _check_on_cache_device(cache_kind, cache_dev, tables)
     left, right = masks.canonical_window(True, window_size)
     bound = check_max_context_len(max_context_len, bts[1] * block_size)
+    if packed:
+        q_len = check_max_query_len(max_query_len, num_tokens)
     if tables_checked_max is not None:
         checks, max_context = "trusted", int(tables_checked_max)
-    elif device_checked(cache_kind, block_tables, context_lens):
+    elif device_checked(cache_kind, *tables.values()):
         checks, max_context = "device", bound
     else:
         checks, max_context = "host", check_tables(block_tables, context_lens, num_blocks, block_size)
+        if packed:
+            q_len = check_query_start_loc(query_start_loc, num_tokens, context_lens, q_len)
     return PagedCall(
         q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens,
-        kind=cache_kind, q_kind=qk, device=cache_dev, dtype=dtype, batch=qs[0], heads_q=qs[1],
-        heads_kv=heads_kv, q_len=qs[2], head_dim=head_dim, num_blocks=num_blocks,
+        kind=cache_kind, q_kind=qk, device=cache_dev, dtype=dtype, batch=bts[0], heads_q=heads_q,
+        heads_kv=heads_kv, q_len=q_len, head_dim=head_dim, num_blocks=num_blocks,
         block_size=block_size, max_blocks=bts[1], scale=check_scale(scale, head_dim), left=left,
-        right=right, max_context=max_context, checks=checks, sinks=check_sinks(sinks, qs[1]))
+        right=right, max_context=max_context, checks=checks, sinks=check_sinks(sinks, heads_q),
+        query_start_loc=query_start_loc, num_tokens=num_tokens)
 
 
 def check_slots(slot_mapping, capacity: int) -> None:

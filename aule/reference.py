@@ -46,3 +46,30 @@ def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return
         sink = None if sinks is None else np.asarray(sinks, np.float64)[None, :, None]
         out, lse = masks.finish_rows(m, p.sum(axis=-1), np.einsum("bhqk,bhkd->bhqd", p, vx), sink)
     return (out, lse) if return_lse else out
+
+
+def paged_reference(q, ks, vs, query_start_loc=None, scale=None, window_size=-1, **features):
+    """Reference paged attention on each sequence's contiguous keys and values, in float64.
+
+    ``ks[b], vs[b]``: sequence ``b``'s ``[heads_kv, context_len, head_dim]``. ``q`` is
+    ``[batch, heads_q, q_len, head_dim]``, or packed ``[num_tokens, heads_q, head_dim]`` with
+    ``query_start_loc [batch + 1]``; either way each sequence's rows are its last positions,
+    causal among themselves (:func:`aule.flash_attention_paged`). ``features`` as in
+    :func:`attention_reference` (``sinks=``). Returns float64 in q's layout.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    out = np.zeros_like(q)
+    if query_start_loc is None:
+        for b in range(q.shape[0]):
+            out[b] = attention_reference(q[b:b + 1], ks[b][None], vs[b][None], causal=True, scale=scale,
+                                         window_size=window_size, **features)[0]
+        return out
+    loc = np.asarray(query_start_loc, dtype=np.int64)
+    for b in range(len(loc) - 1):
+        lo, hi = int(loc[b]), int(loc[b + 1])
+        if hi > lo:
+            rows = q[lo:hi].transpose(1, 0, 2)[None]  # [1, heads_q, n_b, head_dim]
+            o = attention_reference(rows, ks[b][None], vs[b][None], causal=True, scale=scale,
+                                    window_size=window_size, **features)
+            out[lo:hi] = o[0].transpose(1, 0, 2)
+    return out

@@ -12,7 +12,7 @@ from . import backends, device_errors, masks, settings
 from .backends.base import nothing_to_compute
 from .call import AttentionCall, VarlenCall, canonicalize, shape_tuple
 from .errors import UnsupportedError
-from .paged_call import KVWriteCall, PagedCall, check_slots, check_tables
+from .paged_call import KVWriteCall, PagedCall, check_slots
 
 log = logging.getLogger("aule")
 
@@ -192,8 +192,7 @@ def attend_paged(call: PagedCall, backend=None):
             return out
     b = route(call, "paged_attention", backend)
     if call.checks == "device" and not b.checks_tables:
-        call.max_context = check_tables(call.block_tables, call.context_lens, call.num_blocks, call.block_size)
-        call.checks = "host"
+        call.check_on_host()
     return b.run("paged_attention", call)
 
 

@@ -9,10 +9,11 @@ Two conventions meet here. SDPA's ``is_causal`` is top-left aligned (row ``i`` s
 ``j <= i``); aule's ``causal`` is bottom-right aligned (row ``i`` sits at key position
 ``i + seq_k - seq_q``). :func:`sdpa_window` converts one into the other exactly.
 
-On CPU tensors the aule path is the custom op ``aule::host_attention`` (with a fake
-implementation), so ``torch.compile`` traces it as one opaque node instead of breaking the graph
-on NumPy or Vulkan code. CUDA tensors go through the Triton backend, whose own custom op carries
-the backward pass.
+On CPU tensors the aule path is the custom op ``aule::host_attention`` (``aule::host_attention_lse``
+with the LSE; fake implementations for both), so ``torch.compile`` traces it as one opaque node
+instead of breaking the graph on NumPy or Vulkan code. CUDA tensors go through the Triton backend,
+whose own custom op carries the backward pass. Both take aule's features (softcap, ALiBi slopes,
+sinks, an SDPA mask); :func:`traced_attention` is the one place a traced call picks its op.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ import numbers
 import threading
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import routing
 from . import masks
-from .call import canonicalize, check_scale, scale_problem
+from .call import canonicalize, check_scale, check_softcap, feature_dtype, host_feature, needs_grad, scale_problem
 from .errors import UnsupportedError
 
 log = logging.getLogger("aule")
@@ -168,79 +170,160 @@ def _take_routed(query, key, value):
     return None
 
 
-@torch.library.custom_op("aule::host_attention", mutates_args=())
-def host_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                   left: int, right: int, backend: str, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Forward-only attention on CPU tensors through aule's host backends (Vulkan or NumPy).
-
-    ``backend`` is a backend name or ``""`` for aule's auto routing; ``attn_mask`` an SDPA mask
-    (bool or float) or ``None``. When the backend turns the call down at run time (a compiled graph
-    cannot ask first), the same thing is computed in torch ops (:func:`sdpa_reference`).
-    """
+def _host_run(query, key, value, scale, left, right, backend, return_lse, attn_mask, softcap, alibi_slopes,
+              sinks):
+    """``(out, lse)`` of the host ops: the call :func:`attend` routed (eager), or validated
+    (``call.canonicalize``, so errors name the argument) and routed here, when a compiled graph runs.
+    When the backend turns a call down at run time (a compiled graph cannot ask first), plain
+    attention and masks are computed in torch ops (:func:`sdpa_reference`); softcap, ALiBi and
+    sinks, which those lack, are never dropped: the refusal is raised."""
     routed = _take_routed(query, key, value)
+    features = dict(attn_mask=attn_mask, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     try:
         if routed is not None:
             call, b = routed
-            out = b.run("attention", call)[0]
+            out, lse = b.run("attention", call)
         else:  # a compiled graph: validated and routed here, for the first time
-            out = routing.attention(query, key, value, False, scale, (left, right), backend or None, False,
-                                    attn_mask=attn_mask)[0]
+            out, lse = routing.attention(query, key, value, False, scale, (left, right), backend or None,
+                                         return_lse, **features)
     except UnsupportedError as exc:
-        if routed is not None and routed[0].features - {"mask"}:
-            raise   # torch's SDPA below has no softcap or sinks: never answer without them
+        scored = (routed[0].features - {"mask"}) if routed is not None else (
+            softcap or alibi_slopes is not None or sinks is not None)
+        if return_lse or scored:
+            raise
         _note(("host-op-unsupported", str(exc)), "aule: host attention falls back to torch SDPA: %s", exc)
-        out = sdpa_reference(query, key, value, scale, left, right, attn_mask)
+        out, lse = sdpa_reference(query, key, value, scale, left, right, attn_mask), None
     # A custom op may not return a view of (or the same storage as) its inputs.
-    return out.contiguous()
+    return out.contiguous(), (lse.contiguous() if return_lse else None)
+
+
+@torch.library.custom_op("aule::host_attention", mutates_args=())
+def host_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                   left: int, right: int, backend: str, attn_mask: Optional[torch.Tensor] = None,
+                   softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+                   sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Forward-only attention on CPU tensors through aule's host backends (Vulkan or NumPy).
+
+    ``backend`` is a backend name or ``""`` for aule's auto routing; ``attn_mask`` an SDPA mask
+    (bool or float), ``softcap`` (0 for none), ``alibi_slopes`` and ``sinks`` aule's features
+    (:func:`aule.flash_attention`), each ``None`` when unused. See :func:`_host_run`.
+    """
+    return _host_run(query, key, value, scale, left, right, backend, False, attn_mask, softcap, alibi_slopes,
+                     sinks)[0]
 
 
 @host_attention.register_fake
-def _host_attention_fake(query, key, value, scale, left, right, backend, attn_mask=None):
+def _host_attention_fake(query, key, value, scale, left, right, backend, attn_mask=None, softcap=0.0,
+                         alibi_slopes=None, sinks=None):
     return query.new_empty(query.shape)
 
 
 @torch.library.custom_op("aule::host_attention_lse", mutates_args=())
 def host_attention_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                       left: int, right: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       left: int, right: int, backend: str, attn_mask: Optional[torch.Tensor] = None,
+                       softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+                       sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`host_attention` with the float32 log-sum-exp, for ``aule.flash_attention(...,
     return_lse=True)`` inside a compiled graph."""
-    out, lse = routing.attention(query, key, value, False, scale, (left, right), backend or None, True)
-    return out.contiguous(), lse.contiguous()
+    return _host_run(query, key, value, scale, left, right, backend, True, attn_mask, softcap, alibi_slopes,
+                     sinks)
 
 
 @host_attention_lse.register_fake
-def _host_attention_lse_fake(query, key, value, scale, left, right, backend):
+def _host_attention_lse_fake(query, key, value, scale, left, right, backend, attn_mask=None, softcap=0.0,
+                             alibi_slopes=None, sinks=None):
     return query.new_empty(query.shape), query.new_empty(query.shape[:3], dtype=torch.float32)
 
 
-def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, **features):
+_TRITON_NAMES = ("triton", "triton-amd")
+
+
+def _traced_tensor(x, name: str):
+    """A feature's array as a tensor in a traced graph (a NumPy array becomes a constant); anything
+    else is call.feature_dtype's TypeError naming it. Any device, as in eager calls."""
+    if isinstance(x, np.ndarray):
+        x = torch.as_tensor(x)
+    if not isinstance(x, torch.Tensor):
+        feature_dtype(x, name)  # raises
+    return x
+
+
+def _refuse_grad(x, name: str) -> None:
+    """call.host_feature's refusal of a feature that requires grad, which a traced call meets here:
+    the ops give no gradient for it (only Triton's, for sinks)."""
+    if needs_grad(x):
+        host_feature(x, name, False)  # raises before reading
+
+
+def _traced_slopes(alibi_slopes, q):
+    """ALiBi slopes (``[heads_q]`` or ``[batch, heads_q]``) as the float32 ``[batch, heads_q]``
+    Triton's op reads, in torch ops. Only their shape and dtype are checked here: reading their
+    values back (call.check_alibi's finiteness check) would stall the device on every step."""
+    s = _traced_tensor(alibi_slopes, "alibi_slopes")
+    _refuse_grad(s, "alibi_slopes")
+    b, hq = q.shape[0], q.shape[1]
+    if tuple(s.shape) not in ((hq,), (b, hq)):
+        raise ValueError(f"alibi_slopes must have shape [heads_q] = [{hq}] or [batch, heads_q] = [{b}, {hq}], "
+                         f"got {tuple(s.shape)}")
+    if not s.dtype.is_floating_point:
+        raise TypeError(f"alibi_slopes must hold floats, got dtype {str(s.dtype).replace('torch.', '')}")
+    return s.to(q.device, torch.float32).expand(b, hq).contiguous()
+
+
+def _traced_sinks(sinks, q):
+    """Sinks as the float32 ``[heads_q]`` Triton's op reads, in torch ops, so a learned tensor keeps
+    its gradient through the op. Shape and dtype are checked here, not values (as for slopes)."""
+    s = _traced_tensor(sinks, "sinks")
+    hq = q.shape[1]
+    if not s.dtype.is_floating_point:
+        raise TypeError(f"sinks must hold floats (one logit per query head), got dtype "
+                        f"{str(s.dtype).replace('torch.', '')}")
+    if tuple(s.shape) != (hq,):
+        raise ValueError(f"sinks must have shape [heads_q] = [{hq}], got {tuple(s.shape)}")
+    return s.to(q.device, torch.float32).contiguous()
+
+
+def _triton_traced(q, k, v, scale, left, right, softcap, alibi_slopes, sinks, attn_mask):
+    """``(out, lse)`` from Triton's differentiable op in a traced graph: softcap and sinks as they
+    are (sinks keep their gradient), slopes and sinks in the op's form, an attn_mask as the caller
+    gave it (the op analyses it when the graph runs)."""
+    from .backends.triton import ops  # noqa: F401  (registers aule::triton_attention_fwd)
+
+    alibi = None if alibi_slopes is None else _traced_slopes(alibi_slopes, q)
+    sinks = None if sinks is None else _traced_sinks(sinks, q)
+    if attn_mask is not None:
+        attn_mask = _traced_tensor(attn_mask, "attn_mask")
+        _refuse_grad(attn_mask, "attn_mask")
+    return torch.ops.aule.triton_attention_fwd(q, k, v, scale, left, right, softcap, alibi, sinks, None, None,
+                                               attn_mask)
+
+
+def traced_attention(q, k, v, causal, scale, window_size, backend, return_lse, softcap=0.0, alibi_slopes=None,
+                     sinks=None, attn_mask=None):
     """``aule.flash_attention`` on torch tensors inside ``torch.compile``: one custom op in the graph.
-    aule's routing (backend probes, locks, caches) cannot be traced, so the window and scale are
-    resolved here and the op validates and routes the call when the graph runs."""
+    aule's routing (backend probes, locks, caches) cannot be traced, so the window, scale and
+    softcap are checked here and the op validates and routes the rest when the graph runs: on CPU
+    tensors a host op (Vulkan or NumPy, as eager calls), on CUDA Triton's differentiable op."""
     left, right = masks.canonical_window(causal, window_size)
     scale = check_scale(scale, q.shape[-1])
-    # softcap is off at 0, the array-valued features at None. Triton's op takes softcap and ALiBi,
-    # but the slopes (like sinks and masks) are validated on the host, which a trace cannot enter.
-    used = [name for name, value in features.items()
-            if (value if isinstance(value, numbers.Real) else value is not None)]
-    if used:
-        raise UnsupportedError(f"{', '.join(used)} inside torch.compile: aule's traced path does not pass "
-                               "them to its custom ops yet")
+    softcap = check_softcap(softcap)
     forced = backend or ""
     if q.device.type == "cpu":
         if routing.tensors_need_grad(q, k, v):
             raise UnsupportedError("aule's CPU backends (Vulkan, NumPy) have no backward pass: the inputs "
                                    "require grad (use CUDA tensors for Triton, or torch.no_grad())")
+        features = dict(attn_mask=attn_mask, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+        for name, x in features.items():
+            if name != "softcap" and x is not None:
+                features[name] = _traced_tensor(x, name)
+                _refuse_grad(features[name], name)
         if return_lse:
-            return host_attention_lse(q, k, v, scale, left, right, forced)
-        out = host_attention(q, k, v, scale, left, right, forced)
-        return out
-    if forced not in ("", "triton", "triton-amd"):
+            return host_attention_lse(q, k, v, scale, left, right, forced, **features)
+        return host_attention(q, k, v, scale, left, right, forced, **features)
+    if forced not in ("",) + _TRITON_NAMES:
         raise UnsupportedError(f"inside torch.compile aule serves {q.device.type} tensors through Triton's "
                                f"custom op only, not backend {backend!r}")
-    from .backends.triton import ops  # noqa: F401  (registers aule::triton_attention_fwd)
-
-    out, lse = torch.ops.aule.triton_attention_fwd(q, k, v, scale, left, right, 0.0, None)
+    out, lse = _triton_traced(q, k, v, scale, left, right, softcap, alibi_slopes, sinks, attn_mask)
     return (out, lse) if return_lse else out
 
 
@@ -257,7 +340,8 @@ def _routed(q, k, v, scale, left, right, forced, attn_mask, softcap=0.0, sinks=N
 
 
 def _run_on_host(call, b, scale, left, right, attn_mask):
-    """Eager host attention through the custom op, which reuses this call and backend."""
+    """Eager host attention through the custom op, which reuses this call and backend (its
+    softcap and sinks included)."""
     _handoff.call, _handoff.backend = call, b
     try:
         return host_attention(call.q, call.k, call.v, scale, left, right, b.name, attn_mask=attn_mask)
@@ -273,9 +357,6 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=N
     exactly, gradients included. ``label`` names the caller's shape class for the log. Each call
     is validated and routed once."""
     forced = _state.backend
-    if (softcap or sinks is not None) and _compiling():
-        _note(("fallback", "traced-features"), "aule: softcap and sinks are not traced yet; torch serves them")
-        return None
     needs_grad = routing.tensors_need_grad(q, k, v)
     device = q.device.type
     if device not in ("cpu", "cuda"):
@@ -286,12 +367,13 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=N
         # aule's Python routing is not traceable: compiled graphs get one custom op, chosen from
         # what the eager checks below would pick.
         if device == "cpu":
-            return None if needs_grad else host_attention(q, k, v, scale, left, right, forced or "",
-                                                          attn_mask=attn_mask)
-        op = _TRITON_OP if forced in (None, "triton", "triton-amd") else None
-        if not op or q.shape[-1] > _TRITON_MAX_HEAD_DIM or attn_mask is not None:
+            if needs_grad or (sinks is not None and routing.tensors_need_grad(sinks)):
+                return None
+            return host_attention(q, k, v, scale, left, right, forced or "", attn_mask=attn_mask, softcap=softcap,
+                                  sinks=sinks)
+        if not _TRITON_OP or forced not in (None,) + _TRITON_NAMES or q.shape[-1] > _TRITON_MAX_HEAD_DIM:
             return None
-        return op(q, k, v, scale, left, right, 0.0, None)[0]
+        return _triton_traced(q, k, v, scale, left, right, softcap, None, sinks, attn_mask)[0]
     call, b, why = _routed(q, k, v, scale, left, right, forced, attn_mask, softcap, sinks)
     if b is None:
         _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)

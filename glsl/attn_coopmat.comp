@@ -53,12 +53,11 @@ layout(constant_id = 8) const uint NBUF = 2;  // K/V tile buffers: 2 overlaps th
 // checks this at run time and answers NaN rather than a wrong result where it does not hold.
 layout(constant_id = 9) const uint QG = 0;
 // The lengths of the shared arrays, from the host (CoopMat.arrays in shaders.py, which also checks
-// their bytes against the device's shared memory): sizes the shader derived itself with ?: from the
-// other constants came out wrong on NVIDIA's driver (580), every score of the shared-memory path
-// garbage, while one constant per length is right.
+// their bytes against the device's shared memory). The shared-memory path gave wrong rows on the
+// H200 (NVIDIA 580) while its index-tile array had one element, though it never reads it.
 layout(constant_id = 10) const uint KVS = 1;  // f16vec4: the K/V tiles, or the staged Q block if larger
 layout(constant_id = 11) const uint SS4 = 1;  // vec4: the score blocks (1 on the register path)
-layout(constant_id = 12) const uint IX4 = 1;  // f16vec4: the two index tiles (1 on the shared-memory path)
+layout(constant_id = 12) const uint IX4 = 1;  // f16vec4: the two index tiles
 layout(local_size_x_id = 4) in;
 
 const uint LANES = WG / NSG;

@@ -7,10 +7,14 @@
 //   block table one tile at a time; keys outside the context or the window are never loaded.
 //   With one split it writes the output; otherwise a normalised partial output and its base-2
 //   log-sum-exp.
-// mode 1: workgroup (x = batch * heads_q + head, y = query position) merges the splits of one row.
+// mode 1: workgroup (x = batch * heads_q + head, y = query position; packed: x = row of q, y = head)
+//   merges the splits of one row.
 //
-// Rows are the last q_len positions of their sequence (row position ctx - q_len + qi), causal
-// among themselves; the window follows aule/masks.py (keys j >= pos - left), through mask.glsl.
+// Rows are the last n positions of their sequence (row position ctx - n + qi), causal among
+// themselves: n = q_len rows of q [B, Hq, q_len, D], or packed (vLLM's layout, q [num_tokens, Hq, D])
+// n_b = query_start_loc[b + 1] - query_start_loc[b] rows from row query_start_loc[b], the offsets
+// checked on the host (n_b <= ctx; the grid is sized for the longest, a row tile past a sequence's
+// rows walks no key). The window follows aule/masks.py (keys j >= pos - left), through mask.glsl.
 // A split that saw a NaN (or +inf) score writes a NaN (+inf) log-sum-exp, which makes the merged
 // row NaN, as one split would.
 // Every loop but the key-tile loop (and the merge's loops over the splits) runs a number of times
@@ -53,19 +57,22 @@ layout(push_constant) uniform PagedParams {
     float scale_log2;  // softmax scale * log2(e)
     uint num_splits;
     uint mode;         // 0 attention, 1 merge splits
+    uint packed;       // 1: q and the output are [num_tokens, Hq, D], rows from query_start_loc
+    uint batch;        // sequences; packed, query_start_loc follows their lengths in binding 4
 } pc;
 
-layout(std430, binding = 0) readonly buffer QB { ELEM4 q[]; };        // [B, Hq, q_len, D]
+layout(std430, binding = 0) readonly buffer QB { ELEM4 q[]; };        // [B, Hq, q_len, D] or [tokens, Hq, D]
 layout(std430, binding = 1) readonly buffer KB { ELEM4 kc[]; };       // [blocks, bs, Hkv, D]
 layout(std430, binding = 2) readonly buffer VB { ELEM4 vc[]; };
 layout(std430, binding = 3) readonly buffer TB { int block_tables[]; };
+// context_lens [B], then, packed, query_start_loc [B + 1]: one upload, within the runtime's bindings.
 layout(std430, binding = 4) readonly buffer CB { int context_lens[]; };
-layout(std430, binding = 5) buffer OB { ELEM4 o[]; };                 // [B, Hq, q_len, D]
-layout(std430, binding = 6) buffer POB { vec4 part_o[]; };            // [B, Hq, q_len, splits, D]
+layout(std430, binding = 5) buffer OB { ELEM4 o[]; };                 // q's layout
+layout(std430, binding = 6) buffer POB { vec4 part_o[]; };            // [rows of o, splits, D]
 // Each split's (maximum, sum) in base 2, kept apart rather than as one log-sum-exp: at logits of
 // 1e7 and more an fp32 LSE has no bits left for log2(sum), and ties across splits would be weighted
 // by split instead of by key.
-layout(std430, binding = 7) buffer PLB { vec2 part_ml[]; };           // [B, Hq, q_len, splits]
+layout(std430, binding = 7) buffer PLB { vec2 part_ml[]; };           // [rows of o, splits]
 
 shared vec4 Qs[BM * D4];
 // K/V tiles stay in their storage type: half the footprint for fp16 caches, so more workgroups
@@ -103,8 +110,16 @@ void fetch_tile(int t, uint b, uint hk, int k_lo, int k_hi) {
     }
 }
 
+// The row of q (and of the output, and of the splits' partials) that is row qi of query head
+// `head` of sequence b, whose rows start at row `start` of a packed q.
+uint q_row(uint b, uint head, int start, uint qi) {
+    const uint heads_q = pc.heads_kv * pc.group;
+    return pc.packed != 0u ? (uint(start) + qi) * heads_q + head : (b * heads_q + head) * pc.q_len + qi;
+}
+
 void merge_splits() {
-    const uint row = gl_WorkGroupID.x * pc.q_len + gl_WorkGroupID.y;
+    const uint row = pc.packed != 0u ? gl_WorkGroupID.x * pc.heads_kv * pc.group + gl_WorkGroupID.y
+                                     : gl_WorkGroupID.x * pc.q_len + gl_WorkGroupID.y;
     const uint S = pc.num_splits;
     float m = NEG_INF;
     bool bad = false;   // a split saw a NaN or +inf score
@@ -139,18 +154,18 @@ void main() {
     const uint b = gl_WorkGroupID.x / pc.heads_kv;
     const uint hk = gl_WorkGroupID.x % pc.heads_kv;
     const uint split = gl_WorkGroupID.z;
-    const int rows_total = int(pc.group * pc.q_len);
+    const int ctx = context_lens[b];
+    const int start = pc.packed != 0u ? context_lens[pc.batch + b] : 0;
+    const int ql = pc.packed != 0u ? context_lens[pc.batch + b + 1u] - start : int(pc.q_len);
+    const int rows_total = int(pc.group) * ql;
     const int r0 = int(gl_WorkGroupID.y * BM);
     const int r1 = min(r0 + int(BM), rows_total);
-    const int ctx = context_lens[b];
-    const int ql = int(pc.q_len);
-    const uint heads_q = pc.heads_kv * pc.group;
 
     // Keys any row of the tile can see: up to the last row's position (causal), from the first
-    // row's window edge.
+    // row's window edge; none for a tile past the sequence's rows.
     const int first_pos = ctx - ql + r0 / int(pc.group);
-    const int last_pos = ctx - ql + (r1 - 1) / int(pc.group);
-    const int k_hi = max(min(ctx, last_pos + 1), 0);
+    const int last_pos = ctx - ql + (max(r1, r0 + 1) - 1) / int(pc.group);
+    const int k_hi = r1 <= r0 ? 0 : max(min(ctx, last_pos + 1), 0);
     const int k_lo = pc.left < 0 ? 0 : max(first_pos - pc.left, 0);
     const int t_lo = k_lo / int(BN);
     const int t_hi = max((k_hi + int(BN) - 1) / int(BN), t_lo);
@@ -168,7 +183,7 @@ void main() {
             vec4 x = vec4(0);
             if (row < r1) {
                 uint qi = uint(row) / pc.group, head = hk * pc.group + uint(row) % pc.group;
-                x = vec4(q[((b * heads_q + head) * pc.q_len + qi) * D4 + c]);
+                x = vec4(q[q_row(b, head, start, qi) * D4 + c]);
             }
             Qs[i] = x;
         }
@@ -275,7 +290,7 @@ void main() {
         int row = r0 + int(r);
         if (i < BM * D4 && row < r1) {
             uint qi = uint(row) / pc.group, head = hk * pc.group + uint(row) % pc.group;
-            uint orow = (b * heads_q + head) * pc.q_len + qi;
+            uint orow = q_row(b, head, start, qi);
             // aule's numeric rule (mask.glsl) on the row, or on this split's share of it.
             const float l = row_a[r], m = row_m[fin * BM + r];
             const bool bad = row_bad[r] != 0u;

@@ -28,14 +28,17 @@ def compile_kernel(fn, pointers: dict, scalars: dict, constexprs: dict) -> str:
 
 def main() -> int:
     strides = ("qb qh qm qd kb kt kh kd vb vt vh vd bt ob oh om od").split()
-    attn = compile_kernel(
-        tp._paged_attn_fwd,
-        {"Q": "*fp16", "KC": "*fp16", "VC": "*fp16", "BT": "*i64", "CL": "*i32", "O": "*fp16", "PO": "*fp32",
-         "PL": "*fp32", "ERR": "*i64", "DIRTY": "*i64"},
-        {**{"stride_" + n: "i32" for n in strides}, "HEADS_KV": "i32", "NUM_SPLITS": "i32", "scale2": "fp32",
-         "LEFT": "i32", "NUM_BLOCKS": "i32", "CAPACITY": "i32"},
-        dict(Q_LEN=1, GROUP=4, BLOCK_M=16, BLOCK_SIZE=16, BLOCK_N=64, HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False,
-             SPLIT=True, UPCAST=False, WIDE=False, PRECISION="tf32", CHECK=True))
+    attn = ""
+    for packed in (False, True):  # packed: the query offsets' checks too
+        attn += compile_kernel(
+            tp._paged_attn_fwd,
+            {"Q": "*fp16", "KC": "*fp16", "VC": "*fp16", "BT": "*i64", "CL": "*i32", "QSL": "*i32", "O": "*fp16",
+             "PO": "*fp32", "PL": "*fp32", "ERR": "*i64", "DIRTY": "*i64"},
+            {**{"stride_" + n: "i32" for n in strides}, "HEADS_KV": "i32", "NUM_SPLITS": "i32", "scale2": "fp32",
+             "LEFT": "i32", "NUM_BLOCKS": "i32", "CAPACITY": "i32", "BATCH": "i32", "NUM_TOKENS": "i32",
+             "MAX_Q": "i32"},
+            dict(Q_LEN=1, GROUP=4, BLOCK_M=16, BLOCK_SIZE=16, BLOCK_N=64, HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False,
+                 SPLIT=True, UPCAST=False, WIDE=False, PRECISION="tf32", CHECK=True, PACKED=packed))
     strides = ("kt kh kd vt vh vd cb ct ch cd db dt dh dd").split()
     copy = compile_kernel(
         tp._copy_kv_to_paged,

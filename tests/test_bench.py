@@ -343,8 +343,9 @@ EXPECTED_SUITES = {
     "gqa": (4, ("aule:triton", "aule:triton-amd", "aule:triton kv-expanded", "sdpa-flash", "sdpa-cudnn",
                 "sdpa-efficient", "sdpa-math")),
     "window": (6, ("aule:triton", "aule:triton full-causal", "sdpa-flash full-causal", "sdpa-efficient+mask")),
-    "decode": (12, ("aule-paged:triton launcher", "aule-paged:triton", "aule-paged:vulkan resident", "torch-sdpa",
-                    "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")),
+    "decode": (12, ("aule-paged:triton launcher", "aule-paged:triton", "aule-paged:triton graph",
+                    "aule-paged:vulkan resident", "torch-sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
+                    "sdpa-math")),
     "overhead": (2, ("aule:auto", "aule:triton", "aule:vulkan", "aule:vulkan resident", "aule:numpy",
                      "torch-sdpa")),
     "vulkan": (14, ("aule:vulkan resident", "aule:vulkan", "aule:vulkan fp16", "aule:vulkan coopmat", "torch-sdpa",
@@ -368,6 +369,7 @@ EXPECTED_IMPL = {
     "aule-paged:auto": ("AulePaged", "paged", None),
     "aule-paged:triton launcher": ("AulePagedLauncher", "paged_launcher", "triton"),
     "aule-paged:vulkan resident": ("AulePagedVulkanResident", "paged_resident", "vulkan"),
+    "aule-paged:triton graph": ("AulePaged", "paged", "triton"),
 }
 
 
@@ -580,3 +582,289 @@ def test_causal_flops_over_a_longer_cache_count_the_bottom_right_pairs():
     assert attention_flops(p) == 4.0 * 32 * 128 * pairs
     square = dict(p, S=4096, Sk=4096)
     assert attention_flops(square) == 4.0 * 32 * 128 * 4096 * 4096 / 2
+
+
+# --------------------------------------------------------------------------------------------
+# The features suite (issue 15) and the decode suite's graph replay (issue 14)
+
+def _features_case(pack, **kw):
+    p = dict(mode="fwd", B=3, Hq=4, Hkv=2, S=48, D=32, causal=False, window=-1, dtype="float16", device="cpu",
+             lengths=(48, 20, 7), pack=pack, tag="float16")
+    p.update(kw)
+    return p
+
+
+def _features_suite(cases, contenders_=None, **kw):
+    """The features suite's table on other cases (and contenders), runnable on this machine."""
+    base = suites.SUITE_BY_NAME["features"]
+    fields = {**base.__dict__, "name": "t", "cases": tuple(cases), "needs": "cpu", **kw}
+    if contenders_ is not None:
+        fields["contenders"] = tuple(contenders_)
+    return suites.Suite(**fields)
+
+
+def test_features_suite_has_the_checks_of_issue_15():
+    s = suites.SUITE_BY_NAME["features"]
+    labels = [suites.case_label(p) for p in s.cases]
+    assert len(set(labels)) == len(labels)
+    assert labels == ["fwd B1 H32 hd128 s4k causal", "fwd B1 H32 hd128 s4k full",
+                      "fwd B4 H32 hd128 s4k keys 4k/3k/2k/1k full float16",
+                      "fwd B4 H32 hd128 varlen 4k/3k/2k/1k full float16"]
+    assert s.needs == "gpu" and s.baseline == "aule:triton" and s.quick == tuple(range(4))
+    against = {**{b: b for _, b in s.against}, **dict(s.against)}  # a pair's baseline is its own (as the runner's)
+    for name in s.contenders:  # every contender has a row on some case, and its baseline a row there too
+        c = suites.CONTENDERS[name]
+        on = [p for p in s.cases if c.applies(p)]
+        assert on, name
+        base = suites.CONTENDERS[against.get(name, s.baseline)]
+        assert all(base.applies(p) for p in on), name
+    for t in s.targets:
+        assert t.contender in s.contenders and t.baseline in s.contenders and t.value == 0.9, t.text
+        rows = [p for p in s.cases if suites.matches(p, t.where) and suites.CONTENDERS[t.contender].applies(p)]
+        assert rows and all(suites.CONTENDERS[t.baseline].applies(p) for p in rows), t.text
+    texts = " ".join(t.text for t in s.targets)
+    for word in ("softcap", "sinks", "alibi", "key-padding mask", "varlen", "Vulkan", "Triton"):
+        assert word in texts
+    padded, varlen = s.cases[2], s.cases[3]
+    assert padded["lengths"] == varlen["lengths"] == (4096, 3072, 2048, 1024)
+    # FLOPs of visible pairs only: queries see a prefix of keys; packed sequences see themselves.
+    assert runner.attention_flops(padded) == 4.0 * 32 * 128 * 4096 * (4096 + 3072 + 2048 + 1024)
+    assert runner.attention_flops(varlen) == 4.0 * 32 * 128 * sum(n * n for n in (4096, 3072, 2048, 1024))
+
+
+def test_visible_pairs_under_padding_and_causal():
+    from aule.bench.metrics import visible_pairs
+
+    for sq, sk, causal, window, limit in [(7, 7, True, -1, 4), (5, 9, True, -1, 6), (6, 6, False, (1, 2), 3),
+                                          (8, 8, False, -1, None), (4, 10, True, 3, 8)]:
+        vis = masks.mask(sq, sk, *masks.canonical_window(causal, window))
+        if limit is not None:
+            vis = vis & (np.arange(sk) < limit)[None, :]
+        assert visible_pairs(sq, sk, causal, window, limit) == vis.sum()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_blocked_reference_applies_every_feature_like_the_oracle(causal, monkeypatch):
+    monkeypatch.setattr(checks, "BLOCK_SCORES", 2 * 4 * 16)  # many blocks
+    rng = np.random.default_rng(5)
+    b, hq, hk, sq, sk, d = 2, 4, 2, 13, 21, 8
+    q, k, v = (rng.standard_normal(s) * 2 for s in ((b, hq, sq, d), (b, hk, sk, d), (b, hk, sk, d)))
+    padding = inputs.padding_mask((21, 9), sk)
+    general = rng.random((b, 1, sq, sk)) > 0.3
+    for features in ({"softcap": 1.5}, {"alibi_slopes": rng.random(hq)}, {"alibi_slopes": rng.random((b, hq))},
+                     {"sinks": rng.standard_normal(hq) + 2}, {"attn_mask": padding}, {"attn_mask": general},
+                     {"softcap": 3.0, "alibi_slopes": rng.random(hq), "sinks": rng.standard_normal(hq),
+                      "attn_mask": padding}):
+        want = attention_reference(q, k, v, causal=causal, **features)
+        got = checks.blocked_reference(*(torch.from_numpy(x) for x in (q, k, v)), causal, -1, **features)
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-12, err_msg=str(list(features)))
+    # The features change the answer (so a contender that drops one is caught).
+    plain = checks.blocked_reference(*(torch.from_numpy(x) for x in (q, k, v)), causal, -1)
+    capped = checks.blocked_reference(*(torch.from_numpy(x) for x in (q, k, v)), causal, -1, softcap=1.5)
+    assert checks.rel_err(capped, plain) > 1e-2
+
+
+def test_padded_and_packed_inputs_hold_the_same_work_unpadded():
+    p = _features_case("mask", B=3)
+    inp = inputs.PaddedInputs(p)
+    s = inp.sets[0]
+    for b, (q, k, v) in enumerate(inp.pieces(0)):
+        n = p["lengths"][b]
+        assert q.shape == (1, 4, 48, 32) and k.shape == (1, 2, n, 32) and k.is_contiguous()
+        assert torch.equal(k[0], s["k"][b, :, :n]) and torch.equal(q[0], s["q"][b])
+    assert torch.equal(inp.assemble([x[0] for x in inp.pieces(0)]), s["q"])
+    vp = _features_case("varlen")
+    vin = inputs.VarlenInputs(vp)
+    vs = vin.sets[0]
+    assert vs["q"].shape == (75, 4, 32) and vs["k"].shape == (75, 2, 32) and vs["q"].is_contiguous()
+    assert vs["cu_seqlens"].tolist() == [0, 48, 68, 75] and vs["cu_seqlens"].dtype == torch.int32
+    pieces = vin.pieces(0)
+    assert [x[0].shape[2] for x in pieces] == [48, 20, 7]
+    assert torch.equal(pieces[1][1][0, :, 3], vs["k"][48 + 3])
+    assert torch.equal(vin.assemble([x[0] for x in pieces]), vs["q"])
+    hp = vin.pieces(0, host=True)
+    assert isinstance(hp[2][0], np.ndarray) and hp[2][0].flags.c_contiguous
+    np.testing.assert_array_equal(vin.assemble([x[0] for x in hp]), vin.host_sets()[0]["q"])
+    with pytest.raises(ValueError, match="lengths"):
+        inputs.PaddedInputs(_features_case("mask", lengths=(48, 49, 1)))
+
+
+def _numpy_feature_contenders(monkeypatch):
+    """The features suite's contenders on aule's NumPy backend (its Triton rows, the same code)."""
+    extra = {"np": contenders.AuleDense("numpy"),
+             **{f"np {f}": contenders.AuleDense("numpy", feature=f) for f in ("softcap", "sinks", "alibi", "padding")},
+             "np unpadded": contenders.AuleUnpadded("numpy"), "np varlen": contenders.AuleVarlen("numpy")}
+    for name, c in extra.items():
+        c.name = name
+        monkeypatch.setitem(suites.CONTENDERS, name, c)
+    return tuple(extra)
+
+
+def test_feature_rows_are_checked_with_their_features(monkeypatch):
+    names = _numpy_feature_contenders(monkeypatch)
+    cases = [_case(S=40, causal=c, dtype="float16", Hq=4, Hkv=4) for c in (True, False)]
+    cases += [_features_case("mask"), _features_case("varlen")]
+    pairs = (("np padding", "np unpadded"), ("np varlen", "np unpadded"))
+    res = _run(_features_suite(cases, names, baseline="np", against=pairs, targets=()))
+    rows = {(r["case"], r["contender"]): r for r in res["rows"]}
+    plain, padded, varlen = (suites.case_label(cases[i]) for i in (0, 2, 3))
+    assert {c for case, c in rows if case == plain} == {"np", "np softcap", "np sinks", "np alibi"}
+    assert {c for case, c in rows if case == padded} == {"np padding", "np unpadded"}
+    assert {c for case, c in rows if case == varlen} == {"np varlen", "np unpadded"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["err"] < checks.tolerance("float16") and r["ratio"] > 0
+    # Padded and unpadded are credited with the same visible work: the FLOP/s ratio is the time ratio.
+    a, b = rows[(padded, "np padding")], rows[(padded, "np unpadded")]
+    assert a["ratio"] == pytest.approx(b["ms"] / a["ms"]) and b["ratio"] == 1.0
+    assert a["gflops"] / b["gflops"] == pytest.approx(a["ratio"])
+    assert rows[(varlen, "np varlen")]["ratio"] == pytest.approx(rows[(varlen, "np unpadded")]["ms"]
+                                                                 / rows[(varlen, "np varlen")]["ms"])
+    table = report.suite_table(res)
+    assert "| vs baseline |" in table and "np padding against np unpadded" in table
+
+
+def test_a_contender_that_drops_its_feature_is_wrong(monkeypatch):
+    names = _numpy_feature_contenders(monkeypatch)
+    real = aule.flash_attention
+
+    def without(q, k, v, softcap=0.0, attn_mask=None, **kw):
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(aule, "flash_attention", without)
+    res = _run(_features_suite([_case(S=40, dtype="float16"), _features_case("mask")],
+                               [n for n in names if n in ("np softcap", "np padding", "np unpadded")],
+                               baseline=None, against=(), targets=()))
+    status = {r["contender"]: r["status"] for r in res["rows"]}
+    assert status == {"np softcap": "wrong", "np padding": "wrong", "np unpadded": "ok"}
+
+
+def test_padded_and_varlen_rows_on_vulkan(monkeypatch):
+    """The features suite's Vulkan rows (a GPU-type device in real runs; lavapipe here): GpuTensors
+    with the padding mask and the same work unpadded timed by Vulkan timestamps; varlen on NumPy
+    arrays by the wall clock, the GPU time beside it. Triton rows are noted as not run here."""
+    _vulkan_or_skip()
+    monkeypatch.setattr(inputs, "vulkan_gpu_missing", lambda: None)
+    cases = [_features_case("mask"), _features_case("varlen")]
+    res = _run(_features_suite(cases))
+    rows = {(r["case"], r["contender"]): r for r in res["rows"]}
+    padded, varlen = (suites.case_label(p) for p in cases)
+    for key in ((padded, "aule:vulkan resident padded"), (padded, "aule:vulkan resident unpadded"),
+                (padded, "aule:vulkan resident unpadded, mask's variant"), (varlen, "aule:vulkan varlen"),
+                (varlen, "aule:vulkan unpadded")):
+        r = rows[key]
+        assert r["status"] == "ok", r
+        assert r["err"] < checks.tolerance("float16") and r["ms"] > 0 and r["ratio"] > 0
+    for key in ((padded, "aule:vulkan resident padded"), (padded, "aule:vulkan resident unpadded")):
+        r = rows[key]  # timed as the vulkan suite's rows: calls recorded back to back, then re-submitted
+        assert "back to back in one submission" in r["clock"] and r["calls_per_submission"] >= 1
+        assert r["reps"] >= timing.DEVICE_MIN_REPS and r["wall_ms"] > 0
+    assert "submission of their own" in rows[(padded, "aule:vulkan resident unpadded")]["note"]
+    vulkan_rows = {(case, c) for case, c in rows if c.startswith("aule:vulkan")}
+    assert vulkan_rows == {(padded, "aule:vulkan resident padded"), (padded, "aule:vulkan resident unpadded"),
+                           (padded, "aule:vulkan resident unpadded, mask's variant"), (varlen, "aule:vulkan varlen"),
+                           (varlen, "aule:vulkan unpadded")}  # each with the row it is compared with, no more
+    same = rows[(padded, "aule:vulkan resident unpadded, mask's variant")]
+    assert same["variant"] == rows[(padded, "aule:vulkan resident padded")]["variant"]
+    for key in ((varlen, "aule:vulkan varlen"), (varlen, "aule:vulkan unpadded")):
+        r = rows[key]
+        assert r["clock"].startswith("wall clock") and 0 < r["gpu_ms"] and r["gpu_ratio"] > 0
+    assert "GPU" in report.suite_table(res) and "Vulkan timestamps" in report.suite_table(res)
+    if not torch.cuda.is_available():
+        assert any(n.startswith("aule:triton padded: not run") for n in res["notes"])
+
+
+def test_features_suite_skips_cleanly_without_a_gpu(tmp_path):
+    if not inputs.cuda_ready() or not inputs.vulkan_gpu_missing():
+        pytest.skip("this machine has a GPU: the suite runs (see the GPU tests below)")
+    out = tmp_path / "res"
+    assert bench.main(["--suite", "features", "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    data = json.loads(next(out.glob("*.json")).read_text())
+    feat = data["suites"]["features"]
+    assert feat["status"] == "skipped" and "needs a GPU" in feat["reason"] and feat["rows"] == []
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    assert bench.main(["--report", *map(str, out.glob("*.json")), "--no-plots", "--readme", str(readme)]) == 0
+    assert "Attention features (issue 15)" in readme.read_text()  # under "Not run on this machine"
+
+
+def test_report_of_a_suite_that_measured_nothing(tmp_path):
+    """A suite that ran but has no row measured (every contender skipped, or no rows at all) still
+    renders: its table, the targets (not measured), the README section, and the plots."""
+    res = _full_results("m")
+    feat = {"status": "ran", "title": "Features", "metric": "tflops", "baseline": "aule:triton", "quick": False,
+            "notes": ["aule:triton: not run: no CUDA"], "against": {"aule:triton padded": "aule:triton unpadded"},
+            "rows": [{"case": "c", "contender": "aule:triton padded", "status": "skipped", "note": "no GPU",
+                      "params": {"pack": "mask"}}]}
+    res["suites"]["features"] = feat
+    res["suites"]["features_empty"] = {**feat, "rows": []}
+    for name, suite in res["suites"].items():
+        suite["name"] = name  # as the runner writes them
+    md = report.full_markdown(res)
+    assert "### Features" in md and "| c | aule:triton padded |" in md
+    verdicts = {t["target"]: t["verdict"] for t in report.evaluate_targets(res) if t["suite"] == "features"}
+    assert verdicts and set(verdicts.values()) == {"not measured"}
+    path = tmp_path / "results" / "m.json"
+    report.write_json(str(path), res)
+    assert report.readme_section([str(path)], str(tmp_path)).rstrip().endswith(report.README_END)
+    assert bench.main(["--report", str(path), "--readme", str(tmp_path / "README.md"), "--no-plots"]) == 0
+    pytest.importorskip("matplotlib")
+    report.plots(res, str(tmp_path))
+
+
+def test_ratios_follow_each_contenders_baseline():
+    from aule.bench.metrics import ratios
+
+    rows = [{"case": c, "contender": n, "status": "ok", "ms": ms, **({"gpu_ms": g} if g else {})}
+            for c, n, ms, g in (("a", "plain", 1.0, None), ("a", "feature", 2.0, None), ("b", "padded", 4.0, 1.0),
+                                ("b", "unpadded", 3.0, 2.0), ("b", "plain", 1.0, None))]
+    res = {"rows": rows, "against": {"padded": "unpadded", "unpadded": "unpadded"}}
+    ratios(res, "plain")
+    got = {(r["case"], r["contender"]): (r.get("ratio"), r.get("gpu_ratio")) for r in rows}
+    assert got[("a", "feature")] == (0.5, None) and got[("a", "plain")] == (1.0, None)
+    assert got[("b", "padded")] == (0.75, 2.0) and got[("b", "unpadded")] == (1.0, 1.0)
+
+
+def test_graph_replay_row_is_never_timed_eagerly(monkeypatch):
+    """The decode suite's graph contender is a CUDA-graph replay or nothing: on CPU tensors it
+    skips, and a suite that times no graphs skips it rather than timing eager launches."""
+    p = dict(B=2, Hq=4, Hkv=2, ctx=32, D=8, block=16, dtype="float32", device="cpu")
+    graph = contenders.AulePaged(None, graph=True)
+    graph.name = "paged graph"
+    monkeypatch.setitem(suites.CONTENDERS, "paged graph", graph)
+    row = _run(_suite([p], ["paged graph"], kind="decode", metric="tbps"))["rows"][0]
+    assert row["status"] == "skipped" and "CUDA graph needs CUDA tensors" in row["note"]
+
+    class FakeBound:
+        graph_required, clock = True, "cuda"
+
+    with pytest.raises(runner.Skip, match="does not time"):
+        runner.Runner(progress=False)._time(_suite([p], [], kind="decode"), p, FakeBound())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_gpu_decode_graph_replay_rows():
+    p = dict(B=2, Hq=8, Hkv=2, ctx=256, D=64, block=16, dtype="float16", device="cuda")
+    s = suites.Suite("t", "t", "decode", (p,), ("aule-paged:triton graph", "aule-paged:triton", "torch-sdpa"),
+                     "torch-sdpa", "tbps", graphs=True)
+    rows = _by_contender(runner.Runner(progress=False, quick=True).run([s])["t"])
+    graph, eager = rows["aule-paged:triton graph"], rows["aule-paged:triton"]
+    assert graph["status"] == "ok", graph
+    assert graph["clock"] == "CUDA graph replay, CUDA events" and graph["replayed_err"] < checks.tolerance("float16")
+    assert eager["status"] == "ok" and eager["clock"] == "CUDA events" and graph["tbps"] > 0
+
+
+@needs_cuda
+def test_gpu_features_rows_at_small_shapes(monkeypatch):
+    cases = [_case(S=256, Hq=4, Hkv=4, D=64, dtype="bfloat16", device="cuda", causal=c) for c in (True, False)]
+    cases += [_features_case(pack, S=256, lengths=(256, 100, 37), D=64, device="auto") for pack in ("mask", "varlen")]
+    res = _run(_features_suite(cases, needs="gpu"))
+    for r in res["rows"]:
+        if r["contender"].startswith("aule:triton"):
+            assert r["status"] == "ok", r
+            assert r["err"] < checks.tolerance(r["params"]["dtype"]) and r["ratio"] > 0
+        else:
+            assert r["status"] in ("ok", "skipped"), r

@@ -10,7 +10,7 @@ import pytest
 
 import aule
 from aule import api, paged_call
-from aule.reference import attention_reference
+from aule.reference import attention_reference, paged_reference
 
 TOL = {"float32": 2e-4, "float16": 3e-3, "bfloat16": 2.5e-2, "float64": 1e-10}
 
@@ -28,8 +28,11 @@ def make_case(rng, lens, heads_q, heads_kv, head_dim, block_size, q_len, dtype=n
               window_size=-1, spare_blocks=2):
     """Random sequences written into randomly permuted blocks. Every slot no sequence uses, and
     every block that lies wholly before a sequence's window, holds NaN, so a kernel that reads
-    (and uses) data it should not fails the comparison. Table padding holds out-of-range ids."""
+    (and uses) data it should not fails the comparison. Table padding holds out-of-range ids.
+    ``q_len`` a list (one row count per sequence): q is packed ``[num_tokens, heads_q, head_dim]``
+    and the case has its ``query_start_loc``; otherwise ``query_start_loc`` is None."""
     left, _ = aule.masks.canonical_window(True, window_size)
+    q_lens = list(q_len) if isinstance(q_len, (list, tuple)) else [q_len] * len(lens)
     nblk = [-(-n // block_size) for n in lens]
     num_blocks = sum(nblk) + spare_blocks
     max_blocks = max(nblk + [1]) + 1
@@ -46,26 +49,28 @@ def make_case(rng, lens, heads_q, heads_kv, head_dim, block_size, q_len, dtype=n
         ids = perm[used:used + nblk[b]]
         used += nblk[b]
         block_tables[b, :nblk[b]] = ids
-        first_visible = 0 if left < 0 else max(0, n - q_len - left)
+        first_visible = 0 if left < 0 else max(0, n - q_lens[b] - left)
         for j in range(n):
             blk, off = ids[j // block_size], j % block_size
             if (j // block_size + 1) * block_size <= first_visible:
                 continue  # block wholly outside the window stays NaN: it must not be read
             k_cache[blk, off] = k[:, j]
             v_cache[blk, off] = v[:, j]
-    q = rng.standard_normal((len(lens), heads_q, q_len, head_dim)).astype(dtype)
-    return Case(q, k_cache, v_cache, block_tables, np.asarray(lens, dtype=np.int32), ks, vs)
+    if isinstance(q_len, (list, tuple)):
+        q = rng.standard_normal((sum(q_lens), heads_q, head_dim)).astype(dtype)
+        loc = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    else:
+        q, loc = rng.standard_normal((len(lens), heads_q, q_len, head_dim)).astype(dtype), None
+    case = Case(q, k_cache, v_cache, block_tables, np.asarray(lens, dtype=np.int32), ks, vs)
+    case.query_start_loc = loc
+    return case
 
 
 def reference_paged(case, scale=None, window_size=-1, **features):
-    """Float64 reference on the contiguous copy: q rows are the last q_len positions, causal
-    (``features``: the reference's keyword features, ``sinks=``)."""
-    q = np.asarray(case.q, dtype=np.float64)
-    out = np.zeros_like(q)
-    for b in range(q.shape[0]):
-        out[b] = attention_reference(q[b:b + 1], case.ks[b][None], case.vs[b][None], causal=True,
-                                     scale=scale, window_size=window_size, **features)[0]
-    return out
+    """Float64 reference on the contiguous copy: q rows are the last q_len (packed: n_b) positions,
+    causal (``features``: the reference's keyword features, ``sinks=``)."""
+    return paged_reference(case.q, case.ks, case.vs, getattr(case, "query_start_loc", None), scale=scale,
+                           window_size=window_size, **features)
 
 
 def rel_err(out, ref):

@@ -108,9 +108,10 @@ def test_torch_tensors():
         aule.flash_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), sinks=learned)
     from aule.sdpa_core import traced_attention
 
-    with pytest.raises(aule.UnsupportedError, match="sinks inside torch.compile"):
-        traced_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), True, None, -1, None, False,
-                         softcap=0.0, alibi_slopes=None, sinks=torch.from_numpy(sinks))
+    # The traced path (torch.compile; tests/test_compile.py compiles it) hands sinks to its op.
+    traced = traced_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), True, None, -1, None,
+                              False, softcap=0.0, alibi_slopes=None, sinks=torch.from_numpy(sinks))
+    assert np.abs(traced.numpy() - attention_reference(q, k, v, sinks=sinks)).max() < 2e-5
 
 
 def test_paged_attention_with_sinks_matches_reference():

@@ -13,7 +13,7 @@ class Bound:
 
     def __init__(self, call, n_sets, *, clock="host", sync=None, context=None, grad_to_none=None,
                  causal=None, window=None, variant=None, device_ms=None, device_batch=None, cleanup=None,
-                 graphable=False, checked=None):
+                 graphable=False, checked=None, features=None, graph_required=False, note=None):
         self.call = call
         self.n = n_sets
         self.i = 0
@@ -31,6 +31,11 @@ class Bound:
         self.graphable = graphable  # no host synchronisation inside: a CUDA graph can capture it
         self.checked = checked or call  # what the correctness check runs on set 0
         self.check_s = None  # wall time of the checked call (it also warmed the path up)
+        # The score features the call applies (aule's argument names, host values), for its reference;
+        # a padded or packed case's own layout is the inputs' business, not the contender's.
+        self.features = features or {}
+        self.graph_required = graph_required  # timed only as a CUDA-graph replay: capture must work
+        self.note = note  # what the row should say about how it was measured
 
     def __call__(self, i):
         return self.call(i)
@@ -62,6 +67,11 @@ class Contender:
             if not info.get("available"):
                 return f"unavailable here: {info.get('reason')}"
         return None
+
+    def applies(self, case: dict) -> bool:
+        """Whether this contender has a row on ``case`` at all (a padded-batch contender has none on
+        a plain case); :meth:`why_skip` is for rows that exist but cannot run here."""
+        return "lengths" not in case
 
     def why_skip(self, case: dict) -> str | None:
         """Why this contender cannot run ``case`` (known before any input is built), or None."""

@@ -62,20 +62,24 @@ def oracle_fits(b, hq, sq, sk) -> bool:
     return b * hq * sq * sk <= ORACLE_MAX_SCORES
 
 
-def oracle(q, k, v, causal, window, scale=None):
-    """float64 output of the project's oracle on NumPy copies of the inputs."""
+def oracle(q, k, v, causal, window, scale=None, **features):
+    """float64 output of the project's oracle on NumPy copies of the inputs; ``features`` are
+    :func:`aule.flash_attention`'s (``softcap``, ``alibi_slopes``, ``sinks``, ``attn_mask``)."""
     from ..reference import attention_reference
 
     return attention_reference(_as_f64(q), _as_f64(k), _as_f64(v), causal=causal,
-                               window_size=window, scale=scale)
+                               window_size=window, scale=scale, **features)
 
 
-def blocked_reference(q, k, v, causal, window, scale=None, compute_dtype=None, grad_out=None):
+def blocked_reference(q, k, v, causal, window, scale=None, compute_dtype=None, grad_out=None, *,
+                      softcap=0.0, alibi_slopes=None, sinks=None, attn_mask=None):
     """Exact attention of torch tensors by blocks of query rows, each over only the keys
     :func:`aule.masks.key_range` lets it see, with softmax over the whole visible range at once.
 
     Returns ``out`` (and ``(dq, dk, dv)`` when ``grad_out`` is given, by autograd per block, so
     memory stays one block's scores). K/V are indexed per query-head group, never expanded.
+    The features mean what they mean in :func:`aule.reference.attention_reference`, in its order
+    (softcap, ALiBi, then the masks; sinks join each row's denominator); ``attn_mask`` is boolean.
     """
     import torch
 
@@ -98,6 +102,7 @@ def blocked_reference(q, k, v, causal, window, scale=None, compute_dtype=None, g
         dq = torch.zeros_like(qc)
         dk = torch.zeros_like(kc)
         dv = torch.zeros_like(vc)
+    feat = _torch_features(torch, dev, compute_dtype, b, hk, g, sq, sk, alibi_slopes, sinks, attn_mask)
     block = max(1, min(sq, BLOCK_SCORES // max(1, b * hq * sk)))
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference must be true float32
@@ -114,11 +119,24 @@ def blocked_reference(q, k, v, causal, window, scale=None, compute_dtype=None, g
                 kb = kc[:, :, lo:hi].clone().requires_grad_(want_grad)
                 vb = vc[:, :, lo:hi].clone().requires_grad_(want_grad)
                 s = torch.matmul(qb, kb.unsqueeze(2).transpose(-1, -2)) * scale  # [b,hk,g,bq,bk]
+                if softcap:
+                    s = softcap * torch.tanh(s / softcap)
+                if feat["slopes"] is not None:
+                    pos = torch.arange(q0, q1, device=dev)[:, None] + (sk - sq)
+                    dist = (pos - torch.arange(lo, hi, device=dev)[None, :]).abs().to(compute_dtype)
+                    s = s - feat["slopes"] * dist
+                if feat["mask"] is not None:
+                    shown = feat["mask"][:, :, q0:q1, lo:hi].reshape(b, hk, g, q1 - q0, hi - lo)
+                    hidden = hidden | ~shown
                 s = s.masked_fill(hidden, float("-inf"))
                 m = s.amax(dim=-1, keepdim=True)
+                if feat["sinks"] is not None:
+                    m = torch.maximum(m, feat["sinks"])
                 m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
                 p = torch.exp(s - m)
                 l = p.sum(dim=-1, keepdim=True)
+                if feat["sinks"] is not None:
+                    l = l + torch.exp(feat["sinks"] - m)  # a key of value zero: the sum only
                 ob = torch.matmul(p, vb.unsqueeze(2)) / torch.where(l > 0, l, torch.ones_like(l))
             out[:, :, :, q0:q1] = ob.detach()
             if want_grad:
@@ -133,3 +151,27 @@ def blocked_reference(q, k, v, causal, window, scale=None, compute_dtype=None, g
     if want_grad:
         return out, (dq.reshape(b, hq, sq, d), dk, dv)
     return out
+
+
+def _torch_features(torch, dev, dtype, b, hk, g, sq, sk, alibi_slopes, sinks, attn_mask) -> dict:
+    """The features as tensors shaped to broadcast over ``[b, hk, g, rows, keys]`` score blocks
+    (the mask expanded as a view to ``[b, hq, sq, sk]``, never materialised whole)."""
+
+    def tensor(x, dt):
+        return torch.as_tensor(np.asarray(_as_f64(x) if dt is not torch.bool else _as_bool(x))).to(dev, dt)
+
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = tensor(alibi_slopes, dtype).expand(b, hk * g).reshape(b, hk, g, 1, 1)
+    sink = None if sinks is None else tensor(sinks, dtype).reshape(1, hk, g, 1, 1)
+    mask = None
+    if attn_mask is not None:
+        mt = tensor(attn_mask, torch.bool)
+        mask = mt.reshape((1,) * (4 - mt.dim()) + tuple(mt.shape)).expand(b, hk * g, sq, sk)
+    return {"slopes": slopes, "sinks": sink, "mask": mask}
+
+
+def _as_bool(x):
+    if isinstance(x, np.ndarray):
+        return x.astype(bool, copy=False)
+    return x.detach().to("cpu").numpy().astype(bool, copy=False)

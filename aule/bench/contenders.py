@@ -28,6 +28,13 @@ from .inputs import DecodeInputs, Skip, resolve_device, torch_or_none
 from .train import HfModel
 
 
+def _need_vulkan_gpu():
+    """Skip a row whose numbers only mean something on a GPU-type Vulkan device."""
+    why = _inputs.vulkan_gpu_missing()
+    if why:
+        raise Skip(why)
+
+
 def _device_clock(case):
     """(sync, clock) for torch inputs of ``case``: CUDA events on a GPU, the wall clock on a CPU."""
     if resolve_device(case) == "cuda":
@@ -35,16 +42,60 @@ def _device_clock(case):
     return None, "host"
 
 
+# The features suite's score modifiers (issue 15): one value each, the same on every backend. The
+# cap bites on the unit-variance scores of random inputs; Gemma 2's 30 would change them by less
+# than bf16's tolerance, so the check could not tell a cap that was dropped. Speed does not
+# depend on the value.
+SOFTCAP = 2.0
+
+
+def feature_values(case: dict, feature: str | None) -> dict:
+    """``flash_attention`` keyword arguments (host values) of ``feature`` on ``case``: ``softcap``
+    (:data:`SOFTCAP`), ``sinks`` (float32 [Hq] logits of the size of a row's log-sum-exp, so they
+    matter), ``alibi`` (the geometric slopes of the ALiBi paper for Hq heads); None or 'padding':
+    none (a padding mask comes from the case's lengths)."""
+    hq = case["Hq"]
+    if feature == "softcap":
+        return {"softcap": SOFTCAP}
+    if feature == "sinks":
+        return {"sinks": (np.random.default_rng(7).standard_normal(hq) + math.log(case["S"])).astype(np.float32)}
+    if feature == "alibi":
+        return {"alibi_slopes": (2.0 ** (-8.0 * np.arange(1, hq + 1) / hq)).astype(np.float32)}
+    return {}
+
+
+def _like(value, x):
+    """A feature's host value where ``x`` lives (a torch tensor's device), as users pass it."""
+    if not isinstance(value, np.ndarray) or isinstance(x, np.ndarray):
+        return value
+    return torch_or_none().from_numpy(value).to(x.device)
+
+
+def _case_mask(case: dict, x):
+    """The key-padding mask of a ``pack='mask'`` case, boolean ``[B, 1, 1, Sk]``, where ``x`` lives."""
+    return _like(_inputs.padding_mask(case["lengths"], case.get("Sk", case["S"])), x)
+
+
+# aule's backends that take NumPy arrays, so their rows get the case's values as NumPy arrays.
+_HOST_BACKENDS = ("numpy", "vulkan")
+
+
 class AuleDense(Contender):
     """``aule.flash_attention(..., backend=...)``: host backends (numpy, vulkan, auto on a CPU) on
     NumPy arrays holding the case's values, Triton on the torch tensors. ``expand_kv`` repeats K/V
-    to every query head outside the timed region."""
+    to every query head outside the timed region. ``feature`` adds one of the features suite's
+    ('softcap', 'sinks', 'alibi': see :func:`feature_values`, passed on the inputs' device as a
+    user would; 'padding': the case's key-padding mask as ``attn_mask``, on padded cases only)."""
 
     impl = "aule"
 
-    def __init__(self, backend=None, *, expand_kv=False, full_causal=False):
+    def __init__(self, backend=None, *, expand_kv=False, full_causal=False, feature=None):
         super().__init__(backend, full_causal=full_causal)
         self.expand_kv = expand_kv
+        self.feature = feature
+
+    def applies(self, case):
+        return case.get("pack") == "mask" if self.feature == "padding" else super().applies(case)
 
     def prepare(self, case, inp):
         import aule
@@ -53,7 +104,7 @@ class AuleDense(Contender):
         sync, clock = _device_clock(case)
         backend = self.backend
         # aule's host backends get NumPy arrays (their natural input) holding the same values.
-        host = backend in ("numpy", "vulkan") or (backend is None and resolve_device(case) == "cpu")
+        host = backend in _HOST_BACKENDS or (backend is None and resolve_device(case) == "cpu")
         if host and inp.backward:
             raise Skip("NumPy arrays carry no gradients")
         sets = inp.host_sets() if host else inp.sets
@@ -69,12 +120,17 @@ class AuleDense(Contender):
                 return x.detach().repeat_interleave(g, dim=1).requires_grad_(inp.backward)
 
             kv = [(expand(k), expand(v)) for k, v in kv]
+        values = feature_values(case, self.feature)
+        extra = {n: _like(x, sets[0]["q"]) for n, x in values.items()}
+        if self.feature == "padding":
+            extra["attn_mask"] = _case_mask(case, sets[0]["q"])
 
         def fwd(i):
             return aule.flash_attention(sets[i]["q"], kv[i][0], kv[i][1], causal=causal, window_size=window,
-                                        backend=backend)
+                                        backend=backend, **extra)
 
-        common = dict(causal=causal, window=window, variant=self.variant(case), sync=sync, clock=clock)
+        common = dict(causal=causal, window=window, variant=self.variant(case), sync=sync, clock=clock,
+                      features=values)
         if not inp.backward:
             return Bound(fwd, len(sets), **common)
         leaves = inp.leaves() + [t for pair in kv for t in pair if t.requires_grad]
@@ -115,9 +171,13 @@ class AuleVulkanResident(Contender):
 
     impl = "resident"
 
-    def __init__(self, variant=None, tiles=None, dtype=None):
+    def __init__(self, variant=None, tiles=None, dtype=None, *, padding=False):
         super().__init__("vulkan")
         self.forced, self.tiles, self.dtype = variant, tiles, dtype
+        self.padding = padding  # the case's key-padding mask as attn_mask
+
+    def applies(self, case):
+        return case.get("pack") == "mask" if self.padding else super().applies(case)
 
     def why_skip(self, case):
         if self.dtype and case["dtype"] != self.dtype:
@@ -140,22 +200,30 @@ class AuleVulkanResident(Contender):
         if inp.backward:
             raise Skip("GpuTensors carry no gradients")
         causal, window = self.visibility(case)
+        if self.padding:
+            _need_vulkan_gpu()
+        extra = {"attn_mask": _inputs.padding_mask(case["lengths"], case.get("Sk", case["S"]))} if self.padding else {}
         gsets = [{n: to_gpu(s[n]) for n in ("q", "k", "v")} for s in inp.host_sets()]
+        # With a mask the variant is not the plain call's (selection passes over those without it).
+        chosen = vulkan_variant(*(gsets[0][n] for n in ("q", "k", "v")), causal, window, **extra) if extra else None
 
         def call(i):
             s = gsets[i]
             return aule.flash_attention(s["q"], s["k"], s["v"], causal=causal, window_size=window,
-                                        backend="vulkan")
+                                        backend="vulkan", **extra)
 
         def device_ms(i):
             s = gsets[i]
-            out, _, ns = vk_attention(s["q"], s["k"], s["v"], causal=causal, window_size=window, timestamps=True)
-            out.free()
+            if extra:
+                ns = vulkan_gpu_ns(s["q"], s["k"], s["v"], causal, window, **extra)
+            else:
+                out, _, ns = vk_attention(s["q"], s["k"], s["v"], causal=causal, window_size=window, timestamps=True)
+                out.free()
             return None if ns is None else ns / 1e6
 
         def device_batch(i, n):
             s = gsets[i]
-            return repeated_attention(s["q"], s["k"], s["v"], causal=causal, window_size=window, repeat=n)
+            return repeated_attention(s["q"], s["k"], s["v"], causal=causal, window_size=window, repeat=n, **extra)
 
         def cleanup():
             for s in gsets:
@@ -167,7 +235,225 @@ class AuleVulkanResident(Contender):
             env = {"AULE_VULKAN_VARIANT": self.forced, "AULE_VULKAN_TILES": self.tiles or ""}
             context = lambda: _environ(env)  # noqa: E731
         return Bound(call, len(gsets), clock="device", device_ms=device_ms, device_batch=device_batch, cleanup=cleanup,
-                     context=context, causal=causal, window=window, variant=self.variant(case))
+                     context=context, causal=causal, window=window, variant=chosen or self.variant(case))
+
+
+def vulkan_variant(q, k, v, causal, window, **features) -> str | None:
+    """The shader variant Vulkan plans for this call (None when it plans none)."""
+    from ..backends.vulkan import launch, runtime
+    from ..call import canonicalize
+    from ..errors import UnsupportedError
+
+    try:
+        return launch.attention_plan_for(canonicalize(q, k, v, causal, None, window, False, **features),
+                                         runtime.context())[0].name
+    except UnsupportedError:
+        return None
+
+
+def vulkan_gpu_ns(q, k, v, causal, window, **features):
+    """GPU nanoseconds (Vulkan timestamps around the dispatches, uploads and read-backs outside
+    them) of one Vulkan attention call with ``features`` (``flash_attention``'s keywords), which
+    ``aule.backends.vulkan.attention`` does not take; its output is freed."""
+    from ..call import canonicalize
+
+    return _vulkan_call_ns(canonicalize(q, k, v, causal, None, window, False, **features))
+
+
+def _vulkan_call_ns(call):
+    from .. import backends
+    from ..backends.vulkan import launch, runtime
+
+    why = backends.get("vulkan").why_not("attention", call, True)
+    if why:
+        raise Skip(f"vulkan cannot serve {call.describe()}: {why}")
+    out, _, ns = launch.attention(call, runtime.context(), timestamps=True)
+    if hasattr(out, "free"):
+        out.free()
+    return ns
+
+
+class _Summed:
+    """Recorded work of several calls (one per sequence), each repeated back to back in a submission
+    of its own: ``ms()`` submits each once and gives their GPU milliseconds per call, summed, which
+    is what the calls take one after the other."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def ms(self) -> float | None:
+        times = [w.ms() for w in self.works]
+        return None if any(t is None for t in times) else sum(times)
+
+    def close(self) -> None:
+        for w in self.works:
+            w.close()
+
+
+def _host_out(x):
+    """A result as NumPy when it is a GpuTensor (read back and freed), else as it is."""
+    if type(x).__name__ != "GpuTensor":
+        return x
+    try:
+        return x.numpy()
+    finally:
+        x.free()
+
+
+class AuleUnpadded(Contender):
+    """The visible work of a padded or packed case done unpadded: one plain
+    ``aule.flash_attention`` per sequence on contiguous ``[1, H, n, D]`` copies of exactly what it
+    sees (:class:`~aule.bench.inputs.PaddedInputs` and :class:`~aule.bench.inputs.VarlenInputs`
+    pieces), the calls back to back and timed together, so its FLOP/s (visible pairs only) is
+    plain attention's on the same problem. Triton on the torch tensors; Vulkan on NumPy arrays
+    (wall clock, uploads included, with the dispatches' GPU time summed beside it) or, ``resident``,
+    on GpuTensors (the GPU time, each call recorded back to back in a submission of its own and the
+    per-call times summed, is the row's time; the wall time beside it).
+    ``packs``: the kinds of case it has rows on. ``mask_variant`` (resident, padded cases): forced to the shader variant Vulkan selects for the
+    padded call, which may not be the plain call's (a variant that lacks masks is passed over), so
+    the mask's own cost is read apart from the variant's."""
+
+    impl = "unpadded"
+
+    def __init__(self, backend, *, resident=False, mask_variant=False, packs=("mask", "varlen")):
+        super().__init__(backend)
+        self.resident = resident
+        self.mask_variant = mask_variant
+        self.packs = packs  # the kinds of case ('pack') it has rows on: those with a row to compare
+
+    def applies(self, case):
+        return "lengths" in case and case.get("pack") in self.packs
+
+    def _padded_variant(self, case, inp):
+        from ..backends.vulkan import to_gpu
+
+        full = [to_gpu(inp.host_sets()[0][n]) for n in ("q", "k", "v")]
+        try:
+            mask = _inputs.padding_mask(case["lengths"], case.get("Sk", case["S"]))
+            name = vulkan_variant(*full, *self.visibility(case), attn_mask=mask)
+        finally:
+            for x in full:
+                x.free()
+        if name is None:
+            raise Skip("vulkan plans no variant for the padded call")
+        return name
+
+    def variant(self, case):
+        return None
+
+    def prepare(self, case, inp):
+        import aule
+
+        causal, window = self.visibility(case)
+        vulkan = self.backend == "vulkan"
+        if vulkan:
+            _need_vulkan_gpu()
+        host = self.backend in _HOST_BACKENDS
+        pieces = [inp.pieces(i, host=host) for i in range(len(inp.sets))]
+        context = None
+        if self.mask_variant:
+            env = {"AULE_VULKAN_VARIANT": self._padded_variant(case, inp), "AULE_VULKAN_TILES": ""}
+            context = lambda: _environ(env)  # noqa: E731
+        owned = []
+        if self.resident:
+            from ..backends.vulkan import to_gpu
+
+            pieces = [[tuple(to_gpu(x) for x in qkv) for qkv in ps] for ps in pieces]
+            owned = [x for ps in pieces for qkv in ps for x in qkv]
+        backend = self.backend
+
+        def call(i):
+            return [aule.flash_attention(q, k, v, causal=causal, window_size=window, backend=backend)
+                    for q, k, v in pieces[i]]
+
+        def checked(i):
+            return inp.assemble([_host_out(o) for o in call(i)])
+
+        def device_ms(i):
+            ns = [vulkan_gpu_ns(q, k, v, causal, window) for q, k, v in pieces[i]]
+            return None if any(n is None for n in ns) else sum(ns) / 1e6
+
+        def device_batch(i, n):
+            from ..backends.vulkan import repeated_attention
+
+            work = _Summed([])
+            try:
+                for q, k, v in pieces[i]:
+                    work.works.append(repeated_attention(q, k, v, causal=causal, window_size=window, repeat=n))
+            except BaseException:
+                work.close()
+                raise
+            return work
+
+        def cleanup():
+            for x in owned:
+                x.free()
+
+        if vulkan:
+            with (context or contextlib.nullcontext)():
+                chosen = vulkan_variant(*pieces[0][0], causal, window)
+            return Bound(call, len(pieces), clock="device" if self.resident else "host", device_ms=device_ms,
+                         device_batch=device_batch if self.resident else None, checked=checked, cleanup=cleanup,
+                         causal=causal, window=window, variant=chosen, context=context,
+                         note="each sequence's calls in a submission of their own, GPU times summed"
+                         if self.resident else None)
+        sync, clock = (None, "host") if host else _device_clock(case)
+        return Bound(call, len(pieces), sync=sync, clock=clock, checked=checked, causal=causal, window=window)
+
+
+class AuleVarlen(Contender):
+    """``aule.flash_attention_varlen`` on a packed case: Triton on the CUDA tensors (cu_seqlens an
+    int32 tensor on the device, as flash-attn's callers pass it), Vulkan on NumPy arrays, which is
+    what it takes: wall clock, uploads and read-backs included, with the GPU time of the
+    dispatches (Vulkan timestamps, summed over the sequences the call is cut into) beside it."""
+
+    impl = "varlen"
+
+    def applies(self, case):
+        return case.get("pack") == "varlen"
+
+    def variant(self, case):
+        return None
+
+    def prepare(self, case, inp):
+        import aule
+
+        causal, window = self.visibility(case)
+        vulkan = self.backend == "vulkan"
+        if vulkan:
+            _need_vulkan_gpu()
+        host = self.backend in _HOST_BACKENDS
+        sets = inp.host_sets() if host else inp.sets
+        longest = max(case["lengths"])
+        backend = self.backend
+
+        def call(i):
+            s = sets[i]
+            return aule.flash_attention_varlen(s["q"], s["k"], s["v"], s["cu_seqlens"], s["cu_seqlens"], longest,
+                                               longest, causal=causal, window_size=window, backend=backend)
+
+        if not vulkan:
+            sync, clock = (None, "host") if host else _device_clock(case)
+            return Bound(call, len(sets), sync=sync, clock=clock, causal=causal, window=window)
+        from .. import backends
+        from ..call import canonicalize_varlen
+
+        def device_ms(i):
+            s = sets[i]
+            vc = canonicalize_varlen(s["q"], s["k"], s["v"], s["cu_seqlens"], s["cu_seqlens"], longest, longest,
+                                     causal, window)
+            pieces = (vc.sequence(j) for j in range(vc.batch))
+            ns = [_vulkan_call_ns(piece) for piece in pieces if piece.seq_q]
+            return None if any(n is None for n in ns) else sum(ns) / 1e6
+
+        note = None
+        if "varlen_attention" in backends.get("vulkan").ops:
+            # A packed kernel of its own: the per-sequence dispatches timed here are not what the call runs.
+            device_ms, note = None, "no GPU time: vulkan's own varlen kernel has no timestamped entry point"
+        first = canonicalize_varlen(sets[0]["q"], sets[0]["k"], sets[0]["v"], sets[0]["cu_seqlens"],
+                                    sets[0]["cu_seqlens"], longest, longest, causal, window).sequence(0)
+        return Bound(call, len(sets), clock="host", device_ms=device_ms, note=note, causal=causal, window=window,
+                     variant=vulkan_variant(first.q, first.k, first.v, causal, window))
 
 
 def _sdpa_context(name):
@@ -262,10 +548,17 @@ class Sdpa(Contender):
 
 
 class AulePaged(Contender):
-    """``aule.flash_attention_paged``: the public call, which validates the tables every call."""
+    """``aule.flash_attention_paged``: the public call, which validates the tables every call.
+    ``graph``: the same call with ``max_context_len`` (so nothing is read back from the device),
+    captured in a CUDA graph after a warm-up on a side stream and timed as ``graph.replay()``
+    (CUDA events; the suite must time graphs), as a serving loop that replays decode steps runs it."""
 
     impl = "paged"
     serves = ("decode",)
+
+    def __init__(self, backend=None, *, graph=False):
+        super().__init__(backend)
+        self.graph = graph
 
     def unavailable(self):
         import aule
@@ -281,13 +574,17 @@ class AulePaged(Contender):
         sets = inp.sets
         sync, clock = _device_clock(case)
         backend = self.backend
+        if self.graph and clock != "cuda":
+            raise Skip("a CUDA graph needs CUDA tensors")
+        extra = {"max_context_len": case["ctx"]} if self.graph else {}
 
         def call(i):
             s = sets[i]
             return aule.flash_attention_paged(s["q"], s["k_cache"], s["v_cache"], s["block_tables"],
-                                              s["context_lens"], backend=backend)
+                                              s["context_lens"], backend=backend, **extra)
 
-        return Bound(call, len(sets), variant=self.variant(case), sync=sync, clock=clock)
+        return Bound(call, len(sets), variant=self.variant(case), sync=sync, clock=clock,
+                     graphable=self.graph, graph_required=self.graph)
 
 
 class AulePagedLauncher(Contender):
@@ -360,9 +657,7 @@ class AulePagedVulkanResident(Contender):
     def prepare(self, case, inp):
         import aule
 
-        why = _inputs.vulkan_gpu_missing()
-        if why:
-            raise Skip(why)
+        _need_vulkan_gpu()
         try:
             from ..backends.vulkan import paged_attention as vk_paged
             from ..backends.vulkan import to_gpu
@@ -420,7 +715,20 @@ CONTENDERS = _registry(**{
     "sdpa-flash full-causal": Sdpa("FLASH_ATTENTION", full_causal=True),
     "sdpa-efficient+mask": Sdpa("EFFICIENT_ATTENTION", explicit_mask=True, max_scores=32 * 8192 * 8192),
     "torch-sdpa": Sdpa(None),
+    "aule:triton softcap": AuleDense("triton", feature="softcap"),
+    "aule:triton sinks": AuleDense("triton", feature="sinks"),
+    "aule:triton alibi": AuleDense("triton", feature="alibi"),
+    "aule:triton padded": AuleDense("triton", feature="padding"),
+    "aule:triton unpadded": AuleUnpadded("triton"),
+    "aule:triton varlen": AuleVarlen("triton"),
+    "aule:vulkan resident padded": AuleVulkanResident(padding=True),
+    "aule:vulkan resident unpadded": AuleUnpadded("vulkan", resident=True, packs=("mask",)),
+    "aule:vulkan resident unpadded, mask's variant": AuleUnpadded("vulkan", resident=True, mask_variant=True,
+                                                                  packs=("mask",)),
+    "aule:vulkan varlen": AuleVarlen("vulkan"),
+    "aule:vulkan unpadded": AuleUnpadded("vulkan", packs=("varlen",)),
     "aule-paged:triton": AulePaged("triton"),
+    "aule-paged:triton graph": AulePaged("triton", graph=True),
     "aule-paged:vulkan": AulePaged("vulkan"),
     "aule-paged:auto": AulePaged(None),
     "aule-paged:triton launcher": AulePagedLauncher(),

@@ -177,3 +177,110 @@ class DecodeInputs:
         return 2 * p["B"] * p["Hkv"] * p["ctx"] * p["D"] * self.sets[0]["k"].element_size()
 
 
+
+# --------------------------------------------------------------------------------------------
+# Padded and packed batches (the features suite): a case with ``lengths`` gives batch element b
+# ``lengths[b]`` visible keys (``pack='mask'``) or packs sequences of those lengths (``'varlen'``).
+# Either way the same work can be run unpadded, one dense call per sequence: its pieces.
+
+
+def padding_mask(lengths, seq_k: int) -> np.ndarray:
+    """Boolean key-padding mask ``[B, 1, 1, seq_k]``: element b sees its first ``lengths[b]`` keys."""
+    return (np.arange(seq_k)[None, :] < np.asarray(lengths)[:, None])[:, None, None, :]
+
+
+def _dense_copy(x):
+    """A contiguous copy (NumPy or torch), so an unpadded piece is plain attention's own layout."""
+    return np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x.contiguous()
+
+
+def _cat(xs, axis: int):
+    if isinstance(xs[0], np.ndarray):
+        return np.concatenate(xs, axis=axis)
+    return torch_or_none().cat(xs, dim=axis)
+
+
+class _Pieces:
+    """What padded and packed inputs share: the unpadded pieces of each set, built once (outside
+    any timed region), and the assembly of their outputs into the padded or packed output."""
+
+    def pieces(self, i: int, host: bool = False) -> list:
+        key = (i, host)
+        if key not in self._pieces:
+            s = (self.host_sets() if host else self.sets)[i]
+            self._pieces[key] = [tuple(_dense_copy(x) for x in self._piece(s, b))
+                                 for b in range(len(self.p["lengths"]))]
+        return self._pieces[key]
+
+
+class PaddedInputs(AttentionInputs, _Pieces):
+    """A batch whose element b sees its first ``lengths[b]`` keys; its pieces are the batch
+    elements with only those keys, ``[1, H, S, D]`` queries over ``[1, H, lengths[b], D]`` keys."""
+
+    def __init__(self, p: dict, seed: int = 0):
+        if len(p["lengths"]) != p["B"] or max(p["lengths"]) > p.get("Sk", p["S"]):
+            raise ValueError(f"lengths {p['lengths']} must give each of the {p['B']} batch elements at most "
+                             f"Sk = {p.get('Sk', p['S'])} keys")
+        super().__init__(p, seed)
+        self._pieces = {}
+
+    def _piece(self, s, b):
+        n = self.p["lengths"][b]
+        return s["q"][b:b + 1], s["k"][b:b + 1, :, :n], s["v"][b:b + 1, :, :n]
+
+    @staticmethod
+    def assemble(outs):
+        return _cat(list(outs), 0)
+
+
+class VarlenInputs(_Pieces):
+    """Sequences of ``lengths`` packed as flash-attn's varlen layout: ``q [total, Hq, D]``,
+    ``k, v [total, Hkv, D]`` and ``cu_seqlens [B + 1]`` (int32, on the tensors' device); each
+    sequence attends to itself. Its pieces are the sequences as dense ``[1, H, n, D]`` calls."""
+
+    backward = False
+
+    def __init__(self, p: dict, seed: int = 0):
+        if p.get("mode", "fwd") != "fwd" or len(p["lengths"]) != p["B"]:
+            raise ValueError(f"a varlen case is forward only with one length per batch element, got {p}")
+        self.p = p
+        total = int(sum(p["lengths"]))
+        # One [1, H, total, D] batch holds every sequence's values; the packed sets are its copies.
+        flat = AttentionInputs({**p, "B": 1, "S": total, "Sk": total}, seed)
+        self.cu = np.concatenate([[0], np.cumsum(p["lengths"])]).astype(np.int32)
+        self.sets = [self._packed(s) for s in flat.sets]
+        self._host = None
+        self._pieces = {}
+
+    def _packed(self, s) -> dict:
+        out = {n: _dense_copy(s[n][0].swapaxes(0, 1) if isinstance(s[n], np.ndarray) else s[n][0].transpose(0, 1))
+               for n in ("q", "k", "v")}
+        torch = torch_or_none()
+        out["cu_seqlens"] = self.cu if torch is None or isinstance(out["q"], np.ndarray) else (
+            torch.from_numpy(self.cu).to(out["q"].device))
+        return out
+
+    def host_sets(self):
+        if self._host is None:
+            if self.p["dtype"] == "bfloat16":
+                raise Skip("NumPy has no bfloat16: aule's host backends take float16/float32 arrays")
+            self._host = [{n: (x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()) for n, x in s.items()}
+                          for s in self.sets]
+        return self._host
+
+    def _piece(self, s, b):
+        a, e = int(self.cu[b]), int(self.cu[b + 1])
+
+        def dense(x):
+            x = x[a:e]
+            return (x.swapaxes(0, 1) if isinstance(x, np.ndarray) else x.transpose(0, 1))[None]
+
+        return dense(s["q"]), dense(s["k"]), dense(s["v"])
+
+    @staticmethod
+    def assemble(outs):
+        """Per-sequence outputs ``[1, H, n, D]`` as the packed ``[total, H, D]``."""
+        return _cat([o[0].swapaxes(0, 1) if isinstance(o, np.ndarray) else o[0].transpose(0, 1) for o in outs], 0)
+
+    def leaves(self):
+        return None

@@ -11,22 +11,38 @@ from . import checks
 def attention_flops(p: dict) -> float:
     """4*B*H*Sq*Sk*D, halved for causal (FlashAttention's convention); with a window, or causal over
     more keys than queries (bottom-right: the rows see nearly all keys, not half), 4*B*H*D per
-    visible (query, key) pair; x3.5 for forward+backward (backward counted as 2.5 forwards)."""
-    from .. import masks
+    visible (query, key) pair; x3.5 for forward+backward (backward counted as 2.5 forwards).
 
-    sq, sk = p["S"], p.get("Sk", p["S"])
-    window = p.get("window", -1)
-    if window in (-1, None) and (sq == sk or not p["causal"]):
-        pairs = sq * sk / (2 if p["causal"] else 1)
+    Cases with ``lengths`` count visible pairs only, so a padded or packed batch and the same work
+    unpadded are credited alike: ``pack='mask'`` (a key-padding mask) lets batch element b see the
+    first ``lengths[b]`` of its keys; ``pack='varlen'`` packs sequences of those lengths, each
+    attending to itself."""
+    lengths = p.get("lengths")
+    causal, window = p["causal"], p.get("window", -1)
+    if lengths is None:
+        pairs = p["B"] * visible_pairs(p["S"], p.get("Sk", p["S"]), causal, window)
+    elif p.get("pack") == "varlen":
+        pairs = sum(visible_pairs(n, n, causal, window) for n in lengths)
     else:
-        left, right = masks.canonical_window(p["causal"], window)
-        pairs = 0
-        for i in range(sq):
-            lo, hi = masks.key_range(i, i + 1, sq, sk, left, right)
-            pairs += max(0, hi - lo)
-    f = 4.0 * p["B"] * p["Hq"] * p["D"] * pairs
+        pairs = sum(visible_pairs(p["S"], p.get("Sk", p["S"]), causal, window, n) for n in lengths)
+    f = 4.0 * p["Hq"] * p["D"] * pairs
     return f * 3.5 if p.get("mode") == "fwd+bwd" else f
 
+
+def visible_pairs(sq: int, sk: int, causal: bool, window=-1, key_limit: int | None = None) -> float:
+    """(query, key) pairs one head of one sequence computes; ``key_limit``: only keys below it exist
+    (a padding mask's prefix)."""
+    from .. import masks
+
+    if key_limit is None and window in (-1, None) and (sq == sk or not causal):
+        return sq * sk / (2 if causal else 1)
+    left, right = masks.canonical_window(causal, window)
+    limit = sk if key_limit is None else min(sk, key_limit)
+    pairs = 0
+    for i in range(sq):
+        lo, hi = masks.key_range(i, i + 1, sq, sk, left, right)
+        pairs += max(0, min(hi, limit) - lo)
+    return pairs
 
 
 def ref_name(x) -> str:
@@ -71,13 +87,20 @@ def metrics(row, kind: str, p: dict, bytes_read: int | None = None):
 
 
 def ratios(res, baseline):
-    """speed-up of each row over the suite's baseline contender on the same case (>1: faster)."""
-    if not baseline:
+    """Speed-up of each row over its baseline on the same case (>1: faster): the suite's
+    ``baseline``, or the one ``res['against']`` names for the row's contender. Rows that also
+    carry GPU timestamps beside their wall time (``gpu_ms``) get ``gpu_ratio`` from those."""
+    against = res.get("against") or {}
+    if not baseline and not against:
         return
-    base = {r["case"]: r["ms"] for r in res["rows"] if r["contender"] == baseline and r["status"] == "ok"}
-    for r in res["rows"]:
-        if r["status"] == "ok" and r["case"] in base and r.get("ms"):
-            r["ratio"] = base[r["case"]] / r["ms"]
+    ok = {(r["case"], r["contender"]): r for r in res["rows"] if r["status"] == "ok" and r.get("ms")}
+    for (case, contender), r in ok.items():
+        base = ok.get((case, against.get(contender, baseline)))
+        if base is None:
+            continue
+        r["ratio"] = base["ms"] / r["ms"]
+        if r.get("gpu_ms") and base.get("gpu_ms"):
+            r["gpu_ratio"] = base["gpu_ms"] / r["gpu_ms"]
 
 
 def brief(row, metric) -> str:

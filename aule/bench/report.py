@@ -73,14 +73,15 @@ def suite_table(res: dict, machine: dict | None = None) -> str:
         return title + f"Skipped: {res.get('reason')}\n"
     metric = res["metric"]
     base = res.get("baseline")
+    against = {c: b for c, b in (res.get("against") or {}).items() if c != b}
     peak, peak_note = ceiling(res, machine)
     head = ["case", "implementation", "error", "ms", METRIC_LABEL[metric]]
     if metric == "tbps":
         head.append("tokens/s")
     if metric == "mb":
         head = ["case", "implementation", "peak extra MB (tracemalloc)", "RSS growth MB", "output MB", "ms"]
-    if base:
-        head.append(f"vs {base}")
+    if base or against:
+        head.append("vs baseline" if against else f"vs {base}")
     if peak:
         head.append("of peak")
     head.append("note")
@@ -96,7 +97,7 @@ def suite_table(res: dict, machine: dict | None = None) -> str:
             cells = [r["case"], impl, err, ms, _cell(r, metric)]
             if metric == "tbps":
                 cells.append(_fmt(r.get("tokens_per_s")) if r["status"] == "ok" else "—")
-        if base:
+        if base or against:
             cells.append(f"{r['ratio']:.2f}x" if r.get("ratio") else "—")
         if peak:
             cells.append(_fraction(r[metric] / peak) if r["status"] == "ok" and r.get(metric) else "—")
@@ -110,6 +111,9 @@ def suite_table(res: dict, machine: dict | None = None) -> str:
             note = f"{r['calls_per_submission']} calls per submission" + (f"; {note}" if note else "")
         if r.get("wall_ms") is not None:
             note = f"wall {_fmt(r['wall_ms'])} ms per call" + (f"; {note}" if note else "")
+        if r.get("gpu_ms") is not None:
+            vs = f", {r['gpu_ratio']:.2f}x by GPU time" if r.get("gpu_ratio") else ""
+            note = f"GPU {_fmt(r['gpu_ms'])} ms per call (Vulkan timestamps{vs})" + (f"; {note}" if note else "")
         cells.append(note.replace("|", "/"))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     notes = "".join(f"- {n}\n" for n in res.get("notes", []))
@@ -120,6 +124,10 @@ def suite_table(res: dict, machine: dict | None = None) -> str:
         foot += f" Times: median, {'; '.join(clocks)}."
     if peak_note:
         foot += f" Of peak: fraction of {peak_note}." if peak else " " + peak_note
+    if against:
+        pairs = "; ".join(f"{c} against {b}" for c, b in against.items())
+        foot += (f" Baselines: {base + ' for the other rows; ' if base else ''}{pairs}"
+                 " (same case; times, so the same visible work counts alike).")
     foot = "\n" + foot.strip() + "\n" if foot else ""
     return title + "\n".join(lines) + "\n" + foot + ("\n" + notes if notes else "")
 
@@ -174,6 +182,20 @@ LEGEND = {
     "torch-sdpa": "torch's scaled_dot_product_attention with its own backend choice",
     "sdpa-flash": "SDPA forced to its flash backend (sdpa_kernel); -cudnn, -efficient, -math likewise",
     "sdpa-efficient+mask": "SDPA's efficient backend with the window as an explicit boolean mask",
+    "aule-paged:triton graph": "aule.flash_attention_paged with max_context_len, captured in a CUDA graph and "
+                               "timed as graph.replay()",
+    "aule:triton softcap": "aule:triton with softcap=2 (a cap that bites on these scores); -sinks, -alibi "
+                           "likewise with float32 [Hq] sinks or ALiBi slopes on the device",
+    "aule:triton padded": "aule:triton with a boolean key-padding attn_mask [B, 1, 1, S] (FLOPs of visible pairs)",
+    "aule:triton varlen": "aule.flash_attention_varlen on packed [total, H, D] CUDA tensors",
+    "aule:triton unpadded": "the same visible work as one plain aule:triton call per sequence, back to back",
+    "aule:vulkan resident padded": "aule:vulkan resident with the key-padding attn_mask",
+    "aule:vulkan resident unpadded": "one aule:vulkan resident call per sequence, each timed in batched "
+                                     "submissions; GPU times summed",
+    "aule:vulkan resident unpadded, mask's variant": "the same, forced to the shader variant the padded call runs",
+    "aule:vulkan varlen": "aule.flash_attention_varlen(..., backend='vulkan') on NumPy arrays: wall clock, "
+                          "uploads included",
+    "aule:vulkan unpadded": "one aule:vulkan call per sequence on NumPy arrays, wall clock",
 }
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from . import checks, machine, memprobe, timing
 from . import inputs as _inputs
 from .contenders import CONTENDERS, Sdpa
-from .inputs import AttentionInputs, DecodeInputs, Skip, cuda_ready, first_line
+from .inputs import AttentionInputs, DecodeInputs, PaddedInputs, Skip, VarlenInputs, cuda_ready, first_line
 from .train import ModelInputs
 from .metrics import attention_flops, brief, cuda_cleanup, err, metrics, ratios, ref_name
 from .progress import Progress
@@ -81,6 +81,9 @@ class Runner:
                "baseline": suite.baseline, "ceiling": suite.ceiling, "rows": [], "notes": [], "status": "ran",
                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "quick": self.quick, "seconds": 0.0}
+        if suite.against:
+            # Each pair's baseline is its own reference too (its ratio 1), whatever the suite's is.
+            res["against"] = {**{b: b for _, b in suite.against}, **dict(suite.against)}
         st = {"res": res, "rows": {}, "active": []}
         n_units = len(suite.cases) * len(suite.contenders)
         why = None
@@ -91,6 +94,8 @@ class Runner:
             why = None if info.get("available") else f"needs Vulkan: {info.get('reason')}"
         elif suite.needs == "vulkan-gpu":
             why = _inputs.vulkan_gpu_missing()
+        elif suite.needs == "gpu" and cuda_ready() and _inputs.vulkan_gpu_missing():
+            why = f"needs a GPU: {cuda_ready()}; {_inputs.vulkan_gpu_missing()}"
         if why:
             res.update(status="skipped", reason=why)
             self.bar.step(f"{suite.name}: skipped", n_units)
@@ -125,7 +130,7 @@ class Runner:
                     res["notes"].append(f"{note}: later cases not measured")
                 self.bar.step(f"{suite.name} {label}: over budget", len(active))
                 return [self._row(p, label, c, "skipped", note) for c in active]
-            if suite.needs == "per-case" and p["device"] == "cuda" and cuda_ready():
+            if suite.needs in ("per-case", "gpu") and p["device"] == "cuda" and cuda_ready():
                 res["notes"].append(f"{label}: not run: {cuda_ready()}")
                 self.bar.step(f"{suite.name} {label}: no GPU", len(active))
                 return []
@@ -143,10 +148,21 @@ class Runner:
         row.update(kw)
         return row
 
+    @staticmethod
+    def _inputs_class(suite, p):
+        if suite.kind in ("decode", "train"):
+            return {"decode": DecodeInputs, "train": ModelInputs}[suite.kind]
+        return {"mask": PaddedInputs, "varlen": VarlenInputs}.get(p.get("pack"), AttentionInputs)
+
     def _case(self, suite, p, label, active):
         rows = []
+        here = [c for c in active if CONTENDERS[c].applies(p)]
+        if len(here) < len(active):  # contenders with no row on this kind of case
+            self.bar.step(f"{suite.name} {label}: {len(active) - len(here)} contenders do not apply",
+                          len(active) - len(here))
+        active = here
         try:
-            inp = {"decode": DecodeInputs, "train": ModelInputs}.get(suite.kind, AttentionInputs)(p)
+            inp = self._inputs_class(suite, p)(p)
         except Exception as exc:
             note = f"inputs: {first_line(exc)}"
             self.bar.step(f"{suite.name} {label}: {note}", len(active))
@@ -168,8 +184,9 @@ class Runner:
         return rows
 
     def _reference(self, suite, p, inp, bound, refs):
-        """(reference output, reference grads or None, reference name), cached per visibility."""
-        key = (bound.causal, bound.window)
+        """(reference output, reference grads or None, reference name), cached per visibility and
+        features."""
+        key = (bound.causal, bound.window, tuple(sorted(bound.features)))
         if key in refs:
             return refs[key]
         if suite.kind == "train":
@@ -180,20 +197,39 @@ class Runner:
             out = checks.blocked_reference(s["q"], s["k"], s["v"], True, -1)
             refs[key] = (out, None, ref_name(s["q"]))
             return refs[key]
+        if isinstance(inp, VarlenInputs):
+            # Each sequence alone, the outputs packed as the call packs them.
+            parts = [self._dense_reference(p, q, k, v, None, bound) for q, k, v in inp.pieces(0)]
+            if any(r[0] is None for r in parts):
+                refs[key] = (None, None, parts[0][2])
+            else:
+                refs[key] = (inp.assemble([r[0] for r in parts]), None, parts[0][2])
+            return refs[key]
         s0 = inp.sets[0]
-        q, k, v = s0["q"], s0["k"], s0["v"]
-        torch = _inputs.torch_or_none()
-        backward = inp.backward
-        on_cpu = isinstance(q, np.ndarray) or q.device.type == "cpu"
-        if not backward and on_cpu and checks.oracle_fits(p["B"], p["Hq"], p["S"], p.get("Sk", p["S"])):
-            refs[key] = (checks.oracle(q, k, v, bound.causal, bound.window), None, "float64 oracle")
-        elif torch is None:
-            refs[key] = (None, None, "none (too large for the oracle and torch is missing)")
-        else:
-            r = checks.blocked_reference(q, k, v, bound.causal, bound.window,
-                                         grad_out=s0.get("do") if backward else None)
-            refs[key] = (r[0], r[1], ref_name(q)) if backward else (r, None, ref_name(q))
+        refs[key] = self._dense_reference(p, s0["q"], s0["k"], s0["v"], s0.get("do") if inp.backward else None,
+                                          bound, **self._case_features(p))
         return refs[key]
+
+    @staticmethod
+    def _case_features(p) -> dict:
+        """Features that are the case's, whatever the contender: a padded case's mask."""
+        if p.get("pack") == "mask":
+            return {"attn_mask": _inputs.padding_mask(p["lengths"], p.get("Sk", p["S"]))}
+        return {}
+
+    @staticmethod
+    def _dense_reference(p, q, k, v, do, bound, **case_features):
+        """The float64 oracle for small problems on the CPU, else the blocked torch reference;
+        both with the bound's features and the case's."""
+        torch = _inputs.torch_or_none()
+        features = {**bound.features, **case_features}
+        on_cpu = isinstance(q, np.ndarray) or q.device.type == "cpu"
+        if do is None and on_cpu and checks.oracle_fits(q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
+            return checks.oracle(q, k, v, bound.causal, bound.window, **features), None, "float64 oracle"
+        if torch is None:
+            return None, None, "none (too large for the oracle and torch is missing)"
+        r = checks.blocked_reference(q, k, v, bound.causal, bound.window, grad_out=do, **features)
+        return (r[0], r[1], ref_name(q)) if do is not None else (r, None, ref_name(q))
 
     def _check(self, suite, p, inp, bound, refs):
         """Run once on set 0 and measure the error against the reference."""
@@ -269,29 +305,44 @@ class Runner:
                     return self._row(p, label, c, "wrong", f"error {err:.3g} above tolerance {tol:g}",
                                      err=err, ref=ref_name, tol=tol, variant=bound.variant)
                 before = machine.cpu_counters()
-                t = self._time(suite, p, bound)
+                t = self._time(suite, p, bound, lambda out: self._replayed_err(suite, p, inp, bound, refs, out))
                 share = machine.others_share(before, machine.cpu_counters())
-        row = self._row(p, label, c, "ok", None, err=err, ref=ref_name, tol=tol, variant=bound.variant, **t)
+                if t.get("replayed_err") is not None and not t["replayed_err"] <= tol:
+                    return self._row(p, label, c, "wrong", f"graph replay: error {t['replayed_err']:.3g} above "
+                                     f"tolerance {tol:g}", err=t["replayed_err"], ref=ref_name, tol=tol)
+        row = self._row(p, label, c, "ok", bound.note, err=err, ref=ref_name, tol=tol, variant=bound.variant, **t)
         if share is not None:
             # CPU time other processes took while this row was timed (host-clocked rows suffer most).
             row["others_cpu_share"] = round(share, 2)
         metrics(row, suite.kind, p, inp.bytes_read() if suite.kind == "decode" else None)
         return row
 
-    def _time(self, suite, p, bound):
+    def _replayed_err(self, suite, p, inp, bound, refs, out):
+        """The error of what a captured graph's replay left in its output for set 0."""
+        ref_out = self._reference(suite, p, inp, bound, refs)[0]
+        return None if ref_out is None else err(out, ref_out)
+
+    def _time(self, suite, p, bound, replay_error=None):
+        if bound.graph_required and not (bound.clock == "cuda" and suite.graphs):
+            raise Skip("timed as a CUDA-graph replay, which this suite does not time")
         if suite.kind == "overhead":
             t = timing.per_call_us(bound.run, sync=bound.sync, rounds=5 if not self.quick else 3)
             t["clock"] = "wall clock over calls back to back" + (", then one CUDA synchronisation" if bound.sync else "")
             return t
         if bound.clock == "cuda" and suite.graphs and bound.graphable:
+            outputs = [] if bound.graph_required else None
             try:
                 t = timing.cuda_graph_time([functools.partial(bound.call, i) for i in range(bound.n)],
-                                           self.gpu_warmup_ms, self.gpu_rep_ms)
+                                           self.gpu_warmup_ms, self.gpu_rep_ms, outputs=outputs)
                 t["clock"] = "CUDA graph replay, CUDA events"
+                if outputs and replay_error is not None:
+                    t["replayed_err"] = replay_error(outputs[0])
                 return t
             except Exception as exc:  # not capturable here: plain launches, and say so
                 log.debug("bench: graph capture failed: %s", exc)
                 cuda_cleanup()
+                if bound.graph_required:  # this row is the replay: eager timing would be another row's
+                    raise
         if bound.clock == "steps":
             from .train import TIMED_STEPS, WARMUP_STEPS
 
@@ -318,6 +369,12 @@ class Runner:
         t = timing.host_time(run, warmup=1, reps=self.cpu_reps, max_s=self.cpu_max_s,
                              warm_call_s=bound.check_s)
         t["clock"] = "wall clock"
+        if bound.device_ms is not None:
+            # Host-array calls whose dispatches the device can time too: the GPU's share of the wall time.
+            g = timing.reported_time(lambda: bound.device_ms(bound.i), max_s=self.cpu_max_s)
+            if g is not None:
+                t.update(gpu_ms=g["ms"], gpu_ms_p20=g["ms_p20"], gpu_ms_p80=g["ms_p80"])
+                t["clock"] = "wall clock (GPU time beside it from Vulkan timestamps around the dispatches)"
         return t
 
     def _device_time(self, bound) -> dict:

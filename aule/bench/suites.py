@@ -11,6 +11,9 @@ Case keys: ``B`` batch, ``Hq``/``Hkv`` heads, ``S`` query length, ``Sk`` key len
 'fwd+bwd'), ``device`` ('cuda' or 'cpu'). Decode cases use ``ctx`` (tokens in the cache) and
 ``block`` (paged block size) instead of ``S``/``Sk``; model cases (``train`` kind) name the
 ``model`` and its sizes. ``tag`` joins a case's label where cases differ only by dtype.
+Padded and packed cases (the ``features`` suite) give ``lengths`` (one per batch element) and
+``pack``: ``'mask'``, a key-padding mask letting element b see its first ``lengths[b]`` keys, or
+``'varlen'``, sequences of those lengths packed as flash-attn's varlen layout.
 """
 from __future__ import annotations
 
@@ -40,13 +43,17 @@ class Suite:
     metric: str  # 'tflops' | 'gflops' | 'tbps' | 'us_per_call' | 'mb'
     quick: tuple = ()  # indices into cases for --quick; empty: the suite is left out of --quick
     # 'cuda', 'cpu' (always runs), 'vulkan' (any Vulkan device), 'vulkan-gpu' (a GPU-type Vulkan
-    # device) or 'per-case' (each case names its device)
+    # device), 'per-case' (each case names its device) or 'gpu' (CUDA or a GPU-type Vulkan device;
+    # cases on device 'cuda' need CUDA, Vulkan contenders a Vulkan GPU)
     needs: str = "cuda"
     targets: tuple = field(default_factory=tuple)
     graphs: bool = False  # time capturable contenders as CUDA-graph replays (microsecond kernels)
     # A ceiling the run measures and each row is reported as a fraction of (a key of
     # report.CEILINGS): "vulkan_coopmat", the matrix cores through Vulkan (machine.vulkan_ceilings).
     ceiling: str | None = None
+    # (contender, baseline) pairs whose ratio is read against that baseline instead of the suite's,
+    # e.g. a padded call against the same visible work unpadded on the same backend.
+    against: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -141,8 +148,8 @@ SUITES = (
           targets=(Target("window 256 at seq 8192 >= 8x aule's full causal", "aule:triton",
                           {"window": 256, "S": 8192}, "aule:triton full-causal", 8.0),)),
     Suite("decode", "Paged decode (fp16, 32/8 heads, hd 128, block 16; SDPA on a contiguous cache)",
-          "decode", _DECODE, ("aule-paged:triton launcher", "aule-paged:triton", "aule-paged:vulkan resident",
-                               "torch-sdpa") + SDPA_GPU,
+          "decode", _DECODE, ("aule-paged:triton launcher", "aule-paged:triton", "aule-paged:triton graph",
+                               "aule-paged:vulkan resident", "torch-sdpa") + SDPA_GPU,
           "torch-sdpa", "tbps", graphs=True,
           quick=_pick(_DECODE, {"B": 8}, {"B": 1, "ctx": 32768}, {"B": 64, "ctx": 8192}),
           targets=(Target("kernel, batch 8, context >= 8k: >= 2.4 TB/s", "aule-paged:triton launcher",
@@ -231,6 +238,58 @@ SUITES += (
           ("hf:sdpa-flash", "hf:aule installed", "hf:sdpa-flash again"), "hf:sdpa-flash", "tokens_per_s"),
 )
 
+# Issue 15's speed checks. Score modifiers: Triton's forward with each feature against the same call
+# without it (bf16, B1 H32 S4096 hd128, causal and not). Padding: a B4 batch whose elements see the
+# first 4k/3k/2k/1k keys (a boolean key-padding mask [B, 1, 1, S], non-causal), and the same lengths
+# packed for flash_attention_varlen (each sequence attending to itself). Both are compared with the
+# same visible work unpadded: one plain call per sequence on contiguous inputs holding exactly the
+# keys it sees (contender "... unpadded"), those calls timed back to back together. FLOPs count only
+# visible (query, key) pairs (metrics.attention_flops), identical on both sides, so the ratio of
+# times is the ratio of FLOP/s: the padded call's against plain attention's on the same problem.
+# Those cases are float16 on device 'auto' (the CUDA device when torch has one), so the Triton rows
+# and the Vulkan rows (GpuTensors with GPU timestamps; varlen on NumPy arrays, which is what it
+# takes, by the wall clock with uploads, the dispatches' GPU time beside it) run the same values.
+_LENGTHS = (4096, 3072, 2048, 1024)
+_FEATURES = tuple(dict(mode="fwd", B=1, Hq=32, Hkv=32, S=4096, D=128, causal=c, window=-1, dtype="bfloat16",
+                       device="cuda") for c in (True, False)) + tuple(
+    dict(mode="fwd", B=4, Hq=32, Hkv=32, S=4096, D=128, causal=False, window=-1, dtype="float16", device="auto",
+         lengths=_LENGTHS, pack=pack, tag="float16") for pack in ("mask", "varlen"))
+_FEATURE_PAIRS = (("aule:triton padded", "aule:triton unpadded"), ("aule:triton varlen", "aule:triton unpadded"),
+                  ("aule:vulkan resident padded", "aule:vulkan resident unpadded"),
+                  ("aule:vulkan resident unpadded, mask's variant", "aule:vulkan resident unpadded"),
+                  ("aule:vulkan varlen", "aule:vulkan unpadded"))
+_PADDED = "B4 S4096, keys 4k/3k/2k/1k, non-causal, fp16"
+
+
+def _feature_target(feature):
+    return Target(f"Triton forward with {feature}, B1 H32 S4096 hd128 bf16 (causal and not): >= 0.9x plain",
+                  f"aule:triton {feature}", {"B": 1, "S": 4096}, "aule:triton", 0.9)
+
+
+SUITES += (
+    Suite("features", "Attention features (issue 15): score modifiers against the plain call; padded and packed "
+          "batches against the same visible work unpadded (FLOPs of visible pairs only)", "attention",
+          _FEATURES, ("aule:triton", "aule:triton softcap", "aule:triton sinks", "aule:triton alibi",
+                      "aule:triton padded", "aule:triton varlen", "aule:triton unpadded",
+                      "aule:vulkan resident padded", "aule:vulkan resident unpadded",
+                      "aule:vulkan resident unpadded, mask's variant", "aule:vulkan varlen", "aule:vulkan unpadded"),
+          "aule:triton", "tflops", quick=tuple(range(len(_FEATURES))), needs="gpu", against=_FEATURE_PAIRS,
+          targets=tuple(_feature_target(f) for f in ("softcap", "sinks", "alibi")) + (
+              Target(f"Triton key-padding mask ({_PADDED}): >= 0.9x the same visible work unpadded",
+                     "aule:triton padded", {"pack": "mask"}, "aule:triton unpadded", 0.9),
+              Target(f"Vulkan key-padding mask on GpuTensors ({_PADDED}, GPU timestamps): >= 0.9x the same "
+                     "visible work unpadded", "aule:vulkan resident padded", {"pack": "mask"},
+                     "aule:vulkan resident unpadded", 0.9),
+              Target(f"Vulkan key-padding mask ({_PADDED}): >= 0.9x the same visible work unpadded on the same "
+                     "shader variant (the mask's own cost)", "aule:vulkan resident padded", {"pack": "mask"},
+                     "aule:vulkan resident unpadded, mask's variant", 0.9),
+              Target("Triton flash_attention_varlen (lengths 4k/3k/2k/1k, non-causal, fp16): >= 0.9x the same "
+                     "sequences dense", "aule:triton varlen", {"pack": "varlen"}, "aule:triton unpadded", 0.9),
+              Target("Vulkan flash_attention_varlen on NumPy arrays (lengths 4k/3k/2k/1k, wall clock, uploads "
+                     "included): >= 0.9x the same sequences dense on NumPy arrays", "aule:vulkan varlen",
+                     {"pack": "varlen"}, "aule:vulkan unpadded", 0.9))),
+)
+
 SUITE_BY_NAME = {s.name: s for s in SUITES}
 
 
@@ -257,6 +316,9 @@ def case_label(p: dict) -> str:
         return f"B{p['B']} H{p['Hq']}/{p['Hkv']} hd{p['D']} ctx{_k(p['ctx'])} blk{p['block']}"
     heads = f"H{p['Hq']}" if p["Hq"] == p["Hkv"] else f"H{p['Hq']}/{p['Hkv']}"
     s = f"s{_k(p['S'])}" if p.get("Sk", p["S"]) == p["S"] else f"s{_k(p['S'])}x{_k(p['Sk'])}"
+    if "lengths" in p:
+        lengths = "/".join(_k(n) for n in p["lengths"])
+        s = f"varlen {lengths}" if p.get("pack") == "varlen" else f"{s} keys {lengths}"
     parts = [p["mode"]] if "mode" in p else []
     parts += [f"B{p['B']}", heads, f"hd{p['D']}", s, "causal" if p["causal"] else "full"]
     w = p.get("window", -1)

@@ -31,10 +31,12 @@ def cuda_time(fn, warmup_ms: float = 25, rep_ms: float = 100, grad_to_none=None)
     return {"ms": float(p50), "ms_p20": float(p20), "ms_p80": float(p80), "reps": None}
 
 
-def cuda_graph_time(fns, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
+def cuda_graph_time(fns, warmup_ms: float = 25, rep_ms: float = 100, outputs: list | None = None) -> dict:
     """Per-call time of ``fns`` (one call each, e.g. one per rotated input set) captured in one
     CUDA graph and replayed: launch gaps from Python leave the measurement, as in a serving loop
-    that replays graphs. Raises when the calls cannot be captured (a host synchronisation)."""
+    that replays graphs. Raises when the calls cannot be captured (a host synchronisation).
+    ``outputs``: a list that receives each call's captured output, as the last replay left it
+    (so a check can see what replays compute, not only what the eager warm-up did)."""
     import torch
 
     side = torch.cuda.Stream()
@@ -46,9 +48,11 @@ def cuda_graph_time(fns, warmup_ms: float = 25, rep_ms: float = 100) -> dict:
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
+        captured = [fn() for fn in fns]
     t = cuda_time(graph.replay, warmup_ms, rep_ms)
+    if outputs is not None:
+        torch.cuda.synchronize()
+        outputs.extend(captured)
     n = len(fns)
     return {"ms": t["ms"] / n, "ms_p20": t["ms_p20"] / n, "ms_p80": t["ms_p80"] / n, "reps": t["reps"]}
 

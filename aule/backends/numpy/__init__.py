@@ -49,7 +49,9 @@ class NumpyBackend(Backend):
         q = to_numpy(call.q)
         kc, vc = to_numpy(call.k_cache), to_numpy(call.v_cache)
         bt, cl = to_numpy(call.block_tables), to_numpy(call.context_lens)
-        out = paged_attention_numpy(q, kc, vc, bt, cl, call.scale, call.left, call.right, sinks=call.sinks)
+        qsl = None if call.query_start_loc is None else to_numpy(call.query_start_loc)
+        out = paged_attention_numpy(q, kc, vc, bt, cl, call.scale, call.left, call.right, sinks=call.sinks,
+                                    query_start_loc=qsl)
         return like(out, call.q)
 
     def write_kv(self, call):

@@ -131,7 +131,8 @@ class TritonBackend(Backend):
 
         return paged_attention_triton(call.q, call.k_cache, call.v_cache, call.block_tables,
                                       call.context_lens, call.scale, call.left, call.max_context,
-                                      check=call.checks == "device")
+                                      check=call.checks == "device", query_start_loc=call.query_start_loc,
+                                      max_query_len=call.q_len if call.packed else None)
 
     def write_kv(self, call):
         from .paged import copy_kv_triton

@@ -1,7 +1,7 @@
 """The error flags of the paged kernels: what a kernel found wrong in its tables, read by the host
 without a synchronisation.
 
-A kernel that meets an out-of-range block id, context length or slot does not follow it and
+A kernel that meets an out-of-range block id, context length, query offset or slot does not follow it and
 records ``(code, index, index, value)`` in a *flag*: one row of a small int64 table that lives in
 pinned host memory, which a CUDA kernel writes through its unified address and the host reads
 as ordinary memory (on the CPU, under Triton's interpreter, it is ordinary memory). The first
@@ -34,6 +34,12 @@ log = logging.getLogger("aule")
 FIELDS = 8  # int64 words per row: code, index 0, index 1, value, done, padding to 64 bytes
 CODE, I0, I1, VALUE, DONE = range(5)
 BLOCK_ID, CONTEXT_LEN, SLOT = 1, 2, 3  # the kernels' error codes (constexprs in paged.py)
+# A packed call's query_start_loc: a bad offset (index 1 says which rule), a sequence with more
+# rows than keys (index 1: its context length), or than the launch's bound (index 1: max_query_len).
+QUERY_START, QUERY_ROWS, QUERY_BOUND = 4, 5, 6
+_QUERY_START_RULES = {0: "must start at 0", 1: "must be non-decreasing: it is below query_start_loc[{p}]",
+                      2: "is past num_tokens = {t} (q.shape[0], the packed rows)",
+                      3: "must end at num_tokens = {t} (q.shape[0]) as the last offset"}
 CHUNK_ROWS = 1024  # row 0 of a chunk is its header: [dirty, -, scratch]
 RESERVE = 64  # free rows kept in hand, so a graph capture (which cannot pin memory) finds one
 
@@ -84,6 +90,18 @@ def describe(record, meta: dict) -> str:
     if code == SLOT:
         return (f"slot_mapping[{i0}] = {value} is outside the cache's num_blocks * block_size = "
                 f"{meta['capacity']} slots (negative slots are skipped){where}")
+    if code == QUERY_START:
+        rule = _QUERY_START_RULES.get(i1, "breaks the offsets' rules").format(p=i0 - 1, t=meta["num_tokens"])
+        return (f"query_start_loc[{i0}] = {value} {rule}; query_start_loc runs from 0, never decreasing, to "
+                f"num_tokens = {meta['num_tokens']}{where}")
+    if code == QUERY_ROWS:
+        return (f"sequence {i0} has {value} query rows (query_start_loc[{i0 + 1}] - query_start_loc[{i0}]) but "
+                f"context_lens[{i0}] = {i1}: its rows are its last positions, so there may be at most "
+                f"context_lens[b] of them{where}")
+    if code == QUERY_BOUND:
+        return (f"sequence {i0} has {value} query rows (query_start_loc[{i0 + 1}] - query_start_loc[{i0}]), more "
+                f"than max_query_len = {i1}, which sized the launch: its rows past the bound were not "
+                f"computed{where}")
     return f"unknown device error code {code} at ({i0}, {i1}), value {value}{where}"
 
 

@@ -1,11 +1,13 @@
 """Launching the attention kernels, and the ``torch.library`` custom ops that make them autograd-
 and ``torch.compile``-friendly.
 
-``aule::triton_attention_fwd(q, k, v, scale, left, right, softcap, alibi, sinks, kspan, mask)
--> (out, lse)`` and ``aule::triton_attention_bwd(dout, q, k, v, out, lse, dlse, scale, left, right,
-softcap, alibi, sinks, kspan, mask) -> (dq, dk, dv, dsinks)``
+``aule::triton_attention_fwd(q, k, v, scale, left, right, softcap, alibi, sinks, kspan, mask,
+attn_mask) -> (out, lse)`` and ``aule::triton_attention_bwd(dout, q, k, v, out, lse, dlse, scale, left,
+right, softcap, alibi, sinks, kspan, mask, attn_mask) -> (dq, dk, dv, dsinks)``
 are real custom operators with fake (meta) implementations, and the forward op has its backward
 registered through ``register_autograd``, so ``torch.compile`` traces calls without a graph break.
+``attn_mask`` is an SDPA mask as a compiled graph holds it, analysed into ``kspan``/``mask`` when
+the op runs (eager calls pass the kernel form, analysed once by ``aule.call``).
 """
 from __future__ import annotations
 
@@ -318,17 +320,35 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
 
 # --- torch.library custom ops -------------------------------------------------------------------
 
+def _sdpa_mask(q, k, kspan, mask, attn_mask):
+    """``(kspan, mask)`` for the kernels, from an SDPA ``attn_mask`` passed as the caller gave it.
+
+    A compiled graph cannot read a mask on the host before the op (as eager calls do in
+    ``call.check_attn_mask``), so it hands the op the mask itself, which is validated and analysed
+    here, when the graph runs (padding becomes key spans); errors name ``attn_mask``."""
+    if attn_mask is None:
+        return kspan, mask
+    if kspan is not None or mask is not None:
+        raise ValueError("pass an attn_mask or its kernel form (kspan, mask), not both")
+    from ...call import check_attn_mask
+
+    b, hq, sq = q.shape[:3]
+    return mask_tensors(check_attn_mask(attn_mask, (b, hq, sq, k.shape[2])), b, hq, q.device)
+
+
 @torch.library.custom_op("aule::triton_attention_fwd", mutates_args=())
 def triton_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                          left: int, right: int, softcap: float, alibi: Optional[torch.Tensor],
                          sinks: Optional[torch.Tensor] = None, kspan: Optional[torch.Tensor] = None,
-                         mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    kspan, mask = _sdpa_mask(q, k, kspan, mask, attn_mask)
     return attention_forward(q, k, v, scale, left, right, softcap=softcap, alibi=alibi, sinks=sinks,
                              kspan=kspan, mask=mask)
 
 
 @triton_attention_fwd.register_fake
-def _fwd_fake(q, k, v, scale, left, right, softcap, alibi, sinks=None, kspan=None, mask=None):
+def _fwd_fake(q, k, v, scale, left, right, softcap, alibi, sinks=None, kspan=None, mask=None, attn_mask=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -337,34 +357,38 @@ def triton_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                          out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                          scale: float, left: int, right: int, softcap: float,
                          alibi: Optional[torch.Tensor], sinks: Optional[torch.Tensor] = None,
-                         kspan: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+                         kspan: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                         attn_mask: Optional[torch.Tensor] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # An SDPA attn_mask is analysed again here: the forward op's kernel form of it cannot reach
+    # the backward of a compiled graph, which saves only the op's inputs and outputs.
+    kspan, mask = _sdpa_mask(q, k, kspan, mask, attn_mask)
     return attention_backward(dout, q, k, v, out, lse, dlse, scale, left, right, softcap=softcap,
                               alibi=alibi, sinks=sinks, kspan=kspan, mask=mask)
 
 
 @triton_attention_bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, left, right, softcap, alibi, sinks=None, kspan=None,
-              mask=None):
+              mask=None, attn_mask=None):
     dsinks = q.new_empty((q.shape[1] if sinks is not None else 0,), dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, left, right, softcap, alibi, sinks, kspan, mask = inputs
+    q, k, v, scale, left, right, softcap, alibi, sinks, kspan, mask, attn_mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi, sinks, kspan, mask)
+    ctx.save_for_backward(q, k, v, out, lse, alibi, sinks, kspan, mask, attn_mask)
     ctx.window = (scale, left, right, softcap)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi, sinks, kspan, mask = ctx.saved_tensors
+    q, k, v, out, lse, alibi, sinks, kspan, mask, attn_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, dsinks = triton_attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.window, alibi, sinks,
-                                              kspan, mask)
+                                              kspan, mask, attn_mask)
     # Only the sinks of the features are learned; slopes, spans and masks get no gradient.
-    return dq, dk, dv, None, None, None, None, None, (dsinks if sinks is not None else None), None, None
+    return dq, dk, dv, None, None, None, None, None, (dsinks if sinks is not None else None), None, None, None
 
 
 triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

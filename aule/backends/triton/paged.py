@@ -37,6 +37,9 @@ MAX_SPLITS = 64
 BLOCK_ID = tl.constexpr(_flags.BLOCK_ID)
 CONTEXT_LEN = tl.constexpr(_flags.CONTEXT_LEN)
 SLOT = tl.constexpr(_flags.SLOT)
+QUERY_START = tl.constexpr(_flags.QUERY_START)
+QUERY_ROWS = tl.constexpr(_flags.QUERY_ROWS)
+QUERY_BOUND = tl.constexpr(_flags.QUERY_BOUND)
 
 
 @triton.jit
@@ -117,17 +120,53 @@ def _paged_tiles(acc, l_i, m_i, q, kv_head_k, kv_head_v, bt_row, t_from, t_to, k
 
 
 @triton.jit
+def _query_rows(QSL, b, ctx, ERR, DIRTY, BATCH, NUM_TOKENS, MAX_Q, CHECK: tl.constexpr):
+    """``(first row, rows)`` of sequence ``b`` of a packed q: ``query_start_loc[b]`` and ``n_b``
+    (``MAX_Q``: the launch's bound on ``n_b``, which sized its grid).
+
+    Checked, each sequence vouches for its end offset (and sequence 0 for offset 0), so every bad
+    offset is some sequence's to record: an offset past ``num_tokens`` or below the one before it
+    (which is also how a negative one or one past the end shows), a last one short of
+    ``num_tokens``. A sequence whose offsets are bad gets no rows, so no row outside q is read or
+    written. More rows than keys, or than the launch's bound, are recorded too; the rows are still
+    in q, and are attended (or, past the bound, not) as the grid allows."""
+    start = tl.load(QSL + b)
+    end = tl.load(QSL + b + 1)
+    if CHECK:
+        # Compared at the table's own width: an int64 offset must not wrap into range first.
+        first_bad = (b == 0) & (start != 0)
+        if first_bad:
+            _record(ERR, DIRTY, QUERY_START, b, b * 0, start)
+        past = end > NUM_TOKENS
+        down = end < start
+        short = (b == BATCH - 1) & (end != NUM_TOKENS)
+        if past | down | short:
+            _record(ERR, DIRTY, QUERY_START, b + 1, tl.where(past, 2, tl.where(down, 1, 3)), end)
+        # An offset before 0 or past the end is also the end of the sequence before: recorded there.
+        insane = first_bad | past | down | short | (start < 0) | (start > NUM_TOKENS)
+        n = tl.where(insane, 0, end - start)
+        start = tl.where(insane, 0, start)
+        if n > ctx:
+            _record(ERR, DIRTY, QUERY_ROWS, b, ctx, n)
+        if n > MAX_Q:
+            _record(ERR, DIRTY, QUERY_BOUND, b, b * 0 + MAX_Q, n)
+    else:
+        n = end - start
+    return start.to(tl.int32), n.to(tl.int32)
+
+
+@triton.jit
 def _paged_attn_fwd(
-        Q, KC, VC, BT, CL, O, PO, PL, ERR, DIRTY,
+        Q, KC, VC, BT, CL, QSL, O, PO, PL, ERR, DIRTY,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kt, stride_kh, stride_kd,
         stride_vb, stride_vt, stride_vh, stride_vd,
         stride_bt, stride_ob, stride_oh, stride_om, stride_od,
-        HEADS_KV, NUM_SPLITS, scale2, LEFT, NUM_BLOCKS, CAPACITY,
+        HEADS_KV, NUM_SPLITS, scale2, LEFT, NUM_BLOCKS, CAPACITY, BATCH, NUM_TOKENS, MAX_Q,
         Q_LEN: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
         SPLIT: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
-        CHECK: tl.constexpr):
+        CHECK: tl.constexpr, PACKED: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -145,25 +184,38 @@ def _paged_attn_fwd(
             _record(ERR, DIRTY, BLOCK_ID, b, b * 0, tl.load(BT + b * stride_bt))
         ctx = tl.where(bad_len | no_block, 0, ctx)
     ctx = ctx.to(tl.int32)
+    # The sequence's rows: q_len of its own batch entry, or n_b packed ones from row tok0 (dimension 0
+    # of a packed q is the token, so its stride_qb is 0 and stride_qm the token stride). Partial
+    # results of the splits are kept per (row of q, head) either way: tok0 numbers the rows of q.
+    if PACKED:
+        tok0, n_q = _query_rows(QSL, b, ctx, ERR, DIRTY, BATCH, NUM_TOKENS, MAX_Q, CHECK)
+        q_off = tok0
+    else:
+        n_q = ctx * 0 + Q_LEN
+        tok0 = b * Q_LEN
+        q_off = b * 0
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < GROUP * Q_LEN
+    row_ok = rows < GROUP * n_q
     qi = rows // GROUP
     head = hk * GROUP + rows % GROUP
-    pos = ctx - Q_LEN + qi  # key position of each row; < 0 for rows before the context
+    pos = ctx - n_q + qi  # key position of each row; < 0 for rows before the context
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = (Q + b * stride_qb + head[:, None] * stride_qh + (q_off + qi)[:, None] * stride_qm
+              + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
     # Keys any row of this tile can see: causal up to the last row's position, the window from
     # the first row's left edge. Keys in [full_lo, full_hi) are visible to every row.
-    first_pos = ctx - Q_LEN + (pid_m * BLOCK_M) // GROUP
-    last_pos = ctx - Q_LEN + tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, GROUP * Q_LEN - 1) // GROUP
-    k_hi = tl.minimum(ctx, last_pos + 1)
+    # A tile past the sequence's rows (packed: the grid is sized for the longest) walks no key tile.
+    empty = pid_m * BLOCK_M >= GROUP * n_q
+    first_pos = ctx - n_q + (pid_m * BLOCK_M) // GROUP
+    last_pos = ctx - n_q + tl.maximum(tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, GROUP * n_q - 1), 0) // GROUP
+    k_hi = tl.where(empty, 0, tl.minimum(ctx, last_pos + 1))
     full_hi = tl.minimum(ctx, first_pos + 1)
     k_lo = ctx * 0
     full_lo = ctx * 0
@@ -206,24 +258,30 @@ def _paged_attn_fwd(
         # _paged_attn_merge. Kept apart, not as one LSE: beside logits of 1e7 and more an fp32 LSE has
         # no bits left for log2(sum), and ties across splits would be weighed by split, not by key.
         # A split that is empty, NaN or +inf (aule.masks' rule) stores its LSE as the maximum.
-        prow = ((b * HEADS_KV * GROUP + head) * Q_LEN + qi) * NUM_SPLITS + split
+        prow = ((tok0 + qi) * (HEADS_KV * GROUP) + head) * NUM_SPLITS + split
         finite = tl.abs(lse2) < float("inf")
         tl.store(PL + 2 * prow, tl.where(finite, m_i, lse2), mask=row_ok)
         tl.store(PL + 2 * prow + 1, tl.where(finite, l_i, tl.where(lse2 == float("-inf"), 0.0, 1.0)), mask=row_ok)
         tl.store(PO + prow[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
     else:
-        o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :] * stride_od
+        o_ptrs = (O + b * stride_ob + head[:, None] * stride_oh + (q_off + qi)[:, None] * stride_om
+                  + offs_d[None, :] * stride_od)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _paged_attn_merge(PO, PL, O, stride_ob, stride_oh, stride_om, stride_od, HEADS_Q, NUM_SPLITS,
                       Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_S: tl.constexpr):
-    row = tl.program_id(0)  # (b, head, qi) flattened
-    qi = row % Q_LEN
-    head = (row // Q_LEN) % HEADS_Q
-    b = row // (Q_LEN * HEADS_Q)
+                      BLOCK_S: tl.constexpr, PACKED: tl.constexpr):
+    row = tl.program_id(0)  # (row of q, head) flattened, rows numbered as _paged_attn_fwd's tok0 does
+    head = row % HEADS_Q
+    tok = row // HEADS_Q
+    if PACKED:
+        b = tok * 0  # a packed output's stride_ob is 0: the token is its dimension 0
+        qi = tok
+    else:
+        b = tok // Q_LEN
+        qi = tok % Q_LEN
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < NUM_SPLITS
@@ -342,57 +400,75 @@ def _close_flag(flag, device) -> None:
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, left, max_context,
-                           out=None, config=None, check=False):
+                           out=None, config=None, check=False, query_start_loc=None, max_query_len=None):
     """Launch the paged kernels on validated torch tensors (see :mod:`aule.paged_call`).
 
     ``left`` is the window's left extent (-1 unbounded; paged attention is always causal).
     ``max_context`` only sizes the split; any value >= 1 is safe, longer contexts are still
     attended in full. ``config`` overrides :func:`choose_config` (benchmarks tune with it).
     ``check``: the kernel bounds-checks the tables and reports through an error flag (tables the
-    host has not checked); off, the tables must be valid. Returns ``out`` ([B, Hq, q_len, D], q's
-    dtype). Nothing here reads device memory back, and the scratch is allocated per call, so
-    inside a CUDA graph capture it comes from the graph's pool and the launch replays as is.
+    host has not checked); off, the tables must be valid. With ``query_start_loc [batch + 1]`` q
+    is packed ``[num_tokens, Hq, D]`` and ``max_query_len`` (default ``num_tokens``) bounds each
+    sequence's rows: it sizes the grid (row tiles per sequence) and the split, so no offset is read
+    here. Returns ``out`` (q's shape and dtype). Nothing here reads device memory back, and the
+    scratch is allocated per call, so inside a CUDA graph capture it comes from the graph's pool
+    and the launch replays as is.
     """
     import torch
 
-    batch, heads_q, q_len, head_dim = q.shape
+    packed = query_start_loc is not None
+    if packed:
+        num_tokens, heads_q, head_dim = q.shape
+        batch = context_lens.shape[0]
+        q_len = num_tokens if max_query_len is None else max_query_len
+    else:
+        batch, heads_q, q_len, head_dim = q.shape
+        num_tokens = batch * q_len
     num_blocks, block_size, heads_kv = k_cache.shape[:3]
     group = heads_q // heads_kv
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     block_tables, context_lens = _index_table(block_tables, torch), _index_table(context_lens, torch)
+    # Offsets given as host data were checked on the host; they are copied to where the kernel reads.
+    qsl = _index_table(torch.as_tensor(query_start_loc, device=q.device), torch) if packed else context_lens
     max_blocks = block_tables.shape[1]
     flag, err, dirty = _open_flag(check, context_lens, kernel="paged attention", device=str(q.device),
-                                  num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks)
+                                  num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks,
+                                  num_tokens=num_tokens, max_query_len=q_len)
     dev = q.device.index or 0
     block_m, block_n, num_warps, num_stages, splits, m_tiles = config or choose_config(
-        batch, heads_kv, group, q_len, head_dim, max_context, dev, amd=torch_gpu_flavour() == "hip",
+        batch, heads_kv, group, max(q_len, 1), head_dim, max_context, dev, amd=torch_gpu_flavour() == "hip",
         itemsize=q.element_size())
     bd = block_d(head_dim)
     if splits > 1:
-        po = torch.empty((batch * heads_q * q_len * splits, bd), dtype=torch.float32, device=q.device)
-        pl = torch.empty((batch * heads_q * q_len * splits * 2,), dtype=torch.float32, device=q.device)
+        po = torch.empty((num_tokens * heads_q * splits, bd), dtype=torch.float32, device=q.device)
+        pl = torch.empty((num_tokens * heads_q * splits * 2,), dtype=torch.float32, device=q.device)
     else:
         po = pl = out  # unused by the kernel when SPLIT is off
+    # A packed q and output are [num_tokens, Hq, D]: as [B, Hq, rows, D] with no batch stride.
+    q_strides = (0, q.stride(1), q.stride(0), q.stride(2)) if packed else q.stride()
+    o_strides = (0, out.stride(1), out.stride(0), out.stride(2)) if packed else out.stride()
     grid = (batch * heads_kv, m_tiles, splits)
     _paged_attn_fwd[grid](
-        q, k_cache, v_cache, block_tables, context_lens, out, po, pl, err, dirty,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
+        q, k_cache, v_cache, block_tables, context_lens, qsl, out, po, pl, err, dirty,
+        *q_strides, *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *o_strides,
         heads_kv, splits, float(scale) * LOG2E, max(left, 0), num_blocks,
         # Key positions are int32 in the kernel; no table holds more keys than that anyway.
-        min(max_blocks * block_size, 2 ** 31 - 1),
-        Q_LEN=q_len, GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        min(max_blocks * block_size, 2 ** 31 - 1), batch, num_tokens, q_len,
+        # Packed, the row bound is a runtime argument: a new num_tokens every step compiles nothing.
+        Q_LEN=1 if packed else q_len, GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_D=bd, HAS_LEFT=left >= 0, SPLIT=splits > 1,
         # Triton 3.9's interpreter computes bfloat16 dots wrongly; fp32 operands sidestep it on CPU.
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
         WIDE=max(k_cache.numel(), v_cache.numel(), q.numel()) >= 2 ** 31 - 2 ** 20,
         # float32 callers get float32 products, not tf32 (decode is memory-bound: it costs nothing).
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CHECK=check,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CHECK=check, PACKED=packed,
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
-        _paged_attn_merge[(batch * heads_q * q_len,)](
-            po, pl, out, *out.stride(), heads_q, splits,
-            Q_LEN=q_len, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_S=max(2, next_pow2(splits)), num_warps=4)
+        _paged_attn_merge[(num_tokens * heads_q,)](
+            po, pl, out, *o_strides, heads_q, splits,
+            Q_LEN=1 if packed else q_len, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_S=max(2, next_pow2(splits)),
+            PACKED=packed, num_warps=4)
     _close_flag(flag, q.device)
     return out
 

@@ -50,11 +50,13 @@ def repeated_attention(q, k, v, causal=True, scale=None, window_size=-1, *, repe
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
-                    timestamps=False):
+                    timestamps=False, query_start_loc=None):
     """Vulkan paged attention without routing: returns ``(out, gpu_ns)``, ``gpu_ns`` the GPU time
-    of the attention pass and, when the context was split, its merge (None unless ``timestamps``)."""
+    of the attention pass and, when the context was split, its merge (None unless ``timestamps``).
+    ``query_start_loc``: a packed q, as in :func:`aule.flash_attention_paged`."""
     from ...paged_call import canonicalize_paged
 
-    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size)
+    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size,
+                              query_start_loc=query_start_loc)
     _refuse_unless_served("paged_attention", call)
     return launch.paged_attention(call, runtime.context(), timestamps=timestamps)

@@ -205,21 +205,28 @@ def _attend_then_merge(ctx, pipe, bindings, plan, timestamps: bool):
 
 
 def paged_attention(call, ctx, timestamps: bool = False):
-    """Paged attention for a validated call; returns ``(out, gpu_ns)``."""
+    """Paged attention for a validated call (packed or not); returns ``(out, gpu_ns)``."""
     elem = np.dtype(call.dtype)
+    shape = shape_tuple(call.q)
     if call.batch == 0 or call.q_len == 0:  # no rows: nothing to plan (the split count divides by them)
-        return _to_caller(call.q_kind, call.q, np.zeros(shape_tuple(call.q), np.float32), elem), None
+        return _to_caller(call.q_kind, call.q, np.zeros(shape, np.float32), elem), None
     plan = paged_plan(call, ctx.info)
     pipe = pipeline(ctx, plan.module, plan.spec)
     d = call.head_dim
-    rows = call.batch * call.heads_q * call.q_len
+    rows = call.rows * call.heads_q
     q_bytes = rows * d * elem.itemsize
     cache_bytes = call.num_blocks * call.block_size * call.heads_kv * d * elem.itemsize
     with _Held() as held:
         qb = held.device_buffer(ctx, call.q, elem)
         kb, vb = held.device_buffer(ctx, call.k_cache, elem), held.device_buffer(ctx, call.v_cache, elem)
-        bt, cl = held.upload(ctx, _int32(call.block_tables)), held.upload(ctx, _int32(call.context_lens))
-        out_t = GpuTensor.empty((call.batch, call.heads_q, call.q_len, d), elem) if call.q_kind == "gpu" else None
+        bt = held.upload(ctx, _int32(call.block_tables))
+        # A packed call's offsets follow the lengths in one buffer. Host-checked (Vulkan's tables always
+        # are): the shader follows them as they are.
+        lens = _int32(call.context_lens)
+        if call.packed:
+            lens = np.concatenate([lens, _int32(call.query_start_loc)])
+        cl = held.upload(ctx, lens)
+        out_t = GpuTensor.empty(shape, elem) if call.q_kind == "gpu" else None
         ob = out_t.buffer if out_t is not None else held.acquire(ctx, q_bytes)
         if plan.splits > 1:
             po_n, pl_n = rows * plan.splits * d * 4, rows * plan.splits * 8  # part_ml: (m, l) per split
@@ -228,12 +235,12 @@ def paged_attention(call, ctx, timestamps: bool = False):
             pob = plb = _dummy_buffer(ctx)
             po_n = pl_n = 16
         bindings = (_binding(qb, q_bytes), _binding(kb, cache_bytes), _binding(vb, cache_bytes),
-                    _binding(bt, 4 * call.batch * call.max_blocks), _binding(cl, 4 * call.batch),
+                    _binding(bt, 4 * call.batch * call.max_blocks), _binding(cl, lens.nbytes),
                     _binding(ob, q_bytes), _binding(pob, po_n), _binding(plb, pl_n))
         ns = _attend_then_merge(ctx, pipe, bindings, plan, timestamps)
         if out_t is not None:
             return out_t, ns
-        out = ctx.download(ob, np.empty((call.batch, call.heads_q, call.q_len, d), elem))
+        out = ctx.download(ob, np.empty(shape, elem))
     return like(out, call.q), ns
 
 

@@ -224,8 +224,11 @@ def paged_unfit(call, info) -> str | None:
     if tiles is None:
         return f"head_dim {call.head_dim} needs more shared memory than {info.name}'s {info.max_shared_memory} bytes"
     gx, gy = info.max_workgroup_count[0], info.max_workgroup_count[1]
-    if call.batch * call.heads_q > gx or -(-call.group * call.q_len // tiles[0]) > gy or call.q_len > gy:
-        return f"batch {call.batch} x heads {call.heads_q} x q_len {call.q_len} exceeds the device's workgroup grid"
+    attend, merge = _paged_grids(call, tiles[0], 1)
+    if any(g > limit for grid in (attend, merge) for g, limit in zip(grid, (gx, gy))):
+        rows = (f"{call.num_tokens} packed rows (at most {call.q_len} a sequence)" if call.packed
+                else f"q_len {call.q_len}")
+        return f"batch {call.batch} x heads {call.heads_q} x {rows} exceeds the device's workgroup grid"
     if info.loop_limit:
         bn = tiles[1]
         splits = paged_splits(call, *tiles, info)
@@ -248,6 +251,15 @@ class PagedPlan:
     merge: tuple | None  # the same for the merge of the splits, None with one split
 
 
+def _paged_grids(call, bm: int, splits: int) -> tuple[tuple, tuple]:
+    """Workgroups of the attention and the merge dispatch. A packed call's row tiles are sized for
+    its longest sequence (``q_len``), and its merge runs over the rows of q, one head per y."""
+    attend = (call.batch * call.heads_kv, -(-call.group * call.q_len // bm), splits)
+    if call.packed:
+        return attend, (call.num_tokens, call.heads_q, 1)
+    return attend, (call.batch * call.heads_q, call.q_len, 1)
+
+
 def paged_plan(call, info) -> PagedPlan:
     elem = np.dtype(call.dtype)
     bm, bn = paged_tiles(call.group * call.q_len, call.head_dim, info, elem.itemsize)
@@ -258,12 +270,13 @@ def paged_plan(call, info) -> PagedPlan:
     pc["block_size"], pc["max_blocks"] = call.block_size, call.max_blocks
     pc["left"] = unbounded_beyond(call.left, call.max_context)
     pc["scale_log2"] = call.scale * LOG2E
-    pc["num_splits"], pc["mode"] = splits, 0
-    attend = (pc.tobytes(), (call.batch * call.heads_kv, -(-call.group * call.q_len // bm), splits))
+    pc["num_splits"], pc["mode"], pc["packed"], pc["batch"] = splits, 0, int(call.packed), call.batch
+    attend_groups, merge_groups = _paged_grids(call, bm, splits)
+    attend = (pc.tobytes(), attend_groups)
     merge = None
     if splits > 1:
         pc["mode"] = 1
-        merge = (pc.tobytes(), (call.batch * call.heads_q, call.q_len, 1))
+        merge = (pc.tobytes(), merge_groups)
     return PagedPlan("paged_fp16" if call.dtype == "float16" else "paged",
                      ((0, call.head_dim), (1, bm), (2, bn), (3, PAGED_WG)), splits, attend, merge)
 

@@ -53,7 +53,8 @@ ATTN_PUSH = push_block([
 # `PagedParams` in glsl/paged.comp.
 PAGED_PUSH = push_block([
     ("heads_kv", "<u4"), ("group", "<u4"), ("q_len", "<u4"), ("block_size", "<u4"), ("max_blocks", "<u4"),
-    ("left", "<i4"), ("scale_log2", "<f4"), ("num_splits", "<u4"), ("mode", "<u4"),
+    ("left", "<i4"), ("scale_log2", "<f4"), ("num_splits", "<u4"), ("mode", "<u4"), ("packed", "<u4"),
+    ("batch", "<u4"),
 ])
 # `CopyParams` in glsl/copy_kv_to_paged.comp.
 COPY_PUSH = push_block([("row_words", "<u4"), ("num_tokens", "<u4"), ("token_base", "<u4")])
@@ -253,12 +254,14 @@ class CoopMat(KeyLoop):
     def arrays(t: CoopTiles, shape: tuple, d: int, registers: bool) -> tuple[int, int, int, int]:
         """Lengths of the shader's shared arrays, which it takes as specialization constants:
         K/V tiles (or the staged Q block) and P in f16vec4, scores in vec4 (one on the register
-        path), the register path's two index tiles in f16vec4 (one without)."""
+        path), the two index tiles in f16vec4. The index tiles keep their length on the shared-memory
+        path, which never reads them: with one element there, every row that path gave on the H200
+        was wrong (NVIDIA 580)."""
         sr = t.row_tiles * shape[0]
         dp4 = d // 4 + 2
         kvs = max(t.buffers * 2 * t.keys * dp4, t.subgroups * sr * dp4)
         scores = 1 if registers else t.subgroups * sr * (t.keys // 4 + 1)
-        index = shape[0] * shape[1] // 2 if registers else 1
+        index = shape[0] * shape[1] // 2
         return kvs, scores, t.subgroups * sr * (t.keys // 4 + 2), index
 
     @classmethod
