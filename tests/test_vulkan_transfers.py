@@ -207,18 +207,18 @@ def test_a_repeated_call_resubmits_its_recording(ctx, counted):
     q, k, v = gpu_inputs(rng)
     ref = attention_reference(q.numpy(), k.numpy(), v.numpy(), causal=True)
     ctx.forget_recordings()
-    stats = dict(ctx.stats)
-    dispatched = []
+    dispatched, recorded, resubmitted = [], 0, 0
     for _ in range(4):
-        before = counted["dispatch"]
+        before, stats = counted["dispatch"], dict(ctx.stats)
         out = aule.flash_attention(q, k, v, causal=True, backend="vulkan")
         dispatched.append(counted["dispatch"] - before)
-        assert max_err(out.numpy(), ref) <= TOL
+        recorded += ctx.stats["recorded"] - stats["recorded"]
+        resubmitted += ctx.stats["resubmitted"] - stats["resubmitted"]
+        assert max_err(out.numpy(), ref) <= TOL  # (through staging, a run of its own: not counted)
         del out  # its buffer goes back to the pool: the next call binds it again
     # Seen once (recorded on the one-time sequence), seen again (recorded to keep), then re-submitted.
     assert dispatched[0] > 0 and dispatched[1] == dispatched[0] and dispatched[2:] == [0, 0]
-    assert ctx.stats["recorded"] - stats["recorded"] == 1
-    assert ctx.stats["resubmitted"] - stats["resubmitted"] == 2
+    assert recorded == 1 and resubmitted == 2
 
 
 def test_new_data_in_the_same_buffers_is_read_by_the_recording(ctx):
