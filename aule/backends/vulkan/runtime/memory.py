@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import logging
 import os
 import threading
@@ -69,7 +70,7 @@ class Buffer:
 
     __slots__ = ("ctx", "handle", "memory", "nbytes", "host_visible", "host_cached", "view", "_mapped",
                  "_id", "__weakref__")
-    _ids = 0
+    _ids = itertools.count(1)  # next() on it is atomic: buffers are made from several threads
 
     def __init__(self, ctx, nbytes: int, kind: str, host_address: int | None = None):
         """``host_address``: import ``nbytes`` of host memory there (page-aligned, ``kind``
@@ -77,8 +78,7 @@ class Buffer:
         vk, ffi, lib = binding()
         self.ctx, self.nbytes, self.view, self._mapped = ctx, int(nbytes), None, None
         self.handle = self.memory = None
-        Buffer._ids += 1
-        self._id = Buffer._ids  # never reused, unlike id(): descriptor sets are cached by it
+        self._id = next(Buffer._ids)  # never reused, unlike id(): descriptor sets and recordings are keyed by it
         usage = (vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT
                  | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT)
         host_type = vk.VK_EXTERNAL_MEMORY_HANDLE_TYPE_HOST_ALLOCATION_BIT_EXT
