@@ -66,6 +66,7 @@ class Context:
         # (the probe script flips ``host_import`` to compare both ways in one process).
         self.host_import_available = self._enable_host_import()
         self.host_import = s.host_import and self.host_import_available
+        self._import_refused = False  # logged once, then copies serve
         # The per-call sequence, re-recorded by a run() seen for the first time; its queries are
         # the timing ones.
         self._runner = Sequence(self, timestamps=2, one_time=True)
@@ -261,6 +262,8 @@ class Context:
             "devices": [d.summary() for _, d in self.devices],
             "route": self.route,
             "memory": self.memory.route,
+            "copy_threads": self.copier.threads,
+            "host_import": self.host_import,
             "validation": self.validation_active,
             "pipeline_cache": str(self.pipeline_cache_path),
         }

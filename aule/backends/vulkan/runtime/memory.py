@@ -265,7 +265,7 @@ class Copier:
                     self._pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, "aule-copy")
                 pool = self._pool
         per = -(-n // parts)
-        step = -(-per // 4096) * 4096  # cut at pages: no two threads write one page
+        step = -(-per // 4096) * 4096  # cuts of whole 4 KiB multiples, so threads rarely share a page
         cuts = [(a, min(n, a + step)) for a in range(step, n, step)]
         futures = [pool.submit(np.copyto, dst[a:b], src[a:b]) for a, b in cuts]
         dst[:step] = src[:step]
@@ -317,7 +317,7 @@ def _import(ctx, array: np.ndarray):
     try:
         return _Imported(ctx, array)
     except VulkanError as exc:
-        if not getattr(ctx, "_import_refused", False):
+        if not ctx._import_refused:
             ctx._import_refused = True
             log.info("aule: Vulkan host-memory import refused (%s); copying instead", exc)
         return None
