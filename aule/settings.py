@@ -30,8 +30,8 @@ class VulkanSettings:
     cache_dir: str | None       # AULE_CACHE_DIR: where the pipeline cache and the EGL manifest live
     copy_threads: int | None    # AULE_VULKAN_COPY_THREADS: threads for host copies (1: the caller's alone;
                                 #   unset: chosen from the CPU count)
-    host_import: bool           # AULE_VULKAN_HOST_IMPORT=1: DMA straight from/to host arrays where the device
-                                #   imports host memory (VK_EXT_external_memory_host)
+    host_import: frozenset      # AULE_VULKAN_HOST_IMPORT=1 (or upload, download): DMA straight from/to host
+                                #   arrays where the device imports host memory (VK_EXT_external_memory_host)
     reuse: bool                 # AULE_VULKAN_REUSE=0: record every call anew (no re-submitted recordings)
 
 
@@ -80,6 +80,11 @@ def _parse_tiles(raw: str) -> tuple | None:
 def _vulkan(raw: tuple) -> VulkanSettings:
     device, staging, pcache, no_egl, validation, cache_dir, threads, host_import, reuse = raw
     threads = (threads or "").strip()
+    imports = (host_import or "").strip().lower()
+    directions = {"": (), "0": (), "1": ("upload", "download"), "all": ("upload", "download"),
+                  "upload": ("upload",), "download": ("download",)}
+    if imports not in directions:
+        raise ValueError(f"AULE_VULKAN_HOST_IMPORT={host_import!r}: expected 0, 1 (or all), upload or download")
     if threads and (not threads.isdigit() or not 1 <= int(threads) <= 256):
         raise ValueError(f"AULE_VULKAN_COPY_THREADS={threads!r}: expected a whole number from 1 to 256 "
                          "(1 copies on the calling thread alone), or unset")
@@ -87,7 +92,7 @@ def _vulkan(raw: tuple) -> VulkanSettings:
         device=(device or "").strip(), staging=(staging or "").strip() == "1",
         pipeline_cache=(pcache or "1").strip() != "0", egl_retry=(no_egl or "").strip() != "1",
         validation=_flag(validation), cache_dir=cache_dir or None,
-        copy_threads=int(threads) if threads else None, host_import=_flag(host_import),
+        copy_threads=int(threads) if threads else None, host_import=frozenset(directions[imports]),
         reuse=(reuse or "1").strip() != "0")
 
 

@@ -97,7 +97,7 @@ def raw_rates(ctx, nbytes: int, reps: int, threads: int) -> dict:
         finally:
             stage.destroy()
     if ctx.host_import_available:
-        ctx.host_import = True
+        ctx.host_import = frozenset(("upload", "download"))
         try:
             row("import (pin) a host array, then release", median_s(
                 lambda: memory._Imported(ctx, src).release(), reps), nbytes)
@@ -119,7 +119,7 @@ def raw_rates(ctx, nbytes: int, reps: int, threads: int) -> dict:
                 ctx.forget_recordings()
                 imp.release()
         finally:
-            ctx.host_import = False
+            ctx.host_import = frozenset()
     else:
         print("  (no VK_EXT_external_memory_host: no import rows)")
     dev.release()
@@ -171,10 +171,11 @@ def call_phases(ctx, q, k, v, causal: bool, reps: int) -> float:
     return g
 
 
-def configure(ctx, threads: int, host_import: bool) -> None:
+def configure(ctx, threads: int, host_import=()) -> None:
+    """Copy threads and the directions ("upload", "download") that import host memory."""
     ctx.copier.close()
     ctx.copier = memory.Copier(threads)
-    ctx.host_import = host_import and ctx.host_import_available
+    ctx.host_import = frozenset(host_import) if ctx.host_import_available else frozenset()
     ctx.forget_recordings()
     ctx.trim_pools()
 
@@ -186,13 +187,16 @@ def whole_calls(ctx, q, k, v, causal, reps, threads, bw, gpu_s) -> None:
     bound = n_in / h2d + n_out / d2h + gpu_s
     print(f"\nthe whole NumPy call: {(n_in + n_out) / 1e6:.1f} MB moved; bound = in / {h2d / 1e9:.1f} GB/s + out / "
           f"{d2h / 1e9:.1f} GB/s + GPU {gpu_s * 1e3:.3f} ms = {bound * 1e3:.3f} ms (target: within 1.3x)")
-    paths = [(1, False), (threads, False)]
+    paths = [(1, ()), (threads, ())]
     if ctx.host_import_available:
-        paths += [(1, True), (threads, True)]
+        paths += [(threads, ("upload",)), (threads, ("download",)), (1, ("upload", "download")),
+                  (threads, ("upload", "download"))]
     for t, imp in paths:
         configure(ctx, t, imp)
         s = median_s(lambda: aule.flash_attention(q, k, v, causal=causal, backend="vulkan"), reps, 2)
-        row(f"copy threads {t}, host import {'on' if imp else 'off'}", s, n_in + n_out, f"{s / bound:5.2f}x bound")
+        row(f"copy threads {t}, host import {' + '.join(imp) or 'off'}", s, n_in + n_out,
+            f"{s / bound:5.2f}x bound")
+    print("  (settings: AULE_VULKAN_COPY_THREADS=N; AULE_VULKAN_HOST_IMPORT=0, 1, upload or download)")
 
 
 def repeat(fn, n: int) -> None:
@@ -251,15 +255,15 @@ def main(argv=None) -> None:
     q, k, v = (rng.standard_normal((b, h, s, d)).astype(dtype) for _ in range(3))
     bw = raw_rates(ctx, q.nbytes, args.reps, threads)
     print(f"\nphases of one NumPy call {args.shape} {args.dtype}{' causal' if causal else ''} "
-          f"(copy threads {threads}, host import off)")
-    configure(ctx, threads, False)
+          f"(copy threads {threads}, no host import)")
+    configure(ctx, threads)
     gpu_s = call_phases(ctx, q, k, v, causal, args.reps)
     if ctx.host_import_available:
-        print("  ... with host import on")
-        configure(ctx, threads, True)
+        print("  ... with host import for uploads and downloads")
+        configure(ctx, threads, ("upload", "download"))
         call_phases(ctx, q, k, v, causal, args.reps)
     whole_calls(ctx, q, k, v, causal, args.reps, threads, bw, gpu_s)
-    configure(ctx, threads, False)
+    configure(ctx, threads)
     per_call(ctx, args.reps)
 
 

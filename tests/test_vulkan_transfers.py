@@ -89,12 +89,18 @@ def test_threaded_copies_copy_every_byte(monkeypatch, threads, n):
         c.close()
 
 
-def test_copy_threads_setting_is_checked(monkeypatch):
+def test_transfer_settings_are_checked(monkeypatch):
     monkeypatch.setenv("AULE_VULKAN_COPY_THREADS", "many")
     with pytest.raises(ValueError, match="AULE_VULKAN_COPY_THREADS"):
         settings.vulkan()
     monkeypatch.setenv("AULE_VULKAN_COPY_THREADS", "4")
     assert settings.vulkan().copy_threads == 4
+    for raw, want in (("", set()), ("0", set()), ("1", {"upload", "download"}), ("download", {"download"})):
+        monkeypatch.setenv("AULE_VULKAN_HOST_IMPORT", raw)
+        assert settings.vulkan().host_import == want
+    monkeypatch.setenv("AULE_VULKAN_HOST_IMPORT", "yes")
+    with pytest.raises(ValueError, match="AULE_VULKAN_HOST_IMPORT"):
+        settings.vulkan()
 
 
 # --- host calls: one submission ----------------------------------------------------------------
@@ -150,32 +156,34 @@ def test_torch_cpu_inputs_are_staged(ctx):
 # --- host-memory import ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("staging", ["0", "1"])
-def test_host_import_dmas_from_and_to_host_arrays(monkeypatch, live_buffers, staging):
-    """With AULE_VULKAN_HOST_IMPORT=1, host arrays (their enclosing pages) are imported and
-    copied by DMA, results land in page-aligned arrays, and every import is freed with its call."""
+@pytest.mark.parametrize("imports", ["1", "upload", "download"])
+def test_host_import_dmas_from_and_to_host_arrays(monkeypatch, live_buffers, staging, imports):
+    """With AULE_VULKAN_HOST_IMPORT, host arrays (their enclosing pages) are imported and copied
+    by DMA, results land in page-aligned arrays, and every import is freed with its call."""
     monkeypatch.setattr(memory, "IMPORT_MIN_BYTES", 0)
-    c = own_context(monkeypatch, AULE_VULKAN_HOST_IMPORT="1", AULE_VULKAN_STAGING=staging)
+    c = own_context(monkeypatch, AULE_VULKAN_HOST_IMPORT=imports, AULE_VULKAN_STAGING=staging)
     try:
         if not c.host_import_available:
             pytest.skip(f"{c.info.name} lacks VK_EXT_external_memory_host")
         assert c.host_import and c.memory.import_alignment >= 4096
-        imports = []
+        seen = []
         real = memory._Imported.__init__
 
         def counting(self, ctx_, array):
             real(self, ctx_, array)
-            imports.append(self.offset)
+            seen.append(self.offset)
 
         monkeypatch.setattr(memory._Imported, "__init__", counting)
         rng = np.random.default_rng(6)
         host_call(c, rng, return_lse=True)  # warm: pipelines and pooled buffers
         steady = len(live_buffers)
-        imports.clear()
+        seen.clear()
         out = host_call(c, rng, return_lse=True)
         # q, k, v in; out and LSE back unless device memory is host-cached and mapped (then
         # reading it is the one copy, as fast as a DMA would be)
-        assert len(imports) == (3 if c.download_pool is None else 5)
-        assert out.__array_interface__["data"][0] % c.memory.import_alignment == 0
+        assert len(seen) == (3 if imports != "download" else 0) + (2 if imports != "upload" and c.download_pool else 0)
+        if imports != "upload":
+            assert out.__array_interface__["data"][0] % c.memory.import_alignment == 0
         assert len(live_buffers) <= steady, "imported buffers outlived their call"
         assert not c.take_validation_messages()
     finally:

@@ -62,10 +62,10 @@ class Context:
         self.pool, self.upload_pool, self.download_pool = _memory.make_pools(self, self.memory)
         self.copier = _memory.Copier(s.copy_threads)
         self._host_pointer_fn = None
-        # Where the device can import host memory, the setting decides whether transfers do
-        # (the probe script flips ``host_import`` to compare both ways in one process).
+        # Where the device can import host memory, the setting decides which transfers do
+        # ("upload", "download"; the probe script sets ``host_import`` to compare them in one process).
         self.host_import_available = self._enable_host_import()
-        self.host_import = s.host_import and self.host_import_available
+        self.host_import = s.host_import if self.host_import_available else frozenset()
         self._import_refused = False  # logged once, then copies serve
         # The per-call sequence, re-recorded by a run() seen for the first time; its queries are
         # the timing ones.
@@ -77,7 +77,8 @@ class Context:
                  "thread(s); host-memory import %s; recordings %s", self.memory.route,
                  "pooled" if self.upload_pool else "none", "pooled" if self.download_pool else "none",
                  self.copier.threads,
-                 ("on (alignment %d)" % self.memory.import_alignment) if self.host_import else
+                 ("for %s (alignment %d)" % (" and ".join(sorted(self.host_import)), self.memory.import_alignment))
+                 if self.host_import else
                  ("off (AULE_VULKAN_HOST_IMPORT=1 turns it on)" if self.host_import_available
                   else "unavailable (no VK_EXT_external_memory_host)"),
                  "re-submitted when repeated" if self.reuse else "made anew for every call")
@@ -263,7 +264,7 @@ class Context:
             "route": self.route,
             "memory": self.memory.route,
             "copy_threads": self.copier.threads,
-            "host_import": self.host_import,
+            "host_import": sorted(self.host_import),
             "validation": self.validation_active,
             "pipeline_cache": str(self.pipeline_cache_path),
         }

@@ -309,10 +309,11 @@ class _Imported:
 IMPORT_MIN_BYTES = 1 << 20
 
 
-def _import(ctx, array: np.ndarray):
-    """An :class:`_Imported` of ``array`` when the context imports host memory and ``array`` is
-    worth it, else None (also when the driver refuses this memory: logged once)."""
-    if not ctx.host_import or array.nbytes < IMPORT_MIN_BYTES:
+def _import(ctx, array: np.ndarray, direction: str):
+    """An :class:`_Imported` of ``array`` when the context imports host memory for ``direction``
+    ("upload", "download") and ``array`` is worth it, else None (also when the driver refuses this
+    memory: logged once)."""
+    if direction not in ctx.host_import or array.nbytes < IMPORT_MIN_BYTES:
         return None
     try:
         return _Imported(ctx, array)
@@ -329,7 +330,7 @@ def host_empty(ctx, shape, dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     align = ctx.memory.import_alignment
-    if not ctx.host_import or n < IMPORT_MIN_BYTES:
+    if "download" not in ctx.host_import or n < IMPORT_MIN_BYTES:
         return np.empty(shape, dtype)
     raw = np.empty(n + align, np.uint8)
     at = -raw.__array_interface__["data"][0] % align
@@ -371,7 +372,7 @@ def stage(ctx, array: np.ndarray, lease: Lease | None = None) -> tuple[Lease, Tr
     buf = lease.buffer
     if not n:
         return lease, Transfer()
-    imported = _import(ctx, src)
+    imported = _import(ctx, src, "upload")
     if imported is not None:
         return lease, Transfer(((imported.buffer, buf, n, imported.offset, 0),), imported)
     if buf.host_visible:
@@ -390,7 +391,7 @@ def readback(ctx, buf: Buffer, out: np.ndarray) -> Transfer:
         return Transfer(out=out)
     if buf.host_visible and ctx.download_pool is None:
         return Transfer(out=out, src=buf.view, copier=ctx.copier)
-    imported = _import(ctx, out)
+    imported = _import(ctx, out, "download")
     if imported is not None:
         return Transfer(((buf, imported.buffer, n, 0, imported.offset),), imported, out)
     st = ctx.download_pool.acquire(n)
