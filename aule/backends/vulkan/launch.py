@@ -151,6 +151,22 @@ def _result_sizes(variant, shape):
     return elem, rows, n_rows * shape.head_dim * elem.itemsize, n_rows * 4
 
 
+_BOUND: dict = {}
+
+
+def _bound(pipe, chunks, bufs) -> tuple:
+    """:func:`plans.bind` of a plan over whole buffers, remembered by the buffers' ids (never
+    reused): a repeated call binds the same pooled buffers, and building its dispatches anew was
+    a tenth of its host time. The cache forgets everything when full."""
+    key = (pipe, chunks) + tuple(b._id for b in bufs)
+    hit = _BOUND.get(key)
+    if hit is None:
+        if len(_BOUND) >= 256:
+            _BOUND.clear()
+        hit = _BOUND[key] = tuple(bind(pipe, chunks, bufs))  # shared by the calls: never to be changed
+    return hit
+
+
 def gpu_dispatches(call, ctx, extras=None):
     """``(out, lse, dispatches)`` of a GpuTensor call with something to compute: new output
     GpuTensors (``lse`` None unless asked) and the planned dispatches that write them. ``extras``:
@@ -165,7 +181,7 @@ def gpu_dispatches(call, ctx, extras=None):
     lse = GpuTensor(ctx, ctx.pool.acquire(lse_bytes), rows, np.float32) if call.return_lse else None
     bufs = (call.q.buffer, call.k.buffer, call.v.buffer, o.buffer,
             lse.buffer if lse is not None else _dummy_buffer(ctx), extras or _dummy_buffer(ctx))
-    return o, lse, bind(pipe, chunks, bufs)
+    return o, lse, _bound(pipe, chunks, bufs)
 
 
 def attention(call, ctx, timestamps: bool = False):
@@ -187,7 +203,7 @@ def attention(call, ctx, timestamps: bool = False):
         xb = held.staged(ctx, extras, extras.dtype) if extras is not None else _dummy_buffer(ctx)
         out = held.readback(ctx, ob, rows + (shape.head_dim,), elem)
         lse = held.readback(ctx, lb, rows, np.float32) if call.return_lse else None
-        ns = ctx.run(bind(pipe, chunks, bufs + (ob, lb, xb)), held.uploads, held.downloads, timestamps)
+        ns = ctx.run(_bound(pipe, chunks, bufs + (ob, lb, xb)), held.uploads, held.downloads, timestamps)
         out, lse = out.finish(), (lse.finish() if lse is not None else None)
     return like(out, call.q), (lse_like(lse, call.q) if lse is not None else None), ns
 
