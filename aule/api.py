@@ -33,9 +33,9 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
     LSE ``sinks[h]``). ``attn_mask`` (SDPA's convention: bool, True = may attend, or float added to the
     scores; broadcastable to ``[batch, heads_q, seq_q, seq_k]``) hides keys together with ``causal``
     and the window; a padding mask (one that does not vary along ``seq_q``) is served as key
-    vectors, without a per-row mask. The NumPy backend and Triton's dense kernels apply these
-    features (Triton also differentiates ``sinks`` that require grad); Vulkan refuses them, so the
-    router passes such calls on.
+    vectors, without a per-row mask. The NumPy backend, Triton's dense kernels and Vulkan's scalar
+    variants apply these features (Triton also differentiates ``sinks`` that require grad); a backend
+    or variant that lacks one refuses the call by name, and the router passes it on.
     """
     features = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, attn_mask=attn_mask)
     if _compiling(query):

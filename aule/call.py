@@ -117,9 +117,16 @@ class AttentionCall(Grouped):
 
     @property
     def features(self) -> frozenset:
-        """The optional features this call uses; a backend serves it only if it has them all."""
+        """The optional features this call uses; a backend serves it only if it has them all.
+
+        ``mask``: any ``attn_mask``. ``general_mask`` as well where the mask is not a padding mask
+        whose visible keys are one run per (batch, query head): a kernel must then read it per
+        (row, key), where a padding run is only a bound on each head's keys."""
+        m = self.mask
+        general = m is not None and not (m.padding and m.spans(self.batch, self.heads_q)[1])
         return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None),
-                                               ("sinks", self.sinks is not None), ("mask", self.mask is not None))
+                                               ("sinks", self.sinks is not None), ("mask", m is not None),
+                                               ("general_mask", general))
                          if on)
 
     @property

@@ -187,7 +187,7 @@ def _host_run(query, key, value, scale, left, right, backend, return_lse, attn_m
             out, lse = routing.attention(query, key, value, False, scale, (left, right), backend or None,
                                          return_lse, **features)
     except UnsupportedError as exc:
-        scored = (routed[0].features - {"mask"}) if routed is not None else (
+        scored = (routed[0].features - {"mask", "general_mask"}) if routed is not None else (
             softcap or alibi_slopes is not None or sinks is not None)
         if return_lse or scored:
             raise

@@ -45,7 +45,7 @@ void main() {
         const uint ko = kb + uint(j) * D;
         float s = 0.0;
         [[unroll]] for (uint d = 0; d < D; ++d) s += qv[d] * k[ko + d];
-        s = modified_score(SCORE(s), row, j, slope2);
+        s = masked_score(modified_score(SCORE(s), row, j, slope2), row, j);
         if (!full && !visible(row, j)) s = NEG_INF;
         bad = bad || isnan(s);
         const float m_new = max(m, s);

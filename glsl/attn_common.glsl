@@ -32,23 +32,33 @@ layout(push_constant) uniform Params {
     float softcap2;   // softcap * log2(e) where flags bit 1 is set: the cap of base-2 scores
     uint x_base;      // flat head of this dispatch's first head in `extras` (binding 5)
     uint x_stride;    // flat heads of the whole call: the sinks follow the slopes
+    uint mask_row;    // element strides of a general mask (binding 6) along seq_q and seq_k:
+    uint mask_col;    // 0 where the mask broadcasts that dimension
 } pc;
 
 int key_offset() { return int(pc.seq_k) - int(pc.seq_q); }
 
-// Optional score modifiers, sinks and padding masks (aule/masks.py), switched by flags: bit 1
-// softcap, bit 2 ALiBi, bit 3 sinks, bit 4 a span of visible keys per head (a padding mask). Four
-// rows of 32-bit words per flat (batch, query head) h: its slope and its sink (float bits, natural
-// units) at extras[x_base + h] and extras[x_base + x_stride + h], its span [start, end) at rows 2
-// and 3. Calls without them bind any buffer here; nothing reads it.
+// Optional score modifiers, sinks and masks (aule/masks.py), switched by flags: bit 1 softcap,
+// bit 2 ALiBi, bit 3 sinks, bit 4 a span of visible keys per head (a padding mask), bit 5 a general
+// mask in binding 6. Five rows of 32-bit words per flat (batch, query head) h: its slope and its
+// sink (float bits, natural units) at extras[x_base + h] and extras[x_base + x_stride + h], its
+// span [start, end) at rows 2 and 3, the element offset of its [seq_q, seq_k] plane of the general
+// mask at row 4. Calls without them bind any buffer here; nothing reads it.
 layout(std430, binding = 5) readonly buffer XB { uint extras[]; };
+
+// A general attn_mask as float32 in its broadcast shape (booleans as 0 / -inf), natural units,
+// added to the scores; bound whole. Row i, key j of flat head h is element
+// extras[x_base + 4 x_stride + h] + i * mask_row + j * mask_col.
+layout(std430, binding = 6) readonly buffer MB { float attn_mask[]; };
 
 // The span of the flat head this invocation works on, read once (set_head): it bounds every key
 // range, visibility test and tile load, which run per key.
 int aule_span_lo = 0;
 int aule_span_hi = 0;
+uint aule_mask_base = 0u;   // the head's plane of the general mask
 
 bool has_span() { return (pc.flags & 16u) != 0u; }
+bool has_mask() { return (pc.flags & 32u) != 0u; }
 int span_lo() { return aule_span_lo; }
 int span_hi() { return aule_span_hi; }
 
@@ -57,6 +67,27 @@ void set_head(uint head) {
         aule_span_lo = int(extras[pc.x_base + 2u * pc.x_stride + head]);
         aule_span_hi = int(extras[pc.x_base + 3u * pc.x_stride + head]);
     }
+    if (has_mask()) aule_mask_base = extras[pc.x_base + 4u * pc.x_stride + head];
+}
+
+// The general mask's entry for query row i and key j of the head (natural units; 0 without one).
+// Rows and keys past the ends are clamped to the last ones: shaders score whole blocks, and those
+// slots are never visible, so only the read must stay inside the buffer.
+float mask_term(int i, int j) {
+    if (!has_mask()) return 0.0;
+    const uint r = uint(clamp(i, 0, int(pc.seq_q) - 1));
+    const uint c = uint(clamp(j, 0, int(pc.seq_k) - 1));
+    return attn_mask[aule_mask_base + r * pc.mask_row + c * pc.mask_col];
+}
+
+// Base-2 score s2 of row i and key j with the general mask applied, after modified_score, as
+// masks.apply_attn_mask orders it: the entry is added, and -inf hides the key whatever s2 was
+// (+inf - inf would be NaN). A NaN entry makes the score NaN, which the visibility test then
+// leaves to the window: only a key the window shows makes its row NaN.
+float masked_score(float s2, int i, int j) {
+    if (!has_mask()) return s2;
+    const float t = mask_term(i, j);
+    return t == NEG_INF ? NEG_INF : s2 + t * LOG2E;
 }
 
 // Whether key j of a tile may be read from memory: within the keys and, under a padding mask, its

@@ -101,8 +101,10 @@ void main() {
             float mx = m_i[r];
             [[unroll]] for (uint j = 0; j < BK; ++j) {
                 // Branch-free mask: on a CPU both sides of an `if` run under a lane mask anyway.
-                const bool vis = visible(row[r], k0 + int(j));
-                p[r][j] = (full || vis) ? modified_score(SCORE(p[r][j]), row[r], k0 + int(j), slope2) : NEG_INF;
+                const int kj = k0 + int(j);
+                const bool vis = visible(row[r], kj);
+                const float s = masked_score(modified_score(SCORE(p[r][j]), row[r], kj, slope2), row[r], kj);
+                p[r][j] = (full || vis) ? s : NEG_INF;
                 bad[r] = bad[r] || isnan(p[r][j]);
                 mx = max(mx, p[r][j]);
             }

@@ -132,8 +132,9 @@ void main() {
             uint lr = tr * R + r;
             [[unroll]] for (uint c = 0; c < NC; ++c) {
                 uint lc = tc + c * TC;
-                float s = modified_score(SCORE(s4[r][c]), q0 + int(lr), k0 + int(lc), slope2);
-                if (!full && !visible(q0 + int(lr), k0 + int(lc))) s = NEG_INF;
+                const int qi = q0 + int(lr), kj = k0 + int(lc);
+                float s = masked_score(modified_score(SCORE(s4[r][c]), qi, kj, slope2), qi, kj);
+                if (!full && !visible(qi, kj)) s = NEG_INF;
                 Ss[lr * SP4 + lc / 4][lc % 4] = s;
             }
         }

@@ -185,8 +185,7 @@ def test_empty_calls_with_a_mask():
 
 
 def test_masks_route_to_a_backend_that_applies_them():
-    # Vulkan applies padding masks of one run of keys (test_vulkan_features) and refuses the others
-    # by name; auto routing serves both kinds.
+    # Every backend applies both kinds (Vulkan: test_vulkan_masks); auto routing serves them.
     sq = sk = FEATURE_SHAPE[2]
     assert_routed_to_numpy("mask", (), attn_mask=np.random.default_rng(4).random((sq, sk)) > 0.5)
     assert_routed_to_numpy("mask", (), attn_mask=np.arange(sk) < 5)

@@ -95,9 +95,10 @@ def test_pieces_take_the_normal_route():
         got = aule.flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 9, causal=True, sinks=sinks, return_lse=True,
                                           backend="vulkan")
         _close(got, _reference(q, k, v, cu_q, cu_k, causal=True, sinks=sinks), tol=1e-4)
-        with pytest.raises(aule.UnsupportedError, match="'vulkan' applies padding masks only"):
-            dense = [x[None].transpose(0, 2, 1, 3) for x in (q, k, v)]   # [1, H, total, D]
-            aule.flash_attention(*dense, attn_mask=np.tril(np.ones((13, 13), bool)), backend="vulkan")
+        dense = [x[None].transpose(0, 2, 1, 3) for x in (q, k, v)]   # [1, H, total, D]
+        tril = np.tril(np.ones((13, 13), bool))   # a general mask: Vulkan applies it too
+        got = aule.flash_attention(*dense, attn_mask=tril, backend="vulkan")
+        assert np.abs(got - attention_reference(*dense, attn_mask=tril)).max() < 1e-4
     with pytest.raises(ValueError, match="backend"):
         aule.flash_attention_varlen(q[:0], k[:0], v[:0], [0], [0], 0, 0, backend="no-such-backend")
 

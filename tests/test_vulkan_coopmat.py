@@ -38,7 +38,8 @@ def test_shape_and_tiles_follow_the_recorded_device(props, d, shape, tiles, monk
     monkeypatch.delenv("AULE_VULKAN_TILES", raising=False)
     info = _recorded_device(**props)
     fam = coopmat().path
-    assert coopmat().unfit(d, info) is None
+    # Other vendors' shared-memory softmax waits for a GPU check of its fix (see below).
+    assert (coopmat().unfit(d, info) is None) == (info.vendor == "NVIDIA")
     assert fam.pick(d, info, None) == (shape, CoopTiles(*tiles))
     spec = dict(coopmat().spec(d, info))
     assert spec[4] == tiles[0] * info.subgroup_size, "invocations are subgroups x the device's subgroup size"
@@ -76,8 +77,11 @@ def test_head_dims_off_the_matrix_grid_go_to_the_scalar_variants(monkeypatch):
     assert select.select("float16", 128, info).name == "coopmat"
     assert select.select("float32", 128, info).name == "fast"
     # Matrix cores of other vendors are unmeasured here: automatic selection keeps their scalar
-    # variants, forcing reaches the shader.
+    # variants; forcing reaches the shader once its shared-memory softmax is asked for by name.
     assert select.select("float16", 128, _recorded_device(**RDNA3)).name == "fp16_amd"
+    with pytest.raises(aule.UnsupportedError, match="has not run on a GPU yet"):
+        select.select("float16", 128, _recorded_device(**ARC), forced="coopmat")
+    monkeypatch.setenv("AULE_VULKAN_TILES", "8x8x16,8,1,32,2,0")
     assert select.select("float16", 128, _recorded_device(**ARC), forced="coopmat").name == "coopmat"
 
 
@@ -182,3 +186,18 @@ def test_score_features_on_matrix_cores(ctx, shape, name, case, monkeypatch):
     fin = np.isfinite(ref_lse)
     assert (np.isneginf(lse) == np.isneginf(ref_lse)).all()
     assert np.abs(lse[fin] - ref_lse[fin]).max() <= 2e-3
+
+
+def test_the_unverified_shared_memory_softmax_is_only_taken_when_forced(monkeypatch):
+    """Other vendors' layouts need the shared-memory softmax, whose fix has not run on a GPU yet: it
+    is refused unless AULE_VULKAN_TILES asks for it by name (registers 0), as the GPU check does."""
+    from aule import settings
+
+    monkeypatch.delenv("AULE_VULKAN_TILES", raising=False)
+    rdna3 = _recorded_device(**RDNA3)
+    why = coopmat().unfit(128, rdna3, 1024, 1024, settings.kernel_choice().tiles)
+    assert why is not None and "has not run on a GPU yet" in why
+    monkeypatch.setenv("AULE_VULKAN_TILES", "16x16x16,8,1,32,2,0")
+    assert coopmat().unfit(128, rdna3, 1024, 1024, settings.kernel_choice().tiles) is None
+    monkeypatch.delenv("AULE_VULKAN_TILES")
+    assert coopmat().unfit(128, _recorded_device(**H200), 1024, 1024, settings.kernel_choice().tiles) is None

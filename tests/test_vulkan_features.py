@@ -158,16 +158,3 @@ def test_padding_masks_bound_each_heads_keys(ctx, variant, kind):
     assert max_err(out, ref) <= VARIANT_ATOL[variant]
     fin = np.isfinite(ref_lse)
     assert (np.isfinite(lse) == fin).all() and np.abs(lse[fin] - ref_lse[fin]).max() <= 1e-3
-
-
-def test_masks_that_are_not_one_run_of_keys_are_refused(ctx):
-    q = np.random.default_rng(0).standard_normal((1, 2, 8, 16)).astype(np.float32)
-    holes = np.arange(8) % 2 == 0
-    with pytest.raises(aule.UnsupportedError, match="padding masks only"):
-        aule.flash_attention(q, q, q, attn_mask=holes, backend="vulkan")
-    general = np.tril(np.ones((8, 8), bool))
-    with pytest.raises(aule.UnsupportedError, match="padding masks only"):
-        aule.flash_attention(q, q, q, attn_mask=general, backend="vulkan")
-    # The router moves on to a backend that applies them.
-    assert np.abs(aule.flash_attention(q, q, q, attn_mask=holes)
-                  - attention_reference(q, q, q, attn_mask=holes)).max() < 2e-5

@@ -39,7 +39,7 @@ def test_staging_path_of_discrete_gpus(ctx, monkeypatch):
         spec, chunks = plans.attention_plan(variant, plans.Shape(1, 4, 2, 50, 60, 64), call.scale, call.left,
                                             call.right, True, c.info, None)
         c.run(plans.bind(shaders.pipeline(c, variant.name, spec), chunks,
-                         [l.buffer for l in leases] + [o.buffer, lse.buffer, lse.buffer]))  # no slopes or sinks
+                         [l.buffer for l in leases] + [o.buffer, lse.buffer, lse.buffer, lse.buffer]))  # no extras, no mask
         out = c.download(o.buffer, np.empty_like(q))
         got_lse = c.download(lse.buffer, np.empty((1, 4, 50), np.float32))
         ref, ref_lse = attention_reference(q, k, v, causal=True, return_lse=True)

@@ -109,9 +109,9 @@ class Backend:
     def features_for(self, call) -> frozenset:
         """The features this backend applies to calls like ``call``: ``features`` for dense calls,
         ``paged_features`` (where set) for paged ones."""
-        from ..call import AttentionCall
+        from ..paged_call import PagedCall
 
-        if self.paged_features is None or isinstance(call, AttentionCall):
+        if self.paged_features is None or not isinstance(call, PagedCall):
             return self.features
         return self.paged_features
 

@@ -439,17 +439,19 @@ class AuleVarlen(Contender):
         from ..call import canonicalize_varlen
 
         def device_ms(i):
+            # The one submission of the packed call (every sequence's dispatches), between timestamps.
+            from ..backends.vulkan import launch, runtime
+
             s = sets[i]
             vc = canonicalize_varlen(s["q"], s["k"], s["v"], s["cu_seqlens"], s["cu_seqlens"], longest, longest,
                                      causal, window)
-            pieces = (vc.sequence(j) for j in range(vc.batch))
-            ns = [_vulkan_call_ns(piece) for piece in pieces if piece.seq_q]
-            return None if any(n is None for n in ns) else sum(ns) / 1e6
+            why = backends.get("vulkan").why_not("varlen_attention", vc, True)
+            if why:
+                raise Skip(f"vulkan cannot serve {vc.describe()}: {why}")
+            ns = launch.varlen_attention(vc, runtime.context(), timestamps=True)[2]
+            return None if ns is None else ns / 1e6
 
         note = None
-        if "varlen_attention" in backends.get("vulkan").ops:
-            # A packed kernel of its own: the per-sequence dispatches timed here are not what the call runs.
-            device_ms, note = None, "no GPU time: vulkan's own varlen kernel has no timestamped entry point"
         first = canonicalize_varlen(sets[0]["q"], sets[0]["k"], sets[0]["v"], sets[0]["cu_seqlens"],
                                     sets[0]["cu_seqlens"], longest, longest, causal, window).sequence(0)
         return Bound(call, len(sets), clock="host", device_ms=device_ms, note=note, causal=causal, window=window,

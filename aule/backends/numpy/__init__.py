@@ -17,7 +17,7 @@ from .paged import paged_attention_numpy, write_kv_rows
 class NumpyBackend(Backend):
     name = "numpy"
     ops = ("attention", "paged_attention", "write_kv", "kv_store")
-    features = frozenset({"softcap", "alibi", "sinks", "mask"})
+    features = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask"})
 
     # -- dense --------------------------------------------------------------------------------
     def why_not_attention(self, call, forced):

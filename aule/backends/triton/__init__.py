@@ -12,17 +12,19 @@ from ..base import Backend
 from .common import MAX_HEAD_DIM, interpreting
 
 _DTYPES = ("float16", "bfloat16", "float32")
+_MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third dimensions (heads, sequences)
+_MAX_INT32 = 2 ** 31 - 1
 
 
 class TritonBackend(Backend):
     """NVIDIA GPUs through a CUDA build of torch."""
 
     name = "triton"
-    ops = ("attention", "paged_attention", "write_kv", "kv_store")
+    ops = ("attention", "paged_attention", "varlen_attention", "write_kv", "kv_store")
     differentiable = True
     # Compile-time flags of the dense kernels (forward and backward), sinks with their gradient;
     # the paged kernels apply none of them (paged_features), so paged calls with sinks are refused.
-    features = frozenset({"softcap", "alibi", "sinks", "mask"})
+    features = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask"})
     grad_features = frozenset({"sinks"})
     paged_features = frozenset()
     flavour = "cuda"  # torch.version.cuda / torch.version.hip: which build this backend needs
@@ -88,23 +90,53 @@ class TritonBackend(Backend):
 
         return fp32_refusal(call.dtype, call.head_dim, "cuda")
 
-    def attention(self, call):
+    @staticmethod
+    def _slopes_and_sinks(call, slopes):
+        """ALiBi ``slopes`` (validated float32 NumPy, or None) and the call's sinks as the kernels
+        read them, on the call's device."""
         import torch
-
-        from .ops import mask_tensors, triton_attention
 
         dev = call.q.device
         # Copies: the validated slopes and sinks may be read-only views of the caller's arrays.
-        alibi = None if call.alibi is None else torch.tensor(call.alibi, device=dev)
+        alibi = None if slopes is None else torch.tensor(slopes, device=dev)
         if call.sinks_grad is not None:
             # The caller's learned tensor itself, so autograd carries d sinks back to it.
             sinks = call.sinks_grad.to(device=dev, dtype=torch.float32).contiguous()
         else:
             sinks = None if call.sinks is None else torch.tensor(call.sinks, device=dev)
-        kspan, mask = mask_tensors(call.mask, call.batch, call.heads_q, dev)
+        return alibi, sinks
+
+    def attention(self, call):
+        from .ops import mask_tensors, triton_attention
+
+        alibi, sinks = self._slopes_and_sinks(call, call.alibi)
+        kspan, mask = mask_tensors(call.mask, call.batch, call.heads_q, call.q.device)
         out, lse = triton_attention(call.q, call.k, call.v, call.scale, call.left, call.right,
                                     call.softcap, alibi, sinks, kspan, mask)
         return out, (lse if call.return_lse else None)
+
+    # -- varlen: packed sequences, one launch per kernel ----------------------------------------
+    def why_not_varlen_attention(self, call, forced):
+        w = call.whole
+        reason = self.missing_features(w) or self.why_not_attention(w, forced)
+        if reason:
+            return reason
+        if call.batch > _MAX_GRID_YZ:
+            return f"{call.batch} sequences > {_MAX_GRID_YZ}, the grid's limit along the sequences"
+        if max(w.seq_q, w.seq_k) > _MAX_INT32:
+            return f"{max(w.seq_q, w.seq_k)} packed rows: the kernels' cu_seqlens are int32"
+        return None
+
+    def varlen_attention(self, call):
+        from .ops import packing, triton_varlen_attention
+
+        w = call.whole
+        alibi, sinks = self._slopes_and_sinks(w, call.alibi)
+        # w.q is q seen as [1, Hq, total_q, D]; the kernels take the packed tensors themselves.
+        q, k, v = (x[0].transpose(0, 1) for x in (w.q, w.k, w.v))
+        out, lse = triton_varlen_attention(q, k, v, packing(call.cu_q, call.cu_k, w.q.device), w.scale,
+                                           w.left, w.right, w.softcap, alibi, sinks)
+        return out, (lse if w.return_lse else None)
 
     # -- paged attention and KV writes ----------------------------------------------------------
     def _paged_reason(self, kind: str, device: str, dtype: str, head_dim: int) -> str | None:

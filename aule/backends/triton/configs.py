@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from .common import amd_family, block_d, next_pow2
+from .common import amd_family, block_d
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class.
 # "fwd" and "dq" tile queries by BLOCK_M and walk keys by BLOCK_N; "dkdv" holds a BLOCK_N key tile
@@ -115,9 +115,11 @@ def configs(target: str, kernel: str, head_dim_class: int, fp32: bool = False):
 
 def prune(cfgs, named_args, **kwargs):
     """Drop tiles much larger than the sequence they cover (a 128-row tile for 5 queries wastes
-    the tensor cores); keep the smallest tile when nothing else fits."""
-    sq = max(16, next_pow2(int(named_args["SEQ_Q"])))
-    sk = max(16, next_pow2(int(named_args["SEQ_K"])))
+    the tensor cores); keep the smallest tile when nothing else fits. The sequence is the shape
+    bucket (the power of two above seq_q, seq_k), which for varlen is the longest sequence's:
+    SEQ_Q and SEQ_K are then the packed totals."""
+    sq = max(16, int(named_args["Q_BUCKET"]))
+    sk = max(16, int(named_args["K_BUCKET"]))
     kept = [c for c in cfgs if c.kwargs["BLOCK_M"] <= sq and c.kwargs["BLOCK_N"] <= sk]
     if kept:
         return kept

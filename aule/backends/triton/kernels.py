@@ -35,6 +35,14 @@ One set of kernels for NVIDIA and AMD; targets differ only by the configurations
   boolean mask of row stride 0.
 * head_dim is padded to the power of two BLOCK_D inside the kernel by masked loads (PAD_D).
 * Every tensor is addressed through its strides, so non-contiguous inputs need no copy.
+* VARLEN (a compile-time flag, so dense kernels compile without it): sequences packed along the
+  rows of one batch entry (``[1, H, total, D]`` views of flash-attn's ``[total, H, D]``), one launch
+  for all of them. ``CU_Q``/``CU_K`` (int32 cumulative lengths) give each sequence its first rows
+  and lengths (:func:`_sequence`), which then stand where SEQ_Q and SEQ_K stand for a dense batch
+  entry: each sequence is attended alone, bottom-right aligned within itself. The grid's last
+  dimension is the sequence and its first covers the longest one; tiles past a sequence's end
+  exit at once, so padding costs one program start, never a key tile. ALiBi slopes are read per
+  sequence; LSE, delta and lse2 are ``[H_Q, total_q]``.
 """
 from __future__ import annotations
 
@@ -249,17 +257,73 @@ def _run_bounds(run: tl.constexpr, lo, lo_end, mid0, mid1, hi):
 
 
 @triton.jit
-def _query_tile(H_Q, GROUP, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program coordinates for kernels with one program per (query tile, batch*query head)."""
+def _sequence(CU_Q, CU_K, off_b, SEQ_Q, SEQ_K, VARLEN: tl.constexpr):
+    """``(q0, sq, k0, sk)``: where sequence ``off_b``'s rows start in q and in k/v, and its lengths.
+    Dense: each batch entry holds one sequence from row 0, of SEQ_Q queries and SEQ_K keys. VARLEN:
+    the sequences are packed along the rows of one batch entry, ``CU_Q``/``CU_K`` (int32
+    cumulative lengths from 0) say where; q0 and k0 are int64, as ``q0 * stride`` passes 2**31
+    in a long pack."""
+    if VARLEN:
+        qa = tl.load(CU_Q + off_b)
+        ka = tl.load(CU_K + off_b)
+        sq = tl.load(CU_Q + off_b + 1) - qa
+        sk = tl.load(CU_K + off_b + 1) - ka
+        q0 = qa.to(tl.int64)
+        k0 = ka.to(tl.int64)
+    else:
+        q0 = 0
+        sq = SEQ_Q
+        k0 = 0
+        sk = SEQ_K
+    return q0, sq, k0, sk
+
+
+@triton.jit
+def _at(off_b, r0, stride_b, stride_r, VARLEN: tl.constexpr):
+    """Where sequence ``off_b`` begins in a tensor of batch stride ``stride_b`` and row stride
+    ``stride_r``: at its batch entry, or (VARLEN) at its first packed row ``r0``."""
+    if VARLEN:
+        at = r0 * stride_r
+    else:
+        at = off_b * stride_b
+    return at
+
+
+@triton.jit
+def _row0(off_b, off_h, q0, H_Q, SEQ_Q, VARLEN: tl.constexpr):
+    """The row of sequence ``off_b``'s first query of head ``off_h`` in LSE, delta and lse2:
+    ``[B, H_Q, SEQ_Q]``, or (VARLEN) ``[H_Q, total_q]`` with SEQ_Q = total_q."""
+    if VARLEN:
+        row0 = off_h * SEQ_Q + q0
+    else:
+        row0 = (off_b * H_Q + off_h) * SEQ_Q
+    return row0
+
+
+@triton.jit
+def _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP, HAS_RIGHT: tl.constexpr,
+                BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
+    """Program coordinates for kernels with one program per (query tile, sequence, query head):
+    the grid is (query tiles, B * H_Q), or with VARLEN (query tiles of the longest sequence, H_Q,
+    sequences), where tiles past a sequence's end exit. ``(pid_bh, off_b, off_h, off_kvh,
+    start_m, q0, sq, k0, sk)`` (:func:`_sequence`): the sequence's LSE rows start at
+    ``pid_bh * SEQ_Q + q0``, as a varlen LSE ``[H_Q, total_q]`` is one batch entry's. The dense
+    branch issues exactly the operations it did before VARLEN existed."""
+    if VARLEN:
+        off_b = tl.program_id(2).to(tl.int64)
     pid_bh = tl.program_id(1)
     pid_m = tl.program_id(0)
     if HAS_RIGHT:
         # Causal-like masks make late query tiles the longest: start those first (less tail).
         pid_m = tl.num_programs(0) - 1 - pid_m
-    off_b = (pid_bh // H_Q).to(tl.int64)
-    off_h = (pid_bh % H_Q).to(tl.int64)
+    if VARLEN:
+        off_h = pid_bh.to(tl.int64)
+    else:
+        off_b = (pid_bh // H_Q).to(tl.int64)
+        off_h = (pid_bh % H_Q).to(tl.int64)
     off_kvh = off_h // GROUP  # GQA: the query head's KV head, read in place, never expanded
-    return pid_bh, off_b, off_h, off_kvh, pid_m * BLOCK_M
+    q0, sq, k0, sk = _sequence(CU_Q, CU_K, off_b, SEQ_Q, SEQ_K, VARLEN)
+    return pid_bh, off_b, off_h, off_kvh, pid_m * BLOCK_M, q0, sq, k0, sk
 
 
 @triton.jit
@@ -313,7 +377,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK,
+def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
@@ -324,30 +388,34 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
-              HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr,
+              HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query tile, batch*query head). Writes O and the natural-log LSE."""
-    pid_bh, off_b, off_h, off_kvh, start_m = _query_tile(H_Q, GROUP, HAS_RIGHT, BLOCK_M)
+    """One program per (query tile, sequence, query head). Writes O and the natural-log LSE."""
+    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP,
+                                                                         HAS_RIGHT, BLOCK_M, VARLEN)
+    if VARLEN:
+        if start_m >= sq:
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < SEQ_Q
+    m_ok = offs_m < sq
     d_ok = offs_d < HEAD_DIM
 
-    q = _load(Q + off_b * stride_qb + off_h * stride_qh
+    q = _load(Q + _at(off_b, q0, stride_qb, stride_qm, VARLEN) + off_h * stride_qh
               + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
               m_ok[:, None], d_ok[None, :], True, PAD_D)
-    k_base = K + off_b * stride_kb + off_kvh * stride_kh
-    v_base = V + off_b * stride_vb + off_kvh * stride_vh
-    pos = offs_m + (SEQ_K - SEQ_Q)
+    k_base = K + _at(off_b, k0, stride_kb, stride_kn, VARLEN) + off_kvh * stride_kh
+    v_base = V + _at(off_b, k0, stride_vb, stride_vn, VARLEN) + off_kvh * stride_vh
+    pos = offs_m + (sk - sq)
     slope2 = _slope2(ALIBI, off_b, off_h, H_Q, HAS_ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mask_rows = _mask_rows(MASK, off_b, off_h, offs_m, stride_mb, stride_mh, stride_mm, MASK_KIND)
-    kstart, kend = _key_span(KSPAN, off_b, off_h, H_Q, SEQ_K, HAS_KSPAN)
-    lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
+    kstart, kend = _key_span(KSPAN, off_b, off_h, H_Q, sk, HAS_KSPAN)
+    lo, lo_end, mid0, mid1, hi = _key_runs(start_m, sq, sk, LEFT, RIGHT, BLOCK_M, BLOCK_N,
                                            HAS_LEFT, HAS_RIGHT)
     if HAS_KSPAN:
         lo, lo_end, mid0, mid1, hi = _clamp_runs(lo, lo_end, mid0, mid1, hi, kstart, kend, BLOCK_N)
@@ -372,8 +440,8 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK,
     lse = lse2 * 0.6931471805599453
     if HAS_SINKS:
         lse = tl.where(unseen, sink, lse)
-    tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=m_ok)
-    o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
+    tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + q0 + offs_m, lse, mask=m_ok)
+    o_ptrs = (O + _at(off_b, q0, stride_ob, stride_om, VARLEN) + off_h * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -419,7 +487,7 @@ def _attn_bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2, SINKS, DSINKS,
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, KSPAN, MASK_B, off_b, first_head,
-                         row0, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
+                         row0, lse_rows, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,
                          stride_mh, stride_mm, stride_mn,
                          offs_n, offs_m0, offs_d, start, end, GROUP, H_Q, SEQ_Q, SEQ_K, LEFT, RIGHT,
                          qk_scale, cap_in, cap_out, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
@@ -429,7 +497,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, KSPAN, MASK_B,
     """Accumulate dK and dV of one key tile over query tiles ``[start, end)`` of every query head
     of the GQA group (transposed scores). Heads and tiles share one flat loop: a loop nest here
     made the compiler spill the dK/dV accumulators on Hopper. A padding span and an attn_mask
-    belong to each query head, so they apply in every run: the runs follow the window only."""
+    belong to each query head, so they apply in every run: the runs follow the window only.
+    ``Q``/``DO`` point at the sequence's first row; its LSE2/delta rows are ``row0 + g * lse_rows``
+    for head ``first_head + g``."""
     d_ok = offs_d < HEAD_DIM
     n_tiles = (tl.maximum(end - start, 0) + BLOCK_M - 1) // BLOCK_M
     for t in range(0, n_tiles * GROUP):
@@ -440,7 +510,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, KSPAN, MASK_B,
         m_ok = offs_m < SEQ_Q
         qt = _load(Q + h * stride_qh + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
                    d_ok[:, None], m_ok[None, :], PAD_D, MASKED)
-        rows = row0 + g * SEQ_Q + offs_m
+        rows = row0 + g * lse_rows + offs_m
         if MASKED:
             # Padded rows get lse2 = +inf: p = 0, so they add nothing.
             lse2 = tl.load(LSE2 + rows, mask=m_ok, other=float("inf"))
@@ -479,7 +549,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, KSPAN, MASK_B,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -492,62 +562,73 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr,
+                   HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (key tile, batch*KV head). It walks every query head of its GQA group, so
-    dK/dV are summed over the group in registers: no atomics, no expanded K/V."""
+    """One program per (key tile, sequence, KV head): the grid is (key tiles, B * H_KV), or with
+    VARLEN (key tiles of the longest sequence, H_KV, sequences), where tiles past a sequence's
+    end exit. It walks every query head of its GQA group, so dK/dV are summed over the group in
+    registers: no atomics, no expanded K/V."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H_KV).to(tl.int64)
-    off_kvh = (pid_bh % H_KV).to(tl.int64)
+    if VARLEN:
+        off_b = tl.program_id(2).to(tl.int64)
+        off_kvh = tl.program_id(1).to(tl.int64)
+    else:
+        pid_bh = tl.program_id(1)
+        off_b = (pid_bh // H_KV).to(tl.int64)
+        off_kvh = (pid_bh % H_KV).to(tl.int64)
+    q0, sq, k0, sk = _sequence(CU_Q, CU_K, off_b, SEQ_Q, SEQ_K, VARLEN)
     start_n = pid_n * BLOCK_N
+    if VARLEN:
+        # A sequence without queries still stores its keys' zero gradients: only tiles past its keys exit.
+        if start_n >= sk:
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < SEQ_K
+    n_ok = offs_n < sk
     d_ok = offs_d < HEAD_DIM
-    k = _load(K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_kn
+    k = _load(K + _at(off_b, k0, stride_kb, stride_kn, VARLEN) + off_kvh * stride_kh + offs_n[:, None] * stride_kn
               + offs_d[None, :] * stride_kd, n_ok[:, None], d_ok[None, :], True, PAD_D)
-    v = _load(V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vn
+    v = _load(V + _at(off_b, k0, stride_vb, stride_vn, VARLEN) + off_kvh * stride_vh + offs_n[:, None] * stride_vn
               + offs_d[None, :] * stride_vd, n_ok[:, None], d_ok[None, :], True, PAD_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, lo_end, mid0, mid1, hi = _query_runs(start_n, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
+    lo, lo_end, mid0, mid1, hi = _query_runs(start_n, sq, sk, LEFT, RIGHT, BLOCK_M, BLOCK_N,
                                              HAS_LEFT, HAS_RIGHT)
     first_head = off_kvh * GROUP
     if HAS_KSPAN:
         # A key tile outside every span of its group's heads is padding to all of them: no query
         # tile is visited, and its dK/dV are stored as zeros.
-        ustart = SEQ_K
-        uend = SEQ_K * 0
+        ustart = sk
+        uend = sk * 0
         for g in range(0, GROUP):
-            kstart, kend = _key_span(KSPAN, off_b, first_head + g, H_Q, SEQ_K, HAS_KSPAN)
+            kstart, kend = _key_span(KSPAN, off_b, first_head + g, H_Q, sk, HAS_KSPAN)
             ustart = tl.minimum(ustart, kstart)
             uend = tl.maximum(uend, kend)
         gone = (start_n >= uend) | (start_n + BLOCK_N <= ustart)
         lo_end = tl.where(gone, lo, lo_end)
         mid1 = tl.where(gone, mid0, mid1)
         hi = tl.where(gone, mid0, hi)
-    q_b = Q + off_b * stride_qb
-    do_b = DO + off_b * stride_dob
+    q_b = Q + _at(off_b, q0, stride_qb, stride_qm, VARLEN)
+    do_b = DO + _at(off_b, q0, stride_dob, stride_dom, VARLEN)
     mask_b = MASK + off_b * stride_mb
-    row0 = (off_b * H_Q + first_head) * SEQ_Q
+    row0 = _row0(off_b, first_head, q0, H_Q, SEQ_Q, VARLEN)
     for run in tl.static_range(3):
         if run != 0 or HAS_RIGHT:
             start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_b, do_b, LSE2, DELTA, ALIBI, KSPAN, mask_b,
-                                          off_b, first_head, row0, stride_qh, stride_qm, stride_qd,
+                                          off_b, first_head, row0, SEQ_Q, stride_qh, stride_qm, stride_qd,
                                           stride_doh, stride_dom, stride_dod, stride_mh, stride_mm,
                                           stride_mn, offs_n, offs_m0,
-                                          offs_d, start, end, GROUP, H_Q, SEQ_Q, SEQ_K, LEFT, RIGHT,
+                                          offs_d, start, end, GROUP, H_Q, sq, sk, LEFT, RIGHT,
                                           qk_scale, cap_in, cap_out, run != 1, HAS_LEFT, HAS_RIGHT,
                                           HEAD_DIM, PAD_D, BLOCK_M, DOT_PREC, SOFTCAP, HAS_ALIBI,
                                           HAS_KSPAN, MASK_KIND)
     dk = dk * sm_scale
     ok = n_ok[:, None] & d_ok[None, :]
-    tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn
+    tl.store(DK + _at(off_b, k0, stride_dkb, stride_dkn, VARLEN) + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=ok)
-    tl.store(DV + off_b * stride_dvb + off_kvh * stride_dvh + offs_n[:, None] * stride_dvn
+    tl.store(DV + _at(off_b, k0, stride_dvb, stride_dvn, VARLEN) + off_kvh * stride_dvh + offs_n[:, None] * stride_dvn
              + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=ok)
 
 
@@ -593,7 +674,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK,
+def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -605,30 +686,35 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                  SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr,
+                 HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query tile, batch*query head): dQ = scale * dS K over the visible keys."""
-    pid_bh, off_b, off_h, off_kvh, start_m = _query_tile(H_Q, GROUP, HAS_RIGHT, BLOCK_M)
+    """One program per (query tile, sequence, query head): dQ = scale * dS K over the visible keys."""
+    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP,
+                                                                         HAS_RIGHT, BLOCK_M, VARLEN)
+    if VARLEN:
+        if start_m >= sq:
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < SEQ_Q
+    m_ok = offs_m < sq
     d_ok = offs_d < HEAD_DIM
-    q = _load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
+    q = _load(Q + _at(off_b, q0, stride_qb, stride_qm, VARLEN) + off_h * stride_qh + offs_m[:, None] * stride_qm
               + offs_d[None, :] * stride_qd, m_ok[:, None], d_ok[None, :], True, PAD_D)
-    do = _load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-               + offs_d[None, :] * stride_dod, m_ok[:, None], d_ok[None, :], True, PAD_D)
-    row = pid_bh.to(tl.int64) * SEQ_Q + offs_m
+    do = _load(DO + _at(off_b, q0, stride_dob, stride_dom, VARLEN) + off_h * stride_doh
+               + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, m_ok[:, None], d_ok[None, :],
+               True, PAD_D)
+    row = pid_bh.to(tl.int64) * SEQ_Q + q0 + offs_m
     lse2 = tl.load(LSE2 + row, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
-    k_base = K + off_b * stride_kb + off_kvh * stride_kh
-    v_base = V + off_b * stride_vb + off_kvh * stride_vh
-    pos = offs_m + (SEQ_K - SEQ_Q)
+    k_base = K + _at(off_b, k0, stride_kb, stride_kn, VARLEN) + off_kvh * stride_kh
+    v_base = V + _at(off_b, k0, stride_vb, stride_vn, VARLEN) + off_kvh * stride_vh
+    pos = offs_m + (sk - sq)
     slope2 = _slope2(ALIBI, off_b, off_h, H_Q, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mask_rows = _mask_rows(MASK, off_b, off_h, offs_m, stride_mb, stride_mh, stride_mm, MASK_KIND)
-    kstart, kend = _key_span(KSPAN, off_b, off_h, H_Q, SEQ_K, HAS_KSPAN)
-    lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
+    kstart, kend = _key_span(KSPAN, off_b, off_h, H_Q, sk, HAS_KSPAN)
+    lo, lo_end, mid0, mid1, hi = _key_runs(start_m, sq, sk, LEFT, RIGHT, BLOCK_M, BLOCK_N,
                                            HAS_LEFT, HAS_RIGHT)
     if HAS_KSPAN:
         lo, lo_end, mid0, mid1, hi = _clamp_runs(lo, lo_end, mid0, mid1, hi, kstart, kend, BLOCK_N)
@@ -642,6 +728,6 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK,
                                     HAS_LEFT, HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
                                     SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND)
     dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
+    tl.store(DQ + _at(off_b, q0, stride_dqb, stride_dqm, VARLEN) + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])

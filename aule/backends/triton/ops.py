@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -30,7 +31,7 @@ log = logging.getLogger("aule")
 _KERNELS = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}
 # Shape buckets, head_dim, mask sides and features pick the tile; the autotuner adds the dtypes.
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI",
-             "HAS_KSPAN", "MASK_KIND"]
+             "HAS_KSPAN", "MASK_KIND", "VARLEN"]
 # Sinks change only the forward kernel (the backward's LSE already holds them).
 _KERNEL_KEY = {"fwd": ["HAS_SINKS"], "dkdv": [], "dq": []}
 _PRE_BLOCK_M = 64
@@ -90,7 +91,8 @@ def _fixed_config_index():
 
 def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, sizes, tile=None):
     """Run ``kernel`` with an explicit tile ``(BLOCK_M, BLOCK_N[, num_warps, num_stages])``, the
-    interpreter's tile, or the autotuned choice for this target and shape (``sizes``: seq_q, seq_k)."""
+    interpreter's tile, or the autotuned choice for this target and shape (``sizes``: seq_q, seq_k,
+    the longest sequence's for varlen)."""
     target = target_of(like)
     if tile is None and target == "interpret":
         tile = cfg.INTERPRET_TILE
@@ -98,7 +100,7 @@ def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, size
     choice = (kernel, target, cfg.head_dim_class(meta["HEAD_DIM"]), like.dtype == torch.float32)
     if tile is None and index is not None:
         fits = cfg.prune(cfg.configs(choice[1], kernel, choice[2], choice[3]),
-                         {"SEQ_Q": sizes[0], "SEQ_K": sizes[1]})
+                         {"Q_BUCKET": next_pow2(sizes[0]), "K_BUCKET": next_pow2(sizes[1])})
         c = fits[index % len(fits)]
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
     if tile is not None:
@@ -122,12 +124,66 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "tf32x3" if target_of(q) == "cuda" else "ieee"
 
 
-def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask) -> dict:
+def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask, packing=None) -> dict:
     d = q.shape[-1]
     bd = block_d(d)
     return dict(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                 DOT_PREC=_dot_precision(q), SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-                HAS_KSPAN=kspan is not None, MASK_KIND=_mask_kind(mask))
+                HAS_KSPAN=kspan is not None, MASK_KIND=_mask_kind(mask), VARLEN=packing is not None)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Sequences packed along the rows of ``[1, H, total, D]`` views (flash-attn's ``[total, H, D]``
+    seen heads first), as the varlen kernels read them: ``cu_q``/``cu_k`` int32 ``[batch + 1]`` on
+    the tensors' device, and the longest sequence's lengths, which size the grid."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    batch: int
+    max_q: int
+    max_k: int
+
+
+def packing(cu_q: np.ndarray, cu_k: np.ndarray, device) -> Packing:
+    """A :class:`Packing` of validated cumulative lengths (int64 NumPy, as aule.call.VarlenCall holds
+    them): one upload of both as int32, queued from pinned memory on a GPU so the host never waits
+    for the device; the lengths that size the grid come from the host copies."""
+    n = len(cu_q)
+    width = cdiv(n, 4) * 4  # each row 16-byte aligned: Triton specialises pointers by alignment
+    host = torch.zeros((2, width), dtype=torch.int32)
+    host[0, :n] = torch.from_numpy(cu_q.astype(np.int32))
+    host[1, :n] = torch.from_numpy(cu_k.astype(np.int32))
+    device = torch.device(device)
+    placed = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    return Packing(placed[0, :n], placed[1, :n], n - 1, int(np.diff(cu_q).max(initial=0)),
+                   int(np.diff(cu_k).max(initial=0)))
+
+
+def _sizes(sq: int, sk: int, packing) -> tuple[int, int]:
+    """The query and key lengths one program's tiles cover: the call's, or the longest sequence's."""
+    return (sq, sk) if packing is None else (packing.max_q, packing.max_k)
+
+
+def _grid(rows: int, block: str, heads: int, b: int, packing):
+    """One program per tile of ``rows`` (``block``: BLOCK_M or BLOCK_N) per (batch entry, head), or
+    per (head, sequence) for varlen, ``rows`` then being the longest sequence's."""
+    if packing is None:
+        return lambda m: (cdiv(rows, m[block]), b * heads)
+    return lambda m: (cdiv(rows, m[block]), heads, packing.batch)
+
+
+def _cu(packing, stand_in) -> tuple:
+    """The kernels' CU_Q and CU_K: the packing's, or stand-ins dense kernels never read."""
+    return (stand_in, stand_in) if packing is None else (packing.cu_q, packing.cu_k)
+
+
+def _alloc_rows(alloc, b: int, h: int, s: int, d: int, like: torch.Tensor, packing):
+    """A ``[b, h, s, d]`` result: contiguous, or for varlen a ``[1, h, s, d]`` view of a contiguous
+    ``[s, h, d]`` tensor, the packed layout varlen callers get back."""
+    if packing is None:
+        return alloc((b, h, s, d), dtype=like.dtype, device=like.device)
+    return alloc((s, h, d), dtype=like.dtype, device=like.device).transpose(0, 1).unsqueeze(0)
 
 
 def _mask_kind(mask) -> int:
@@ -226,7 +282,7 @@ def _check(q, k, v):
 
 
 def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, softcap: float = 0.0,
-                      alibi=None, sinks=None, kspan=None, mask=None):
+                      alibi=None, sinks=None, kspan=None, mask=None, packing=None):
     """``(out, lse)`` for ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` (any strides). ``out`` is
     contiguous in q's dtype; ``lse`` float32 ``[B,Hq,Sq]``, natural log, ``-inf`` for rows that
     see no key (NaN and ``+inf`` rows by aule.masks' rule). ``softcap > 0`` caps the scores and
@@ -234,25 +290,32 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
     ``[Hq]``) join each row's denominator. An attn_mask arrives as ``kspan`` (int32 ``[B, Hq, 2]``,
     the span of keys a padding mask shows) and/or ``mask`` (uint8 for boolean, float32 for
     additive, ``[b, h, rows, keys]`` with 1 for broadcast dimensions). ``tile`` forces a
-    configuration (tests exercise the tile-run arithmetic with it)."""
+    configuration (tests exercise the tile-run arithmetic with it).
+
+    With ``packing`` (a :class:`Packing`, no attn_mask) q, k and v are ``[1, H, total, D]`` views of
+    packed sequences, each attended alone, all in one launch; ``alibi`` is then ``[batch, Hq]``
+    per sequence, ``out`` a view of a contiguous ``[total_q, Hq, D]`` tensor and ``lse``
+    ``[1, Hq, total_q]``."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     _check_features(q, b, hq, sq, sk, sinks, kspan, mask)
-    out = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
+    out = _alloc_rows(torch.empty, b, hq, sq, d, q, packing)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if b * hq * sq == 0 or sk == 0:
         lse.fill_(float("-inf"))
         if sinks is not None and lse.numel():
             lse.copy_(sinks[None, :, None].expand_as(lse))
         return out.zero_(), lse
-    args = (q, k, v, out, lse, _slopes(alibi, q, b, hq), _or(sinks, q), _or(kspan, q), _or(mask, q),
+    sizes = _sizes(sq, sk, packing)
+    slopes = _slopes(alibi, q, b if packing is None else packing.batch, hq)
+    args = (q, k, v, out, lse, slopes, _or(sinks, q), _or(kspan, q), _or(mask, q), *_cu(packing, q),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(mask),
             sq, sk, left, right, scale * LOG2E, *_cap(scale, softcap), hq, hq // hkv,
-            next_pow2(sq), next_pow2(sk))
-    _launch("fwd", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), args,
-            dict(_meta(q, left, right, softcap, alibi, kspan, mask), HAS_SINKS=sinks is not None),
-            q, (sq, sk), tile)
+            next_pow2(sizes[0]), next_pow2(sizes[1]))
+    _launch("fwd", _grid(sizes[0], "BLOCK_M", hq, b, packing), args,
+            dict(_meta(q, left, right, softcap, alibi, kspan, mask, packing), HAS_SINKS=sinks is not None),
+            q, sizes, tile)
     return out, lse
 
 
@@ -263,11 +326,12 @@ def _or(t, stand_in):
 
 def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, right: int,
                        tile_dkdv=None, tile_dq=None, softcap: float = 0.0, alibi=None, sinks=None,
-                       kspan=None, mask=None):
+                       kspan=None, mask=None, packing=None):
     """``(dq, dk, dv, dsinks)`` (dq/dk/dv contiguous, in the inputs' dtype). ``dlse`` is the
     gradient reaching the LSE output, or None. dK/dV are summed over each GQA group inside the
     kernel. The features as the forward had them; of those only ``sinks`` get a gradient:
-    ``dsinks`` float32 ``[Hq]``, or an empty tensor without sinks."""
+    ``dsinks`` float32 ``[Hq]``, or an empty tensor without sinks. With ``packing`` as in
+    :func:`attention_forward`: dq, dk and dv are views of packed ``[total, H, D]`` tensors."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -275,9 +339,10 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
     empty = b * hq * sq == 0 or sk == 0
     # The kernels write every element, so no memset, except when no kernel runs at all.
     alloc = torch.zeros if empty else torch.empty
-    dq = alloc((b, hq, sq, d), dtype=q.dtype, device=q.device)
-    dk = alloc((b, hkv, sk, d), dtype=k.dtype, device=k.device)
-    dv = alloc((b, hkv, sk, d), dtype=v.dtype, device=v.device)
+    # For varlen too: every packed row belongs to one sequence, whose programs write it.
+    dq = _alloc_rows(alloc, b, hq, sq, d, q, packing)
+    dk = _alloc_rows(alloc, b, hkv, sk, d, k, packing)
+    dv = _alloc_rows(alloc, b, hkv, sk, d, v, packing)
     dsinks = torch.zeros((hq if sinks is not None else 0,), dtype=torch.float32, device=q.device)
     if b * hq * sq == 0:
         return dq, dk, dv, dsinks
@@ -291,8 +356,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
     dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else delta
-    meta = _meta(q, left, right, softcap, alibi, kspan, mask)
-    slopes = _slopes(alibi, q, b, hq)
+    meta = _meta(q, left, right, softcap, alibi, kspan, mask, packing)
+    slopes = _slopes(alibi, q, b if packing is None else packing.batch, hq)
     pre_bm = cfg.INTERPRET_TILE[0] if q.device.type == "cpu" else _PRE_BLOCK_M
     target_of(q)  # the CPU/interpreter check before any launch
     sink_parts = torch.empty((b * hq, cdiv(sq, pre_bm)) if sinks is not None else (0,),
@@ -304,17 +369,18 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
     if sinks is not None:
         dsinks = sink_parts.view(b, hq, -1).sum((0, 2))
     common = (sq, sk, left, right, scale * LOG2E, scale, *_cap(scale, softcap))
-    buckets = (next_pow2(sq), next_pow2(sk))
-    features = (slopes, _or(kspan, q), _or(mask, q))
-    _launch("dkdv", lambda m: (cdiv(sk, m["BLOCK_N"]), b * hkv),
+    sizes = _sizes(sq, sk, packing)
+    buckets = (next_pow2(sizes[0]), next_pow2(sizes[1]))
+    features = (slopes, _or(kspan, q), _or(mask, q), *_cu(packing, q))
+    _launch("dkdv", _grid(sizes[1], "BLOCK_N", hkv, b, packing),
             (q, k, v, dout, lse2, delta, dk, dv, *features, *q.stride(), *k.stride(), *v.stride(),
              *dout.stride(), *dk.stride(), *dv.stride(), *_mask_strides(mask), *common, hq, hkv,
              hq // hkv, *buckets),
-            meta, q, (sq, sk), tile_dkdv)
-    _launch("dq", lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq),
+            meta, q, sizes, tile_dkdv)
+    _launch("dq", _grid(sizes[0], "BLOCK_M", hq, b, packing),
             (q, k, v, dout, lse2, delta, dq, *features, *q.stride(), *k.stride(), *v.stride(),
              *dout.stride(), *dq.stride(), *_mask_strides(mask), *common, hq, hq // hkv, *buckets),
-            meta, q, (sq, sk), tile_dq)
+            meta, q, sizes, tile_dq)
     return dq, dk, dv, dsinks
 
 
@@ -424,3 +490,51 @@ def triton_attention(q, k, v, scale: float, left: int = -1, right: int = -1, sof
                                  alibi=alibi, sinks=sinks, kspan=kspan, mask=mask)
     return torch.ops.aule.triton_attention_fwd(q, k, v, float(scale), int(left), int(right),
                                                float(softcap), alibi, sinks, kspan, mask)
+
+
+# --- varlen: packed sequences in one launch -----------------------------------------------------
+
+class VarlenAttention(torch.autograd.Function):
+    """The varlen kernels under autograd, on ``[1, H, total, D]`` views of packed q, k, v:
+    ``(out, lse)`` as :func:`attention_forward` gives them with a :class:`Packing`, and dq, dk, dv
+    (and d sinks when they require grad) in the packed layout. A plain autograd.Function rather
+    than a custom op: varlen calls are refused inside torch.compile before they reach a backend."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, packing, scale, left, right, softcap, alibi):
+        out, lse = attention_forward(q, k, v, scale, left, right, softcap=softcap, alibi=alibi, sinks=sinks,
+                                     packing=packing)
+        ctx.save_for_backward(q, k, v, out, lse, sinks, alibi)
+        ctx.spec = (packing, scale, left, right, softcap)
+        ctx.set_materialize_grads(False)  # an unused output (the LSE, mostly) costs no zeros
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, sinks, alibi = ctx.saved_tensors
+        packing, scale, left, right, softcap = ctx.spec
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dsinks = attention_backward(dout, q, k, v, out, lse, dlse, scale, left, right, softcap=softcap,
+                                                alibi=alibi, sinks=sinks, packing=packing)
+        dsinks = dsinks if sinks is not None and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None
+
+
+def triton_varlen_attention(q, k, v, packing: Packing, scale: float, left: int = -1, right: int = -1,
+                            softcap: float = 0.0, alibi: Optional[torch.Tensor] = None,
+                            sinks: Optional[torch.Tensor] = None):
+    """Differentiable attention of packed sequences, one launch per kernel: ``q [total_q, Hq, D]``,
+    ``k, v [total_k, Hkv, D]`` (any strides), sequence ``i`` being the rows ``packing`` gives it,
+    attended alone (``left``/``right`` as in :func:`triton_attention`, bottom-right within each
+    sequence). ``alibi``: float32 slopes ``[batch, Hq]`` per sequence; ``sinks`` float32 ``[Hq]``.
+    Returns ``(out [total_q, Hq, D] contiguous, lse [Hq, total_q] float32)``."""
+    q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    spec = (float(scale), int(left), int(right), float(softcap))
+    grad_inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in grad_inputs):
+        out, lse = VarlenAttention.apply(q4, k4, v4, sinks, packing, *spec, alibi)
+    else:
+        out, lse = attention_forward(q4, k4, v4, *spec[:3], softcap=spec[3], alibi=alibi, sinks=sinks,
+                                     packing=packing)
+    return out[0].transpose(0, 1), lse[0]

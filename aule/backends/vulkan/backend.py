@@ -82,9 +82,6 @@ class VulkanBackend(Backend):
         why = _foreign_device(call, "these tensors are")
         if why:
             return why
-        if call.mask is not None and not (call.mask.padding and call.mask.spans(call.batch, call.heads_q)[1]):
-            return ("backend 'vulkan' applies padding masks only: per sequence and head, one run of keys "
-                    "that every query sees")
         if call.kind == "gpu":
             if any(x.ctx is not ctx for x in (call.q, call.k, call.v)):
                 return "the GpuTensors belong to another Vulkan context"

@@ -16,8 +16,8 @@ from ...call import shape_tuple
 from ...errors import UnsupportedError
 from ...masks import no_key_lse
 from ..base import nothing_to_compute
-from .plans import (COPY_WG, Shape, attention_plan, bind, bind_within, copy_pushes, extras_array, extras_flags,
-                    offset_alignment, paged_plan)
+from .plans import (COPY_WG, EXTRAS_ROWS, Shape, attention_plan, bind, bind_within, copy_pushes, extras_array,
+                    extras_flags, mask_array, mask_shape, offset_alignment, paged_plan)
 from .runtime import Dispatch
 from .select import variant_for
 from .shaders import pipeline
@@ -107,16 +107,17 @@ def attention_plan_for(call, ctx):
     limit cannot be met."""
     vk = settings.kernel_choice()
     extras = extras_flags(call)
+    mask = mask_shape(call)
     key = (call.dtype, call.kind, call.batch, call.heads_q, call.heads_kv, call.seq_q, call.seq_k,
            call.head_dim, call.scale, call.left, call.right, call.return_lse, vk.variant, vk.tiles_key,
-           call.softcap, extras)
+           call.softcap, extras, mask)
     hit = _PLANS.get(key)
     if hit is not None and hit[0] is ctx:
         return hit[1]
     variant = variant_for(call, ctx.info)
     shape = Shape(call.batch, call.heads_q, call.heads_kv, call.seq_q, call.seq_k, call.head_dim)
     spec, chunks = attention_plan(variant, shape, call.scale, call.left, call.right, call.return_lse,
-                                  ctx.info, vk.tiles, call.softcap, extras)
+                                  ctx.info, vk.tiles, call.softcap, extras, mask)
     plan = (variant, shape, chunks, pipeline(ctx, variant.name, spec))
     if len(_PLANS) > 4096:
         _PLANS.clear()
@@ -167,20 +168,31 @@ def _bound(pipe, chunks, bufs) -> tuple:
     return hit
 
 
-def gpu_dispatches(call, ctx, extras=None):
+def feature_buffers(call, ctx, held) -> tuple:
+    """The buffers of bindings 5 and 6 for a call: its :func:`plans.extras_array` and
+    :func:`plans.mask_array` uploaded once (held until the call ends), the dummy buffer where it
+    has none. GpuTensor and host calls alike: a mask is host data (staged: its copies, where
+    device memory is not mapped, join the call's submission through ``held.uploads``)."""
+    extras, mask = extras_array(call), mask_array(call)
+    return (held.staged(ctx, extras, extras.dtype) if extras is not None else _dummy_buffer(ctx),
+            held.staged(ctx, mask, mask.dtype) if mask is not None else _dummy_buffer(ctx))
+
+
+def gpu_dispatches(call, ctx, extras=None, mask=None):
     """``(out, lse, dispatches)`` of a GpuTensor call with something to compute: new output
-    GpuTensors (``lse`` None unless asked) and the planned dispatches that write them. ``extras``:
-    the buffer holding :func:`plans.extras_array` of a call with ALiBi, sinks or a padding mask, kept
-    alive by the caller until the dispatches ran."""
-    if extras is None and extras_flags(call):
-        raise ValueError("a call with ALiBi, sinks or a padding mask needs the buffer of its slopes, sinks "
-                         "and key spans")
+    GpuTensors (``lse`` None unless asked) and the planned dispatches that write them. ``extras``,
+    ``mask``: the buffers of bindings 5 and 6 (:func:`feature_buffers`) of a call with ALiBi, sinks
+    or a mask, kept alive by the caller until the dispatches ran."""
+    if (extras is None and extras_flags(call)) or (mask is None and mask_shape(call) is not None):
+        raise ValueError("a call with ALiBi, sinks or a mask needs the buffers of its slopes, sinks, key spans "
+                         "and mask (launch.feature_buffers)")
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
     o = GpuTensor(ctx, ctx.pool.acquire(out_bytes), rows + (shape.head_dim,), elem)
     lse = GpuTensor(ctx, ctx.pool.acquire(lse_bytes), rows, np.float32) if call.return_lse else None
     bufs = (call.q.buffer, call.k.buffer, call.v.buffer, o.buffer,
-            lse.buffer if lse is not None else _dummy_buffer(ctx), extras or _dummy_buffer(ctx))
+            lse.buffer if lse is not None else _dummy_buffer(ctx), extras or _dummy_buffer(ctx),
+            mask or _dummy_buffer(ctx))
     return o, lse, _bound(pipe, chunks, bufs)
 
 
@@ -188,22 +200,20 @@ def attention(call, ctx, timestamps: bool = False):
     """Attention for a validated call; returns ``(out, lse, gpu_ns)``."""
     if nothing_to_compute(call):
         return _empty_attention(call)
-    extras = extras_array(call)
     if call.kind == "gpu":
         with _Held() as held:
-            xb = held.upload(ctx, extras) if extras is not None else None
-            o, lse, dispatches = gpu_dispatches(call, ctx, xb)
-            return o, lse, ctx.run(dispatches, timestamps=timestamps)
+            o, lse, dispatches = gpu_dispatches(call, ctx, *feature_buffers(call, ctx, held))
+            return o, lse, ctx.run(dispatches, held.uploads, timestamps=timestamps)
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
     with _Held() as held:  # one submission: uploads, dispatches, downloads
         bufs = tuple(held.staged(ctx, x, elem) for x in (call.q, call.k, call.v))
         ob = held.acquire(ctx, out_bytes)
         lb = held.acquire(ctx, lse_bytes) if call.return_lse else _dummy_buffer(ctx)
-        xb = held.staged(ctx, extras, extras.dtype) if extras is not None else _dummy_buffer(ctx)
+        features = feature_buffers(call, ctx, held)
         out = held.readback(ctx, ob, rows + (shape.head_dim,), elem)
         lse = held.readback(ctx, lb, rows, np.float32) if call.return_lse else None
-        ns = ctx.run(_bound(pipe, chunks, bufs + (ob, lb, xb)), held.uploads, held.downloads, timestamps)
+        ns = ctx.run(_bound(pipe, chunks, bufs + (ob, lb) + features), held.uploads, held.downloads, timestamps)
         out, lse = out.finish(), (lse.finish() if lse is not None else None)
     return like(out, call.q), (lse_like(lse, call.q) if lse is not None else None), ns
 
@@ -362,7 +372,7 @@ def varlen_layout(call, ctx) -> VarlenLayout:
         v_at, n_in = place(n_in, hk * (k1 - k0) * d * es)
         x_at = None
         if has_extras:
-            x_at, n_in = place(n_in, 16 * hq)
+            x_at, n_in = place(n_in, 4 * EXTRAS_ROWS * hq)
         o_at, n_out = place(n_out, hq * (q1 - q0) * d * es)
         lse_at = None
         if w.return_lse:
@@ -397,7 +407,7 @@ def _varlen_upload(call, layout: VarlenLayout) -> np.ndarray:
     if call.alibi is not None or w.sinks is not None:
         # Every sequence's slopes and sinks at once: column block i is sequence i's [4, heads_q].
         whole = extras_array(replace(w, batch=call.batch, alibi=call.alibi, mask=None))
-        extras = whole.reshape(4, call.batch, w.heads_q)
+        extras = whole.reshape(EXTRAS_ROWS, call.batch, w.heads_q)
     for p in layout.pieces:
         if p.plan is None:
             continue
@@ -407,7 +417,7 @@ def _varlen_upload(call, layout: VarlenLayout) -> np.ndarray:
             part = src[rows]
             _block(raw, at, elem, (part.shape[1], part.shape[0], part.shape[2]))[...] = part.transpose(1, 0, 2)
         if p.x_at is not None:
-            _block(raw, p.x_at, np.uint32, (4, w.heads_q))[...] = extras[:, p.seq]
+            _block(raw, p.x_at, np.uint32, (EXTRAS_ROWS, w.heads_q))[...] = extras[:, p.seq]
     return raw
 
 
@@ -425,7 +435,8 @@ def _varlen_dispatches(call, layout: VarlenLayout, ctx, inb, outb) -> list:
         nq, nk = w.heads_q * shape.seq_q * w.head_dim * es, w.heads_kv * shape.seq_k * w.head_dim * es
         regions = ((inb, p.q_at, nq), (inb, p.k_at, nk), (inb, p.v_at, nk), (outb, p.o_at, nq),
                    (outb, p.lse_at, 4 * w.heads_q * shape.seq_q) if p.lse_at is not None else none,
-                   (inb, p.x_at, 16 * w.heads_q) if p.x_at is not None else none)
+                   (inb, p.x_at, 4 * EXTRAS_ROWS * w.heads_q) if p.x_at is not None else none,
+                   none)   # binding 6: varlen takes no attn_mask
         out += bind_within(pipe, chunks, regions)
     return out
 

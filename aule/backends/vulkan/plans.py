@@ -63,12 +63,26 @@ def plan_chunks(per_pair: dict, pairs: int, info, max_heads: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right: int, want_lse: bool,
-                   info, tiles: tuple | None, softcap: float = 0.0, extras: int = 0) -> tuple:
+                   info, tiles: tuple | None, softcap: float = 0.0, extras: int = 0,
+                   mask: tuple | None = None) -> tuple:
     """Everything about a call's dispatches that does not depend on which buffers hold the data:
-    ``(spec, [(push bytes, ((binding start, nbytes) or None x 6), groups), ...])``. ``extras``:
-    EXTRAS_ALIBI and/or EXTRAS_SINKS, whose values binding 5 holds (:func:`extras_array`). Raises
-    UnsupportedError when a device limit cannot be met."""
+    ``(spec, [(push bytes, ((binding start, nbytes) or None x 7), groups), ...])``. ``extras``:
+    the EXTRAS_* flags of the values binding 5 holds (:func:`extras_array`); ``mask``: the
+    broadcast shape of a general mask in binding 6 (:func:`mask_shape`). Raises UnsupportedError
+    when a device limit cannot be met."""
     d = shape.head_dim
+    mask_row = mask_col = 0
+    mask_range = None   # no mask: the whole (dummy) buffer
+    if mask is not None:
+        nbytes = 4 * math.prod(mask)
+        if nbytes > info.max_storage_buffer_range:
+            raise UnsupportedError(
+                f"the attn_mask takes {nbytes} bytes as float32 in its broadcast shape {list(mask)}, more than "
+                f"the device's storage-buffer range ({info.max_storage_buffer_range} bytes), and it is bound "
+                "whole: broadcast it along the dimensions it does not vary in, or use a padding mask")
+        mask_row, mask_col = mask_strides(mask)[2:]
+        # Exactly the mask's bytes: its pooled buffer may be larger, past the range.
+        mask_range = (0, nbytes)
     es = 2 if variant.elem == "float16" else 4
     g = shape.group
     # Key j is visible from a row at position pos when pos - left <= j <= pos + right, with pos in
@@ -92,6 +106,7 @@ def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right
         pc["flags"] = (1 if want_lse else 0) | (2 if softcap else 0) | extras
         pc["softcap2"] = softcap * LOG2E
         pc["x_base"], pc["x_stride"] = p0 * g, shape.pairs * g
+        pc["mask_row"], pc["mask_col"] = mask_row, mask_col
         pc["reverse"] = 1 if right >= 0 else 0
         ranges = []
         for name, base in (("query", "q_base"), ("key", "k_base"), ("value", "v_base"), ("output", "o_base"),
@@ -103,46 +118,96 @@ def attention_plan(variant: Module, shape: Shape, scale: float, left: int, right
             off = start // align * align
             pc[base] = (start - off) // (4 if name == "lse" else es)
             ranges.append((off, nbytes + (start - off)))
-        ranges.append(None)   # the slopes and sinks of every head
+        ranges.append(None)   # the slopes, sinks, spans and mask offsets of every head
+        ranges.append(mask_range)   # the general mask, whole: each head reads it through its own offset
         chunks.append((pc.tobytes(), tuple(ranges), (blocks, n * g, 1)))
     return variant.spec(d, info, tiles), tuple(chunks)
 
 
-# flags bits of attn_common.glsl's push constants whose values binding 5 holds.
-EXTRAS_ALIBI, EXTRAS_SINKS, EXTRAS_SPAN = 4, 8, 16
+# flags bits of attn_common.glsl's push constants whose values binding 5 holds (EXTRAS_MASK: with
+# the general mask in binding 6).
+EXTRAS_ALIBI, EXTRAS_SINKS, EXTRAS_SPAN, EXTRAS_MASK = 4, 8, 16, 32
+
+
+def mask_shape(call) -> tuple | None:
+    """The broadcast shape ``(b, h, rows, keys)`` (1 or the call's extent each) in which a call's
+    mask is read per (row, key) from binding 6, or None where it needs no such read: no mask, or a
+    padding mask whose keys are one run per head (its span in binding 5 is all the shaders need).
+    A padding mask with holes is read as ``[b, h, 1, seq_k]`` inside its span."""
+    m = call.mask
+    if m is None or "general_mask" not in call.features:
+        return None
+    if m.padding:
+        return m.keys.shape[:2] + (1, m.keys.shape[2])
+    return m.values.shape
+
+
+def mask_strides(shape: tuple) -> tuple:
+    """Element strides of a C-contiguous array of ``shape`` where its size-1 dimensions take 0:
+    the strides of the call's full ``[batch, heads_q, seq_q, seq_k]`` in the broadcast array."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step if n > 1 else 0)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def mask_array(call) -> np.ndarray | None:
+    """Binding 6's contents: the mask of :func:`mask_shape` as float32, booleans as 0 (visible)
+    and -inf (hidden), which masked_score treats alike; None when the call needs none."""
+    shape = mask_shape(call)
+    if shape is None:
+        return None
+    m = call.mask
+    values = m.keys[:, :, None, :] if m.padding else m.values
+    if values.dtype == np.bool_:
+        return np.where(values, np.float32(0), np.float32(-np.inf))
+    return np.ascontiguousarray(values, dtype=np.float32)
 
 
 def extras_flags(call) -> int:
+    mask = call.mask
     return ((EXTRAS_ALIBI if call.alibi is not None else 0) | (EXTRAS_SINKS if call.sinks is not None else 0)
-            | (EXTRAS_SPAN if call.mask is not None else 0))
+            | (EXTRAS_SPAN if mask is not None and mask.padding else 0)
+            | (EXTRAS_MASK if mask_shape(call) is not None else 0))
+
+
+# Rows of binding 5 per flat head: slope, sink, span start, span end, mask plane offset.
+EXTRAS_ROWS = 5
 
 
 def extras_array(call) -> np.ndarray | None:
-    """Binding 5's contents for a call with ALiBi, sinks or a padding mask: ``[4, batch * heads_q]``
+    """Binding 5's contents for a call with ALiBi, sinks or a mask: ``[5, batch * heads_q]``
     32-bit words per flat (batch, query head): the slope and the sink (float32 bits), the start and
-    end of its span of visible keys; None when it has none of them."""
-    if not extras_flags(call):
+    end of its span of visible keys (padding masks), the element offset of its plane of the general
+    mask in binding 6; None when it has none of them."""
+    flags = extras_flags(call)
+    if not flags:
         return None
-    n = call.batch * call.heads_q
-    out = np.zeros((4, n), np.uint32)
+    b, hq = call.batch, call.heads_q
+    n = b * hq
+    out = np.zeros((EXTRAS_ROWS, n), np.uint32)
     if call.alibi is not None:
         out[0] = np.asarray(call.alibi, np.float32).reshape(n).view(np.uint32)
     if call.sinks is not None:
-        out[1] = np.tile(np.asarray(call.sinks, np.float32).reshape(call.heads_q), call.batch).view(np.uint32)
-    if call.mask is not None:
-        span, _ = call.mask.spans(call.batch, call.heads_q)
-        out[2:] = span.reshape(n, 2).T
+        out[1] = np.tile(np.asarray(call.sinks, np.float32).reshape(hq), b).view(np.uint32)
+    if flags & EXTRAS_SPAN:
+        span, _ = call.mask.spans(b, hq)
+        out[2:4] = span.reshape(n, 2).T
+    if flags & EXTRAS_MASK:
+        sb, sh = mask_strides(mask_shape(call))[:2]
+        out[4] = (np.arange(b, dtype=np.uint64)[:, None] * sb + np.arange(hq, dtype=np.uint64)[None, :] * sh).reshape(n)
     return out
 
 
 def bind(pipeline, chunks, buffers) -> list[Dispatch]:
-    """Dispatches of a plan's chunks over ``buffers`` (q, k, v, o, lse, extras), each bound to its range."""
+    """Dispatches of a plan's chunks over ``buffers`` (q, k, v, o, lse, extras, mask), each bound to its range."""
     return bind_within(pipeline, chunks, tuple((b, 0, b.nbytes) for b in buffers))
 
 
 def bind_within(pipeline, chunks, regions) -> list[Dispatch]:
     """Dispatches of a plan's chunks over regions of buffers: ``(buffer, start, nbytes)`` per binding
-    (q, k, v, o, lse, extras), ``start`` a multiple of :func:`offset_alignment`, so several calls'
+    (q, k, v, o, lse, extras, mask), ``start`` a multiple of :func:`offset_alignment`, so several calls'
     data may share one buffer (varlen's sequences). A chunk's range lies at ``start`` plus its
     offset; a binding the plan leaves whole covers the whole region."""
     if chunks and len(regions) != len(chunks[0][1]):

@@ -49,6 +49,7 @@ ATTN_PUSH = push_block([
     ("left", "<i4"), ("right", "<i4"), ("scale_log2", "<f4"), ("flags", "<u4"),
     ("q_base", "<u4"), ("k_base", "<u4"), ("v_base", "<u4"), ("o_base", "<u4"), ("lse_base", "<u4"),
     ("reverse", "<u4"), ("softcap2", "<f4"), ("x_base", "<u4"), ("x_stride", "<u4"),
+    ("mask_row", "<u4"), ("mask_col", "<u4"),
 ])
 # `PagedParams` in glsl/paged.comp.
 PAGED_PUSH = push_block([
@@ -295,7 +296,12 @@ class CoopMat(KeyLoop):
         if shape is not None and shape not in info.coopmat_shapes:
             return (f"AULE_VULKAN_TILES names the {'x'.join(map(str, shape))} matrix shape, which {info.name} "
                     f"does not offer (it offers {', '.join('x'.join(map(str, s)) for s in info.coopmat_shapes)})")
-        if self.pick(d, info, tiles) is None:
+        picked = self.pick(d, info, tiles)
+        if picked is not None and self.groups(picked[1], info) == 0 and picked[1].registers != 0:
+            return (f"{name}'s shared-memory softmax, which {info.vendor}'s matrix layout needs here, gave wrong "
+                    f"rows on an NVIDIA H200 (driver 580) before its fix, and the fix has not run on a GPU yet: "
+                    f"AULE_VULKAN_TILES=MxNxK,subgroups,row_tiles,keys,buffers,0 forces it to check it")
+        if picked is None:
             sh = shape or next(iter(info.coopmat_shapes), None)
             why = self.tiles_unfit(forced, sh, d, info) if forced and sh else "no tile shape fits"
             return f"{name} cannot run head_dim {d} on {info.name}: {why}"
@@ -442,15 +448,17 @@ class Module:
         return self.path.rows_per_group(d, info, tiles)
 
 
-#: What the scalar attention shaders apply through attn_common.glsl (modified_score, join_sink, and
-#: the per-head key span of padding masks: VulkanBackend refuses masks that are not one run of keys).
-SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks", "mask"})
+#: What the scalar attention shaders apply through attn_common.glsl: modified_score, join_sink, the
+#: per-head key span of padding masks ("mask") and, through masked_score, any other mask
+#: ("general_mask"; AttentionCall.features).
+SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask"})
 
 
 def _attention(name, source, path, elem="float32", defines=(), needs=Needs(), auto=None,
                features=SCORE_FEATURES) -> Module:
-    # Binding 5 holds the ALiBi slopes, sinks and padding spans (attn_common.glsl's `extras`).
-    return Module(name, source, defines, ATTN_PUSH, 6, path.SPEC, needs, path, elem, auto, features)
+    # Binding 5 holds the ALiBi slopes, sinks, padding spans and mask offsets (attn_common.glsl's
+    # `extras`), binding 6 a general mask; every attention module declares both, used or not.
+    return Module(name, source, defines, ATTN_PUSH, 7, path.SPEC, needs, path, elem, auto, features)
 
 
 # Tile shapes, best first (measurements behind each list: results/vulkan-tuning.md). The later
@@ -478,7 +486,7 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     # Matrix cores: chosen first for float16 where measured faster (NVIDIA: results/vulkan-tuning.md);
     # on other vendors' matrix cores (unmeasured here) AULE_VULKAN_VARIANT=coopmat selects it.
     _attention("coopmat", "attn_coopmat.comp", CoopMat(_COOP_TILES), "float16", needs=Needs(fp16=True, coopmat=True),
-               auto=Auto(-1, ("float16",), "NVIDIA")),
+               auto=Auto(-1, ("float16",), "NVIDIA"), features=SCORE_FEATURES - {"general_mask"}),
     # fp16's arithmetic with workgroups of four 64-wide waves, for AMD's wave64.
     _attention("fp16_amd", "attn_tiled.comp", Tiled(_WAVE64_TILES, (), 2), "float16",
                (("AULE_DEFAULT_WG", 256), ("AULE_FP16", 1)), _FP16, Auto(0, ("float16",), "AMD", 64)),

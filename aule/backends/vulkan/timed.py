@@ -68,10 +68,13 @@ PEAK_CHUNK_ITERS = 64   # steps per chunk of work: the counter is touched once p
 def peak_shape(info) -> tuple:
     """The (M, N, K) the cooperative-matrix attention variant uses at head_dim 128 on the device:
     the shape its rows are read against. UnsupportedError says why there is none."""
-    why = MODULES["coopmat_peak"].needs.unfit("coopmat_peak", info) or VARIANTS["coopmat"].unfit(128, info)
-    if why:
-        raise UnsupportedError(why)
-    return VARIANTS["coopmat"].path.pick(128, info, None)[0]
+    # The shape alone: which softmax path the variant could take on this device does not matter here.
+    coop = VARIANTS["coopmat"]
+    why = MODULES["coopmat_peak"].needs.unfit("coopmat_peak", info) or coop.needs.unfit("coopmat", info)
+    picked = None if why else coop.path.pick(128, info, None)
+    if picked is None:
+        raise UnsupportedError(why or f"coopmat has no matrix shape and tiles for head_dim 128 on {info.name}")
+    return picked[0]
 
 
 class CoopMatPeak(TimedWork):
