@@ -281,7 +281,8 @@ class Context:
             self.forget_recordings()
             self._runner.close()
             self.copier.close()
-            self.trim_pools()
+            for p in self.pools():
+                p.destroy_all()
             self._destroyed = True
             for p in self.pipelines.values():
                 p.destroy()

@@ -166,6 +166,7 @@ class BufferPool:
         self.free: "collections.OrderedDict[int, list]" = collections.OrderedDict()
         self.cached = 0
         self.lock = threading.Lock()
+        self.made: "weakref.WeakSet[Buffer]" = weakref.WeakSet()  # leased or free, for close()
 
     @staticmethod
     def size_class(n: int) -> int:
@@ -194,6 +195,7 @@ class BufferPool:
                 # The driver saw the pooled size; the caller knows the size it asked for.
                 raise type(exc)(f"out of memory for a {self.kind} buffer of {int(nbytes)} bytes (pooled as "
                                 f"{size} bytes): {exc}", call=exc.call, result=exc.result) from None
+        self.made.add(buf)
         return Lease(self, buf, nbytes)
 
     def _give_back(self, buf: Buffer) -> None:
@@ -221,6 +223,14 @@ class BufferPool:
         for buf in drop:
             with self.ctx.lock:
                 buf.destroy()
+
+
+    def destroy_all(self) -> None:
+        """Destroy every buffer this pool made, leases still out included (the context is
+        closing: nothing may outlive its device)."""
+        self.trim(0)
+        for buf in list(self.made):
+            buf.destroy()
 
 
 def make_pools(ctx, policy: MemoryPolicy):
