@@ -148,11 +148,11 @@ def call_phases(ctx, q, k, v, causal: bool, reps: int) -> float:
             bufs = timed("stage q, k, v (copies into device/staging memory)",
                          lambda: tuple(held.staged(ctx, x, elem) for x in (c.q, c.k, c.v)))
             ob = timed("acquire the output buffer", lambda: held.acquire(ctx, out_bytes))
-            dummy = launch._dummy_buffer(ctx)
+            rest = (launch._dummy_buffer(ctx),) + launch.feature_buffers(c, ctx, held)  # no LSE, no features
             out = timed("result array + readback transfer",
                         lambda: held.readback(ctx, ob, rows + (shape.head_dim,), elem))
             ns = timed("run: uploads + dispatches + downloads, one submission",
-                       lambda: ctx.run(launch.bind(pipe, chunks, bufs + (ob, dummy, dummy)), held.uploads,
+                       lambda: ctx.run(launch.bind(pipe, chunks, bufs + (ob,) + rest), held.uploads,
                                        held.downloads, True))
             res = timed("finish the result (copy out of staging)", out.finish)
             timed("like(out, q)", lambda: launch.like(res, q))
