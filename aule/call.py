@@ -178,6 +178,14 @@ def check_scale(scale, head_dim: int) -> float:
 
 def check_same_family(named: dict) -> tuple[str, str]:
     """All arrays are of one kind (NumPy or torch) and, for torch, on one device."""
+    xs = tuple(named.values())
+    first = type(xs[0])
+    # The usual call: plain arrays or GpuTensors, all of one type (no device to compare).
+    if all(type(x) is first for x in xs):
+        if first is np.ndarray:
+            return "numpy", "cpu"
+        if first.__name__ == "GpuTensor":
+            return "gpu", "vulkan"
     kinds = {n: array_kind(x, n) for n, x in named.items()}
     if len(set(kinds.values())) > 1:
         raise TypeError("query, key and value must all be NumPy arrays or all torch tensors, got "

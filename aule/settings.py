@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 
 _VULKAN_VARS = ("AULE_VULKAN_DEVICE", "AULE_VULKAN_STAGING", "AULE_VULKAN_PIPELINE_CACHE",
-                "AULE_VULKAN_NO_EGL_RETRY", "AULE_VALIDATION", "AULE_CACHE_DIR")
+                "AULE_VULKAN_NO_EGL_RETRY", "AULE_VALIDATION", "AULE_CACHE_DIR", "AULE_VULKAN_COPY_THREADS",
+                "AULE_VULKAN_HOST_IMPORT", "AULE_VULKAN_REUSE")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class VulkanSettings:
     egl_retry: bool             # AULE_VULKAN_NO_EGL_RETRY=1: never retry through NVIDIA's EGL entry point
     validation: bool            # AULE_VALIDATION=1: the Khronos validation layer, messages collected
     cache_dir: str | None       # AULE_CACHE_DIR: where the pipeline cache and the EGL manifest live
+    copy_threads: int | None    # AULE_VULKAN_COPY_THREADS: threads for host copies (1: the caller's alone;
+                                #   unset: chosen from the CPU count)
+    host_import: frozenset      # AULE_VULKAN_HOST_IMPORT=1 (or upload, download): DMA straight from/to host
+                                #   arrays where the device imports host memory (VK_EXT_external_memory_host)
+    reuse: bool                 # AULE_VULKAN_REUSE=0: record every call anew (no re-submitted recordings)
 
 
 def _flag(raw: str | None) -> bool:
@@ -72,11 +78,22 @@ def _parse_tiles(raw: str) -> tuple | None:
 
 @functools.lru_cache(maxsize=64)
 def _vulkan(raw: tuple) -> VulkanSettings:
-    device, staging, pcache, no_egl, validation, cache_dir = raw
+    device, staging, pcache, no_egl, validation, cache_dir, threads, host_import, reuse = raw
+    threads = (threads or "").strip()
+    imports = (host_import or "").strip().lower()
+    directions = {"": (), "0": (), "1": ("upload", "download"), "all": ("upload", "download"),
+                  "upload": ("upload",), "download": ("download",)}
+    if imports not in directions:
+        raise ValueError(f"AULE_VULKAN_HOST_IMPORT={host_import!r}: expected 0, 1 (or all), upload or download")
+    if threads and (not threads.isdigit() or not 1 <= int(threads) <= 256):
+        raise ValueError(f"AULE_VULKAN_COPY_THREADS={threads!r}: expected a whole number from 1 to 256 "
+                         "(1 copies on the calling thread alone), or unset")
     return VulkanSettings(
         device=(device or "").strip(), staging=(staging or "").strip() == "1",
         pipeline_cache=(pcache or "1").strip() != "0", egl_retry=(no_egl or "").strip() != "1",
-        validation=_flag(validation), cache_dir=cache_dir or None)
+        validation=_flag(validation), cache_dir=cache_dir or None,
+        copy_threads=int(threads) if threads else None, host_import=frozenset(directions[imports]),
+        reuse=(reuse or "1").strip() != "0")
 
 
 def vulkan() -> VulkanSettings:

@@ -44,14 +44,42 @@ def _int32(x) -> np.ndarray:
 
 
 class _Held(list):
-    """Leases taken for one call, released when it ends however it ends."""
+    """Leases and transfers taken for one call, released when it ends however it ends.
+
+    ``uploads``/``downloads`` collect the GPU copies of :meth:`staged` inputs and
+    :meth:`readback` results, for the call's own submission (``ctx.run(..., uploads=,
+    downloads=)``): host data costs no submission of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.uploads, self.downloads = [], []
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for lease in self:
-            lease.release()
+        # Last taken, first given back: the pool hands buffers out last-in first-out, so the next
+        # call binds the same buffer in the same place and re-submits its recording.
+        for held in reversed(self):
+            held.release()
+
+    def staged(self, ctx, x, dtype):
+        """``x``'s device buffer: a GpuTensor's own, else a lease that the copies added to
+        ``uploads`` fill (already filled where device memory is mapped)."""
+        if isinstance(x, GpuTensor):
+            return x.buffer
+        lease, transfer = ctx.stage(np.ascontiguousarray(to_numpy(x), dtype=dtype))
+        self += (lease, transfer)
+        self.uploads += transfer.copies
+        return lease.buffer
+
+    def readback(self, ctx, buf, shape, dtype):
+        """The transfer of ``buf``'s first bytes into a new host array of ``shape`` and ``dtype``,
+        its copies added to ``downloads``: ``finish()`` it after the run."""
+        transfer = ctx.readback(buf, ctx.host_empty(shape, dtype))
+        self.append(transfer)
+        self.downloads += transfer.copies
+        return transfer
 
     def upload(self, ctx, array: np.ndarray):
         """The device buffer of a lease holding ``array``, released with the others."""
@@ -124,13 +152,30 @@ def _result_sizes(variant, shape):
     return elem, rows, n_rows * shape.head_dim * elem.itemsize, n_rows * 4
 
 
+_BOUND: dict = {}
+
+
+def _bound(pipe, chunks, bufs) -> tuple:
+    """:func:`plans.bind` of a plan over whole buffers, remembered by the buffers' ids (never
+    reused): a repeated call binds the same pooled buffers, and building its dispatches anew was
+    a tenth of its host time. The cache forgets everything when full."""
+    key = (pipe, chunks) + tuple(b._id for b in bufs)
+    hit = _BOUND.get(key)
+    if hit is None:
+        if len(_BOUND) >= 256:
+            _BOUND.clear()
+        hit = _BOUND[key] = tuple(bind(pipe, chunks, bufs))  # shared by the calls: never to be changed
+    return hit
+
+
 def feature_buffers(call, ctx, held) -> tuple:
     """The buffers of bindings 5 and 6 for a call: its :func:`plans.extras_array` and
     :func:`plans.mask_array` uploaded once (held until the call ends), the dummy buffer where it
-    has none. GpuTensor and host calls alike: a mask is host data."""
+    has none. GpuTensor and host calls alike: a mask is host data (staged: its copies, where
+    device memory is not mapped, join the call's submission through ``held.uploads``)."""
     extras, mask = extras_array(call), mask_array(call)
-    return (held.upload(ctx, extras) if extras is not None else _dummy_buffer(ctx),
-            held.upload(ctx, mask) if mask is not None else _dummy_buffer(ctx))
+    return (held.staged(ctx, extras, extras.dtype) if extras is not None else _dummy_buffer(ctx),
+            held.staged(ctx, mask, mask.dtype) if mask is not None else _dummy_buffer(ctx))
 
 
 def gpu_dispatches(call, ctx, extras=None, mask=None):
@@ -148,7 +193,7 @@ def gpu_dispatches(call, ctx, extras=None, mask=None):
     bufs = (call.q.buffer, call.k.buffer, call.v.buffer, o.buffer,
             lse.buffer if lse is not None else _dummy_buffer(ctx), extras or _dummy_buffer(ctx),
             mask or _dummy_buffer(ctx))
-    return o, lse, bind(pipe, chunks, bufs)
+    return o, lse, _bound(pipe, chunks, bufs)
 
 
 def attention(call, ctx, timestamps: bool = False):
@@ -158,16 +203,18 @@ def attention(call, ctx, timestamps: bool = False):
     if call.kind == "gpu":
         with _Held() as held:
             o, lse, dispatches = gpu_dispatches(call, ctx, *feature_buffers(call, ctx, held))
-            return o, lse, ctx.run(dispatches, timestamps=timestamps)
+            return o, lse, ctx.run(dispatches, held.uploads, timestamps=timestamps)
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
-    with _Held() as held:
-        bufs = tuple(held.device_buffer(ctx, x, elem) for x in (call.q, call.k, call.v))
+    with _Held() as held:  # one submission: uploads, dispatches, downloads
+        bufs = tuple(held.staged(ctx, x, elem) for x in (call.q, call.k, call.v))
         ob = held.acquire(ctx, out_bytes)
         lb = held.acquire(ctx, lse_bytes) if call.return_lse else _dummy_buffer(ctx)
-        ns = ctx.run(bind(pipe, chunks, bufs + (ob, lb) + feature_buffers(call, ctx, held)), timestamps=timestamps)
-        out = ctx.download(ob, np.empty(rows + (shape.head_dim,), elem))
-        lse = ctx.download(lb, np.empty(rows, np.float32)) if call.return_lse else None
+        features = feature_buffers(call, ctx, held)
+        out = held.readback(ctx, ob, rows + (shape.head_dim,), elem)
+        lse = held.readback(ctx, lb, rows, np.float32) if call.return_lse else None
+        ns = ctx.run(_bound(pipe, chunks, bufs + (ob, lb) + features), held.uploads, held.downloads, timestamps)
+        out, lse = out.finish(), (lse.finish() if lse is not None else None)
     return like(out, call.q), (lse_like(lse, call.q) if lse is not None else None), ns
 
 

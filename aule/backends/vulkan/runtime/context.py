@@ -1,6 +1,7 @@
 """The process-wide Vulkan context: device, queue, memory, pools, caches, and the per-call path."""
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import weakref
@@ -10,7 +11,7 @@ import numpy as np
 from .... import settings
 from . import device as _device
 from . import memory as _memory
-from .errors import binding, error
+from .errors import binding, check, error
 from .memory import Buffer, Lease
 from .pipelines import DescriptorCache, Pipeline, PipelineCache
 from .sequence import Sequence
@@ -50,13 +51,66 @@ class Context:
         self.descriptors = DescriptorCache(self.device, self.DESCRIPTOR_SETS, self.lock)
         self._pipeline_store = PipelineCache(self.device, self.physical)
         self.pipeline_cache, self.pipeline_cache_path = self._pipeline_store.handle, self._pipeline_store.path
+        # Runs seen again are recorded once into a sequence of their own and re-submitted: a
+        # repeated call (the same pooled buffers, pushes and groups) costs no recording.
+        self.reuse = s.reuse
+        self._recordings: "collections.OrderedDict[tuple, Sequence]" = collections.OrderedDict()
+        self._seen: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+        self._recordings_of: dict = {}  # buffer id -> keys of the recordings that bind it
+        self.stats = {"recorded": 0, "resubmitted": 0, "one_time": 0}
         self.memory = _memory.MemoryPolicy(self.physical, s.staging)
         self.pool, self.upload_pool, self.download_pool = _memory.make_pools(self, self.memory)
-        # The per-call sequence, re-recorded by every run(); its queries are the timing ones.
+        self.copier = _memory.Copier(s.copy_threads)
+        self._host_pointer_fn = None
+        # Where the device can import host memory, the setting decides which transfers do
+        # ("upload", "download"; the probe script sets ``host_import`` to compare them in one process).
+        self.host_import_available = self._enable_host_import()
+        self.host_import = s.host_import if self.host_import_available else frozenset()
+        self._import_refused = False  # logged once, then copies serve
+        # The per-call sequence, re-recorded by a run() seen for the first time; its queries are
+        # the timing ones.
         self._runner = Sequence(self, timestamps=2, one_time=True)
         self.query_pool = self._runner.query_pool
         log.info("aule: Vulkan device %s (%s, %s) via %s", self.info.name, self.info.type,
                  self.info.driver, self.route)
+        log.info("aule: Vulkan transfers: %s; upload staging %s, download staging %s; host copies on %d "
+                 "thread(s); host-memory import %s; recordings %s", self.memory.route,
+                 "pooled" if self.upload_pool else "none", "pooled" if self.download_pool else "none",
+                 self.copier.threads,
+                 ("for %s (alignment %d)" % (" and ".join(sorted(self.host_import)), self.memory.import_alignment))
+                 if self.host_import else
+                 ("off (AULE_VULKAN_HOST_IMPORT=1 turns it on)" if self.host_import_available
+                  else "unavailable (no VK_EXT_external_memory_host)"),
+                 "re-submitted when repeated" if self.reuse else "made anew for every call")
+
+    RECORDINGS = 32
+    SEEN = 256
+
+    def _enable_host_import(self) -> bool:
+        """Whether host arrays can be imported (VK_EXT_external_memory_host, enabled with the
+        device where listed); reads the import alignment into the memory policy."""
+        if "VK_EXT_external_memory_host" not in self.info.extensions:
+            return False
+        vk, ffi, lib = binding()
+        hp = _device._chain(ffi, "VkPhysicalDeviceExternalMemoryHostPropertiesEXT",
+                            vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_EXTERNAL_MEMORY_HOST_PROPERTIES_EXT)
+        props2 = _device._chain(ffi, "VkPhysicalDeviceProperties2", vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2, hp)
+        lib.vkGetPhysicalDeviceProperties2(self.physical, props2)
+        fn = lib.vkGetDeviceProcAddr(self.device, b"vkGetMemoryHostPointerPropertiesEXT")
+        if fn == ffi.NULL or not hp.minImportedHostPointerAlignment:
+            return False
+        self._host_pointer_fn = ffi.cast("PFN_vkGetMemoryHostPointerPropertiesEXT", fn)
+        self.memory.import_alignment = max(4096, int(hp.minImportedHostPointerAlignment))
+        return True
+
+    def host_pointer_types(self, address: int) -> int:
+        """The memory type bits host memory at ``address`` can be imported as."""
+        vk, ffi, _ = binding()
+        props = ffi.new("VkMemoryHostPointerPropertiesEXT*",
+                        {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_HOST_POINTER_PROPERTIES_EXT})
+        check("vkGetMemoryHostPointerPropertiesEXT", self._host_pointer_fn(
+            self.device, vk.VK_EXTERNAL_MEMORY_HANDLE_TYPE_HOST_ALLOCATION_BIT_EXT, ffi.cast("void*", address), props))
+        return props.memoryTypeBits
 
 
     def pools(self):
@@ -69,6 +123,21 @@ class Context:
     def _forget_buffer(self, buf: Buffer) -> None:
         if not self._destroyed:
             self.descriptors.forget(buf._id)
+            with self.lock:
+                for key in self._recordings_of.pop(buf._id, ()):
+                    seq = self._recordings.pop(key, None)
+                    if seq is not None:
+                        self._drop_recording(key, seq)
+
+    def _drop_recording(self, key, seq) -> None:
+        for part in key:
+            if type(part) is int and part > 0:
+                keys = self._recordings_of.get(part)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del self._recordings_of[part]
+        seq.close()
 
     # pipelines --------------------------------------------------------------------------------
     def set_layout(self, n_bindings: int):
@@ -116,30 +185,64 @@ class Context:
         Recorded on the context's reusable sequence, so a multi-pass call costs no extra
         command buffer, fence or submission."""
         with self.lock:
-            seq = self._runner
-            seq.reset()
-            for src, dst, n in uploads:
-                seq.copy(src, dst, n)
-            if uploads:
-                seq.barrier("transfer", "compute")
             timed = timestamps and self.query_pool is not None
-            if timed:
-                seq.timestamp()
-            for i, dispatches in enumerate(passes):
-                if i:
-                    seq.barrier("compute", "compute")
-                for d in dispatches:
-                    seq.dispatch(d)
-            if timed:
-                seq.timestamp()
-            if downloads:
-                seq.barrier("compute", "transfer")
-                for src, dst, n in downloads:
-                    seq.copy(src, dst, n)
+            key = _run_key(passes, uploads, downloads, timed) if self.reuse else None
+            seq = self._recordings.get(key) if key is not None else None
+            if seq is not None:
+                self._recordings.move_to_end(key)
+                self.stats["resubmitted"] += 1
+                seq.submit()
+                return seq.gpu_ns() if timed else None
+            if key is not None and key in self._seen:
+                del self._seen[key]
+                seq = self._record_for(key)
+            else:
+                if key is not None:
+                    self._seen[key] = None
+                    if len(self._seen) > self.SEEN:
+                        self._seen.popitem(last=False)
+                seq = self._runner
+                seq.reset()
+                self.stats["one_time"] += 1
+            _record(seq, passes, uploads, downloads, timed)
             seq.submit()
             return seq.gpu_ns() if timed else None
 
+    def _record_for(self, key) -> Sequence:
+        """A sequence of its own for a run seen before, kept under ``key`` (the least recently
+        used recording makes room)."""
+        if len(self._recordings) >= self.RECORDINGS:
+            self._drop_recording(*self._recordings.popitem(last=False))
+        seq = Sequence(self, timestamps=2)
+        self._recordings[key] = seq
+        for part in key:
+            if type(part) is int and part > 0:
+                self._recordings_of.setdefault(part, set()).add(key)
+        self.stats["recorded"] += 1
+        return seq
+
+    def forget_recordings(self) -> None:
+        """Drop every kept recording (the next runs record anew)."""
+        with self.lock:
+            while self._recordings:
+                self._drop_recording(*self._recordings.popitem(last=False))
+            self._seen.clear()
+
     # host <-> device -------------------------------------------------------------------------
+    def stage(self, array: np.ndarray, lease: Lease | None = None):
+        """``(lease, transfer)``: a pooled device buffer (or ``lease``) for ``array`` and the
+        :class:`memory.Transfer` whose ``copies`` a run records as ``uploads`` to fill it."""
+        return _memory.stage(self, array, lease)
+
+    def readback(self, buf: Buffer, out: np.ndarray):
+        """The :class:`memory.Transfer` whose ``copies`` a run records as ``downloads``; its
+        ``finish()`` then returns ``out`` holding ``buf``'s first ``out.nbytes`` bytes."""
+        return _memory.readback(self, buf, out)
+
+    def host_empty(self, shape, dtype) -> np.ndarray:
+        """An uninitialised result array (page-aligned where results are DMA'd into host memory)."""
+        return _memory.host_empty(self, shape, dtype)
+
     def upload(self, array: np.ndarray, lease: Lease | None = None) -> Lease:
         """A pooled device buffer (or ``lease``) holding ``array``'s bytes."""
         return _memory.upload(self, array, lease)
@@ -160,6 +263,8 @@ class Context:
             "devices": [d.summary() for _, d in self.devices],
             "route": self.route,
             "memory": self.memory.route,
+            "copy_threads": self.copier.threads,
+            "host_import": sorted(self.host_import),
             "validation": self.validation_active,
             "pipeline_cache": str(self.pipeline_cache_path),
         }
@@ -173,8 +278,11 @@ class Context:
             lib.vkDeviceWaitIdle(self.device)
             for seq in list(self._sequences):
                 seq.close()
+            self.forget_recordings()
             self._runner.close()
-            self.trim_pools()
+            self.copier.close()
+            for p in self.pools():
+                p.destroy_all()
             self._destroyed = True
             for p in self.pipelines.values():
                 p.destroy()
@@ -182,6 +290,47 @@ class Context:
             self._pipeline_store.destroy()
             lib.vkDestroyDevice(self.device, ffi.NULL)
             self._instance.destroy()
+
+
+def _run_key(passes, uploads, downloads, timed) -> tuple:
+    """What a run records, as a hashable key: buffers by their never-reused ids (positive ints,
+    so the recordings binding a buffer can be found when it is destroyed), pipelines, push
+    constants and groups; the ints 0 and -1 separate the parts."""
+    key = [timed]
+    for c in uploads:
+        key += (c[0]._id, c[1]._id, c[2:])
+    for dispatches in passes:
+        key.append(0)
+        for d in dispatches:
+            key += (d.pipeline, d.push, tuple(d.groups))
+            for b, at, n in d.bindings:
+                key += (b._id, (at, n))
+    key.append(-1)
+    for c in downloads:
+        key += (c[0]._id, c[1]._id, c[2:])
+    return tuple(key)
+
+
+def _record(seq, passes, uploads, downloads, timed) -> None:
+    """Record a run: uploads, a barrier, the passes (a compute barrier between consecutive ones),
+    a barrier, downloads; timestamps around the passes when ``timed``."""
+    for c in uploads:
+        seq.copy(*c)
+    if uploads:
+        seq.barrier("transfer", "compute")
+    if timed:
+        seq.timestamp()
+    for i, dispatches in enumerate(passes):
+        if i:
+            seq.barrier("compute", "compute")
+        for d in dispatches:
+            seq.dispatch(d)
+    if timed:
+        seq.timestamp()
+    if downloads:
+        seq.barrier("compute", "transfer")
+        for c in downloads:
+            seq.copy(*c)
 
 
 _context: Context | None = None

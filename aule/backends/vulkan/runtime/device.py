@@ -394,7 +394,8 @@ def create_device(pd, info: DeviceInfo):
     f12 = _chain(ffi, "VkPhysicalDeviceVulkan12Features", vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES,
                  cm if info.coopmat_f16 else f11,
                  shaderFloat16=int(info.shader_float16), vulkanMemoryModel=int(info.coopmat_f16))
-    exts = [e for e in ("VK_KHR_portability_subset",) if e in info.extensions]
+    # VK_EXT_external_memory_host lets transfers DMA straight from and to host arrays (memory.py).
+    exts = [e for e in ("VK_KHR_portability_subset", "VK_EXT_external_memory_host") if e in info.extensions]
     if info.coopmat_f16:
         exts.append("VK_KHR_cooperative_matrix")
     keep = [ffi.new("char[]", e.encode()) for e in exts]

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import itertools
+import logging
+import os
 import threading
 import weakref
 
 import numpy as np
 
-from .errors import VulkanOutOfMemoryError, binding, call, create, error
+from .errors import VulkanError, VulkanOutOfMemoryError, binding, call, create, error
+
+log = logging.getLogger("aule")
 
 
 class MemoryPolicy:
@@ -40,6 +46,7 @@ class MemoryPolicy:
                        "download": [hv | cached, hv]}
         self._host_visible = vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT
         self._host_cached = cached
+        self.import_alignment = 0  # set by the context when the device imports host memory
 
     def type_for(self, bits: int, kind: str) -> int:
         """The memory type index for a buffer of ``kind`` ("device", "upload", "download")."""
@@ -63,32 +70,53 @@ class Buffer:
 
     __slots__ = ("ctx", "handle", "memory", "nbytes", "host_visible", "host_cached", "view", "_mapped",
                  "_id", "__weakref__")
-    _ids = 0
+    _ids = itertools.count(1)  # next() on it is atomic: buffers are made from several threads
 
-    def __init__(self, ctx, nbytes: int, kind: str):
+    def __init__(self, ctx, nbytes: int, kind: str, host_address: int | None = None):
+        """``host_address``: import ``nbytes`` of host memory there (page-aligned, ``kind``
+        "host") instead of allocating: transfers then DMA from or to it, with no CPU copy."""
         vk, ffi, lib = binding()
         self.ctx, self.nbytes, self.view, self._mapped = ctx, int(nbytes), None, None
         self.handle = self.memory = None
-        Buffer._ids += 1
-        self._id = Buffer._ids  # never reused, unlike id(): descriptor sets are cached by it
+        self._id = next(Buffer._ids)  # never reused, unlike id(): descriptor sets and recordings are keyed by it
         usage = (vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT
                  | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT)
-        info = ffi.new("VkBufferCreateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO,
+        host_type = vk.VK_EXTERNAL_MEMORY_HANDLE_TYPE_HOST_ALLOCATION_BIT_EXT
+        external = ffi.NULL if host_address is None else ffi.new("VkExternalMemoryBufferCreateInfo*", {
+            "sType": vk.VK_STRUCTURE_TYPE_EXTERNAL_MEMORY_BUFFER_CREATE_INFO, "handleTypes": host_type})
+        info = ffi.new("VkBufferCreateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO, "pNext": external,
                                                "size": self.nbytes, "usage": usage,
                                                "sharingMode": vk.VK_SHARING_MODE_EXCLUSIVE})
         self.handle = create("vkCreateBuffer", "VkBuffer", ctx.device, info, detail=f"{nbytes} bytes")
         try:
             req = ffi.new("VkMemoryRequirements*")
             lib.vkGetBufferMemoryRequirements(ctx.device, self.handle, req)
-            type_index = ctx.memory.type_for(req.memoryTypeBits, kind)
-            self.host_visible, self.host_cached = ctx.memory.mapped(type_index, kind)
-            if req.size > ctx.info.max_allocation:
+            imported = ffi.NULL
+            if host_address is None:
+                type_index = ctx.memory.type_for(req.memoryTypeBits, kind)
+                self.host_visible, self.host_cached = ctx.memory.mapped(type_index, kind)
+                size = req.size
+            else:
+                # The user's array is the data: never mapped here, never pooled.
+                bits = ctx.host_pointer_types(host_address) & req.memoryTypeBits
+                if not bits or req.size > self.nbytes:
+                    raise error("vkAllocateMemory", "VK_ERROR_INVALID_EXTERNAL_HANDLE",
+                                f"host memory at {host_address:#x} cannot back this buffer (types {bits:#x}, "
+                                f"{req.size} bytes needed of {self.nbytes})")
+                type_index = (bits & -bits).bit_length() - 1
+                self.host_visible = self.host_cached = False
+                size = self.nbytes
+                imported = ffi.new("VkImportMemoryHostPointerInfoEXT*", {
+                    "sType": vk.VK_STRUCTURE_TYPE_IMPORT_MEMORY_HOST_POINTER_INFO_EXT, "handleType": host_type,
+                    "pHostPointer": ffi.cast("void*", host_address)})
+            if size > ctx.info.max_allocation:
                 raise error("vkAllocateMemory", "VK_ERROR_OUT_OF_DEVICE_MEMORY",
-                            f"vkAllocateMemory: {req.size} bytes exceed the device's maxMemoryAllocationSize "
+                            f"vkAllocateMemory: {size} bytes exceed the device's maxMemoryAllocationSize "
                             f"({ctx.info.max_allocation}): split the input")
             ai = ffi.new("VkMemoryAllocateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO,
-                                                   "allocationSize": req.size, "memoryTypeIndex": type_index})
-            self.memory = create("vkAllocateMemory", "VkDeviceMemory", ctx.device, ai, detail=f"{req.size} bytes")
+                                                   "pNext": imported, "allocationSize": size,
+                                                   "memoryTypeIndex": type_index})
+            self.memory = create("vkAllocateMemory", "VkDeviceMemory", ctx.device, ai, detail=f"{size} bytes")
             call("vkBindBufferMemory", ctx.device, self.handle, self.memory, 0)
             if self.host_visible:
                 pp = ffi.new("void**")
@@ -138,6 +166,7 @@ class BufferPool:
         self.free: "collections.OrderedDict[int, list]" = collections.OrderedDict()
         self.cached = 0
         self.lock = threading.Lock()
+        self.made: "weakref.WeakSet[Buffer]" = weakref.WeakSet()  # leased or free, for close()
 
     @staticmethod
     def size_class(n: int) -> int:
@@ -166,6 +195,7 @@ class BufferPool:
                 # The driver saw the pooled size; the caller knows the size it asked for.
                 raise type(exc)(f"out of memory for a {self.kind} buffer of {int(nbytes)} bytes (pooled as "
                                 f"{size} bytes): {exc}", call=exc.call, result=exc.result) from None
+        self.made.add(buf)
         return Lease(self, buf, nbytes)
 
     def _give_back(self, buf: Buffer) -> None:
@@ -182,6 +212,9 @@ class BufferPool:
         with self.lock:
             while self.cached > limit and self.free:
                 size, bucket = next(iter(self.free.items()))
+                if not bucket:  # emptied by acquire
+                    del self.free[size]
+                    continue
                 buf = bucket.pop(0)
                 if not bucket:
                     del self.free[size]
@@ -190,6 +223,14 @@ class BufferPool:
         for buf in drop:
             with self.ctx.lock:
                 buf.destroy()
+
+
+    def destroy_all(self) -> None:
+        """Destroy every buffer this pool made, leases still out included (the context is
+        closing: nothing may outlive its device)."""
+        self.trim(0)
+        for buf in list(self.made):
+            buf.destroy()
 
 
 def make_pools(ctx, policy: MemoryPolicy):
@@ -206,36 +247,184 @@ def make_pools(ctx, policy: MemoryPolicy):
     return pool, upload_pool, download_pool
 
 
-def upload(ctx, array: np.ndarray, lease: Lease | None = None) -> Lease:
-    """A pooled device buffer (or ``lease``) holding ``array``'s bytes: one memcpy, plus a GPU
-    copy when device memory is not mapped."""
+class Copier:
+    """Host copies split across a small persistent thread pool: one core copies at 10 GB/s or
+    so, below what a PCIe 5 link moves, and NumPy lets go of the GIL in large copies.
+
+    ``threads`` 1 copies on the calling thread alone. Copies under two chunks stay there too:
+    handing work to a thread costs more than a small copy."""
+
+    CHUNK = 4 << 20
+
+    def __init__(self, threads: int | None):
+        self.threads = max(1, threads if threads is not None else min(8, (os.cpu_count() or 1) // 2))
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """``dst[...] = src`` for 1-D uint8 arrays of equal length."""
+        n = src.nbytes
+        parts = min(self.threads, n // self.CHUNK)
+        if parts < 2:
+            dst[...] = src
+            return
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, "aule-copy")
+                pool = self._pool
+        per = -(-n // parts)
+        step = -(-per // 4096) * 4096  # cuts of whole 4 KiB multiples, so threads rarely share a page
+        cuts = [(a, min(n, a + step)) for a in range(step, n, step)]
+        futures = [pool.submit(np.copyto, dst[a:b], src[a:b]) for a, b in cuts]
+        dst[:step] = src[:step]
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _raw(array: np.ndarray) -> np.ndarray:
+    """The bytes of a C-contiguous array as a 1-D uint8 view."""
+    return array.reshape(-1).view(np.uint8)
+
+
+class _Imported:
+    """Host memory imported as a buffer for one transfer: the enclosing pages of an array, kept
+    alive (and pinned by the driver) until :meth:`release`."""
+
+    __slots__ = ("buffer", "offset", "_array")
+
+    def __init__(self, ctx, array: np.ndarray):
+        align = ctx.memory.import_alignment
+        address = array.__array_interface__["data"][0]
+        start = address // align * align
+        end = -(-(address + array.nbytes) // align) * align
+        self.buffer = Buffer(ctx, end - start, "host", host_address=start)
+        self.offset, self._array = address - start, array
+
+    def release(self) -> None:
+        if self.buffer is not None:
+            with self.buffer.ctx.lock:
+                self.buffer.destroy()
+            self.buffer = self._array = None
+
+
+#: Host arrays under this size are copied rather than imported: pinning pages costs more than
+#: copying a few of them.
+IMPORT_MIN_BYTES = 1 << 20
+
+
+def _import(ctx, array: np.ndarray, direction: str):
+    """An :class:`_Imported` of ``array`` when the context imports host memory for ``direction``
+    ("upload", "download") and ``array`` is worth it, else None (also when the driver refuses this
+    memory: logged once)."""
+    if direction not in ctx.host_import or array.nbytes < IMPORT_MIN_BYTES:
+        return None
+    try:
+        return _Imported(ctx, array)
+    except VulkanError as exc:
+        if not ctx._import_refused:
+            ctx._import_refused = True
+            log.info("aule: Vulkan host-memory import refused (%s); copying instead", exc)
+        return None
+
+
+def host_empty(ctx, shape, dtype) -> np.ndarray:
+    """An uninitialised host array for a result: page-aligned where results are DMA'd straight
+    into imported host memory, so the import covers no foreign bytes."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    align = ctx.memory.import_alignment
+    if "download" not in ctx.host_import or n < IMPORT_MIN_BYTES:
+        return np.empty(shape, dtype)
+    raw = np.empty(n + align, np.uint8)
+    at = -raw.__array_interface__["data"][0] % align
+    return raw[at:at + n].view(dtype).reshape(shape)
+
+
+class Transfer:
+    """Host data on its way to or from a device buffer in one submission: ``copies`` are the
+    ``(src, dst, nbytes[, src_offset, dst_offset])`` GPU copies to record (none where the device
+    memory is mapped), :meth:`finish` completes a download after they ran, :meth:`release` gives
+    back the staging buffer or host import (always call it)."""
+
+    __slots__ = ("copies", "_held", "_out", "_src", "_copier")
+
+    def __init__(self, copies=(), held=None, out=None, src=None, copier=None):
+        self.copies, self._held, self._out, self._src, self._copier = copies, held, out, src, copier
+
+    def finish(self) -> np.ndarray | None:
+        if self._src is not None:
+            raw = _raw(self._out)
+            self._copier.copy(raw, self._src[:raw.nbytes])
+        return self._out
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None
+
+
+def stage(ctx, array: np.ndarray, lease: Lease | None = None) -> tuple[Lease, Transfer]:
+    """A pooled device buffer (or ``lease``) for ``array``'s bytes, and the :class:`Transfer`
+    that fills it: written already where device memory is mapped, else copies to record from
+    staging memory (or from the imported array itself)."""
     src = np.ascontiguousarray(array)
-    raw = src.reshape(-1).view(np.uint8)
+    raw = _raw(src)
+    n = raw.nbytes
     if lease is None:
-        lease = ctx.pool.acquire(raw.nbytes)
+        lease = ctx.pool.acquire(n)
     buf = lease.buffer
+    if not n:
+        return lease, Transfer()
+    imported = _import(ctx, src, "upload")
+    if imported is not None:
+        return lease, Transfer(((imported.buffer, buf, n, imported.offset, 0),), imported)
     if buf.host_visible:
-        buf.view[:raw.nbytes] = raw
-    elif raw.nbytes:
-        stage = ctx.upload_pool.acquire(raw.nbytes)
-        try:
-            stage.buffer.view[:raw.nbytes] = raw
-            ctx.run((), uploads=((stage.buffer, buf, raw.nbytes),))
-        finally:
-            stage.release()
+        ctx.copier.copy(buf.view[:n], raw)
+        return lease, Transfer()
+    st = ctx.upload_pool.acquire(n)
+    ctx.copier.copy(st.buffer.view[:n], raw)
+    return lease, Transfer(((st.buffer, buf, n),), st)
+
+
+def readback(ctx, buf: Buffer, out: np.ndarray) -> Transfer:
+    """The :class:`Transfer` that brings ``out.nbytes`` from the start of ``buf`` into the
+    C-contiguous array ``out`` (returned by its ``finish()``)."""
+    n = out.nbytes
+    if not n:
+        return Transfer(out=out)
+    if buf.host_visible and ctx.download_pool is None:
+        return Transfer(out=out, src=buf.view, copier=ctx.copier)
+    imported = _import(ctx, out, "download")
+    if imported is not None:
+        return Transfer(((buf, imported.buffer, n, 0, imported.offset),), imported, out)
+    st = ctx.download_pool.acquire(n)
+    return Transfer(((buf, st.buffer, n),), st, out, st.buffer.view, ctx.copier)
+
+
+def upload(ctx, array: np.ndarray, lease: Lease | None = None) -> Lease:
+    """A pooled device buffer (or ``lease``) holding ``array``'s bytes on return."""
+    lease, t = stage(ctx, array, lease)
+    try:
+        if t.copies:
+            ctx.run((), uploads=t.copies)
+    finally:
+        t.release()
     return lease
 
 
 def download(ctx, buf: Buffer, out: np.ndarray) -> np.ndarray:
     """Copy ``out.nbytes`` from the start of ``buf`` into the C-contiguous array ``out``."""
-    raw = out.reshape(-1).view(np.uint8)
-    if buf.host_visible and ctx.download_pool is None:
-        raw[:] = buf.view[:raw.nbytes]
-    elif raw.nbytes:
-        stage = ctx.download_pool.acquire(raw.nbytes)
-        try:
-            ctx.run((), downloads=((buf, stage.buffer, raw.nbytes),))
-            raw[:] = stage.buffer.view[:raw.nbytes]
-        finally:
-            stage.release()
-    return out
+    t = readback(ctx, buf, out)
+    try:
+        if t.copies:
+            ctx.run((), downloads=t.copies)
+        return t.finish()
+    finally:
+        t.release()
