@@ -26,8 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import routing
-from . import masks
+from . import masks, routing, settings, speed_table
 from .call import canonicalize, check_scale, check_softcap, feature_dtype, host_feature, needs_grad, scale_problem
 from .errors import UnsupportedError
 
@@ -354,8 +353,10 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=N
     """aule attention on 4-D ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` with aule's bottom-right
     ``(left, right)`` window, an SDPA ``attn_mask`` (checked by :func:`_unservable`), ``softcap`` and
     ``sinks`` (aule.masks), or ``None`` (with the reason logged once) when aule cannot serve it
-    exactly, gradients included. ``label`` names the caller's shape class for the log. Each call
-    is validated and routed once."""
+    exactly, gradients included, or where torch's own SDPA was measured faster for the call's
+    class on this GPU (:func:`torch_preferred`; eager calls, without a forced backend, softcap or
+    sinks). ``label`` names the caller's shape class for the log. Each call is validated and
+    routed once."""
     forced = _state.backend
     needs_grad = routing.tensors_need_grad(q, k, v)
     device = q.device.type
@@ -374,6 +375,13 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=N
         if not _TRITON_OP or forced not in (None,) + _TRITON_NAMES or q.shape[-1] > _TRITON_MAX_HEAD_DIM:
             return None
         return _triton_traced(q, k, v, scale, left, right, softcap, None, sinks, attn_mask)[0]
+    if (forced is None and not softcap and sinks is None
+            and settings.forced_backend() is None and settings.prefer_torch()):
+        decision = torch_preferred(q, k, left, right, needs_grad, attn_mask is not None)
+        if decision is not None:
+            _note(("prefer-torch", decision.gpu, decision.cls.key), "aule: torch SDPA serves %s: %s",
+                  label, decision.why())
+            return None
     call, b, why = _routed(q, k, v, scale, left, right, forced, attn_mask, softcap, sinks)
     if b is None:
         _note(("fallback", "unsupported", why), "aule: falling back to torch SDPA: %s", why)
@@ -400,6 +408,45 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=N
     _note(("route", b.name, label), "aule: %s -> %s%s", label, b.name, " (with gradients)" if needs_grad else "",
           route=True)
     return out
+
+
+_GPU_NAMES: dict = {}
+_DECISIONS: dict = {}
+
+
+def gpu_name(device) -> str | None:
+    """The model name of a CUDA device as the speed table keys it, or ``None`` for other devices.
+    Cached per device index: torch asks the driver each time."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    name = _GPU_NAMES.get(index)
+    if name is None:
+        name = _GPU_NAMES[index] = torch.cuda.get_device_name(index)
+    return name
+
+
+def call_class(q, k, left: int, right: int, needs_grad: bool, masked: bool) -> speed_table.ShapeClass:
+    """The speed table's class of a 4-D call with aule's bottom-right ``(left, right)`` window: a
+    call that needs gradients is a training step, so its forward+backward class decides."""
+    return speed_table.ShapeClass.of(
+        direction="fwd+bwd" if needs_grad else "fwd", dtype=str(q.dtype).replace("torch.", ""),
+        head_dim=q.shape[-1], seq_k=k.shape[-2], causal=right >= 0, gqa_ratio=q.shape[-3] // max(1, k.shape[-3]),
+        masking="mask" if masked else ("window" if left >= 0 else "none"))
+
+
+def torch_preferred(q, k, left: int, right: int, needs_grad: bool, masked: bool):
+    """The speed table's :class:`~aule.speed_table.Decision` when it sends this call to torch's own
+    SDPA (measured faster for its class on this GPU), else ``None``. Only plain attention is
+    compared: softcap and sinks, which torch's SDPA lacks, stay with aule (the caller checks)."""
+    gpu = gpu_name(q.device)
+    if gpu is None:
+        return None
+    cls = call_class(q, k, left, right, needs_grad, masked)
+    decision = _DECISIONS.get((gpu, cls))
+    if decision is None:
+        decision = _DECISIONS[(gpu, cls)] = speed_table.decide(gpu, cls)
+    return decision if decision.use_torch else None
 
 
 def _triton_op():
