@@ -233,7 +233,7 @@ def _case_class(p: dict) -> ShapeClass:
                          causal=p["causal"], gqa_ratio=p["Hq"] // p["Hkv"], masking=masking)
 
 
-def derive(results: dict, source: str, suites=("dense", "dense_bwd", "gqa", "window")) -> dict:
+def derive(results: dict, source: str, suites=("dense", "dense_bwd", "gqa", "window", "guarantee")) -> dict:
     """``{gpu name: {...}}`` entries of the table from one result file's attention suites.
     Cases of one class combine by the geometric mean of their ratios (and times)."""
     per_gpu: dict = {}
