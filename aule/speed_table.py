@@ -50,9 +50,26 @@ MASKINGS = ("none", "window", "mask")
 _HALF = ("float16", "bfloat16")
 
 
-def _pow2_at_least(n: int, floor: int) -> int:
-    n = max(int(n), floor)
-    return 1 << (n - 1).bit_length()
+def _pow2_at_least(n, floor: int) -> int:
+    # By comparisons, not bit arithmetic: under torch.compile a size may be symbolic, and each
+    # comparison becomes a range guard, so a compiled graph serves a whole bucket.
+    b = floor
+    while n > b:
+        b *= 2
+    return b
+
+
+def bucketed(direction: str, dtype: str, head_dim, seq_k, causal: bool, gqa_ratio, masking: str) -> tuple:
+    """The fields of a call's :class:`ShapeClass` as plain values (sizes rounded up to their
+    bucket), checked; what ``ShapeClass(*fields)`` takes."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if masking not in MASKINGS:
+        raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
+    if head_dim < 1 or seq_k < 1 or gqa_ratio < 1:
+        raise ValueError(f"head_dim, seq_k and gqa_ratio must be >= 1, got {head_dim}, {seq_k}, {gqa_ratio}")
+    return (direction, str(dtype), _pow2_at_least(head_dim, 16), _pow2_at_least(seq_k, 1024), bool(causal),
+            _pow2_at_least(gqa_ratio, 1), masking)
 
 
 def _k(n: int) -> str:
@@ -75,14 +92,7 @@ class ShapeClass:
     def of(cls, *, direction: str, dtype: str, head_dim: int, seq_k: int, causal: bool, gqa_ratio: int,
            masking: str) -> "ShapeClass":
         """The class of a call with these exact sizes."""
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        if masking not in MASKINGS:
-            raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
-        if head_dim < 1 or seq_k < 1 or gqa_ratio < 1:
-            raise ValueError(f"head_dim, seq_k and gqa_ratio must be >= 1, got {head_dim}, {seq_k}, {gqa_ratio}")
-        return cls(direction, str(dtype), _pow2_at_least(head_dim, 16), _pow2_at_least(seq_k, 1024), bool(causal),
-                   _pow2_at_least(gqa_ratio, 1), masking)
+        return cls(*bucketed(direction, dtype, head_dim, seq_k, causal, gqa_ratio, masking))
 
     @property
     def key(self) -> str:

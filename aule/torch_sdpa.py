@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .sdpa_core import (_ORIGINAL_SDPA, _compiling, _note, _shape_class, _state, _triton_op, _unservable, attend,
-                        original_sdpa, sdpa_window)
+                        gpu_name, original_sdpa, sdpa_window)
 
 log = logging.getLogger("aule")
 
@@ -94,7 +94,10 @@ def install(backend=None, verbose=False):
         F.scaled_dot_product_attention = scaled_dot_product_attention
         _state.installed = True
     if torch.cuda.is_available():
-        _triton_op()  # load it now: a model compiled before its first eager call needs it
+        # Both now: a model compiled before its first eager call needs the op, and the device's
+        # name for the speed table (a trace cannot ask the driver).
+        _triton_op()
+        gpu_name(torch.device("cuda", torch.cuda.current_device()))
     _register_with_loaded_integrations()
     log.debug("aule: installed as torch SDPA (backend=%s)", backend or "auto")
 

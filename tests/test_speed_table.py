@@ -247,8 +247,8 @@ def test_a_mask_or_a_forced_backend_keeps_aule(fake_gpu, monkeypatch):
 
 def test_training_calls_are_decided_by_the_fwd_bwd_class(fake_gpu, caplog):
     q, k, v = _qkv(grad=True)
-    d = sdpa_core.torch_preferred(q, k, -1, 0, True, False)
-    assert d is not None and d.cls.direction == "fwd+bwd" and d.entry.ratio == 0.7
+    d = sdpa_core.decision("Fake GPU", sdpa_core.call_class(q, k, -1, 0, True, False))
+    assert d.use_torch and d.cls.direction == "fwd+bwd" and d.entry.ratio == 0.7
     with caplog.at_level(logging.INFO, logger="aule"):
         torch_sdpa.install()
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
@@ -301,6 +301,24 @@ def test_flash_attention_keeps_aules_kernel(fake_gpu):
     assert fake_gpu == []
 
 
+def test_compiled_calls_follow_the_table(fake_gpu):
+    """Inside torch.compile the decision is a constant of the graph, made for the bucket."""
+    torch._dynamo.reset()
+    torch_sdpa.install()
+
+    def f(q, k, v, causal: bool):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal) * 2
+
+    g = torch.compile(f, backend="eager")
+    q, k, v = _qkv()
+    torch.testing.assert_close(g(q, k, v, True), 2 * torch_sdpa._ORIGINAL_SDPA(q, k, v, is_causal=True))
+    assert fake_gpu and all(c is True for c in fake_gpu)
+    n = len(fake_gpu)
+    torch.testing.assert_close(g(q, k, v, False), 2 * torch_sdpa._ORIGINAL_SDPA(q, k, v), atol=1e-5, rtol=1e-5)
+    assert len(fake_gpu) == n, "the full class is aule's: its graph holds aule's op"
+    torch._dynamo.reset()
+
+
 def test_cpu_tensors_have_no_gpu_name():
     assert sdpa_core.gpu_name(torch.device("cpu")) is None
 
@@ -308,7 +326,8 @@ def test_cpu_tensors_have_no_gpu_name():
 # --------------------------------------------------------------------------------------------
 # aule info
 
-def test_info_lists_the_classes_torch_serves_on_a_measured_gpu(capsys):
+def test_info_lists_the_classes_torch_serves_on_a_measured_gpu(capsys, monkeypatch):
+    monkeypatch.delenv("AULE_PREFER_TORCH", raising=False)
     assert main(["info", "--gpu", H200]) == 0
     out = capsys.readouterr().out
     assert f"speed table for {H200} (results/nvidia-h200.json @ " in out
@@ -330,3 +349,31 @@ def test_info_without_a_table_entry(capsys):
     if not torch.cuda.is_available():
         assert main(["info"]) == 0
         assert "no table entry for this machine" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# on a real GPU: the installed drop-in follows this GPU's table
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_install_follows_this_gpus_table(monkeypatch, caplog):
+    gpu = torch.cuda.get_device_name()
+    if speed_table.table_for(gpu) is None:
+        pytest.skip(f"no speed-table entry for {gpu}")
+    monkeypatch.delenv("AULE_PREFER_TORCH", raising=False)
+    monkeypatch.setattr(sdpa_core._state, "logged", set())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 1024, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    d = sdpa_core.decision(gpu, sdpa_core.call_class(q, k, -1, 0, True, False))
+    with caplog.at_level(logging.INFO, logger="aule"), torch_sdpa.installed():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        monkeypatch.setenv("AULE_PREFER_TORCH", "0")
+        forced_aule = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert "triton" in forced_aule.grad_fn.name().lower(), forced_aule.grad_fn
+    if d.use_torch:
+        assert "triton" not in out.grad_fn.name().lower(), out.grad_fn
+        torch.testing.assert_close(out, torch_sdpa._ORIGINAL_SDPA(q, k, v, is_causal=True))
+        assert any("torch SDPA serves" in r.getMessage() for r in caplog.records)
+    else:
+        assert "triton" in out.grad_fn.name().lower(), out.grad_fn
