@@ -73,6 +73,10 @@ def _note(key: tuple, message: str, *args, route: bool = False) -> None:
         return
     if route and not _state.verbose:
         return
+    _log_once(key, message, *args)
+
+
+def _log_once(key: tuple, message: str, *args) -> None:
     if key in _state.logged:
         return
     _state.logged.add(key)
@@ -449,9 +453,16 @@ def _enabled() -> bool:
 
 
 def _traced_prefers_torch(gpu: str, fields: tuple) -> bool:
-    # Run when Dynamo traces, its answer a constant of the graph: the table, the device and the
-    # AULE_* settings are fixed for the life of a compiled graph.
-    return _enabled() and decision(gpu, fields).use_torch
+    # Run in plain Python when Dynamo traces, its answer a constant of the graph: the table, the
+    # device and the AULE_* settings are fixed for the life of a compiled graph. Logging here is
+    # safe (nothing of it is traced), so a model compiled before any eager call still says why.
+    if not _enabled():
+        return False
+    d = decision(gpu, fields)
+    if d.use_torch:
+        _log_once(("prefer-torch", gpu, fields), "aule: torch SDPA serves %s in compiled graphs: %s", d.cls.key,
+                  d.why())
+    return d.use_torch
 
 
 _traced_prefers_torch = getattr(torch.compiler, "assume_constant_result", lambda f: f)(_traced_prefers_torch)

@@ -301,8 +301,9 @@ def test_flash_attention_keeps_aules_kernel(fake_gpu):
     assert fake_gpu == []
 
 
-def test_compiled_calls_follow_the_table(fake_gpu):
-    """Inside torch.compile the decision is a constant of the graph, made for the bucket."""
+def test_compiled_calls_follow_the_table(fake_gpu, caplog):
+    """Inside torch.compile the decision is a constant of the graph, made for the bucket (and said
+    once, while tracing)."""
     torch._dynamo.reset()
     torch_sdpa.install()
 
@@ -311,8 +312,10 @@ def test_compiled_calls_follow_the_table(fake_gpu):
 
     g = torch.compile(f, backend="eager")
     q, k, v = _qkv()
-    torch.testing.assert_close(g(q, k, v, True), 2 * torch_sdpa._ORIGINAL_SDPA(q, k, v, is_causal=True))
+    with caplog.at_level(logging.INFO, logger="aule"):
+        torch.testing.assert_close(g(q, k, v, True), 2 * torch_sdpa._ORIGINAL_SDPA(q, k, v, is_causal=True))
     assert fake_gpu and all(c is True for c in fake_gpu)
+    assert [r for r in caplog.records if "in compiled graphs" in r.getMessage() and "0.50x" in r.getMessage()]
     n = len(fake_gpu)
     torch.testing.assert_close(g(q, k, v, False), 2 * torch_sdpa._ORIGINAL_SDPA(q, k, v), atol=1e-5, rtol=1e-5)
     assert len(fake_gpu) == n, "the full class is aule's: its graph holds aule's op"
@@ -377,3 +380,35 @@ def test_gpu_install_follows_this_gpus_table(monkeypatch, caplog):
         assert any("torch SDPA serves" in r.getMessage() for r in caplog.records)
     else:
         assert "triton" in out.grad_fn.name().lower(), out.grad_fn
+
+
+def test_hugging_face_hook_follows_the_table(fake_gpu, monkeypatch, caplog):
+    """attn_implementation="aule" goes through sdpa_core too: a class the table gives torch is
+    served by transformers' own SDPA path, with the same logits."""
+    transformers = pytest.importorskip("transformers")
+    from aule.integrations import huggingface
+
+    tables = _table("Fake GPU", {"fwd float32 hd32 s1k causal gqa4 none": 0.6})
+    monkeypatch.setattr(speed_table, "load", lambda: tables)
+    served = []
+    real = sdpa_core.host_attention
+    monkeypatch.setattr(sdpa_core, "host_attention", lambda *a, **kw: served.append(1) or real(*a, **kw))
+    huggingface.register()
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 96, (1, 21), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        want = model(ids).logits
+        model.set_attn_implementation("aule")
+        with caplog.at_level(logging.INFO, logger="aule"):
+            got = model(ids).logits
+    assert served == [], "both layers went to transformers' SDPA path (torch's function, not aule's op)"
+    torch.testing.assert_close(got, want)
+    assert any("transformers" in r.getMessage() and "0.60x" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv("AULE_PREFER_TORCH", "0")
+    with torch.no_grad():
+        model(ids)
+    assert len(served) == 2
