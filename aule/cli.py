@@ -81,6 +81,8 @@ def speed_table_lines(gpu: str | None) -> list:
         on, state = False, f"off: {exc}"
     else:
         state = "on" if on else "off (AULE_PREFER_TORCH=0): aule's kernel serves every class"
+        if on and settings.forced_backend():
+            state = f"off (AULE_BACKEND={settings.forced_backend()} forces aule's backend)"
     entries = sorted(t.entries.values(), key=lambda e: (e.faster, e.cls.direction, e.cls.masking, e.cls.dtype,
                                                         e.cls.head_dim, e.cls.seq, not e.cls.causal, e.cls.gqa))
     width = max(len(e.cls.key) for e in entries) if entries else 0

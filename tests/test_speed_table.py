@@ -344,6 +344,11 @@ def test_info_lists_the_classes_torch_serves_on_a_measured_gpu(capsys, monkeypat
 def test_info_says_when_the_preference_is_off(monkeypatch):
     monkeypatch.setenv("AULE_PREFER_TORCH", "0")
     assert "off (AULE_PREFER_TORCH=0)" in speed_table_lines(H200)[0]
+    monkeypatch.setenv("AULE_PREFER_TORCH", "1")
+    monkeypatch.setenv("AULE_BACKEND", "triton")
+    assert "off (AULE_BACKEND=triton" in speed_table_lines(H200)[0]
+    monkeypatch.setenv("AULE_PREFER_TORCH", "sometimes")
+    assert "off: AULE_PREFER_TORCH='sometimes'" in speed_table_lines(H200)[0]
 
 
 def test_info_without_a_table_entry(capsys):
