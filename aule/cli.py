@@ -44,7 +44,57 @@ def _info(args) -> int:
                     print(f"    - {_fmt(item)}")
             else:
                 print(f"  {key}: {_fmt(value)}")
+    print()
+    for line in speed_table_lines(args.gpu if args.gpu is not None else _current_gpu()):
+        print(line)
     return 0
+
+
+def _current_gpu() -> str | None:
+    """The CUDA device's model name as torch reports it, or ``None`` without torch or a GPU."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.cuda.current_device())
+    except Exception:  # a broken CUDA install reads as no GPU here; the triton entry says why
+        pass
+    return None
+
+
+def speed_table_lines(gpu: str | None) -> list:
+    """What ``aule info`` says about the speed table for ``gpu``: which shape classes the SDPA
+    drop-in hands to torch's own SDPA there and the measured ratios, or that it has no entry."""
+    from . import settings, speed_table
+
+    tables = speed_table.load()
+    known = ", ".join(sorted(tables)) or "none"
+    if gpu is None:
+        return [f"speed table: no CUDA GPU here, so no table entry for this machine (measured GPUs: {known})"]
+    t = tables.get(gpu)
+    if t is None:
+        return [f"speed table: no entry for {gpu} (measured GPUs: {known}); the SDPA drop-in keeps aule's "
+                "kernel for every call it can serve"]
+    try:
+        on = settings.prefer_torch()
+    except ValueError as exc:
+        on, state = False, f"off: {exc}"
+    else:
+        state = "on" if on else "off (AULE_PREFER_TORCH=0): aule's kernel serves every class"
+        if on and settings.forced_backend():
+            state = f"off (AULE_BACKEND={settings.forced_backend()} forces aule's backend)"
+    entries = sorted(t.entries.values(), key=lambda e: (e.faster, e.cls.direction, e.cls.masking, e.cls.dtype,
+                                                        e.cls.head_dim, e.cls.seq, not e.cls.causal, e.cls.gqa))
+    width = max(len(e.cls.key) for e in entries) if entries else 0
+    lines = [f"speed table for {gpu} ({t.source}); prefer torch where measured faster: {state}",
+             f"  {sum(e.faster == 'torch' for e in entries)} of {len(entries)} measured shape classes go to "
+             "torch's own SDPA (ratio: torch's time / aule's, under 1 means torch is faster):"]
+    for e in entries:
+        lines.append(f"    {e.cls.key:<{width}}  -> {e.faster:<5}  {e.ratio:.2f}x vs {e.torch_backend}")
+    lines.append(f"  other classes: {speed_table.RULE}")
+    lines.append("  applies to the SDPA drop-in (aule.install(), Hugging Face, ComfyUI) on calls without a forced "
+                 "backend, softcap or sinks; aule.flash_attention keeps aule's kernels")
+    return lines
 
 
 def _reference_per_head(q, k, v, causal):
@@ -138,8 +188,12 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"aule {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (routing decisions)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="backends, their availability and why, Vulkan devices and variants")
+    p = sub.add_parser("info", help="backends, their availability and why, Vulkan devices and variants, and "
+                       "which shape classes the SDPA drop-in hands to torch on this GPU")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--gpu", default=None, metavar="NAME",
+                   help="show the speed table of this GPU model (as torch.cuda.get_device_name says it) "
+                        "instead of this machine's")
     p = sub.add_parser("demo", help="one realistic LLM layer on every available backend, checked and timed")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=32)

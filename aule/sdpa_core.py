@@ -26,8 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import routing
-from . import masks
+from . import masks, routing, settings, speed_table
 from .call import canonicalize, check_scale, check_softcap, feature_dtype, host_feature, needs_grad, scale_problem
 from .errors import UnsupportedError
 
@@ -74,6 +73,10 @@ def _note(key: tuple, message: str, *args, route: bool = False) -> None:
         return
     if route and not _state.verbose:
         return
+    _log_once(key, message, *args)
+
+
+def _log_once(key: tuple, message: str, *args) -> None:
     if key in _state.logged:
         return
     _state.logged.add(key)
@@ -354,14 +357,19 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=N
     """aule attention on 4-D ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` with aule's bottom-right
     ``(left, right)`` window, an SDPA ``attn_mask`` (checked by :func:`_unservable`), ``softcap`` and
     ``sinks`` (aule.masks), or ``None`` (with the reason logged once) when aule cannot serve it
-    exactly, gradients included. ``label`` names the caller's shape class for the log. Each call
-    is validated and routed once."""
+    exactly, gradients included, or where torch's own SDPA was measured faster for the call's
+    class on this GPU (:func:`prefers_torch`; without a forced backend, softcap or sinks).
+    ``label`` names the caller's shape class for the log. Each call is validated and routed
+    once."""
     forced = _state.backend
     needs_grad = routing.tensors_need_grad(q, k, v)
     device = q.device.type
     if device not in ("cpu", "cuda"):
         _note(("fallback", "device", device), "aule: no aule backend for %s tensors; torch SDPA serves them",
               device)
+        return None
+    if forced is None and not softcap and sinks is None and prefers_torch(q, k, left, right, needs_grad,
+                                                                          attn_mask is not None, label):
         return None
     if _compiling():
         # aule's Python routing is not traceable: compiled graphs get one custom op, chosen from
@@ -400,6 +408,84 @@ def attend(q, k, v, scale: float, left: int, right: int, label: str, attn_mask=N
     _note(("route", b.name, label), "aule: %s -> %s%s", label, b.name, " (with gradients)" if needs_grad else "",
           route=True)
     return out
+
+
+_GPU_NAMES: dict = {}
+_DECISIONS: dict = {}
+
+
+def gpu_name(device) -> str | None:
+    """The model name of a CUDA device as the speed table keys it, or ``None`` for other devices
+    (and, inside a trace, for a device no eager call or ``install()`` has named yet). Cached per
+    device index: torch asks the driver each time."""
+    if device.type != "cuda":
+        return None
+    index = device.index
+    if _compiling():
+        return _GPU_NAMES.get(index)
+    if index is None:
+        index = torch.cuda.current_device()
+    name = _GPU_NAMES.get(index)
+    if name is None:
+        name = _GPU_NAMES[index] = torch.cuda.get_device_name(index)
+    return name
+
+
+def call_class(q, k, left: int, right: int, needs_grad: bool, masked: bool) -> tuple:
+    """The fields of the speed table's class of a 4-D call with aule's bottom-right ``(left, right)``
+    window (:func:`aule.speed_table.bucketed`; plain values even for symbolic sizes). A call that
+    needs gradients is a training step, so its forward+backward class decides."""
+    return speed_table.bucketed("fwd+bwd" if needs_grad else "fwd", str(q.dtype).replace("torch.", ""),
+                                q.shape[-1], k.shape[-2], right >= 0, q.shape[-3] // max(1, k.shape[-3]),
+                                "mask" if masked else ("window" if left >= 0 else "none"))
+
+
+def decision(gpu: str, fields: tuple) -> speed_table.Decision:
+    """The speed table's :class:`~aule.speed_table.Decision` for a class on a GPU (cached)."""
+    d = _DECISIONS.get((gpu, fields))
+    if d is None:
+        d = _DECISIONS[(gpu, fields)] = speed_table.decide(gpu, speed_table.ShapeClass(*fields))
+    return d
+
+
+def _enabled() -> bool:
+    return settings.forced_backend() is None and settings.prefer_torch()
+
+
+def _traced_prefers_torch(gpu: str, fields: tuple) -> bool:
+    # Run in plain Python when Dynamo traces, its answer a constant of the graph: the table, the
+    # device and the AULE_* settings are fixed for the life of a compiled graph. Logging here is
+    # safe (nothing of it is traced), so a model compiled before any eager call still says why.
+    if not _enabled():
+        return False
+    d = decision(gpu, fields)
+    if d.use_torch:
+        _log_once(("prefer-torch", gpu, fields), "aule: torch SDPA serves %s in compiled graphs: %s", d.cls.key,
+                  d.why())
+    return d.use_torch
+
+
+_traced_prefers_torch = getattr(torch.compiler, "assume_constant_result", lambda f: f)(_traced_prefers_torch)
+
+
+def prefers_torch(q, k, left: int, right: int, needs_grad: bool, masked: bool, label: str = "") -> bool:
+    """Whether this call goes to torch's own SDPA because the speed table measured torch faster for
+    its class on this GPU (logged once per class, with the ratio and where it was measured).
+    Off with AULE_PREFER_TORCH=0 or a forced AULE_BACKEND; the caller leaves out forced backends
+    and calls with softcap or sinks, which torch's SDPA lacks. Inside ``torch.compile`` the answer
+    is fixed when the graph is traced, over the whole bucket of each size."""
+    gpu = gpu_name(q.device)
+    if gpu is None:
+        return False
+    fields = call_class(q, k, left, right, needs_grad, masked)
+    if _compiling():
+        return _traced_prefers_torch(gpu, fields)
+    if not _enabled():
+        return False
+    d = decision(gpu, fields)
+    if d.use_torch:
+        _note(("prefer-torch", gpu, fields), "aule: torch SDPA serves %s: %s", label or d.cls.key, d.why())
+    return d.use_torch
 
 
 def _triton_op():

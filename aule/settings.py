@@ -140,3 +140,17 @@ def check_sync() -> bool:
 def triton_interpret() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def prefer_torch() -> bool:
+    """AULE_PREFER_TORCH (default 1): the SDPA drop-in hands a call to torch's own SDPA where the
+    speed table (:mod:`aule.speed_table`) measured torch faster for its class on this GPU; 0 keeps
+    aule's kernel for every call it can serve (to measure it, or where the table is out of date)."""
+    raw = os.environ.get("AULE_PREFER_TORCH")
+    text = (raw or "").strip().lower()
+    if text in ("", "1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"AULE_PREFER_TORCH={raw!r}: expected 1 (the default: torch serves the classes it was "
+                     "measured faster on) or 0 (aule serves every call it can)")

@@ -7,6 +7,11 @@ shapes, dtypes or masks no backend takes, a mask with ``is_causal``, which torch
 that need gradients) goes to the original SDPA, logged once per reason. SDPA's top-left
 ``is_causal`` becomes aule's bottom-right window through :func:`aule.sdpa_core.sdpa_window`.
 
+On a CUDA GPU the drop-in never makes a call slower than stock SDPA where that was measured: a call
+whose shape class the speed table (:mod:`aule.speed_table`) records torch's own SDPA as faster for
+on this GPU model goes to torch's original SDPA, logged once per class; ``AULE_PREFER_TORCH=0`` turns
+that off, and a forced backend (``install(backend="triton")``, ``AULE_BACKEND``) always runs aule's.
+
 A row that ``attn_mask`` hides entirely gives zeros, by aule's rule (:mod:`aule.masks`), whatever
 torch's kernel would give (torch 2.13's CPU kernels give zeros too; other torch kernels and versions
 have given NaN). A float mask's ``-inf`` entries hide their keys even where the score is ``+inf``,
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .sdpa_core import (_ORIGINAL_SDPA, _compiling, _note, _shape_class, _state, _triton_op, _unservable, attend,
-                        original_sdpa, sdpa_window)
+                        gpu_name, original_sdpa, sdpa_window)
 
 log = logging.getLogger("aule")
 
@@ -55,8 +60,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     else:
         _note(("fallback", why), "aule: torch SDPA serves this call: %s", why)
     if out is None:
-        return _ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        # Looked up per call (not the import-time constant uninstall() restores), so a test can
+        # stand a fake in for torch's kernel and see which calls reach it.
+        return original_sdpa()(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return out
 
 
@@ -67,7 +74,9 @@ def install(backend=None, verbose=False):
     """Route ``torch.nn.functional.scaled_dot_product_attention`` through aule.
 
     ``backend`` forces one aule backend (``"vulkan"``, ``"numpy"``, ``"triton"``; calls it cannot
-    serve still go to torch's SDPA). ``verbose=True`` logs at INFO, once per distinct
+    serve still go to torch's SDPA). Without one, CUDA calls of a shape class torch's SDPA was
+    measured faster on, on this GPU model, go to torch (:mod:`aule.speed_table`; ``aule info``
+    lists them). ``verbose=True`` logs at INFO, once per distinct
     (backend, shape class), which route a call took. Installing again only updates the options.
     Also registers ``"aule"`` with Hugging Face transformers when it is already imported.
     """
@@ -85,7 +94,10 @@ def install(backend=None, verbose=False):
         F.scaled_dot_product_attention = scaled_dot_product_attention
         _state.installed = True
     if torch.cuda.is_available():
-        _triton_op()  # load it now: a model compiled before its first eager call needs it
+        # Both now: a model compiled before its first eager call needs the op, and the device's
+        # name for the speed table (a trace cannot ask the driver).
+        _triton_op()
+        gpu_name(torch.device("cuda", torch.cuda.current_device()))
     _register_with_loaded_integrations()
     log.debug("aule: installed as torch SDPA (backend=%s)", backend or "auto")
 

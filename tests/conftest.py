@@ -8,6 +8,10 @@ On a GPU machine the Triton kernels take the first configuration that fits each 
 autotuning: the suite checks what the kernels compute, and autotuning JIT-compiles every candidate
 of every shape bucket (about three times the compile time, most of the GPU suite's wall time).
 ``test_full_size`` walks the other table rows and one test keeps the autotuned path.
+
+The suite checks what aule's kernels compute, so the SDPA drop-in serves every call it can
+(``AULE_PREFER_TORCH=0``): its hand-off to torch where the speed table measured torch faster is
+tested on its own, in ``test_speed_table.py``, which turns it back on.
 """
 import os
 
@@ -24,3 +28,5 @@ if not _has_gpu():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:
     os.environ.setdefault("AULE_TRITON_AUTOTUNE", "0")
+
+os.environ.setdefault("AULE_PREFER_TORCH", "0")

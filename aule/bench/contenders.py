@@ -475,7 +475,9 @@ class Sdpa(Contender):
     case's visibility as a boolean mask (SDPA has no window); ``max_scores`` skips problems whose
     B*Hq*Sq*Sk exceeds it (backends that materialise the scores). Causal cases with Sq != Sk
     (chunked prefill) get aule's bottom-right causal as a boolean mask: SDPA's ``is_causal`` is
-    top-left there; a backend that takes no mask (flash) declines and its row says so."""
+    top-left there; a backend that takes no mask (flash) declines and its row says so.
+    ``installed`` makes the same call with aule installed as SDPA (``aule.installed()``), as a
+    model calls it: the guarantee suite compares that with torch's own SDPA on the same inputs."""
 
     impl = "sdpa"
     serves = ("dense", "decode")
@@ -483,9 +485,16 @@ class Sdpa(Contender):
     WARNING_WORDS = {"FLASH_ATTENTION": "flash attention", "CUDNN_ATTENTION": "cudnn",
                      "EFFICIENT_ATTENTION": "memory efficient"}
 
-    def __init__(self, sdpa=None, *, full_causal=False, explicit_mask=False, max_scores=None):
+    def __init__(self, sdpa=None, *, full_causal=False, explicit_mask=False, max_scores=None, installed=False):
         super().__init__(sdpa, full_causal=full_causal)
-        self.explicit_mask, self.max_scores = explicit_mask, max_scores
+        self.explicit_mask, self.max_scores, self.installed = explicit_mask, max_scores, installed
+
+    def _context(self):
+        if not self.installed:
+            return _sdpa_context(self.backend)
+        import aule
+
+        return aule.installed
 
     def unavailable(self):
         return "torch is not installed" if torch_or_none() is None else None
@@ -517,8 +526,8 @@ class Sdpa(Contender):
                 # One query row at the end of the context sees every key: SDPA without a mask.
                 return F.scaled_dot_product_attention(s["q"], s["k"], s["v"], **gqa)
 
-            return Bound(call, len(sets), context=_sdpa_context(self.backend), sync=sync, clock=clock,
-                         graphable=True)
+            return Bound(call, len(sets), context=self._context(), sync=sync, clock=clock,
+                         graphable=not self.installed)
         causal, window = self.visibility(case)
         sq, sk = case["S"], case.get("Sk", case["S"])
         kwargs = {"is_causal": causal, "attn_mask": None, **gqa}
@@ -545,7 +554,7 @@ class Sdpa(Contender):
                 out.backward(sets[i]["do"])
                 return out, (sets[i]["k"], sets[i]["v"])
 
-        return Bound(call, len(sets), context=_sdpa_context(self.backend), grad_to_none=inp.leaves(),
+        return Bound(call, len(sets), context=self._context(), grad_to_none=inp.leaves(),
                      causal=causal, window=window, sync=sync, clock=clock)
 
 
@@ -717,6 +726,9 @@ CONTENDERS = _registry(**{
     "sdpa-flash full-causal": Sdpa("FLASH_ATTENTION", full_causal=True),
     "sdpa-efficient+mask": Sdpa("EFFICIENT_ATTENTION", explicit_mask=True, max_scores=32 * 8192 * 8192),
     "torch-sdpa": Sdpa(None),
+    "torch-sdpa installed": Sdpa(None, installed=True),
+    "torch-sdpa+mask": Sdpa(None, explicit_mask=True, max_scores=32 * 8192 * 8192),
+    "torch-sdpa+mask installed": Sdpa(None, explicit_mask=True, max_scores=32 * 8192 * 8192, installed=True),
     "aule:triton softcap": AuleDense("triton", feature="softcap"),
     "aule:triton sinks": AuleDense("triton", feature="sinks"),
     "aule:triton alibi": AuleDense("triton", feature="alibi"),
