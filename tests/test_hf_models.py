@@ -28,7 +28,9 @@ def served(monkeypatch):
     real = sdpa_core.host_attention
 
     def spy(q, k, v, scale, left, right, backend, **kw):
-        calls.append((tuple(q.shape), tuple(k.shape), left, right, kw.get("attn_mask") is not None))
+        m = kw.get("attn_mask")
+        calls.append((tuple(q.shape), tuple(k.shape), left, right, m is not None,
+                      None if m is None else tuple(m.shape)))
         return real(q, k, v, scale, left, right, backend, **kw)
 
     monkeypatch.setattr(sdpa_core, "host_attention", spy)
@@ -128,7 +130,29 @@ def test_llama_left_padded_batch_matches_sdpa(served, caplog):
     assert (got - want)[real].abs().max() <= 1e-4
     masked = [c for c in served if c[4]]
     assert masked and all(c[0][0] == 2 for c in masked), "the padded batch reaches aule with its mask"
+    # Causal plus padding reaches aule as causal and a [B, 1, 1, kv] padding mask (key spans), not
+    # as the materialised [B, 1, q, kv] mask.
+    assert all(c[5] == (2, 1, 1, c[1][2]) and c[3] == 0 for c in masked)
     assert not any("transformers attention uses sdpa" in r.getMessage() for r in caplog.records)
+
+
+def test_a_mask_that_is_not_window_and_padding_is_not_described_as_one():
+    """The padded tag is set only where the materialised mask equals the window over the kept keys:
+    an extra mask function (here hiding key 2 from every query) keeps the whole mask."""
+    from transformers import masking_utils as mu
+
+    pad = torch.ones(2, 9, dtype=torch.bool)
+    pad[0, :3] = False
+    plain = huggingface.aule_mask(2, 9, 9, attention_mask=pad, mask_function=mu.causal_mask_function)
+    assert getattr(plain, huggingface._PADDED_TAG)[:2] == (-1, 0)
+    assert torch.equal(getattr(plain, huggingface._PADDED_TAG)[2][:, 0, 0], pad)
+
+    def hide_two(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx != 2
+
+    other = huggingface.aule_mask(2, 9, 9, attention_mask=pad,
+                                  mask_function=mu.and_masks(mu.causal_mask_function, hide_two))
+    assert other is not None and not hasattr(other, huggingface._PADDED_TAG)
 
 
 def test_mistral_sliding_window_matches_sdpa(served):
@@ -243,7 +267,7 @@ def test_llama_on_vulkan_matches_sdpa(served):
     want = _logits(model, "sdpa", ids)
     with aule.installed(backend="vulkan"):
         got = _logits(model, "aule", ids)
-    assert [c[2:] for c in served] == [(-1, 0, False)]
+    assert [c[2:5] for c in served] == [(-1, 0, False)]
     assert (got - want).abs().max() <= 1e-4
 
 

@@ -17,9 +17,14 @@ under the same name) describes the masks aule can compute without materialising 
   tensor and runs aule's window. Hybrid models that pass no ``sliding_window`` argument to the
   attention function are handled too, because the window travels with the mask.
 
-Anything else (padding, packed sequences, overlays, static caches with empty slots) gets the fully
-materialised boolean mask, which the attention hands to aule as ``attn_mask`` (padding-only masks
-become per-sequence key ranges there); inside ``torch.compile`` it goes to transformers' SDPA path.
+* A padded batch over one of those patterns is materialised too, checked element by element to equal
+  the pattern over the keys the padding mask keeps, and tagged with the pattern and those keys; the
+  attention then hands aule the pattern as its window and the keys as a ``[B, 1, 1, kv]``
+  ``attn_mask``, which aule serves as per-sequence key spans (tiles skipped, no ``[q, kv]`` mask read).
+
+Anything else (packed sequences, overlays, static caches with empty slots) gets the fully
+materialised boolean mask, which the attention hands to aule as ``attn_mask``; inside
+``torch.compile`` it goes to transformers' SDPA path.
 Rows that see no key (padded query positions) give zeros, where torch may give NaN; they are
 padding, which no caller reads. Gemma 2's ``softcap`` and gpt-oss's sinks (``s_aux``) are applied by
 aule (results then equal the ``"eager"`` implementation's, which transformers' SDPA path cannot
@@ -39,6 +44,9 @@ log = logging.getLogger("aule")
 NAME = "aule"
 # Attribute set on a materialised mask that aule verified to be a bottom-right window.
 _WINDOW_TAG = "_aule_window"
+# Attribute set on a materialised mask that aule verified to be a window (causal, sliding or none)
+# over the keys a padding mask keeps: ``(left, right, keys)``, ``keys`` bool [B, 1, 1, kv].
+_PADDED_TAG = "_aule_padded"
 
 
 _masking_utils = None
@@ -89,14 +97,27 @@ def aule_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fun
                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                         local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
                         use_vmap=use_vmap, device=device, **kwargs)
-    if (aligned and not use_vmap and local_size is not None and local_size > 0 and allow_is_causal_skip
-            and mask is not None and not torch.compiler.is_compiling() and not mu.is_tracing(mask)
-            and _padding_clear(padding_mask, kv_length, kv_offset)):
-        # Checked element by element, so the tag can never describe a mask it does not equal.
-        left, right = int(local_size) - 1, 0
-        want = sdpa_core._window_mask(q_length, kv_length, left, right, mask.device)
-        if bool((mask == want).all()):
+    if mask is None or mask.dtype != torch.bool or use_vmap or torch.compiler.is_compiling() or mu.is_tracing(mask):
+        return mask
+    sliding = local_size is not None and local_size > 0
+    if mask_function is mu.bidirectional_mask_function and not sliding:
+        left, right = -1, -1
+    elif aligned and (mask_function is mu.causal_mask_function or sliding):
+        left, right = (int(local_size) - 1 if sliding else -1), 0
+    else:
+        return mask
+    # Checked element by element, so a tag can never describe a mask it does not equal.
+    want = sdpa_core._window_mask(q_length, kv_length, left, right, mask.device)
+    if _padding_clear(padding_mask, kv_length, kv_offset):
+        if sliding and allow_is_causal_skip and bool((mask == want).all()):
             setattr(mask, _WINDOW_TAG, (left, right))
+    elif padding_mask is not None and padding_mask.shape[-1] >= kv_offset + kv_length:
+        # Padding over a plain pattern (a padded batch): the window plus the keys each sequence
+        # keeps, so every layer hands aule [B, 1, 1, kv] instead of the whole [B, 1, q, kv] mask
+        # (what aule reads to the host to recognise padding shrinks by a factor of q).
+        keys = padding_mask[:, None, None, kv_offset:kv_offset + kv_length].to(torch.bool)
+        if bool((mask == (want & keys)).all()):
+            setattr(mask, _PADDED_TAG, (left, right, keys))
     return mask
 
 
@@ -119,7 +140,12 @@ def aule_attention_forward(module, query, key, value, attention_mask, dropout=0.
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = _window_of(attention_mask, bool(causal))
     reason, mask = None, None
-    if window is None:
+    padded = None if attention_mask is None or torch.compiler.is_compiling() else getattr(
+        attention_mask, _PADDED_TAG, None)
+    if padded is not None:
+        # A padding-only mask for aule: per-sequence key spans, tiles skipped, nothing materialised.
+        window, mask = padded[:2], padded[2]
+    elif window is None:
         # A materialised mask (padding, packing, overlays, a static cache): aule applies it as SDPA
         # would, its causal part included, and recognises padding-only masks itself.
         reason = sdpa_core._unservable_mask(attention_mask, query, key, False)
@@ -149,7 +175,9 @@ def aule_attention_forward(module, query, key, value, attention_mask, dropout=0.
         raise UnsupportedError(f"aule cannot serve this attention with sinks ({reason or 'see the log'}), and "
                                "transformers' SDPA path would drop them: use attn_implementation='eager'")
     if out is None:
-        if mask is None and (attention_mask is None or hasattr(attention_mask, _WINDOW_TAG)):
+        if padded is not None:
+            pass  # the materialised mask itself is what SDPA takes
+        elif mask is None and (attention_mask is None or hasattr(attention_mask, _WINDOW_TAG)):
             # The mask tag or None stood for aule's bottom-right window; hand SDPA the explicit mask
             # unless its own reading of None (top-left is_causal) means the same.
             l, r = window
