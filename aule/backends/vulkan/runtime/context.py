@@ -264,7 +264,8 @@ class Context:
             "route": self.route,
             "memory": self.memory.route,
             "copy_threads": self.copier.threads,
-            "host_import": sorted(self.host_import),
+            "host_import": (", ".join(sorted(self.host_import)) if self.host_import else
+                            "off" if self.host_import_available else "unavailable (no VK_EXT_external_memory_host)"),
             "validation": self.validation_active,
             "pipeline_cache": str(self.pipeline_cache_path),
         }
