@@ -400,8 +400,9 @@ def _block(raw: np.ndarray, at: int, dtype, shape) -> np.ndarray:
     return raw[at:at + n].view(dtype).reshape(shape)
 
 
-def _varlen_upload(call, layout: VarlenLayout) -> np.ndarray:
-    """The bytes of the one upload: each sequence's q, k and v heads-first, and its binding-5 words."""
+def _varlen_upload(call, layout: VarlenLayout, copier) -> np.ndarray:
+    """The bytes of the one upload: each sequence's q, k and v heads-first, and its binding-5 words.
+    The heads-first blocks are strided copies, spread over the context's copy threads."""
     w = call.whole
     q, k, v = (to_numpy(_packed(x)) for x in (w.q, w.k, w.v))
     raw = np.empty(layout.in_bytes, np.uint8)  # the gaps left for alignment are never read
@@ -410,6 +411,7 @@ def _varlen_upload(call, layout: VarlenLayout) -> np.ndarray:
         # Every sequence's slopes and sinks at once: column block i is sequence i's [4, heads_q].
         whole = extras_array(replace(w, batch=call.batch, alibi=call.alibi, mask=None))
         extras = whole.reshape(EXTRAS_ROWS, call.batch, w.heads_q)
+    blocks = []
     for p in layout.pieces:
         if p.plan is None:
             continue
@@ -417,9 +419,11 @@ def _varlen_upload(call, layout: VarlenLayout) -> np.ndarray:
         for at, src, rows in ((p.q_at, q, slice(p.q0, p.q1)), (p.k_at, k, slice(p.k0, p.k1)),
                               (p.v_at, v, slice(p.k0, p.k1))):
             part = src[rows]
-            _block(raw, at, elem, (part.shape[1], part.shape[0], part.shape[2]))[...] = part.transpose(1, 0, 2)
+            blocks.append((_block(raw, at, elem, (part.shape[1], part.shape[0], part.shape[2])),
+                           part.transpose(1, 0, 2)))
         if p.x_at is not None:
             _block(raw, p.x_at, np.uint32, (EXTRAS_ROWS, w.heads_q))[...] = extras[:, p.seq]
+    copier.run(blocks)
     return raw
 
 
@@ -455,16 +459,18 @@ def varlen_attention(call, ctx, timestamps: bool = False):
     ns = None
     if any(p.plan is not None for p in layout.pieces):
         with _Held() as held:
-            inb = held.upload(ctx, _varlen_upload(call, layout))
+            inb = held.upload(ctx, _varlen_upload(call, layout, ctx.copier))
             outb = held.acquire(ctx, layout.out_bytes)
             ns = ctx.run(_varlen_dispatches(call, layout, ctx, inb, outb), timestamps=timestamps)
             raw = ctx.download(outb, np.empty(layout.out_bytes, np.uint8))
+        blocks = []
         for p in layout.pieces:
             if p.plan is None:
                 continue  # no keys: zeros, and the LSE of no key (-inf, or the sink)
             n = p.q1 - p.q0
-            out[p.q0:p.q1] = _block(raw, p.o_at, _elem_of(p.plan), (hq, n, d)).transpose(1, 0, 2)
+            blocks.append((out[p.q0:p.q1], _block(raw, p.o_at, _elem_of(p.plan), (hq, n, d)).transpose(1, 0, 2)))
             if lse is not None:
-                lse[:, p.q0:p.q1] = _block(raw, p.lse_at, np.float32, (hq, n))
+                blocks.append((lse[:, p.q0:p.q1], _block(raw, p.lse_at, np.float32, (hq, n))))
+        ctx.copier.run(blocks)
     ref = _packed(w.q)
     return like(out, ref), (lse_like(lse, ref) if lse is not None else None), ns

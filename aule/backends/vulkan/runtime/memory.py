@@ -268,12 +268,7 @@ class Copier:
         if parts < 2:
             dst[...] = src
             return
-        pool = self._pool
-        if pool is None:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, "aule-copy")
-                pool = self._pool
+        pool = self._executor()
         per = -(-n // parts)
         step = -(-per // 4096) * 4096  # cuts of whole 4 KiB multiples, so threads rarely share a page
         cuts = [(a, min(n, a + step)) for a in range(step, n, step)]
@@ -281,6 +276,30 @@ class Copier:
         dst[:step] = src[:step]
         for f in futures:
             f.result()
+
+    def run(self, pairs) -> None:
+        """``dst[...] = src`` for each ``(dst, src)`` pair of equal shapes (strided views allowed,
+        such as a transposed block), the pairs spread over the threads. Fewer than two chunks' worth
+        of bytes, or one thread, copy on the calling thread."""
+        pairs = list(pairs)
+        if self.threads < 2 or sum(src.nbytes for _, src in pairs) < 2 * self.CHUNK:
+            for dst, src in pairs:
+                np.copyto(dst, src)
+            return
+        pool = self._executor()
+        futures = [pool.submit(np.copyto, dst, src) for dst, src in pairs[1:]]
+        np.copyto(*pairs[0])
+        for f in futures:
+            f.result()
+
+    def _executor(self):
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, "aule-copy")
+                pool = self._pool
+        return pool
 
     def close(self) -> None:
         if self._pool is not None:
