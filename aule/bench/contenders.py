@@ -260,14 +260,16 @@ def vulkan_gpu_ns(q, k, v, causal, window, **features):
     return _vulkan_call_ns(canonicalize(q, k, v, causal, None, window, False, **features))
 
 
-def _vulkan_call_ns(call):
+def _vulkan_call_ns(call, op: str = "attention"):
+    """GPU nanoseconds of one Vulkan ``op`` ("attention" or "varlen_attention", launch's function
+    of the same name) on a validated call, timestamps around its one submission."""
     from .. import backends
     from ..backends.vulkan import launch, runtime
 
-    why = backends.get("vulkan").why_not("attention", call, True)
+    why = backends.get("vulkan").why_not(op, call, True)
     if why:
         raise Skip(f"vulkan cannot serve {call.describe()}: {why}")
-    out, _, ns = launch.attention(call, runtime.context(), timestamps=True)
+    out, _, ns = getattr(launch, op)(call, runtime.context(), timestamps=True)
     if hasattr(out, "free"):
         out.free()
     return ns
@@ -404,8 +406,8 @@ class AuleUnpadded(Contender):
 class AuleVarlen(Contender):
     """``aule.flash_attention_varlen`` on a packed case: Triton on the CUDA tensors (cu_seqlens an
     int32 tensor on the device, as flash-attn's callers pass it), Vulkan on NumPy arrays, which is
-    what it takes: wall clock, uploads and read-backs included, with the GPU time of the
-    dispatches (Vulkan timestamps, summed over the sequences the call is cut into) beside it."""
+    what it takes: wall clock, uploads and read-backs included, with the GPU time of its one
+    submission (Vulkan timestamps around every sequence's dispatches) beside it."""
 
     impl = "varlen"
 
@@ -435,26 +437,17 @@ class AuleVarlen(Contender):
         if not vulkan:
             sync, clock = (None, "host") if host else _device_clock(case)
             return Bound(call, len(sets), sync=sync, clock=clock, causal=causal, window=window)
-        from .. import backends
         from ..call import canonicalize_varlen
 
-        def device_ms(i):
-            # The one submission of the packed call (every sequence's dispatches), between timestamps.
-            from ..backends.vulkan import launch, runtime
+        calls = [canonicalize_varlen(s["q"], s["k"], s["v"], s["cu_seqlens"], s["cu_seqlens"], longest, longest,
+                                     causal, window) for s in sets]
 
-            s = sets[i]
-            vc = canonicalize_varlen(s["q"], s["k"], s["v"], s["cu_seqlens"], s["cu_seqlens"], longest, longest,
-                                     causal, window)
-            why = backends.get("vulkan").why_not("varlen_attention", vc, True)
-            if why:
-                raise Skip(f"vulkan cannot serve {vc.describe()}: {why}")
-            ns = launch.varlen_attention(vc, runtime.context(), timestamps=True)[2]
+        def device_ms(i):
+            ns = _vulkan_call_ns(calls[i], "varlen_attention")
             return None if ns is None else ns / 1e6
 
-        note = None
-        first = canonicalize_varlen(sets[0]["q"], sets[0]["k"], sets[0]["v"], sets[0]["cu_seqlens"],
-                                    sets[0]["cu_seqlens"], longest, longest, causal, window).sequence(0)
-        return Bound(call, len(sets), clock="host", device_ms=device_ms, note=note, causal=causal, window=window,
+        first = calls[0].sequence(0)
+        return Bound(call, len(sets), clock="host", device_ms=device_ms, causal=causal, window=window,
                      variant=vulkan_variant(first.q, first.k, first.v, causal, window))
 
 
