@@ -21,6 +21,7 @@ torch, ON_GPU = import_torch_and_triton()
 
 import aule  # noqa: E402
 from aule.backends.triton import flags, paged as tp  # noqa: E402
+from aule.bench.timing import capture_graph  # noqa: E402
 from test_paged import check, make_case, reference_paged  # noqa: E402
 
 DEV = "cuda" if ON_GPU else "cpu"
@@ -374,15 +375,7 @@ def test_graph_replay_with_new_tables_matches_reference(q_len):
     def call():
         return aule.flash_attention_paged(static["q"], static["k_cache"], static["v_cache"], static["block_tables"],
                                           static["context_lens"], max_context_len=width * 16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture_graph(call, warmups=2)
     for case in cases + cases[:1]:
         static["q"].copy_(_t(case.q))
         static["k_cache"].copy_(_t(case.k_cache))
@@ -402,14 +395,7 @@ def test_graph_replay_of_kv_write():
     key = torch.zeros(4, 2, 64, device=DEV, dtype=torch.float16)
     val = torch.zeros_like(key)
     slots = torch.full((4,), -1, device=DEV, dtype=torch.int64)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        aule.copy_kv_to_paged(key, val, kc, vc, slots)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        aule.copy_kv_to_paged(key, val, kc, vc, slots)
+    graph, _ = capture_graph(lambda: aule.copy_kv_to_paged(key, val, kc, vc, slots))
     rng = np.random.default_rng(11)
     expect_k, expect_v = torch.zeros_like(kc), torch.zeros_like(vc)
     for new_slots in ([0, 17, -1, 95], [5, 6, 40, -1]):
@@ -434,14 +420,7 @@ def test_graph_replay_reports_poisoned_tables():
     def call():
         return aule.flash_attention_paged(static["q"], static["k_cache"], static["v_cache"], static["block_tables"],
                                           static["context_lens"])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture_graph(call)
     graph.replay()
     aule.check_device_errors()  # sound tables: nothing to report
     static["block_tables"][1, 1] = 10 ** 6

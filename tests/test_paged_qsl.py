@@ -23,6 +23,7 @@ else:
 
 import aule  # noqa: E402
 from aule import api, paged_call  # noqa: E402, F401
+from aule.bench.timing import capture_graph  # noqa: E402
 from test_paged import check, make_case, reference_paged  # noqa: E402
 
 # One batch of every kind: decode (1), chunked prefill (17), speculative verification (4), a
@@ -403,15 +404,7 @@ def test_packed_graph_replay_with_new_contents():
         return aule.flash_attention_paged(static["q"], static["k_cache"], static["v_cache"], static["block_tables"],
                                           static["context_lens"], query_start_loc=static["query_start_loc"],
                                           max_query_len=30, max_context_len=width * bs)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
+    graph, out = capture_graph(call, warmups=2)
     assert all(c.q.shape[0] == num_tokens for c in cases)
     for case in cases + cases[:1]:
         for n in static:

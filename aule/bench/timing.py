@@ -31,6 +31,25 @@ def cuda_time(fn, warmup_ms: float = 25, rep_ms: float = 100, grad_to_none=None)
     return {"ms": float(p50), "ms_p20": float(p20), "ms_p80": float(p80), "reps": None}
 
 
+def capture_graph(fn, warmups: int = 1):
+    """``(graph, output)``: ``fn`` run ``warmups`` times on a side stream (compilation, autotuning,
+    workspaces stay out of the capture), then captured in a ``torch.cuda.CUDAGraph``; ``output`` is
+    what the captured call returned, which each replay rewrites."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def cuda_graph_time(fns, warmup_ms: float = 25, rep_ms: float = 100, outputs: list | None = None) -> dict:
     """Per-call time of ``fns`` (one call each, e.g. one per rotated input set) captured in one
     CUDA graph and replayed: launch gaps from Python leave the measurement, as in a serving loop
@@ -39,16 +58,7 @@ def cuda_graph_time(fns, warmup_ms: float = 25, rep_ms: float = 100, outputs: li
     (so a check can see what replays compute, not only what the eager warm-up did)."""
     import torch
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture: compilation, autotuning, workspaces
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = [fn() for fn in fns]
+    graph, captured = capture_graph(lambda: [fn() for fn in fns])
     t = cuda_time(graph.replay, warmup_ms, rep_ms)
     if outputs is not None:
         torch.cuda.synchronize()
