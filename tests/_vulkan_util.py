@@ -47,6 +47,28 @@ def max_err(out, ref):
     return float(np.abs(out - ref).max()) if out.size else 0.0
 
 
+@pytest.fixture
+def live_buffers(monkeypatch):
+    """The set of Vulkan buffers created and not yet destroyed while the test runs (import this
+    fixture into a test module to use it)."""
+    from aule.backends.vulkan.runtime.memory import Buffer
+
+    live = set()
+    init, destroy = Buffer.__init__, Buffer.destroy
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        live.add(id(self))
+
+    def counting_destroy(self, *args, **kwargs):
+        live.discard(id(self))
+        return destroy(self, *args, **kwargs)
+
+    monkeypatch.setattr(Buffer, "__init__", counting_init)
+    monkeypatch.setattr(Buffer, "destroy", counting_destroy)
+    return live
+
+
 @pytest.fixture(scope="module")
 def ctx():
     """The process-wide Vulkan context (import this fixture into a test module to use it)."""

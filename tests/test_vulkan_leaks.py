@@ -7,28 +7,8 @@ import numpy as np
 import pytest
 
 import aule
-from aule.backends.vulkan.runtime.memory import Buffer
 
-from _vulkan_util import vulkan_context
-
-
-@pytest.fixture
-def live_buffers(monkeypatch):
-    """The set of Vulkan buffers created and not yet destroyed while the test runs."""
-    live = set()
-    init, destroy = Buffer.__init__, Buffer.destroy
-
-    def counting_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        live.add(id(self))
-
-    def counting_destroy(self, *args, **kwargs):
-        live.discard(id(self))
-        return destroy(self, *args, **kwargs)
-
-    monkeypatch.setattr(Buffer, "__init__", counting_init)
-    monkeypatch.setattr(Buffer, "destroy", counting_destroy)
-    return live
+from _vulkan_util import live_buffers, vulkan_context  # noqa: F401 (live_buffers: a fixture)
 
 
 def _calls(make_inputs, n):

@@ -17,7 +17,7 @@ from aule.backends.vulkan.runtime.sequence import Sequence
 from aule.call import canonicalize
 from aule.reference import attention_reference
 
-from _vulkan_util import ctx, max_err, no_validation_messages, vulkan_context  # noqa: F401 (fixtures)
+from _vulkan_util import ctx, live_buffers, max_err, no_validation_messages, vulkan_context  # noqa: F401 (fixtures)
 
 TOL = 2e-5  # float32 inputs; the fp16 variants are checked by their own tests
 
@@ -43,24 +43,6 @@ def counted(monkeypatch):
     monkeypatch.setattr(Sequence, "submit", submit)
     monkeypatch.setattr(Sequence, "dispatch", dispatch)
     return seen
-
-
-@pytest.fixture
-def live_buffers(monkeypatch):
-    live = set()
-    init, destroy = memory.Buffer.__init__, memory.Buffer.destroy
-
-    def counting_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        live.add(id(self))
-
-    def counting_destroy(self, *args, **kwargs):
-        live.discard(id(self))
-        return destroy(self, *args, **kwargs)
-
-    monkeypatch.setattr(memory.Buffer, "__init__", counting_init)
-    monkeypatch.setattr(memory.Buffer, "destroy", counting_destroy)
-    return live
 
 
 def own_context(monkeypatch, **env):
