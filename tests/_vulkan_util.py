@@ -40,6 +40,18 @@ def forced_variant(name):
             os.environ["AULE_VULKAN_VARIANT"] = old
 
 
+def servable_dtype(ctx, variant: str, d: int, seq_q: int, seq_k: int):
+    """The NumPy dtype ``variant`` stores (float16 or float32), skipping the test where it cannot run
+    head_dim ``d`` and these lengths on the device."""
+    from aule.backends.vulkan import VARIANTS
+
+    v = VARIANTS[variant]
+    why = v.unfit(d, ctx.info, seq_k, seq_q)
+    if why:
+        pytest.skip(why)
+    return np.float16 if v.elem == "float16" else np.float32
+
+
 def max_err(out, ref):
     out = np.asarray(out, dtype=np.float64)
     assert out.shape == ref.shape

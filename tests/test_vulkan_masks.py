@@ -15,7 +15,7 @@ from aule.call import canonicalize
 from aule.reference import attention_reference
 
 from attn_util import count_calls
-from _vulkan_util import VARIANT_ATOL, forced_variant, max_err
+from _vulkan_util import VARIANT_ATOL, forced_variant, max_err, servable_dtype
 from _vulkan_util import ctx, no_validation_messages  # noqa: F401
 
 VARIANTS = ["baseline", "fast", "fp16", "fp16_io", "fp16_amd", "cpu"]
@@ -89,23 +89,13 @@ def check(out, lse, q, k, v, atol, sinks=None, **kw):
     assert moved > 10 * atol, "the mask must change the result"
 
 
-def variant_or_skip(ctx, variant, sq, sk):
-    from aule.backends.vulkan import VARIANTS as TABLE
-
-    v_ = TABLE[variant]
-    why = v_.unfit(D, ctx.info, sk, sq)
-    if why:
-        pytest.skip(why)
-    return np.float16 if v_.elem == "float16" else np.float32
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_each_variant_applies_general_masks(ctx, variant, kind, shape, case):
     b, hq, hk, sq, sk, causal, window = case
-    dt = variant_or_skip(ctx, variant, sq, sk)
+    dt = servable_dtype(ctx, variant, D, sq, sk)
     rng = np.random.default_rng([sum(case[:5]), len(shape), len(kind)])
     q, k, v = inputs(rng, b, hq, hk, sq, sk, dt)
     mask = make_mask(rng, SHAPES[shape](b, hq, sq, sk), kind)
@@ -121,7 +111,7 @@ def test_each_variant_applies_general_masks(ctx, variant, kind, shape, case):
 @pytest.mark.parametrize("shape", ["b,hq,sq,sk", "sk", "b,1,sq,1"])
 def test_masks_with_softcap_alibi_and_sinks(ctx, variant, shape):
     b, hq, hk, sq, sk = 2, 4, 2, 37, 45
-    dt = variant_or_skip(ctx, variant, sq, sk)
+    dt = servable_dtype(ctx, variant, D, sq, sk)
     rng = np.random.default_rng(len(shape))
     q, k, v = inputs(rng, b, hq, hk, sq, sk, dt, scale=2.0)  # scores of a few units: the cap at 5 matters
     mask = make_mask(rng, SHAPES[shape](b, hq, sq, sk), "float")
@@ -138,7 +128,7 @@ def test_masks_with_softcap_alibi_and_sinks(ctx, variant, shape):
 @pytest.mark.parametrize("kind", ["bool", "float", "bool-sinks"])
 def test_fully_masked_rows_give_zeros(ctx, variant, kind):
     b, hq, hk, sq, sk = 2, 2, 1, 33, 40
-    dt = variant_or_skip(ctx, variant, sq, sk)
+    dt = servable_dtype(ctx, variant, D, sq, sk)
     rng = np.random.default_rng(len(kind))
     q, k, v = inputs(rng, b, hq, hk, sq, sk, dt)
     mask = make_mask(rng, (b, hq, sq, sk), kind[:5] if kind != "bool-sinks" else "bool")
@@ -165,7 +155,7 @@ def test_fully_masked_rows_give_zeros(ctx, variant, kind):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_nan_in_a_float_mask(ctx, variant):
     b, hq, hk, sq, sk = 1, 2, 2, 9, 9
-    dt = variant_or_skip(ctx, variant, sq, sk)
+    dt = servable_dtype(ctx, variant, D, sq, sk)
     rng = np.random.default_rng(8)
     q, k, v = inputs(rng, b, hq, hk, sq, sk, dt)
     mask = rng.standard_normal((b, hq, sq, sk)).astype(np.float32)
@@ -304,7 +294,7 @@ def test_masks_across_dispatch_chunks(ctx, monkeypatch, variant):
     from aule.backends.vulkan import launch
 
     b, hq, hk, sq, sk = 3, 4, 2, 13, 29
-    dt = variant_or_skip(ctx, variant, sq, sk)
+    dt = servable_dtype(ctx, variant, D, sq, sk)
     rng = np.random.default_rng(15)
     q, k, v = inputs(rng, b, hq, hk, sq, sk, dt)
     monkeypatch.setattr(ctx, "info", dataclasses.replace(ctx.info, max_workgroup_count=(

@@ -15,22 +15,12 @@ import pytest
 import aule
 from aule.reference import attention_reference
 
-from _vulkan_util import VARIANT_ATOL, forced_variant
+from _vulkan_util import VARIANT_ATOL, forced_variant, servable_dtype
 from _vulkan_util import ctx, no_validation_messages  # noqa: F401  (fixtures: the context, a clean layer)
 from test_paged import make_case, reference_paged
 
 ALL = ["baseline", "fast", "fp16", "fp16_io", "fp16_amd", "coopmat", "cpu"]
 D = 64
-
-
-def runnable(ctx, variant, sk, sq):
-    from aule.backends.vulkan import VARIANTS
-
-    v = VARIANTS[variant]
-    why = v.unfit(D, ctx.info, sk, sq)
-    if why:
-        pytest.skip(why)
-    return np.float16 if v.elem == "float16" else np.float32
 
 
 def inputs(seed, dtype, b, hq, hk, sq, sk, d=D):
@@ -59,7 +49,7 @@ def poisoned(ctx, variant, seed, shape, where, index, value, hit, **kw):
     ``hit`` (an index into [batch, heads, seq_q]) must match the reference on clean inputs, where that
     element's whole row or key is 0 (those rows never see it). Returns the output and LSE of ``hit``."""
     b, hq, hk, sq, sk = shape
-    dtype = runnable(ctx, variant, sk, sq)
+    dtype = servable_dtype(ctx, variant, D, sq, sk)
     x = dict(zip("qkv", inputs(seed, dtype, b, hq, hk, sq, sk)))
     clean = dict(x, **{where: x[where].copy()})
     clean[where][index[:3]] = 0
@@ -96,7 +86,7 @@ def test_inf_in_query_gives_nan_rows_with_lse_inf(ctx, variant):
 
 @pytest.mark.parametrize("variant", ALL)
 def test_masked_rows_and_rows_of_minus_inf_scores_are_zeros(ctx, variant):
-    dtype = runnable(ctx, variant, 64, 80)
+    dtype = servable_dtype(ctx, variant, D, 80, 64)
     q, k, v = inputs(4, dtype, 1, 2, 1, 80, 64)
     k[..., 0] = np.abs(k[..., 0]) + dtype(0.1)
     clean = q.copy()
