@@ -390,8 +390,9 @@ def test_gpu_install_follows_this_gpus_table(monkeypatch, caplog):
 def test_hugging_face_hook_follows_the_table(fake_gpu, monkeypatch, caplog):
     """attn_implementation="aule" goes through sdpa_core too: a class the table gives torch is
     served by transformers' own SDPA path, with the same logits."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from aule.integrations import huggingface
+    from test_hf_models import _llama
 
     tables = _table("Fake GPU", {"fwd float32 hd32 s1k causal gqa4 none": 0.6})
     monkeypatch.setattr(speed_table, "load", lambda: tables)
@@ -399,10 +400,7 @@ def test_hugging_face_hook_follows_the_table(fake_gpu, monkeypatch, caplog):
     real = sdpa_core.host_attention
     monkeypatch.setattr(sdpa_core, "host_attention", lambda *a, **kw: served.append(1) or real(*a, **kw))
     huggingface.register()
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = _llama()
     ids = torch.randint(0, 96, (1, 21), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         model.set_attn_implementation("sdpa")
