@@ -965,4 +965,8 @@ def test_gpu_guarantee_rows_at_small_shapes():
             assert r["status"] == "skipped", r
         else:
             assert r["status"] == "ok", r
-            assert r["err"] < checks.tolerance("bfloat16", r["params"]["mode"] == "fwd+bwd") and r["ratio"] > 0
+            assert r["err"] < checks.tolerance("bfloat16", r["params"]["mode"] == "fwd+bwd")
+            # A window's torch-sdpa row is skipped, so only the installed masked row (against the
+            # masked one) has a baseline there.
+            if "w64" not in r["case"] or r["contender"] == "torch-sdpa+mask installed":
+                assert r["ratio"] > 0, r

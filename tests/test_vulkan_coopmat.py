@@ -38,8 +38,7 @@ def test_shape_and_tiles_follow_the_recorded_device(props, d, shape, tiles, monk
     monkeypatch.delenv("AULE_VULKAN_TILES", raising=False)
     info = _recorded_device(**props)
     fam = coopmat().path
-    # Other vendors' shared-memory softmax waits for a GPU check of its fix (see below).
-    assert (coopmat().unfit(d, info) is None) == (info.vendor == "NVIDIA")
+    assert coopmat().unfit(d, info) is None
     assert fam.pick(d, info, None) == (shape, CoopTiles(*tiles))
     spec = dict(coopmat().spec(d, info))
     assert spec[4] == tiles[0] * info.subgroup_size, "invocations are subgroups x the device's subgroup size"
@@ -77,11 +76,8 @@ def test_head_dims_off_the_matrix_grid_go_to_the_scalar_variants(monkeypatch):
     assert select.select("float16", 128, info).name == "coopmat"
     assert select.select("float32", 128, info).name == "fast"
     # Matrix cores of other vendors are unmeasured here: automatic selection keeps their scalar
-    # variants; forcing reaches the shader once its shared-memory softmax is asked for by name.
+    # variants; forcing reaches the shader (its shared-memory softmax there).
     assert select.select("float16", 128, _recorded_device(**RDNA3)).name == "fp16_amd"
-    with pytest.raises(aule.UnsupportedError, match="has not run on a GPU yet"):
-        select.select("float16", 128, _recorded_device(**ARC), forced="coopmat")
-    monkeypatch.setenv("AULE_VULKAN_TILES", "8x8x16,8,1,32,2,0")
     assert select.select("float16", 128, _recorded_device(**ARC), forced="coopmat").name == "coopmat"
 
 
@@ -188,16 +184,12 @@ def test_score_features_on_matrix_cores(ctx, shape, name, case, monkeypatch):
     assert np.abs(lse[fin] - ref_lse[fin]).max() <= 2e-3
 
 
-def test_the_unverified_shared_memory_softmax_is_only_taken_when_forced(monkeypatch):
-    """Other vendors' layouts need the shared-memory softmax, whose fix has not run on a GPU yet: it
-    is refused unless AULE_VULKAN_TILES asks for it by name (registers 0), as the GPU check does."""
-    from aule import settings
-
+def test_layouts_without_register_ownership_take_the_shared_memory_softmax(monkeypatch):
+    """Other vendors' layouts (RDNA3's wave64 here) take the shared-memory softmax unforced, the
+    H200 the register one; the shared path is checked on an H200 by forcing it (above)."""
     monkeypatch.delenv("AULE_VULKAN_TILES", raising=False)
-    rdna3 = _recorded_device(**RDNA3)
-    why = coopmat().unfit(128, rdna3, 1024, 1024, settings.kernel_choice().tiles)
-    assert why is not None and "has not run on a GPU yet" in why
-    monkeypatch.setenv("AULE_VULKAN_TILES", "16x16x16,8,1,32,2,0")
-    assert coopmat().unfit(128, rdna3, 1024, 1024, settings.kernel_choice().tiles) is None
-    monkeypatch.delenv("AULE_VULKAN_TILES")
-    assert coopmat().unfit(128, _recorded_device(**H200), 1024, 1024, settings.kernel_choice().tiles) is None
+    fam = coopmat().path
+    for props, qg in ((RDNA3, 0), (ARC, 0), (H200, 4)):
+        info = _recorded_device(**props)
+        assert coopmat().unfit(128, info, 1024, 1024, None) is None
+        assert fam.groups(fam.pick(128, info, None)[1], info) == qg

@@ -297,10 +297,6 @@ class CoopMat(KeyLoop):
             return (f"AULE_VULKAN_TILES names the {'x'.join(map(str, shape))} matrix shape, which {info.name} "
                     f"does not offer (it offers {', '.join('x'.join(map(str, s)) for s in info.coopmat_shapes)})")
         picked = self.pick(d, info, tiles)
-        if picked is not None and self.groups(picked[1], info) == 0 and picked[1].registers != 0:
-            return (f"{name}'s shared-memory softmax, which {info.vendor}'s matrix layout needs here, gave wrong "
-                    f"rows on an NVIDIA H200 (driver 580) before its fix, and the fix has not run on a GPU yet: "
-                    f"AULE_VULKAN_TILES=MxNxK,subgroups,row_tiles,keys,buffers,0 forces it to check it")
         if picked is None:
             sh = shape or next(iter(info.coopmat_shapes), None)
             why = self.tiles_unfit(forced, sh, d, info) if forced and sh else "no tile shape fits"
