@@ -61,6 +61,7 @@ class Context:
         self.memory = _memory.MemoryPolicy(self.physical, s.staging)
         self.pool, self.upload_pool, self.download_pool = _memory.make_pools(self, self.memory)
         self.copier = _memory.Copier(s.copy_threads)
+        self.results = _memory.ResultPool()
         self._host_pointer_fn = None
         # Where the device can import host memory, the setting decides which transfers do
         # ("upload", "download"; the probe script sets ``host_import`` to compare them in one process).
@@ -119,6 +120,7 @@ class Context:
     def trim_pools(self):
         for p in self.pools():
             p.trim(0)
+        self.results.trim()
 
     def _forget_buffer(self, buf: Buffer) -> None:
         if not self._destroyed:
