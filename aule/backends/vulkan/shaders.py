@@ -444,9 +444,9 @@ class Module:
         return self.path.rows_per_group(d, info, tiles)
 
 
-#: What the scalar attention shaders apply through attn_common.glsl: modified_score, join_sink, the
-#: per-head key span of padding masks ("mask") and, through masked_score, any other mask
-#: ("general_mask"; AttentionCall.features).
+#: What every attention shader (coopmat's on both softmax paths too) applies through attn_common.glsl:
+#: modified_score, join_sink, the per-head key span of padding masks ("mask") and, through
+#: masked_score, any other mask ("general_mask"; AttentionCall.features).
 SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask"})
 
 
@@ -482,7 +482,7 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     # Matrix cores: chosen first for float16 where measured faster (NVIDIA: results/vulkan-tuning.md);
     # on other vendors' matrix cores (unmeasured here) AULE_VULKAN_VARIANT=coopmat selects it.
     _attention("coopmat", "attn_coopmat.comp", CoopMat(_COOP_TILES), "float16", needs=Needs(fp16=True, coopmat=True),
-               auto=Auto(-1, ("float16",), "NVIDIA"), features=SCORE_FEATURES - {"general_mask"}),
+               auto=Auto(-1, ("float16",), "NVIDIA")),
     # fp16's arithmetic with workgroups of four 64-wide waves, for AMD's wave64.
     _attention("fp16_amd", "attn_tiled.comp", Tiled(_WAVE64_TILES, (), 2), "float16",
                (("AULE_DEFAULT_WG", 256), ("AULE_FP16", 1)), _FP16, Auto(0, ("float16",), "AMD", 64)),
