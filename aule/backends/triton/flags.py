@@ -27,7 +27,10 @@ import logging
 import threading
 from dataclasses import dataclass
 
+import numpy as np
+
 from ... import device_errors, settings
+from ...call import cu_seqlens_problem, not_finite
 
 log = logging.getLogger("aule")
 
@@ -40,6 +43,13 @@ QUERY_START, QUERY_ROWS, QUERY_BOUND = 4, 5, 6
 _QUERY_START_RULES = {0: "must start at 0", 1: "must be non-decreasing: it is below query_start_loc[{p}]",
                       2: "is past num_tokens = {t} (q.shape[0], the packed rows)",
                       3: "must end at num_tokens = {t} (q.shape[0]) as the last offset"}
+# Values the dense and varlen kernels check (a call's device_values): a non-finite sink (index 0: the
+# head) or ALiBi slope (indices: batch entry, head), the value as its float32 bits; a broken
+# cu_seqlens rule, index 0 being 2 * offset index + side (0: q, 1: k), index 1 the offset before
+# (CU_ORDER) or max_seqlen (CU_LONG, whose index is the sequence's and whose value its length).
+SINK, SLOPE = 7, 8
+CU_START, CU_ORDER, CU_PAST, CU_END, CU_LONG = 9, 10, 11, 12, 13
+_CU_RULES = {CU_START: "start", CU_ORDER: "order", CU_PAST: "past", CU_END: "end", CU_LONG: "long"}
 CHUNK_ROWS = 1024  # row 0 of a chunk is its header: [dirty, -, scratch]
 RESERVE = 64  # free rows kept in hand, so a graph capture (which cannot pin memory) finds one
 
@@ -102,6 +112,13 @@ def describe(record, meta: dict) -> str:
         return (f"sequence {i0} has {value} query rows (query_start_loc[{i0 + 1}] - query_start_loc[{i0}]), more "
                 f"than max_query_len = {i1}, which sized the launch: its rows past the bound were not "
                 f"computed{where}")
+    if code in (SINK, SLOPE):
+        name, at = ("sinks", (i0,)) if code == SINK else ("alibi_slopes", (i0, i1)[-meta["alibi_ndim"]:])
+        return not_finite(name, at, np.array([value], np.int64).astype(np.int32).view(np.float32)[0]) + where
+    if code in _CU_RULES:
+        side = i0 & 1
+        total, bound = (meta["total_q"], meta["max_q"]) if side == 0 else (meta["total_k"], meta["max_k"])
+        return cu_seqlens_problem(_CU_RULES[code], side, i0 >> 1, value, i1, total, bound) + where
     return f"unknown device error code {code} at ({i0}, {i1}), value {value}{where}"
 
 
@@ -196,3 +213,18 @@ def error_flags() -> ErrorFlags:
                 device_errors.register(flags)
                 _flags = flags
     return _flags
+
+
+def open_flag(check: bool, fallback, **meta):
+    """``(flag, err, dirty)`` for a launch: a flag row when its kernels check what they read, else
+    ``fallback`` (any tensor of the launch, never written) for both pointers."""
+    if not check:
+        return None, fallback, fallback
+    flag = error_flags().acquire(meta)
+    return flag, flag.err, flag.dirty
+
+
+def close_flag(flag, device) -> None:
+    """After the launch's last kernel (nothing without a flag)."""
+    if flag is not None:
+        error_flags().launched(flag, device)
