@@ -1,8 +1,9 @@
-"""The error flags of the paged kernels: what a kernel found wrong in its tables, read by the host
-without a synchronisation.
+"""The error flags of the Triton kernels: what a kernel found wrong in the tables and values it was
+handed unread (the paged kernels' tables, the dense and varlen kernels' cu_seqlens, sinks and slopes),
+read by the host without a synchronisation.
 
-A kernel that meets an out-of-range block id, context length, query offset or slot does not follow it and
-records ``(code, index, index, value)`` in a *flag*: one row of a small int64 table that lives in
+A kernel that meets an out-of-range block id, context length, query offset or slot does not follow it
+(a bad sequence offset, likewise; a non-finite sink or slope is only reported) and records ``(code, index, index, value)`` in a *flag*: one row of a small int64 table that lives in
 pinned host memory, which a CUDA kernel writes through its unified address and the host reads
 as ordinary memory (on the CPU, under Triton's interpreter, it is ordinary memory). The first
 error of a launch wins the row (compare-and-swap on the code); the kernel then sets the row's
@@ -88,7 +89,8 @@ class _Chunk:
 def describe(record, meta: dict) -> str:
     """The ``ValueError`` message for one recorded row."""
     code, i0, i1, value = (int(x) for x in record[:4])
-    where = (f". Found on {meta['device']} by the {meta['kernel']} kernel, which did not follow it, and raised "
+    done = "which did not follow it" if code not in (SINK, SLOPE) else "which cannot raise"
+    where = (f". Found on {meta['device']} by the {meta['kernel']} kernel, {done}, and raised "
              "by the first aule call after that kernel finished (AULE_CHECK_SYNC=1 raises in the launching call)")
     if code == BLOCK_ID:
         return (f"block_tables[{i0}, {i1}] = {value} is outside [0, num_blocks={meta['num_blocks']}): "
