@@ -216,6 +216,22 @@ def test_learned_sinks_on_the_device_path_keep_their_gradient_and_checks():
     _next_call_raises("sinks must be finite (in float32), got sinks[1] = nan")
 
 
+def test_the_custom_op_takes_the_device_hull_and_checks_its_features():
+    """torch.compile's path: ``aule::triton_attention_fwd`` gets an SDPA attn_mask as the caller gave
+    it (analysed on the device when the op runs) and unread sinks, which its kernel checks."""
+    rng = np.random.default_rng(15)
+    q, k, v = _qkv(rng, sq=9, sk=21)
+    mask = _masks(rng, 2, 4, 9, 21)["holes"]
+    sinks = rng.uniform(-1, 3, 4).astype(np.float32)
+    out, lse = torch.ops.aule.triton_attention_fwd(_t(q), _t(k), _t(v), 0.25, -1, 0, 0.0, None, _t(sinks), None,
+                                                   None, _t(mask))
+    assert_matches_reference(out.cpu().numpy(), lse.cpu().numpy(), q, k, v, "float32", causal=True, scale=0.25,
+                             sinks=sinks, attn_mask=mask)
+    sinks[0] = np.nan
+    torch.ops.aule.triton_attention_fwd(_t(q), _t(k), _t(v), 0.25, -1, 0, 0.0, None, _t(sinks), None, None, _t(mask))
+    _next_call_raises("sinks must be finite (in float32), got sinks[0] = nan")
+
+
 # ---------------------------------------------------------------------------------------------------
 # varlen: cu_seqlens checked by the kernels
 
