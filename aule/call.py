@@ -288,7 +288,10 @@ def on_host(x):
 
 
 def _device_tensor(x, name: str):
-    """``x`` detached for :class:`OnDevice`, refused as :func:`host_feature` refuses it."""
+    """A feature's torch tensor ``x`` detached, for :class:`OnDevice` and :func:`host_feature`. One
+    that needs grad is refused: a gradient must never go missing in silence. Only dense attention's
+    sinks have a backward pass (on Triton), and :func:`canonicalize` hands those over detached,
+    keeping the learned tensor for the router."""
     if needs_grad(x):
         raise UnsupportedError(f"{name} requires grad, and aule has no backward pass for {name} here; "
                                f"pass {name}.detach() or call under torch.no_grad()")
@@ -309,16 +312,11 @@ def _first_bad(x: np.ndarray, name: str) -> None:
 
 
 def host_feature(x, name: str, float32: bool):
-    """A feature's array (NumPy, or a torch tensor on any device) as NumPy, in float32 if asked.
-    A torch tensor that needs grad is refused: a gradient must never go missing in silence. Only
-    dense attention's sinks have a backward pass (on Triton), and :func:`canonicalize` hands those
-    over detached, keeping the learned tensor for the router."""
+    """A feature's array (NumPy, or a torch tensor on any device) as NumPy, in float32 if asked; a
+    tensor that needs grad is refused (:func:`_device_tensor`)."""
     if not is_torch_tensor(x):
         return np.asarray(x, dtype=np.float32) if float32 else x
-    if needs_grad(x):
-        raise UnsupportedError(f"{name} requires grad, and aule has no backward pass for {name} here; "
-                               f"pass {name}.detach() or call under torch.no_grad()")
-    x = x.detach()
+    x = _device_tensor(x, name)
     return (x.float() if float32 else x).cpu().numpy()
 
 
