@@ -35,7 +35,10 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
     and the window; a padding mask (one that does not vary along ``seq_q``) is served as key
     vectors, without a per-row mask. The NumPy backend, Triton's dense kernels and Vulkan's scalar
     variants apply these features (Triton also differentiates ``sinks`` that require grad); a backend
-    or variant that lacks one refuses the call by name, and the router passes it on.
+    or variant that lacks one refuses the call by name, and the router passes it on. On CUDA tensors
+    nothing is read back to the host: the kernels check the values of ``sinks`` and
+    ``alibi_slopes``, and a non-finite one raises ``ValueError`` by the next aule call (at once with
+    ``AULE_CHECK_SYNC=1``, or at :func:`aule.check_device_errors`).
     """
     features = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, attn_mask=attn_mask)
     if _compiling(query):
@@ -58,7 +61,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ``softcap``, ``sinks`` and ``backend`` mean what they mean in :func:`flash_attention`;
     ``alibi_slopes`` is ``[heads_q]`` or ``[batch, heads_q]``. ``max_seqlen_q``/``max_seqlen_k`` must
     be at least each sequence's length. Returns ``out [total_q, heads_q, head_dim]`` like ``q`` and,
-    with ``return_lse``, the float32 LSE ``[heads_q, total_q]``.
+    with ``return_lse``, the float32 LSE ``[heads_q, total_q]``. ``cu_seqlens`` tensors on q's CUDA
+    device are never read back: the Triton kernels check them (and the sinks and slopes) as they read
+    them, a sequence with bad offsets is given no rows, and the error is raised as ``ValueError`` by the
+    next aule call, as :func:`flash_attention` does for its features.
     """
     if _compiling(q):
         raise UnsupportedError("flash_attention_varlen inside torch.compile: it reads cu_seqlens on the host to "

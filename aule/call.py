@@ -114,6 +114,8 @@ class AttentionCall(Grouped):
     mask: Any = field(default=None, compare=False, repr=False)
     # The caller's torch sinks when they require grad (``sinks`` holds their values), else None
     sinks_grad: Any = field(default=None, compare=False, repr=False)
+    # True when alibi, sinks or mask are :class:`OnDevice` (their values not read): see on_host
+    device_values: bool = False
 
     @property
     def features(self) -> frozenset:
@@ -123,7 +125,9 @@ class AttentionCall(Grouped):
         whose visible keys are one run per (batch, query head): a kernel must then read it per
         (row, key), where a padding run is only a bound on each head's keys."""
         m = self.mask
-        general = m is not None and not (m.padding and m.spans(self.batch, self.heads_q)[1])
+        # A mask left on the device is not analysed on the host: a kernel reads it per (row, key).
+        general = m is not None and not (isinstance(m, masks.AttnMask) and m.padding
+                                         and m.spans(self.batch, self.heads_q)[1])
         return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None),
                                                ("sinks", self.sinks is not None), ("mask", m is not None),
                                                ("general_mask", general))
@@ -133,6 +137,15 @@ class AttentionCall(Grouped):
     def grad_features(self) -> frozenset:
         """The features whose arrays require grad; only a backend that differentiates them may serve it."""
         return frozenset({"sinks"}) if self.sinks_grad is not None else frozenset()
+
+    def on_host(self) -> "AttentionCall":
+        """This call with its features as host data, checked by the rules :func:`canonicalize`
+        applies to host arrays (the same errors): what a backend whose kernels do not check device
+        values reads (``Backend.run`` asks for it). The call itself when nothing is on the device."""
+        if not self.device_values:
+            return self
+        return replace(self, alibi=on_host(self.alibi), sinks=on_host(self.sinks), mask=on_host(self.mask),
+                       device_values=False)
 
     def describe(self) -> str:
         return (f"q[{self.batch},{self.heads_q},{self.seq_q},{self.head_dim}] "
@@ -243,38 +256,92 @@ def feature_dtype(x, name: str) -> str:
     return dtype_name(x)
 
 
-def host_feature(x, name: str, float32: bool):
-    """A feature's array (NumPy, or a torch tensor on any device) as NumPy, in float32 if asked.
-    A torch tensor that needs grad is refused: a gradient must never go missing in silence. Only
-    dense attention's sinks have a backward pass (on Triton), and :func:`canonicalize` hands those
-    over detached, keeping the learned tensor for the router."""
-    if not is_torch_tensor(x):
-        return np.asarray(x, dtype=np.float32) if float32 else x
+def checks_on_device(kind: str, device: str) -> bool:
+    """Whether a call's feature values (sinks, slopes, attn_mask, cu_seqlens) stay on the device,
+    checked by the kernels that read them rather than read back here: torch tensors off the CPU,
+    where a read would be a copy and a host synchronisation per call. Only shapes and dtypes
+    (metadata) are checked on the host then. Tests patch it to send CPU tensors the same way under
+    Triton's interpreter."""
+    return kind == "torch" and not device.startswith("cpu")
+
+
+class OnDevice:
+    """A feature's torch tensor (detached) left where it lives. Its shape and dtype were checked on
+    the host; its values are checked by the kernels that read it, which record a bad one in an error
+    flag (:mod:`aule.device_errors`). A backend that needs host data calls :meth:`host`, which reads
+    it and applies the host check, ``check(tensor, *args)``: one definition of each rule."""
+
+    __slots__ = ("tensor", "_check", "args")
+
+    def __init__(self, tensor, check, *args):
+        self.tensor = tensor
+        self._check = check
+        self.args = args
+
+    def host(self):
+        return self._check(self.tensor, *self.args)
+
+
+def on_host(x):
+    """A feature as host data: :meth:`OnDevice.host` of one left on the device, else ``x`` itself."""
+    return x.host() if isinstance(x, OnDevice) else x
+
+
+def _device_tensor(x, name: str):
+    """A feature's torch tensor ``x`` detached, for :class:`OnDevice` and :func:`host_feature`. One
+    that needs grad is refused: a gradient must never go missing in silence. Only dense attention's
+    sinks have a backward pass (on Triton), and :func:`canonicalize` hands those over detached,
+    keeping the learned tensor for the router."""
     if needs_grad(x):
         raise UnsupportedError(f"{name} requires grad, and aule has no backward pass for {name} here; "
                                f"pass {name}.detach() or call under torch.no_grad()")
-    x = x.detach()
+    return x.detach()
+
+
+def not_finite(name: str, index: tuple, value) -> str:
+    """The one wording of a non-finite feature entry, for host checks and device errors alike."""
+    return (f"{name} must be finite (in float32), got {name}[{', '.join(str(int(i)) for i in index)}] = "
+            f"{float(value)}")
+
+
+def _first_bad(x: np.ndarray, name: str) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        at = np.unravel_index(int(np.argmax(bad)), x.shape)
+        raise ValueError(not_finite(name, at, x[at]))
+
+
+def host_feature(x, name: str, float32: bool):
+    """A feature's array (NumPy, or a torch tensor on any device) as NumPy, in float32 if asked; a
+    tensor that needs grad is refused (:func:`_device_tensor`)."""
+    if not is_torch_tensor(x):
+        return np.asarray(x, dtype=np.float32) if float32 else x
+    x = _device_tensor(x, name)
     return (x.float() if float32 else x).cpu().numpy()
 
 
-def check_alibi(alibi_slopes, batch: int, heads_q: int):
-    """``alibi_slopes`` ([heads_q] or [batch, heads_q], NumPy or torch) as float32 [batch, heads_q]."""
+def check_alibi(alibi_slopes, batch: int, heads_q: int, on_device: bool = False):
+    """``alibi_slopes`` ([heads_q] or [batch, heads_q], NumPy or torch) as float32 [batch, heads_q],
+    or, ``on_device`` with a torch tensor, as :class:`OnDevice` (the caller's shape)."""
     if alibi_slopes is None:
         return None
     feature_dtype(alibi_slopes, "alibi_slopes")
+    shape = shape_tuple(alibi_slopes)
+    if shape not in ((heads_q,), (batch, heads_q)):
+        raise ValueError(f"alibi_slopes must have shape [heads_q] = [{heads_q}] or [batch, heads_q] = "
+                         f"[{batch}, {heads_q}], got {shape}")
+    if on_device and is_torch_tensor(alibi_slopes):
+        return OnDevice(_device_tensor(alibi_slopes, "alibi_slopes"), check_alibi, batch, heads_q)
     slopes = np.asarray(host_feature(alibi_slopes, "alibi_slopes", float32=True), dtype=np.float32)
+    _first_bad(slopes, "alibi_slopes")
     if slopes.shape == (heads_q,):
         slopes = np.broadcast_to(slopes, (batch, heads_q))
-    if slopes.shape != (batch, heads_q):
-        raise ValueError(f"alibi_slopes must have shape [heads_q] = [{heads_q}] or [batch, heads_q] = "
-                         f"[{batch}, {heads_q}], got {tuple(alibi_slopes.shape)}")
-    if not np.isfinite(slopes).all():
-        raise ValueError("alibi_slopes must be finite (in float32)")
     return np.ascontiguousarray(slopes)
 
 
-def check_sinks(sinks, heads_q: int):
-    """``sinks`` ([heads_q] floats, NumPy or torch) as float32 [heads_q], or ``None``."""
+def check_sinks(sinks, heads_q: int, on_device: bool = False):
+    """``sinks`` ([heads_q] floats, NumPy or torch) as float32 [heads_q], or ``None``; ``on_device``
+    with a torch tensor, as :class:`OnDevice`."""
     if sinks is None:
         return None
     dt = feature_dtype(sinks, "sinks")
@@ -282,10 +349,11 @@ def check_sinks(sinks, heads_q: int):
         raise TypeError(f"sinks must hold floats (one logit per query head), got dtype {dt}")
     if shape_tuple(sinks) != (heads_q,):
         raise ValueError(f"sinks must have shape [heads_q] = [{heads_q}], got {shape_tuple(sinks)}")
+    if on_device and is_torch_tensor(sinks):
+        return OnDevice(_device_tensor(sinks, "sinks"), check_sinks, heads_q)
     with np.errstate(over="ignore"):  # a logit beyond float32 becomes inf, refused next
         host = host_feature(sinks, "sinks", float32=True)
-    if not np.isfinite(host).all():
-        raise ValueError("sinks must be finite (in float32)")
+    _first_bad(host, "sinks")
     return np.ascontiguousarray(host)
 
 
@@ -298,9 +366,11 @@ def needs_grad(x) -> bool:
     return bool(x.requires_grad and torch.is_grad_enabled())
 
 
-def check_attn_mask(attn_mask, shape):
+def check_attn_mask(attn_mask, shape, on_device: bool = False):
     """``attn_mask`` (bool, True = may attend, or float added to the scores; NumPy or torch,
-    broadcastable to ``shape`` = ``[batch, heads_q, seq_q, seq_k]``) as a :class:`aule.masks.AttnMask`."""
+    broadcastable to ``shape`` = ``[batch, heads_q, seq_q, seq_k]``) as a :class:`aule.masks.AttnMask`,
+    or, ``on_device`` with a torch tensor, as :class:`OnDevice` (no host analysis: the Triton kernels
+    take the mask itself and a hull of its visible keys computed on the device)."""
     if attn_mask is None:
         return None
     dt = feature_dtype(attn_mask, "attn_mask")
@@ -311,6 +381,8 @@ def check_attn_mask(attn_mask, shape):
     if len(ms) > 4 or any(m not in (1, n) for m, n in zip(ms[::-1], shape[::-1])):
         raise ValueError(f"attn_mask of shape {ms} is not broadcastable to [batch, heads_q, seq_q, seq_k] = "
                          f"{list(shape)}: each of its (at most 4) trailing dimensions must be 1 or the call's")
+    if on_device and is_torch_tensor(attn_mask):
+        return OnDevice(_device_tensor(attn_mask, "attn_mask"), check_attn_mask, tuple(shape))
     return masks.canonical_attn_mask(host_feature(attn_mask, "attn_mask", float32=dt in ("float16", "bfloat16")),
                                      shape)
 
@@ -343,13 +415,16 @@ def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, ret
     # Learned sinks are checked by value like any others; the router then admits only a backend
     # that differentiates them (Backend.grad_features), so their gradient never goes missing.
     learned = sinks if needs_grad(sinks) else None
+    on_device = checks_on_device(kind, device)
+    alibi = check_alibi(alibi_slopes, qs[0], qs[1], on_device)
+    sinks = check_sinks(sinks if learned is None else sinks.detach(), qs[1], on_device)
+    mask = check_attn_mask(attn_mask, (qs[0], qs[1], qs[2], ks[2]), on_device)
     return AttentionCall(
         q=query, k=key, v=value, kind=kind, device=device, dtype=dtype,
         batch=qs[0], heads_q=qs[1], heads_kv=ks[1], seq_q=qs[2], seq_k=ks[2], head_dim=qs[3],
         scale=check_scale(scale, qs[3]), left=left, right=right, return_lse=bool(return_lse),
-        causal=bool(causal), softcap=check_softcap(softcap), alibi=check_alibi(alibi_slopes, qs[0], qs[1]),
-        sinks=check_sinks(sinks if learned is None else sinks.detach(), qs[1]),
-        mask=check_attn_mask(attn_mask, (qs[0], qs[1], qs[2], ks[2])), sinks_grad=learned)
+        causal=bool(causal), softcap=check_softcap(softcap), alibi=alibi, sinks=sinks, mask=mask,
+        sinks_grad=learned, device_values=any(isinstance(x, OnDevice) for x in (alibi, sinks, mask)))
 
 
 @dataclass
@@ -360,12 +435,19 @@ class VarlenCall:
 
     ``whole`` is the packed data as one ``[1, H, total, D]`` call, validated once (kinds, dtypes,
     heads, scale, window, features); :meth:`sequence` cuts it into each sequence's own call.
+    ``device_values``: some values were left on the device, unread: the features (:class:`OnDevice`)
+    or ``cu_q``/``cu_k``, then the caller's torch tensors on q's device. The kernels check them;
+    :meth:`on_host` reads and checks them for everything else.
     """
 
     whole: AttentionCall
-    cu_q: np.ndarray  # int64 [batch + 1]
-    cu_k: np.ndarray
-    alibi: Any = field(default=None, compare=False, repr=False)  # float32 [batch, heads_q], or None
+    cu_q: Any  # int64 NumPy [batch + 1], or the caller's device tensor (device_values)
+    cu_k: Any
+    alibi: Any = field(default=None, compare=False, repr=False)  # float32 [batch, heads_q], OnDevice, or None
+    max_q: int = 0  # the caller's max_seqlen_q / max_seqlen_k: they size a launch without a read
+    max_k: int = 0
+    device_values: bool = False
+    _host: Any = field(default=None, compare=False, repr=False)  # on_host(), made once
 
     @property
     def batch(self) -> int:
@@ -375,12 +457,25 @@ class VarlenCall:
     def place(self) -> str:
         return self.whole.place
 
+    def on_host(self) -> "VarlenCall":
+        """This call with host offsets and features, checked by the host rules (one read of the
+        device); the call itself when nothing is on the device."""
+        if not self.device_values:
+            return self
+        if self._host is None:
+            w = self.whole
+            self._host = replace(self, whole=w.on_host(), cu_q=check_cu_seqlens(self.cu_q, 0, w.seq_q, self.max_q),
+                                 cu_k=check_cu_seqlens(self.cu_k, 1, w.seq_k, self.max_k),
+                                 alibi=on_host(self.alibi), device_values=False)
+        return self._host
+
     def sequence(self, i: int) -> AttentionCall:
         """Sequence ``i`` as a dense call on views ``[1, H, len, D]`` of the packed data (no copy)."""
-        q0, q1, k0, k1 = (int(x) for x in (self.cu_q[i], self.cu_q[i + 1], self.cu_k[i], self.cu_k[i + 1]))
-        w = self.whole
+        h = self.on_host()
+        q0, q1, k0, k1 = (int(x) for x in (h.cu_q[i], h.cu_q[i + 1], h.cu_k[i], h.cu_k[i + 1]))
+        w = h.whole
         return replace(w, q=w.q[:, :, q0:q1], k=w.k[:, :, k0:k1], v=w.v[:, :, k0:k1], seq_q=q1 - q0, seq_k=k1 - k0,
-                       alibi=None if self.alibi is None else self.alibi[i:i + 1])
+                       alibi=None if h.alibi is None else h.alibi[i:i + 1])
 
     @property
     def features(self) -> frozenset:
@@ -393,8 +488,9 @@ class VarlenCall:
 
     def longest(self) -> AttentionCall:
         """The sequence with the most (query, key) pairs: what a backend must serve to serve them all."""
-        lens = np.diff(self.cu_q) * np.diff(self.cu_k)
-        return self.sequence(int(np.argmax(lens)))
+        h = self.on_host()
+        lens = np.diff(h.cu_q) * np.diff(h.cu_k)
+        return h.sequence(int(np.argmax(lens)))
 
     def describe(self) -> str:
         return f"varlen {self.batch} sequences, packed {self.whole.describe()}"
@@ -405,28 +501,55 @@ def _heads_first(x):
     return x.transpose(1, 0, 2)[None] if isinstance(x, np.ndarray) else x.transpose(0, 1).unsqueeze(0)
 
 
-def check_cu_seqlens(cu_seqlens, name: str, total: int, total_name: str, max_seqlen, max_name: str) -> np.ndarray:
+# Each side's names, as the messages of host checks and device errors (Triton's flags) word them.
+CU_NAMES = (("cu_seqlens_q", "total_q (q.shape[0])", "max_seqlen_q"), ("cu_seqlens_k", "total_k (k.shape[0])", "max_seqlen_k"))
+
+
+def cu_seqlens_problem(rule: str, side: int, i: int, value: int, other: int, total: int, max_seqlen: int) -> str:
+    """The one wording of a broken cu_seqlens rule (``side`` 0 for q, 1 for k): ``start`` (offset 0
+    is ``value``), ``order`` (offset ``i`` is ``value`` < offset ``i - 1`` = ``other``), ``past``
+    (offset ``i`` is past the total), ``end`` (the last offset is ``value``), ``long`` (sequence
+    ``i``'s length ``value`` exceeds ``max_seqlen``)."""
+    name, total_name, max_name = CU_NAMES[side]
+    if rule == "start":
+        return f"{name} must start at 0, got {name}[0] = {value}"
+    if rule == "order":
+        return f"{name} must be non-decreasing, got {name}[{i}] = {value} < {name}[{i - 1}] = {other}"
+    if rule == "past":
+        return f"{name} must end at {total_name} = {total} and never pass it, got {name}[{i}] = {value}"
+    if rule == "end":
+        return f"{name} must end at {total_name} = {total}, got {name}[-1] = {value}"
+    return f"{max_name} = {int(max_seqlen)} is smaller than sequence {i}'s length {value} (from {name})"
+
+
+def check_cu_seqlens(cu_seqlens, side: int, total: int, max_seqlen, on_device: bool = False):
     """Cumulative sequence starts ``[batch + 1]`` (integers from 0, non-decreasing, ending at ``total``)
-    as int64 NumPy, each sequence no longer than ``max_seqlen``. One host read for device tensors."""
+    as int64 NumPy, each sequence no longer than ``max_seqlen``; ``side`` 0 for q, 1 for k
+    (:data:`CU_NAMES`). ``on_device``: a torch tensor is kept as it is, its values left to the
+    kernels' checks (:func:`cu_seqlens_problem` words their errors too); else one host read."""
+    name, _, max_name = CU_NAMES[side]
     cu = int_table(cu_seqlens, name, 1)
-    cu = (cu.cpu().numpy() if is_torch_tensor(cu) else np.asarray(cu)).astype(np.int64)
-    if cu.size == 0:
+    if cu.shape[0] == 0:
         raise ValueError(f"{name} must hold batch + 1 >= 1 offsets, got none")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
+        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if on_device and is_torch_tensor(cu):
+        return cu
+    cu = (cu.cpu().numpy() if is_torch_tensor(cu) else np.asarray(cu)).astype(np.int64)
+
+    def fail(rule, i=0, value=0, other=0):
+        raise ValueError(cu_seqlens_problem(rule, side, i, int(value), int(other), total, max_seqlen))
     if cu[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {name}[0] = {int(cu[0])}")
+        fail("start", 0, cu[0])
     lens = np.diff(cu)
     if (lens < 0).any():
         i = int(np.argmax(lens < 0))
-        raise ValueError(f"{name} must be non-decreasing, got {name}[{i + 1}] = {int(cu[i + 1])} < "
-                         f"{name}[{i}] = {int(cu[i])}")
+        fail("order", i + 1, cu[i + 1], cu[i])
     if cu[-1] != total:
-        raise ValueError(f"{name} must end at {total_name} = {total}, got {name}[-1] = {int(cu[-1])}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
-        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+        fail("end", len(cu) - 1, cu[-1])
     if lens.size and lens.max() > max_seqlen:
         i = int(np.argmax(lens))
-        raise ValueError(f"{max_name} = {int(max_seqlen)} is smaller than sequence {i}'s length {int(lens[i])} "
-                         f"(from {name})")
+        fail("long", i, lens[i])
     return cu
 
 
@@ -435,7 +558,7 @@ def canonicalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
                         sinks=None) -> VarlenCall:
     """Validate the public arguments of :func:`aule.flash_attention_varlen` once."""
     named = {"q": q, "k": k, "v": v}
-    kind, _ = check_same_family(named)
+    kind, device = check_same_family(named)
     if kind == "gpu":
         raise TypeError("flash_attention_varlen takes NumPy arrays or torch tensors, not GpuTensors")
     for n, x in named.items():
@@ -450,11 +573,16 @@ def canonicalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     if ks[1] == 0 or qs[1] % ks[1] != 0:
         raise ValueError(f"heads_q ({qs[1]}) must be a multiple of heads_kv ({ks[1]}) for grouped-query attention; "
                          f"q {qs}, k {ks}")
-    cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", qs[0], "total_q (q.shape[0])", max_seqlen_q, "max_seqlen_q")
-    cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", ks[0], "total_k (k.shape[0])", max_seqlen_k, "max_seqlen_k")
+    # Offsets stay on the device only when both are tensors there: a host copy costs no synchronisation.
+    on_device = (checks_on_device(kind, device)
+                 and all(is_torch_tensor(c) and device_of(c) == device for c in (cu_seqlens_q, cu_seqlens_k)))
+    cu_q = check_cu_seqlens(cu_seqlens_q, 0, qs[0], max_seqlen_q, on_device)
+    cu_k = check_cu_seqlens(cu_seqlens_k, 1, ks[0], max_seqlen_k, on_device)
     if len(cu_q) != len(cu_k):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe one batch, got {len(cu_q) - 1} and "
                          f"{len(cu_k) - 1} sequences")
     whole = canonicalize(_heads_first(q), _heads_first(k), _heads_first(v), causal, scale, window_size, return_lse,
                          softcap=softcap, sinks=sinks)
-    return VarlenCall(whole=whole, cu_q=cu_q, cu_k=cu_k, alibi=check_alibi(alibi_slopes, len(cu_q) - 1, qs[1]))
+    alibi = check_alibi(alibi_slopes, len(cu_q) - 1, qs[1], checks_on_device(kind, device))
+    return VarlenCall(whole=whole, cu_q=cu_q, cu_k=cu_k, alibi=alibi, max_q=int(max_seqlen_q), max_k=int(max_seqlen_k),
+                      device_values=on_device or whole.device_values or isinstance(alibi, OnDevice))

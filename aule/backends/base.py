@@ -66,6 +66,10 @@ class Backend:
     #: Whether its paged kernels bounds-check tables left to the device (``PagedCall.checks ==
     #: "device"``); for other backends the router checks such tables on the host first.
     checks_tables = False
+    #: Whether its dense and varlen kernels check values left on the device (``device_values`` of an
+    #: AttentionCall or VarlenCall: sinks, slopes, cu_seqlens) and take an attn_mask left there; for
+    #: other backends :meth:`run` hands over the call's host form (``on_host``), read and checked.
+    checks_values = False
 
     @functools.cached_property
     def unavailable_reason(self) -> str | None:
@@ -117,6 +121,8 @@ class Backend:
 
     def run(self, op: str, call):
         """Run a routed operation (see the module docstring for what each returns)."""
+        if getattr(call, "device_values", False) and not self.checks_values:
+            call = call.on_host()
         return getattr(self, op)(call)
 
     # -- per-operation answers; a backend overrides those of the ops it declares ---------------

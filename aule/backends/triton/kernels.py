@@ -43,11 +43,19 @@ One set of kernels for NVIDIA and AMD; targets differ only by the configurations
   dimension is the sequence and its first covers the longest one; tiles past a sequence's end
   exit at once, so padding costs one program start, never a key tile. ALiBi slopes are read per
   sequence; LSE, delta and lse2 are ``[H_Q, total_q]``.
+* CHECK (a compile-time flag, on for calls whose values the host left unread on the device):
+  cu_seqlens are checked as each program reads its sequence's offsets, the forward checks its
+  sink and slope, and a bad value is recorded in the launch's error flag (``ERR``, ``DIRTY``;
+  :mod:`.devcheck`), which aule raises as ``ValueError`` by the next call. A sequence with bad
+  offsets gets no rows, so nothing outside q, k and v is read; ``MAX_Q``/``MAX_K`` are the
+  caller's bounds that sized the grid.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .devcheck import SINK, SLOPE, check_finite, checked_sequence
 
 
 @triton.jit
@@ -257,13 +265,18 @@ def _run_bounds(run: tl.constexpr, lo, lo_end, mid0, mid1, hi):
 
 
 @triton.jit
-def _sequence(CU_Q, CU_K, off_b, SEQ_Q, SEQ_K, VARLEN: tl.constexpr):
+def _sequence(CU_Q, CU_K, ERR, DIRTY, off_b, SEQ_Q, SEQ_K, MAX_Q, MAX_K, VARLEN: tl.constexpr,
+              CHECK: tl.constexpr):
     """``(q0, sq, k0, sk)``: where sequence ``off_b``'s rows start in q and in k/v, and its lengths.
     Dense: each batch entry holds one sequence from row 0, of SEQ_Q queries and SEQ_K keys. VARLEN:
     the sequences are packed along the rows of one batch entry, ``CU_Q``/``CU_K`` (int32
     cumulative lengths from 0) say where; q0 and k0 are int64, as ``q0 * stride`` passes 2**31
-    in a long pack."""
-    if VARLEN:
+    in a long pack. With CHECK the offsets are the caller's, unread by the host (int32 or int64),
+    checked here against the totals and MAX_Q/MAX_K (devcheck.checked_sequence)."""
+    if VARLEN and CHECK:
+        q0, sq = checked_sequence(CU_Q, off_b, SEQ_Q, MAX_Q, ERR, DIRTY, 0)
+        k0, sk = checked_sequence(CU_K, off_b, SEQ_K, MAX_K, ERR, DIRTY, 1)
+    elif VARLEN:
         qa = tl.load(CU_Q + off_b)
         ka = tl.load(CU_K + off_b)
         sq = tl.load(CU_Q + off_b + 1) - qa
@@ -301,8 +314,8 @@ def _row0(off_b, off_h, q0, H_Q, SEQ_Q, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP, HAS_RIGHT: tl.constexpr,
-                BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
+def _query_tile(CU_Q, CU_K, ERR, DIRTY, SEQ_Q, SEQ_K, MAX_Q, MAX_K, H_Q, GROUP, HAS_RIGHT: tl.constexpr,
+                BLOCK_M: tl.constexpr, VARLEN: tl.constexpr, CHECK: tl.constexpr):
     """Program coordinates for kernels with one program per (query tile, sequence, query head):
     the grid is (query tiles, B * H_Q), or with VARLEN (query tiles of the longest sequence, H_Q,
     sequences), where tiles past a sequence's end exit. ``(pid_bh, off_b, off_h, off_kvh,
@@ -322,7 +335,7 @@ def _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP, HAS_RIGHT: tl.constexpr,
         off_b = (pid_bh // H_Q).to(tl.int64)
         off_h = (pid_bh % H_Q).to(tl.int64)
     off_kvh = off_h // GROUP  # GQA: the query head's KV head, read in place, never expanded
-    q0, sq, k0, sk = _sequence(CU_Q, CU_K, off_b, SEQ_Q, SEQ_K, VARLEN)
+    q0, sq, k0, sk = _sequence(CU_Q, CU_K, ERR, DIRTY, off_b, SEQ_Q, SEQ_K, MAX_Q, MAX_K, VARLEN, CHECK)
     return pid_bh, off_b, off_h, off_kvh, pid_m * BLOCK_M, q0, sq, k0, sk
 
 
@@ -377,22 +390,25 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K,
+def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
               stride_mb, stride_mh, stride_mm, stride_mn,
               SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, cap_in, cap_out, H_Q, GROUP,
-              Q_BUCKET, K_BUCKET,
+              Q_BUCKET, K_BUCKET, MAX_Q, MAX_K,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
               HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query tile, sequence, query head). Writes O and the natural-log LSE."""
-    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP,
-                                                                         HAS_RIGHT, BLOCK_M, VARLEN)
+              CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query tile, sequence, query head). Writes O and the natural-log LSE.
+    With CHECK, values the host did not read (cu_seqlens, sinks, slopes) are checked as they are
+    loaded and a bad one recorded in the launch's error flag ``ERR``/``DIRTY`` (:mod:`.devcheck`)."""
+    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, ERR, DIRTY, SEQ_Q, SEQ_K,
+                                                                         MAX_Q, MAX_K, H_Q, GROUP, HAS_RIGHT,
+                                                                         BLOCK_M, VARLEN, CHECK)
     if VARLEN:
         if start_m >= sq:
             return
@@ -409,6 +425,9 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K,
     v_base = V + _at(off_b, k0, stride_vb, stride_vn, VARLEN) + off_kvh * stride_vh
     pos = offs_m + (sk - sq)
     slope2 = _slope2(ALIBI, off_b, off_h, H_Q, HAS_ALIBI)
+    if HAS_ALIBI and CHECK:
+        # The slope itself: one beyond float32 / log2(e) is finite, though slope2 is not.
+        check_finite(tl.load(ALIBI + off_b * H_Q + off_h), ERR, DIRTY, SLOPE, off_b, off_h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -432,6 +451,8 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K,
 
     if HAS_SINKS:
         sink = tl.load(SINKS + off_h)
+        if CHECK:
+            check_finite(sink, ERR, DIRTY, SINK, off_h, off_h * 0)
         # Rows that saw no key (or only -inf scores): the definition's LSE is the sink itself,
         # which a round trip through base 2 would miss by an ulp.
         unseen = (m_i == float("-inf")) & (l_i == 0.0)
@@ -549,7 +570,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, KSPAN, MASK_B,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, CU_K,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -558,12 +579,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, C
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                    stride_mb, stride_mh, stride_mm, stride_mn,
                    SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, cap_in, cap_out, H_Q, H_KV, GROUP,
-                   Q_BUCKET, K_BUCKET,
+                   Q_BUCKET, K_BUCKET, MAX_Q, MAX_K,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key tile, sequence, KV head): the grid is (key tiles, B * H_KV), or with
     VARLEN (key tiles of the longest sequence, H_KV, sequences), where tiles past a sequence's
     end exit. It walks every query head of its GQA group, so dK/dV are summed over the group in
@@ -576,7 +597,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, C
         pid_bh = tl.program_id(1)
         off_b = (pid_bh // H_KV).to(tl.int64)
         off_kvh = (pid_bh % H_KV).to(tl.int64)
-    q0, sq, k0, sk = _sequence(CU_Q, CU_K, off_b, SEQ_Q, SEQ_K, VARLEN)
+    q0, sq, k0, sk = _sequence(CU_Q, CU_K, ERR, DIRTY, off_b, SEQ_Q, SEQ_K, MAX_Q, MAX_K, VARLEN, CHECK)
     start_n = pid_n * BLOCK_N
     if VARLEN:
         # A sequence without queries still stores its keys' zero gradients: only tiles past its keys exit.
@@ -674,7 +695,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K,
+def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -682,15 +703,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                  stride_mb, stride_mh, stride_mm, stride_mn,
                  SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, cap_in, cap_out, H_Q, GROUP,
-                 Q_BUCKET, K_BUCKET,
+                 Q_BUCKET, K_BUCKET, MAX_Q, MAX_K,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                  SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, sequence, query head): dQ = scale * dS K over the visible keys."""
-    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP,
-                                                                         HAS_RIGHT, BLOCK_M, VARLEN)
+    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, ERR, DIRTY, SEQ_Q, SEQ_K,
+                                                                         MAX_Q, MAX_K, H_Q, GROUP, HAS_RIGHT,
+                                                                         BLOCK_M, VARLEN, CHECK)
     if VARLEN:
         if start_m >= sq:
             return

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 import triton
 
+from ...call import OnDevice
 from ...errors import UnsupportedError
 from . import configs as cfg
-from . import kernels
+from . import flags, kernels
 from .common import LOG2E, block_d, cdiv, device_arch, interpreting, next_pow2, torch_gpu_flavour  # noqa: F401
 
 log = logging.getLogger("aule")
@@ -124,12 +125,14 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "tf32x3" if target_of(q) == "cuda" else "ieee"
 
 
-def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask, packing=None) -> dict:
+def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask, packing=None,
+          flag=None) -> dict:
     d = q.shape[-1]
     bd = block_d(d)
     return dict(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                 DOT_PREC=_dot_precision(q), SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-                HAS_KSPAN=kspan is not None, MASK_KIND=_mask_kind(mask), VARLEN=packing is not None)
+                HAS_KSPAN=kspan is not None, MASK_KIND=_mask_kind(mask), VARLEN=packing is not None,
+                CHECK=flag is not None)
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,21 @@ def packing(cu_q: np.ndarray, cu_k: np.ndarray, device) -> Packing:
     placed = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
     return Packing(placed[0, :n], placed[1, :n], n - 1, int(np.diff(cu_q).max(initial=0)),
                    int(np.diff(cu_k).max(initial=0)))
+
+
+def _offsets(cu: torch.Tensor) -> torch.Tensor:
+    """Offsets as the checking kernels read them: int32 or int64 as given (another width is widened,
+    never narrowed: a wrapped value could pass the kernels' checks), unit stride."""
+    if cu.dtype not in (torch.int32, torch.int64):
+        cu = cu.to(torch.int64)
+    return cu if cu.stride(0) == 1 else cu.contiguous()
+
+
+def device_packing(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int) -> Packing:
+    """A :class:`Packing` of the caller's offsets left on the device, unread: the kernels check them
+    (compiled with CHECK) and the caller's ``max_seqlen_q``/``max_seqlen_k`` size the grid, at least
+    one tile, so that a sequence longer than a bound of 0 is still some program's to record."""
+    return Packing(_offsets(cu_q), _offsets(cu_k), cu_q.shape[0] - 1, max(int(max_q), 1), max(int(max_k), 1))
 
 
 def _sizes(sq: int, sk: int, packing) -> tuple[int, int]:
@@ -237,13 +255,15 @@ def _slopes(alibi, q: torch.Tensor, b: int, hq: int):
 
 
 def mask_tensors(mask, b: int, hq: int, device):
-    """``(kspan, mask)`` the kernels read for an :class:`aule.masks.AttnMask` (``(None, None)``
-    without one). A padding mask becomes the span of keys each (batch, query head) sees, int32
-    ``[B, Hq, 2]`` (its tiles bound the key loops), plus its key vector as a boolean mask of one
-    row when the visible keys are not one run; a general mask stays as it was broadcast, as bytes
-    (boolean) or float32 (additive)."""
+    """``(kspan, mask)`` the kernels read for an :class:`aule.masks.AttnMask` or a mask left on the
+    device (:class:`aule.call.OnDevice`; ``(None, None)`` without one). A padding mask becomes the
+    span of keys each (batch, query head) sees, int32 ``[B, Hq, 2]`` (its tiles bound the key loops),
+    plus its key vector as a boolean mask of one row when the visible keys are not one run; a general
+    mask stays as it was broadcast, as bytes (boolean) or float32 (additive)."""
     if mask is None:
         return None, None
+    if isinstance(mask, OnDevice):
+        return _device_mask_tensors(mask.tensor.to(device), b, hq, mask.args[0][3])
     if not mask.padding:
         vals = mask.values
         vals = vals.view(np.uint8) if vals.dtype == np.bool_ else vals.astype(np.float32, copy=False)
@@ -253,6 +273,30 @@ def mask_tensors(mask, b: int, hq: int, device):
     if runs:
         return kspan, None
     return kspan, torch.tensor(mask.keys[:, :, None, :].view(np.uint8), device=device)
+
+
+def _device_mask_tensors(m: torch.Tensor, b: int, hq: int, sk: int):
+    """``(kspan, mask)`` of an attn_mask tensor with no host analysis and no host synchronisation:
+    the mask itself, read in every visited tile through its broadcast strides, and the hull
+    ``[kstart, kend)`` of the keys some row of each (batch, query head) may see (``[0, 0]`` for
+    none), computed by torch on the device, which keeps the kernels off the tiles no row sees. Right
+    for any mask, as the span is only a bound; for a padding mask ``[B, 1, 1, Sk]`` the hull is its
+    visible run and the in-tile read one key vector per tile. A float mask hides only by ``-inf``."""
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    if m.dtype == torch.bool:
+        seen, tile = m, m.view(torch.uint8)
+    else:
+        tile = m.to(torch.float32)
+        seen = ~torch.isneginf(tile)
+    if sk == 0:
+        return torch.zeros((b, hq, 2), dtype=torch.int32, device=m.device), tile
+    keys = seen.any(dim=2)
+    keys = keys.expand(keys.shape[:2] + (sk,))
+    idx = torch.arange(sk, device=m.device)
+    kend = torch.where(keys, idx + 1, 0).amax(-1)
+    kstart = torch.minimum(torch.where(keys, idx, sk).amin(-1), kend)
+    kspan = torch.stack([kstart, kend], -1).to(torch.int32).expand(b, hq, 2).contiguous()
+    return kspan, tile
 
 
 def fp32_refusal(dtype_name: str, head_dim: int, device_type: str) -> str | None:
@@ -282,7 +326,7 @@ def _check(q, k, v):
 
 
 def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, softcap: float = 0.0,
-                      alibi=None, sinks=None, kspan=None, mask=None, packing=None):
+                      alibi=None, sinks=None, kspan=None, mask=None, packing=None, check: bool = False):
     """``(out, lse)`` for ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` (any strides). ``out`` is
     contiguous in q's dtype; ``lse`` float32 ``[B,Hq,Sq]``, natural log, ``-inf`` for rows that
     see no key (NaN and ``+inf`` rows by aule.masks' rule). ``softcap > 0`` caps the scores and
@@ -295,7 +339,11 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
     With ``packing`` (a :class:`Packing`, no attn_mask) q, k and v are ``[1, H, total, D]`` views of
     packed sequences, each attended alone, all in one launch; ``alibi`` is then ``[batch, Hq]``
     per sequence, ``out`` a view of a contiguous ``[total_q, Hq, D]`` tensor and ``lse``
-    ``[1, Hq, total_q]``."""
+    ``[1, Hq, total_q]``.
+
+    ``check``: the values were left unread on the device (a call's ``device_values``): the kernel
+    checks the sinks, slopes and packing offsets it reads and records a bad one in an error flag,
+    which aule raises as ``ValueError`` by the next call (:mod:`.devcheck`)."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -309,14 +357,26 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
         return out.zero_(), lse
     sizes = _sizes(sq, sk, packing)
     slopes = _slopes(alibi, q, b if packing is None else packing.batch, hq)
-    args = (q, k, v, out, lse, slopes, _or(sinks, q), _or(kspan, q), _or(mask, q), *_cu(packing, q),
+    flag, err, dirty = _open_flag(check and (alibi is not None or sinks is not None or packing is not None),
+                                  "attention forward", q, sq, sk, packing)
+    args = (q, k, v, out, lse, slopes, _or(sinks, q), _or(kspan, q), _or(mask, q), *_cu(packing, q), err, dirty,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(mask),
             sq, sk, left, right, scale * LOG2E, *_cap(scale, softcap), hq, hq // hkv,
-            next_pow2(sizes[0]), next_pow2(sizes[1]))
+            next_pow2(sizes[0]), next_pow2(sizes[1]), *sizes)
     _launch("fwd", _grid(sizes[0], "BLOCK_M", hq, b, packing), args,
-            dict(_meta(q, left, right, softcap, alibi, kspan, mask, packing), HAS_SINKS=sinks is not None),
+            dict(_meta(q, left, right, softcap, alibi, kspan, mask, packing, flag), HAS_SINKS=sinks is not None),
             q, sizes, tile)
+    flags.close_flag(flag, q.device)
     return out, lse
+
+
+def _open_flag(check: bool, kernel: str, q, sq: int, sk: int, packing):
+    """The error flag of a launch whose kernels check values left on the device (``(None, q, q)``
+    without: the kernels then never write the stand-ins). Its meta words the errors: the packed
+    totals and the bounds the caller gave, which the offsets were checked against."""
+    bounds = (0, 0) if packing is None else (packing.max_q, packing.max_k)
+    return flags.open_flag(check, q, kernel=kernel, device=str(q.device), alibi_ndim=2, total_q=sq, total_k=sk,
+                           max_q=bounds[0], max_k=bounds[1])
 
 
 def _or(t, stand_in):
@@ -326,12 +386,13 @@ def _or(t, stand_in):
 
 def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, right: int,
                        tile_dkdv=None, tile_dq=None, softcap: float = 0.0, alibi=None, sinks=None,
-                       kspan=None, mask=None, packing=None):
+                       kspan=None, mask=None, packing=None, check: bool = False):
     """``(dq, dk, dv, dsinks)`` (dq/dk/dv contiguous, in the inputs' dtype). ``dlse`` is the
     gradient reaching the LSE output, or None. dK/dV are summed over each GQA group inside the
     kernel. The features as the forward had them; of those only ``sinks`` get a gradient:
     ``dsinks`` float32 ``[Hq]``, or an empty tensor without sinks. With ``packing`` as in
-    :func:`attention_forward`: dq, dk and dv are views of packed ``[total, H, D]`` tensors."""
+    :func:`attention_forward`: dq, dk and dv are views of packed ``[total, H, D]`` tensors; ``check``
+    as there, for the packing's offsets (the forward has checked sinks and slopes)."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -356,7 +417,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
     dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else delta
-    meta = _meta(q, left, right, softcap, alibi, kspan, mask, packing)
+    flag, err, dirty = _open_flag(check and packing is not None, "attention backward", q, sq, sk, packing)
+    meta = _meta(q, left, right, softcap, alibi, kspan, mask, packing, flag)
     slopes = _slopes(alibi, q, b if packing is None else packing.batch, hq)
     pre_bm = cfg.INTERPRET_TILE[0] if q.device.type == "cpu" else _PRE_BLOCK_M
     target_of(q)  # the CPU/interpreter check before any launch
@@ -370,8 +432,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
         dsinks = sink_parts.view(b, hq, -1).sum((0, 2))
     common = (sq, sk, left, right, scale * LOG2E, scale, *_cap(scale, softcap))
     sizes = _sizes(sq, sk, packing)
-    buckets = (next_pow2(sizes[0]), next_pow2(sizes[1]))
-    features = (slopes, _or(kspan, q), _or(mask, q), *_cu(packing, q))
+    buckets = (next_pow2(sizes[0]), next_pow2(sizes[1]), *sizes)
+    features = (slopes, _or(kspan, q), _or(mask, q), *_cu(packing, q), err, dirty)
     _launch("dkdv", _grid(sizes[1], "BLOCK_N", hkv, b, packing),
             (q, k, v, dout, lse2, delta, dk, dv, *features, *q.stride(), *k.stride(), *v.stride(),
              *dout.stride(), *dk.stride(), *dv.stride(), *_mask_strides(mask), *common, hq, hkv,
@@ -381,6 +443,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
             (q, k, v, dout, lse2, delta, dq, *features, *q.stride(), *k.stride(), *v.stride(),
              *dout.stride(), *dq.stride(), *_mask_strides(mask), *common, hq, hq // hkv, *buckets),
             meta, q, sizes, tile_dq)
+    flags.close_flag(flag, q.device)
     return dq, dk, dv, dsinks
 
 
@@ -396,10 +459,11 @@ def _sdpa_mask(q, k, kspan, mask, attn_mask):
         return kspan, mask
     if kspan is not None or mask is not None:
         raise ValueError("pass an attn_mask or its kernel form (kspan, mask), not both")
-    from ...call import check_attn_mask
+    from ...call import check_attn_mask, checks_on_device
 
     b, hq, sq = q.shape[:3]
-    return mask_tensors(check_attn_mask(attn_mask, (b, hq, sq, k.shape[2])), b, hq, q.device)
+    on_device = checks_on_device("torch", str(q.device))
+    return mask_tensors(check_attn_mask(attn_mask, (b, hq, sq, k.shape[2]), on_device), b, hq, q.device)
 
 
 @torch.library.custom_op("aule::triton_attention_fwd", mutates_args=())
@@ -409,8 +473,10 @@ def triton_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
                          mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     kspan, mask = _sdpa_mask(q, k, kspan, mask, attn_mask)
+    # Sinks and slopes reach the op unread (a compiled graph's, or an eager call's left on the
+    # device): the kernel checks them. A launch with neither takes no error flag.
     return attention_forward(q, k, v, scale, left, right, softcap=softcap, alibi=alibi, sinks=sinks,
-                             kspan=kspan, mask=mask)
+                             kspan=kspan, mask=mask, check=True)
 
 
 @triton_attention_fwd.register_fake
@@ -476,18 +542,20 @@ def _functorch_active() -> bool:
 
 def triton_attention(q, k, v, scale: float, left: int = -1, right: int = -1, softcap: float = 0.0,
                      alibi: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
-                     kspan: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+                     kspan: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                     check: bool = False):
     """Differentiable attention through the custom op: ``(out, lse)``. ``left``/``right`` are
     aule.masks' canonical window (``-1`` unbounded; causal is ``right=0``); ``softcap`` (0 for
     none) and ``alibi`` (float32 slopes ``[B, Hq]`` or None) modify the scores as aule.masks says;
     ``sinks`` (float32 ``[Hq]``, differentiable) join the denominators; ``kspan`` and ``mask``
-    are an attn_mask as :func:`attention_forward` takes it."""
+    are an attn_mask as :func:`attention_forward` takes it; ``check`` as there (the custom op always
+    checks)."""
     grad_inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
     if _eager_inference(*grad_inputs):
         # Inference in eager mode runs the kernels directly: the custom op's autograd wrapper and
         # redispatch add host time that short calls (a decode step, a 1k-token layer) feel.
         return attention_forward(q, k, v, float(scale), int(left), int(right), softcap=float(softcap),
-                                 alibi=alibi, sinks=sinks, kspan=kspan, mask=mask)
+                                 alibi=alibi, sinks=sinks, kspan=kspan, mask=mask, check=check)
     return torch.ops.aule.triton_attention_fwd(q, k, v, float(scale), int(left), int(right),
                                                float(softcap), alibi, sinks, kspan, mask)
 
@@ -501,40 +569,41 @@ class VarlenAttention(torch.autograd.Function):
     than a custom op: varlen calls are refused inside torch.compile before they reach a backend."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, packing, scale, left, right, softcap, alibi):
+    def forward(ctx, q, k, v, sinks, packing, scale, left, right, softcap, alibi, check):
         out, lse = attention_forward(q, k, v, scale, left, right, softcap=softcap, alibi=alibi, sinks=sinks,
-                                     packing=packing)
+                                     packing=packing, check=check)
         ctx.save_for_backward(q, k, v, out, lse, sinks, alibi)
-        ctx.spec = (packing, scale, left, right, softcap)
+        ctx.spec = (packing, scale, left, right, softcap, check)
         ctx.set_materialize_grads(False)  # an unused output (the LSE, mostly) costs no zeros
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, sinks, alibi = ctx.saved_tensors
-        packing, scale, left, right, softcap = ctx.spec
+        packing, scale, left, right, softcap, check = ctx.spec
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, dsinks = attention_backward(dout, q, k, v, out, lse, dlse, scale, left, right, softcap=softcap,
-                                                alibi=alibi, sinks=sinks, packing=packing)
+                                                alibi=alibi, sinks=sinks, packing=packing, check=check)
         dsinks = dsinks if sinks is not None and ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dsinks, None, None, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None, None
 
 
 def triton_varlen_attention(q, k, v, packing: Packing, scale: float, left: int = -1, right: int = -1,
                             softcap: float = 0.0, alibi: Optional[torch.Tensor] = None,
-                            sinks: Optional[torch.Tensor] = None):
+                            sinks: Optional[torch.Tensor] = None, check: bool = False):
     """Differentiable attention of packed sequences, one launch per kernel: ``q [total_q, Hq, D]``,
     ``k, v [total_k, Hkv, D]`` (any strides), sequence ``i`` being the rows ``packing`` gives it,
     attended alone (``left``/``right`` as in :func:`triton_attention`, bottom-right within each
     sequence). ``alibi``: float32 slopes ``[batch, Hq]`` per sequence; ``sinks`` float32 ``[Hq]``.
+    ``check`` as in :func:`attention_forward` (a :func:`device_packing`'s offsets need it).
     Returns ``(out [total_q, Hq, D] contiguous, lse [Hq, total_q] float32)``."""
     q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     spec = (float(scale), int(left), int(right), float(softcap))
     grad_inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in grad_inputs):
-        out, lse = VarlenAttention.apply(q4, k4, v4, sinks, packing, *spec, alibi)
+        out, lse = VarlenAttention.apply(q4, k4, v4, sinks, packing, *spec, alibi, check)
     else:
         out, lse = attention_forward(q4, k4, v4, *spec[:3], softcap=spec[3], alibi=alibi, sinks=sinks,
-                                     packing=packing)
+                                     packing=packing, check=check)
     return out[0].transpose(0, 1), lse[0]
