@@ -357,3 +357,25 @@ def test_fp8_under_torch_compile_is_refused():
 
     with pytest.raises(Exception, match="float8 attention inside torch.compile"):
         f(q, k, v)
+
+
+# -- the benchmark's FP8 rows ----------------------------------------------------------------------------
+
+def test_bench_fp8_inputs_quantise_exactly():
+    """The fp8 suite's inputs are on e4m3's grid, and its contender's quantisation (power-of-two
+    per-head descales) gives back exactly those values, so every row of a case computes one problem."""
+    from aule.bench.contenders import fp8_quantised
+    from aule.bench.inputs import AttentionInputs
+    from aule.bench.suites import SUITE_BY_NAME
+
+    suite = SUITE_BY_NAME["fp8"]
+    assert suite.baseline == "aule:triton" and "aule:triton fp8" in suite.contenders
+    assert any(t.contender == "aule:triton fp8" and t.value == 1.5 for t in suite.targets)
+    case = dict(suite.cases[0], B=2, Hq=4, Hkv=2, S=24, device="cpu")
+    s = AttentionInputs(case).sets[0]
+    for name in ("q", "k", "v"):
+        x8, descale = fp8_quantised(s[name], case["Hkv"])
+        assert x8.dtype == E4M3 and descale.shape == (2, 2) and descale.dtype == torch.float32
+        per_head = descale.repeat_interleave(s[name].shape[1] // 2, dim=1)[:, :, None, None]
+        assert torch.equal(x8.float() * per_head, s[name].float()), name
+        assert x8.float().abs().amax() > 224  # the range used, as a quantiser scaling amax would
