@@ -106,7 +106,8 @@ def check(out, lse, q, k, v, scale=None, causal=False, window=-1, descale=(None,
     assert not np.isnan(got).any(), "NaN in the output"
     err = np.abs(got - ref)
     worst = float(err.max())
-    assert (err <= bound).all(), f"error {worst:.3g} over the rounding bound at {np.unravel_index((err - bound).argmax(), err.shape)}"
+    at = np.unravel_index((err - bound).argmax(), err.shape)
+    assert (err <= bound).all(), f"error {worst:.3g} over the rounding bound at {at}"
     ratio = float(np.sqrt(np.mean((err / bound) ** 2)))
     assert ratio < 0.3, f"errors are {ratio:.2f} of their bound on average: too systematic for rounding"
     if lse is not None:

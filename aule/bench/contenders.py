@@ -189,7 +189,7 @@ class AuleFp8(Contender):
             return aule.flash_attention(q, k, v, causal=causal, window_size=window, backend=self.backend, **descales)
 
         return Bound(fwd, len(sets), causal=causal, window=window, variant=self.variant(case), sync=sync,
-                     clock=clock)
+                     clock=clock, precision="float8_e4m3fn")
 
 
 @contextlib.contextmanager
