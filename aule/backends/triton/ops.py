@@ -28,6 +28,10 @@ from .common import LOG2E, block_d, cdiv, device_arch, interpreting, next_pow2, 
 
 log = logging.getLogger("aule")
 
+# FP8 input dtypes and the log2 of the factor P is scaled by before its cast to them (kernels.py:
+# FP8): the largest power of two under the format's maximum, 448 (e4m3fn) and 240 (e4m3fnuz).
+FP8_SHIFT = {torch.float8_e4m3fn: 8, torch.float8_e4m3fnuz: 7}
+
 _KERNELS = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}
 # Shape buckets, head_dim, mask sides and features pick the tile; the autotuner adds the dtypes.
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI",
@@ -120,6 +124,8 @@ def _dot_precision(q: torch.Tensor) -> str:
     """float32 inputs keep (near-)float32 products: one TF32 pass would cost ~3 decimal digits.
     On NVIDIA, three TF32 passes on the tensor cores (Triton's "ieee" float32 dot spilled tens of
     kilobytes per thread on sm_90); AMD and the interpreter multiply in float32 directly."""
+    if q.dtype in FP8_SHIFT:
+        return "ieee"  # ignored for fp8 operands, and the one name every target accepts (gfx950: no tf32)
     if q.dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
     return "tf32x3" if target_of(q) == "cuda" else "ieee"
@@ -266,11 +272,6 @@ def fp32_refusal(dtype_name: str, head_dim: int, device_type: str) -> str | None
     return None
 
 
-# FP8 input dtypes and the log2 of the factor P is scaled by before its cast to them (kernels.py:
-# FP8): the largest power of two under the format's maximum, 448 (e4m3fn) and 240 (e4m3fnuz).
-FP8_SHIFT = {torch.float8_e4m3fn: 8, torch.float8_e4m3fnuz: 7}
-
-
 def _check(q, k, v, fp8: bool = False):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) and not (fp8 and q.dtype in FP8_SHIFT):
         raise TypeError(f"query dtype must be float16, bfloat16 or float32{' (or float8 e4m3)' if fp8 else ''} "
@@ -305,10 +306,15 @@ def _v_operand(v, target: str):
     """V as FP8's P.V product reads it. Hopper's fp8 tensor-core products take their second operand
     only with the reduced dimension (here the keys) contiguous, so an NVIDIA V (and the
     interpreter's, which tests this path) is copied once into that layout, seen through strides
-    as the same ``[B, H, S, D]`` tensor; AMD's matrix cores read V as it is."""
+    as the same ``[B, H, S, D]`` tensor; AMD's matrix cores read V as it is. Its rows are padded to
+    a multiple of 16 keys: Triton compiles a stride it can prove divisible by 16 into aligned wide
+    loads (without that hint the sm_90 kernel spills), whatever the sequence length."""
     if v.stride(-2) == 1 or target not in ("cuda", "interpret"):
         return v
-    return v.transpose(-1, -2).contiguous().transpose(-1, -2)
+    b, h, s, d = v.shape
+    vt = torch.empty((b, h, d, cdiv(s, 16) * 16), dtype=v.dtype, device=v.device)[..., :s]
+    vt.copy_(v.transpose(-1, -2))
+    return vt.transpose(-1, -2)
 
 
 def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, softcap: float = 0.0,
