@@ -334,8 +334,8 @@ def check_out_dtype(out_dtype, dtype: str) -> str | None:
     dtype or its name, bfloat16 by default as in flash-attn 3), for others None (q's own)."""
     if dtype not in FP8_DTYPES:
         if out_dtype is not None:
-            raise ValueError(f"out_dtype is for float8 inputs only (their output cannot be float8); "
-                             f"the inputs are {dtype}, and the output takes their dtype")
+            raise ValueError(f"out_dtype is for float8 inputs only; the inputs are {dtype}, and the output "
+                             f"takes their dtype")
         return None
     if out_dtype is None:
         return "bfloat16"

@@ -246,9 +246,10 @@ def _qkv(b=2, hq=4, hk=2, s=8, d=16, dtype=E4M3):
 
 
 @pytest.mark.parametrize("bad, err, match", [
-    (dict(q_descale=torch.ones(2, 4)), ValueError, r"q_descale must have shape \[batch, heads_kv\] = \[2, 2\]"),
-    (dict(k_descale=torch.ones(2)), ValueError, "k_descale must have shape"),
-    (dict(v_descale=torch.ones(2, 2, dtype=torch.float64)), TypeError, "v_descale must be a float32 tensor"),
+    (dict(q_descale=torch.ones(2, 4, device=DEV)), ValueError,
+     r"q_descale must have shape \[batch, heads_kv\] = \[2, 2\]"),
+    (dict(k_descale=torch.ones(2, device=DEV)), ValueError, "k_descale must have shape"),
+    (dict(v_descale=torch.ones(2, 2, dtype=torch.float64, device=DEV)), TypeError, "v_descale must be a float32 tensor"),
     (dict(q_descale=np.ones((2, 2), np.float32)), TypeError, "q_descale must be a float32 torch tensor"),
     (dict(q_descale=-1.0), ValueError, "q_descale must be finite and > 0"),
     (dict(k_descale=float("inf")), ValueError, "k_descale must be finite and > 0"),
@@ -346,6 +347,13 @@ def test_fp8_full_size(causal):
                                     **dict(zip(("q_descale", "k_descale", "v_descale"), ds)))
     worst, ratio = check(out, lse, q, k, v, causal=causal, descale=ds)
     print(f"fp8 full size causal={causal}: max error {worst:.3g}, {ratio:.2f} of the rounding bound (rms)")
+
+
+@gpu_only
+def test_fp8_descales_on_another_device():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="k_descale must be on the inputs' device"):
+        canonicalize(q, k, v, k_descale=torch.ones(2, 2))
 
 
 @gpu_only
