@@ -344,7 +344,6 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
         if packing is not None:
             raise ValueError("float8 inputs are served dense only, not packed (varlen)")
         _check_descale(q, k, descale)
-        v = _v_operand(v, target_of(q))
     elif descale is not None or out_dtype is not None:
         raise ValueError(f"descale and out_dtype are for float8 inputs only, got {q.dtype}")
     out_dtype = (out_dtype or torch.bfloat16) if fp8 else None
@@ -357,6 +356,8 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
         return out.zero_(), lse
     sizes = _sizes(sq, sk, packing)
     slopes = _slopes(alibi, q, b if packing is None else packing.batch, hq)
+    if fp8:
+        v = _v_operand(v, target_of(q))
     descales = descale if fp8 else (lse, lse, lse)  # stand-ins the kernel never reads without FP8
     args = (q, k, v, out, lse, slopes, _or(sinks, q), _or(kspan, q), _or(mask, q), *_cu(packing, q),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(mask),
