@@ -17,6 +17,10 @@ from . import masks
 from .errors import UnsupportedError
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# FP8 inputs (torch only): OCP e4m3 everywhere, AMD's e4m3fnuz where its Triton target has it.
+FP8_DTYPES = ("float8_e4m3fn", "float8_e4m3fnuz")
+# What FP8 attention may return; flash-attn 3 returns bfloat16, so that is the default.
+FP8_OUT_DTYPES = ("bfloat16", "float16")
 
 
 def is_torch_tensor(x) -> bool:
@@ -116,6 +120,10 @@ class AttentionCall(Grouped):
     sinks_grad: Any = field(default=None, compare=False, repr=False)
     # True when alibi, sinks or mask are :class:`OnDevice` (their values not read): see on_host
     device_values: bool = False
+    # FP8 inputs only: (q, k, v) descale factors as float32 torch tensors [batch, heads_kv] on q's
+    # device (stride 0 where broadcast), never read on the host; None for other dtypes
+    descale: Any = field(default=None, compare=False, repr=False)
+    out_dtype: str | None = None  # the output's dtype where it is not q's (FP8: bfloat16 or float16)
 
     @property
     def features(self) -> frozenset:
@@ -130,7 +138,7 @@ class AttentionCall(Grouped):
                                          and m.spans(self.batch, self.heads_q)[1])
         return frozenset(name for name, on in (("softcap", self.softcap), ("alibi", self.alibi is not None),
                                                ("sinks", self.sinks is not None), ("mask", m is not None),
-                                               ("general_mask", general))
+                                               ("general_mask", general), ("fp8", self.descale is not None))
                          if on)
 
     @property
@@ -211,11 +219,14 @@ def check_same_family(named: dict) -> tuple[str, str]:
     return kinds[first], devices[first]
 
 
-def check_float_dtypes(named: dict) -> str:
+def check_float_dtypes(named: dict, fp8: bool = False) -> str:
+    """The one dtype of the inputs; with ``fp8`` float8 e4m3 (torch tensors) is allowed too."""
     dtypes = {n: dtype_name(x) for n, x in named.items()}
+    allowed = "float16, bfloat16, float32 or float64" + (" (or float8_e4m3fn / float8_e4m3fnuz)" if fp8 else "")
     for n, dt in dtypes.items():
-        if dt not in FLOAT_DTYPES:
-            raise TypeError(f"{n} must be float16, bfloat16, float32 or float64, got dtype {dt}")
+        if dt not in FLOAT_DTYPES and not (fp8 and dt in FP8_DTYPES):
+            where = "" if fp8 or not dt.startswith("float8") else "; float8 inputs are served by flash_attention"
+            raise TypeError(f"{n} must be {allowed}, got dtype {dt}{where}")
     if len(set(dtypes.values())) > 1:
         raise TypeError("query, key and value must share one dtype, got "
                         + ", ".join(f"{n}: {d}" for n, d in dtypes.items()))
@@ -387,15 +398,96 @@ def check_attn_mask(attn_mask, shape, on_device: bool = False):
                                      shape)
 
 
+_DESCALES = ("q_descale", "k_descale", "v_descale")
+
+
+def check_out_dtype(out_dtype, dtype: str) -> str | None:
+    """The output dtype of a call on inputs of ``dtype``: for FP8 inputs ``out_dtype`` (a torch
+    dtype or its name, bfloat16 by default as in flash-attn 3), for others None (q's own)."""
+    if dtype not in FP8_DTYPES:
+        if out_dtype is not None:
+            raise ValueError(f"out_dtype is for float8 inputs only; the inputs are {dtype}, and the output "
+                             f"takes their dtype")
+        return None
+    if out_dtype is None:
+        return "bfloat16"
+    name = out_dtype if isinstance(out_dtype, str) else str(out_dtype).replace("torch.", "")
+    if name not in FP8_OUT_DTYPES:
+        raise ValueError(f"out_dtype must be bfloat16 or float16 (a torch dtype or its name) for float8 inputs, "
+                         f"got {out_dtype!r}")
+    return name
+
+
+def check_descales(descales: dict, query, dtype: str, batch: int, heads_kv: int):
+    """``(q, k, v)`` descale factors of FP8 inputs as float32 tensors ``[batch, heads_kv]`` on
+    query's device (flash-attn 3's shape; a scalar or one-element tensor is broadcast by a
+    stride-0 view), or None for other dtypes, which take none. The true inputs are ``x * descale``
+    per (batch, KV head); query head ``h`` uses its KV head's factor. A missing factor is 1.
+
+    Tensor values are never read on the host (no device synchronisation): they must be finite
+    and > 0, as quantisation scales are, and that is checked for Python numbers only."""
+    given = {n: x for n, x in descales.items() if x is not None}
+    if dtype not in FP8_DTYPES:
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to float8 inputs only; the inputs are {dtype}")
+        return None
+    import torch
+
+    if not is_torch_tensor(query):
+        raise TypeError(f"float8 inputs must be torch tensors, got {array_kind(query, 'query')} arrays")
+    dev = query.device
+    one = None
+    out = []
+    for name in _DESCALES:
+        x = descales.get(name)
+        if x is None:
+            if one is None:  # one fill on the device serves every missing factor
+                one = torch.ones((1, 1), dtype=torch.float32, device=dev)
+            t = one
+        elif is_torch_tensor(x):
+            if x.dtype != torch.float32:
+                raise TypeError(f"{name} must be a float32 tensor, got {x.dtype}")
+            if x.device != dev:
+                raise ValueError(f"{name} must be on the inputs' device {dev}, got {x.device}")
+            if needs_grad(x):
+                raise UnsupportedError(f"{name} requires grad, and aule's float8 attention has no backward pass; "
+                                       f"pass {name}.detach() or call under torch.no_grad()")
+            shape = shape_tuple(x)
+            if shape not in ((), (1,), (batch, heads_kv)):
+                raise ValueError(f"{name} must have shape [batch, heads_kv] = [{batch}, {heads_kv}] (flash-attn 3's "
+                                 f"per-head descale), or be a scalar / one-element tensor for the whole tensor, "
+                                 f"got {shape}")
+            t = x.detach().reshape(1, 1) if shape != (batch, heads_kv) else x.detach()
+        elif isinstance(x, numbers.Real) and not isinstance(x, bool):
+            if not (math.isfinite(float(x)) and 0 < float(x) < _F32_OVERFLOW):
+                raise ValueError(f"{name} must be finite and > 0 (in float32), got {x!r}")
+            t = torch.full((1, 1), float(x), dtype=torch.float32, device=dev)
+        else:
+            raise TypeError(f"{name} must be a float32 torch tensor, a real number or None, got {type(x).__name__}")
+        out.append(t.expand(batch, heads_kv))
+    return tuple(out)
+
+
+def check_fp8_grad(named: dict, dtype: str) -> None:
+    """FP8 attention is forward only: inputs that require grad are refused, never silently detached."""
+    if dtype in FP8_DTYPES:
+        needing = [n for n, x in named.items() if needs_grad(x)]
+        if needing:
+            raise UnsupportedError(f"{', '.join(needing)} require grad, and aule's float8 attention is forward "
+                                   f"only (no backward pass); call under torch.no_grad() or pass .detach()")
+
+
 def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, return_lse=False,
-                 softcap=0.0, alibi_slopes=None, sinks=None, attn_mask=None) -> AttentionCall:
+                 softcap=0.0, alibi_slopes=None, sinks=None, attn_mask=None, q_descale=None, k_descale=None,
+                 v_descale=None, out_dtype=None) -> AttentionCall:
     """Validate the public arguments once; every error names the argument and the rule."""
     named = {"query": query, "key": key, "value": value}
     kind, device = check_same_family(named)
     for n, x in named.items():
         if len(x.shape) != 4:
             raise ValueError(f"{n} must be 4-D [batch, heads, seq, head_dim], got shape {shape_tuple(x)}")
-    dtype = check_float_dtypes(named)
+    dtype = check_float_dtypes(named, fp8=True)
+    check_fp8_grad({**named, "sinks": sinks}, dtype)
     qs, ks, vs = shape_tuple(query), shape_tuple(key), shape_tuple(value)
     if not (qs[0] == ks[0] == vs[0]):
         raise ValueError(f"batch sizes differ: query {qs}, key {ks}, value {vs} (dimension 0 must match)")
@@ -424,7 +516,10 @@ def canonicalize(query, key, value, causal=True, scale=None, window_size=-1, ret
         batch=qs[0], heads_q=qs[1], heads_kv=ks[1], seq_q=qs[2], seq_k=ks[2], head_dim=qs[3],
         scale=check_scale(scale, qs[3]), left=left, right=right, return_lse=bool(return_lse),
         causal=bool(causal), softcap=check_softcap(softcap), alibi=alibi, sinks=sinks, mask=mask,
-        sinks_grad=learned, device_values=any(isinstance(x, OnDevice) for x in (alibi, sinks, mask)))
+        sinks_grad=learned, device_values=any(isinstance(x, OnDevice) for x in (alibi, sinks, mask)),
+        descale=check_descales(dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale), query, dtype,
+                               qs[0], ks[1]),
+        out_dtype=check_out_dtype(out_dtype, dtype))
 
 
 @dataclass
@@ -561,6 +656,7 @@ def canonicalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     kind, device = check_same_family(named)
     if kind == "gpu":
         raise TypeError("flash_attention_varlen takes NumPy arrays or torch tensors, not GpuTensors")
+    check_float_dtypes(named)  # float8 (dense only, for now) is refused here, before packing
     for n, x in named.items():
         if len(x.shape) != 3:
             raise ValueError(f"{n} must be 3-D [total_{'q' if n == 'q' else 'k'}, heads, head_dim] (sequences "

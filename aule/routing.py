@@ -98,7 +98,7 @@ def _empty_result(call: AttentionCall):
     else:
         import torch
 
-        out = torch.zeros(shape, dtype=q.dtype, device=q.device)
+        out = torch.zeros(shape, dtype=getattr(torch, call.out_dtype) if call.out_dtype else q.dtype, device=q.device)
         lse = torch.from_numpy(masks.no_key_lse(lse_shape, call.sinks, np.float32)).to(q.device)
     return out, lse
 

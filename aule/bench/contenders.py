@@ -145,6 +145,53 @@ class AuleDense(Contender):
         return Bound(fwd_bwd, len(sets), grad_to_none=leaves, **common)
 
 
+def fp8_quantised(x, heads_kv: int):
+    """``x [B, H, S, D]`` (values on the e4m3 grid: a case's ``fp8_grid`` inputs) as float8_e4m3fn
+    and its descale, float32 ``[B, heads_kv]`` (flash-attn 3's form; a query head shares its KV
+    head's): per (batch, KV head) the power of two that brings the largest magnitude closest under
+    e4m3's 448, as a quantiser scaling amax to the format's range would pick, but exact, so the
+    dequantised tensor is ``x`` itself."""
+    torch = torch_or_none()
+    b, h = x.shape[:2]
+    amax = x.detach().float().abs().reshape(b, heads_kv, -1).amax(-1).clamp_min(2.0 ** -100)
+    descale = torch.exp2(torch.floor(torch.log2(amax / 448.0)) + 1)
+    per_head = descale.repeat_interleave(h // heads_kv, dim=1)[:, :, None, None]
+    return (x.detach().float() / per_head).to(torch.float8_e4m3fn), descale.contiguous()
+
+
+class AuleFp8(Contender):
+    """``aule.flash_attention`` on float8_e4m3fn q, k, v with per-head ``q_descale``, ``k_descale``,
+    ``v_descale`` (issue 16's FP8 forward), bfloat16 out. Quantised once per input set outside the
+    timed region, exactly (:func:`fp8_quantised`, on ``fp8_grid`` cases); what the call does with
+    V for Hopper's fp8 products (a keys-contiguous copy) is inside it, counted."""
+
+    impl = "aule"
+
+    def why_skip(self, case):
+        if case.get("mode") != "fwd":
+            return "FP8 is forward only"
+        if not case.get("fp8_grid"):
+            return "needs a case whose values float8 holds exactly (fp8_grid)"
+        return None
+
+    def prepare(self, case, inp):
+        import aule
+
+        causal, window = self.visibility(case)
+        sync, clock = _device_clock(case)
+        sets = []
+        for s in inp.sets:
+            (q, qd), (k, kd), (v, vd) = (fp8_quantised(s[n], case["Hkv"]) for n in ("q", "k", "v"))
+            sets.append((q, k, v, dict(q_descale=qd, k_descale=kd, v_descale=vd)))
+
+        def fwd(i):
+            q, k, v, descales = sets[i]
+            return aule.flash_attention(q, k, v, causal=causal, window_size=window, backend=self.backend, **descales)
+
+        return Bound(fwd, len(sets), causal=causal, window=window, variant=self.variant(case), sync=sync,
+                     clock=clock, precision="float8_e4m3fn")
+
+
 @contextlib.contextmanager
 def _environ(values: dict):
     """Set environment variables for the duration (the Vulkan backend reads its forced variant and
@@ -722,6 +769,7 @@ CONTENDERS = _registry(**{
     "torch-sdpa installed": Sdpa(None, installed=True),
     "torch-sdpa+mask": Sdpa(None, explicit_mask=True, max_scores=32 * 8192 * 8192),
     "torch-sdpa+mask installed": Sdpa(None, explicit_mask=True, max_scores=32 * 8192 * 8192, installed=True),
+    "aule:triton fp8": AuleFp8("triton"),
     "aule:triton softcap": AuleDense("triton", feature="softcap"),
     "aule:triton sinks": AuleDense("triton", feature="sinks"),
     "aule:triton alibi": AuleDense("triton", feature="alibi"),

@@ -275,7 +275,7 @@ class Runner:
             raise Skip(why)
         bound = contender.prepare(p, inp)
         backward = p.get("mode") == "fwd+bwd"
-        tol = inp.tolerance() if suite.kind == "train" else checks.tolerance(p["dtype"], backward)
+        tol = inp.tolerance() if suite.kind == "train" else checks.tolerance(bound.precision or p["dtype"], backward)
         from ..errors import UnsupportedError
 
         try:

@@ -26,7 +26,7 @@ class TritonBackend(Backend):
     differentiable = True
     # Compile-time flags of the dense kernels (forward and backward), sinks with their gradient;
     # the paged kernels apply softcap, ALiBi and sinks (forward only: paged attention has no backward).
-    features = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask"})
+    features = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask", "fp8"})
     grad_features = frozenset({"sinks"})
     paged_features = frozenset({"softcap", "alibi", "sinks"})
     flavour = "cuda"  # torch.version.cuda / torch.version.hip: which build this backend needs
@@ -77,6 +77,8 @@ class TritonBackend(Backend):
     def why_not_attention(self, call, forced):
         if call.kind != "torch":
             return f"it takes torch tensors on a GPU, got {call.kind} arrays"
+        if call.descale is not None:
+            return self._fp8_refusal(call)
         if call.dtype not in _DTYPES:
             return f"dtype {call.dtype} is not supported (float16, bfloat16, float32)"
         if call.head_dim > MAX_HEAD_DIM:
@@ -93,6 +95,36 @@ class TritonBackend(Backend):
         from .ops import fp32_refusal
 
         return fp32_refusal(call.dtype, call.head_dim, "cuda")
+
+    def _fp8_refusal(self, call) -> str | None:
+        """Why this machine's Triton cannot run the FP8 call (None if it can): fp8 tensor-core
+        products need NVIDIA sm_89+ (e4m3fn), or AMD CDNA3 (gfx94x: e4m3fnuz) and later targets,
+        whose fp8 is OCP e4m3fn (gfx950, RDNA4). The interpreter runs both."""
+        if call.head_dim > MAX_HEAD_DIM:
+            return f"head_dim {call.head_dim} > {MAX_HEAD_DIM}"
+        if call.device.startswith("cpu"):
+            if interpreting():
+                return None
+            return ("the tensors are on the CPU; Triton needs a CUDA/ROCm device "
+                    "(TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for testing)")
+        if not call.device.startswith("cuda"):
+            return f"tensors on {call.device}; Triton runs on CUDA/ROCm devices"
+        from .common import device_arch
+
+        arch = device_arch(call.q.device.index or 0)
+        if self.flavour == "cuda":
+            if call.dtype != "float8_e4m3fn":
+                return f"{call.dtype} is AMD's float8; NVIDIA's fp8 tensor cores take float8_e4m3fn"
+            major, minor = divmod(int(arch[2:]) if arch[2:].isdigit() else 0, 10)
+            if (major, minor) < (8, 9):
+                return f"float8 needs fp8 tensor cores (sm_89 and later), this GPU is {arch}"
+            return None
+        want = "float8_e4m3fnuz" if arch.startswith("gfx94") else "float8_e4m3fn"
+        if not (arch.startswith(("gfx94", "gfx95", "gfx12"))):
+            return f"float8 needs fp8 matrix cores (gfx94x, gfx950, gfx12), this GPU is {arch}"
+        if call.dtype != want:
+            return f"{arch}'s fp8 matrix cores take {want}, got {call.dtype}"
+        return None
 
     @staticmethod
     def _slopes_and_sinks(call, slopes, batch: int):
@@ -119,10 +151,18 @@ class TritonBackend(Backend):
         return alibi, sinks
 
     def attention(self, call):
-        from .ops import mask_tensors, triton_attention
+        from .ops import attention_forward, mask_tensors, triton_attention
 
         alibi, sinks = self._slopes_and_sinks(call, call.alibi, call.batch)
         kspan, mask = mask_tensors(call.mask, call.batch, call.heads_q, call.q.device)
+        if call.descale is not None:
+            # FP8 is forward only (call.py refuses gradients), so no autograd wrapper.
+            import torch
+
+            out, lse = attention_forward(call.q, call.k, call.v, call.scale, call.left, call.right,
+                                         softcap=call.softcap, alibi=alibi, sinks=sinks, kspan=kspan, mask=mask,
+                                         descale=call.descale, out_dtype=getattr(torch, call.out_dtype))
+            return out, (lse if call.return_lse else None)
         out, lse = triton_attention(call.q, call.k, call.v, call.scale, call.left, call.right,
                                     call.softcap, alibi, sinks, kspan, mask, check=call.device_values)
         return out, (lse if call.return_lse else None)

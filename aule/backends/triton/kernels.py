@@ -35,6 +35,15 @@ One set of kernels for NVIDIA and AMD; targets differ only by the configurations
   boolean mask of row stride 0.
 * head_dim is padded to the power of two BLOCK_D inside the kernel by masked loads (PAD_D).
 * Every tensor is addressed through its strides, so non-contiguous inputs need no copy.
+* FP8 (a compile-time flag, forward only): float8 e4m3 q, k, v with descale factors per (batch,
+  KV head) (``QD``/``KD``/``VD`` read through their strides, 0 where one factor serves all). Q.K^T
+  runs on the fp8 operands with fp32 accumulation and ``q_descale * k_descale`` joins the score
+  scale; P is cast to V's fp8 type for P.V, and ``v_descale`` multiplies the finished rows. FP8 is
+  ``log2`` of the factor P is scaled by before that cast (8 for e4m3fn, whose largest value is 448;
+  7 for e4m3fnuz, 240), folded into the softmax's shift, so P's small entries stay normal numbers
+  instead of rounding to e4m3's coarse subnormals; the row sums carry the same factor, which
+  cancels in the output and is taken out of the LSE. Hopper's fp8 products want V's sequence
+  dimension contiguous; the launcher hands V over so, and the kernel reads it through its strides.
 * VARLEN (a compile-time flag, so dense kernels compile without it): sequences packed along the
   rows of one batch entry (``[1, H, total, D]`` views of flash-attn's ``[total, H, D]``), one launch
   for all of them. ``CU_Q``/``CU_K`` (int32 cumulative lengths) give each sequence its first rows
@@ -56,6 +65,12 @@ import triton
 import triton.language as tl
 
 from .devcheck import SINK, SLOPE, check_finite, checked_sequence
+from .common import interpreting
+
+# Triton 3.9's interpreter casts float32 to float8 by cutting the mantissa and adding the rounding
+# bit without its carry, so 7.75 becomes 4.0. Under it P is first rounded onto the e4m3 grid in
+# float32 (:func:`_e4m3_grid`), which makes the cast exact; compiled kernels cast in hardware.
+_ROUND_P_FIRST = tl.constexpr(interpreting())
 
 
 @triton.jit
@@ -101,6 +116,44 @@ def _tanh(x):
     tanh is a per-target library); exactly +-1 at +-inf, NaN stays NaN. Its absolute error near 0,
     ~1e-7, is what float32 scores carry anyway."""
     return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _plus(x, c: tl.constexpr):
+    """``x + c`` for a compile-time ``c``; ``x`` itself when ``c`` is 0, so kernels without FP8 keep
+    their plain code."""
+    if c != 0:
+        x = x + c
+    return x
+
+
+@triton.jit
+def _e4m3_grid(p, dtype: tl.constexpr):
+    """``p >= 0`` rounded to the nearest (ties to even) value of e4m3 ``dtype``, in float32: three
+    mantissa bits, so the step is the exponent's power of two over 8, and no finer than the
+    format's subnormal step. Adding and taking away ``1.5 * 2**23`` steps rounds in the add."""
+    if dtype == tl.float8e4b8:
+        min_step = 0.0009765625  # 2**-10
+    else:
+        min_step = 0.001953125  # 2**-9
+    bits = p.to(tl.int32, bitcast=True)
+    step = tl.maximum(((bits & 0x7F800000) - (3 << 23)).to(tl.float32, bitcast=True), min_step)
+    big = step * 12582912.0
+    return (p + big) - big
+
+
+@triton.jit
+def _p_operand(p, dtype: tl.constexpr, FP8: tl.constexpr):
+    """Softmax numerators ``p`` as the P.V product's operand of V's ``dtype``."""
+    if FP8 and _ROUND_P_FIRST:
+        p = _e4m3_grid(p, dtype)
+    return p.to(dtype)
+
+
+@triton.jit
+def _descale(PTR, off_b, off_kvh, stride_b, stride_h):
+    """The FP8 descale factor of (batch, KV head)."""
+    return tl.load(PTR + off_b * stride_b + off_kvh * stride_h)
 
 
 @triton.jit
@@ -346,10 +399,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr):
+                    HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, FP8: tl.constexpr = 0):
     """Online softmax (base 2) of one query tile over key tiles ``[start, end)``. Keys end at
     ``KEND`` (SEQ_K, or a padding span's end, which then starts at ``kstart``); ``mask_rows``
-    points at the rows of an attn_mask tile (MASK_KIND)."""
+    points at the rows of an attn_mask tile (MASK_KIND). With FP8, P is ``2**FP8`` times the
+    softmax numerators, and so are ``l_i`` and ``acc``."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -373,18 +427,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
                 qk = tl.where(vis, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = _shift(m_new)
-            p = tl.math.exp2(qk - m_use[:, None])
+            p = tl.math.exp2(qk - _plus(m_use, -FP8)[:, None])
         else:
             # Plain scores scale after the row maximum: one multiply per row instead of per score.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = _shift(m_new)  # visible keys can still score -inf or +inf
-            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+            p = tl.math.exp2(qk * qk_scale - _plus(m_use, -FP8)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                   n_ok[:, None], d_ok[None, :], MASKED, PAD_D)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        acc = tl.dot(_p_operand(p, v.dtype, FP8), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -398,14 +452,16 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY
               stride_mb, stride_mh, stride_mm, stride_mn,
               SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, cap_in, cap_out, H_Q, GROUP,
               Q_BUCKET, K_BUCKET, MAX_Q, MAX_K,
+              QD, KD, VD, stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
               HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-              CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr = 0):
     """One program per (query tile, sequence, query head). Writes O and the natural-log LSE.
     With CHECK, values the host did not read (cu_seqlens, sinks, slopes) are checked as they are
-    loaded and a bad one recorded in the launch's error flag ``ERR``/``DIRTY`` (:mod:`.devcheck`)."""
+    loaded and a bad one recorded in the launch's error flag ``ERR``/``DIRTY`` (:mod:`.devcheck`).
+    ``QD``/``KD``/``VD`` and their strides: FP8's descale factors (stand-ins, never read, without)."""
     pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, ERR, DIRTY, SEQ_Q, SEQ_K,
                                                                          MAX_Q, MAX_K, H_Q, GROUP, HAS_RIGHT,
                                                                          BLOCK_M, VARLEN, CHECK)
@@ -428,6 +484,12 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY
     if HAS_ALIBI and CHECK:
         # The slope itself: one beyond float32 / log2(e) is finite, though slope2 is not.
         check_finite(tl.load(ALIBI + off_b * H_Q + off_h), ERR, DIRTY, SLOPE, off_b, off_h)
+    if FP8:
+        # The true score is (q * q_descale) . (k * k_descale): both factors scale every product.
+        qk_descale = (_descale(QD, off_b, off_kvh, stride_qdb, stride_qdh)
+                      * _descale(KD, off_b, off_kvh, stride_kdb, stride_kdh))
+        qk_scale = qk_scale * qk_descale
+        cap_in = cap_in * qk_descale
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -447,7 +509,7 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY
                                             qk_scale, cap_in, cap_out, slope2, kstart, mask_rows,
                                             stride_mn, m_ok, run != 1, HAS_LEFT,
                                             HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
-                                            SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND)
+                                            SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND, FP8)
 
     if HAS_SINKS:
         sink = tl.load(SINKS + off_h)
@@ -456,8 +518,12 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY
         # Rows that saw no key (or only -inf scores): the definition's LSE is the sink itself,
         # which a round trip through base 2 would miss by an ulp.
         unseen = (m_i == float("-inf")) & (l_i == 0.0)
-        acc, l_i, m_i = _join_sink(acc, l_i, m_i, sink * 1.4426950408889634)
+        # With FP8 the row sums hold 2**FP8 times each term: so must the sink's.
+        acc, l_i, m_i = _join_sink(acc, l_i, m_i, _plus(sink * 1.4426950408889634, FP8))
     out, lse2 = _finish_rows(acc, l_i, m_i)
+    if FP8:
+        lse2 = lse2 - FP8
+        out = out * _descale(VD, off_b, off_kvh, stride_vdb, stride_vdh)
     lse = lse2 * 0.6931471805599453
     if HAS_SINKS:
         lse = tl.where(unseen, sink, lse)

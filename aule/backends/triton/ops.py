@@ -29,6 +29,10 @@ from .common import LOG2E, block_d, cdiv, device_arch, interpreting, next_pow2, 
 
 log = logging.getLogger("aule")
 
+# FP8 input dtypes and the log2 of the factor P is scaled by before its cast to them (kernels.py:
+# FP8): the largest power of two under the format's maximum, 448 (e4m3fn) and 240 (e4m3fnuz).
+FP8_SHIFT = {torch.float8_e4m3fn: 8, torch.float8_e4m3fnuz: 7}
+
 _KERNELS = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}
 # Shape buckets, head_dim, mask sides and features pick the tile; the autotuner adds the dtypes.
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI",
@@ -47,9 +51,9 @@ _tuned_keys: list = []
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, target: str, dim_class: int, fp32: bool):
-    _tuned_keys.append((kernel, target, dim_class, fp32))
-    kw = dict(configs=cfg.configs(target, kernel, dim_class, fp32), key=_TUNE_KEY + _KERNEL_KEY[kernel],
+def _tuned(kernel: str, target: str, dim_class: int, fp32: bool, fp8: bool = False):
+    _tuned_keys.append((kernel, target, dim_class, fp32, fp8))
+    kw = dict(configs=cfg.configs(target, kernel, dim_class, fp32, fp8), key=_TUNE_KEY + _KERNEL_KEY[kernel],
               prune_configs_by={"early_config_prune": cfg.prune})
     try:
         return triton.autotune(do_bench=_bench, **kw)(_KERNELS[kernel])
@@ -60,8 +64,8 @@ def _tuned(kernel: str, target: str, dim_class: int, fp32: bool):
 def tuned_choices() -> dict:
     """What the autotuner picked so far: ``{kernel/target/dim: {tuning key: config}}``."""
     out = {}
-    for (kernel, target, dim, fp32), tuner in [(k, _tuned(*k)) for k in _tuned_keys]:
-        name = f"{kernel}/{target}/d{dim}{'/fp32' if fp32 else ''}"
+    for (kernel, target, dim, fp32, fp8), tuner in [(k, _tuned(*k)) for k in _tuned_keys]:
+        name = f"{kernel}/{target}/d{dim}{'/fp32' if fp32 else ''}{'/fp8' if fp8 else ''}"
         out[name] = {str(key): str(c) for key, c in tuner.cache.items()}
     return out
 
@@ -98,9 +102,10 @@ def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, size
     if tile is None and target == "interpret":
         tile = cfg.INTERPRET_TILE
     index = _fixed_config_index()
-    choice = (kernel, target, cfg.head_dim_class(meta["HEAD_DIM"]), like.dtype == torch.float32)
+    choice = (kernel, target, cfg.head_dim_class(meta["HEAD_DIM"]), like.dtype == torch.float32,
+              like.dtype in FP8_SHIFT)
     if tile is None and index is not None:
-        fits = cfg.prune(cfg.configs(choice[1], kernel, choice[2], choice[3]),
+        fits = cfg.prune(cfg.configs(choice[1], kernel, *choice[2:]),
                          {"Q_BUCKET": next_pow2(sizes[0]), "K_BUCKET": next_pow2(sizes[1])})
         c = fits[index % len(fits)]
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
@@ -120,6 +125,8 @@ def _dot_precision(q: torch.Tensor) -> str:
     """float32 inputs keep (near-)float32 products: one TF32 pass would cost ~3 decimal digits.
     On NVIDIA, three TF32 passes on the tensor cores (Triton's "ieee" float32 dot spilled tens of
     kilobytes per thread on sm_90); AMD and the interpreter multiply in float32 directly."""
+    if q.dtype in FP8_SHIFT:
+        return "ieee"  # ignored for fp8 operands, and the one name every target accepts (gfx950: no tf32)
     if q.dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
     return "tf32x3" if target_of(q) == "cuda" else "ieee"
@@ -196,12 +203,13 @@ def _cu(packing, stand_in) -> tuple:
     return (stand_in, stand_in) if packing is None else (packing.cu_q, packing.cu_k)
 
 
-def _alloc_rows(alloc, b: int, h: int, s: int, d: int, like: torch.Tensor, packing):
-    """A ``[b, h, s, d]`` result: contiguous, or for varlen a ``[1, h, s, d]`` view of a contiguous
-    ``[s, h, d]`` tensor, the packed layout varlen callers get back."""
+def _alloc_rows(alloc, b: int, h: int, s: int, d: int, like: torch.Tensor, packing, dtype=None):
+    """A ``[b, h, s, d]`` result of ``dtype`` (``like``'s by default): contiguous, or for varlen a
+    ``[1, h, s, d]`` view of a contiguous ``[s, h, d]`` tensor, the packed layout varlen callers get back."""
+    dtype = like.dtype if dtype is None else dtype
     if packing is None:
-        return alloc((b, h, s, d), dtype=like.dtype, device=like.device)
-    return alloc((s, h, d), dtype=like.dtype, device=like.device).transpose(0, 1).unsqueeze(0)
+        return alloc((b, h, s, d), dtype=dtype, device=like.device)
+    return alloc((s, h, d), dtype=dtype, device=like.device).transpose(0, 1).unsqueeze(0)
 
 
 def _mask_kind(mask) -> int:
@@ -308,9 +316,10 @@ def fp32_refusal(dtype_name: str, head_dim: int, device_type: str) -> str | None
     return None
 
 
-def _check(q, k, v):
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"query dtype must be float16, bfloat16 or float32 for Triton, got {q.dtype}")
+def _check(q, k, v, fp8: bool = False):
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) and not (fp8 and q.dtype in FP8_SHIFT):
+        raise TypeError(f"query dtype must be float16, bfloat16 or float32{' (or float8 e4m3)' if fp8 else ''} "
+                        f"for Triton, got {q.dtype}")
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         # Seen with Triton 3.9: the interpreter's tl.dot on bfloat16 operands returns garbage
         # (1e10 errors on a 16x16 product), so refuse rather than return wrong numbers.
@@ -325,8 +334,36 @@ def _check(q, k, v):
         raise UnsupportedError(reason)
 
 
+def _check_descale(q, k, descale):
+    """FP8's ``(q, k, v)`` descale factors as the kernel reads them (float32 ``[B, Hkv]``, any
+    strides, on q's device), refused otherwise: a wrong shape would be read out of bounds."""
+    want = (q.shape[0], k.shape[1])
+    if descale is None or len(descale) != 3:
+        raise ValueError("float8 inputs need their (q, k, v) descale factors (aule.call.check_descales)")
+    for name, t in zip(("q_descale", "k_descale", "v_descale"), descale):
+        if tuple(t.shape) != want or t.dtype != torch.float32 or t.device != q.device:
+            raise ValueError(f"{name} must be float32 [batch, heads_kv] = {list(want)} on {q.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _v_operand(v, target: str):
+    """V as FP8's P.V product reads it. Hopper's fp8 tensor-core products take their second operand
+    only with the reduced dimension (here the keys) contiguous, so an NVIDIA V (and the
+    interpreter's, which tests this path) is copied once into that layout, seen through strides
+    as the same ``[B, H, S, D]`` tensor; AMD's matrix cores read V as it is. Its rows are padded to
+    a multiple of 16 keys: Triton compiles a stride it can prove divisible by 16 into aligned wide
+    loads (without that hint the sm_90 kernel spills), whatever the sequence length."""
+    if v.stride(-2) == 1 or target not in ("cuda", "interpret"):
+        return v
+    b, h, s, d = v.shape
+    vt = torch.empty((b, h, d, cdiv(s, 16) * 16), dtype=v.dtype, device=v.device)[..., :s]
+    vt.copy_(v.transpose(-1, -2))
+    return vt.transpose(-1, -2)
+
+
 def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, softcap: float = 0.0,
-                      alibi=None, sinks=None, kspan=None, mask=None, packing=None, check: bool = False):
+                      alibi=None, sinks=None, kspan=None, mask=None, packing=None, check: bool = False,
+                      descale=None, out_dtype=None):
     """``(out, lse)`` for ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` (any strides). ``out`` is
     contiguous in q's dtype; ``lse`` float32 ``[B,Hq,Sq]``, natural log, ``-inf`` for rows that
     see no key (NaN and ``+inf`` rows by aule.masks' rule). ``softcap > 0`` caps the scores and
@@ -343,12 +380,23 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
 
     ``check``: the values were left unread on the device (a call's ``device_values``): the kernel
     checks the sinks, slopes and packing offsets it reads and records a bad one in an error flag,
-    which aule raises as ``ValueError`` by the next call (:mod:`.devcheck`)."""
-    _check(q, k, v)
+    which aule raises as ``ValueError`` by the next call (:mod:`.devcheck`).
+
+    FP8 (float8 e4m3 q, k, v; forward only, dense only): ``descale`` is the ``(q, k, v)`` factors,
+    float32 ``[B, Hkv]`` each, and ``out`` is ``out_dtype`` (torch.bfloat16 by default)."""
+    fp8 = q.dtype in FP8_SHIFT
+    _check(q, k, v, fp8)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     _check_features(q, b, hq, sq, sk, sinks, kspan, mask)
-    out = _alloc_rows(torch.empty, b, hq, sq, d, q, packing)
+    if fp8:
+        if packing is not None:
+            raise ValueError("float8 inputs are served dense only, not packed (varlen)")
+        _check_descale(q, k, descale)
+    elif descale is not None or out_dtype is not None:
+        raise ValueError(f"descale and out_dtype are for float8 inputs only, got {q.dtype}")
+    out_dtype = (out_dtype or torch.bfloat16) if fp8 else None
+    out = _alloc_rows(torch.empty, b, hq, sq, d, q, packing, out_dtype)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if b * hq * sq == 0 or sk == 0:
         lse.fill_(float("-inf"))
@@ -359,12 +407,17 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
     slopes = _slopes(alibi, q, b if packing is None else packing.batch, hq)
     flag, err, dirty = _open_flag(check and (alibi is not None or sinks is not None or packing is not None),
                                   "attention forward", q, sq, sk, packing)
+    if fp8:
+        v = _v_operand(v, target_of(q))
+    descales = descale if fp8 else (lse, lse, lse)  # stand-ins the kernel never reads without FP8
     args = (q, k, v, out, lse, slopes, _or(sinks, q), _or(kspan, q), _or(mask, q), *_cu(packing, q), err, dirty,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(mask),
             sq, sk, left, right, scale * LOG2E, *_cap(scale, softcap), hq, hq // hkv,
-            next_pow2(sizes[0]), next_pow2(sizes[1]), *sizes)
+            next_pow2(sizes[0]), next_pow2(sizes[1]), *sizes,
+            *descales, *(st for t in descales for st in (t.stride() if fp8 else (0, 0))))
     _launch("fwd", _grid(sizes[0], "BLOCK_M", hq, b, packing), args,
-            dict(_meta(q, left, right, softcap, alibi, kspan, mask, packing, flag), HAS_SINKS=sinks is not None),
+            dict(_meta(q, left, right, softcap, alibi, kspan, mask, packing, flag), HAS_SINKS=sinks is not None,
+                 FP8=FP8_SHIFT.get(q.dtype, 0)),
             q, sizes, tile)
     flags.close_flag(flag, q.device)
     return out, lse
