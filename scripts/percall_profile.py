@@ -8,8 +8,9 @@ Vulkan: the tiny call on GpuTensors with recorded-sequence reuse on and off, aga
 re-submission of its recording (the floor: vkQueueSubmit and the fence wait, which on lavapipe
 run the shader on the CPU), and on NumPy arrays.
 
-Prints median microseconds per call of the whole call and of its stages (canonicalize, routing,
-the backend's operation, the launcher), then a cProfile breakdown of the whole call.
+Prints microseconds per call of the whole call and of its stages (canonicalize, routing, the
+backend's operation, the launcher): the median and best rounds of the wall clock and the median
+of the process's CPU time (steadier on a shared machine), then a cProfile breakdown.
 
     python scripts/percall_profile.py                     # both, B1 H1 S16 D64 float32
     python scripts/percall_profile.py --only vulkan --top 40
@@ -29,34 +30,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class Timing(float):
-    """Median microseconds per call (the value), with the fastest round beside it (``best``): on a
-    shared machine the best round is the one least disturbed by other work."""
+    """Median wall-clock microseconds per call (the value), with the fastest round (``best``) and
+    the median of the process's CPU time per call (``cpu``, every thread of it) beside it: on a
+    shared machine other work stretches the wall clock, far less the CPU time the call itself
+    takes, which for the host-only rows is the cost being measured."""
 
     best: float
+    cpu: float
 
 
-def median_us(fn, calls: int, rounds: int = 7) -> Timing:
+def median_us(fn, calls: int, rounds: int = 15) -> Timing:
     """Median over ``rounds`` of the mean microseconds per call of ``calls // rounds`` calls back to back."""
     for _ in range(min(200, calls)):
         fn()
     n = max(1, calls // rounds)
-    per = []
+    wall, cpu = [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for _ in range(n):
             fn()
-        per.append((time.perf_counter() - t0) / n * 1e6)
-    out = Timing(statistics.median(per))
-    out.best = min(per)
+        wall.append((time.perf_counter() - t0) / n * 1e6)
+        cpu.append((time.process_time() - c0) / n * 1e6)
+    out = Timing(statistics.median(wall))
+    out.best, out.cpu = min(wall), statistics.median(cpu)
     return out
 
 
 def show(rows: list, title: str) -> None:
     print(f"\n{title}")
-    print(f"  {'':64s} {'median':>9s} {'best':>9s}")
+    print(f"  {'':64s} {'median':>9s} {'best':>9s} {'cpu':>9s}")
     for name, us in rows:
-        best = getattr(us, "best", None)
-        print(f"  {name:64s} {us:9.2f} {best:9.2f}" if best is not None else f"  {name:64s} {us:9.2f}")
+        print(f"  {name:64s} {us:9.2f} {us.best:9.2f} {us.cpu:9.2f}")
 
 
 def profile(fn, calls: int, top: int, title: str) -> None:

@@ -247,7 +247,7 @@ def test_specialization_follows_triton_s_rules():
 
     t = torch.zeros(8)
     values = [t, t[1:], 0, 1, 2, 16, -16, 17, -1, 2 ** 31 - 1, 2 ** 31, -2 ** 31, -2 ** 31 - 1, 2 ** 63, 0.5, 1e300]
-    ours = ops._specialization(tuple(values))
+    ours = ops._specialization(tuple(values), 2)
     theirs = [native(BaseBackend, x, False, True, True) for x in values]
     for i in range(len(values)):
         for j in range(len(values)):
@@ -255,7 +255,8 @@ def test_specialization_follows_triton_s_rules():
                                                                and isinstance(values[j], torch.Tensor))
             if same_type and theirs[i] != theirs[j]:
                 assert ours[i] != ours[j], (values[i], values[j], theirs[i], theirs[j])
-    assert ops._specialization((t, True)) is None  # an argument of another kind: Triton's own path
+    assert ops._specialization((t, True), 1) is None  # an argument of another kind: Triton's own path
+    assert ops._specialization((t, 3, None), 1) is None
 
 
 @pytest.mark.skipif(not GPU or ops.torch_gpu_flavour() != "cuda", reason="needs an NVIDIA GPU (direct launches are NVIDIA's)")

@@ -12,6 +12,7 @@ the op runs (eager calls pass the kernel form, analysed once by ``aule.call``).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 from dataclasses import dataclass
@@ -112,7 +113,8 @@ def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, size
     target = target_of(like)
     index = _fixed_config_index()
     buckets = (next_pow2(sizes[0]), next_pow2(sizes[1]))
-    key = (kernel, target, index, tile, tuple(meta.items()), buckets, _tensor_dtypes(args))
+    key = (kernel, target, index, tile, meta.key if type(meta) is _Meta else tuple(meta.items()), buckets,
+           _tensor_dtypes(args))
     known = _LAUNCHES.get(key)
     if known is None:
         if len(_LAUNCHES) > 4096:
@@ -138,24 +140,26 @@ _DIRECT: dict = {}
 _I32, _I64 = (-2 ** 31, 2 ** 31), (-2 ** 63, 2 ** 63)
 
 
-def _specialization(args: tuple) -> tuple | None:
+def _specialization(args: tuple, tensors: int) -> tuple | None:
     """What Triton's NVIDIA backend specialises a launch on, for the arguments these kernels take
-    (tensors, then ints and floats): each tensor's 16-byte alignment (its dtype is in the launch
-    key), each int's being 1 (then a constant), a multiple of 16, and its width; floats are not
-    specialised. None for any other argument: such a launch takes Triton's own path."""
-    out = []
-    for a in args:
-        t = type(a)
-        if t is int:
-            out.append(1 if a == 1 else (2 if a % 16 == 0 else 3)
-                       + (0 if _I32[0] <= a < _I32[1] else 4 if _I64[0] <= a < _I64[1] else 8))
-        elif t is float:
-            out.append(0)
-        elif t is _TENSOR or isinstance(a, _TENSOR):
-            out.append(a.data_ptr() % 16 == 0)
-        else:
-            return None
-    return tuple(out)
+    (``tensors`` tensors, then ints and floats): each tensor's 16-byte alignment (its dtype is in
+    the launch key), each int's being 1 (then a constant), a multiple of 16, and its width; floats
+    are not specialised. None for any other argument: such a launch takes Triton's own path."""
+    lo, hi = _I32
+    out = [a.data_ptr() % 16 == 0 for a in args[:tensors]]
+    out += [(1 if a == 1 else 2 if a % 16 == 0 else 3) if type(a) is int and lo <= a < hi else _rare(a)
+            for a in args[tensors:]]
+    return None if None in out else tuple(out)
+
+
+def _rare(a):
+    """:func:`_specialization` of a float, a wide int or anything else (None)."""
+    t = type(a)
+    if t is float:
+        return 0
+    if t is int:
+        return (2 if a % 16 == 0 else 3) + (4 if _I64[0] <= a < _I64[1] else 8)
+    return None
 
 
 def _current_device() -> int:
@@ -167,7 +171,7 @@ def _direct_launch(key: tuple, fn, grid, sized, args: tuple, meta: dict, tile_kw
     """Launch through the compiled kernel an earlier launch of the same key, specialisation and
     device returned; the first such launch goes through ``fn.run`` and keeps what it returns.
     Triton's own settings (TRITON_DEBUG and the like) are those of that first launch."""
-    spec = _specialization(args)
+    spec = _specialization(args, len(key[-1]))
     known = None if spec is None else (key, spec, _current_device())
     hit = _DIRECT.get(known) if known is not None else None
     if hit is not None:
@@ -226,6 +230,14 @@ def _dot_precision(q: torch.Tensor) -> str:
 
 
 _METAS: dict = {}
+_META_IDS = itertools.count()
+
+
+class _Meta(dict):
+    """A shared dict of compile-time arguments with ``key``, a number no other set of them has
+    (never reused): the launch cache's key holds it instead of hashing every item on each call."""
+
+    key: int
 
 
 def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask, packing=None,
@@ -238,8 +250,9 @@ def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, 
     meta = _METAS.get(key)
     if meta is None:
         bd = block_d(d)
-        meta = dict(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=key[1], HAS_RIGHT=key[2], DOT_PREC=key[8],
-                    SOFTCAP=key[3], HAS_ALIBI=key[4], HAS_KSPAN=key[5], MASK_KIND=key[6], VARLEN=key[7], **more)
+        meta = _Meta(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=key[1], HAS_RIGHT=key[2], DOT_PREC=key[8],
+                     SOFTCAP=key[3], HAS_ALIBI=key[4], HAS_KSPAN=key[5], MASK_KIND=key[6], VARLEN=key[7], **more)
+        meta.key = next(_META_IDS)
         if len(_METAS) > 1024:
             _METAS.clear()
         _METAS[key] = meta
