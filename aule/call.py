@@ -222,7 +222,7 @@ def check_same_family(named: dict) -> tuple[str, str]:
 def check_float_dtypes(named: dict) -> str:
     xs = tuple(named.values())
     dt = xs[0].dtype
-    if all(x.dtype == dt for x in xs[1:]):  # the usual call: one dtype, named once
+    if all(x.dtype is dt or x.dtype == dt for x in xs[1:]):  # the usual call: one dtype, named once
         name = dtype_name(xs[0])
         if name in FLOAT_DTYPES:
             return name
