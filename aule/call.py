@@ -54,9 +54,20 @@ def dtype_name(x) -> str:
     return name
 
 
+_DEVICE_NAMES: dict = {}
+
+
+def torch_device_name(device) -> str:
+    """``str(device)`` of a torch device, remembered: torch builds the string on every call."""
+    name = _DEVICE_NAMES.get(device)
+    if name is None:
+        name = _DEVICE_NAMES[device] = str(device)
+    return name
+
+
 def device_of(x) -> str:
     if is_torch_tensor(x):
-        return str(x.device)
+        return torch_device_name(x.device)
     if type(x).__name__ == "GpuTensor":
         return "vulkan"
     return "cpu"
@@ -86,6 +97,10 @@ class Grouped(Placed):
     @property
     def group(self) -> int:
         return self.heads_q // self.heads_kv
+
+
+_NO_FEATURES: frozenset = frozenset()
+_GRAD_SINKS = frozenset({"sinks"})
 
 
 @dataclass
@@ -133,6 +148,9 @@ class AttentionCall(Grouped):
         whose visible keys are one run per (batch, query head): a kernel must then read it per
         (row, key), where a padding run is only a bound on each head's keys."""
         m = self.mask
+        if (m is None and not self.softcap and self.alibi is None and self.sinks is None
+                and self.descale is None):
+            return _NO_FEATURES  # the plain call, asked by every backend the router considers
         # A mask left on the device is not analysed on the host: a kernel reads it per (row, key).
         general = m is not None and not (isinstance(m, masks.AttnMask) and m.padding
                                          and m.spans(self.batch, self.heads_q)[1])
@@ -144,7 +162,7 @@ class AttentionCall(Grouped):
     @property
     def grad_features(self) -> frozenset:
         """The features whose arrays require grad; only a backend that differentiates them may serve it."""
-        return frozenset({"sinks"}) if self.sinks_grad is not None else frozenset()
+        return _GRAD_SINKS if self.sinks_grad is not None else _NO_FEATURES
 
     def on_host(self) -> "AttentionCall":
         """This call with its features as host data, checked by the rules :func:`canonicalize`
@@ -162,7 +180,7 @@ class AttentionCall(Grouped):
 
 
 def shape_tuple(x):
-    return tuple(int(s) for s in x.shape)
+    return tuple(map(int, x.shape))
 
 
 # The kernels compute in float32 and fold log2(e) into the scale for a base-2 softmax: a scale is
@@ -201,12 +219,16 @@ def check_same_family(named: dict) -> tuple[str, str]:
     """All arrays are of one kind (NumPy or torch) and, for torch, on one device."""
     xs = tuple(named.values())
     first = type(xs[0])
-    # The usual call: plain arrays or GpuTensors, all of one type (no device to compare).
+    # The usual call: plain arrays, GpuTensors or tensors, all of one type (and one device).
     if all(type(x) is first for x in xs):
         if first is np.ndarray:
             return "numpy", "cpu"
         if first.__name__ == "GpuTensor":
             return "gpu", "vulkan"
+        if is_torch_tensor(xs[0]):
+            device = xs[0].device
+            if all(x.device == device for x in xs[1:]):
+                return "torch", torch_device_name(device)
     kinds = {n: array_kind(x, n) for n, x in named.items()}
     if len(set(kinds.values())) > 1:
         raise TypeError("query, key and value must all be NumPy arrays or all torch tensors, got "
@@ -221,6 +243,12 @@ def check_same_family(named: dict) -> tuple[str, str]:
 
 def check_float_dtypes(named: dict, fp8: bool = False) -> str:
     """The one dtype of the inputs; with ``fp8`` float8 e4m3 (torch tensors) is allowed too."""
+    xs = tuple(named.values())
+    dt = xs[0].dtype
+    if all(x.dtype is dt or x.dtype == dt for x in xs[1:]):  # the usual call: one dtype, named once
+        name = dtype_name(xs[0])
+        if name in FLOAT_DTYPES or (fp8 and name in FP8_DTYPES):
+            return name
     dtypes = {n: dtype_name(x) for n, x in named.items()}
     allowed = "float16, bfloat16, float32 or float64" + (" (or float8_e4m3fn / float8_e4m3fnuz)" if fp8 else "")
     for n, dt in dtypes.items():
@@ -252,6 +280,8 @@ def int_table(x, name: str, ndim: int):
 
 
 def check_softcap(softcap) -> float:
+    if type(softcap) is float and softcap == 0.0:  # the default, without the ABC checks below
+        return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a real number (0 for none), got {type(softcap).__name__} {softcap!r}")
     c = float(softcap)

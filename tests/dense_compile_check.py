@@ -17,7 +17,7 @@ from paged_compile_check import compile_kernel  # noqa: E402
 from aule.backends.triton import kernels  # noqa: E402
 
 _FLOATS = {"qk_scale", "sm_scale", "cap_in", "cap_out"}
-_FP32_POINTERS = {"LSE", "LSE2", "DELTA", "ALIBI", "SINKS", "MASK"}
+_FP32_POINTERS = {"LSE", "LSE2", "DELTA", "ALIBI", "SINKS", "MASK", "QD", "KD", "VD"}
 
 
 def signature(fn, cu: str) -> tuple[dict, dict]:
@@ -50,13 +50,13 @@ def main() -> int:
                   BLOCK_M=64, BLOCK_N=64)
     ptx = ""
     for cu in ("*i32", "*i64"):
-        for fn, extra in ((kernels._attn_fwd, dict(HAS_SINKS=True)), (kernels._attn_bwd_dkdv, {}),
+        for fn, extra in ((kernels._attn_fwd, dict(HAS_SINKS=True, FP8=0)), (kernels._attn_bwd_dkdv, {}),
                           (kernels._attn_bwd_dq, {})):
             pointers, scalars = signature(fn, cu)
             ptx += compile_kernel(fn, pointers, scalars, {**common, **extra})
     # The dense forward with sinks and slopes checked (no offsets).
     pointers, scalars = signature(kernels._attn_fwd, "*i32")
-    ptx += compile_kernel(kernels._attn_fwd, pointers, scalars, {**common, "VARLEN": False, "HAS_SINKS": True})
+    ptx += compile_kernel(kernels._attn_fwd, pointers, scalars, {**common, "VARLEN": False, "HAS_SINKS": True, "FP8": 0})
     ops = re.findall(r"atom\.[\w.]+", ptx)
     if not ops or any(".sys." not in op for op in ops) or not any("release" in op for op in ops):
         print(f"the flag atomics are not all at system scope with a release: {sorted(set(ops))}", file=sys.stderr)

@@ -266,7 +266,8 @@ def test_recordings_binding_a_destroyed_buffer_are_dropped(ctx):
     q.free()
     ctx.trim_pools()  # destroys the freed buffers
     assert buf.handle is None and buf._id not in ctx._recordings_of
-    assert not any(buf._id in key for key in ctx._recordings)
+    assert set(ctx._ids_of) == set(ctx._recordings)  # every recording knows the buffers it binds
+    assert not any(buf._id in ids for ids in ctx._ids_of.values())
 
 
 def test_recordings_are_bounded(ctx):

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import functools
 
+from ..paged_call import PagedCall
+
 #: Every operation a backend may declare, in the order ``aule info`` lists them.
 OPS = ("attention", "paged_attention", "varlen_attention", "write_kv", "kv_store")
 
@@ -100,10 +102,13 @@ class Backend:
     def missing_features(self, call) -> str | None:
         """Why this backend cannot apply the features ``call`` uses (``None`` if it has them all).
         Every ``why_not`` asks it, overrides included: a feature must never be dropped in silence."""
-        missing = sorted(getattr(call, "features", frozenset()) - self.features_for(call))
-        if missing:
-            return f"backend {self.name!r} does not apply {', '.join(missing)} yet"
-        learned = sorted(getattr(call, "grad_features", frozenset()) - self.grad_features)
+        used = getattr(call, "features", None)
+        if used:
+            missing = sorted(used - self.features_for(call))
+            if missing:
+                return f"backend {self.name!r} does not apply {', '.join(missing)} yet"
+        learned = getattr(call, "grad_features", None)
+        learned = sorted(learned - self.grad_features) if learned else None
         if learned:
             names = ", ".join(learned)
             return (f"{names} requires grad, and backend {self.name!r} has no backward pass for {names}; "
@@ -113,8 +118,6 @@ class Backend:
     def features_for(self, call) -> frozenset:
         """The features this backend applies to calls like ``call``: ``features`` for dense calls,
         ``paged_features`` (where set) for paged ones."""
-        from ..paged_call import PagedCall
-
         if self.paged_features is None or not isinstance(call, PagedCall):
             return self.features
         return self.paged_features

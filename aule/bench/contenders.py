@@ -209,19 +209,37 @@ def _environ(values: dict):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _recordings(on: bool):
+    """Re-submitted recordings on or off for the duration (the context reads AULE_VULKAN_REUSE once,
+    when it is made); the recordings kept so far are dropped either way."""
+    from ..backends.vulkan import runtime
+
+    ctx = runtime.context()
+    was = ctx.reuse
+    ctx.reuse = on
+    ctx.forget_recordings()
+    try:
+        yield
+    finally:
+        ctx.reuse = was
+
+
 class AuleVulkanResident(Contender):
     """Vulkan on GpuTensors uploaded once, outside the timed region. The call goes through the
     public API (its wall time is the per-call cost a user sees); the GPU time of the dispatches
     comes from ``aule.backends.vulkan.attention(..., timestamps=True)``. With ``variant`` (and
     ``tiles``) the shader is forced through AULE_VULKAN_VARIANT / AULE_VULKAN_TILES, on cases of
-    ``dtype`` only: the variant sweep."""
+    ``dtype`` only: the variant sweep. ``reuse=False``: every call recorded anew, as with
+    AULE_VULKAN_REUSE=0 (the per-call cost without re-submitted recordings)."""
 
     impl = "resident"
 
-    def __init__(self, variant=None, tiles=None, dtype=None, *, padding=False):
+    def __init__(self, variant=None, tiles=None, dtype=None, *, padding=False, reuse=True):
         super().__init__("vulkan")
         self.forced, self.tiles, self.dtype = variant, tiles, dtype
         self.padding = padding  # the case's key-padding mask as attn_mask
+        self.reuse = reuse
 
     def applies(self, case):
         return case.get("pack") == "mask" if self.padding else super().applies(case)
@@ -281,6 +299,8 @@ class AuleVulkanResident(Contender):
         if self.forced:
             env = {"AULE_VULKAN_VARIANT": self.forced, "AULE_VULKAN_TILES": self.tiles or ""}
             context = lambda: _environ(env)  # noqa: E731
+        elif not self.reuse:
+            context = lambda: _recordings(False)  # noqa: E731
         return Bound(call, len(gsets), clock="device", device_ms=device_ms, device_batch=device_batch, cleanup=cleanup,
                      context=context, causal=causal, window=window, variant=chosen or self.variant(case))
 
@@ -755,6 +775,7 @@ CONTENDERS = _registry(**{
     "aule:vulkan": AuleDense("vulkan"),
     "aule:numpy": AuleDense("numpy"),
     "aule:vulkan resident": AuleVulkanResident(),
+    "aule:vulkan resident, recorded anew": AuleVulkanResident(reuse=False),
     "aule:auto": AuleDense(None),
     "aule:triton kv-expanded": AuleDense("triton", expand_kv=True),
     "aule:triton full-causal": AuleDense("triton", full_causal=True),

@@ -12,8 +12,9 @@ the op runs (eager calls pass the kernel form, analysed once by ``aule.call``).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-import os
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 import triton
 
-from ...call import OnDevice
+from ... import settings
+from ...call import OnDevice, dtype_name
 from ...errors import UnsupportedError
 from . import configs as cfg
 from . import flags, kernels
@@ -83,15 +85,29 @@ def target_of(t: torch.Tensor) -> str:
 
 
 def _fixed_config_index():
-    """None to autotune; else the index of the configuration to use untimed.
+    """None to autotune; else the index of the configuration to use untimed
+    (:func:`aule.settings.triton_config`: ``AULE_TRITON_AUTOTUNE=0``, ``AULE_TRITON_CONFIG=i``)."""
+    return settings.triton_config()
 
-    ``AULE_TRITON_AUTOTUNE=0`` takes the first configuration that fits the shape (tests, and
-    workloads whose shapes change too often to amortise tuning); ``AULE_TRITON_CONFIG=i`` takes
-    the i-th (benchmarks compile every candidate in parallel processes with it)."""
-    forced = os.environ.get("AULE_TRITON_CONFIG", "").strip()
-    if forced:
-        return int(forced)
-    return 0 if os.environ.get("AULE_TRITON_AUTOTUNE", "1").strip() == "0" else None
+
+# What a launch resolves to: the JIT function and the keyword arguments of its tile, by everything
+# that decides them (the kernel, its target and configuration rule, a tile asked for, the
+# compile-time arguments, the shape buckets and the dtypes of the tensors, which are what Triton's
+# autotuner keys its own pick on). A repeated call finds its launch here instead of pruning the
+# configurations again or passing through the autotuner's per-launch key computation.
+_LAUNCHES: dict = {}
+_TUNING = threading.Lock()
+_TENSOR = torch.Tensor
+
+
+def _tensor_dtypes(args: tuple) -> tuple:
+    """The dtypes of a launch's tensor arguments: the kernels take their tensors first."""
+    out = []
+    for a in args:
+        if type(a) is not _TENSOR and not isinstance(a, _TENSOR):  # the exact type first: isinstance is slow here
+            break
+        out.append(a.dtype)
+    return tuple(out)
 
 
 def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, sizes, tile=None):
@@ -99,26 +115,117 @@ def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, size
     interpreter's tile, or the autotuned choice for this target and shape (``sizes``: seq_q, seq_k,
     the longest sequence's for varlen)."""
     target = target_of(like)
-    if tile is None and target == "interpret":
-        tile = cfg.INTERPRET_TILE
     index = _fixed_config_index()
+    buckets = (next_pow2(sizes[0]), next_pow2(sizes[1]))
+    key = (kernel, target, index, tile, meta.key if type(meta) is _Meta else tuple(meta.items()), buckets,
+           _tensor_dtypes(args))
+    known = _LAUNCHES.get(key)
+    if known is None:
+        if len(_LAUNCHES) > 4096:
+            _LAUNCHES.clear()
+        known = _first_launch(key, grid, args, meta, like)
+        if known is None:  # launched by the autotuner, which has now made its pick
+            return
+    fn, tile_kwargs, fixed = known
+    # A fixed tile sizes the grid here, as before; a tuned one lets Triton size it from the bound
+    # arguments, as the autotuner did.
+    sized = grid(tile_kwargs) if fixed else grid
+    if target == "cuda" and settings.triton_direct():
+        _direct_launch(key, fn, grid, sized, args, meta, tile_kwargs)
+        return
+    fn.run(*args, grid=sized, warmup=False, **meta, **tile_kwargs)
+
+
+# AULE_TRITON_DIRECT=1: compiled kernels by launch key, the arguments' specialisation and the
+# device, with the compile-time values that follow the arguments. JITFunction.run binds and
+# specialises every argument on every launch, which for these kernels of some fifty arguments
+# cost more host time than all of aule's own path (about 20 us a launch, measured on the CPU).
+_DIRECT: dict = {}
+_I32, _I64 = (-2 ** 31, 2 ** 31), (-2 ** 63, 2 ** 63)
+
+
+def _specialization(args: tuple, tensors: int) -> tuple | None:
+    """What Triton's NVIDIA backend specialises a launch on, for the arguments these kernels take
+    (``tensors`` tensors, then ints and floats): each tensor's 16-byte alignment (its dtype is in
+    the launch key), each int's being 1 (then a constant), a multiple of 16, and its width; floats
+    are not specialised. None for any other argument: such a launch takes Triton's own path."""
+    lo, hi = _I32
+    out = [a.data_ptr() % 16 == 0 for a in args[:tensors]]
+    out += [(1 if a == 1 else 2 if a % 16 == 0 else 3) if type(a) is int and lo <= a < hi else _rare(a)
+            for a in args[tensors:]]
+    return None if None in out else tuple(out)
+
+
+def _rare(a):
+    """:func:`_specialization` of a float, a wide int, a tensor past the leading ones, or anything
+    else (None)."""
+    t = type(a)
+    if t is float:
+        return 0
+    if isinstance(a, _TENSOR):  # one after the scalars (FP8's descales, or their stand-ins)
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if t is int:
+        return (2 if a % 16 == 0 else 3) + (4 if _I64[0] <= a < _I64[1] else 8)
+    return None
+
+
+def _current_device() -> int:
+    """The device Triton compiles and launches for (its current device, as JITFunction.run reads it)."""
+    return torch.cuda.current_device()
+
+
+def _direct_launch(key: tuple, fn, grid, sized, args: tuple, meta: dict, tile_kwargs: dict) -> None:
+    """Launch through the compiled kernel an earlier launch of the same key, specialisation and
+    device returned; the first such launch goes through ``fn.run`` and keeps what it returns.
+    Triton's own settings (TRITON_DEBUG and the like) are those of that first launch."""
+    spec = _specialization(args, len(key[-1]))
+    known = None if spec is None else (key, spec, _current_device())
+    hit = _DIRECT.get(known) if known is not None else None
+    if hit is not None:
+        compiled, tail = hit
+        g = tuple(grid(tile_kwargs)) + (1, 1)
+        compiled[g[:3]](*args, *tail)
+        return
+    compiled = fn.run(*args, grid=sized, warmup=False, **meta, **tile_kwargs)
+    # The compiled kernel takes every parameter in order: the launch's arguments, then the
+    # compile-time ones, whose values the key fixes.
+    values = {**meta, **tile_kwargs}
+    names = fn.arg_names[len(args):]
+    if known is not None and compiled is not None and all(n in values for n in names):
+        if len(_DIRECT) > 4096:
+            _DIRECT.clear()
+        _DIRECT[known] = (compiled, tuple(values[n] for n in names))
+
+
+def _first_launch(key: tuple, grid, args: tuple, meta: dict, like: torch.Tensor):
+    """The launch of ``key`` seen for the first time: ``(jit function, tile keyword arguments,
+    whether the tile is fixed)``, remembered; or ``None`` once the autotuner has run the kernel
+    itself, after which its pick is remembered."""
+    kernel, target, index, tile, _, buckets, _ = key
     choice = (kernel, target, cfg.head_dim_class(meta["HEAD_DIM"]), like.dtype == torch.float32,
               like.dtype in FP8_SHIFT)
+    if tile is None and target == "interpret":
+        tile = cfg.INTERPRET_TILE
     if tile is None and index is not None:
         fits = cfg.prune(cfg.configs(choice[1], kernel, *choice[2:]),
-                         {"Q_BUCKET": next_pow2(sizes[0]), "K_BUCKET": next_pow2(sizes[1])})
+                         {"Q_BUCKET": buckets[0], "K_BUCKET": buckets[1]})
         c = fits[index % len(fits)]
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
     if tile is not None:
-        bm, bn = tile[0], tile[1]
-        extra = {}
+        tile_kwargs = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}
         if target != "interpret":
-            extra = {"num_warps": tile[2] if len(tile) > 2 else 4,
-                     "num_stages": tile[3] if len(tile) > 3 else 2}
-        _KERNELS[kernel][grid({"BLOCK_M": bm, "BLOCK_N": bn})](
-            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, **extra)
-        return
-    _tuned(*choice)[grid](*args, **meta)
+            tile_kwargs.update(num_warps=tile[2] if len(tile) > 2 else 4,
+                               num_stages=tile[3] if len(tile) > 3 else 2)
+        known = _LAUNCHES[key] = (_KERNELS[kernel], tile_kwargs, True)
+        return known
+    tuner = _tuned(*choice)
+    # The tuner's pick for this key is fixed once made: later launches pass its configuration
+    # to the kernel directly. The lock keeps another thread's tuning from replacing
+    # ``best_config`` between this launch and the read.
+    with _TUNING:
+        tuner[grid](*args, **meta)
+        _LAUNCHES[key] = (_KERNELS[kernel], tuner.best_config.all_kwargs(), False)
+    return None
 
 
 def _dot_precision(q: torch.Tensor) -> str:
@@ -132,14 +239,35 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "tf32x3" if target_of(q) == "cuda" else "ieee"
 
 
+_METAS: dict = {}
+_META_IDS = itertools.count()
+
+
+class _Meta(dict):
+    """A shared dict of compile-time arguments with ``key``, a number no other set of them has
+    (never reused): the launch cache's key holds it instead of hashing every item on each call."""
+
+    key: int
+
+
 def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask, packing=None,
-          flag=None) -> dict:
+          flag=None, **more) -> dict:
+    """The kernels' compile-time arguments (CHECK when an error ``flag`` is open, and ``more``, e.g. ``HAS_SINKS``), one shared dict per
+    distinct set of them: the launch only reads it."""
     d = q.shape[-1]
-    bd = block_d(d)
-    return dict(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                DOT_PREC=_dot_precision(q), SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-                HAS_KSPAN=kspan is not None, MASK_KIND=_mask_kind(mask), VARLEN=packing is not None,
-                CHECK=flag is not None)
+    key = (d, left >= 0, right >= 0, softcap > 0, alibi is not None, kspan is not None, _mask_kind(mask),
+           packing is not None, _dot_precision(q), flag is not None, tuple(more.items()))
+    meta = _METAS.get(key)
+    if meta is None:
+        bd = block_d(d)
+        meta = _Meta(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=key[1], HAS_RIGHT=key[2], DOT_PREC=key[8],
+                     SOFTCAP=key[3], HAS_ALIBI=key[4], HAS_KSPAN=key[5], MASK_KIND=key[6], VARLEN=key[7],
+                     CHECK=key[9], **more)
+        meta.key = next(_META_IDS)
+        if len(_METAS) > 1024:
+            _METAS.clear()
+        _METAS[key] = meta
+    return meta
 
 
 @dataclass(frozen=True)
@@ -329,7 +457,7 @@ def _check(q, k, v, fp8: bool = False):
         raise TypeError(f"query, key and value must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] > 256:
         raise ValueError(f"head_dim must be <= 256 for the Triton kernels, got {q.shape[-1]}")
-    reason = fp32_refusal(str(q.dtype).replace("torch.", ""), q.shape[-1], q.device.type)
+    reason = fp32_refusal(dtype_name(q), q.shape[-1], q.device.type)
     if reason:
         raise UnsupportedError(reason)
 
@@ -416,8 +544,8 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
             next_pow2(sizes[0]), next_pow2(sizes[1]), *sizes,
             *descales, *(st for t in descales for st in (t.stride() if fp8 else (0, 0))))
     _launch("fwd", _grid(sizes[0], "BLOCK_M", hq, b, packing), args,
-            dict(_meta(q, left, right, softcap, alibi, kspan, mask, packing, flag), HAS_SINKS=sinks is not None,
-                 FP8=FP8_SHIFT.get(q.dtype, 0)),
+            _meta(q, left, right, softcap, alibi, kspan, mask, packing, flag, HAS_SINKS=sinks is not None,
+                  FP8=FP8_SHIFT.get(q.dtype, 0)),
             q, sizes, tile)
     flags.close_flag(flag, q.device)
     return out, lse
@@ -588,9 +716,11 @@ def _eager_inference(*tensors) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
+    return bool(_FUNCTORCH_ACTIVE()) if _FUNCTORCH_ACTIVE is not None else False
 
 
 def triton_attention(q, k, v, scale: float, left: int = -1, right: int = -1, softcap: float = 0.0,

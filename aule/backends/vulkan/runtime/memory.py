@@ -142,16 +142,25 @@ class Buffer:
 
 
 class Lease:
-    """A pooled buffer on loan: ``release()`` (or garbage collection) hands it back to the pool."""
+    """A pooled buffer on loan: ``release()`` (or garbage collection) hands it back to the pool.
 
-    __slots__ = ("buffer", "nbytes", "_fin", "__weakref__")
+    Released by ``__del__`` rather than a ``weakref.finalize``, whose registration and call cost
+    a small call about two microseconds a buffer; ``_pool`` holds the pool until the one release
+    that pops it (``list.pop`` is atomic, so two threads cannot both give the buffer back)."""
+
+    __slots__ = ("buffer", "nbytes", "_pool", "__weakref__")
 
     def __init__(self, pool: "BufferPool", buffer: Buffer, nbytes: int):
-        self.buffer, self.nbytes = buffer, nbytes
-        self._fin = weakref.finalize(self, pool._give_back, buffer)
+        self.buffer, self.nbytes, self._pool = buffer, nbytes, [pool]
 
     def release(self) -> None:
-        self._fin()
+        try:
+            pool = self._pool.pop()
+        except IndexError:  # released already
+            return
+        pool._give_back(self.buffer)
+
+    __del__ = release
 
 
 class BufferPool:
@@ -206,7 +215,9 @@ class BufferPool:
             self.free.setdefault(buf.nbytes, []).append(buf)
             self.free.move_to_end(buf.nbytes)
             self.cached += buf.nbytes
-        self.trim(self.limit)
+            over = self.cached > self.limit
+        if over:
+            self.trim(self.limit)
 
     def trim(self, limit: int) -> None:
         drop = []
