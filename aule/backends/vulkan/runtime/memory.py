@@ -6,7 +6,6 @@ import concurrent.futures
 import itertools
 import logging
 import os
-import sys
 import threading
 import weakref
 
@@ -396,61 +395,56 @@ class ResultPool:
 
     A fresh result array costs more to write than its copy out of staging: each of its 4 KiB pages
     faults on first touch (13.6 GB/s with 8 threads on the H200's host against 38.8 GB/s into
-    memory already mapped). So a result is a view of a pooled block, and a block is free again
-    when nothing but the pool refers to it: every view, export (memoryview, torch.from_numpy) and
-    sub-array of a result holds a reference to its block, so a block still reachable from the
-    caller is never handed out twice. Blocks are kept up to RESULT_POOL_BYTES in all.
+    memory already mapped). So a result is an array over a pooled block, owned by a small
+    :class:`_Lent` object: every view, export (memoryview, torch.from_numpy) and sub-array of the
+    result keeps that owner alive, and only its finalizer gives the block back. Free blocks are
+    kept up to RESULT_POOL_BYTES in all.
     """
 
     def __init__(self, limit: int = RESULT_POOL_BYTES):
         self.limit = limit
-        self._blocks: list[np.ndarray] = []
-        self._lock = threading.Lock()
-        self._free_refs = None
-
-    def _free(self, block) -> bool:
-        # Counted through the same frames for every block; the count a block has before it is first
-        # handed out (the pool's list, the caller's name, this call) is what a free one shows.
-        return sys.getrefcount(block) <= self._free_refs
+        self._free: list[np.ndarray] = []
+        self._lock = threading.RLock()  # a finalizer may run inside take (a collection there)
 
     def take(self, n: int, align: int = 0) -> np.ndarray:
         """``n`` bytes (uint8, 1-D), starting at a multiple of ``align`` when it is non-zero."""
         need = n + align
         with self._lock:
-            best = None
-            for i in range(len(self._blocks)):
-                b = self._blocks[i]
-                if need <= b.nbytes <= 2 * need and self._free(b) and (best is None or b.nbytes < best.nbytes):
-                    best = b
-            b = best
-            if b is None:
-                b = np.empty(need, np.uint8)
-                self._blocks.append(b)
-                if self._free_refs is None:
-                    self._free_refs = sys.getrefcount(b) + 1  # + _free's own argument
-                self._shrink(keep=b)
-        return _aligned(b, n, align)
+            fits = [i for i, b in enumerate(self._free) if need <= b.nbytes <= 2 * need]
+            block = self._free.pop(min(fits, key=lambda i: self._free[i].nbytes)) if fits else None
+        if block is None:
+            block = np.empty(need, np.uint8)
+        lent = _Lent(_aligned(block, n, align))
+        weakref.finalize(lent, self._give_back, block)
+        return np.asarray(lent)
 
-    def _shrink(self, keep) -> None:
-        """Forget free blocks, oldest first, while the pool holds more than its limit (blocks in
-        use stay the caller's: the pool only stops reusing them)."""
-        total = sum(b.nbytes for b in self._blocks)
-        i = 0
-        while total > self.limit and i < len(self._blocks):
-            b = self._blocks[i]
-            if b is not keep and (self._free(b) or total > 2 * self.limit):
-                total -= b.nbytes
-                del self._blocks[i]
-            else:
-                i += 1
+    def _give_back(self, block: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(block)
+            total = sum(b.nbytes for b in self._free)
+            while total > self.limit and self._free:
+                total -= self._free.pop(0).nbytes
 
     def trim(self) -> None:
-        """Forget every block (those still in use remain valid: their callers own them)."""
+        """Forget the free blocks (a block still in use returns when its result is dropped)."""
         with self._lock:
-            self._blocks.clear()
+            self._free.clear()
 
     def held_bytes(self) -> int:
-        return sum(b.nbytes for b in self._blocks)
+        """Bytes of free blocks kept for reuse."""
+        return sum(b.nbytes for b in self._free)
+
+
+class _Lent:
+    """The owner of one result's bytes: arrays over it keep it (and the block) alive; its
+    finalizer returns the block to the pool."""
+
+    __slots__ = ("block", "__array_interface__", "__weakref__")
+
+    def __init__(self, view: np.ndarray):
+        self.block = view
+        self.__array_interface__ = dict(shape=view.shape, typestr="|u1", version=3,
+                                        data=(view.__array_interface__["data"][0], False))
 
 
 class Transfer:
