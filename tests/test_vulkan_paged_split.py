@@ -184,3 +184,156 @@ def test_cache_beyond_the_binding_range_is_split_and_attended(ctx):
         aule.flash_attention(q_dense, kc, vc, backend="vulkan")
     for t in (kc, vc, q_dense):
         t.free()
+
+
+# --- many pieces: limits seen smaller than the device's --------------------------------------------
+
+@pytest.fixture
+def small_buffers(ctx, monkeypatch):
+    """The context seen through a storage-buffer range of ``limit(block_bytes, pieces)``: a cache of
+    that many blocks splits into ``pieces`` buffers. Returns the function that sets it."""
+    real = ctx.info
+
+    def limit(num_blocks: int, block_bytes: int, pieces: int):
+        per = -(-num_blocks // pieces)
+        monkeypatch.setattr(ctx, "info", dataclasses.replace(real, max_storage_buffer_range=per * block_bytes))
+        from aule.backends.vulkan import plans
+
+        split = plans.cache_split((num_blocks, 1, 1, block_bytes // 4), 4, ctx.info)
+        assert split.pieces == pieces, (split, pieces)
+        return split
+
+    return limit
+
+
+@pytest.mark.parametrize("q_len,window,heads,pieces", [(1, -1, (8, 2), 6), (4, -1, (4, 4), 3), (1, 24, (8, 1), 7),
+                                                       (3, (40, 0), (8, 2), 2)])
+def test_many_pieces_match_the_reference(ctx, small_buffers, q_len, window, heads, pieces):
+    from test_paged import make_case
+
+    rng = np.random.default_rng(q_len * 31 + pieces)
+    # 700 keys split the context across workgroups (the split-K merge) as well as across buffers.
+    case = make_case(rng, [1, 17, 40, 700], *heads, 64, 16, q_len, window_size=window)
+    small_buffers(case.k_cache.shape[0], case.k_cache[0].nbytes, pieces)
+    kc, vc = _gpu_cache(case, np.float32)
+    assert len(kc.leases) == pieces
+    np.testing.assert_array_equal(kc.numpy(), case.k_cache)   # the NaN of unused slots included
+    out = aule.flash_attention_paged(case.q, kc, vc, case.block_tables, case.context_lens, window_size=window)
+    check(out, paged_reference(case.q, case.ks, case.vs, window_size=window), "float32")
+    gpu_out = aule.flash_attention_paged(aule.to_gpu(case.q), kc, vc, case.block_tables, case.context_lens,
+                                         window_size=window)
+    np.testing.assert_array_equal(gpu_out.numpy(), out)
+
+
+def test_packed_rows_and_host_cache_over_pieces(ctx, small_buffers):
+    from test_paged import make_case
+
+    rng = np.random.default_rng(5)
+    case = make_case(rng, [5, 33, 90], 8, 2, 32, 8, [2, 5, 1])
+    small_buffers(case.k_cache.shape[0], case.k_cache[0].nbytes, 4)
+    ref = paged_reference(case.q, case.ks, case.vs, case.query_start_loc)
+    kc, vc = _gpu_cache(case, np.float32)
+    out = aule.flash_attention_paged(case.q, kc, vc, case.block_tables, case.context_lens,
+                                     query_start_loc=case.query_start_loc)
+    check(out, ref, "float32")
+    # Host caches past one binding are uploaded for the call in pieces too (when vulkan is forced).
+    out = aule.flash_attention_paged(case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens,
+                                     query_start_loc=case.query_start_loc, backend="vulkan")
+    check(out, ref, "float32")
+
+
+def test_paged_kv_cache_appends_forks_and_copies_across_pieces(ctx, small_buffers):
+    bs, hk, d, blocks = 4, 2, 16, 30
+    small_buffers(blocks, bs * hk * d * 4, 5)
+    cache = aule.PagedKVCache(blocks, bs, hk, d, "float32", backend="vulkan")
+    assert len(cache.k_cache.leases) == 5 and cache.k_cache.blocks_per_piece == 6
+    rng = np.random.default_rng(7)
+    # Sequences long enough that their blocks run through every piece.
+    seqs = [cache.allocate() for _ in range(3)]
+    rows = {}
+    for n, s in zip((45, 30, 30), seqs):
+        k = rng.standard_normal((n, hk, d)).astype(np.float32)
+        v = rng.standard_normal((n, hk, d)).astype(np.float32)
+        cache.append(s, k, v)
+        rows[s] = (k, v)
+    used = np.concatenate([cache.block_tables([s])[0] for s in seqs])
+    assert {int(b) // 6 for b in used if b >= 0} == set(range(5))
+    child = cache.fork(seqs[0])   # 45 tokens: a shared, partly filled last block
+    k2 = rng.standard_normal((3, hk, d)).astype(np.float32)
+    cache.append(child, k2, 2 * k2)   # copy-on-write of that block, within the split cache
+    assert cache.block_tables([child])[0, 11] != cache.block_tables([seqs[0]])[0, 11]
+    for s in seqs:
+        np.testing.assert_array_equal(cache.gather(s)[0], rows[s][0].transpose(1, 0, 2))
+    ck, cv = cache.gather(child)
+    np.testing.assert_array_equal(ck, np.concatenate([rows[seqs[0]][0], k2]).transpose(1, 0, 2))
+    np.testing.assert_array_equal(cv, np.concatenate([rows[seqs[0]][1], 2 * k2]).transpose(1, 0, 2))
+    q = rng.standard_normal((4, 4, 1, d)).astype(np.float32)
+    order = seqs + [child]
+    out = cache.attention(q, order)
+    for i, s in enumerate(order):
+        gk, gv = cache.gather(s)
+        check(out[i:i + 1], attention_reference(q[i:i + 1], gk[None], gv[None]), "float32")
+
+
+def test_caches_that_cannot_be_bound_as_they_lie_are_refused(ctx, small_buffers):
+    from aule.backends.vulkan import GpuTensor
+    from test_paged import make_case
+
+    rng = np.random.default_rng(9)
+    case = make_case(rng, [20, 9], 4, 2, 16, 4, 1)
+    small_buffers(case.k_cache.shape[0], case.k_cache[0].nbytes, 3)
+    split, whole = GpuTensor.from_numpy(case.k_cache, paged=True), GpuTensor.from_numpy(case.v_cache)
+    args = (case.block_tables, case.context_lens)
+    with pytest.raises(aule.UnsupportedError, match="k_cache and v_cache must lie alike"):
+        aule.flash_attention_paged(case.q, split, whole, *args, backend="vulkan")
+    with pytest.raises(aule.UnsupportedError, match=r"single buffers of \d+ bytes, beyond .*paged=True"):
+        aule.flash_attention_paged(case.q, whole, whole, *args, backend="vulkan")
+    # A split cache read as q [batch = num_blocks, heads_q = block_size, q_len = heads_kv, head_dim].
+    n = case.k_cache.shape[0]
+    with pytest.raises(aule.UnsupportedError, match="q is a paged KV cache split"):
+        aule.flash_attention_paged(split, split, split, np.zeros((n, 1), np.int32), np.full(n, 2, np.int32),
+                                   backend="vulkan")
+    with pytest.raises(ValueError, match="paged=True takes a cache"):
+        GpuTensor.from_numpy(case.q[0], paged=True)
+
+
+# --- on a GPU: the cache of issue 14 ----------------------------------------------------------------
+
+def test_gpu_b64_ctx32k_cache_past_one_allocation(ctx):
+    """The cache that failed on the H200 (B64, ctx 32k, 8 KV heads, head_dim 128, float16, block 16:
+    4 GiB per K or V, past its 4 GiB - 2 MiB allocation limit), allocated by PagedKVCache, written
+    and attended at the boundaries of its pieces. GPU only: lavapipe's 2 GiB heap cannot hold it."""
+    from aule.backends.vulkan import plans
+
+    if ctx.info.is_cpu:
+        pytest.skip(f"needs a GPU with 9 GiB free; the Vulkan device here is {ctx.info.name}")
+    bs, hk, hq, d = 16, 8, 32, 128
+    shape = (64 * 32768 // bs, bs, hk, d)
+    split = plans.cache_split(shape, 2, ctx.info)
+    if split.pieces == 1:
+        pytest.skip(f"{ctx.info.name} holds a 4 GiB cache in one buffer")
+    if ctx.info.device_local_bytes < 2 * 2**32 + 2**30:
+        pytest.skip(f"{ctx.info.name} has {ctx.info.device_local_bytes >> 20} MiB of device memory, too little")
+    cache = aule.PagedKVCache(*shape, "float16", backend="vulkan")
+    kc, vc = cache.k_cache, cache.v_cache
+    assert len(kc.leases) == split.pieces and kc.blocks_per_piece == split.blocks_per_piece
+    rng = np.random.default_rng(14)
+    # Three sequences on disjoint blocks at the pieces' edges: the first key tile of each (two blocks)
+    # reads two pieces.
+    b0, b1, last = split.blocks(0)[1] - 1, split.blocks(1)[0], shape[0] - 1
+    tables = [[b0, b1, 0], [last, b0 - 1], [b1 + 1, last - 1]]
+    lens = [3 * bs - 7, 2 * bs, 2 * bs - 1]
+    ks, vs = [], []
+    for ids, n in zip(tables, lens):
+        slots = np.array([ids[j // bs] * bs + j % bs for j in range(n)], np.int32)
+        k = rng.standard_normal((n, hk, d)).astype(np.float16)
+        v = rng.standard_normal((n, hk, d)).astype(np.float16)
+        aule.copy_kv_to_paged(k, v, kc, vc, slots)
+        ks.append(k.transpose(1, 0, 2))
+        vs.append(v.transpose(1, 0, 2))
+    block_tables = np.full((3, 3), 10 ** 6, np.int32)
+    for b, ids in enumerate(tables):
+        block_tables[b, :len(ids)] = ids
+    q = rng.standard_normal((3, hq, 1, d)).astype(np.float16)
+    out = aule.flash_attention_paged(q, kc, vc, block_tables, np.array(lens, np.int32))
+    check(out, paged_reference(q, ks, vs), "float16")

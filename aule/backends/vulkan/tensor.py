@@ -6,7 +6,7 @@ import numpy as np
 from ...arrays import to_numpy
 from ...call import is_torch_tensor
 from .plans import CacheSplit, cache_split
-from .runtime import Context, Lease, context
+from .runtime import Context, context
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -171,6 +171,7 @@ class GpuTensor:
         return f"GpuTensor(shape={self.shape}, dtype={self.dtype.name}{pieces}, device={self.ctx.info.name!r})"
 
 
-def to_gpu(array, dtype=None) -> GpuTensor:
-    """Shorthand for :meth:`GpuTensor.from_numpy`."""
-    return GpuTensor.from_numpy(array, dtype)
+def to_gpu(array, dtype=None, *, paged: bool = False) -> GpuTensor:
+    """Shorthand for :meth:`GpuTensor.from_numpy` (``paged=True``: a KV cache, split where one
+    buffer cannot hold it)."""
+    return GpuTensor.from_numpy(array, dtype, paged=paged)
