@@ -295,6 +295,12 @@ def test_caches_that_cannot_be_bound_as_they_lie_are_refused(ctx, small_buffers)
                                    backend="vulkan")
     with pytest.raises(ValueError, match="paged=True takes a cache"):
         GpuTensor.from_numpy(case.q[0], paged=True)
+    # Host caches are uploaded for attention, but a write into an upload would be lost.
+    rows = np.ones((1, 2, 16), np.float32)
+    with pytest.raises(aule.UnsupportedError, match="written in place by the numpy backend"):
+        aule.copy_kv_to_paged(rows, rows, case.k_cache, case.v_cache, np.array([0]), backend="vulkan")
+    aule.copy_kv_to_paged(rows, rows, case.k_cache, case.v_cache, np.array([0]))
+    assert (case.k_cache[0, 0] == 1).all()
 
 
 # --- on a GPU: the cache of issue 14 ----------------------------------------------------------------

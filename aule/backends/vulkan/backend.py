@@ -165,6 +165,9 @@ class VulkanBackend(Backend):
         return out
 
     def why_not_write_kv(self, call, forced: bool) -> str | None:
+        if call.kind != "gpu" and forced:
+            # An upload of host caches would take the write, and the caller's arrays would not.
+            return "vulkan writes into GpuTensor caches; host caches are written in place by the numpy backend"
         return self._cache_reason(call, forced, runtime.context()) or _split_operand(call, ("key", "value"))
 
     def write_kv(self, call) -> None:

@@ -331,8 +331,8 @@ def copy_slots(ctx, k_cache, v_cache, src, dst) -> None:
             span = max(len(dst), int(src_slots.max(initial=0) + 1)) * k_cache.shape[2] * k_cache.shape[3] \
                 * k_cache.dtype.itemsize
             sk, sv = (_binding(k_cache.buffer, span),), (_binding(v_cache.buffer, span),)
-        else:
-            sk, sv = _cache_bindings(ctx, held, k_cache, k_cache.dtype)[1], _cache_bindings(ctx, held, v_cache, v_cache.dtype)[1]
+        else:  # the caches' own pieces: slots are numbered across them
+            sk, sv = (_cache_bindings(ctx, held, c, c.dtype)[1] for c in (k_cache, v_cache))
         _copy_rows(ctx, held, sk, sv, k_cache, v_cache, src_slots, dst_buf, len(dst))
 
 
