@@ -23,6 +23,7 @@
 // Every loop but the key-tile loop (and the merge's loops over the splits) runs a number of times
 // fixed by the specialization constants and is unrolled: lavapipe ends an invocation after 65535
 // loop iterations in total (plans.paged_loop_iterations counts them).
+// AULE_SPLIT (paged_split*): the K and V caches are arrays of buffers, each a run of whole blocks.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #ifdef AULE_FP16
@@ -69,8 +70,17 @@ layout(push_constant) uniform PagedParams {
 } pc;
 
 layout(std430, binding = 0) readonly buffer QB { ELEM4 q[]; };        // [B, Hq, q_len, D] or [tokens, Hq, D]
+#ifdef AULE_SPLIT
+// A cache split across device buffers (aule/backends/vulkan/plans.py cache_split): PIECES buffers
+// of BLOCKS_PER_PIECE whole blocks each (the last may hold fewer), bound as arrays.
+layout(constant_id = 4) const uint PIECES = 2;
+layout(constant_id = 5) const uint BLOCKS_PER_PIECE = 1;
+layout(std430, binding = 1) readonly buffer KB { ELEM4 d[]; } kc[PIECES];   // [blocks of the piece, bs, Hkv, D]
+layout(std430, binding = 2) readonly buffer VB { ELEM4 d[]; } vc[PIECES];
+#else
 layout(std430, binding = 1) readonly buffer KB { ELEM4 kc[]; };       // [blocks, bs, Hkv, D]
 layout(std430, binding = 2) readonly buffer VB { ELEM4 vc[]; };
+#endif
 layout(std430, binding = 3) readonly buffer TB { int block_tables[]; };
 // context_lens [B], then, packed, query_start_loc [B + 1], then the features' slopes and sinks: one
 // upload, within the runtime's bindings.
@@ -127,9 +137,27 @@ void fetch_tile(int t, uint b, uint hk, int k_lo, int k_hi) {
         const bool ok = key_in_tile(t, i, k_lo, k_hi);
         const uint j = uint(t * int(BN)) + i / D4;
         const uint blk = uint(block_tables[ok ? b * pc.max_blocks + j / pc.block_size : 0u]);
+#ifdef AULE_SPLIT
+        // The invocations of one tile read different blocks, so different pieces: the index is not
+        // uniform, and lavapipe (like other Vulkan 1.2 devices) lacks non-uniform indexing of buffer
+        // arrays. Each piece is read under its own branch, where the index is the (uniform,
+        // unrolled) loop counter; a key outside the range reads slot 0 of piece 0, as unsplit.
+        const uint piece = ok ? blk / BLOCKS_PER_PIECE : 0u;
+        const uint at = ok ? ((blk - piece * BLOCKS_PER_PIECE) * pc.block_size + j % pc.block_size) * row_stride
+                             + hk * D4 + i % D4 : 0u;
+        k_next[a] = ELEM4(0);
+        v_next[a] = ELEM4(0);
+        [[unroll]] for (uint p = 0; p < PIECES; ++p) {
+            if (piece == p) {
+                k_next[a] = kc[p].d[at];
+                v_next[a] = vc[p].d[at];
+            }
+        }
+#else
         const uint at = ok ? (blk * pc.block_size + j % pc.block_size) * row_stride + hk * D4 + i % D4 : 0u;
         k_next[a] = kc[at];
         v_next[a] = vc[at];
+#endif
     }
 }
 

@@ -194,10 +194,14 @@ def test_to_gpu_refuses_values_the_dtype_cannot_hold(ctx, src, dtype):
     assert np.isposinf(kept[0]) and np.isneginf(kept[1]) and np.isnan(kept[2])
 
 
-def test_vulkan_cache_beyond_storage_range_is_refused_at_construction(ctx):
+def test_vulkan_cache_beyond_what_a_split_binds_is_refused_at_construction(ctx):
+    # A cache past one buffer is split along its blocks (plans.cache_split); past the pieces the
+    # shaders can bind it is refused before anything is allocated.
+    from aule.backends.vulkan.plans import max_pieces, piece_limit
+
     bs, hk, d = 16, 8, 128
     limit = ctx.info.max_storage_buffer_range
-    blocks = limit // (bs * hk * d * 4) + 1
+    blocks = max_pieces(ctx.info) * (piece_limit(ctx.info) // (bs * hk * d * 4)) + 1
     with pytest.raises(UnsupportedError) as err:
         aule.PagedKVCache(blocks, bs, hk, d, dtype="float32", backend="vulkan")
     msg = str(err.value)

@@ -736,8 +736,9 @@ class AulePagedVulkanResident(Contender):
             raise Skip(f"aule's Vulkan paged path is missing: {exc}") from None
         names = ("q", "k_cache", "v_cache", "block_tables", "context_lens")
         resident = ("k_cache", "v_cache")
-        hsets = [{n: (to_gpu if n in resident else np.asarray)(s[n].cpu().numpy()) for n in names}
-                 for s in inp.sets]
+        # paged=True: a cache past one device buffer (B64 ctx32k on the H200) is split across several.
+        hsets = [{n: (to_gpu(s[n].cpu().numpy(), paged=True) if n in resident else np.asarray(s[n].cpu().numpy()))
+                  for n in names} for s in inp.sets]
 
         def call(i):
             return aule.flash_attention_paged(*(hsets[i][n] for n in names), backend="vulkan")

@@ -15,7 +15,7 @@ from ...arrays import to_numpy
 from ...errors import UnsupportedError
 from ..base import Backend, nothing_to_compute
 from . import launch, runtime
-from .plans import paged_unfit
+from .plans import cache_split, paged_unfit
 from .select import host_variant
 from .shaders import SCORE_FEATURES, VARIANTS, spirv_dir
 from .tensor import GpuTensor
@@ -34,18 +34,44 @@ def _cpu_device_reason(info) -> str:
             "(backend='vulkan' forces it)")
 
 
-def _cache_too_big(shape: tuple, dtype: str, info) -> str | None:
+def _cache_unfit(shape: tuple, dtype: str, info) -> str | None:
     """Why a K (or V) cache of ``shape`` [num_blocks, block_size, heads_kv, head_dim] cannot be
-    bound to the paged shaders, which address each cache as one storage buffer; else None."""
-    num_blocks, block_size, heads_kv, head_dim = shape
-    block_bytes = block_size * heads_kv * head_dim * (2 if dtype == "float16" else 4)
+    held and bound on the device, split across buffers where one cannot hold it
+    (``plans.cache_split``); else None."""
+    try:
+        cache_split(shape, 2 if dtype == "float16" else 4, info)
+    except UnsupportedError as exc:
+        return str(exc)
+    return None
+
+
+def _bound_caches(call, info) -> str | None:
+    """Why the paged shaders cannot bind a call's GpuTensor caches as they lie in memory, else None:
+    one buffer is bound whole, so it must fit the storage-buffer range; K and V split alike share
+    the shaders' one piece layout."""
+    k, v = call.k_cache, call.v_cache
+    if k.blocks_per_piece != v.blocks_per_piece or len(k.leases) != len(v.leases):
+        return (f"k_cache and v_cache must lie alike in device buffers: k_cache in {len(k.leases)} piece(s) of "
+                f"{k.blocks_per_piece or k.shape[0]} blocks, v_cache in {len(v.leases)} of "
+                f"{v.blocks_per_piece or v.shape[0]} (make both with GpuTensor.from_numpy(..., paged=True))")
     limit = info.max_storage_buffer_range
-    if num_blocks * block_bytes <= limit:
-        return None
-    return (f"a {dtype} cache of {num_blocks} blocks x {block_bytes} bytes = {num_blocks * block_bytes} bytes "
-            f"exceeds {info.name}'s storage-buffer range of {limit} bytes per binding (the K and V caches "
-            f"are bound whole): use at most {limit // block_bytes} blocks (num_blocks), or a smaller "
-            "block_size, heads_kv or head_dim, or split the model's layers or heads over several caches")
+    if len(k.leases) == 1 and k.nbytes > limit:
+        return (f"the cache GpuTensors are single buffers of {k.nbytes} bytes, beyond {info.name}'s storage-buffer "
+                f"range of {limit} bytes per binding: make them with GpuTensor.from_numpy(cache, paged=True), "
+                "which splits a cache along its blocks across buffers")
+    return None
+
+
+def _split_operand(call, names) -> str | None:
+    """Why a call cannot take the named GpuTensors: one split across buffers (a paged cache), which
+    only paged attention and KV writes read; else None."""
+    for name in names:
+        x = getattr(call, name)
+        if getattr(x, "blocks_per_piece", None) is not None:
+            return (f"{name} is a paged KV cache split across {len(x.leases)} device buffers; only "
+                    "flash_attention_paged and copy_kv_to_paged read split caches (pass its blocks through "
+                    "a block table)")
+    return None
 
 
 def _host_preference(call, info) -> str | None:
@@ -85,6 +111,9 @@ class VulkanBackend(Backend):
         if call.kind == "gpu":
             if any(x.ctx is not ctx for x in (call.q, call.k, call.v)):
                 return "the GpuTensors belong to another Vulkan context"
+            why = _split_operand(call, ("q", "k", "v"))
+            if why:
+                return why
         elif not forced:
             why = _host_preference(call, ctx.info)
             if why:
@@ -119,13 +148,16 @@ class VulkanBackend(Backend):
             return f"{info.name} lacks shaderFloat16 / 16-bit storage for a float16 cache"
         if call.head_dim % 4 or call.head_dim > 256:
             return f"head_dim must be a multiple of 4 up to 256 for the paged shader, got {call.head_dim}"
-        return _cache_too_big((call.num_blocks, call.block_size, call.heads_kv, call.head_dim), call.dtype, info)
+        if call.kind == "gpu":
+            return _bound_caches(call, info)
+        # Host data is uploaded per call, split as a cache of that shape would be.
+        return _cache_unfit((call.num_blocks, call.block_size, call.heads_kv, call.head_dim), call.dtype, info)
 
     def why_not_paged_attention(self, call, forced: bool) -> str | None:
         ctx = runtime.context()
         why = self._cache_reason(call, forced, ctx) or paged_unfit(call, ctx.info)
-        if why is None and call.q_kind == "gpu" and call.q.ctx is not ctx:
-            why = "q belongs to another Vulkan context"
+        if why is None and call.q_kind == "gpu":
+            why = "q belongs to another Vulkan context" if call.q.ctx is not ctx else _split_operand(call, ("q",))
         return why
 
     def paged_attention(self, call):
@@ -133,7 +165,10 @@ class VulkanBackend(Backend):
         return out
 
     def why_not_write_kv(self, call, forced: bool) -> str | None:
-        return self._cache_reason(call, forced, runtime.context())
+        if call.kind != "gpu" and forced:
+            # An upload of host caches would take the write, and the caller's arrays would not.
+            return "vulkan writes into GpuTensor caches; host caches are written in place by the numpy backend"
+        return self._cache_reason(call, forced, runtime.context()) or _split_operand(call, ("key", "value"))
 
     def write_kv(self, call) -> None:
         launch.write_kv(call, runtime.context())
@@ -149,12 +184,12 @@ class VulkanBackend(Backend):
         info = runtime.context().info
         if not forced and info.is_cpu:
             return _cpu_device_reason(info)
-        # Refused here, not at the first append: each cache is bound whole to the paged shaders.
-        return _cache_too_big(spec.shape, spec.dtype, info)
+        # Refused here, not at the first append: a cache that no split fits.
+        return _cache_unfit(spec.shape, spec.dtype, info)
 
     def allocate_cache(self, spec):
-        zeros = np.zeros(spec.shape, dtype=spec.dtype)  # pooled memory may hold another call's data
-        return GpuTensor.from_numpy(zeros, spec.dtype), GpuTensor.from_numpy(zeros, spec.dtype)
+        # Split across buffers where one cannot hold it (GpuTensor.split).
+        return GpuTensor.zeros_cache(spec.shape, spec.dtype), GpuTensor.zeros_cache(spec.shape, spec.dtype)
 
     def copy_slots(self, k_cache, v_cache, src, dst) -> None:
         launch.copy_slots(runtime.context(), k_cache, v_cache, src, dst)

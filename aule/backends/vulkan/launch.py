@@ -16,8 +16,8 @@ from ...call import shape_tuple
 from ...errors import UnsupportedError
 from ...masks import no_key_lse
 from ..base import nothing_to_compute
-from .plans import (COPY_WG, EXTRAS_ROWS, Shape, attention_plan, bind, bind_within, copy_pushes, extras_array,
-                    extras_flags, mask_array, mask_shape, offset_alignment, paged_features, paged_plan)
+from .plans import (COPY_WG, EXTRAS_ROWS, Shape, attention_plan, bind, bind_within, cache_split, copy_pushes,
+                    extras_array, extras_flags, mask_array, mask_shape, offset_alignment, paged_features, paged_plan)
 from .runtime import Dispatch
 from .select import variant_for
 from .shaders import pipeline
@@ -230,21 +230,39 @@ def _attend_then_merge(ctx, pipe, bindings, plan, timestamps: bool):
     return ctx.run_passes(passes, timestamps=timestamps)
 
 
+def _cache_bindings(ctx, held, cache, elem) -> tuple:
+    """``(split, bindings)`` of a K or V cache: the descriptor binding of each buffer it lies in,
+    and its :class:`plans.CacheSplit` where that is more than one (else None). A GpuTensor is bound
+    as it lies; host data is uploaded for the call, in pieces where one buffer cannot hold it."""
+    if isinstance(cache, GpuTensor):
+        split = cache.split
+        if split is None:
+            return None, (_binding(cache.buffer, cache.nbytes),)
+        return split, tuple(_binding(b, split.piece_bytes(i)) for i, b in enumerate(cache.buffers))
+    a = np.ascontiguousarray(to_numpy(cache), dtype=elem)
+    split = cache_split(a.shape, elem.itemsize, ctx.info)
+    if split.pieces == 1:
+        return None, (_binding(held.upload(ctx, a), a.nbytes),)
+    return split, tuple(_binding(held.upload(ctx, a[slice(*split.blocks(i))]), split.piece_bytes(i))
+                        for i in range(split.pieces))
+
+
 def paged_attention(call, ctx, timestamps: bool = False):
     """Paged attention for a validated call (packed or not); returns ``(out, gpu_ns)``."""
     elem = np.dtype(call.dtype)
     shape = shape_tuple(call.q)
     if call.batch == 0 or call.q_len == 0:  # no rows: nothing to plan (the split count divides by them)
         return _to_caller(call.q_kind, call.q, np.zeros(shape, np.float32), elem), None
-    plan = paged_plan(call, ctx.info)
-    pipe = pipeline(ctx, plan.module, plan.spec)
     d = call.head_dim
     rows = call.rows * call.heads_q
     q_bytes = rows * d * elem.itemsize
-    cache_bytes = call.num_blocks * call.block_size * call.heads_kv * d * elem.itemsize
     with _Held() as held:
         qb = held.device_buffer(ctx, call.q, elem)
-        kb, vb = held.device_buffer(ctx, call.k_cache, elem), held.device_buffer(ctx, call.v_cache, elem)
+        split, kb = _cache_bindings(ctx, held, call.k_cache, elem)
+        _, vb = _cache_bindings(ctx, held, call.v_cache, elem)  # split as K is (backend._bound_caches)
+        plan = paged_plan(call, ctx.info, split)
+        # A split cache's K and V bindings are arrays of its pieces.
+        pipe = pipeline(ctx, plan.module, plan.spec, None if split is None else (1, len(kb), len(vb)) + (1,) * 5)
         bt = held.upload(ctx, _int32(call.block_tables))
         # A packed call's offsets follow the lengths in one buffer, and the features' slopes and sinks
         # follow them (plans.paged_features): every binding the runtime allows is taken. Host-checked
@@ -262,7 +280,7 @@ def paged_attention(call, ctx, timestamps: bool = False):
         else:
             pob = plb = _dummy_buffer(ctx)
             po_n = pl_n = 16
-        bindings = (_binding(qb, q_bytes), _binding(kb, cache_bytes), _binding(vb, cache_bytes),
+        bindings = (_binding(qb, q_bytes),) + kb + vb + (
                     _binding(bt, 4 * call.batch * call.max_blocks), _binding(cl, lens.nbytes),
                     _binding(ob, q_bytes), _binding(pob, po_n), _binding(plb, pl_n))
         ns = _attend_then_merge(ctx, pipe, bindings, plan, timestamps)
@@ -275,34 +293,47 @@ def paged_attention(call, ctx, timestamps: bool = False):
 # --- cache writes ------------------------------------------------------------------------------------
 
 def _copy_rows(ctx, held, src_k, src_v, k_cache, v_cache, src_slots, dst_slots_buf, n):
-    """Copy rows ``src_slots`` of (src_k, src_v) to the rows listed in ``dst_slots_buf`` of the
-    caches; a destination slot of -1 is skipped by the shader."""
+    """Copy rows ``src_slots`` of the sources to the rows listed in ``dst_slots_buf`` of the
+    caches; a destination slot of -1 is skipped by the shader. ``src_k``, ``src_v``: the bindings
+    of the source rows, one buffer of new rows or, copying within the caches, their own pieces
+    (slots are numbered across the pieces, as in the caches)."""
     row_bytes = k_cache.shape[2] * k_cache.shape[3] * k_cache.dtype.itemsize
     pushes = copy_pushes(n, row_bytes, ctx.info)
     src_buf = held.upload(ctx, src_slots)
-    pipe = pipeline(ctx, "copy_kv_to_paged", ((0, COPY_WG),))
-    span = max(n, int(src_slots.max(initial=0) + 1)) * row_bytes
-    bindings = (_binding(src_k, span), _binding(src_v, span),
-                _binding(k_cache.buffer, k_cache.nbytes), _binding(v_cache.buffer, v_cache.nbytes),
-                _binding(src_buf, 4 * n), _binding(dst_slots_buf, 4 * n))
+    split, kd = _cache_bindings(ctx, held, k_cache, k_cache.dtype)
+    _, vd = _cache_bindings(ctx, held, v_cache, v_cache.dtype)
+    if split is None:
+        pipe = pipeline(ctx, "copy_kv_to_paged", ((0, COPY_WG),))
+    else:
+        spec = ((0, COPY_WG), (1, len(src_k)), (2, split.pieces), (3, split.blocks_per_piece * k_cache.shape[1]))
+        pipe = pipeline(ctx, "copy_kv_to_paged_split", spec, (len(src_k), len(src_v), len(kd), len(vd), 1, 1))
+    bindings = src_k + src_v + kd + vd + (_binding(src_buf, 4 * n), _binding(dst_slots_buf, 4 * n))
     ctx.run([Dispatch(pipe, bindings, push, groups) for push, groups in pushes])
 
 
 def write_kv(call, ctx) -> None:
     """Write the call's token rows into the cache GpuTensors at its slot mapping."""
     n = call.num_tokens
+    row_bytes = call.heads_kv * call.head_dim * np.dtype(call.dtype).itemsize
     with _Held() as held:
         kb, vb = (held.device_buffer(ctx, x, np.dtype(call.dtype)) for x in (call.key, call.value))
         slots = held.upload(ctx, _int32(call.slot_mapping))
-        _copy_rows(ctx, held, kb, vb, call.k_cache, call.v_cache, np.arange(n, dtype=np.int32), slots, n)
+        src = ((_binding(kb, n * row_bytes),), (_binding(vb, n * row_bytes),))
+        _copy_rows(ctx, held, *src, call.k_cache, call.v_cache, np.arange(n, dtype=np.int32), slots, n)
 
 
 def copy_slots(ctx, k_cache, v_cache, src, dst) -> None:
     """Copy cache rows ``src`` to ``dst`` within both caches (the slots are disjoint blocks)."""
     with _Held() as held:
         dst_buf = held.upload(ctx, np.asarray(dst, dtype=np.int32))
-        _copy_rows(ctx, held, k_cache.buffer, v_cache.buffer, k_cache, v_cache,
-                   np.asarray(src, dtype=np.int32), dst_buf, len(dst))
+        src_slots = np.asarray(src, dtype=np.int32)
+        if k_cache.split is None:  # bound up to the last row read, as the new rows of a write are
+            span = max(len(dst), int(src_slots.max(initial=0) + 1)) * k_cache.shape[2] * k_cache.shape[3] \
+                * k_cache.dtype.itemsize
+            sk, sv = (_binding(k_cache.buffer, span),), (_binding(v_cache.buffer, span),)
+        else:  # the caches' own pieces: slots are numbered across them
+            sk, sv = (_cache_bindings(ctx, held, c, c.dtype)[1] for c in (k_cache, v_cache))
+        _copy_rows(ctx, held, sk, sv, k_cache, v_cache, src_slots, dst_buf, len(dst))
 
 
 # --- varlen attention --------------------------------------------------------------------------------

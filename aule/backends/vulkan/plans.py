@@ -11,6 +11,7 @@ import numpy as np
 
 from ...errors import UnsupportedError
 from .runtime import Dispatch
+from .runtime.pipelines import MAX_DESCRIPTORS
 from .shaders import ATTN_PUSH, COPY_PUSH, PAGED_PUSH, Module
 
 LOG2E = 1.4426950408889634
@@ -223,6 +224,75 @@ def bind_within(pipeline, chunks, regions) -> list[Dispatch]:
     return out
 
 
+# --- KV caches split across buffers ---------------------------------------------------------------
+# One device buffer may hold at most maxMemoryAllocationSize bytes and be bound with at most
+# maxStorageBufferRange bytes; a cache beyond either is split along its block dimension into pieces
+# of whole blocks, each its own buffer, which the paged shaders bind as arrays (AULE_SPLIT).
+
+
+@dataclass(frozen=True)
+class CacheSplit:
+    """How a ``[num_blocks, block_size, heads_kv, head_dim]`` cache lies in device buffers:
+    ``pieces`` buffers of ``blocks_per_piece`` blocks each, the last holding the rest."""
+
+    num_blocks: int
+    blocks_per_piece: int
+    block_bytes: int
+
+    @property
+    def pieces(self) -> int:
+        return max(1, -(-self.num_blocks // self.blocks_per_piece))
+
+    def blocks(self, i: int) -> tuple[int, int]:
+        """The blocks ``[first, end)`` of piece ``i``."""
+        first = i * self.blocks_per_piece
+        return first, min(first + self.blocks_per_piece, self.num_blocks)
+
+    def piece_bytes(self, i: int) -> int:
+        first, end = self.blocks(i)
+        return (end - first) * self.block_bytes
+
+
+def piece_limit(info) -> int:
+    """The most bytes one piece of a cache may take: one allocation, bound whole."""
+    return min(info.max_allocation, info.max_storage_buffer_range)
+
+
+def max_pieces(info) -> int:
+    """The most pieces a cache may have: a copy-on-write binds source and destination K and V as
+    arrays of every piece (4 per piece, plus the two slot lists), within the device's storage
+    buffers per stage and the runtime's descriptors per set."""
+    return max(1, (min(info.max_stage_storage_buffers, MAX_DESCRIPTORS) - 2) // 4)
+
+
+def cache_split(shape: tuple, itemsize: int, info) -> CacheSplit:
+    """The split of a cache of ``shape`` and element size ``itemsize`` on the device: as few
+    pieces as fit :func:`piece_limit`, their blocks shared out evenly (one piece, the whole cache,
+    where it fits). Raises UnsupportedError, saying why, when no split fits."""
+    num_blocks, block_size, heads_kv, head_dim = (int(x) for x in shape)
+    block_bytes = block_size * heads_kv * head_dim * itemsize
+    limit = piece_limit(info)
+    what = (f"a cache of {num_blocks} blocks x {block_bytes} bytes = {num_blocks * block_bytes} bytes on {info.name} "
+            f"(at most {limit} bytes per buffer: maxMemoryAllocationSize {info.max_allocation}, "
+            f"maxStorageBufferRange {info.max_storage_buffer_range})")
+    if block_bytes > limit:
+        raise UnsupportedError(f"{what}: one block exceeds a buffer; use a smaller block_size, heads_kv or head_dim")
+    most = limit // block_bytes
+    pieces = -(-num_blocks // most) if num_blocks else 1
+    if pieces == 1:
+        return CacheSplit(num_blocks, max(num_blocks, 1), block_bytes)
+    if not info.storage_array_indexing:
+        raise UnsupportedError(f"{what} must be split across {pieces} buffers, which the shaders index as arrays: "
+                               f"{info.name} lacks shaderStorageBufferArrayDynamicIndexing; use at most {most} "
+                               "blocks (num_blocks)")
+    if pieces > max_pieces(info):
+        raise UnsupportedError(f"{what} needs {pieces} buffers, more than the {max_pieces(info)} the shaders can "
+                               f"bind (maxPerStageDescriptorStorageBuffers {info.max_stage_storage_buffers}): use at "
+                               f"most {max_pieces(info) * most} blocks (num_blocks), or split the model's layers or "
+                               "heads over several caches")
+    return CacheSplit(num_blocks, -(-num_blocks // pieces), block_bytes)
+
+
 # --- paged attention ------------------------------------------------------------------------------
 
 PAGED_WG = 128
@@ -342,7 +412,9 @@ def paged_lengths_words(call) -> int:
     return call.batch + (call.batch + 1 if call.packed else 0)
 
 
-def paged_plan(call, info) -> PagedPlan:
+def paged_plan(call, info, split: CacheSplit | None = None) -> PagedPlan:
+    """The dispatches of a paged call; ``split``: how its cache lies in buffers when it is split
+    across several (the split module, its pieces bound as arrays), else None."""
     elem = np.dtype(call.dtype)
     bm, bn = paged_tiles(call.group * call.q_len, call.head_dim, info, elem.itemsize)
     splits = paged_splits(call, bm, bn, info)
@@ -362,8 +434,12 @@ def paged_plan(call, info) -> PagedPlan:
     if splits > 1:
         pc["mode"] = 1
         merge = (pc.tobytes(), merge_groups)
-    return PagedPlan("paged_fp16" if call.dtype == "float16" else "paged",
-                     ((0, call.head_dim), (1, bm), (2, bn), (3, PAGED_WG)), splits, attend, merge)
+    spec = ((0, call.head_dim), (1, bm), (2, bn), (3, PAGED_WG))
+    module = "paged"
+    if split is not None and split.pieces > 1:
+        module = "paged_split"
+        spec += ((4, split.pieces), (5, split.blocks_per_piece))
+    return PagedPlan(module + ("_fp16" if call.dtype == "float16" else ""), spec, splits, attend, merge)
 
 
 # --- cache row copies -------------------------------------------------------------------------------

@@ -467,6 +467,7 @@ _CPU_TILES = (Tiles(64, 16, 64, 4), Tiles(64, 32, 128, 8))
 # Rows per invocation shrink with head_dim, bounding the registers and the driver's JIT time.
 _CPU_LANES = ((64, 16, 4), (128, 8, 4), (256, 4, 4))
 _FP16 = Needs(fp16=True)
+_SPLIT_PAGED = ("head_dim", "rows", "keys", "invocations", "pieces", "blocks per piece")
 # (largest head_dim, tiles) for the cooperative-matrix variant, best first.
 _COOP_TILES = ((128, CoopTiles(8, 1, 32, 2)), (128, CoopTiles(4, 1, 32, 2)), (128, CoopTiles(4, 1, 16, 2)),
                (256, CoopTiles(4, 1, 16, 2)), (256, CoopTiles(4, 1, 16, 1)), (256, CoopTiles(2, 1, 16, 1)))
@@ -495,6 +496,13 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("paged_fp16", "paged.comp", (("AULE_FP16", 1),), PAGED_PUSH, 8,
            ("head_dim", "rows", "keys", "invocations"), _FP16),
     Module("copy_kv_to_paged", "copy_kv_to_paged.comp", (), COPY_PUSH, 6, ("invocations",)),
+    # The same over a cache split across buffers (plans.cache_split): K and V bound as arrays of
+    # their pieces. Separate modules, so an unsplit cache runs exactly the code above.
+    Module("paged_split", "paged.comp", (("AULE_SPLIT", 1),), PAGED_PUSH, 8, _SPLIT_PAGED),
+    Module("paged_split_fp16", "paged.comp", (("AULE_FP16", 1), ("AULE_SPLIT", 1)), PAGED_PUSH, 8, _SPLIT_PAGED,
+           _FP16),
+    Module("copy_kv_to_paged_split", "copy_kv_to_paged.comp", (("AULE_SPLIT", 1),), COPY_PUSH, 6,
+           ("invocations", "source pieces", "cache pieces", "slots per piece")),
     # The matrix-core ceiling the benchmarks read cooperative-matrix rows against (aule bench).
     Module("coopmat_peak", "coopmat_peak.comp", (), PEAK_PUSH, 2, ("M", "N", "K", "invocations"),
            Needs(fp16=True, coopmat=True)),
@@ -642,8 +650,12 @@ def device_code(module: str, preserve: tuple) -> bytes:
     return preserve_inf_nan(checked_code(module), preserve)
 
 
-def pipeline(ctx, module: str, spec: tuple):
-    """The context's pipeline of ``module`` with specialization constants ``spec``."""
+def pipeline(ctx, module: str, spec: tuple, counts: tuple | None = None):
+    """The context's pipeline of ``module`` with specialization constants ``spec``; ``counts``: the
+    descriptors of each binding where some binding is an array (a split cache's pieces), else
+    the module's single buffers."""
     m = MODULES[module]
     loader = functools.partial(device_code, m.name, ctx.info.preserve_inf_nan)
-    return ctx.pipeline(m.name, loader, m.bindings, m.push.itemsize, spec)
+    if counts is not None and len(counts) != m.bindings:
+        raise ValueError(f"{module} has {m.bindings} bindings, counts name {len(counts)}")
+    return ctx.pipeline(m.name, loader, counts or m.bindings, m.push.itemsize, spec)

@@ -5,7 +5,8 @@ import numpy as np
 
 from ...arrays import to_numpy
 from ...call import is_torch_tensor
-from .runtime import Context, Lease, context
+from .plans import CacheSplit, cache_split
+from .runtime import Context, context
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -13,17 +14,32 @@ _DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 class GpuTensor:
     """Data kept on the Vulkan device (a layer's K/V, a KV cache). Attention on GpuTensors
     returns a GpuTensor; :meth:`numpy` reads it back. Memory returns to the pool when the
-    tensor is garbage collected (or at :meth:`free`)."""
+    tensor is garbage collected (or at :meth:`free`).
 
-    __slots__ = ("ctx", "lease", "shape", "dtype", "__weakref__")
+    A paged KV cache ``[num_blocks, block_size, heads_kv, head_dim]`` too large for one device
+    buffer (maxMemoryAllocationSize, maxStorageBufferRange) is split along its blocks: ``leases``
+    holds one buffer per piece of ``blocks_per_piece`` whole blocks (``plans.cache_split``), which
+    only paged attention and KV writes read. Every other tensor, and a cache that fits, is one
+    buffer (``blocks_per_piece`` None)."""
 
-    def __init__(self, ctx: Context, lease: Lease, shape: tuple, dtype):
-        self.ctx, self.lease = ctx, lease
+    __slots__ = ("ctx", "leases", "blocks_per_piece", "shape", "dtype", "__weakref__")
+
+    def __init__(self, ctx: Context, lease, shape: tuple, dtype, blocks_per_piece: int | None = None):
+        """``lease``: the tensor's one Lease, or the tuple of its pieces' leases with
+        ``blocks_per_piece``."""
+        self.ctx = ctx
+        self.leases = tuple(lease) if isinstance(lease, (tuple, list)) else (lease,)
         self.shape = tuple(map(int, shape))
         self.dtype = np.dtype(dtype)
+        if len(self.leases) > 1 and (blocks_per_piece is None or len(self.shape) != 4
+                                     or -(-self.shape[0] // blocks_per_piece) != len(self.leases)):
+            raise ValueError(f"a GpuTensor split into {len(self.leases)} pieces must be a 4-D cache whose "
+                             f"num_blocks ({self.shape[0] if self.shape else None}) the pieces of "
+                             f"blocks_per_piece={blocks_per_piece} blocks cover exactly")
+        self.blocks_per_piece = blocks_per_piece if len(self.leases) > 1 else None
 
     @classmethod
-    def from_numpy(cls, array, dtype=None) -> "GpuTensor":
+    def from_numpy(cls, array, dtype=None, *, paged: bool = False) -> "GpuTensor":
         """Copy a NumPy array, a torch tensor or anything ``np.asarray`` takes to the device.
 
         ``dtype`` (float32 or float16) defaults to float16 for float16 data and float32 for
@@ -31,7 +47,11 @@ class GpuTensor:
         float32 (exact up to 2**24 in magnitude; False/True become 0/1). Complex data is refused
         (``TypeError``: taking the real part is the caller's decision), as is anything not
         numeric. A finite value that the dtype cannot hold (beyond float16's 65504, say) is a
-        ``ValueError`` rather than an inf; inf and NaN pass as they are."""
+        ``ValueError`` rather than an inf; inf and NaN pass as they are.
+
+        ``paged=True``: ``array`` is a paged KV cache ``[num_blocks, block_size, heads_kv,
+        head_dim]``, split across device buffers where one cannot hold it (``UnsupportedError``
+        when no split fits the device)."""
         a = to_numpy(array) if is_torch_tensor(array) else np.asarray(array)
         if a.dtype.kind == "c":
             raise TypeError(f"array must be real, got complex data ({a.dtype}): pass its .real or abs() "
@@ -43,6 +63,9 @@ class GpuTensor:
         dtype = np.dtype(dtype)
         if dtype not in _DTYPES:
             raise TypeError(f"GpuTensor dtype must be float32 or float16, got {dtype}")
+        if paged and a.ndim != 4:
+            raise ValueError(f"paged=True takes a cache [num_blocks, block_size, heads_kv, head_dim], got shape "
+                             f"{list(a.shape)}")
         try:
             with np.errstate(over="raise"):
                 a = np.ascontiguousarray(a, dtype=dtype)
@@ -50,7 +73,28 @@ class GpuTensor:
             raise ValueError(f"array holds {a.dtype} values outside {dtype}'s range (largest "
                              f"{np.finfo(dtype).max:g}); scale them or choose dtype=float32") from None
         ctx = context()
-        return cls(ctx, ctx.upload(a), a.shape, dtype)
+        split = cache_split(a.shape, dtype.itemsize, ctx.info) if paged else None
+        if split is None or split.pieces == 1:
+            return cls(ctx, ctx.upload(a), a.shape, dtype)
+        leases = []
+        for i in range(split.pieces):
+            first, end = split.blocks(i)
+            leases.append(ctx.upload(a[first:end]))  # a slice of whole blocks: contiguous
+        return cls(ctx, tuple(leases), a.shape, dtype, split.blocks_per_piece)
+
+    @classmethod
+    def zeros_cache(cls, shape, dtype) -> "GpuTensor":
+        """A paged KV cache ``[num_blocks, block_size, heads_kv, head_dim]`` of zeros (pooled memory
+        may hold another call's data), split where one buffer cannot hold it: each piece is filled
+        from one host array of a piece's size, never one of the whole cache."""
+        dtype = np.dtype(dtype)
+        ctx = context()
+        split = cache_split(shape, dtype.itemsize, ctx.info)
+        if split.pieces == 1:
+            return cls(ctx, ctx.upload(np.zeros(shape, dtype)), shape, dtype)
+        zeros = np.zeros((split.blocks_per_piece,) + tuple(shape[1:]), dtype)
+        leases = tuple(ctx.upload(zeros[:end - first]) for first, end in map(split.blocks, range(split.pieces)))
+        return cls(ctx, leases, shape, dtype, split.blocks_per_piece)
 
     @classmethod
     def empty(cls, shape, dtype=np.float32) -> "GpuTensor":
@@ -60,10 +104,39 @@ class GpuTensor:
         return cls(ctx, ctx.pool.acquire(max(n, 4)), shape, dtype)
 
     @property
+    def split(self) -> CacheSplit | None:
+        """How a cache split across buffers lies in them, None for a tensor in one buffer."""
+        if self.blocks_per_piece is None:
+            return None
+        n, bs, hk, d = self.shape
+        return CacheSplit(n, self.blocks_per_piece, bs * hk * d * self.dtype.itemsize)
+
+    @property
+    def lease(self):
+        """The one lease of an unsplit tensor (None once freed)."""
+        if len(self.leases) > 1:
+            raise ValueError(self._split_message())
+        return self.leases[0] if self.leases else None
+
+    @property
     def buffer(self):
-        if self.lease is None:
+        if not self.leases:
             raise ValueError("this GpuTensor was freed")
-        return self.lease.buffer
+        if len(self.leases) > 1:
+            raise ValueError(self._split_message())
+        return self.leases[0].buffer
+
+    @property
+    def buffers(self) -> tuple:
+        """The device buffer of each piece (one for an unsplit tensor)."""
+        if not self.leases:
+            raise ValueError("this GpuTensor was freed")
+        return tuple(lease.buffer for lease in self.leases)
+
+    def _split_message(self) -> str:
+        return (f"this GpuTensor {list(self.shape)} is a paged KV cache split across {len(self.leases)} device "
+                f"buffers of {self.blocks_per_piece} blocks each (one buffer cannot hold it on {self.ctx.info.name}); "
+                "only paged attention (flash_attention_paged) and KV writes (copy_kv_to_paged) read split caches")
 
     @property
     def nbytes(self) -> int:
@@ -79,18 +152,26 @@ class GpuTensor:
 
     def numpy(self) -> np.ndarray:
         out = np.empty(self.shape, dtype=self.dtype)
-        return self.ctx.download(self.buffer, out)
+        if len(self.leases) == 1:
+            return self.ctx.download(self.buffer, out)
+        split = self.split
+        for i, buf in enumerate(self.buffers):
+            first, end = split.blocks(i)
+            self.ctx.download(buf, out[first:end])  # whole blocks: a contiguous slice of out
+        return out
 
     def free(self) -> None:
         """Give the memory back now instead of at garbage collection."""
-        if self.lease is not None:
-            self.lease.release()
-            self.lease = None
+        for lease in self.leases:
+            lease.release()
+        self.leases = ()
 
     def __repr__(self) -> str:
-        return f"GpuTensor(shape={self.shape}, dtype={self.dtype.name}, device={self.ctx.info.name!r})"
+        pieces = f", pieces={len(self.leases)}" if len(self.leases) > 1 else ""
+        return f"GpuTensor(shape={self.shape}, dtype={self.dtype.name}{pieces}, device={self.ctx.info.name!r})"
 
 
-def to_gpu(array, dtype=None) -> GpuTensor:
-    """Shorthand for :meth:`GpuTensor.from_numpy`."""
-    return GpuTensor.from_numpy(array, dtype)
+def to_gpu(array, dtype=None, *, paged: bool = False) -> GpuTensor:
+    """Shorthand for :meth:`GpuTensor.from_numpy` (``paged=True``: a KV cache, split where one
+    buffer cannot hold it)."""
+    return GpuTensor.from_numpy(array, dtype, paged=paged)

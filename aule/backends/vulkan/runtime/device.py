@@ -62,6 +62,11 @@ class DeviceInfo:
     preserve_inf_nan: tuple = ()
     # (M, N, K) of each fp16 x fp16 + fp32 subgroup cooperative-matrix shape the device lists.
     coopmat_shapes: tuple = ()
+    # What a KV cache split across buffers needs (plans.cache_split): arrays of storage buffers
+    # indexed by a dynamically uniform value (shaderStorageBufferArrayDynamicIndexing), and room for
+    # their descriptors in one stage (maxPerStageDescriptorStorageBuffers). Defaults: a desktop GPU's.
+    storage_array_indexing: bool = True
+    max_stage_storage_buffers: int = 1 << 20
 
     @property
     def is_cpu(self) -> bool:
@@ -174,6 +179,8 @@ def read_device(instance, pd, index: int):
         preserve_inf_nan=tuple(w for w, ok in ((16, v12p.shaderSignedZeroInfNanPreserveFloat16),
                                               (32, v12p.shaderSignedZeroInfNanPreserveFloat32)) if ok),
         coopmat_shapes=shapes,
+        storage_array_indexing=bool(feats2.features.shaderStorageBufferArrayDynamicIndexing),
+        max_stage_storage_buffers=lim.maxPerStageDescriptorStorageBuffers,
     ), p.apiVersion
 
 
@@ -394,13 +401,16 @@ def create_device(pd, info: DeviceInfo):
     f12 = _chain(ffi, "VkPhysicalDeviceVulkan12Features", vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES,
                  cm if info.coopmat_f16 else f11,
                  shaderFloat16=int(info.shader_float16), vulkanMemoryModel=int(info.coopmat_f16))
+    # Split KV caches index their array of buffers (paged.comp, copy_kv_to_paged.comp with AULE_SPLIT).
+    core = _chain(ffi, "VkPhysicalDeviceFeatures2", vk.VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2, f12)
+    core.features.shaderStorageBufferArrayDynamicIndexing = int(info.storage_array_indexing)
     # VK_EXT_external_memory_host lets transfers DMA straight from and to host arrays (memory.py).
     exts = [e for e in ("VK_KHR_portability_subset", "VK_EXT_external_memory_host") if e in info.extensions]
     if info.coopmat_f16:
         exts.append("VK_KHR_cooperative_matrix")
     keep = [ffi.new("char[]", e.encode()) for e in exts]
     ext_p = ffi.new("char*[]", keep)
-    dci = ffi.new("VkDeviceCreateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO, "pNext": f12,
+    dci = ffi.new("VkDeviceCreateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO, "pNext": core,
                                           "queueCreateInfoCount": 1, "pQueueCreateInfos": qci,
                                           "enabledExtensionCount": len(exts), "ppEnabledExtensionNames": ext_p})
     device = create("vkCreateDevice", "VkDevice", pd, dci, detail=info.name)

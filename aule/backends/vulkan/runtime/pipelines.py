@@ -13,14 +13,31 @@ from .files import atomic_write, user_cache_dir
 log = logging.getLogger("aule")
 
 MAX_BINDINGS = 8
+# Descriptors one set may hold: a binding can be an array of storage buffers (a KV cache split across
+# buffers, plans.cache_split), so a set holds more descriptors than bindings. Descriptor pools are
+# sized for sets this full.
+MAX_DESCRIPTORS = 66
+
+
+def descriptor_counts(n_bindings) -> tuple:
+    """The descriptors of each binding of a layout: ``n_bindings`` is a count of single storage
+    buffers, or a tuple of per-binding array lengths (1 for a single buffer)."""
+    counts = (1,) * n_bindings if isinstance(n_bindings, int) else tuple(int(c) for c in n_bindings)
+    if len(counts) > MAX_BINDINGS or sum(counts) > MAX_DESCRIPTORS or min(counts, default=1) < 1:
+        raise ValueError(f"a layout of bindings {counts} exceeds the runtime's {MAX_BINDINGS} bindings and "
+                         f"{MAX_DESCRIPTORS} descriptors (each binding holds at least one)")
+    return counts
 
 
 class Pipeline:
-    """A compute pipeline: module + descriptor-set layout (n storage buffers) + push range."""
+    """A compute pipeline: module + descriptor-set layout + push range. ``n_bindings``: how many
+    storage buffers, or per binding how many (:func:`descriptor_counts`); a dispatch's bindings
+    then name each descriptor in order, an array's elements one after the other."""
 
     def __init__(self, ctx, name: str, code: bytes, n_bindings: int, push_size: int, spec: tuple):
         vk, ffi, _ = binding()
         self.ctx, self.name, self.n_bindings, self.push_size, self.spec = ctx, name, n_bindings, push_size, spec
+        self.counts = descriptor_counts(n_bindings)
         self.module = self.layout = self.handle = None
         if len(code) % 4:
             raise error("vkCreateShaderModule", "VK_ERROR_INVALID_SHADER_NV",
@@ -82,7 +99,7 @@ class Pipeline:
 def _descriptor_pool(device, sets: int, free_sets: bool):
     vk, ffi, _ = binding()
     size = ffi.new("VkDescriptorPoolSize*", {"type": vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
-                                             "descriptorCount": sets * MAX_BINDINGS})
+                                             "descriptorCount": sets * MAX_DESCRIPTORS})
     dpi = ffi.new("VkDescriptorPoolCreateInfo*", {
         "sType": vk.VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO,
         "flags": vk.VK_DESCRIPTOR_POOL_CREATE_FREE_DESCRIPTOR_SET_BIT if free_sets else 0, "maxSets": sets,
@@ -90,24 +107,31 @@ def _descriptor_pool(device, sets: int, free_sets: bool):
     return create("vkCreateDescriptorPool", "VkDescriptorPool", device, dpi)
 
 
-def _allocate_set(device, pool, layout, bindings):
-    """A descriptor set from ``pool`` naming ``bindings`` ((buffer, offset, range) in order)."""
+def _allocate_set(device, pool, pipeline, bindings):
+    """A descriptor set from ``pool`` for ``pipeline``'s layout naming ``bindings`` ((buffer,
+    offset, range) per descriptor in order: one write per binding, an array's in one)."""
     vk, ffi, lib = binding()
     ai = ffi.new("VkDescriptorSetAllocateInfo*", {
         "sType": vk.VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO, "descriptorPool": pool,
-        "descriptorSetCount": 1, "pSetLayouts": ffi.new("VkDescriptorSetLayout[1]", [layout])})
+        "descriptorSetCount": 1, "pSetLayouts": ffi.new("VkDescriptorSetLayout[1]", [pipeline.set_layout])})
     out = ffi.new("VkDescriptorSet[1]")
     call("vkAllocateDescriptorSets", device, ai, out)
     ds = out[0]
-    n = len(bindings)
-    infos = ffi.new("VkDescriptorBufferInfo[]", n)
-    writes = ffi.new("VkWriteDescriptorSet[]", n)
+    counts = pipeline.counts
+    if len(bindings) != sum(counts):
+        raise ValueError(f"{pipeline.name} takes {sum(counts)} descriptors (bindings {counts}), "
+                         f"{len(bindings)} were given")
+    infos = ffi.new("VkDescriptorBufferInfo[]", len(bindings))
     for i, (b, off, rng) in enumerate(bindings):
         infos[i].buffer, infos[i].offset, infos[i].range = b.handle, off, rng
+    writes = ffi.new("VkWriteDescriptorSet[]", len(counts))
+    first = 0
+    for i, n in enumerate(counts):
         w = writes[i]
-        w.sType, w.dstSet, w.dstBinding, w.descriptorCount = vk.VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, ds, i, 1
-        w.descriptorType, w.pBufferInfo = vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, infos + i
-    lib.vkUpdateDescriptorSets(device, n, writes, 0, ffi.NULL)
+        w.sType, w.dstSet, w.dstBinding, w.descriptorCount = vk.VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, ds, i, n
+        w.descriptorType, w.pBufferInfo = vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, infos + first
+        first += n
+    lib.vkUpdateDescriptorSets(device, len(counts), writes, 0, ffi.NULL)
     return ds
 
 
@@ -137,26 +161,27 @@ class DescriptorCache:
         if self._overflow is not None:
             self._overflow.clear()
 
-    def layout(self, n_bindings: int):
+    def layout(self, n_bindings):
+        """The set layout of ``n_bindings`` storage buffers, or of per-binding array lengths
+        (:func:`descriptor_counts`)."""
         vk, ffi, _ = binding()
+        counts = descriptor_counts(n_bindings)
         with self.lock:
-            if n_bindings not in self.layouts:
-                if n_bindings > MAX_BINDINGS:
-                    raise ValueError(f"n_bindings={n_bindings} exceeds the runtime's {MAX_BINDINGS}")
-                b = ffi.new("VkDescriptorSetLayoutBinding[]", n_bindings)
-                for i in range(n_bindings):
+            if counts not in self.layouts:
+                b = ffi.new("VkDescriptorSetLayoutBinding[]", len(counts))
+                for i, n in enumerate(counts):
                     b[i].binding, b[i].descriptorType = i, vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER
-                    b[i].descriptorCount, b[i].stageFlags = 1, vk.VK_SHADER_STAGE_COMPUTE_BIT
+                    b[i].descriptorCount, b[i].stageFlags = n, vk.VK_SHADER_STAGE_COMPUTE_BIT
                 li = ffi.new("VkDescriptorSetLayoutCreateInfo*", {
                     "sType": vk.VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO,
-                    "bindingCount": n_bindings, "pBindings": b})
-                self.layouts[n_bindings] = create("vkCreateDescriptorSetLayout", "VkDescriptorSetLayout",
-                                                  self.device, li)
-            return self.layouts[n_bindings]
+                    "bindingCount": len(counts), "pBindings": b})
+                self.layouts[counts] = create("vkCreateDescriptorSetLayout", "VkDescriptorSetLayout",
+                                              self.device, li)
+            return self.layouts[counts]
 
     def get(self, pipeline: Pipeline, bindings: tuple):
         """The set for ``bindings``; call with the context lock held (the pool is shared)."""
-        key = (pipeline.n_bindings,) + tuple((b._id, off, rng) for b, off, rng in bindings)
+        key = (pipeline.counts,) + tuple((b._id, off, rng) for b, off, rng in bindings)
         hit = self._sets.get(key)
         if hit is not None:
             self._sets[key] = (hit[0], self._recording)
@@ -170,7 +195,7 @@ class DescriptorCache:
                 return self._overflow.get(pipeline, bindings)
             del self._sets[old_key]
             self._free(old_key, old)
-        ds = _allocate_set(self.device, self.pool, pipeline.set_layout, bindings)
+        ds = _allocate_set(self.device, self.pool, pipeline, bindings)
         self._sets[key] = (ds, self._recording)
         for b, _, _ in bindings:
             self._by_buffer[b._id].add(key)
@@ -219,7 +244,7 @@ class DescriptorArena:
             self.pools.append(_descriptor_pool(self.device, self.CHUNK, free_sets=False))
             self._left = self.CHUNK
         self._left -= 1
-        return _allocate_set(self.device, self.pools[-1], pipeline.set_layout, bindings)
+        return _allocate_set(self.device, self.pools[-1], pipeline, bindings)
 
     def clear(self):
         """Drop every set (the sequence is being re-recorded)."""
