@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import triton
 
+from ... import settings
 from ...errors import UnsupportedError
 from . import configs as cfg
 from . import kernels
@@ -31,9 +32,10 @@ log = logging.getLogger("aule")
 _KERNELS = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}
 # Shape buckets, head_dim, mask sides and features pick the tile; the autotuner adds the dtypes.
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI",
-             "HAS_KSPAN", "MASK_KIND", "VARLEN"]
-# Sinks change only the forward kernel (the backward's LSE already holds them).
-_KERNEL_KEY = {"fwd": ["HAS_SINKS"], "dkdv": [], "dq": []}
+             "HAS_KSPAN", "MASK_KIND", "VARLEN", "TANH"]
+# Sinks and the forms of ALiBi change only the forward kernel (the backward's LSE already holds
+# the sinks, and it computes ALiBi exactly).
+_KERNEL_KEY = {"fwd": ["HAS_SINKS", "ALIBI_MODE"], "dkdv": [], "dq": []}
 _PRE_BLOCK_M = 64
 
 
@@ -124,12 +126,41 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "tf32x3" if target_of(q) == "cuda" else "ieee"
 
 
+def _tanh_kind(q: torch.Tensor, softcap: float) -> int:
+    """The kernels' TANH (kernels._tanh), the same for the forward and the backward so that the
+    backward's recomputed probabilities are the forward's. ``auto``: on NVIDIA the one-instruction
+    ``tanh.approx`` for 16-bit inputs (its 2^-11 relative error is below what their rounding of P
+    costs at moderate caps) and the two-instruction ``rcp`` form for float32, whose tolerance
+    ``tanh.approx`` would break; elsewhere (AMD, the interpreter, which runs no inline assembly)
+    Triton's own ops. AULE_TRITON_TANH forces one where the target has it."""
+    if softcap <= 0:
+        return kernels.TANH_EXP2  # unused: one compiled variant for every call without a cap
+    want = settings.triton_scores().tanh
+    if target_of(q) != "cuda" or want == "exp2":
+        return kernels.TANH_EXP2
+    if want == "auto":
+        want = "rcp" if q.dtype == torch.float32 else "approx"
+    if want == "approx" and int(device_arch(q.device.index or 0)[2:] or 0) < 75:
+        want = "rcp"  # tanh.approx.f32 needs sm_75
+    return kernels.TANH_APPROX if want == "approx" else kernels.TANH_RCP
+
+
+def _alibi_kind(alibi, right: int) -> int:
+    """The forward's ALIBI_MODE (kernels.ALIBI_SPLIT and its neighbours): the left form alone when
+    no key right of a row is visible (``right == 0``: causal, and windows ending at the row),
+    else the split at the diagonal; AULE_TRITON_ALIBI=exact keeps ``-slope * |i - j|`` per score."""
+    if alibi is None or settings.triton_scores().alibi == "exact":
+        return kernels.ALIBI_EXACT
+    return kernels.ALIBI_LEFT if right == 0 else kernels.ALIBI_SPLIT
+
+
 def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask, packing=None) -> dict:
     d = q.shape[-1]
     bd = block_d(d)
     return dict(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                 DOT_PREC=_dot_precision(q), SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-                HAS_KSPAN=kspan is not None, MASK_KIND=_mask_kind(mask), VARLEN=packing is not None)
+                HAS_KSPAN=kspan is not None, MASK_KIND=_mask_kind(mask), VARLEN=packing is not None,
+                TANH=_tanh_kind(q, softcap))
 
 
 @dataclass(frozen=True)
@@ -314,7 +345,8 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
             sq, sk, left, right, scale * LOG2E, *_cap(scale, softcap), hq, hq // hkv,
             next_pow2(sizes[0]), next_pow2(sizes[1]))
     _launch("fwd", _grid(sizes[0], "BLOCK_M", hq, b, packing), args,
-            dict(_meta(q, left, right, softcap, alibi, kspan, mask, packing), HAS_SINKS=sinks is not None),
+            dict(_meta(q, left, right, softcap, alibi, kspan, mask, packing), HAS_SINKS=sinks is not None,
+                 ALIBI_MODE=_alibi_kind(alibi, right)),
             q, sizes, tile)
     return out, lse
 
