@@ -27,6 +27,7 @@ from aule import masks, settings  # noqa: E402
 from aule.backends.triton import kernels, ops  # noqa: E402
 from aule.reference import attention_reference  # noqa: E402
 from test_triton import DT, check_fwd_bwd, gpu_only, make  # noqa: E402
+from test_triton_varlen import _check as varlen_check, native  # noqa: E402,F401 (a fixture)
 
 
 def _ids(c):
@@ -116,6 +117,16 @@ def test_noncausal_split_runs_every_form(monkeypatch):
     # start on tile boundaries), plus the ragged last tile, a masked run and exact.
     assert tiles[(1, 1)] <= 2 * programs, tiles
     assert sum(tiles.values()) == programs * 7, tiles  # every key tile of every block, once
+
+
+@pytest.mark.parametrize("window", [-1, (40, 20)], ids=["noncausal", "window"])
+def test_varlen_noncausal_alibi_split(window, native, monkeypatch):
+    """Packed sequences, each with its own slopes and its own diagonal (seq_q != seq_k both ways),
+    through the split forms (the interpreter's 32x32 tiles put keys on both sides of it)."""
+    monkeypatch.setenv("AULE_TRITON_ALIBI", "split")
+    lens_q, lens_k = [5, 70, 40, 1], [80, 70, 9, 33]
+    varlen_check(lens_q, lens_k, 4, 2, 16, "float32", causal=False, window=window, scale=0.3, alibi=True,
+                 lse_grad=True, launched=native)
 
 
 def test_alibi_mode_follows_the_window_and_the_setting(monkeypatch):
