@@ -98,7 +98,8 @@ def main() -> int:
     chosen = [vv for vv in VARIANTS if not args.only or vv[0] in args.only.split(",")]
     saved = {key: os.environ.get(key) for key in ("AULE_TRITON_TANH", "AULE_TRITON_ALIBI")}
     print(f"B{b} H{h}/{hkv} S{s} D{d} {args.dtype}, {torch.cuda.get_device_name()}")
-    header = f"{'mask':<10} {'variant':<28} {'fwd ms':>8} {'p20-p80':>15} {'vs plain':>9} {'err exact':>10} {'err ref':>9}"
+    header = (f"{'mask':<10} {'variant':<28} {'fwd ms':>8} {'p20-p80':>15} {'vs plain':>9} {'err exact':>10} "
+              f"{'err ref':>9}")
     if args.backward:
         header += f" {'fwd+bwd ms':>11} {'vs plain':>9}"
     print(header)

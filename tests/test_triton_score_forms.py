@@ -27,6 +27,7 @@ from aule import masks, settings  # noqa: E402
 from aule.backends.triton import kernels, ops  # noqa: E402
 from aule.reference import attention_reference  # noqa: E402
 from test_triton import DT, check_fwd_bwd, gpu_only, make  # noqa: E402
+from test_triton_sinks_masks import _mask as mask_of_kind, _sinks as sink_logits  # noqa: E402
 from test_triton_varlen import _check as varlen_check, native  # noqa: E402,F401 (a fixture)
 
 
@@ -75,8 +76,10 @@ def _spy_forms(monkeypatch):
     return runs
 
 
+# On a GPU every case and tile is a compilation of three kernels: a few of them there (the
+# full-size cases below cover the autotuned tiles), all of them in the interpreter.
 @pytest.mark.parametrize("mode", ["split", "exact"])
-@pytest.mark.parametrize("case", ALIBI_CASES, ids=_ids)
+@pytest.mark.parametrize("case", [ALIBI_CASES[i] for i in (0, 1, 4)] if GPU else ALIBI_CASES, ids=_ids)
 def test_alibi_forms_forward_backward(case, mode, monkeypatch):
     """Each ALiBi form of the forward gives the definition's output and LSE, and the backward
     (exact scores against that LSE) the definition's gradients."""
@@ -117,6 +120,29 @@ def test_noncausal_split_runs_every_form(monkeypatch):
     # start on tile boundaries), plus the ragged last tile, a masked run and exact.
     assert tiles[(1, 1)] <= 2 * programs, tiles
     assert sum(tiles.values()) == programs * 7, tiles  # every key tile of every block, once
+
+
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, window, dtype, mask kind, sinks)
+WITH_MASKS = [
+    (1, 4, 2, 70, 70, 16, False, -1, "float32", "float", True),       # additive mask in the right form
+    (2, 2, 1, 50, 83, 32, True, -1, "float32", "bool", False),        # boolean mask, left form
+    (3, 2, 2, 40, 64, 16, False, -1, "float32", "left-padding", True),  # padding span bounds the split runs
+    (2, 4, 2, 66, 66, 16, False, (30, -1), "float16", "holes", False),
+]
+
+
+@pytest.mark.parametrize("case", WITH_MASKS[:2] if GPU else WITH_MASKS, ids=_ids)
+def test_alibi_forms_with_masks_and_sinks(case, monkeypatch):
+    """The row frame under an attn_mask (added to frame scores, whose row term is the same for
+    every key of a row) and with sinks (joined after the row maximum is true again)."""
+    monkeypatch.setenv("AULE_TRITON_ALIBI", "split")
+    b, hq, hk, sq, sk, d, causal, window, dtype, kind, with_sinks = case
+    left, right = masks.canonical_window(causal, window)
+    q, k, v, slopes = _inputs(case[:9])
+    rng = np.random.default_rng(sq + sk)
+    m = mask_of_kind(rng, b, hq, sq, sk, kind)
+    check_fwd_bwd(q, k, v, d ** -0.5, left, right, dtype, tile=(16, 16), lse_grad=True, alibi=slopes,
+                  sinks=sink_logits(rng, hq) if with_sinks else None, attn_mask=m)
 
 
 @pytest.mark.parametrize("window", [-1, (40, 20)], ids=["noncausal", "window"])

@@ -357,7 +357,7 @@ def _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP, HAS_RIGHT: tl.constexpr,
 
 # How the forward adds ALiBi (its ALIBI_MODE constexpr, chosen by ops._alibi_kind):
 # ALIBI_EXACT: -slope * |pos - j| per score, as _scores2 (and the backward) compute it.
-# ALIBI_LEFT: every visible key is at or before its row (right <= 0: causal and such windows), so
+# ALIBI_LEFT: every visible key is at or before its row (right == 0: causal and such windows), so
 #   the bias is slope * j - slope * pos: a column term per key and a row term that the softmax
 #   does not see (it is shift-invariant per row), put back into the row maximum after the last tile.
 # ALIBI_SPLIT: as ALIBI_LEFT on the fully visible tiles left of every row of the block, the mirror

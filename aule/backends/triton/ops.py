@@ -129,10 +129,11 @@ def _dot_precision(q: torch.Tensor) -> str:
 def _tanh_kind(q: torch.Tensor, softcap: float) -> int:
     """The kernels' TANH (kernels._tanh), the same for the forward and the backward so that the
     backward's recomputed probabilities are the forward's. ``auto``: on NVIDIA the one-instruction
-    ``tanh.approx`` for 16-bit inputs (its 2^-11 relative error is below what their rounding of P
-    costs at moderate caps) and the two-instruction ``rcp`` form for float32, whose tolerance
-    ``tanh.approx`` would break; elsewhere (AMD, the interpreter, which runs no inline assembly)
-    Triton's own ops. AULE_TRITON_TANH forces one where the target has it."""
+    ``tanh.approx`` for 16-bit inputs, as FlashAttention-3 and FlashInfer cap scores (capped scores
+    within ``softcap * 2^-10.99``: the LSE may move by that much, an output by that much times
+    ``sum_j p_j |v_j - out|``), and the two-instruction ``rcp`` form for float32,
+    whose tolerance ``tanh.approx`` would break; elsewhere (AMD, the interpreter, which runs no
+    inline assembly) Triton's own ops. AULE_TRITON_TANH forces one where the target has it."""
     if softcap <= 0:
         return kernels.TANH_EXP2  # unused: one compiled variant for every call without a cap
     want = settings.triton_scores().tanh
