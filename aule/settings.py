@@ -159,7 +159,8 @@ def prefer_torch() -> bool:
 @dataclass(frozen=True)
 class TritonScores:
     """How the Triton forward computes modified scores (for timing the variants against each other;
-    ``auto`` is what aule chooses). Read on every launch, parsed once per distinct value."""
+    ``auto`` is what aule chooses). Read on every launch, parsed once per distinct value; the
+    backward reads the tanh again, so keep a setting from a forward through its backward."""
 
     tanh: str   # AULE_TRITON_TANH: auto | exp2 | rcp | approx (the softcap's tanh, see kernels._tanh)
     alibi: str  # AULE_TRITON_ALIBI: auto | split | exact (ALiBi's bias, see kernels.ALIBI_SPLIT)
@@ -178,9 +179,9 @@ def _triton_scores(tanh: str | None, alibi: str | None) -> TritonScores:
                          "one-instruction tanh.approx for 16-bit inputs on NVIDIA, rcp for float32 there, "
                          "exp2 elsewhere)")
     if a not in _ALIBI_CHOICES:
-        raise ValueError(f"AULE_TRITON_ALIBI={alibi!r}: expected one of {', '.join(_ALIBI_CHOICES)} (auto and "
-                         "split: a column bias per key tile with the row term in the row maximum; exact: "
-                         "-slope * |i - j| per score)")
+        raise ValueError(f"AULE_TRITON_ALIBI={alibi!r}: expected one of {', '.join(_ALIBI_CHOICES)} (split: a "
+                         "column bias per key tile with the row term in the row maximum; exact: -slope * |i - j| "
+                         "per score; auto: split for 16-bit inputs, exact for float32)")
     return TritonScores(t, a)
 
 

@@ -155,18 +155,22 @@ def test_varlen_noncausal_alibi_split(window, native, monkeypatch):
                  lse_grad=True, launched=native)
 
 
-def test_alibi_mode_follows_the_window_and_the_setting(monkeypatch):
-    slopes = torch.ones(1, 2)
+def test_alibi_mode_follows_the_window_dtype_and_setting(monkeypatch):
+    slopes, half, single = torch.ones(1, 2), torch.float16, torch.float32
     monkeypatch.delenv("AULE_TRITON_ALIBI", raising=False)
-    assert ops._alibi_kind(None, 0) == kernels.ALIBI_EXACT
-    assert ops._alibi_kind(slopes, 0) == kernels.ALIBI_LEFT  # causal, and windows ending at the row
-    assert ops._alibi_kind(slopes, -1) == kernels.ALIBI_SPLIT
-    assert ops._alibi_kind(slopes, 5) == kernels.ALIBI_SPLIT
+    assert ops._alibi_kind(None, 0, half) == kernels.ALIBI_EXACT
+    assert ops._alibi_kind(slopes, 0, half) == kernels.ALIBI_LEFT  # causal, and windows ending at the row
+    assert ops._alibi_kind(slopes, -1, torch.bfloat16) == kernels.ALIBI_SPLIT
+    assert ops._alibi_kind(slopes, 5, half) == kernels.ALIBI_SPLIT
+    assert ops._alibi_kind(slopes, 0, single) == kernels.ALIBI_EXACT  # float32 keeps its precision
+    monkeypatch.setenv("AULE_TRITON_ALIBI", "split")
+    assert ops._alibi_kind(slopes, 0, single) == kernels.ALIBI_LEFT
+    assert ops._alibi_kind(slopes, -1, single) == kernels.ALIBI_SPLIT
     monkeypatch.setenv("AULE_TRITON_ALIBI", "exact")
-    assert ops._alibi_kind(slopes, 0) == kernels.ALIBI_EXACT
+    assert ops._alibi_kind(slopes, 0, half) == kernels.ALIBI_EXACT
     monkeypatch.setenv("AULE_TRITON_ALIBI", "sideways")
     with pytest.raises(ValueError, match="AULE_TRITON_ALIBI='sideways': expected one of auto, split, exact"):
-        ops._alibi_kind(slopes, 0)
+        ops._alibi_kind(slopes, 0, half)
 
 
 def test_tanh_setting_is_checked_and_the_interpreter_keeps_exp2(monkeypatch):

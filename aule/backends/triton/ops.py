@@ -146,11 +146,16 @@ def _tanh_kind(q: torch.Tensor, softcap: float) -> int:
     return kernels.TANH_APPROX if want == "approx" else kernels.TANH_RCP
 
 
-def _alibi_kind(alibi, right: int) -> int:
+def _alibi_kind(alibi, right: int, dtype: torch.dtype) -> int:
     """The forward's ALIBI_MODE (kernels.ALIBI_SPLIT and its neighbours): the left form alone when
     no key right of a row is visible (``right == 0``: causal, and windows ending at the row),
-    else the split at the diagonal; AULE_TRITON_ALIBI=exact keeps ``-slope * |i - j|`` per score."""
-    if alibi is None or settings.triton_scores().alibi == "exact":
+    else the split at the diagonal. ``auto`` keeps the exact ``-slope * |i - j|`` per score for
+    float32 inputs: the column forms hold scores up to ``slope * log2(e) * BLOCK_M`` above the true
+    ones, whose float32 rounding (``slope * BLOCK_M * 2^-24`` relative in P) is far below what 16-bit
+    inputs round P to, but not below float32's tolerance for every slope a caller may pass.
+    AULE_TRITON_ALIBI=split or exact forces one."""
+    want = settings.triton_scores().alibi
+    if alibi is None or want == "exact" or (want == "auto" and dtype == torch.float32):
         return kernels.ALIBI_EXACT
     return kernels.ALIBI_LEFT if right == 0 else kernels.ALIBI_SPLIT
 
@@ -347,7 +352,7 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
             next_pow2(sizes[0]), next_pow2(sizes[1]))
     _launch("fwd", _grid(sizes[0], "BLOCK_M", hq, b, packing), args,
             dict(_meta(q, left, right, softcap, alibi, kspan, mask, packing), HAS_SINKS=sinks is not None,
-                 ALIBI_MODE=_alibi_kind(alibi, right)),
+                 ALIBI_MODE=_alibi_kind(alibi, right, q.dtype)),
             q, sizes, tile)
     return out, lse
 
