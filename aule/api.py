@@ -18,7 +18,8 @@ from .routing import (attend, attend_paged, attend_varlen, attention, forced_bac
 
 
 def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, *,
-                    backend=None, return_lse=False, softcap=0.0, alibi_slopes=None, sinks=None, attn_mask=None):
+                    backend=None, return_lse=False, softcap=0.0, alibi_slopes=None, sinks=None, attn_mask=None,
+                    q_descale=None, k_descale=None, v_descale=None, out_dtype=None):
     """Exact attention, memory-efficient, on whichever backend suits the inputs.
 
     ``query [batch, heads_q, seq_q, head_dim]``, ``key``/``value [batch, heads_kv, seq_k, head_dim]``
@@ -35,9 +36,26 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
     and the window; a padding mask (one that does not vary along ``seq_q``) is served as key
     vectors, without a per-row mask. The NumPy backend, Triton's dense kernels and Vulkan's scalar
     variants apply these features (Triton also differentiates ``sinks`` that require grad); a backend
-    or variant that lacks one refuses the call by name, and the router passes it on.
+    or variant that lacks one refuses the call by name, and the router passes it on. On CUDA tensors
+    nothing is read back to the host: the kernels check the values of ``sinks`` and
+    ``alibi_slopes``, and a non-finite one raises ``ValueError`` by the next aule call (at once with
+    ``AULE_CHECK_SYNC=1``, or at :func:`aule.check_device_errors`).
+
+    FP8 (flash-attn 3's interface): ``torch.float8_e4m3fn`` q, k, v (``float8_e4m3fnuz`` on AMD
+    targets that have it) with optional ``q_descale``, ``k_descale``, ``v_descale``: float32 tensors
+    ``[batch, heads_kv]`` (per KV head; query heads use their KV head's factor), one-element
+    tensors or positive numbers for the whole tensor, 1 when omitted. The attention computed is
+    that of ``q * q_descale``, ``k * k_descale``, ``v * v_descale``; the output is ``out_dtype``
+    (``torch.bfloat16`` by default, or ``torch.float16``), the LSE float32. Served by Triton on
+    CUDA (sm_89 and later) and ROCm, forward only; other backends refuse it by name.
     """
     features = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, attn_mask=attn_mask)
+    fp8 = dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, out_dtype=out_dtype)
+    if any(x is not None for x in fp8.values()) or "float8" in str(getattr(query, "dtype", "")):
+        if _compiling(query):
+            raise UnsupportedError("float8 attention inside torch.compile: aule traces no float8 op yet; call it "
+                                   "outside the compiled region (torch.compiler.disable)")
+        features.update(fp8)
     if _compiling(query):
         from .sdpa_core import traced_attention
 
@@ -58,7 +76,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ``softcap``, ``sinks`` and ``backend`` mean what they mean in :func:`flash_attention`;
     ``alibi_slopes`` is ``[heads_q]`` or ``[batch, heads_q]``. ``max_seqlen_q``/``max_seqlen_k`` must
     be at least each sequence's length. Returns ``out [total_q, heads_q, head_dim]`` like ``q`` and,
-    with ``return_lse``, the float32 LSE ``[heads_q, total_q]``.
+    with ``return_lse``, the float32 LSE ``[heads_q, total_q]``. ``cu_seqlens`` tensors on q's CUDA
+    device are never read back: the Triton kernels check them (and the sinks and slopes) as they read
+    them, a sequence with bad offsets is given no rows, and the error is raised as ``ValueError`` by the
+    next aule call, as :func:`flash_attention` does for its features.
     """
     if _compiling(q):
         raise UnsupportedError("flash_attention_varlen inside torch.compile: it reads cu_seqlens on the host to "

@@ -75,14 +75,18 @@ def _window(window_size):
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                    q_descale=None, k_descale=None, v_descale=None):
     """flash-attn's ``flash_attn_func``: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` (Hq a
     multiple of Hkv). Returns ``out [B, Sq, Hq, D]``, or ``(out, softmax_lse [B, Hq, Sq], None)``
-    with ``return_attn_probs``."""
+    with ``return_attn_probs``. float8_e4m3fn inputs take flash-attn 3's ``q_descale``,
+    ``k_descale``, ``v_descale`` (float32 ``[B, Hkv]``) and return bfloat16, as there."""
     _refuse_dropout(dropout_p)
+    fp8 = {n: x for n, x in dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale).items()
+           if x is not None}
     res = flash_attention(_heads_first(q, "q"), _heads_first(k, "k"), _heads_first(v, "v"), causal=causal,
                           scale=softmax_scale, window_size=_window(window_size), return_lse=return_attn_probs,
-                          softcap=softcap, alibi_slopes=alibi_slopes)
+                          softcap=softcap, alibi_slopes=alibi_slopes, **fp8)
     if return_attn_probs:
         out, lse = res
         return _seq_first(out), lse, None

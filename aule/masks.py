@@ -70,7 +70,7 @@ def canonical_window(causal: bool, window_size) -> tuple[int, int]:
         causal = bool(causal)
     else:
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
-    if window_size is None:
+    if window_size is None or (type(window_size) is int and window_size == -1):  # the defaults, no ABC check
         left, right = UNBOUNDED, UNBOUNDED
     elif isinstance(window_size, numbers.Integral) and not isinstance(window_size, bool):
         w = int(window_size)

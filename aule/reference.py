@@ -8,14 +8,26 @@ import numpy as np
 from . import masks
 
 
+def _descaled(x, descale, heads_kv: int, group: int):
+    """``x [B, H, S, D]`` times its descale factors (a scalar or ``[B, heads_kv]``, flash-attn 3's
+    per-KV-head form; query head ``h`` takes KV head ``h // group``'s), or ``x`` without any."""
+    if descale is None:
+        return x
+    d = np.broadcast_to(np.asarray(descale, dtype=np.float64), (x.shape[0], heads_kv))
+    return x * np.repeat(d, group, axis=1)[:, :, None, None]
+
+
 def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return_lse=False, softcap=0.0,
-                        alibi_slopes=None, sinks=None, attn_mask=None):
+                        alibi_slopes=None, sinks=None, attn_mask=None, q_descale=None, k_descale=None,
+                        v_descale=None):
     """Reference attention on NumPy arrays (any float dtype), computed in float64.
 
     Same meaning as :func:`aule.flash_attention`: layout ``[batch, heads, seq, head_dim]``,
     GQA when ``heads_q`` is a multiple of ``heads_kv``, bottom-right causal, windows per
     :mod:`aule.masks`, rows with NaN or infinite scores by the rule stated there. Returns float64
-    output (and float64 LSE ``[batch, heads_q, seq_q]``).
+    output (and float64 LSE ``[batch, heads_q, seq_q]``). ``q_descale``, ``k_descale``,
+    ``v_descale`` (FP8's factors: scalars or ``[batch, heads_kv]``) multiply the inputs first, so
+    the answer is that of the dequantised tensors.
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -23,6 +35,7 @@ def attention_reference(q, k, v, causal=True, scale=None, window_size=-1, return
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     group = hq // hk
+    q, k, v = (_descaled(x, d, hk, g) for x, d, g in ((q, q_descale, group), (k, k_descale, 1), (v, v_descale, 1)))
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     left, right = masks.canonical_window(causal, window_size)

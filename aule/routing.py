@@ -98,7 +98,7 @@ def _empty_result(call: AttentionCall):
     else:
         import torch
 
-        out = torch.zeros(shape, dtype=q.dtype, device=q.device)
+        out = torch.zeros(shape, dtype=getattr(torch, call.out_dtype) if call.out_dtype else q.dtype, device=q.device)
         lse = torch.from_numpy(masks.no_key_lse(lse_shape, call.sinks, np.float32)).to(q.device)
     return out, lse
 
@@ -110,7 +110,7 @@ def attend(call: AttentionCall, backend=None):
     device_errors.raise_pending()
     if call.kind != "gpu" and nothing_to_compute(call):
         forced_backend(backend)  # still reject a name (argument or AULE_BACKEND) that is no backend
-        return _empty_result(call)
+        return _empty_result(call.on_host())  # no kernel runs to check device values: the host does
     return route(call, "attention", backend).run("attention", call)
 
 
@@ -160,7 +160,7 @@ def attend_varlen(call: VarlenCall, backend=None):
         if w.return_lse:
             lses.append(lse[0])
     if not outs:  # no query rows at all
-        out, lse = _empty_result(w)
+        out, lse = _empty_result(call.on_host().whole)
         return _rows_first(out[0]), (lse[0] if w.return_lse else None)
     if w.kind == "numpy":
         # Into a C-contiguous result: concatenating the [S, H, D] views would keep their layout.

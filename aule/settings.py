@@ -2,8 +2,9 @@
 `TRITON_INTERPRET`), read and checked in one place.
 
 The environment is looked at on each call (tests and benchmarks change it within one process),
-but each distinct set of values is parsed once: a repeated call costs one tuple of lookups.
-A malformed value is a ``ValueError`` naming the variable and what it accepts.
+but each distinct set of values is parsed once: a repeated call costs one tuple of lookups
+(:func:`getenv`, a dictionary lookup each). A malformed value is a ``ValueError`` naming the
+variable and what it accepts.
 """
 from __future__ import annotations
 
@@ -15,6 +16,25 @@ from dataclasses import dataclass
 _VULKAN_VARS = ("AULE_VULKAN_DEVICE", "AULE_VULKAN_STAGING", "AULE_VULKAN_PIPELINE_CACHE",
                 "AULE_VULKAN_NO_EGL_RETRY", "AULE_VALIDATION", "AULE_CACHE_DIR", "AULE_VULKAN_COPY_THREADS",
                 "AULE_VULKAN_HOST_IMPORT", "AULE_VULKAN_REUSE")
+
+
+_ENCODED: dict = {}
+
+
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)``, read from the mapping's own store. ``os.environ.get`` encodes the
+    name and decodes the value in Python, about a microsecond a variable, and a tiny call reads
+    several; ``os.environ`` keeps that store current on every change made through it (``setenv``
+    and ``patch.dict`` in tests included), so what is read is the same."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if data is None:  # not CPython's os._Environ: its plain get
+        return env.get(name)
+    key = _ENCODED.get(name)
+    if key is None:
+        key = _ENCODED[name] = env.encodekey(name)
+    raw = data.get(key)
+    return None if raw is None else env.decodevalue(raw)
 
 
 @dataclass(frozen=True)
@@ -98,8 +118,7 @@ def _vulkan(raw: tuple) -> VulkanSettings:
 
 def vulkan() -> VulkanSettings:
     """The Vulkan settings as the environment holds them now."""
-    env = os.environ
-    return _vulkan(tuple(env.get(k) for k in _VULKAN_VARS))
+    return _vulkan(tuple(getenv(k) for k in _VULKAN_VARS))
 
 
 @dataclass(frozen=True)
@@ -118,35 +137,62 @@ def _kernel_choice(variant: str | None, tiles: str | None) -> KernelChoice:
 
 
 def kernel_choice() -> KernelChoice:
-    """The two settings every Vulkan call consults (forced variant and tiles). Each os.environ
-    lookup costs about a microsecond, so the per-call path reads these two rather than all of
-    :func:`vulkan`'s eight."""
-    get = os.environ.get
-    return _kernel_choice(get("AULE_VULKAN_VARIANT"), get("AULE_VULKAN_TILES"))
+    """The two settings every Vulkan call consults (forced variant and tiles): the per-call path
+    reads these two rather than all of :func:`vulkan`'s nine."""
+    return _kernel_choice(getenv("AULE_VULKAN_VARIANT"), getenv("AULE_VULKAN_TILES"))
 
 
 def forced_backend() -> str | None:
     """AULE_BACKEND: a backend name the router must use, or None (names are checked by the registry)."""
-    return os.environ.get("AULE_BACKEND", "").strip() or None
+    return (getenv("AULE_BACKEND") or "").strip() or None
 
 
 def check_sync() -> bool:
     """AULE_CHECK_SYNC=1: a table error found by a kernel on the device is raised by the call that
     launched it (aule waits for the kernel), not by a later call. For tests and debugging: the wait
     is a host synchronisation, and it cannot happen while a CUDA graph is being captured."""
-    return _flag(os.environ.get("AULE_CHECK_SYNC"))
+    return _flag(getenv("AULE_CHECK_SYNC"))
 
 
 def triton_interpret() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return _truthy(getenv("TRITON_INTERPRET"))
+
+
+@functools.lru_cache(maxsize=16)
+def _truthy(raw: str | None) -> bool:
+    return (raw or "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=16)
+def _triton_config(forced: str | None, autotune: str | None) -> int | None:
+    forced = (forced or "").strip()
+    if forced:
+        return int(forced)
+    return 0 if (autotune or "1").strip() == "0" else None
+
+
+def triton_config() -> int | None:
+    """None to autotune the Triton kernels; else the index of the configuration to use untimed.
+
+    ``AULE_TRITON_AUTOTUNE=0`` takes the first configuration that fits the shape (tests, and
+    workloads whose shapes change too often to amortise tuning); ``AULE_TRITON_CONFIG=i`` takes
+    the i-th (benchmarks compile every candidate in parallel processes with it)."""
+    return _triton_config(getenv("AULE_TRITON_CONFIG"), getenv("AULE_TRITON_AUTOTUNE"))
+
+
+def triton_direct() -> bool:
+    """AULE_TRITON_DIRECT=1 (NVIDIA, experimental until measured on a GPU): a Triton launch whose
+    arguments specialise as an earlier launch's did goes straight to that launch's compiled kernel,
+    past Triton's per-launch argument binding (:func:`aule.backends.triton.ops._launch`)."""
+    return _flag(getenv("AULE_TRITON_DIRECT"))
 
 
 def prefer_torch() -> bool:
     """AULE_PREFER_TORCH (default 1): the SDPA drop-in hands a call to torch's own SDPA where the
     speed table (:mod:`aule.speed_table`) measured torch faster for its class on this GPU; 0 keeps
     aule's kernel for every call it can serve (to measure it, or where the table is out of date)."""
-    raw = os.environ.get("AULE_PREFER_TORCH")
+    raw = getenv("AULE_PREFER_TORCH")
     text = (raw or "").strip().lower()
     if text in ("", "1", "true", "yes", "on"):
         return True
@@ -187,5 +233,4 @@ def _triton_scores(tanh: str | None, alibi: str | None) -> TritonScores:
 
 def triton_scores() -> TritonScores:
     """AULE_TRITON_TANH and AULE_TRITON_ALIBI as the environment holds them now."""
-    get = os.environ.get
-    return _triton_scores(get("AULE_TRITON_TANH"), get("AULE_TRITON_ALIBI"))
+    return _triton_scores(getenv("AULE_TRITON_TANH"), getenv("AULE_TRITON_ALIBI"))

@@ -24,9 +24,10 @@
 // masked (rows past seq_q are zero and never written, keys past seq_k are zero and invisible), so
 // any seq_q and seq_k run; whole key tiles a subgroup cannot see are skipped. head_dim is a
 // multiple of 16 (CoopMat in shaders.py checks this and the shared-memory fit). Softcap, ALiBi,
-// sinks and padding spans come from attn_common.glsl as in the scalar variants: the score of each
-// element is modified where its row and column are known (the index tiles on the register path),
-// and a padding span bounds the key range and the tile loads.
+// sinks, padding spans and general masks come from attn_common.glsl as in the scalar variants: the
+// score of each element is modified and masked (masked_score, the mask read from binding 6 at the
+// element's row and key) where its row and column are known (the index tiles on the register path),
+// before the row maximum sees it, and a padding span bounds the key range and the tile loads.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
@@ -192,7 +193,8 @@ void main() {
     if (head >= pc.heads) return;   // the whole workgroup: no barrier is skipped by part of it
     set_head(head);
     const float slope2 = head_slope2(head);
-    const bool modify = (pc.flags & 6u) != 0u;   // softcap or ALiBi: each score needs its place
+    // Softcap, ALiBi or a general mask: every score changes, even in tiles the window shows whole.
+    const bool modify = (pc.flags & 6u) != 0u || has_mask();
     const uint tid = gl_LocalInvocationID.x, sg = gl_SubgroupID, lane = gl_SubgroupInvocationID;
     const int wr0 = int(query_block() * BR);      // the workgroup's first row
     const int sr0 = wr0 + int(sg * SR);           // this subgroup's first row
@@ -300,13 +302,14 @@ void main() {
                     [[unroll]] for (uint n = 0; n < NT; ++n)
                         [[unroll]] for (int i = 0; i < sacc[0].length(); ++i)
                             sacc[rt * NT + n][i] = SCORE(sacc[rt * NT + n][i]);
-                    if (!full || (pc.flags & 4u) != 0u) {   // masks and ALiBi need each score's place
+                    // The window, ALiBi and a general mask need each score's place.
+                    if (!full || (pc.flags & 4u) != 0u || has_mask()) {
                         const ACC ri = index_tile(0);
                         const ACC ci = index_tile(1);
                         [[unroll]] for (uint n = 0; n < NT; ++n)
                             [[unroll]] for (int i = 0; i < ri.length(); ++i) {
                                 const int qi = r0 + int(ri[i]), kj = k0 + int(n * NN) + int(ci[i]);
-                                float x = modified_score(sacc[rt * NT + n][i], qi, kj, slope2);
+                                float x = masked_score(modified_score(sacc[rt * NT + n][i], qi, kj, slope2), qi, kj);
                                 if (!full && !visible(qi, kj)) x = NEG_INF;
                                 sacc[rt * NT + n][i] = x;
                             }
@@ -369,7 +372,7 @@ void main() {
                         if (!full || modify) {
                             [[unroll]] for (uint e = 0; e < 4; ++e) {
                                 const int kj = j0 + int(c * 4 + e);
-                                x[c][e] = modified_score(x[c][e], qi, kj, slope2);
+                                x[c][e] = masked_score(modified_score(x[c][e], qi, kj, slope2), qi, kj);
                                 if (!full && !visible(qi, kj)) x[c][e] = NEG_INF;
                             }
                         }

@@ -59,7 +59,8 @@ def compile_forward(causal: bool, flags: dict, dtype: str, head_dim: int, tile, 
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     const = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PAD_D=block_d != head_dim, HAS_LEFT=False,
                  HAS_RIGHT=causal, DOT_PREC="tf32", SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False,
-                 HAS_KSPAN=False, MASK_KIND=0, VARLEN=False, TANH=0, ALIBI_MODE=0, BLOCK_M=bm, BLOCK_N=bn)
+                 HAS_KSPAN=False, MASK_KIND=0, VARLEN=False, TANH=0, ALIBI_MODE=0, CHECK=False, FP8=0,
+                 BLOCK_M=bm, BLOCK_N=bn)
     const.update(flags)
     sig, attrs = {}, {}
     pointers = fn.arg_names[:fn.arg_names.index("stride_qb")]  # the tensors come first

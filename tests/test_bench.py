@@ -346,8 +346,8 @@ EXPECTED_SUITES = {
     "decode": (12, ("aule-paged:triton launcher", "aule-paged:triton", "aule-paged:triton graph",
                     "aule-paged:vulkan resident", "torch-sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
                     "sdpa-math")),
-    "overhead": (2, ("aule:auto", "aule:triton", "aule:vulkan", "aule:vulkan resident", "aule:numpy",
-                     "torch-sdpa")),
+    "overhead": (2, ("aule:auto", "aule:triton", "aule:vulkan", "aule:vulkan resident",
+                     "aule:vulkan resident, recorded anew", "aule:numpy", "torch-sdpa")),
     "vulkan": (14, ("aule:vulkan resident", "aule:vulkan", "aule:vulkan fp16", "aule:vulkan coopmat", "torch-sdpa",
                     "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")),
     "cpu": (4, ("aule:numpy", "aule:vulkan", "torch-sdpa")),
@@ -965,4 +965,8 @@ def test_gpu_guarantee_rows_at_small_shapes():
             assert r["status"] == "skipped", r
         else:
             assert r["status"] == "ok", r
-            assert r["err"] < checks.tolerance("bfloat16", r["params"]["mode"] == "fwd+bwd") and r["ratio"] > 0
+            assert r["err"] < checks.tolerance("bfloat16", r["params"]["mode"] == "fwd+bwd")
+            # A window's torch-sdpa row is skipped, so only the installed masked row (against the
+            # masked one) has a baseline there.
+            if "w64" not in r["case"] or r["contender"] == "torch-sdpa+mask installed":
+                assert r["ratio"] > 0, r

@@ -95,8 +95,8 @@ def test_the_numeric_rule_holds_with_the_features(ctx):
 
 
 def test_matrix_core_selection_keeps_the_features(monkeypatch):
-    """coopmat applies softcap, ALiBi, sinks and padding spans, so a call using them keeps the
-    matrix cores (before, selection passed over to the scalar fp16 variant)."""
+    """coopmat applies softcap, ALiBi, sinks, padding spans and general masks, so a call using them
+    keeps the matrix cores (before, selection passed over to the scalar fp16 variant)."""
     from aule.backends.vulkan import select
     from test_vulkan import NVIDIA_SHAPES, _recorded_device
 
@@ -104,7 +104,7 @@ def test_matrix_core_selection_keeps_the_features(monkeypatch):
     monkeypatch.delenv("AULE_VULKAN_TILES", raising=False)
     h200 = _recorded_device(name="NVIDIA H200", vendor="NVIDIA", shared=49152, coopmat=NVIDIA_SHAPES)
     assert select.select("float16", 128, h200).name == "coopmat"
-    for f in ("softcap", "alibi", "sinks", "mask", "softcap alibi sinks mask"):
+    for f in ("softcap", "alibi", "sinks", "mask", "mask general_mask", "softcap alibi sinks mask general_mask"):
         assert select.select("float16", 128, h200, features=frozenset(f.split())).name == "coopmat"
 
 

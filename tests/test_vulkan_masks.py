@@ -2,7 +2,8 @@
 and float masks of every broadcast shape against the float64 reference on each scalar variant, with
 causal, windows, GQA, seq_q != seq_k and the other features; the numeric rule (fully masked rows,
 NaN entries); NumPy, CPU torch and GpuTensor inputs and the SDPA drop-in; the device's limits
-(storage-buffer range, dispatch chunks); coopmat's refusal."""
+(storage-buffer range, dispatch chunks); the matrix-core variant chosen for masked float16 calls
+(its GPU cases on both softmax paths: test_vulkan_coopmat.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,8 @@ from attn_util import count_calls
 from _vulkan_util import VARIANT_ATOL, forced_variant, max_err, servable_dtype
 from _vulkan_util import ctx, no_validation_messages  # noqa: F401
 
-VARIANTS = ["baseline", "fast", "fp16", "fp16_io", "fp16_amd", "cpu"]
+# coopmat runs where the device has cooperative matrices (not lavapipe): skipped here, run on a GPU.
+VARIANTS = ["baseline", "fast", "fp16", "fp16_io", "fp16_amd", "coopmat", "cpu"]
 D = 32
 # (batch, heads_q, heads_kv, seq_q, seq_k, causal, window)
 CASES = [
@@ -287,7 +289,7 @@ def test_earlier_refused_masks_are_served(ctx):
         assert max_err(out, attention_reference(q, q, q, attn_mask=m)) <= 2e-5
 
 
-@pytest.mark.parametrize("variant", ["baseline", "fast", "cpu"])
+@pytest.mark.parametrize("variant", ["baseline", "fast", "coopmat", "cpu"])
 def test_masks_across_dispatch_chunks(ctx, monkeypatch, variant):
     # One (batch, kv-head) pair per dispatch: every chunk after the first finds its heads' planes
     # of the mask through x_base, the mask bound whole.
@@ -332,31 +334,27 @@ def test_a_mask_beyond_the_storage_range_is_refused(ctx, monkeypatch):
     assert max_err(out, attention_reference(q, k, v, attn_mask=small)) <= 2e-5
 
 
-def test_coopmat_refuses_general_masks(ctx, monkeypatch):
+def test_every_variant_applies_general_masks_matrix_cores_included(monkeypatch):
     from aule.backends.vulkan import VARIANTS as TABLE
     from aule.backends.vulkan import select
     from test_vulkan import NVIDIA_SHAPES, _recorded_device
 
-    assert "general_mask" not in TABLE["coopmat"].features
+    assert set(VARIANTS) == set(TABLE)
     assert all("general_mask" in TABLE[n].features and "mask" in TABLE[n].features for n in VARIANTS)
-    q = np.random.default_rng(0).standard_normal((1, 2, 16, 64)).astype(np.float16)
-    monkeypatch.setenv("AULE_VULKAN_VARIANT", "coopmat")
-    with pytest.raises(aule.UnsupportedError, match="coopmat does not apply general_mask"):
-        aule.flash_attention(q, q, q, backend="vulkan", attn_mask=np.tril(np.ones((16, 16), bool)))
-    monkeypatch.delenv("AULE_VULKAN_VARIANT")
+    monkeypatch.delenv("AULE_VULKAN_VARIANT", raising=False)
     monkeypatch.delenv("AULE_VULKAN_TILES", raising=False)
     h200 = _recorded_device(name="NVIDIA H200", vendor="NVIDIA", shared=49152, coopmat=NVIDIA_SHAPES)
     assert select.select("float16", 128, h200).name == "coopmat"
-    assert select.select("float16", 128, h200, features=frozenset({"mask", "general_mask"})).name == "fp16"
+    assert select.select("float16", 128, h200, features=frozenset({"mask", "general_mask"})).name == "coopmat"
 
 
-def test_float16_masks_on_a_matrix_core_device_run_a_scalar_variant(ctx, monkeypatch):
-    # GPU only: where coopmat is selectable, a masked float16 call must go to a variant that applies
-    # the mask (the router's choice on NVIDIA is coopmat without one).
+def test_float16_masks_on_a_matrix_core_device(ctx, monkeypatch):
+    # GPU only: where coopmat is selectable, a masked float16 call goes where a plain one goes (the
+    # router's choice on NVIDIA is coopmat), GpuTensors and a mask read per (row, key).
     from aule.backends.vulkan import launch, to_gpu
 
     if not ctx.info.coopmat_f16:
-        pytest.skip(f"{ctx.info.name} has no cooperative matrix, so no variant here refuses masks")
+        pytest.skip(f"{ctx.info.name} has no cooperative matrix: the matrix-core variant cannot be selected")
     monkeypatch.delenv("AULE_VULKAN_VARIANT", raising=False)
     monkeypatch.delenv("AULE_VULKAN_TILES", raising=False)
     rng = np.random.default_rng(17)
@@ -364,8 +362,11 @@ def test_float16_masks_on_a_matrix_core_device_run_a_scalar_variant(ctx, monkeyp
     q, k, v = inputs(rng, b, hq, hk, sq, sk, np.float16, d=d)
     for mask in (make_mask(rng, (b, 1, sq, sk), "float"), make_mask(rng, (b, hq, sq, sk), "bool")):
         gq, gk, gv = (to_gpu(x) for x in (q, k, v))
-        variant = launch.attention_plan_for(canonicalize(gq, gk, gv, attn_mask=mask), ctx)[0]
-        assert variant.name != "coopmat" and "general_mask" in variant.features
+        plain = launch.attention_plan_for(canonicalize(gq, gk, gv, causal=True), ctx)[0]
+        variant = launch.attention_plan_for(canonicalize(gq, gk, gv, causal=True, attn_mask=mask), ctx)[0]
+        assert variant is plain and "general_mask" in variant.features
+        if ctx.info.vendor == "NVIDIA":
+            assert variant.name == "coopmat"
         out, lse = aule.flash_attention(gq, gk, gv, causal=True, attn_mask=mask, backend="vulkan", return_lse=True)
         check(out.numpy(), lse.numpy(), q, k, v, VARIANT_ATOL[variant.name], causal=True, attn_mask=mask)
         for t in (gq, gk, gv, out, lse):

@@ -266,7 +266,8 @@ def test_recordings_binding_a_destroyed_buffer_are_dropped(ctx):
     q.free()
     ctx.trim_pools()  # destroys the freed buffers
     assert buf.handle is None and buf._id not in ctx._recordings_of
-    assert not any(buf._id in key for key in ctx._recordings)
+    assert set(ctx._ids_of) == set(ctx._recordings)  # every recording knows the buffers it binds
+    assert not any(buf._id in ids for ids in ctx._ids_of.values())
 
 
 def test_recordings_are_bounded(ctx):
@@ -313,3 +314,44 @@ def test_calls_from_several_threads(ctx):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_result_blocks_are_reused_only_when_nothing_refers_to_them():
+    import torch
+
+    pool = memory.ResultPool(limit=1 << 26)
+    n = 4 << 20
+    addr = lambda a: a.__array_interface__["data"][0]  # noqa: E731
+    a = pool.take(n)
+    first = addr(a)
+    held = pool.take(n)
+    assert addr(held) != addr(a), "a block in use is never handed out twice"
+    del a
+    assert addr(pool.take(n)) == first, "a dropped result's block is reused"
+    for keep in (lambda r: r[10:], lambda r: memoryview(r), lambda r: torch.from_numpy(r), lambda r: r.view(np.float32)):
+        r = pool.take(n)
+        ref = keep(r)
+        at = addr(r)
+        del r
+        assert addr(pool.take(n)) != at, "a view or export of a result keeps its block"
+        del ref
+    assert pool.take(64 << 20).nbytes == 64 << 20  # past the limit: served, free blocks forgotten
+    assert pool.held_bytes() <= (64 << 20) + 2 * n + (1 << 26)
+
+
+def test_pooled_results_of_calls_never_alias(ctx):
+    """Large results come from the result pool: each call's output is its own while held, and
+    keeps its values when later calls run."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rand(rng, (1, 4, 512, 128)) for _ in range(3))
+    first = aule.flash_attention(q, k, v, backend="vulkan")
+    assert first.nbytes >= memory.RESULT_POOL_MIN_BYTES
+    kept = first.copy()
+    second = aule.flash_attention(q[:, ::-1].copy(), k, v, backend="vulkan")
+    assert not np.shares_memory(first, second)
+    assert np.array_equal(first, kept)
+    ref = attention_reference(q, k, v)
+    assert max_err(first, ref) < TOL
+    del first
+    third = aule.flash_attention(q, k, v, backend="vulkan")
+    assert max_err(third, ref) < TOL and not np.shares_memory(third, second)

@@ -27,15 +27,24 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
+_CANONICAL: dict = {}
+
+
 def canonical_name(name: str, source: str = "backend") -> str:
     """The registry's name for ``name`` (aliases resolved); errors name ``source``, the argument
     or environment variable the name came from."""
+    if type(name) is str:
+        known = _CANONICAL.get(name)  # a name once resolved resolves the same (bad names are never kept)
+        if known is not None:
+            return known
     if not isinstance(name, str):
         raise TypeError(f"{source} must be a string naming a backend, got {type(name).__name__}")
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
         raise ValueError(f"{source}={name!r} names no backend; choose one of {names() + list(_ALIASES)}")
+    if type(name) is str and len(_CANONICAL) < 256:
+        _CANONICAL[name] = key
     return key
 
 
@@ -60,6 +69,10 @@ class _Missing:
 def get(name: str):
     """The backend registered under ``name`` (``cpu`` is ``numpy``), imported and created on first
     use; a module that cannot be imported gives a stand-in that is unavailable with the reason."""
+    if type(name) is str:
+        made = _instances.get(name)  # a canonical name of a backend already made: no lock needed
+        if made is not None:
+            return made
     key = canonical_name(name)
     with _lock:
         if key not in _instances:

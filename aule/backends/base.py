@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import functools
 
+from ..paged_call import PagedCall
+
 #: Every operation a backend may declare, in the order ``aule info`` lists them.
 OPS = ("attention", "paged_attention", "varlen_attention", "write_kv", "kv_store")
 
@@ -66,6 +68,10 @@ class Backend:
     #: Whether its paged kernels bounds-check tables left to the device (``PagedCall.checks ==
     #: "device"``); for other backends the router checks such tables on the host first.
     checks_tables = False
+    #: Whether its dense and varlen kernels check values left on the device (``device_values`` of an
+    #: AttentionCall or VarlenCall: sinks, slopes, cu_seqlens) and take an attn_mask left there; for
+    #: other backends :meth:`run` hands over the call's host form (``on_host``), read and checked.
+    checks_values = False
 
     @functools.cached_property
     def unavailable_reason(self) -> str | None:
@@ -96,10 +102,13 @@ class Backend:
     def missing_features(self, call) -> str | None:
         """Why this backend cannot apply the features ``call`` uses (``None`` if it has them all).
         Every ``why_not`` asks it, overrides included: a feature must never be dropped in silence."""
-        missing = sorted(getattr(call, "features", frozenset()) - self.features_for(call))
-        if missing:
-            return f"backend {self.name!r} does not apply {', '.join(missing)} yet"
-        learned = sorted(getattr(call, "grad_features", frozenset()) - self.grad_features)
+        used = getattr(call, "features", None)
+        if used:
+            missing = sorted(used - self.features_for(call))
+            if missing:
+                return f"backend {self.name!r} does not apply {', '.join(missing)} yet"
+        learned = getattr(call, "grad_features", None)
+        learned = sorted(learned - self.grad_features) if learned else None
         if learned:
             names = ", ".join(learned)
             return (f"{names} requires grad, and backend {self.name!r} has no backward pass for {names}; "
@@ -109,14 +118,14 @@ class Backend:
     def features_for(self, call) -> frozenset:
         """The features this backend applies to calls like ``call``: ``features`` for dense calls,
         ``paged_features`` (where set) for paged ones."""
-        from ..paged_call import PagedCall
-
         if self.paged_features is None or not isinstance(call, PagedCall):
             return self.features
         return self.paged_features
 
     def run(self, op: str, call):
         """Run a routed operation (see the module docstring for what each returns)."""
+        if getattr(call, "device_values", False) and not self.checks_values:
+            call = call.on_host()
         return getattr(self, op)(call)
 
     # -- per-operation answers; a backend overrides those of the ops it declares ---------------

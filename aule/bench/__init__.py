@@ -55,10 +55,12 @@ def _suite_names(values):
     return names
 
 
-def run(suites=None, quick=False, budget_s=None, progress=True, name=None, checkpoint_dir=None) -> dict:
+def run(suites=None, quick=False, budget_s=None, progress=True, name=None, checkpoint_dir=None,
+        overhead_calls=None) -> dict:
     """Run suites (names; all when None) and return the results dictionary. With
     ``checkpoint_dir``, the machine's JSON there is rewritten after every case, so a run that is
-    killed still leaves what it measured."""
+    killed still leaves what it measured. ``overhead_calls``: calls per timed round of the
+    overhead suite (default: as many as fill 50 ms)."""
     from . import machine, report, runner
     from .suites import select
 
@@ -80,7 +82,8 @@ def run(suites=None, quick=False, budget_s=None, progress=True, name=None, check
                 merged = report.merge_results(previous, merged)
             report.write_json(path, merged)
 
-    results = runner.Runner(quick=quick, budget_s=budget_s, progress=progress).run(chosen, on_progress)
+    results = runner.Runner(quick=quick, budget_s=budget_s, progress=progress,
+                            overhead_calls=overhead_calls).run(chosen, on_progress)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     ops = sys.modules.get("aule.backends.triton.ops")
     if ops is not None and hasattr(ops, "tuned_choices"):

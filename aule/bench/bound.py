@@ -13,7 +13,7 @@ class Bound:
 
     def __init__(self, call, n_sets, *, clock="host", sync=None, context=None, grad_to_none=None,
                  causal=None, window=None, variant=None, device_ms=None, device_batch=None, cleanup=None,
-                 graphable=False, checked=None, features=None, graph_required=False, note=None):
+                 graphable=False, checked=None, features=None, graph_required=False, note=None, precision=None):
         self.call = call
         self.n = n_sets
         self.i = 0
@@ -36,6 +36,9 @@ class Bound:
         self.features = features or {}
         self.graph_required = graph_required  # timed only as a CUDA-graph replay: capture must work
         self.note = note  # what the row should say about how it was measured
+        # The dtype whose tolerance the check applies, where the call computes in another than the
+        # case's (float8 on a bfloat16 case's values); None: the case's.
+        self.precision = precision
 
     def __call__(self, i):
         return self.call(i)

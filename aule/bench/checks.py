@@ -15,7 +15,10 @@ from .. import masks
 
 # Relative L2 error allowed per input dtype (forward; backward gets twice as much). float32 leaves
 # room for TF32 matrix units, which Triton uses by default for float32 dots.
-TOLERANCE = {"float64": 1e-9, "float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2}
+# float8: the rounding of P to e4m3 for the P.V product (3 mantissa bits, up to 2**-4 relative per
+# entry) leaves 1.5-3% relative L2 error on exact inputs (measured in tests/test_triton_fp8.py), whatever
+# the sequence length, as the errors average like the output does; twice that.
+TOLERANCE = {"float64": 1e-9, "float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2, "float8_e4m3fn": 6e-2}
 # Largest B*Hq*Sq*Sk the float64 oracle gets (it holds several float64 arrays of that size).
 ORACLE_MAX_SCORES = 2**25
 # Scores per block of the blocked reference (float32: 1 GiB).

@@ -145,6 +145,53 @@ class AuleDense(Contender):
         return Bound(fwd_bwd, len(sets), grad_to_none=leaves, **common)
 
 
+def fp8_quantised(x, heads_kv: int):
+    """``x [B, H, S, D]`` (values on the e4m3 grid: a case's ``fp8_grid`` inputs) as float8_e4m3fn
+    and its descale, float32 ``[B, heads_kv]`` (flash-attn 3's form; a query head shares its KV
+    head's): per (batch, KV head) the power of two that brings the largest magnitude closest under
+    e4m3's 448, as a quantiser scaling amax to the format's range would pick, but exact, so the
+    dequantised tensor is ``x`` itself."""
+    torch = torch_or_none()
+    b, h = x.shape[:2]
+    amax = x.detach().float().abs().reshape(b, heads_kv, -1).amax(-1).clamp_min(2.0 ** -100)
+    descale = torch.exp2(torch.floor(torch.log2(amax / 448.0)) + 1)
+    per_head = descale.repeat_interleave(h // heads_kv, dim=1)[:, :, None, None]
+    return (x.detach().float() / per_head).to(torch.float8_e4m3fn), descale.contiguous()
+
+
+class AuleFp8(Contender):
+    """``aule.flash_attention`` on float8_e4m3fn q, k, v with per-head ``q_descale``, ``k_descale``,
+    ``v_descale`` (issue 16's FP8 forward), bfloat16 out. Quantised once per input set outside the
+    timed region, exactly (:func:`fp8_quantised`, on ``fp8_grid`` cases); what the call does with
+    V for Hopper's fp8 products (a keys-contiguous copy) is inside it, counted."""
+
+    impl = "aule"
+
+    def why_skip(self, case):
+        if case.get("mode") != "fwd":
+            return "FP8 is forward only"
+        if not case.get("fp8_grid"):
+            return "needs a case whose values float8 holds exactly (fp8_grid)"
+        return None
+
+    def prepare(self, case, inp):
+        import aule
+
+        causal, window = self.visibility(case)
+        sync, clock = _device_clock(case)
+        sets = []
+        for s in inp.sets:
+            (q, qd), (k, kd), (v, vd) = (fp8_quantised(s[n], case["Hkv"]) for n in ("q", "k", "v"))
+            sets.append((q, k, v, dict(q_descale=qd, k_descale=kd, v_descale=vd)))
+
+        def fwd(i):
+            q, k, v, descales = sets[i]
+            return aule.flash_attention(q, k, v, causal=causal, window_size=window, backend=self.backend, **descales)
+
+        return Bound(fwd, len(sets), causal=causal, window=window, variant=self.variant(case), sync=sync,
+                     clock=clock, precision="float8_e4m3fn")
+
+
 @contextlib.contextmanager
 def _environ(values: dict):
     """Set environment variables for the duration (the Vulkan backend reads its forced variant and
@@ -162,19 +209,37 @@ def _environ(values: dict):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _recordings(on: bool):
+    """Re-submitted recordings on or off for the duration (the context reads AULE_VULKAN_REUSE once,
+    when it is made); the recordings kept so far are dropped either way."""
+    from ..backends.vulkan import runtime
+
+    ctx = runtime.context()
+    was = ctx.reuse
+    ctx.reuse = on
+    ctx.forget_recordings()
+    try:
+        yield
+    finally:
+        ctx.reuse = was
+
+
 class AuleVulkanResident(Contender):
     """Vulkan on GpuTensors uploaded once, outside the timed region. The call goes through the
     public API (its wall time is the per-call cost a user sees); the GPU time of the dispatches
     comes from ``aule.backends.vulkan.attention(..., timestamps=True)``. With ``variant`` (and
     ``tiles``) the shader is forced through AULE_VULKAN_VARIANT / AULE_VULKAN_TILES, on cases of
-    ``dtype`` only: the variant sweep."""
+    ``dtype`` only: the variant sweep. ``reuse=False``: every call recorded anew, as with
+    AULE_VULKAN_REUSE=0 (the per-call cost without re-submitted recordings)."""
 
     impl = "resident"
 
-    def __init__(self, variant=None, tiles=None, dtype=None, *, padding=False):
+    def __init__(self, variant=None, tiles=None, dtype=None, *, padding=False, reuse=True):
         super().__init__("vulkan")
         self.forced, self.tiles, self.dtype = variant, tiles, dtype
         self.padding = padding  # the case's key-padding mask as attn_mask
+        self.reuse = reuse
 
     def applies(self, case):
         return case.get("pack") == "mask" if self.padding else super().applies(case)
@@ -234,6 +299,8 @@ class AuleVulkanResident(Contender):
         if self.forced:
             env = {"AULE_VULKAN_VARIANT": self.forced, "AULE_VULKAN_TILES": self.tiles or ""}
             context = lambda: _environ(env)  # noqa: E731
+        elif not self.reuse:
+            context = lambda: _recordings(False)  # noqa: E731
         return Bound(call, len(gsets), clock="device", device_ms=device_ms, device_batch=device_batch, cleanup=cleanup,
                      context=context, causal=causal, window=window, variant=chosen or self.variant(case))
 
@@ -708,6 +775,7 @@ CONTENDERS = _registry(**{
     "aule:vulkan": AuleDense("vulkan"),
     "aule:numpy": AuleDense("numpy"),
     "aule:vulkan resident": AuleVulkanResident(),
+    "aule:vulkan resident, recorded anew": AuleVulkanResident(reuse=False),
     "aule:auto": AuleDense(None),
     "aule:triton kv-expanded": AuleDense("triton", expand_kv=True),
     "aule:triton full-causal": AuleDense("triton", full_causal=True),
@@ -722,6 +790,7 @@ CONTENDERS = _registry(**{
     "torch-sdpa installed": Sdpa(None, installed=True),
     "torch-sdpa+mask": Sdpa(None, explicit_mask=True, max_scores=32 * 8192 * 8192),
     "torch-sdpa+mask installed": Sdpa(None, explicit_mask=True, max_scores=32 * 8192 * 8192, installed=True),
+    "aule:triton fp8": AuleFp8("triton"),
     "aule:triton softcap": AuleDense("triton", feature="softcap"),
     "aule:triton sinks": AuleDense("triton", feature="sinks"),
     "aule:triton alibi": AuleDense("triton", feature="alibi"),

@@ -28,8 +28,10 @@ class Runner:
     # 250 ms of back-to-back calls before each CUDA timing, not a few: Triton compiles and the
     # float64 checks leave the GPU idle for seconds, and after Vulkan work in the process the H100
     # idled at 420 MHz instead of 1980 (nvidia-smi), ramping up only under sustained load.
-    def __init__(self, quick=False, budget_s=None, progress=True, gpu_warmup_ms=250, gpu_rep_ms=50):
+    def __init__(self, quick=False, budget_s=None, progress=True, gpu_warmup_ms=250, gpu_rep_ms=50,
+                 overhead_calls=None):
         self.quick = quick
+        self.overhead_calls = overhead_calls  # calls per round of the overhead suite (None: 50 ms' worth)
         self.budget_s = budget_s
         self.t0 = time.perf_counter()
         self.progress_enabled = progress
@@ -275,7 +277,7 @@ class Runner:
             raise Skip(why)
         bound = contender.prepare(p, inp)
         backward = p.get("mode") == "fwd+bwd"
-        tol = inp.tolerance() if suite.kind == "train" else checks.tolerance(p["dtype"], backward)
+        tol = inp.tolerance() if suite.kind == "train" else checks.tolerance(bound.precision or p["dtype"], backward)
         from ..errors import UnsupportedError
 
         try:
@@ -326,7 +328,8 @@ class Runner:
         if bound.graph_required and not (bound.clock == "cuda" and suite.graphs):
             raise Skip("timed as a CUDA-graph replay, which this suite does not time")
         if suite.kind == "overhead":
-            t = timing.per_call_us(bound.run, sync=bound.sync, rounds=5 if not self.quick else 3)
+            t = timing.per_call_us(bound.run, sync=bound.sync, rounds=5 if not self.quick else 3,
+                                   calls=self.overhead_calls)
             t["clock"] = "wall clock over calls back to back" + (", then one CUDA synchronisation" if bound.sync else "")
             return t
         if bound.clock == "cuda" and suite.graphs and bound.graphable:

@@ -125,22 +125,26 @@ def host_time(fn, warmup: int = 1, reps: int = 5, max_s: float = 10.0, sync=None
     return _summary(samples)
 
 
-def per_call_us(fn, sync=None, rounds: int = 5, min_round_s: float = 0.05) -> dict:
+def per_call_us(fn, sync=None, rounds: int = 5, min_round_s: float = 0.05, calls: int | None = None) -> dict:
     """Microseconds per call when calls run back to back (host overhead dominates small shapes).
 
-    Each round runs as many calls as fit in ``min_round_s`` then synchronises once; the median
-    round gives the number.
+    Each round runs ``calls`` calls (by default as many as fit in ``min_round_s``) then
+    synchronises once; the median round gives the number. With ``calls``, one round of them
+    warms up first.
     """
     fn()
     if sync:
         sync()
+    if calls:
+        for _ in range(calls):
+            fn()
     # Size a round from one timed call so every round has the same count.
     t0 = time.perf_counter()
     fn()
     if sync:
         sync()
     one = max(time.perf_counter() - t0, 1e-6)
-    n = max(3, min(10000, int(min_round_s / one)))
+    n = calls or max(3, min(10000, int(min_round_s / one)))
     samples = []
     for _ in range(rounds):
         t0 = time.perf_counter()

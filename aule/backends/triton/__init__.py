@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from ...call import AttentionCall
-from ..base import Backend
+import numpy as np
+
+from ...call import AttentionCall, OnDevice
+from ..base import Backend, nothing_to_compute
 from .common import MAX_HEAD_DIM, interpreting
 
 _DTYPES = ("float16", "bfloat16", "float32")
@@ -24,12 +26,14 @@ class TritonBackend(Backend):
     differentiable = True
     # Compile-time flags of the dense kernels (forward and backward), sinks with their gradient;
     # the paged kernels apply softcap, ALiBi and sinks (forward only: paged attention has no backward).
-    features = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask"})
+    features = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask", "fp8"})
     grad_features = frozenset({"sinks"})
     paged_features = frozenset({"softcap", "alibi", "sinks"})
     flavour = "cuda"  # torch.version.cuda / torch.version.hip: which build this backend needs
-    # The paged kernels bounds-check the tables themselves (error flags, no read-back).
+    # The paged kernels bounds-check the tables themselves (error flags, no read-back), and the dense
+    # and varlen kernels the sinks, slopes and cu_seqlens a call left on the device (CHECK).
     checks_tables = True
+    checks_values = True
 
     def _probe(self):
         reason = self._missing_packages()
@@ -73,6 +77,8 @@ class TritonBackend(Backend):
     def why_not_attention(self, call, forced):
         if call.kind != "torch":
             return f"it takes torch tensors on a GPU, got {call.kind} arrays"
+        if call.descale is not None:
+            return self._fp8_refusal(call)
         if call.dtype not in _DTYPES:
             return f"dtype {call.dtype} is not supported (float16, bfloat16, float32)"
         if call.head_dim > MAX_HEAD_DIM:
@@ -90,29 +96,75 @@ class TritonBackend(Backend):
 
         return fp32_refusal(call.dtype, call.head_dim, "cuda")
 
+    def _fp8_refusal(self, call) -> str | None:
+        """Why this machine's Triton cannot run the FP8 call (None if it can): fp8 tensor-core
+        products need NVIDIA sm_89+ (e4m3fn), or AMD CDNA3 (gfx94x: e4m3fnuz) and later targets,
+        whose fp8 is OCP e4m3fn (gfx950, RDNA4). The interpreter runs both."""
+        if call.head_dim > MAX_HEAD_DIM:
+            return f"head_dim {call.head_dim} > {MAX_HEAD_DIM}"
+        if call.device.startswith("cpu"):
+            if interpreting():
+                return None
+            return ("the tensors are on the CPU; Triton needs a CUDA/ROCm device "
+                    "(TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for testing)")
+        if not call.device.startswith("cuda"):
+            return f"tensors on {call.device}; Triton runs on CUDA/ROCm devices"
+        from .common import device_arch
+
+        arch = device_arch(call.q.device.index or 0)
+        if self.flavour == "cuda":
+            if call.dtype != "float8_e4m3fn":
+                return f"{call.dtype} is AMD's float8; NVIDIA's fp8 tensor cores take float8_e4m3fn"
+            major, minor = divmod(int(arch[2:]) if arch[2:].isdigit() else 0, 10)
+            if (major, minor) < (8, 9):
+                return f"float8 needs fp8 tensor cores (sm_89 and later), this GPU is {arch}"
+            return None
+        want = "float8_e4m3fnuz" if arch.startswith("gfx94") else "float8_e4m3fn"
+        if not (arch.startswith(("gfx94", "gfx95", "gfx12"))):
+            return f"float8 needs fp8 matrix cores (gfx94x, gfx950, gfx12), this GPU is {arch}"
+        if call.dtype != want:
+            return f"{arch}'s fp8 matrix cores take {want}, got {call.dtype}"
+        return None
+
     @staticmethod
-    def _slopes_and_sinks(call, slopes):
-        """ALiBi ``slopes`` (validated float32 NumPy, or None) and the call's sinks as the kernels
-        read them, on the call's device."""
+    def _slopes_and_sinks(call, slopes, batch: int):
+        """ALiBi ``slopes`` (validated float32 NumPy ``[batch, Hq]``, the caller's tensor left on the
+        device, or None) and the call's sinks as the kernels read them: float32, contiguous, on the
+        call's device. A device tensor is converted there (no host round trip); a host array is
+        uploaded as a copy, since a validated array may be a read-only view of the caller's."""
         import torch
 
         dev = call.q.device
-        # Copies: the validated slopes and sinks may be read-only views of the caller's arrays.
-        alibi = None if slopes is None else torch.tensor(slopes, device=dev)
+
+        def placed(x, shape):
+            if x is None:
+                return None
+            if isinstance(x, OnDevice):
+                return x.tensor.to(device=dev, dtype=torch.float32).expand(shape).contiguous()
+            return torch.tensor(x, device=dev)
+        alibi = placed(slopes, (batch, call.heads_q))
         if call.sinks_grad is not None:
             # The caller's learned tensor itself, so autograd carries d sinks back to it.
             sinks = call.sinks_grad.to(device=dev, dtype=torch.float32).contiguous()
         else:
-            sinks = None if call.sinks is None else torch.tensor(call.sinks, device=dev)
+            sinks = placed(call.sinks, (call.heads_q,))
         return alibi, sinks
 
     def attention(self, call):
-        from .ops import mask_tensors, triton_attention
+        from .ops import attention_forward, mask_tensors, triton_attention
 
-        alibi, sinks = self._slopes_and_sinks(call, call.alibi)
+        alibi, sinks = self._slopes_and_sinks(call, call.alibi, call.batch)
         kspan, mask = mask_tensors(call.mask, call.batch, call.heads_q, call.q.device)
+        if call.descale is not None:
+            # FP8 is forward only (call.py refuses gradients), so no autograd wrapper.
+            import torch
+
+            out, lse = attention_forward(call.q, call.k, call.v, call.scale, call.left, call.right,
+                                         softcap=call.softcap, alibi=alibi, sinks=sinks, kspan=kspan, mask=mask,
+                                         descale=call.descale, out_dtype=getattr(torch, call.out_dtype))
+            return out, (lse if call.return_lse else None)
         out, lse = triton_attention(call.q, call.k, call.v, call.scale, call.left, call.right,
-                                    call.softcap, alibi, sinks, kspan, mask)
+                                    call.softcap, alibi, sinks, kspan, mask, check=call.device_values)
         return out, (lse if call.return_lse else None)
 
     # -- varlen: packed sequences, one launch per kernel ----------------------------------------
@@ -128,14 +180,20 @@ class TritonBackend(Backend):
         return None
 
     def varlen_attention(self, call):
-        from .ops import packing, triton_varlen_attention
+        from .ops import device_packing, packing, triton_varlen_attention
 
+        if call.device_values and nothing_to_compute(call.whole):
+            call = call.on_host()  # no kernel will run to check what was left on the device
         w = call.whole
-        alibi, sinks = self._slopes_and_sinks(w, call.alibi)
+        alibi, sinks = self._slopes_and_sinks(w, call.alibi, call.batch)
         # w.q is q seen as [1, Hq, total_q, D]; the kernels take the packed tensors themselves.
         q, k, v = (x[0].transpose(0, 1) for x in (w.q, w.k, w.v))
-        out, lse = triton_varlen_attention(q, k, v, packing(call.cu_q, call.cu_k, w.q.device), w.scale,
-                                           w.left, w.right, w.softcap, alibi, sinks)
+        if isinstance(call.cu_q, np.ndarray):
+            pack = packing(call.cu_q, call.cu_k, w.q.device)
+        else:  # the caller's offsets, unread: the kernels check them, max_seqlen sizes the grid
+            pack = device_packing(call.cu_q, call.cu_k, call.max_q, call.max_k)
+        out, lse = triton_varlen_attention(q, k, v, pack, w.scale, w.left, w.right, w.softcap, alibi, sinks,
+                                           check=call.device_values)
         return out, (lse if w.return_lse else None)
 
     # -- paged attention and KV writes ----------------------------------------------------------

@@ -46,6 +46,20 @@ _NVIDIA_FP32 = {
 }
 NVIDIA_FP32_MAX_DIM = 128
 
+# FP8 forward (NVIDIA, sm_89+): operands take half the bytes of 16-bit ones, so a key tile of 128
+# costs the shared memory and registers a tile of 64 does in bf16, and twice the keys per step
+# halve the softmax's per-tile overhead (FlashAttention-3 runs 128 x 128 fp8 tiles at hd 128).
+# Each row compiles for sm_90 (Triton 3.9, ptxas offline) to e4m3 wgmma without spills: hd 128
+# 128x128/8 warps 227 registers, 112 KB shared at 3 stages; 128x128 with 4 warps at hd 64 and at
+# hd 256 with one stage spilled to the stack, so neither is here. Forward only: FP8 has no backward.
+_NVIDIA_FP8 = {
+    "fwd": {
+        64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3)],
+        128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 4, 3)],
+        256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3)],
+    },
+}
+
 # CDNA (MI200/MI300): wave64, a stream-pipelined loop wants 1-2 stages; waves_per_eu trades
 # registers for occupancy and is a compile option only the AMD backend accepts.
 _CDNA = {
@@ -80,10 +94,11 @@ _RDNA = {
 INTERPRET_TILE = (32, 32)
 
 
-def table_for(target: str, fp32: bool = False) -> dict:
-    """The configuration table for 'cuda' or an AMD architecture name such as 'gfx942'."""
+def table_for(target: str, fp32: bool = False, fp8: bool = False) -> dict:
+    """The configuration table for 'cuda' or an AMD architecture name such as 'gfx942'. AMD's FP8
+    forward takes its 16-bit tiles (no FP8 measurements on AMD yet)."""
     if target == "cuda":
-        return _NVIDIA_FP32 if fp32 else _NVIDIA
+        return _NVIDIA_FP8 if fp8 else (_NVIDIA_FP32 if fp32 else _NVIDIA)
     family = amd_family(target)
     if family == "cdna":
         return _CDNA
@@ -99,12 +114,12 @@ def head_dim_class(head_dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def configs(target: str, kernel: str, head_dim_class: int, fp32: bool = False):
+def configs(target: str, kernel: str, head_dim_class: int, fp32: bool = False, fp8: bool = False):
     """``triton.Config`` objects for one kernel on one target, head-dim class and precision."""
     import triton
 
     out = []
-    for row in table_for(target, fp32)[kernel][head_dim_class]:
+    for row in table_for(target, fp32, fp8)[kernel][head_dim_class]:
         bm, bn, warps, stages = row[:4]
         kw = {"BLOCK_M": bm, "BLOCK_N": bn}
         if len(row) > 4:

@@ -1,8 +1,9 @@
-"""The error flags of the paged kernels: what a kernel found wrong in its tables, read by the host
-without a synchronisation.
+"""The error flags of the Triton kernels: what a kernel found wrong in the tables and values it was
+handed unread (the paged kernels' tables, the dense and varlen kernels' cu_seqlens, sinks and slopes),
+read by the host without a synchronisation.
 
-A kernel that meets an out-of-range block id, context length, query offset or slot does not follow it and
-records ``(code, index, index, value)`` in a *flag*: one row of a small int64 table that lives in
+A kernel that meets an out-of-range block id, context length, query offset or slot does not follow it
+(a bad sequence offset, likewise; a non-finite sink or slope is only reported) and records ``(code, index, index, value)`` in a *flag*: one row of a small int64 table that lives in
 pinned host memory, which a CUDA kernel writes through its unified address and the host reads
 as ordinary memory (on the CPU, under Triton's interpreter, it is ordinary memory). The first
 error of a launch wins the row (compare-and-swap on the code); the kernel then sets the row's
@@ -27,7 +28,10 @@ import logging
 import threading
 from dataclasses import dataclass
 
+import numpy as np
+
 from ... import device_errors, settings
+from ...call import cu_seqlens_problem, not_finite
 
 log = logging.getLogger("aule")
 
@@ -40,6 +44,13 @@ QUERY_START, QUERY_ROWS, QUERY_BOUND = 4, 5, 6
 _QUERY_START_RULES = {0: "must start at 0", 1: "must be non-decreasing: it is below query_start_loc[{p}]",
                       2: "is past num_tokens = {t} (q.shape[0], the packed rows)",
                       3: "must end at num_tokens = {t} (q.shape[0]) as the last offset"}
+# Values the dense and varlen kernels check (a call's device_values): a non-finite sink (index 0: the
+# head) or ALiBi slope (indices: batch entry, head), the value as its float32 bits; a broken
+# cu_seqlens rule, index 0 being 2 * offset index + side (0: q, 1: k), index 1 the offset before
+# (CU_ORDER) or max_seqlen (CU_LONG, whose index is the sequence's and whose value its length).
+SINK, SLOPE = 7, 8
+CU_START, CU_ORDER, CU_PAST, CU_END, CU_LONG = 9, 10, 11, 12, 13
+_CU_RULES = {CU_START: "start", CU_ORDER: "order", CU_PAST: "past", CU_END: "end", CU_LONG: "long"}
 CHUNK_ROWS = 1024  # row 0 of a chunk is its header: [dirty, -, scratch]
 RESERVE = 64  # free rows kept in hand, so a graph capture (which cannot pin memory) finds one
 
@@ -78,7 +89,8 @@ class _Chunk:
 def describe(record, meta: dict) -> str:
     """The ``ValueError`` message for one recorded row."""
     code, i0, i1, value = (int(x) for x in record[:4])
-    where = (f". Found on {meta['device']} by the {meta['kernel']} kernel, which did not follow it, and raised "
+    done = "which did not follow it" if code not in (SINK, SLOPE) else "which cannot raise"
+    where = (f". Found on {meta['device']} by the {meta['kernel']} kernel, {done}, and raised "
              "by the first aule call after that kernel finished (AULE_CHECK_SYNC=1 raises in the launching call)")
     if code == BLOCK_ID:
         return (f"block_tables[{i0}, {i1}] = {value} is outside [0, num_blocks={meta['num_blocks']}): "
@@ -102,6 +114,13 @@ def describe(record, meta: dict) -> str:
         return (f"sequence {i0} has {value} query rows (query_start_loc[{i0 + 1}] - query_start_loc[{i0}]), more "
                 f"than max_query_len = {i1}, which sized the launch: its rows past the bound were not "
                 f"computed{where}")
+    if code in (SINK, SLOPE):
+        name, at = ("sinks", (i0,)) if code == SINK else ("alibi_slopes", (i0, i1)[-meta["alibi_ndim"]:])
+        return not_finite(name, at, np.array([value], np.int64).astype(np.int32).view(np.float32)[0]) + where
+    if code in _CU_RULES:
+        side = i0 & 1
+        total, bound = (meta["total_q"], meta["max_q"]) if side == 0 else (meta["total_k"], meta["max_k"])
+        return cu_seqlens_problem(_CU_RULES[code], side, i0 >> 1, value, i1, total, bound) + where
     return f"unknown device error code {code} at ({i0}, {i1}), value {value}{where}"
 
 
@@ -196,3 +215,18 @@ def error_flags() -> ErrorFlags:
                 device_errors.register(flags)
                 _flags = flags
     return _flags
+
+
+def open_flag(check: bool, fallback, **meta):
+    """``(flag, err, dirty)`` for a launch: a flag row when its kernels check what they read, else
+    ``fallback`` (any tensor of the launch, never written) for both pointers."""
+    if not check:
+        return None, fallback, fallback
+    flag = error_flags().acquire(meta)
+    return flag, flag.err, flag.dirty
+
+
+def close_flag(flag, device) -> None:
+    """After the launch's last kernel (nothing without a flag)."""
+    if flag is not None:
+        error_flags().launched(flag, device)

@@ -39,6 +39,15 @@ One set of kernels for NVIDIA and AMD; targets differ only by the configurations
   boolean mask of row stride 0.
 * head_dim is padded to the power of two BLOCK_D inside the kernel by masked loads (PAD_D).
 * Every tensor is addressed through its strides, so non-contiguous inputs need no copy.
+* FP8 (a compile-time flag, forward only): float8 e4m3 q, k, v with descale factors per (batch,
+  KV head) (``QD``/``KD``/``VD`` read through their strides, 0 where one factor serves all). Q.K^T
+  runs on the fp8 operands with fp32 accumulation and ``q_descale * k_descale`` joins the score
+  scale; P is cast to V's fp8 type for P.V, and ``v_descale`` multiplies the finished rows. FP8 is
+  ``log2`` of the factor P is scaled by before that cast (8 for e4m3fn, whose largest value is 448;
+  7 for e4m3fnuz, 240), folded into the softmax's shift, so P's small entries stay normal numbers
+  instead of rounding to e4m3's coarse subnormals; the row sums carry the same factor, which
+  cancels in the output and is taken out of the LSE. Hopper's fp8 products want V's sequence
+  dimension contiguous; the launcher hands V over so, and the kernel reads it through its strides.
 * VARLEN (a compile-time flag, so dense kernels compile without it): sequences packed along the
   rows of one batch entry (``[1, H, total, D]`` views of flash-attn's ``[total, H, D]``), one launch
   for all of them. ``CU_Q``/``CU_K`` (int32 cumulative lengths) give each sequence its first rows
@@ -47,11 +56,25 @@ One set of kernels for NVIDIA and AMD; targets differ only by the configurations
   dimension is the sequence and its first covers the longest one; tiles past a sequence's end
   exit at once, so padding costs one program start, never a key tile. ALiBi slopes are read per
   sequence; LSE, delta and lse2 are ``[H_Q, total_q]``.
+* CHECK (a compile-time flag, on for calls whose values the host left unread on the device):
+  cu_seqlens are checked as each program reads its sequence's offsets, the forward checks its
+  sink and slope, and a bad value is recorded in the launch's error flag (``ERR``, ``DIRTY``;
+  :mod:`.devcheck`), which aule raises as ``ValueError`` by the next call. A sequence with bad
+  offsets gets no rows, so nothing outside q, k and v is read; ``MAX_Q``/``MAX_K`` are the
+  caller's bounds that sized the grid.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .devcheck import SINK, SLOPE, check_finite, checked_sequence
+from .common import interpreting
+
+# Triton 3.9's interpreter casts float32 to float8 by cutting the mantissa and adding the rounding
+# bit without its carry, so 7.75 becomes 4.0. Under it P is first rounded onto the e4m3 grid in
+# float32 (:func:`_e4m3_grid`), which makes the cast exact; compiled kernels cast in hardware.
+_ROUND_P_FIRST = tl.constexpr(interpreting())
 
 
 @triton.jit
@@ -121,6 +144,44 @@ def _tanh(x, c, TANH: tl.constexpr):
     else:
         t = 1.0 - 2.0 / (tl.math.exp2(x * (c * 2.8853900817779268)) + 1.0)
     return t
+
+
+@triton.jit
+def _plus(x, c: tl.constexpr):
+    """``x + c`` for a compile-time ``c``; ``x`` itself when ``c`` is 0, so kernels without FP8 keep
+    their plain code."""
+    if c != 0:
+        x = x + c
+    return x
+
+
+@triton.jit
+def _e4m3_grid(p, dtype: tl.constexpr):
+    """``p >= 0`` rounded to the nearest (ties to even) value of e4m3 ``dtype``, in float32: three
+    mantissa bits, so the step is the exponent's power of two over 8, and no finer than the
+    format's subnormal step. Adding and taking away ``1.5 * 2**23`` steps rounds in the add."""
+    if dtype == tl.float8e4b8:
+        min_step = 0.0009765625  # 2**-10
+    else:
+        min_step = 0.001953125  # 2**-9
+    bits = p.to(tl.int32, bitcast=True)
+    step = tl.maximum(((bits & 0x7F800000) - (3 << 23)).to(tl.float32, bitcast=True), min_step)
+    big = step * 12582912.0
+    return (p + big) - big
+
+
+@triton.jit
+def _p_operand(p, dtype: tl.constexpr, FP8: tl.constexpr):
+    """Softmax numerators ``p`` as the P.V product's operand of V's ``dtype``."""
+    if FP8 and _ROUND_P_FIRST:
+        p = _e4m3_grid(p, dtype)
+    return p.to(dtype)
+
+
+@triton.jit
+def _descale(PTR, off_b, off_kvh, stride_b, stride_h):
+    """The FP8 descale factor of (batch, KV head)."""
+    return tl.load(PTR + off_b * stride_b + off_kvh * stride_h)
 
 
 @triton.jit
@@ -286,13 +347,18 @@ def _run_bounds(run: tl.constexpr, lo, lo_end, mid0, mid1, hi):
 
 
 @triton.jit
-def _sequence(CU_Q, CU_K, off_b, SEQ_Q, SEQ_K, VARLEN: tl.constexpr):
+def _sequence(CU_Q, CU_K, ERR, DIRTY, off_b, SEQ_Q, SEQ_K, MAX_Q, MAX_K, VARLEN: tl.constexpr,
+              CHECK: tl.constexpr):
     """``(q0, sq, k0, sk)``: where sequence ``off_b``'s rows start in q and in k/v, and its lengths.
     Dense: each batch entry holds one sequence from row 0, of SEQ_Q queries and SEQ_K keys. VARLEN:
     the sequences are packed along the rows of one batch entry, ``CU_Q``/``CU_K`` (int32
     cumulative lengths from 0) say where; q0 and k0 are int64, as ``q0 * stride`` passes 2**31
-    in a long pack."""
-    if VARLEN:
+    in a long pack. With CHECK the offsets are the caller's, unread by the host (int32 or int64),
+    checked here against the totals and MAX_Q/MAX_K (devcheck.checked_sequence)."""
+    if VARLEN and CHECK:
+        q0, sq = checked_sequence(CU_Q, off_b, SEQ_Q, MAX_Q, ERR, DIRTY, 0)
+        k0, sk = checked_sequence(CU_K, off_b, SEQ_K, MAX_K, ERR, DIRTY, 1)
+    elif VARLEN:
         qa = tl.load(CU_Q + off_b)
         ka = tl.load(CU_K + off_b)
         sq = tl.load(CU_Q + off_b + 1) - qa
@@ -330,8 +396,8 @@ def _row0(off_b, off_h, q0, H_Q, SEQ_Q, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP, HAS_RIGHT: tl.constexpr,
-                BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
+def _query_tile(CU_Q, CU_K, ERR, DIRTY, SEQ_Q, SEQ_K, MAX_Q, MAX_K, H_Q, GROUP, HAS_RIGHT: tl.constexpr,
+                BLOCK_M: tl.constexpr, VARLEN: tl.constexpr, CHECK: tl.constexpr):
     """Program coordinates for kernels with one program per (query tile, sequence, query head):
     the grid is (query tiles, B * H_Q), or with VARLEN (query tiles of the longest sequence, H_Q,
     sequences), where tiles past a sequence's end exit. ``(pid_bh, off_b, off_h, off_kvh,
@@ -351,7 +417,7 @@ def _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP, HAS_RIGHT: tl.constexpr,
         off_b = (pid_bh // H_Q).to(tl.int64)
         off_h = (pid_bh % H_Q).to(tl.int64)
     off_kvh = off_h // GROUP  # GQA: the query head's KV head, read in place, never expanded
-    q0, sq, k0, sk = _sequence(CU_Q, CU_K, off_b, SEQ_Q, SEQ_K, VARLEN)
+    q0, sq, k0, sk = _sequence(CU_Q, CU_K, ERR, DIRTY, off_b, SEQ_Q, SEQ_K, MAX_Q, MAX_K, VARLEN, CHECK)
     return pid_bh, off_b, off_h, off_kvh, pid_m * BLOCK_M, q0, sq, k0, sk
 
 
@@ -412,12 +478,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
                     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, FORM: tl.constexpr,
-                    ROW_TERMS: tl.constexpr, TANH: tl.constexpr):
+                    ROW_TERMS: tl.constexpr, TANH: tl.constexpr, FP8: tl.constexpr = 0):
     """Online softmax (base 2) of one query tile over key tiles ``[start, end)``. Keys end at
     ``KEND`` (SEQ_K, or a padding span's end, which then starts at ``kstart``); ``mask_rows``
     points at the rows of an attn_mask tile (MASK_KIND). FORM is :func:`_fwd_scores`' ALiBi form;
     the statistics are kept for scores ``ROW_TERMS * rowterm`` above those FORM computes, so that
-    tiles of every form share one row maximum (see _attn_fwd)."""
+    tiles of every form share one row maximum (see _attn_fwd). With FP8, P is ``2**FP8`` times the
+    softmax numerators, and so are ``l_i`` and ``acc``."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -447,37 +514,41 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
             row_add = rowterm * ROW_TERMS + d
             m_new = tl.maximum(m_i, m_tile + row_add)
             m_use = _shift(m_new)  # visible keys can still score -inf or +inf
-            p = tl.math.exp2(x * a - (m_use - row_add)[:, None])
+            p = tl.math.exp2(x * a - _plus(m_use - row_add, -FP8)[:, None])
         else:
             m_new = tl.maximum(m_i, m_tile)
             m_use = _shift(m_new)
-            p = tl.math.exp2(x * a - m_use[:, None])
+            p = tl.math.exp2(x * a - _plus(m_use, -FP8)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                   n_ok[:, None], d_ok[None, :], MASKED, PAD_D)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        acc = tl.dot(_p_operand(p, v.dtype, FP8), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K,
+def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
               stride_mb, stride_mh, stride_mm, stride_mn,
               SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, cap_in, cap_out, H_Q, GROUP,
-              Q_BUCKET, K_BUCKET,
+              Q_BUCKET, K_BUCKET, MAX_Q, MAX_K,
+              QD, KD, VD, stride_qdb, stride_qdh, stride_kdb, stride_kdh, stride_vdb, stride_vdh,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
               HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
               TANH: tl.constexpr, ALIBI_MODE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr = 0):
     """One program per (query tile, sequence, query head). Writes O and the natural-log LSE.
+    With CHECK, values the host did not read (cu_seqlens, sinks, slopes) are checked as they are
+    loaded and a bad one recorded in the launch's error flag ``ERR``/``DIRTY`` (:mod:`.devcheck`).
+    ``QD``/``KD``/``VD`` and their strides: FP8's descale factors (stand-ins, never read, without).
 
     With ALIBI_MODE ALIBI_LEFT or ALIBI_SPLIT the row statistics are kept for scores
     ``rowterm = slope2 * (pos - c0)`` above the true ones, ``c0`` the block's first row position:
@@ -485,8 +556,9 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K,
     ``2 * rowterm`` per row. One subtraction from the row maximum after the last tile makes them
     true again, so the LSE (and the backward, which recomputes exact scores against it) is the
     definition's; the output does not change with a per-row shift."""
-    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP,
-                                                                         HAS_RIGHT, BLOCK_M, VARLEN)
+    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, ERR, DIRTY, SEQ_Q, SEQ_K,
+                                                                         MAX_Q, MAX_K, H_Q, GROUP, HAS_RIGHT,
+                                                                         BLOCK_M, VARLEN, CHECK)
     if VARLEN:
         if start_m >= sq:
             return
@@ -503,6 +575,15 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K,
     v_base = V + _at(off_b, k0, stride_vb, stride_vn, VARLEN) + off_kvh * stride_vh
     pos = offs_m + (sk - sq)
     slope2 = _slope2(ALIBI, off_b, off_h, H_Q, HAS_ALIBI)
+    if HAS_ALIBI and CHECK:
+        # The slope itself: one beyond float32 / log2(e) is finite, though slope2 is not.
+        check_finite(tl.load(ALIBI + off_b * H_Q + off_h), ERR, DIRTY, SLOPE, off_b, off_h)
+    if FP8:
+        # The true score is (q * q_descale) . (k * k_descale): both factors scale every product.
+        qk_descale = (_descale(QD, off_b, off_kvh, stride_qdb, stride_qdh)
+                      * _descale(KD, off_b, off_kvh, stride_kdb, stride_kdh))
+        qk_scale = qk_scale * qk_descale
+        cap_in = cap_in * qk_descale
     c0 = start_m + (sk - sq)
     rowterm = slope2 * (pos - c0).to(tl.float32)
     colvec = slope2 * offs_n0.to(tl.float32)  # loop-invariant: a tile's own share is one scalar
@@ -542,17 +623,23 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K,
                                                     kstart, mask_rows, stride_mn, m_ok, run != 1, HAS_LEFT,
                                                     HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
                                                     SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND, form,
-                                                    form * (ALIBI_MODE == 2), TANH)
+                                                    form * (ALIBI_MODE == 2), TANH, FP8)
     if ALIBI_MODE != 0:
         m_i = m_i - rowterm  # the statistics of true scores again (infinite maxima stay as they are)
 
     if HAS_SINKS:
         sink = tl.load(SINKS + off_h)
+        if CHECK:
+            check_finite(sink, ERR, DIRTY, SINK, off_h, off_h * 0)
         # Rows that saw no key (or only -inf scores): the definition's LSE is the sink itself,
         # which a round trip through base 2 would miss by an ulp.
         unseen = (m_i == float("-inf")) & (l_i == 0.0)
-        acc, l_i, m_i = _join_sink(acc, l_i, m_i, sink * 1.4426950408889634)
+        # With FP8 the row sums hold 2**FP8 times each term: so must the sink's.
+        acc, l_i, m_i = _join_sink(acc, l_i, m_i, _plus(sink * 1.4426950408889634, FP8))
     out, lse2 = _finish_rows(acc, l_i, m_i)
+    if FP8:
+        lse2 = lse2 - FP8
+        out = out * _descale(VD, off_b, off_kvh, stride_vdb, stride_vdh)
     lse = lse2 * 0.6931471805599453
     if HAS_SINKS:
         lse = tl.where(unseen, sink, lse)
@@ -666,7 +753,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, KSPAN, MASK_B,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, CU_K,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -675,12 +762,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, C
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                    stride_mb, stride_mh, stride_mm, stride_mn,
                    SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, cap_in, cap_out, H_Q, H_KV, GROUP,
-                   Q_BUCKET, K_BUCKET,
+                   Q_BUCKET, K_BUCKET, MAX_Q, MAX_K,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-                   TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   TANH: tl.constexpr, CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key tile, sequence, KV head): the grid is (key tiles, B * H_KV), or with
     VARLEN (key tiles of the longest sequence, H_KV, sequences), where tiles past a sequence's
     end exit. It walks every query head of its GQA group, so dK/dV are summed over the group in
@@ -693,7 +780,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, C
         pid_bh = tl.program_id(1)
         off_b = (pid_bh // H_KV).to(tl.int64)
         off_kvh = (pid_bh % H_KV).to(tl.int64)
-    q0, sq, k0, sk = _sequence(CU_Q, CU_K, off_b, SEQ_Q, SEQ_K, VARLEN)
+    q0, sq, k0, sk = _sequence(CU_Q, CU_K, ERR, DIRTY, off_b, SEQ_Q, SEQ_K, MAX_Q, MAX_K, VARLEN, CHECK)
     start_n = pid_n * BLOCK_N
     if VARLEN:
         # A sequence without queries still stores its keys' zero gradients: only tiles past its keys exit.
@@ -792,7 +879,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K,
+def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -800,15 +887,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                  stride_mb, stride_mh, stride_mm, stride_mn,
                  SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, cap_in, cap_out, H_Q, GROUP,
-                 Q_BUCKET, K_BUCKET,
+                 Q_BUCKET, K_BUCKET, MAX_Q, MAX_K,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                  SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-                 TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 TANH: tl.constexpr, CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, sequence, query head): dQ = scale * dS K over the visible keys."""
-    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, SEQ_Q, SEQ_K, H_Q, GROUP,
-                                                                         HAS_RIGHT, BLOCK_M, VARLEN)
+    pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, ERR, DIRTY, SEQ_Q, SEQ_K,
+                                                                         MAX_Q, MAX_K, H_Q, GROUP, HAS_RIGHT,
+                                                                         BLOCK_M, VARLEN, CHECK)
     if VARLEN:
         if start_m >= sq:
             return

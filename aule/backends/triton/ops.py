@@ -12,8 +12,9 @@ the op runs (eager calls pass the kernel form, analysed once by ``aule.call``).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-import os
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,12 +23,17 @@ import torch
 import triton
 
 from ... import settings
+from ...call import OnDevice, dtype_name
 from ...errors import UnsupportedError
 from . import configs as cfg
-from . import kernels
+from . import flags, kernels
 from .common import LOG2E, block_d, cdiv, device_arch, interpreting, next_pow2, torch_gpu_flavour  # noqa: F401
 
 log = logging.getLogger("aule")
+
+# FP8 input dtypes and the log2 of the factor P is scaled by before its cast to them (kernels.py:
+# FP8): the largest power of two under the format's maximum, 448 (e4m3fn) and 240 (e4m3fnuz).
+FP8_SHIFT = {torch.float8_e4m3fn: 8, torch.float8_e4m3fnuz: 7}
 
 _KERNELS = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}
 # Shape buckets, head_dim, mask sides and features pick the tile; the autotuner adds the dtypes.
@@ -48,9 +54,9 @@ _tuned_keys: list = []
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel: str, target: str, dim_class: int, fp32: bool):
-    _tuned_keys.append((kernel, target, dim_class, fp32))
-    kw = dict(configs=cfg.configs(target, kernel, dim_class, fp32), key=_TUNE_KEY + _KERNEL_KEY[kernel],
+def _tuned(kernel: str, target: str, dim_class: int, fp32: bool, fp8: bool = False):
+    _tuned_keys.append((kernel, target, dim_class, fp32, fp8))
+    kw = dict(configs=cfg.configs(target, kernel, dim_class, fp32, fp8), key=_TUNE_KEY + _KERNEL_KEY[kernel],
               prune_configs_by={"early_config_prune": cfg.prune})
     try:
         return triton.autotune(do_bench=_bench, **kw)(_KERNELS[kernel])
@@ -61,8 +67,8 @@ def _tuned(kernel: str, target: str, dim_class: int, fp32: bool):
 def tuned_choices() -> dict:
     """What the autotuner picked so far: ``{kernel/target/dim: {tuning key: config}}``."""
     out = {}
-    for (kernel, target, dim, fp32), tuner in [(k, _tuned(*k)) for k in _tuned_keys]:
-        name = f"{kernel}/{target}/d{dim}{'/fp32' if fp32 else ''}"
+    for (kernel, target, dim, fp32, fp8), tuner in [(k, _tuned(*k)) for k in _tuned_keys]:
+        name = f"{kernel}/{target}/d{dim}{'/fp32' if fp32 else ''}{'/fp8' if fp8 else ''}"
         out[name] = {str(key): str(c) for key, c in tuner.cache.items()}
     return out
 
@@ -80,15 +86,29 @@ def target_of(t: torch.Tensor) -> str:
 
 
 def _fixed_config_index():
-    """None to autotune; else the index of the configuration to use untimed.
+    """None to autotune; else the index of the configuration to use untimed
+    (:func:`aule.settings.triton_config`: ``AULE_TRITON_AUTOTUNE=0``, ``AULE_TRITON_CONFIG=i``)."""
+    return settings.triton_config()
 
-    ``AULE_TRITON_AUTOTUNE=0`` takes the first configuration that fits the shape (tests, and
-    workloads whose shapes change too often to amortise tuning); ``AULE_TRITON_CONFIG=i`` takes
-    the i-th (benchmarks compile every candidate in parallel processes with it)."""
-    forced = os.environ.get("AULE_TRITON_CONFIG", "").strip()
-    if forced:
-        return int(forced)
-    return 0 if os.environ.get("AULE_TRITON_AUTOTUNE", "1").strip() == "0" else None
+
+# What a launch resolves to: the JIT function and the keyword arguments of its tile, by everything
+# that decides them (the kernel, its target and configuration rule, a tile asked for, the
+# compile-time arguments, the shape buckets and the dtypes of the tensors, which are what Triton's
+# autotuner keys its own pick on). A repeated call finds its launch here instead of pruning the
+# configurations again or passing through the autotuner's per-launch key computation.
+_LAUNCHES: dict = {}
+_TUNING = threading.Lock()
+_TENSOR = torch.Tensor
+
+
+def _tensor_dtypes(args: tuple) -> tuple:
+    """The dtypes of a launch's tensor arguments: the kernels take their tensors first."""
+    out = []
+    for a in args:
+        if type(a) is not _TENSOR and not isinstance(a, _TENSOR):  # the exact type first: isinstance is slow here
+            break
+        out.append(a.dtype)
+    return tuple(out)
 
 
 def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, sizes, tile=None):
@@ -96,31 +116,125 @@ def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, size
     interpreter's tile, or the autotuned choice for this target and shape (``sizes``: seq_q, seq_k,
     the longest sequence's for varlen)."""
     target = target_of(like)
+    index = _fixed_config_index()
+    buckets = (next_pow2(sizes[0]), next_pow2(sizes[1]))
+    key = (kernel, target, index, tile, meta.key if type(meta) is _Meta else tuple(meta.items()), buckets,
+           _tensor_dtypes(args))
+    known = _LAUNCHES.get(key)
+    if known is None:
+        if len(_LAUNCHES) > 4096:
+            _LAUNCHES.clear()
+        known = _first_launch(key, grid, args, meta, like)
+        if known is None:  # launched by the autotuner, which has now made its pick
+            return
+    fn, tile_kwargs, fixed = known
+    # A fixed tile sizes the grid here, as before; a tuned one lets Triton size it from the bound
+    # arguments, as the autotuner did.
+    sized = grid(tile_kwargs) if fixed else grid
+    if target == "cuda" and settings.triton_direct():
+        _direct_launch(key, fn, grid, sized, args, meta, tile_kwargs)
+        return
+    fn.run(*args, grid=sized, warmup=False, **meta, **tile_kwargs)
+
+
+# AULE_TRITON_DIRECT=1: compiled kernels by launch key, the arguments' specialisation and the
+# device, with the compile-time values that follow the arguments. JITFunction.run binds and
+# specialises every argument on every launch, which for these kernels of some fifty arguments
+# cost more host time than all of aule's own path (about 20 us a launch, measured on the CPU).
+_DIRECT: dict = {}
+_I32, _I64 = (-2 ** 31, 2 ** 31), (-2 ** 63, 2 ** 63)
+
+
+def _specialization(args: tuple, tensors: int) -> tuple | None:
+    """What Triton's NVIDIA backend specialises a launch on, for the arguments these kernels take
+    (``tensors`` tensors, then ints and floats): each tensor's 16-byte alignment (its dtype is in
+    the launch key), each int's being 1 (then a constant), a multiple of 16, and its width; floats
+    are not specialised. None for any other argument: such a launch takes Triton's own path."""
+    lo, hi = _I32
+    out = [a.data_ptr() % 16 == 0 for a in args[:tensors]]
+    out += [(1 if a == 1 else 2 if a % 16 == 0 else 3) if type(a) is int and lo <= a < hi else _rare(a)
+            for a in args[tensors:]]
+    return None if None in out else tuple(out)
+
+
+def _rare(a):
+    """:func:`_specialization` of a float, a wide int, a tensor past the leading ones, or anything
+    else (None)."""
+    t = type(a)
+    if t is float:
+        return 0
+    if isinstance(a, _TENSOR):  # one after the scalars (FP8's descales, or their stand-ins)
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if t is int:
+        return (2 if a % 16 == 0 else 3) + (4 if _I64[0] <= a < _I64[1] else 8)
+    return None
+
+
+def _current_device() -> int:
+    """The device Triton compiles and launches for (its current device, as JITFunction.run reads it)."""
+    return torch.cuda.current_device()
+
+
+def _direct_launch(key: tuple, fn, grid, sized, args: tuple, meta: dict, tile_kwargs: dict) -> None:
+    """Launch through the compiled kernel an earlier launch of the same key, specialisation and
+    device returned; the first such launch goes through ``fn.run`` and keeps what it returns.
+    Triton's own settings (TRITON_DEBUG and the like) are those of that first launch."""
+    spec = _specialization(args, len(key[-1]))
+    known = None if spec is None else (key, spec, _current_device())
+    hit = _DIRECT.get(known) if known is not None else None
+    if hit is not None:
+        compiled, tail = hit
+        g = tuple(grid(tile_kwargs)) + (1, 1)
+        compiled[g[:3]](*args, *tail)
+        return
+    compiled = fn.run(*args, grid=sized, warmup=False, **meta, **tile_kwargs)
+    # The compiled kernel takes every parameter in order: the launch's arguments, then the
+    # compile-time ones, whose values the key fixes.
+    values = {**meta, **tile_kwargs}
+    names = fn.arg_names[len(args):]
+    if known is not None and compiled is not None and all(n in values for n in names):
+        if len(_DIRECT) > 4096:
+            _DIRECT.clear()
+        _DIRECT[known] = (compiled, tuple(values[n] for n in names))
+
+
+def _first_launch(key: tuple, grid, args: tuple, meta: dict, like: torch.Tensor):
+    """The launch of ``key`` seen for the first time: ``(jit function, tile keyword arguments,
+    whether the tile is fixed)``, remembered; or ``None`` once the autotuner has run the kernel
+    itself, after which its pick is remembered."""
+    kernel, target, index, tile, _, buckets, _ = key
+    choice = (kernel, target, cfg.head_dim_class(meta["HEAD_DIM"]), like.dtype == torch.float32,
+              like.dtype in FP8_SHIFT)
     if tile is None and target == "interpret":
         tile = cfg.INTERPRET_TILE
-    index = _fixed_config_index()
-    choice = (kernel, target, cfg.head_dim_class(meta["HEAD_DIM"]), like.dtype == torch.float32)
     if tile is None and index is not None:
-        fits = cfg.prune(cfg.configs(choice[1], kernel, choice[2], choice[3]),
-                         {"Q_BUCKET": next_pow2(sizes[0]), "K_BUCKET": next_pow2(sizes[1])})
+        fits = cfg.prune(cfg.configs(choice[1], kernel, *choice[2:]),
+                         {"Q_BUCKET": buckets[0], "K_BUCKET": buckets[1]})
         c = fits[index % len(fits)]
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
     if tile is not None:
-        bm, bn = tile[0], tile[1]
-        extra = {}
+        tile_kwargs = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}
         if target != "interpret":
-            extra = {"num_warps": tile[2] if len(tile) > 2 else 4,
-                     "num_stages": tile[3] if len(tile) > 3 else 2}
-        _KERNELS[kernel][grid({"BLOCK_M": bm, "BLOCK_N": bn})](
-            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, **extra)
-        return
-    _tuned(*choice)[grid](*args, **meta)
+            tile_kwargs.update(num_warps=tile[2] if len(tile) > 2 else 4,
+                               num_stages=tile[3] if len(tile) > 3 else 2)
+        known = _LAUNCHES[key] = (_KERNELS[kernel], tile_kwargs, True)
+        return known
+    tuner = _tuned(*choice)
+    # The tuner's pick for this key is fixed once made: later launches pass its configuration
+    # to the kernel directly. The lock keeps another thread's tuning from replacing
+    # ``best_config`` between this launch and the read.
+    with _TUNING:
+        tuner[grid](*args, **meta)
+        _LAUNCHES[key] = (_KERNELS[kernel], tuner.best_config.all_kwargs(), False)
+    return None
 
 
 def _dot_precision(q: torch.Tensor) -> str:
     """float32 inputs keep (near-)float32 products: one TF32 pass would cost ~3 decimal digits.
     On NVIDIA, three TF32 passes on the tensor cores (Triton's "ieee" float32 dot spilled tens of
     kilobytes per thread on sm_90); AMD and the interpreter multiply in float32 directly."""
+    if q.dtype in FP8_SHIFT:
+        return "ieee"  # ignored for fp8 operands, and the one name every target accepts (gfx950: no tf32)
     if q.dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
     return "tf32x3" if target_of(q) == "cuda" else "ieee"
@@ -160,13 +274,35 @@ def _alibi_kind(alibi, right: int, dtype: torch.dtype) -> int:
     return kernels.ALIBI_LEFT if right == 0 else kernels.ALIBI_SPLIT
 
 
-def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask, packing=None) -> dict:
+_METAS: dict = {}
+_META_IDS = itertools.count()
+
+
+class _Meta(dict):
+    """A shared dict of compile-time arguments with ``key``, a number no other set of them has
+    (never reused): the launch cache's key holds it instead of hashing every item on each call."""
+
+    key: int
+
+
+def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask, packing=None,
+          flag=None, **more) -> dict:
+    """The kernels' compile-time arguments (CHECK when an error ``flag`` is open, and ``more``, e.g. ``HAS_SINKS``), one shared dict per
+    distinct set of them: the launch only reads it."""
     d = q.shape[-1]
-    bd = block_d(d)
-    return dict(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                DOT_PREC=_dot_precision(q), SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None,
-                HAS_KSPAN=kspan is not None, MASK_KIND=_mask_kind(mask), VARLEN=packing is not None,
-                TANH=_tanh_kind(q, softcap))
+    key = (d, left >= 0, right >= 0, softcap > 0, alibi is not None, kspan is not None, _mask_kind(mask),
+           packing is not None, _dot_precision(q), flag is not None, _tanh_kind(q, softcap), tuple(more.items()))
+    meta = _METAS.get(key)
+    if meta is None:
+        bd = block_d(d)
+        meta = _Meta(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=key[1], HAS_RIGHT=key[2], DOT_PREC=key[8],
+                     SOFTCAP=key[3], HAS_ALIBI=key[4], HAS_KSPAN=key[5], MASK_KIND=key[6], VARLEN=key[7],
+                     CHECK=key[9], TANH=key[10], **more)
+        meta.key = next(_META_IDS)
+        if len(_METAS) > 1024:
+            _METAS.clear()
+        _METAS[key] = meta
+    return meta
 
 
 @dataclass(frozen=True)
@@ -197,6 +333,21 @@ def packing(cu_q: np.ndarray, cu_k: np.ndarray, device) -> Packing:
                    int(np.diff(cu_k).max(initial=0)))
 
 
+def _offsets(cu: torch.Tensor) -> torch.Tensor:
+    """Offsets as the checking kernels read them: int32 or int64 as given (another width is widened,
+    never narrowed: a wrapped value could pass the kernels' checks), unit stride."""
+    if cu.dtype not in (torch.int32, torch.int64):
+        cu = cu.to(torch.int64)
+    return cu if cu.stride(0) == 1 else cu.contiguous()
+
+
+def device_packing(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int) -> Packing:
+    """A :class:`Packing` of the caller's offsets left on the device, unread: the kernels check them
+    (compiled with CHECK) and the caller's ``max_seqlen_q``/``max_seqlen_k`` size the grid, at least
+    one tile, so that a sequence longer than a bound of 0 is still some program's to record."""
+    return Packing(_offsets(cu_q), _offsets(cu_k), cu_q.shape[0] - 1, max(int(max_q), 1), max(int(max_k), 1))
+
+
 def _sizes(sq: int, sk: int, packing) -> tuple[int, int]:
     """The query and key lengths one program's tiles cover: the call's, or the longest sequence's."""
     return (sq, sk) if packing is None else (packing.max_q, packing.max_k)
@@ -215,12 +366,13 @@ def _cu(packing, stand_in) -> tuple:
     return (stand_in, stand_in) if packing is None else (packing.cu_q, packing.cu_k)
 
 
-def _alloc_rows(alloc, b: int, h: int, s: int, d: int, like: torch.Tensor, packing):
-    """A ``[b, h, s, d]`` result: contiguous, or for varlen a ``[1, h, s, d]`` view of a contiguous
-    ``[s, h, d]`` tensor, the packed layout varlen callers get back."""
+def _alloc_rows(alloc, b: int, h: int, s: int, d: int, like: torch.Tensor, packing, dtype=None):
+    """A ``[b, h, s, d]`` result of ``dtype`` (``like``'s by default): contiguous, or for varlen a
+    ``[1, h, s, d]`` view of a contiguous ``[s, h, d]`` tensor, the packed layout varlen callers get back."""
+    dtype = like.dtype if dtype is None else dtype
     if packing is None:
-        return alloc((b, h, s, d), dtype=like.dtype, device=like.device)
-    return alloc((s, h, d), dtype=like.dtype, device=like.device).transpose(0, 1).unsqueeze(0)
+        return alloc((b, h, s, d), dtype=dtype, device=like.device)
+    return alloc((s, h, d), dtype=dtype, device=like.device).transpose(0, 1).unsqueeze(0)
 
 
 def _mask_kind(mask) -> int:
@@ -274,13 +426,15 @@ def _slopes(alibi, q: torch.Tensor, b: int, hq: int):
 
 
 def mask_tensors(mask, b: int, hq: int, device):
-    """``(kspan, mask)`` the kernels read for an :class:`aule.masks.AttnMask` (``(None, None)``
-    without one). A padding mask becomes the span of keys each (batch, query head) sees, int32
-    ``[B, Hq, 2]`` (its tiles bound the key loops), plus its key vector as a boolean mask of one
-    row when the visible keys are not one run; a general mask stays as it was broadcast, as bytes
-    (boolean) or float32 (additive)."""
+    """``(kspan, mask)`` the kernels read for an :class:`aule.masks.AttnMask` or a mask left on the
+    device (:class:`aule.call.OnDevice`; ``(None, None)`` without one). A padding mask becomes the
+    span of keys each (batch, query head) sees, int32 ``[B, Hq, 2]`` (its tiles bound the key loops),
+    plus its key vector as a boolean mask of one row when the visible keys are not one run; a general
+    mask stays as it was broadcast, as bytes (boolean) or float32 (additive)."""
     if mask is None:
         return None, None
+    if isinstance(mask, OnDevice):
+        return _device_mask_tensors(mask.tensor.to(device), b, hq, mask.args[0][3])
     if not mask.padding:
         vals = mask.values
         vals = vals.view(np.uint8) if vals.dtype == np.bool_ else vals.astype(np.float32, copy=False)
@@ -292,6 +446,30 @@ def mask_tensors(mask, b: int, hq: int, device):
     return kspan, torch.tensor(mask.keys[:, :, None, :].view(np.uint8), device=device)
 
 
+def _device_mask_tensors(m: torch.Tensor, b: int, hq: int, sk: int):
+    """``(kspan, mask)`` of an attn_mask tensor with no host analysis and no host synchronisation:
+    the mask itself, read in every visited tile through its broadcast strides, and the hull
+    ``[kstart, kend)`` of the keys some row of each (batch, query head) may see (``[0, 0]`` for
+    none), computed by torch on the device, which keeps the kernels off the tiles no row sees. Right
+    for any mask, as the span is only a bound; for a padding mask ``[B, 1, 1, Sk]`` the hull is its
+    visible run and the in-tile read one key vector per tile. A float mask hides only by ``-inf``."""
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    if m.dtype == torch.bool:
+        seen, tile = m, m.view(torch.uint8)
+    else:
+        tile = m.to(torch.float32)
+        seen = ~torch.isneginf(tile)
+    if sk == 0:
+        return torch.zeros((b, hq, 2), dtype=torch.int32, device=m.device), tile
+    keys = seen.any(dim=2)
+    keys = keys.expand(keys.shape[:2] + (sk,))
+    idx = torch.arange(sk, device=m.device)
+    kend = torch.where(keys, idx + 1, 0).amax(-1)
+    kstart = torch.minimum(torch.where(keys, idx, sk).amin(-1), kend)
+    kspan = torch.stack([kstart, kend], -1).to(torch.int32).expand(b, hq, 2).contiguous()
+    return kspan, tile
+
+
 def fp32_refusal(dtype_name: str, head_dim: int, device_type: str) -> str | None:
     """Why a float32 call cannot run on an NVIDIA GPU (None if it can)."""
     if (dtype_name == "float32" and device_type == "cuda" and torch_gpu_flavour() == "cuda"
@@ -301,9 +479,10 @@ def fp32_refusal(dtype_name: str, head_dim: int, device_type: str) -> str | None
     return None
 
 
-def _check(q, k, v):
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"query dtype must be float16, bfloat16 or float32 for Triton, got {q.dtype}")
+def _check(q, k, v, fp8: bool = False):
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) and not (fp8 and q.dtype in FP8_SHIFT):
+        raise TypeError(f"query dtype must be float16, bfloat16 or float32{' (or float8 e4m3)' if fp8 else ''} "
+                        f"for Triton, got {q.dtype}")
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         # Seen with Triton 3.9: the interpreter's tl.dot on bfloat16 operands returns garbage
         # (1e10 errors on a 16x16 product), so refuse rather than return wrong numbers.
@@ -313,13 +492,41 @@ def _check(q, k, v):
         raise TypeError(f"query, key and value must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] > 256:
         raise ValueError(f"head_dim must be <= 256 for the Triton kernels, got {q.shape[-1]}")
-    reason = fp32_refusal(str(q.dtype).replace("torch.", ""), q.shape[-1], q.device.type)
+    reason = fp32_refusal(dtype_name(q), q.shape[-1], q.device.type)
     if reason:
         raise UnsupportedError(reason)
 
 
+def _check_descale(q, k, descale):
+    """FP8's ``(q, k, v)`` descale factors as the kernel reads them (float32 ``[B, Hkv]``, any
+    strides, on q's device), refused otherwise: a wrong shape would be read out of bounds."""
+    want = (q.shape[0], k.shape[1])
+    if descale is None or len(descale) != 3:
+        raise ValueError("float8 inputs need their (q, k, v) descale factors (aule.call.check_descales)")
+    for name, t in zip(("q_descale", "k_descale", "v_descale"), descale):
+        if tuple(t.shape) != want or t.dtype != torch.float32 or t.device != q.device:
+            raise ValueError(f"{name} must be float32 [batch, heads_kv] = {list(want)} on {q.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _v_operand(v, target: str):
+    """V as FP8's P.V product reads it. Hopper's fp8 tensor-core products take their second operand
+    only with the reduced dimension (here the keys) contiguous, so an NVIDIA V (and the
+    interpreter's, which tests this path) is copied once into that layout, seen through strides
+    as the same ``[B, H, S, D]`` tensor; AMD's matrix cores read V as it is. Its rows are padded to
+    a multiple of 16 keys: Triton compiles a stride it can prove divisible by 16 into aligned wide
+    loads (without that hint the sm_90 kernel spills), whatever the sequence length."""
+    if v.stride(-2) == 1 or target not in ("cuda", "interpret"):
+        return v
+    b, h, s, d = v.shape
+    vt = torch.empty((b, h, d, cdiv(s, 16) * 16), dtype=v.dtype, device=v.device)[..., :s]
+    vt.copy_(v.transpose(-1, -2))
+    return vt.transpose(-1, -2)
+
+
 def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, softcap: float = 0.0,
-                      alibi=None, sinks=None, kspan=None, mask=None, packing=None):
+                      alibi=None, sinks=None, kspan=None, mask=None, packing=None, check: bool = False,
+                      descale=None, out_dtype=None):
     """``(out, lse)`` for ``q [B,Hq,Sq,D]``, ``k, v [B,Hkv,Sk,D]`` (any strides). ``out`` is
     contiguous in q's dtype; ``lse`` float32 ``[B,Hq,Sq]``, natural log, ``-inf`` for rows that
     see no key (NaN and ``+inf`` rows by aule.masks' rule). ``softcap > 0`` caps the scores and
@@ -332,12 +539,27 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
     With ``packing`` (a :class:`Packing`, no attn_mask) q, k and v are ``[1, H, total, D]`` views of
     packed sequences, each attended alone, all in one launch; ``alibi`` is then ``[batch, Hq]``
     per sequence, ``out`` a view of a contiguous ``[total_q, Hq, D]`` tensor and ``lse``
-    ``[1, Hq, total_q]``."""
-    _check(q, k, v)
+    ``[1, Hq, total_q]``.
+
+    ``check``: the values were left unread on the device (a call's ``device_values``): the kernel
+    checks the sinks, slopes and packing offsets it reads and records a bad one in an error flag,
+    which aule raises as ``ValueError`` by the next call (:mod:`.devcheck`).
+
+    FP8 (float8 e4m3 q, k, v; forward only, dense only): ``descale`` is the ``(q, k, v)`` factors,
+    float32 ``[B, Hkv]`` each, and ``out`` is ``out_dtype`` (torch.bfloat16 by default)."""
+    fp8 = q.dtype in FP8_SHIFT
+    _check(q, k, v, fp8)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     _check_features(q, b, hq, sq, sk, sinks, kspan, mask)
-    out = _alloc_rows(torch.empty, b, hq, sq, d, q, packing)
+    if fp8:
+        if packing is not None:
+            raise ValueError("float8 inputs are served dense only, not packed (varlen)")
+        _check_descale(q, k, descale)
+    elif descale is not None or out_dtype is not None:
+        raise ValueError(f"descale and out_dtype are for float8 inputs only, got {q.dtype}")
+    out_dtype = (out_dtype or torch.bfloat16) if fp8 else None
+    out = _alloc_rows(torch.empty, b, hq, sq, d, q, packing, out_dtype)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if b * hq * sq == 0 or sk == 0:
         lse.fill_(float("-inf"))
@@ -346,15 +568,31 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
         return out.zero_(), lse
     sizes = _sizes(sq, sk, packing)
     slopes = _slopes(alibi, q, b if packing is None else packing.batch, hq)
-    args = (q, k, v, out, lse, slopes, _or(sinks, q), _or(kspan, q), _or(mask, q), *_cu(packing, q),
+    flag, err, dirty = _open_flag(check and (alibi is not None or sinks is not None or packing is not None),
+                                  "attention forward", q, sq, sk, packing)
+    if fp8:
+        v = _v_operand(v, target_of(q))
+    descales = descale if fp8 else (lse, lse, lse)  # stand-ins the kernel never reads without FP8
+    args = (q, k, v, out, lse, slopes, _or(sinks, q), _or(kspan, q), _or(mask, q), *_cu(packing, q), err, dirty,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_mask_strides(mask),
             sq, sk, left, right, scale * LOG2E, *_cap(scale, softcap), hq, hq // hkv,
-            next_pow2(sizes[0]), next_pow2(sizes[1]))
+            next_pow2(sizes[0]), next_pow2(sizes[1]), *sizes,
+            *descales, *(st for t in descales for st in (t.stride() if fp8 else (0, 0))))
     _launch("fwd", _grid(sizes[0], "BLOCK_M", hq, b, packing), args,
-            dict(_meta(q, left, right, softcap, alibi, kspan, mask, packing), HAS_SINKS=sinks is not None,
-                 ALIBI_MODE=_alibi_kind(alibi, right, q.dtype)),
+            _meta(q, left, right, softcap, alibi, kspan, mask, packing, flag, HAS_SINKS=sinks is not None,
+                  FP8=FP8_SHIFT.get(q.dtype, 0), ALIBI_MODE=_alibi_kind(alibi, right, q.dtype)),
             q, sizes, tile)
+    flags.close_flag(flag, q.device)
     return out, lse
+
+
+def _open_flag(check: bool, kernel: str, q, sq: int, sk: int, packing):
+    """The error flag of a launch whose kernels check values left on the device (``(None, q, q)``
+    without: the kernels then never write the stand-ins). Its meta words the errors: the packed
+    totals and the bounds the caller gave, which the offsets were checked against."""
+    bounds = (0, 0) if packing is None else (packing.max_q, packing.max_k)
+    return flags.open_flag(check, q, kernel=kernel, device=str(q.device), alibi_ndim=2, total_q=sq, total_k=sk,
+                           max_q=bounds[0], max_k=bounds[1])
 
 
 def _or(t, stand_in):
@@ -364,12 +602,13 @@ def _or(t, stand_in):
 
 def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, right: int,
                        tile_dkdv=None, tile_dq=None, softcap: float = 0.0, alibi=None, sinks=None,
-                       kspan=None, mask=None, packing=None):
+                       kspan=None, mask=None, packing=None, check: bool = False):
     """``(dq, dk, dv, dsinks)`` (dq/dk/dv contiguous, in the inputs' dtype). ``dlse`` is the
     gradient reaching the LSE output, or None. dK/dV are summed over each GQA group inside the
     kernel. The features as the forward had them; of those only ``sinks`` get a gradient:
     ``dsinks`` float32 ``[Hq]``, or an empty tensor without sinks. With ``packing`` as in
-    :func:`attention_forward`: dq, dk and dv are views of packed ``[total, H, D]`` tensors."""
+    :func:`attention_forward`: dq, dk and dv are views of packed ``[total, H, D]`` tensors; ``check``
+    as there, for the packing's offsets (the forward has checked sinks and slopes)."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -394,7 +633,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
     dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else delta
-    meta = _meta(q, left, right, softcap, alibi, kspan, mask, packing)
+    flag, err, dirty = _open_flag(check and packing is not None, "attention backward", q, sq, sk, packing)
+    meta = _meta(q, left, right, softcap, alibi, kspan, mask, packing, flag)
     slopes = _slopes(alibi, q, b if packing is None else packing.batch, hq)
     pre_bm = cfg.INTERPRET_TILE[0] if q.device.type == "cpu" else _PRE_BLOCK_M
     target_of(q)  # the CPU/interpreter check before any launch
@@ -408,8 +648,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
         dsinks = sink_parts.view(b, hq, -1).sum((0, 2))
     common = (sq, sk, left, right, scale * LOG2E, scale, *_cap(scale, softcap))
     sizes = _sizes(sq, sk, packing)
-    buckets = (next_pow2(sizes[0]), next_pow2(sizes[1]))
-    features = (slopes, _or(kspan, q), _or(mask, q), *_cu(packing, q))
+    buckets = (next_pow2(sizes[0]), next_pow2(sizes[1]), *sizes)
+    features = (slopes, _or(kspan, q), _or(mask, q), *_cu(packing, q), err, dirty)
     _launch("dkdv", _grid(sizes[1], "BLOCK_N", hkv, b, packing),
             (q, k, v, dout, lse2, delta, dk, dv, *features, *q.stride(), *k.stride(), *v.stride(),
              *dout.stride(), *dk.stride(), *dv.stride(), *_mask_strides(mask), *common, hq, hkv,
@@ -419,6 +659,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
             (q, k, v, dout, lse2, delta, dq, *features, *q.stride(), *k.stride(), *v.stride(),
              *dout.stride(), *dq.stride(), *_mask_strides(mask), *common, hq, hq // hkv, *buckets),
             meta, q, sizes, tile_dq)
+    flags.close_flag(flag, q.device)
     return dq, dk, dv, dsinks
 
 
@@ -434,10 +675,11 @@ def _sdpa_mask(q, k, kspan, mask, attn_mask):
         return kspan, mask
     if kspan is not None or mask is not None:
         raise ValueError("pass an attn_mask or its kernel form (kspan, mask), not both")
-    from ...call import check_attn_mask
+    from ...call import check_attn_mask, checks_on_device
 
     b, hq, sq = q.shape[:3]
-    return mask_tensors(check_attn_mask(attn_mask, (b, hq, sq, k.shape[2])), b, hq, q.device)
+    on_device = checks_on_device("torch", str(q.device))
+    return mask_tensors(check_attn_mask(attn_mask, (b, hq, sq, k.shape[2]), on_device), b, hq, q.device)
 
 
 @torch.library.custom_op("aule::triton_attention_fwd", mutates_args=())
@@ -447,8 +689,10 @@ def triton_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
                          mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     kspan, mask = _sdpa_mask(q, k, kspan, mask, attn_mask)
+    # Sinks and slopes reach the op unread (a compiled graph's, or an eager call's left on the
+    # device): the kernel checks them. A launch with neither takes no error flag.
     return attention_forward(q, k, v, scale, left, right, softcap=softcap, alibi=alibi, sinks=sinks,
-                             kspan=kspan, mask=mask)
+                             kspan=kspan, mask=mask, check=True)
 
 
 @triton_attention_fwd.register_fake
@@ -507,25 +751,29 @@ def _eager_inference(*tensors) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active()) if active is not None else False
+    return bool(_FUNCTORCH_ACTIVE()) if _FUNCTORCH_ACTIVE is not None else False
 
 
 def triton_attention(q, k, v, scale: float, left: int = -1, right: int = -1, softcap: float = 0.0,
                      alibi: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
-                     kspan: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+                     kspan: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                     check: bool = False):
     """Differentiable attention through the custom op: ``(out, lse)``. ``left``/``right`` are
     aule.masks' canonical window (``-1`` unbounded; causal is ``right=0``); ``softcap`` (0 for
     none) and ``alibi`` (float32 slopes ``[B, Hq]`` or None) modify the scores as aule.masks says;
     ``sinks`` (float32 ``[Hq]``, differentiable) join the denominators; ``kspan`` and ``mask``
-    are an attn_mask as :func:`attention_forward` takes it."""
+    are an attn_mask as :func:`attention_forward` takes it; ``check`` as there (the custom op always
+    checks)."""
     grad_inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
     if _eager_inference(*grad_inputs):
         # Inference in eager mode runs the kernels directly: the custom op's autograd wrapper and
         # redispatch add host time that short calls (a decode step, a 1k-token layer) feel.
         return attention_forward(q, k, v, float(scale), int(left), int(right), softcap=float(softcap),
-                                 alibi=alibi, sinks=sinks, kspan=kspan, mask=mask)
+                                 alibi=alibi, sinks=sinks, kspan=kspan, mask=mask, check=check)
     return torch.ops.aule.triton_attention_fwd(q, k, v, float(scale), int(left), int(right),
                                                float(softcap), alibi, sinks, kspan, mask)
 
@@ -539,40 +787,41 @@ class VarlenAttention(torch.autograd.Function):
     than a custom op: varlen calls are refused inside torch.compile before they reach a backend."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, packing, scale, left, right, softcap, alibi):
+    def forward(ctx, q, k, v, sinks, packing, scale, left, right, softcap, alibi, check):
         out, lse = attention_forward(q, k, v, scale, left, right, softcap=softcap, alibi=alibi, sinks=sinks,
-                                     packing=packing)
+                                     packing=packing, check=check)
         ctx.save_for_backward(q, k, v, out, lse, sinks, alibi)
-        ctx.spec = (packing, scale, left, right, softcap)
+        ctx.spec = (packing, scale, left, right, softcap, check)
         ctx.set_materialize_grads(False)  # an unused output (the LSE, mostly) costs no zeros
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, sinks, alibi = ctx.saved_tensors
-        packing, scale, left, right, softcap = ctx.spec
+        packing, scale, left, right, softcap, check = ctx.spec
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, dsinks = attention_backward(dout, q, k, v, out, lse, dlse, scale, left, right, softcap=softcap,
-                                                alibi=alibi, sinks=sinks, packing=packing)
+                                                alibi=alibi, sinks=sinks, packing=packing, check=check)
         dsinks = dsinks if sinks is not None and ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dsinks, None, None, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None, None
 
 
 def triton_varlen_attention(q, k, v, packing: Packing, scale: float, left: int = -1, right: int = -1,
                             softcap: float = 0.0, alibi: Optional[torch.Tensor] = None,
-                            sinks: Optional[torch.Tensor] = None):
+                            sinks: Optional[torch.Tensor] = None, check: bool = False):
     """Differentiable attention of packed sequences, one launch per kernel: ``q [total_q, Hq, D]``,
     ``k, v [total_k, Hkv, D]`` (any strides), sequence ``i`` being the rows ``packing`` gives it,
     attended alone (``left``/``right`` as in :func:`triton_attention`, bottom-right within each
     sequence). ``alibi``: float32 slopes ``[batch, Hq]`` per sequence; ``sinks`` float32 ``[Hq]``.
+    ``check`` as in :func:`attention_forward` (a :func:`device_packing`'s offsets need it).
     Returns ``(out [total_q, Hq, D] contiguous, lse [Hq, total_q] float32)``."""
     q4, k4, v4 = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     spec = (float(scale), int(left), int(right), float(softcap))
     grad_inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in grad_inputs):
-        out, lse = VarlenAttention.apply(q4, k4, v4, sinks, packing, *spec, alibi)
+        out, lse = VarlenAttention.apply(q4, k4, v4, sinks, packing, *spec, alibi, check)
     else:
         out, lse = attention_forward(q4, k4, v4, *spec[:3], softcap=spec[3], alibi=alibi, sinks=sinks,
-                                     packing=packing)
+                                     packing=packing, check=check)
     return out[0].transpose(0, 1), lse[0]

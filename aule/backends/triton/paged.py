@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import flags as _flags
+from .devcheck import record as _record
 from .common import LOG2E, MAX_HEAD_DIM, block_d, cdiv, interpreting, next_pow2, torch_gpu_flavour
 from .kernels import _finish_rows, _join_sink, _scores2, _shift
 
@@ -45,20 +46,6 @@ SLOT = tl.constexpr(_flags.SLOT)
 QUERY_START = tl.constexpr(_flags.QUERY_START)
 QUERY_ROWS = tl.constexpr(_flags.QUERY_ROWS)
 QUERY_BOUND = tl.constexpr(_flags.QUERY_BOUND)
-
-
-@triton.jit
-def _record(ERR, DIRTY, code: tl.constexpr, i0, i1, value):
-    """Record one bad table entry in the launch's flag row; the first of the launch wins it. Every
-    word is written by a scalar atomic, so by one thread, and ``done`` is written last with release
-    semantics at system scope: a host that reads ``done`` set reads the fields with it."""
-    zero = i0.to(tl.int64) * 0
-    if tl.atomic_cas(ERR, zero, zero + code, sem="acq_rel", scope="sys") == 0:
-        tl.atomic_xchg(ERR + 1, i0.to(tl.int64), sem="relaxed", scope="sys")
-        tl.atomic_xchg(ERR + 2, i1.to(tl.int64), sem="relaxed", scope="sys")
-        tl.atomic_xchg(ERR + 3, value.to(tl.int64), sem="relaxed", scope="sys")
-        tl.atomic_xchg(ERR + 4, zero + 1, sem="release", scope="sys")
-        tl.atomic_xchg(DIRTY, zero + 1, sem="release", scope="sys")
 
 
 @triton.jit
@@ -413,20 +400,6 @@ def _index_table(t, torch):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _open_flag(check: bool, fallback, **meta):
-    """``(flag, err, dirty)`` for a launch: a flag row when the kernels check their tables, else
-    ``fallback`` (any tensor of the launch, never written) for both pointers."""
-    if not check:
-        return None, fallback, fallback
-    flag = _flags.error_flags().acquire(meta)
-    return flag, flag.err, flag.dirty
-
-
-def _close_flag(flag, device) -> None:
-    if flag is not None:
-        _flags.error_flags().launched(flag, device)
-
-
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, left, max_context,
                            out=None, config=None, check=False, query_start_loc=None, max_query_len=None,
                            softcap=0.0, alibi=None, sinks=None):
@@ -462,7 +435,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     # Offsets given as host data were checked on the host; they are copied to where the kernel reads.
     qsl = _index_table(torch.as_tensor(query_start_loc, device=q.device), torch) if packed else context_lens
     max_blocks = block_tables.shape[1]
-    flag, err, dirty = _open_flag(check, context_lens, kernel="paged attention", device=str(q.device),
+    flag, err, dirty = _flags.open_flag(check, context_lens, kernel="paged attention", device=str(q.device),
                                   num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks,
                                   num_tokens=num_tokens, max_query_len=q_len)
     dev = q.device.index or 0
@@ -505,7 +478,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
             po, pl, out, sinks_t, *o_strides, heads_q, splits,
             Q_LEN=1 if packed else q_len, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_S=max(2, next_pow2(splits)),
             PACKED=packed, HAS_SINKS=sinks is not None, num_warps=4)
-    _close_flag(flag, q.device)
+    _flags.close_flag(flag, q.device)
     return out
 
 
@@ -517,11 +490,11 @@ def copy_kv_triton(key, value, k_cache, v_cache, slot_mapping, check=False):
     num_tokens, heads_kv, head_dim = key.shape
     num_blocks, block_size = k_cache.shape[:2]
     slot_mapping = _index_table(slot_mapping, torch)
-    flag, err, dirty = _open_flag(check, slot_mapping, kernel="KV write", device=str(key.device),
+    flag, err, dirty = _flags.open_flag(check, slot_mapping, kernel="KV write", device=str(key.device),
                                   capacity=num_blocks * block_size)
     _copy_kv_to_paged[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping, err, dirty,
         *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), num_blocks * block_size,
         HEADS_KV=heads_kv, HEAD_DIM=head_dim, BLOCK_H=next_pow2(heads_kv), BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=block_size, CHECK=check, num_warps=4 if heads_kv * head_dim >= 1024 else 1)
-    _close_flag(flag, key.device)
+    _flags.close_flag(flag, key.device)

@@ -60,8 +60,8 @@ def _host_preference(call, info) -> str | None:
 class VulkanBackend(Backend):
     name = "vulkan"
     ops = ("attention", "paged_attention", "varlen_attention", "write_kv", "kv_store")
-    # What the scalar attention shaders apply (the variant chosen for such a call is one of them,
-    # select.py); paged.comp applies softcap, ALiBi and sinks (not attn_mask, which paged calls lack).
+    # What the attention shaders apply (every variant, the matrix-core one included, so selection
+    # passes none over for a feature; select.py); paged.comp applies softcap, ALiBi and sinks (not attn_mask, which paged calls lack).
     features = SCORE_FEATURES
     paged_features = frozenset({"softcap", "alibi", "sinks"})
 

@@ -167,6 +167,8 @@ def mask_array(call) -> np.ndarray | None:
 
 def extras_flags(call) -> int:
     mask = call.mask
+    if mask is None and call.alibi is None and call.sinks is None:  # the plain call, asked thrice per call
+        return 0
     return ((EXTRAS_ALIBI if call.alibi is not None else 0) | (EXTRAS_SINKS if call.sinks is not None else 0)
             | (EXTRAS_SPAN if mask is not None and mask.padding else 0)
             | (EXTRAS_MASK if mask_shape(call) is not None else 0))

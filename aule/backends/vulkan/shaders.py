@@ -297,10 +297,6 @@ class CoopMat(KeyLoop):
             return (f"AULE_VULKAN_TILES names the {'x'.join(map(str, shape))} matrix shape, which {info.name} "
                     f"does not offer (it offers {', '.join('x'.join(map(str, s)) for s in info.coopmat_shapes)})")
         picked = self.pick(d, info, tiles)
-        if picked is not None and self.groups(picked[1], info) == 0 and picked[1].registers != 0:
-            return (f"{name}'s shared-memory softmax, which {info.vendor}'s matrix layout needs here, gave wrong "
-                    f"rows on an NVIDIA H200 (driver 580) before its fix, and the fix has not run on a GPU yet: "
-                    f"AULE_VULKAN_TILES=MxNxK,subgroups,row_tiles,keys,buffers,0 forces it to check it")
         if picked is None:
             sh = shape or next(iter(info.coopmat_shapes), None)
             why = self.tiles_unfit(forced, sh, d, info) if forced and sh else "no tile shape fits"
@@ -448,9 +444,9 @@ class Module:
         return self.path.rows_per_group(d, info, tiles)
 
 
-#: What the scalar attention shaders apply through attn_common.glsl: modified_score, join_sink, the
-#: per-head key span of padding masks ("mask") and, through masked_score, any other mask
-#: ("general_mask"; AttentionCall.features).
+#: What every attention shader (coopmat's on both softmax paths too) applies through attn_common.glsl:
+#: modified_score, join_sink, the per-head key span of padding masks ("mask") and, through
+#: masked_score, any other mask ("general_mask"; AttentionCall.features).
 SCORE_FEATURES = frozenset({"softcap", "alibi", "sinks", "mask", "general_mask"})
 
 
@@ -486,7 +482,7 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     # Matrix cores: chosen first for float16 where measured faster (NVIDIA: results/vulkan-tuning.md);
     # on other vendors' matrix cores (unmeasured here) AULE_VULKAN_VARIANT=coopmat selects it.
     _attention("coopmat", "attn_coopmat.comp", CoopMat(_COOP_TILES), "float16", needs=Needs(fp16=True, coopmat=True),
-               auto=Auto(-1, ("float16",), "NVIDIA"), features=SCORE_FEATURES - {"general_mask"}),
+               auto=Auto(-1, ("float16",), "NVIDIA")),
     # fp16's arithmetic with workgroups of four 64-wide waves, for AMD's wave64.
     _attention("fp16_amd", "attn_tiled.comp", Tiled(_WAVE64_TILES, (), 2), "float16",
                (("AULE_DEFAULT_WG", 256), ("AULE_FP16", 1)), _FP16, Auto(0, ("float16",), "AMD", 64)),

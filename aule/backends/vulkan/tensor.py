@@ -19,7 +19,7 @@ class GpuTensor:
 
     def __init__(self, ctx: Context, lease: Lease, shape: tuple, dtype):
         self.ctx, self.lease = ctx, lease
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = tuple(map(int, shape))
         self.dtype = np.dtype(dtype)
 
     @classmethod

@@ -57,10 +57,12 @@ class Context:
         self._recordings: "collections.OrderedDict[tuple, Sequence]" = collections.OrderedDict()
         self._seen: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
         self._recordings_of: dict = {}  # buffer id -> keys of the recordings that bind it
+        self._ids_of: dict = {}  # recording key -> ids of the buffers it binds
         self.stats = {"recorded": 0, "resubmitted": 0, "one_time": 0}
         self.memory = _memory.MemoryPolicy(self.physical, s.staging)
         self.pool, self.upload_pool, self.download_pool = _memory.make_pools(self, self.memory)
         self.copier = _memory.Copier(s.copy_threads)
+        self.results = _memory.ResultPool()
         self._host_pointer_fn = None
         # Where the device can import host memory, the setting decides which transfers do
         # ("upload", "download"; the probe script sets ``host_import`` to compare them in one process).
@@ -119,6 +121,7 @@ class Context:
     def trim_pools(self):
         for p in self.pools():
             p.trim(0)
+        self.results.trim()
 
     def _forget_buffer(self, buf: Buffer) -> None:
         if not self._destroyed:
@@ -130,13 +133,12 @@ class Context:
                         self._drop_recording(key, seq)
 
     def _drop_recording(self, key, seq) -> None:
-        for part in key:
-            if type(part) is int and part > 0:
-                keys = self._recordings_of.get(part)
-                if keys is not None:
-                    keys.discard(key)
-                    if not keys:
-                        del self._recordings_of[part]
+        for part in self._ids_of.pop(key, ()):
+            keys = self._recordings_of.get(part)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._recordings_of[part]
         seq.close()
 
     # pipelines --------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ class Context:
                 return seq.gpu_ns() if timed else None
             if key is not None and key in self._seen:
                 del self._seen[key]
-                seq = self._record_for(key)
+                seq = self._record_for(key, _buffer_ids(passes, uploads, downloads))
             else:
                 if key is not None:
                     self._seen[key] = None
@@ -208,16 +210,16 @@ class Context:
             seq.submit()
             return seq.gpu_ns() if timed else None
 
-    def _record_for(self, key) -> Sequence:
+    def _record_for(self, key, ids) -> Sequence:
         """A sequence of its own for a run seen before, kept under ``key`` (the least recently
-        used recording makes room)."""
+        used recording makes room); ``ids``: the buffers it binds or copies."""
         if len(self._recordings) >= self.RECORDINGS:
             self._drop_recording(*self._recordings.popitem(last=False))
         seq = Sequence(self, timestamps=2)
         self._recordings[key] = seq
-        for part in key:
-            if type(part) is int and part > 0:
-                self._recordings_of.setdefault(part, set()).add(key)
+        self._ids_of[key] = ids
+        for part in ids:
+            self._recordings_of.setdefault(part, set()).add(key)
         self.stats["recorded"] += 1
         return seq
 
@@ -294,22 +296,25 @@ class Context:
 
 
 def _run_key(passes, uploads, downloads, timed) -> tuple:
-    """What a run records, as a hashable key: buffers by their never-reused ids (positive ints,
-    so the recordings binding a buffer can be found when it is destroyed), pipelines, push
-    constants and groups; the ints 0 and -1 separate the parts."""
+    """What a run records, as a hashable key: copies by their buffers' never-reused ids, each
+    dispatch by its :meth:`Dispatch.run_key`; the ints 0 and -1 separate the parts."""
     key = [timed]
     for c in uploads:
         key += (c[0]._id, c[1]._id, c[2:])
     for dispatches in passes:
         key.append(0)
-        for d in dispatches:
-            key += (d.pipeline, d.push, tuple(d.groups))
-            for b, at, n in d.bindings:
-                key += (b._id, (at, n))
+        key += [d.run_key() for d in dispatches]
     key.append(-1)
     for c in downloads:
         key += (c[0]._id, c[1]._id, c[2:])
     return tuple(key)
+
+
+def _buffer_ids(passes, uploads, downloads) -> frozenset:
+    """The ids of every buffer a run binds or copies, so that destroying one drops its recordings."""
+    ids = {c[i]._id for c in (*uploads, *downloads) for i in (0, 1)}
+    ids.update(b._id for dispatches in passes for d in dispatches for b, _, _ in d.bindings)
+    return frozenset(ids)
 
 
 def _record(seq, passes, uploads, downloads, timed) -> None:

@@ -26,12 +26,24 @@ _EMPTY, _RECORDING, _READY = 0, 1, 2
 
 @dataclass
 class Dispatch:
-    """One dispatch to record: ``bindings`` are ``(buffer, offset, range)`` in binding order."""
+    """One dispatch to record: ``bindings`` are ``(buffer, offset, range)`` in binding order.
+    Never changed once made: plans share their bound dispatches between calls."""
 
     pipeline: Pipeline
     bindings: tuple
     push: bytes
     groups: tuple
+
+    def run_key(self) -> tuple:
+        """What this dispatch records, as a hashable key: pipeline, push constants, groups and the
+        bindings by their buffers' never-reused ids. Made once per dispatch: a repeated call
+        re-submits the same bound dispatches, and building the key was a share of its host time."""
+        key = self.__dict__.get("_run_key")
+        if key is None:
+            key = (self.pipeline, self.push, tuple(self.groups),
+                   tuple((b._id, at, n) for b, at, n in self.bindings))
+            self.__dict__["_run_key"] = key
+        return key
 
 
 _masks: dict = {}
