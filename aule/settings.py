@@ -200,3 +200,37 @@ def prefer_torch() -> bool:
         return False
     raise ValueError(f"AULE_PREFER_TORCH={raw!r}: expected 1 (the default: torch serves the classes it was "
                      "measured faster on) or 0 (aule serves every call it can)")
+
+
+@dataclass(frozen=True)
+class TritonScores:
+    """How the Triton forward computes modified scores (for timing the variants against each other;
+    ``auto`` is what aule chooses). Read on every launch, parsed once per distinct value; the
+    backward reads the tanh again, so keep a setting from a forward through its backward."""
+
+    tanh: str   # AULE_TRITON_TANH: auto | exp2 | rcp | approx (the softcap's tanh, see kernels._tanh)
+    alibi: str  # AULE_TRITON_ALIBI: auto | split | exact (ALiBi's bias, see kernels.ALIBI_SPLIT)
+
+
+_TANH_CHOICES = ("auto", "exp2", "rcp", "approx")
+_ALIBI_CHOICES = ("auto", "split", "exact")
+
+
+@functools.lru_cache(maxsize=16)
+def _triton_scores(tanh: str | None, alibi: str | None) -> TritonScores:
+    t = (tanh or "auto").strip().lower()
+    a = (alibi or "auto").strip().lower()
+    if t not in _TANH_CHOICES:
+        raise ValueError(f"AULE_TRITON_TANH={tanh!r}: expected one of {', '.join(_TANH_CHOICES)} (auto: the "
+                         "one-instruction tanh.approx for 16-bit inputs on NVIDIA, rcp for float32 there, "
+                         "exp2 elsewhere)")
+    if a not in _ALIBI_CHOICES:
+        raise ValueError(f"AULE_TRITON_ALIBI={alibi!r}: expected one of {', '.join(_ALIBI_CHOICES)} (split: a "
+                         "column bias per key tile with the row term in the row maximum; exact: -slope * |i - j| "
+                         "per score; auto: split for 16-bit inputs, exact for float32)")
+    return TritonScores(t, a)
+
+
+def triton_scores() -> TritonScores:
+    """AULE_TRITON_TANH and AULE_TRITON_ALIBI as the environment holds them now."""
+    return _triton_scores(getenv("AULE_TRITON_TANH"), getenv("AULE_TRITON_ALIBI"))

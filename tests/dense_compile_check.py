@@ -47,16 +47,18 @@ def signature(fn, cu: str) -> tuple[dict, dict]:
 def main() -> int:
     common = dict(HEAD_DIM=128, BLOCK_D=128, PAD_D=False, HAS_LEFT=False, HAS_RIGHT=True, DOT_PREC="tf32",
                   SOFTCAP=False, HAS_ALIBI=True, HAS_KSPAN=False, MASK_KIND=0, VARLEN=True, CHECK=True,
-                  BLOCK_M=64, BLOCK_N=64)
+                  TANH=kernels.TANH_EXP2, BLOCK_M=64, BLOCK_N=64)
     ptx = ""
     for cu in ("*i32", "*i64"):
-        for fn, extra in ((kernels._attn_fwd, dict(HAS_SINKS=True, FP8=0)), (kernels._attn_bwd_dkdv, {}),
+        for fn, extra in ((kernels._attn_fwd, dict(HAS_SINKS=True, FP8=0, ALIBI_MODE=kernels.ALIBI_LEFT)),
+                          (kernels._attn_bwd_dkdv, {}),
                           (kernels._attn_bwd_dq, {})):
             pointers, scalars = signature(fn, cu)
             ptx += compile_kernel(fn, pointers, scalars, {**common, **extra})
     # The dense forward with sinks and slopes checked (no offsets).
     pointers, scalars = signature(kernels._attn_fwd, "*i32")
-    ptx += compile_kernel(kernels._attn_fwd, pointers, scalars, {**common, "VARLEN": False, "HAS_SINKS": True, "FP8": 0})
+    ptx += compile_kernel(kernels._attn_fwd, pointers, scalars, {**common, "VARLEN": False, "HAS_SINKS": True, "FP8": 0,
+                                                                 "ALIBI_MODE": kernels.ALIBI_LEFT})
     ops = re.findall(r"atom\.[\w.]+", ptx)
     if not ops or any(".sys." not in op for op in ops) or not any("release" in op for op in ops):
         print(f"the flag atomics are not all at system scope with a release: {sorted(set(ops))}", file=sys.stderr)

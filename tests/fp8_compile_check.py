@@ -32,7 +32,8 @@ def compile_fwd(target, element: str, shift: int, tile, causal: bool, head_dim: 
     bm, bn, warps, stages = tile[:4]
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, PAD_D=False, HAS_LEFT=False, HAS_RIGHT=causal, DOT_PREC="ieee",
                  SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False, HAS_KSPAN=False, MASK_KIND=0, VARLEN=False,
-                 BLOCK_M=bm, BLOCK_N=bn, FP8=shift, **{n: 1 for n in _UNIT})
+                 TANH=kernels.TANH_EXP2, ALIBI_MODE=kernels.ALIBI_EXACT, BLOCK_M=bm, BLOCK_N=bn, FP8=shift,
+                 **{n: 1 for n in _UNIT})
     sig, aligned = {}, {}
     for i, name in enumerate(inspect.signature(kernels._attn_fwd.fn).parameters):
         if name in flags:

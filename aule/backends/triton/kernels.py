@@ -21,7 +21,11 @@ One set of kernels for NVIDIA and AMD; targets differ only by the configurations
   code: SOFTCAP caps the scaled score to ``softcap * tanh(score / softcap)`` and HAS_ALIBI adds
   ``-slope * |pos - j|`` (one slope per batch and query head), both before masking as in
   aule.masks (:func:`_scores2`). The backward differentiates through the cap with
-  ``1 - tanh^2``; ALiBi is additive and needs only the biased score.
+  ``1 - tanh^2``; ALiBi is additive and needs only the biased score. The forward spends as
+  little per score on them as it can (:func:`_fwd_scores`): the tanh is one MUFU instruction on
+  NVIDIA for 16-bit inputs (TANH, :func:`_tanh`, which the backward shares), a score's scalar
+  factor goes into the row maximum and exp2's FMA, and ALiBi (ALIBI_MODE) is a column bias per
+  key tile whose row term the row maximum carries, exact only across the diagonal.
 * Attention sinks (HAS_SINKS) join each row's statistics after its last key tile as one more term
   of logit ``sink`` and value zero (:func:`_join_sink`); rows that saw no key keep LSE = sink
   exactly. They change neither dQ nor dK/dV (the LSE the backward reads includes them); the
@@ -110,12 +114,36 @@ def _finish_rows(acc, l_i, m_i):
     return out, lse2
 
 
+# The tanh of the softcap (the kernels' TANH constexpr, chosen by ops._tanh_kind from the target):
+TANH_EXP2, TANH_RCP, TANH_APPROX = 0, 1, 2
+
+
 @triton.jit
-def _tanh(x):
-    """tanh through exp2, one instruction on every target and in the interpreter alike (libdevice's
-    tanh is a per-target library); exactly +-1 at +-inf, NaN stays NaN. Its absolute error near 0,
-    ~1e-7, is what float32 scores carry anyway."""
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+def _tanh(x, c, TANH: tl.constexpr):
+    """``tanh(x * c)`` (``c`` a scalar, multiplied into the exponent's constant once, not per score),
+    exactly +-1 at +-inf, NaN staying NaN, in one of three forms:
+
+    * TANH_EXP2: ``1 - 2 / (2^(2x log2 e) + 1)`` in Triton's own ops, which run on every target and
+      in the interpreter (libdevice's tanh is a per-target library). Absolute error ~1e-7, what
+      float32 scores carry anyway; on NVIDIA it costs two exp2 fix-ups and a full-range division
+      (three MUFU operations per score with the softmax's exp2).
+    * TANH_RCP (NVIDIA): the same formula through ``ex2.approx.ftz`` and ``rcp.approx.ftz``: two MUFU
+      operations, no range fix-ups, the same accuracy (only results below 2^-126 flush to zero).
+    * TANH_APPROX (NVIDIA sm_75+): the one MUFU instruction ``tanh.approx.f32``, relative error up
+      to 2^-10.99 (PTX ISA), so capped scores carry up to ``softcap * 2^-10.99`` absolute error: kept
+      for 16-bit inputs, whose probabilities are rounded to 2^-8 (bf16) or 2^-11 (fp16) before P.V."""
+    if TANH == 2:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x * c], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    elif TANH == 1:
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * (c * 2.8853900817779268)],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e + 1.0], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        t = 1.0 - 2.0 * r
+    else:
+        t = 1.0 - 2.0 / (tl.math.exp2(x * (c * 2.8853900817779268)) + 1.0)
+    return t
 
 
 @triton.jit
@@ -158,14 +186,15 @@ def _descale(PTR, off_b, off_kvh, stride_b, stride_h):
 
 @triton.jit
 def _scores2(qk, pos, offs_k, qk_scale, cap_in, cap_out, slope2,
-             SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+             SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, TANH: tl.constexpr = 0):
     """Base-2 scores of raw products ``qk`` of rows at key positions ``pos`` and keys ``offs_k``
     (broadcastable to qk), with aule.masks' softcap and ALiBi: ``(s2, t)``, ``t`` the cap's
     ``tanh(score / softcap)`` that the backward needs (``qk`` itself without SOFTCAP, unused).
     ``cap_in = scale / softcap`` and ``cap_out = softcap * log2(e)`` fold the scale and the base
-    into the cap's two multiplies; ``slope2`` is the ALiBi slope times log2(e)."""
+    into the cap's two multiplies; ``slope2`` is the ALiBi slope times log2(e). The backward
+    recomputes scores with the forward's TANH, so its probabilities are the forward's."""
     if SOFTCAP:
-        t = _tanh(qk * cap_in)
+        t = _tanh(qk, cap_in, TANH)
         s2 = t * cap_out
     else:
         t = qk
@@ -392,17 +421,69 @@ def _query_tile(CU_Q, CU_K, ERR, DIRTY, SEQ_Q, SEQ_K, MAX_Q, MAX_K, H_Q, GROUP, 
     return pid_bh, off_b, off_h, off_kvh, pid_m * BLOCK_M, q0, sq, k0, sk
 
 
+# How the forward adds ALiBi (its ALIBI_MODE constexpr, chosen by ops._alibi_kind):
+# ALIBI_EXACT: -slope * |pos - j| per score, as _scores2 (and the backward) compute it.
+# ALIBI_LEFT: every visible key is at or before its row (right == 0: causal and such windows), so
+#   the bias is slope * j - slope * pos: a column term per key and a row term that the softmax
+#   does not see (it is shift-invariant per row), put back into the row maximum after the last tile.
+# ALIBI_SPLIT: as ALIBI_LEFT on the fully visible tiles left of every row of the block, the mirror
+#   image (-slope * j + slope * pos) right of them, the exact form on the few tiles across the
+#   diagonal and on the masked runs.
+ALIBI_EXACT, ALIBI_LEFT, ALIBI_SPLIT = 0, 1, 2
+
+
+@triton.jit
+def _fwd_scores(qk, pos, offs_n, colvec, col0, qk_scale, cap_in, cap_out, slope2,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FORM: tl.constexpr, TANH: tl.constexpr):
+    """The forward's base-2 scores of one tile as ``(x, a, d)``: ``x * a + d`` (``a`` > 0 and ``d``
+    scalars) plus the row term FORM leaves out. Keeping ``a`` and ``d`` apart lets the row maximum
+    take them once per row and the exp2 take them in its FMA, so no score pays for them.
+    FORM (with ALiBi): 0, keys at or before every row: ``+ slope2 * (j - c0)``; 1, the exact
+    ``-slope2 * |pos - j|``; 2, keys at or after every row: ``- slope2 * (j - c0)``. Of the column
+    term, ``colvec`` is ``slope2`` times the tile's own key offsets (the same for every tile) and
+    ``d`` the tile's share, ``slope2 * col0`` with ``col0`` the tile's first key less ``c0``; both
+    stay small near the diagonal, where the float precision of scores matters."""
+    if HAS_ALIBI and FORM != 1:
+        if SOFTCAP:
+            s2 = _tanh(qk, cap_in, TANH) * cap_out
+        else:
+            s2 = qk * qk_scale
+        d = slope2 * col0.to(tl.float32)
+        if FORM == 0:
+            x = s2 + colvec[None, :]
+        else:
+            x = s2 - colvec[None, :]
+            d = -d
+        a = 1.0
+    else:
+        d = 0.0
+        if HAS_ALIBI:
+            x, _ = _scores2(qk, pos[:, None], offs_n[None, :], qk_scale, cap_in, cap_out, slope2,
+                            SOFTCAP, HAS_ALIBI, TANH)
+            a = 1.0
+        elif SOFTCAP:
+            x = _tanh(qk, cap_in, TANH)
+            a = cap_out
+        else:
+            x = qk
+            a = qk_scale
+    return x, a, d
+
+
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     pos, offs_n0, offs_d, start, end, KEND, LEFT, RIGHT, qk_scale, cap_in, cap_out,
-                    slope2, kstart, mask_rows, stride_mn, m_ok, MASKED: tl.constexpr,
+                    slope2, colvec, c0, rowterm, kstart, mask_rows, stride_mn, m_ok, MASKED: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, FP8: tl.constexpr = 0):
+                    HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, FORM: tl.constexpr,
+                    ROW_TERMS: tl.constexpr, TANH: tl.constexpr, FP8: tl.constexpr = 0):
     """Online softmax (base 2) of one query tile over key tiles ``[start, end)``. Keys end at
     ``KEND`` (SEQ_K, or a padding span's end, which then starts at ``kstart``); ``mask_rows``
-    points at the rows of an attn_mask tile (MASK_KIND). With FP8, P is ``2**FP8`` times the
+    points at the rows of an attn_mask tile (MASK_KIND). FORM is :func:`_fwd_scores`' ALiBi form;
+    the statistics are kept for scores ``ROW_TERMS * rowterm`` above those FORM computes, so that
+    tiles of every form share one row maximum (see _attn_fwd). With FP8, P is ``2**FP8`` times the
     softmax numerators, and so are ``l_i`` and ``acc``."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(start, end, BLOCK_N):
@@ -414,25 +495,30 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         kt = _load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                    d_ok[:, None], n_ok[None, :], PAD_D, MASKED)
         qk = tl.dot(q, kt, input_precision=DOT_PREC)
-        if MASKED or SOFTCAP or HAS_ALIBI or MASK_KIND != 0:
-            qk, _ = _scores2(qk, pos[:, None], offs_n[None, :], qk_scale, cap_in, cap_out, slope2,
-                             SOFTCAP, HAS_ALIBI)
-            if MASK_KIND != 0:
-                qk = _apply_mask(qk, mask_rows[:, None] + offs_n[None, :] * stride_mn,
-                                 m_ok[:, None] & n_ok[None, :], MASK_KIND)
-            if MASKED:
-                vis = _visible(pos[:, None], offs_n[None, :], KEND, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
-                if HAS_KSPAN:
-                    vis = vis & (offs_n[None, :] >= kstart)
-                qk = tl.where(vis, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = _shift(m_new)
-            p = tl.math.exp2(qk - _plus(m_use, -FP8)[:, None])
-        else:
-            # Plain scores scale after the row maximum: one multiply per row instead of per score.
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        x, a, d = _fwd_scores(qk, pos, offs_n, colvec, start_n - c0, qk_scale, cap_in, cap_out, slope2,
+                              SOFTCAP, HAS_ALIBI, FORM, TANH)
+        if MASK_KIND != 0:
+            x = _apply_mask(x * a + d, mask_rows[:, None] + offs_n[None, :] * stride_mn,
+                            m_ok[:, None] & n_ok[None, :], MASK_KIND)
+            a = 1.0
+            d = 0.0
+        if MASKED:
+            vis = _visible(pos[:, None], offs_n[None, :], KEND, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+            if HAS_KSPAN:
+                vis = vis & (offs_n[None, :] >= kstart)
+            x = tl.where(vis, x, float("-inf"))
+        # a > 0, so the row maximum of x * a is a times x's: one multiply per row, not per score;
+        # what is added per row (the tile's column share, the row terms) is added to it alike.
+        m_tile = tl.max(x, 1) * a
+        if ROW_TERMS != 0 or (HAS_ALIBI and FORM != 1 and MASK_KIND == 0):
+            row_add = rowterm * ROW_TERMS + d
+            m_new = tl.maximum(m_i, m_tile + row_add)
             m_use = _shift(m_new)  # visible keys can still score -inf or +inf
-            p = tl.math.exp2(qk * qk_scale - _plus(m_use, -FP8)[:, None])
+            p = tl.math.exp2(x * a - _plus(m_use - row_add, -FP8)[:, None])
+        else:
+            m_new = tl.maximum(m_i, m_tile)
+            m_use = _shift(m_new)
+            p = tl.math.exp2(x * a - _plus(m_use, -FP8)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -457,11 +543,19 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
               HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
+              TANH: tl.constexpr, ALIBI_MODE: tl.constexpr,
               CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr = 0):
     """One program per (query tile, sequence, query head). Writes O and the natural-log LSE.
     With CHECK, values the host did not read (cu_seqlens, sinks, slopes) are checked as they are
     loaded and a bad one recorded in the launch's error flag ``ERR``/``DIRTY`` (:mod:`.devcheck`).
-    ``QD``/``KD``/``VD`` and their strides: FP8's descale factors (stand-ins, never read, without)."""
+    ``QD``/``KD``/``VD`` and their strides: FP8's descale factors (stand-ins, never read, without).
+
+    With ALIBI_MODE ALIBI_LEFT or ALIBI_SPLIT the row statistics are kept for scores
+    ``rowterm = slope2 * (pos - c0)`` above the true ones, ``c0`` the block's first row position:
+    the left form computes exactly those, the exact form adds ``rowterm`` and the right form
+    ``2 * rowterm`` per row. One subtraction from the row maximum after the last tile makes them
+    true again, so the LSE (and the backward, which recomputes exact scores against it) is the
+    definition's; the output does not change with a per-row shift."""
     pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, ERR, DIRTY, SEQ_Q, SEQ_K,
                                                                          MAX_Q, MAX_K, H_Q, GROUP, HAS_RIGHT,
                                                                          BLOCK_M, VARLEN, CHECK)
@@ -490,6 +584,14 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY
                       * _descale(KD, off_b, off_kvh, stride_kdb, stride_kdh))
         qk_scale = qk_scale * qk_descale
         cap_in = cap_in * qk_descale
+    c0 = start_m + (sk - sq)
+    rowterm = slope2 * (pos - c0).to(tl.float32)
+    colvec = slope2 * offs_n0.to(tl.float32)  # loop-invariant: a tile's own share is one scalar
+    # Key tiles of the fully visible run that lie at or before every row of the block end at
+    # left_end; those at or after every row start at right_start (tile starts, clamped at 0
+    # before dividing, as Triton's division truncates toward zero).
+    left_end = (tl.maximum(c0 + 1, 0) // BLOCK_N) * BLOCK_N
+    right_start = ((tl.maximum(c0 + BLOCK_M - 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -503,13 +605,27 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY
     for run in tl.static_range(3):
         if run != 0 or HAS_LEFT or HAS_KSPAN:
             start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
-            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base,
-                                            stride_kn, stride_kd, stride_vn, stride_vd,
-                                            pos, offs_n0, offs_d, start, end, kend, LEFT, RIGHT,
-                                            qk_scale, cap_in, cap_out, slope2, kstart, mask_rows,
-                                            stride_mn, m_ok, run != 1, HAS_LEFT,
-                                            HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
-                                            SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND, FP8)
+            split = ALIBI_MODE == 2 and run == 1
+            a_end = tl.minimum(tl.maximum(left_end, start), end)
+            b_start = tl.minimum(tl.maximum(right_start, a_end), end)
+            for form in tl.static_range(3):
+                # A run not split is one loop: the left form for ALIBI_LEFT, else the exact one.
+                if split or form == (ALIBI_MODE != 1):
+                    if split:
+                        f_start, f_end = _run_bounds(form, start, a_end, a_end, b_start, end)
+                    else:
+                        f_start = start
+                        f_end = end
+                    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base,
+                                                    stride_kn, stride_kd, stride_vn, stride_vd,
+                                                    pos, offs_n0, offs_d, f_start, f_end, kend, LEFT, RIGHT,
+                                                    qk_scale, cap_in, cap_out, slope2, colvec, c0, rowterm,
+                                                    kstart, mask_rows, stride_mn, m_ok, run != 1, HAS_LEFT,
+                                                    HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
+                                                    SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND, form,
+                                                    form * (ALIBI_MODE == 2), TANH, FP8)
+    if ALIBI_MODE != 0:
+        m_i = m_i - rowterm  # the statistics of true scores again (infinite maxima stay as they are)
 
     if HAS_SINKS:
         sink = tl.load(SINKS + off_h)
@@ -580,7 +696,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, KSPAN, MASK_B,
                          qk_scale, cap_in, cap_out, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                          HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr,
-                         HAS_ALIBI: tl.constexpr, HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr):
+                         HAS_ALIBI: tl.constexpr, HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr,
+                         TANH: tl.constexpr):
     """Accumulate dK and dV of one key tile over query tiles ``[start, end)`` of every query head
     of the GQA group (transposed scores). Heads and tiles share one flat loop: a loop nest here
     made the compiler spill the dK/dV accumulators on Hopper. A padding span and an attn_mask
@@ -608,7 +725,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, KSPAN, MASK_B,
         st = tl.dot(k, qt, input_precision=DOT_PREC)
         pos = offs_m + (SEQ_K - SEQ_Q)
         st, tt = _scores2(st, pos[None, :], offs_n[:, None], qk_scale, cap_in, cap_out,
-                          _slope2(ALIBI, off_b, h, H_Q, HAS_ALIBI), SOFTCAP, HAS_ALIBI)
+                          _slope2(ALIBI, off_b, h, H_Q, HAS_ALIBI), SOFTCAP, HAS_ALIBI, TANH)
         if MASK_KIND != 0:
             st = _apply_mask(st, MASK_B + h * stride_mh + offs_n[:, None] * stride_mn
                              + offs_m[None, :] * stride_mm,
@@ -650,7 +767,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, C
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-                   CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   TANH: tl.constexpr, CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key tile, sequence, KV head): the grid is (key tiles, B * H_KV), or with
     VARLEN (key tiles of the longest sequence, H_KV, sequences), where tiles past a sequence's
     end exit. It walks every query head of its GQA group, so dK/dV are summed over the group in
@@ -710,7 +827,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, C
                                           offs_d, start, end, GROUP, H_Q, sq, sk, LEFT, RIGHT,
                                           qk_scale, cap_in, cap_out, run != 1, HAS_LEFT, HAS_RIGHT,
                                           HEAD_DIM, PAD_D, BLOCK_M, DOT_PREC, SOFTCAP, HAS_ALIBI,
-                                          HAS_KSPAN, MASK_KIND)
+                                          HAS_KSPAN, MASK_KIND, TANH)
     dk = dk * sm_scale
     ok = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + _at(off_b, k0, stride_dkb, stride_dkn, VARLEN) + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn
@@ -726,7 +843,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                        HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
                        BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr,
-                       HAS_ALIBI: tl.constexpr, HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr):
+                       HAS_ALIBI: tl.constexpr, HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr,
+                       TANH: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles ``[start, end)`` (``KEND``, ``kstart`` and
     ``mask_rows`` as in :func:`_attn_fwd_inner`)."""
     d_ok = offs_d < HEAD_DIM
@@ -742,7 +860,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
                    d_ok[:, None], n_ok[None, :], PAD_D, MASKED)
         s = tl.dot(q, kt, input_precision=DOT_PREC)
         s, t = _scores2(s, pos[:, None], offs_n[None, :], qk_scale, cap_in, cap_out, slope2,
-                        SOFTCAP, HAS_ALIBI)
+                        SOFTCAP, HAS_ALIBI, TANH)
         if MASK_KIND != 0:
             s = _apply_mask(s, mask_rows[:, None] + offs_n[None, :] * stride_mn,
                             m_ok[:, None] & n_ok[None, :], MASK_KIND)
@@ -774,7 +892,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K, E
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                  SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  HAS_KSPAN: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
-                 CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 TANH: tl.constexpr, CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query tile, sequence, query head): dQ = scale * dS K over the visible keys."""
     pid_bh, off_b, off_h, off_kvh, start_m, q0, sq, k0, sk = _query_tile(CU_Q, CU_K, ERR, DIRTY, SEQ_Q, SEQ_K,
                                                                          MAX_Q, MAX_K, H_Q, GROUP, HAS_RIGHT,
@@ -814,7 +932,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K, E
                                     LEFT, RIGHT, qk_scale, cap_in, cap_out, slope2, kstart,
                                     mask_rows, stride_mn, m_ok, run != 1,
                                     HAS_LEFT, HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
-                                    SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND)
+                                    SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND, TANH)
     dq = dq * sm_scale
     tl.store(DQ + _at(off_b, q0, stride_dqb, stride_dqm, VARLEN) + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),

@@ -38,9 +38,10 @@ FP8_SHIFT = {torch.float8_e4m3fn: 8, torch.float8_e4m3fnuz: 7}
 _KERNELS = {"fwd": kernels._attn_fwd, "dkdv": kernels._attn_bwd_dkdv, "dq": kernels._attn_bwd_dq}
 # Shape buckets, head_dim, mask sides and features pick the tile; the autotuner adds the dtypes.
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "HAS_ALIBI",
-             "HAS_KSPAN", "MASK_KIND", "VARLEN"]
-# Sinks change only the forward kernel (the backward's LSE already holds them).
-_KERNEL_KEY = {"fwd": ["HAS_SINKS"], "dkdv": [], "dq": []}
+             "HAS_KSPAN", "MASK_KIND", "VARLEN", "TANH"]
+# Sinks and the forms of ALiBi change only the forward kernel (the backward's LSE already holds
+# the sinks, and it computes ALiBi exactly).
+_KERNEL_KEY = {"fwd": ["HAS_SINKS", "ALIBI_MODE"], "dkdv": [], "dq": []}
 _PRE_BLOCK_M = 64
 
 
@@ -239,6 +240,40 @@ def _dot_precision(q: torch.Tensor) -> str:
     return "tf32x3" if target_of(q) == "cuda" else "ieee"
 
 
+def _tanh_kind(q: torch.Tensor, softcap: float) -> int:
+    """The kernels' TANH (kernels._tanh), the same for the forward and the backward so that the
+    backward's recomputed probabilities are the forward's. ``auto``: on NVIDIA the one-instruction
+    ``tanh.approx`` for 16-bit inputs, as FlashAttention-3 and FlashInfer cap scores (capped scores
+    within ``softcap * 2^-10.99``: the LSE may move by that much, an output by that much times
+    ``sum_j p_j |v_j - out|``), and the two-instruction ``rcp`` form for float32,
+    whose tolerance ``tanh.approx`` would break; elsewhere (AMD, the interpreter, which runs no
+    inline assembly) Triton's own ops. AULE_TRITON_TANH forces one where the target has it."""
+    if softcap <= 0:
+        return kernels.TANH_EXP2  # unused: one compiled variant for every call without a cap
+    want = settings.triton_scores().tanh
+    if target_of(q) != "cuda" or want == "exp2":
+        return kernels.TANH_EXP2
+    if want == "auto":
+        want = "rcp" if q.dtype == torch.float32 else "approx"
+    if want == "approx" and int(device_arch(q.device.index or 0)[2:] or 0) < 75:
+        want = "rcp"  # tanh.approx.f32 needs sm_75
+    return kernels.TANH_APPROX if want == "approx" else kernels.TANH_RCP
+
+
+def _alibi_kind(alibi, right: int, dtype: torch.dtype) -> int:
+    """The forward's ALIBI_MODE (kernels.ALIBI_SPLIT and its neighbours): the left form alone when
+    no key right of a row is visible (``right == 0``: causal, and windows ending at the row),
+    else the split at the diagonal. ``auto`` keeps the exact ``-slope * |i - j|`` per score for
+    float32 inputs: the column forms hold scores up to ``slope * log2(e) * BLOCK_M`` above the true
+    ones, whose float32 rounding (``slope * BLOCK_M * 2^-24`` relative in P) is far below what 16-bit
+    inputs round P to, but not below float32's tolerance for every slope a caller may pass.
+    AULE_TRITON_ALIBI=split or exact forces one."""
+    want = settings.triton_scores().alibi
+    if alibi is None or want == "exact" or (want == "auto" and dtype == torch.float32):
+        return kernels.ALIBI_EXACT
+    return kernels.ALIBI_LEFT if right == 0 else kernels.ALIBI_SPLIT
+
+
 _METAS: dict = {}
 _META_IDS = itertools.count()
 
@@ -256,13 +291,13 @@ def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, 
     distinct set of them: the launch only reads it."""
     d = q.shape[-1]
     key = (d, left >= 0, right >= 0, softcap > 0, alibi is not None, kspan is not None, _mask_kind(mask),
-           packing is not None, _dot_precision(q), flag is not None, tuple(more.items()))
+           packing is not None, _dot_precision(q), flag is not None, _tanh_kind(q, softcap), tuple(more.items()))
     meta = _METAS.get(key)
     if meta is None:
         bd = block_d(d)
         meta = _Meta(HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, HAS_LEFT=key[1], HAS_RIGHT=key[2], DOT_PREC=key[8],
                      SOFTCAP=key[3], HAS_ALIBI=key[4], HAS_KSPAN=key[5], MASK_KIND=key[6], VARLEN=key[7],
-                     CHECK=key[9], **more)
+                     CHECK=key[9], TANH=key[10], **more)
         meta.key = next(_META_IDS)
         if len(_METAS) > 1024:
             _METAS.clear()
@@ -545,7 +580,7 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
             *descales, *(st for t in descales for st in (t.stride() if fp8 else (0, 0))))
     _launch("fwd", _grid(sizes[0], "BLOCK_M", hq, b, packing), args,
             _meta(q, left, right, softcap, alibi, kspan, mask, packing, flag, HAS_SINKS=sinks is not None,
-                  FP8=FP8_SHIFT.get(q.dtype, 0)),
+                  FP8=FP8_SHIFT.get(q.dtype, 0), ALIBI_MODE=_alibi_kind(alibi, right, q.dtype)),
             q, sizes, tile)
     flags.close_flag(flag, q.device)
     return out, lse
