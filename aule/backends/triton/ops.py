@@ -287,8 +287,8 @@ class _Meta(dict):
 
 def _meta(q: torch.Tensor, left: int, right: int, softcap: float, alibi, kspan, mask, packing=None,
           flag=None, **more) -> dict:
-    """The kernels' compile-time arguments (CHECK when an error ``flag`` is open, and ``more``, e.g. ``HAS_SINKS``), one shared dict per
-    distinct set of them: the launch only reads it."""
+    """The kernels' compile-time arguments (CHECK when an error ``flag`` is open, and ``more``, e.g.
+    ``HAS_SINKS``), one shared dict per distinct set of them: the launch only reads it."""
     d = q.shape[-1]
     key = (d, left >= 0, right >= 0, softcap > 0, alibi is not None, kspan is not None, _mask_kind(mask),
            packing is not None, _dot_precision(q), flag is not None, _tanh_kind(q, softcap), tuple(more.items()))
