@@ -59,6 +59,11 @@ def main() -> int:
     pointers, scalars = signature(kernels._attn_fwd, "*i32")
     ptx += compile_kernel(kernels._attn_fwd, pointers, scalars, {**common, "VARLEN": False, "HAS_SINKS": True, "FP8": 0,
                                                                  "ALIBI_MODE": kernels.ALIBI_LEFT})
+    # A device-analysed mask: the span and the boolean mask, whose tiles the span may make unread.
+    for mode in (kernels.ALIBI_LEFT, 0):
+        compile_kernel(kernels._attn_fwd, pointers, scalars, {**common, "VARLEN": False, "HAS_SINKS": False, "FP8": 0,
+                                                              "HAS_KSPAN": True, "MASK_KIND": 1, "CHECK": False,
+                                                              "HAS_ALIBI": mode != 0, "ALIBI_MODE": mode})
     ops = re.findall(r"atom\.[\w.]+", ptx)
     if not ops or any(".sys." not in op for op in ops) or not any("release" in op for op in ops):
         print(f"the flag atomics are not all at system scope with a release: {sorted(set(ops))}", file=sys.stderr)

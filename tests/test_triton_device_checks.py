@@ -115,13 +115,19 @@ def test_device_hull_is_the_padding_span():
     for name, m in _masks(rng, 2, 4, 13, 37).items():
         kspan, tile = ops.mask_tensors(calls.check_attn_mask(_t(m), (2, 4, 13, 37), True), 2, 4, torch.device(DEV))
         assert tile is not None and kspan.dtype == torch.int32 and kspan.is_contiguous()
-        span = kspan.cpu().numpy()
-        seen = np.broadcast_to(m if m.dtype == np.bool_ else ~np.isneginf(m), (2, 4, 13, 37)).any(axis=2)
+        raw = kspan.cpu().numpy()
+        # A start stored as -(start + 1): the boolean mask shows every key of the span to every row.
+        whole = raw[..., 0] < 0
+        span = np.stack([np.where(whole, -raw[..., 0] - 1, raw[..., 0]), raw[..., 1]], -1)
+        full = np.broadcast_to(m if m.dtype == np.bool_ else ~np.isneginf(m), (2, 4, 13, 37))
+        seen = full.any(axis=2)
         for b in range(2):
             for h in range(4):
                 js = np.flatnonzero(seen[b, h])
                 want = (js[0], js[-1] + 1) if js.size else (0, 0)
                 assert tuple(span[b, h]) == want, (name, b, h)
+                shown = bool(full[b, h][:, want[0]:want[1]].all())
+                assert whole[b, h] == (m.dtype == np.bool_ and shown), (name, b, h)
         host = calls.check_attn_mask(m, (2, 4, 13, 37))
         if host.padding:
             assert np.array_equal(span, host.spans(2, 4)[0])

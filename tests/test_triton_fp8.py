@@ -410,3 +410,22 @@ def test_bench_fp8_inputs_quantise_exactly():
         per_head = descale.repeat_interleave(s[name].shape[1] // 2, dim=1)[:, :, None, None]
         assert torch.equal(x8.float() * per_head, s[name].float()), name
         assert x8.float().abs().amax() > 224  # the range used, as a quantiser scaling amax would
+
+
+def test_device_arch_reads_the_compute_capability_on_cuda_builds(monkeypatch):
+    """CUDA builds of torch fill gcnArchName with the card's name: it must not be read as an
+    architecture there (it made every H200 look fp8-less and broke the tanh choice)."""
+    import types
+
+    from aule.backends.triton import common
+
+    props = types.SimpleNamespace(gcnArchName="NVIDIA H200", major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    for hip, want in ((None, "sm90"), ("6.2", "NVIDIA H200")):
+        monkeypatch.setattr(torch.version, "hip", hip)
+        common.device_arch.cache_clear()
+        assert common.device_arch(0) == want
+    props.gcnArchName = "gfx942:sramecc+:xnack-"
+    common.device_arch.cache_clear()
+    assert common.device_arch(0) == "gfx942"
+    common.device_arch.cache_clear()

@@ -5,6 +5,7 @@ Nothing here imports torch or triton at module load, so the registry can probe c
 from __future__ import annotations
 
 import functools
+
 from ... import settings
 
 LOG2E = 1.4426950408889634  # kernels work in base 2 (exp2 is one instruction on NVIDIA and AMD)
@@ -39,11 +40,13 @@ def torch_gpu_flavour() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def device_arch(index: int = 0) -> str:
-    """'sm90', 'sm80', 'gfx942', 'gfx1100', ... for the torch device ``index`` ('' if unknown)."""
+    """'sm90', 'sm80', 'gfx942', 'gfx1100', ... for the torch device ``index``. Only ROCm's
+    ``gcnArchName`` names an architecture: CUDA builds of torch fill it with the card's name
+    ('NVIDIA H200'), so on NVIDIA the compute capability decides."""
     import torch
 
     props = torch.cuda.get_device_properties(index)
-    arch = getattr(props, "gcnArchName", "") or ""
+    arch = (getattr(props, "gcnArchName", "") or "") if torch.version.hip else ""
     if arch:
         return arch.split(":")[0]
     return f"sm{props.major}{props.minor}"

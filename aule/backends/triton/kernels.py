@@ -226,15 +226,21 @@ def _join_sink(acc, l_i, m_i, sink2):
 
 @triton.jit
 def _key_span(KSPAN, off_b, off_h, H_Q, SEQ_K, HAS_KSPAN: tl.constexpr):
-    """``[kstart, kend)``, the keys a padding mask shows to (batch, query head): all without one."""
+    """``(kstart, kend, partial)``: the keys ``[kstart, kend)`` a padding mask shows to (batch,
+    query head), all without one. A start stored as ``-(kstart + 1)`` says the boolean mask beside
+    the span shows every key of it to every row, so the span says all and the forward need not read
+    the mask's tiles (``partial`` False): a device-analysed padding mask (ops._device_mask_tensors)."""
     if HAS_KSPAN:
         at = KSPAN + (off_b * H_Q + off_h) * 2
-        kstart = tl.load(at)
+        raw = tl.load(at)
         kend = tl.load(at + 1)
+        partial = raw >= 0
+        kstart = tl.where(partial, raw, -raw - 1)
     else:
         kstart = 0
         kend = SEQ_K
-    return kstart, kend
+        partial = True
+    return kstart, kend, partial
 
 
 @triton.jit
@@ -473,7 +479,8 @@ def _fwd_scores(qk, pos, offs_n, colvec, col0, qk_scale, cap_in, cap_out, slope2
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     pos, offs_n0, offs_d, start, end, KEND, LEFT, RIGHT, qk_scale, cap_in, cap_out,
-                    slope2, colvec, c0, rowterm, kstart, mask_rows, stride_mn, m_ok, MASKED: tl.constexpr,
+                    slope2, colvec, c0, rowterm, kstart, partial, mask_rows, stride_mn, m_ok,
+                    MASKED: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     DOT_PREC: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -497,7 +504,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         qk = tl.dot(q, kt, input_precision=DOT_PREC)
         x, a, d = _fwd_scores(qk, pos, offs_n, colvec, start_n - c0, qk_scale, cap_in, cap_out, slope2,
                               SOFTCAP, HAS_ALIBI, FORM, TANH)
-        if MASK_KIND != 0:
+        if MASK_KIND == 1:
+            # A boolean mask only hides, so it applies to x itself (a > 0); not read at all where
+            # the span is the whole of what it shows.
+            if partial:
+                x = _apply_mask(x, mask_rows[:, None] + offs_n[None, :] * stride_mn,
+                                m_ok[:, None] & n_ok[None, :], MASK_KIND)
+        elif MASK_KIND == 2:
             x = _apply_mask(x * a + d, mask_rows[:, None] + offs_n[None, :] * stride_mn,
                             m_ok[:, None] & n_ok[None, :], MASK_KIND)
             a = 1.0
@@ -510,7 +523,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         # a > 0, so the row maximum of x * a is a times x's: one multiply per row, not per score;
         # what is added per row (the tile's column share, the row terms) is added to it alike.
         m_tile = tl.max(x, 1) * a
-        if ROW_TERMS != 0 or (HAS_ALIBI and FORM != 1 and MASK_KIND == 0):
+        if ROW_TERMS != 0 or (HAS_ALIBI and FORM != 1 and MASK_KIND != 2):
             row_add = rowterm * ROW_TERMS + d
             m_new = tl.maximum(m_i, m_tile + row_add)
             m_use = _shift(m_new)  # visible keys can still score -inf or +inf
@@ -597,7 +610,7 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mask_rows = _mask_rows(MASK, off_b, off_h, offs_m, stride_mb, stride_mh, stride_mm, MASK_KIND)
-    kstart, kend = _key_span(KSPAN, off_b, off_h, H_Q, sk, HAS_KSPAN)
+    kstart, kend, partial = _key_span(KSPAN, off_b, off_h, H_Q, sk, HAS_KSPAN)
     lo, lo_end, mid0, mid1, hi = _key_runs(start_m, sq, sk, LEFT, RIGHT, BLOCK_M, BLOCK_N,
                                            HAS_LEFT, HAS_RIGHT)
     if HAS_KSPAN:
@@ -620,7 +633,7 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY
                                                     stride_kn, stride_kd, stride_vn, stride_vd,
                                                     pos, offs_n0, offs_d, f_start, f_end, kend, LEFT, RIGHT,
                                                     qk_scale, cap_in, cap_out, slope2, colvec, c0, rowterm,
-                                                    kstart, mask_rows, stride_mn, m_ok, run != 1, HAS_LEFT,
+                                                    kstart, partial, mask_rows, stride_mn, m_ok, run != 1, HAS_LEFT,
                                                     HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
                                                     SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND, form,
                                                     form * (ALIBI_MODE == 2), TANH, FP8)
@@ -735,7 +748,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE2, DELTA, ALIBI, KSPAN, MASK_B,
             vis = _visible(pos[None, :], offs_n[:, None], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(vis, pt, 0.0)
         if HAS_KSPAN:
-            kstart, kend = _key_span(KSPAN, off_b, h, H_Q, SEQ_K, HAS_KSPAN)
+            kstart, kend, _ = _key_span(KSPAN, off_b, h, H_Q, SEQ_K, HAS_KSPAN)
             in_span = (offs_n[:, None] >= kstart) & (offs_n[:, None] < kend)
             pt = tl.where(in_span, pt, 0.0)
         do = _load(DO + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
@@ -806,7 +819,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE2, DELTA, DK, DV, ALIBI, KSPAN, MASK, CU_Q, C
         ustart = sk
         uend = sk * 0
         for g in range(0, GROUP):
-            kstart, kend = _key_span(KSPAN, off_b, first_head + g, H_Q, sk, HAS_KSPAN)
+            kstart, kend, _ = _key_span(KSPAN, off_b, first_head + g, H_Q, sk, HAS_KSPAN)
             ustart = tl.minimum(ustart, kstart)
             uend = tl.maximum(uend, kend)
         gone = (start_n >= uend) | (start_n + BLOCK_N <= ustart)
@@ -919,7 +932,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE2, DELTA, DQ, ALIBI, KSPAN, MASK, CU_Q, CU_K, E
     slope2 = _slope2(ALIBI, off_b, off_h, H_Q, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mask_rows = _mask_rows(MASK, off_b, off_h, offs_m, stride_mb, stride_mh, stride_mm, MASK_KIND)
-    kstart, kend = _key_span(KSPAN, off_b, off_h, H_Q, sk, HAS_KSPAN)
+    kstart, kend, partial = _key_span(KSPAN, off_b, off_h, H_Q, sk, HAS_KSPAN)
     lo, lo_end, mid0, mid1, hi = _key_runs(start_m, sq, sk, LEFT, RIGHT, BLOCK_M, BLOCK_N,
                                            HAS_LEFT, HAS_RIGHT)
     if HAS_KSPAN:

@@ -466,6 +466,12 @@ def _device_mask_tensors(m: torch.Tensor, b: int, hq: int, sk: int):
     idx = torch.arange(sk, device=m.device)
     kend = torch.where(keys, idx + 1, 0).amax(-1)
     kstart = torch.minimum(torch.where(keys, idx, sk).amin(-1), kend)
+    if m.dtype == torch.bool:
+        # A boolean mask that shows every key of its span to every row says no more than the span
+        # (a padding mask): kstart stored as -(kstart + 1) lets the forward skip its tiles.
+        inside = (idx >= kstart[..., None]) & (idx < kend[..., None])
+        whole = (seen | ~inside[:, :, None, :]).flatten(2).all(-1)
+        kstart = torch.where(whole, -kstart - 1, kstart)
     kspan = torch.stack([kstart, kend], -1).to(torch.int32).expand(b, hq, 2).contiguous()
     return kspan, tile
 
