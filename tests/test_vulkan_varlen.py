@@ -281,3 +281,19 @@ def test_refusals_name_the_reason(ctx, monkeypatch):
     assert "coopmat" in vk.why_not_varlen_attention(call, True)
     with pytest.raises(aule.UnsupportedError, match="coopmat"):
         varlen(q, k, v, cu_q, cu_k, softcap=2.0)
+
+
+def test_rows_without_keys_are_zeros_in_reused_result_memory(ctx):
+    """Results come from pooled host memory: a sequence without keys must be written as zeros,
+    not left holding an earlier call's values."""
+    rng = np.random.default_rng(11)
+    lens_q, hq, d = [1500, 700], 4, 64  # past the pool's 1 MiB: the result is a pooled block
+    q, k, v, cu_q, cu_k = packed(rng, lens_q, [300, 200], hq, hq, d)
+    first = aule.flash_attention_varlen(q, k, v, cu_q, cu_k, 1500, 300, backend="vulkan")
+    assert first.nbytes >= 1 << 20 and np.abs(first).max() > 0
+    del first
+    q2, k2, v2, cu_q2, cu_k2 = packed(rng, lens_q, [0, 200], hq, hq, d)
+    out = aule.flash_attention_varlen(q2, k2, v2, cu_q2, cu_k2, 1500, 200, backend="vulkan")
+    assert (out[:1500] == 0).all(), "the sequence with no keys gives zeros"
+    ref, _ = reference(q2, k2, v2, cu_q2, cu_k2, causal=False)
+    assert np.abs(out[1500:] - ref[1500:]).max() < VARIANT_ATOL.get("fast", 1e-4) * 10

@@ -431,12 +431,14 @@ def _block(raw: np.ndarray, at: int, dtype, shape) -> np.ndarray:
     return raw[at:at + n].view(dtype).reshape(shape)
 
 
-def _varlen_upload(call, layout: VarlenLayout, copier) -> np.ndarray:
+def _varlen_upload(call, layout: VarlenLayout, ctx) -> np.ndarray:
     """The bytes of the one upload: each sequence's q, k and v heads-first, and its binding-5 words.
     The heads-first blocks are strided copies, spread over the context's copy threads."""
     w = call.whole
     q, k, v = (to_numpy(_packed(x)) for x in (w.q, w.k, w.v))
-    raw = np.empty(layout.in_bytes, np.uint8)  # the gaps left for alignment are never read
+    # Pooled host memory, already mapped: a fresh array of this size would fault on every page it
+    # is written to. The gaps left for alignment are never read.
+    raw = ctx.results.take(layout.in_bytes)
     extras = None
     if call.alibi is not None or w.sinks is not None:
         # Every sequence's slopes and sinks at once: column block i is sequence i's [4, heads_q].
@@ -454,7 +456,7 @@ def _varlen_upload(call, layout: VarlenLayout, copier) -> np.ndarray:
                            part.transpose(1, 0, 2)))
         if p.x_at is not None:
             _block(raw, p.x_at, np.uint32, (EXTRAS_ROWS, w.heads_q))[...] = extras[:, p.seq]
-    copier.run(blocks)
+    ctx.copier.run(blocks)
     return raw
 
 
@@ -485,15 +487,18 @@ def varlen_attention(call, ctx, timestamps: bool = False):
     w = call.whole
     layout = varlen_layout(call, ctx)
     total, hq, d = w.seq_q, w.heads_q, w.head_dim
-    out = np.zeros((total, hq, d), np.float16 if w.dtype == "float16" else np.float32)
+    out = ctx.host_empty((total, hq, d), np.float16 if w.dtype == "float16" else np.float32)
+    for p in layout.pieces:
+        if p.plan is None:
+            out[p.q0:p.q1] = 0  # a sequence with no keys; every other row is written below
     lse = no_key_lse((hq, total), w.sinks, np.float32) if w.return_lse else None
     ns = None
     if any(p.plan is not None for p in layout.pieces):
         with _Held() as held:
-            inb = held.upload(ctx, _varlen_upload(call, layout, ctx.copier))
+            inb = held.upload(ctx, _varlen_upload(call, layout, ctx))
             outb = held.acquire(ctx, layout.out_bytes)
             ns = ctx.run(_varlen_dispatches(call, layout, ctx, inb, outb), timestamps=timestamps)
-            raw = ctx.download(outb, np.empty(layout.out_bytes, np.uint8))
+            raw = ctx.download(outb, ctx.results.take(layout.out_bytes))
         blocks = []
         for p in layout.pieces:
             if p.plan is None:
