@@ -7,15 +7,11 @@ GPU-only tests (sync debug mode, CUDA graphs) skip there.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from triton_setup import import_torch_and_triton
+from triton_setup import import_torch_and_triton, run_compile_check
 
 torch, ON_GPU = import_torch_and_triton()
 
@@ -153,15 +149,7 @@ def test_checking_kernels_compile_for_sm90():
     """What the interpreter runs here must also compile for the GPU, flag atomics included."""
     if ON_GPU:
         pytest.skip("on a GPU the other tests compile and run the kernels for real")
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("paged_compile_check.py"))], env=env,
-                          capture_output=True, text=True, timeout=300)
-    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr:
-        pytest.skip("Triton's ptxas is missing: " + done.stderr.strip().splitlines()[-1])
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    run_compile_check("paged_compile_check.py", timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------------

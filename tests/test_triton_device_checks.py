@@ -10,16 +10,12 @@ a CUDA device that no call reads anything back.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from triton_setup import import_torch_and_triton
+from triton_setup import import_torch_and_triton, run_compile_check
 
 torch, GPU = import_torch_and_triton()
 
@@ -399,16 +395,7 @@ def test_checking_kernels_compile_for_sm90():
     """What the interpreter runs here must also compile for the GPU, flag atomics included."""
     if GPU:
         pytest.skip("on a GPU the other tests compile and run the kernels for real")
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), str(here)]
-                                        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    done = subprocess.run([sys.executable, str(here / "dense_compile_check.py")], env=env, capture_output=True,
-                          text=True, timeout=300)
-    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr:
-        pytest.skip("Triton's ptxas is missing: " + done.stderr.strip().splitlines()[-1])
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    run_compile_check("dense_compile_check.py", timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------------

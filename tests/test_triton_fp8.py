@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from triton_setup import import_torch_and_triton
+from triton_setup import import_torch_and_triton, run_compile_check
 
 torch, GPU = import_torch_and_triton()
 
@@ -374,20 +374,7 @@ def test_fp8_kernel_compiles_for_its_gpus():
     of its own without the interpreter."""
     if GPU:
         pytest.skip("on a GPU the other tests compile and run the kernel for real")
-    pytest.importorskip("triton.backends.nvidia")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("fp8_compile_check.py"))], env=env,
-                          capture_output=True, text=True, timeout=600)
-    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr:
-        pytest.skip("Triton's ptxas is missing: " + done.stderr.strip().splitlines()[-1])
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    run_compile_check("fp8_compile_check.py", timeout=600)
 
 
 # -- the benchmark's FP8 rows ----------------------------------------------------------------------------
