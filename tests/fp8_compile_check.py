@@ -19,7 +19,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from aule.backends.triton import configs, kernels  # noqa: E402
+import torch  # noqa: E402
+
+from aule.backends.triton import configs, kernels, ops  # noqa: E402
 
 _POINTERS = {"O": "*bf16", "LSE": "*fp32", "ALIBI": "*fp32", "SINKS": "*fp32", "KSPAN": "*i32", "MASK": "*u8",
              "CU_Q": "*i32", "CU_K": "*i32", "QD": "*fp32", "KD": "*fp32", "VD": "*fp32"}
@@ -28,9 +30,9 @@ _POINTERS = {"O": "*bf16", "LSE": "*fp32", "ALIBI": "*fp32", "SINKS": "*fp32", "
 _UNIT = ("stride_qd", "stride_kd", "stride_vn", "stride_od", "stride_qdh", "stride_kdh", "stride_vdh")
 
 
-def compile_fwd(target, element: str, shift: int, tile, causal: bool, head_dim: int = 128):
+def compile_fwd(target, element: str, shift: int, tile, causal: bool, head_dim: int = 128, dot_prec: str = "ieee"):
     bm, bn, warps, stages = tile[:4]
-    flags = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, PAD_D=False, HAS_LEFT=False, HAS_RIGHT=causal, DOT_PREC="ieee",
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, PAD_D=False, HAS_LEFT=False, HAS_RIGHT=causal, DOT_PREC=dot_prec,
                  SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False, HAS_KSPAN=False, MASK_KIND=0, VARLEN=False,
                  TANH=kernels.TANH_EXP2, ALIBI_MODE=kernels.ALIBI_EXACT, BLOCK_M=bm, BLOCK_N=bn, FP8=shift,
                  **{n: 1 for n in _UNIT})
@@ -88,6 +90,13 @@ def main() -> int:
             continue
         if not re.search(r"v_mfma\w*(fp8|f8)", k.asm.get("amdgcn", "")):
             failures.append(f"{arch}: no fp8 MFMA in the code")
+    # The 16-bit kernel with the precision name the launcher gives each AMD target (gfx950 has no tf32).
+    for arch in ("gfx942", "gfx950"):
+        try:
+            compile_fwd(GPUTarget("hip", arch, 64), "fp16", 0, cdna, True,
+                        dot_prec=ops.dot_precision(torch.float16, arch))
+        except Exception as exc:  # noqa: BLE001 - reported with the target it failed for
+            failures.append(f"{arch} fp16: {type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}")
     for f in failures:
         print(f, file=sys.stderr)
     if failures:

@@ -230,14 +230,18 @@ def _first_launch(key: tuple, grid, args: tuple, meta: dict, like: torch.Tensor)
 
 
 def _dot_precision(q: torch.Tensor) -> str:
-    """float32 inputs keep (near-)float32 products: one TF32 pass would cost ~3 decimal digits.
-    On NVIDIA, three TF32 passes on the tensor cores (Triton's "ieee" float32 dot spilled tens of
-    kilobytes per thread on sm_90); AMD and the interpreter multiply in float32 directly."""
-    if q.dtype in FP8_SHIFT:
-        return "ieee"  # ignored for fp8 operands, and the one name every target accepts (gfx950: no tf32)
-    if q.dtype != torch.float32:
-        return "tf32"  # ignored for 16-bit operands
-    return "tf32x3" if target_of(q) == "cuda" else "ieee"
+    return dot_precision(q.dtype, target_of(q))
+
+
+def dot_precision(dtype, target: str) -> str:
+    """The kernels' DOT_PREC. float32 inputs keep (near-)float32 products: one TF32 pass would cost
+    ~3 decimal digits. On NVIDIA, three TF32 passes on the tensor cores (Triton's "ieee" float32
+    dot spilled tens of kilobytes per thread on sm_90); AMD and the interpreter multiply in float32
+    directly. For 16-bit and fp8 operands the setting is ignored, but it must still be one the
+    target accepts: gfx950 refuses "tf32", so only NVIDIA is told it."""
+    if dtype == torch.float32:
+        return "tf32x3" if target == "cuda" else "ieee"
+    return "tf32" if target == "cuda" else "ieee"
 
 
 def _tanh_kind(q: torch.Tensor, softcap: float) -> int:
