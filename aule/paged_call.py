@@ -30,14 +30,14 @@ on where the tables live (``checks`` on the call):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from . import masks, settings
-from .call import (FLOAT_DTYPES, Grouped, Placed, array_kind, check_alibi, check_float_dtypes, check_scale,
-                   check_sinks, check_softcap, device_of, dtype_name, int_table, is_torch_tensor, shape_tuple)
+from . import call as _call, masks, settings
+from .call import (FLOAT_DTYPES, Grouped, OnDevice, Placed, array_kind, check_alibi, check_float_dtypes,
+                   check_scale, check_sinks, on_host, check_softcap, device_of, dtype_name, int_table, is_torch_tensor, shape_tuple)
 
 
 @dataclass
@@ -75,6 +75,15 @@ class PagedCall(Grouped):
     # Packed calls (vLLM's layout): the [batch + 1] row offsets into q [num_tokens, heads_q, head_dim]
     query_start_loc: Any = field(default=None, compare=False, repr=False)
     num_tokens: int = 0  # rows of a packed q (batch * q_len for the 4-D layout)
+    # True when alibi or sinks are :class:`aule.call.OnDevice` (values unread; the kernels check them)
+    device_values: bool = False
+
+    def on_host(self) -> "PagedCall":
+        """This call with its slopes and sinks as checked host data, for a backend whose kernels do
+        not check device values (``Backend.run`` asks for it); itself when nothing is on the device."""
+        if not self.device_values:
+            return self
+        return replace(self, alibi=on_host(self.alibi), sinks=on_host(self.sinks), device_values=False)
 
     @property
     def packed(self) -> bool:
@@ -396,14 +405,19 @@ def canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale=No
         checks, max_context = "host", check_tables(block_tables, context_lens, num_blocks, block_size)
         if packed:
             q_len = check_query_start_loc(query_start_loc, num_tokens, context_lens, q_len)
+    # Slopes and sinks on an accelerator stay there, checked by the kernels (a read would stall the
+    # queue on every decode step), as for dense calls.
+    on_device = _call.checks_on_device(cache_kind, cache_dev)
+    alibi = check_alibi(alibi_slopes, bts[0], heads_q, on_device)
+    sinks = check_sinks(sinks, heads_q, on_device)
     return PagedCall(
         q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens,
         kind=cache_kind, q_kind=qk, device=cache_dev, dtype=dtype, batch=bts[0], heads_q=heads_q,
         heads_kv=heads_kv, q_len=q_len, head_dim=head_dim, num_blocks=num_blocks,
         block_size=block_size, max_blocks=bts[1], scale=check_scale(scale, head_dim), left=left,
         right=right, max_context=max_context, checks=checks, softcap=check_softcap(softcap),
-        alibi=check_alibi(alibi_slopes, bts[0], heads_q), sinks=check_sinks(sinks, heads_q),
-        query_start_loc=query_start_loc, num_tokens=num_tokens)
+        alibi=alibi, sinks=sinks, query_start_loc=query_start_loc, num_tokens=num_tokens,
+        device_values=isinstance(alibi, OnDevice) or isinstance(sinks, OnDevice))
 
 
 def check_slots(slot_mapping, capacity: int) -> None:

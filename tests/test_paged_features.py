@@ -422,3 +422,54 @@ def test_reference_matches_dense_reference_for_one_sequence():
     feats = _features(rng, "all", batch=1)
     want = attention_reference(case.q, case.ks[0][None], case.vs[0][None], causal=True, **feats)
     assert np.abs(reference_paged(case, **feats) - want).max() < 1e-12
+
+
+# --- Triton: slopes and sinks left on the device ------------------------------------------------------
+
+@pytest.fixture
+def device_values(monkeypatch):
+    """Triton, with CPU tensors sent down the device path too (under the interpreter; on a GPU
+    they are CUDA tensors anyway): slopes and sinks unread by the host, checked by the kernel."""
+    from triton_setup import import_torch_and_triton
+
+    from aule import call as calls
+
+    torch, on_gpu = import_torch_and_triton()
+    monkeypatch.setattr(calls, "checks_on_device", lambda kind, device: kind == "torch")
+    yield Runner("triton", torch=torch, device="cuda" if on_gpu else "cpu")
+    aule.check_device_errors()
+
+
+@pytest.mark.parametrize("which", ["alibi", "alibi_batch", "sinks", "all"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_device_slopes_and_sinks_match_reference(device_values, monkeypatch, which, splits):
+    rng = np.random.default_rng(40 + len(which) + splits)
+    case = make_case(rng, LENS, HQ, HK, D, BS, LAYOUTS["packed"])
+    feats = _features(rng, which)
+    device_values.force_splits(monkeypatch, splits)
+    check(device_values(case, **feats), reference_paged(case, **feats), "float32")
+
+
+@pytest.mark.parametrize("what", ["NaN sink", "infinite sink", "NaN slope", "infinite slope"])
+@pytest.mark.parametrize("sync", [False, True])
+def test_bad_device_slopes_and_sinks_raise(device_values, monkeypatch, what, sync):
+    """Not read by the host, a bad value is found by the kernel and raised by the next aule call
+    (at once under AULE_CHECK_SYNC=1), in the host check's words."""
+    rng = np.random.default_rng(7)
+    case = make_case(rng, LENS, HQ, HK, D, BS, LAYOUTS["decode"])
+    feats = {**_features(rng, "alibi_batch"), **_features(rng, "sinks")}
+    bad = np.nan if what.startswith("NaN") else np.inf
+    if "sink" in what:
+        feats["sinks"][3] = bad
+        words = r"sinks must be finite \(in float32\), got sinks\[3\]"
+    else:
+        feats["alibi_slopes"][2, 1] = bad
+        words = r"alibi_slopes must be finite \(in float32\), got alibi_slopes\[2, 1\]"
+    if sync:
+        monkeypatch.setenv("AULE_CHECK_SYNC", "1")
+        with pytest.raises(ValueError, match=words):
+            device_values(case, **feats)
+        return
+    device_values(case, **feats)  # no read-back: nothing raised here
+    with pytest.raises(ValueError, match=words):
+        aule.check_device_errors()

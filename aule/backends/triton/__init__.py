@@ -219,11 +219,14 @@ class TritonBackend(Backend):
     def paged_attention(self, call):
         from .paged import paged_attention_triton
 
+        alibi, sinks = (None if x is None else x.tensor if isinstance(x, OnDevice) else x
+                        for x in (call.alibi, call.sinks))
         return paged_attention_triton(call.q, call.k_cache, call.v_cache, call.block_tables,
                                       call.context_lens, call.scale, call.left, call.max_context,
-                                      check=call.checks == "device", query_start_loc=call.query_start_loc,
+                                      check=call.checks == "device" or call.device_values,
+                                      query_start_loc=call.query_start_loc,
                                       max_query_len=call.q_len if call.packed else None,
-                                      softcap=call.softcap, alibi=call.alibi, sinks=call.sinks)
+                                      softcap=call.softcap, alibi=alibi, sinks=sinks)
 
     def write_kv(self, call):
         from .paged import copy_kv_triton

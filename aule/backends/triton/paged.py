@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import flags as _flags
-from .devcheck import record as _record
+from .devcheck import SINK, SLOPE, check_finite, record as _record
 from .common import LOG2E, MAX_HEAD_DIM, block_d, cdiv, interpreting, next_pow2, torch_gpu_flavour
 from .kernels import _finish_rows, _join_sink, _scores2, _shift
 
@@ -232,6 +232,16 @@ def _paged_attn_fwd(
     kv_head_k = KC + hk * stride_kh
     kv_head_v = VC + hk * stride_vh
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    if CHECK and (HAS_ALIBI or HAS_SINKS):
+        # Slopes and sinks a caller left on the device: one program per (sequence, KV head) checks
+        # its group's. A bad one is still used; its rows are meaningless, never out of bounds.
+        if (pid_m == 0) & (split == 0):
+            for g in tl.static_range(GROUP):
+                if HAS_ALIBI:
+                    check_finite(tl.load(ALIBI + b * (HEADS_KV * GROUP) + hk * GROUP + g), ERR, DIRTY, SLOPE, b,
+                                 hk * GROUP + g)
+                if HAS_SINKS:
+                    check_finite(tl.load(SINKS + hk * GROUP + g), ERR, DIRTY, SINK, hk * GROUP + g, b * 0)
     if HAS_ALIBI:
         slope2 = tl.load(ALIBI + b * (HEADS_KV * GROUP) + head, mask=row_ok, other=0.0) * 1.4426950408889634
     else:
@@ -400,6 +410,17 @@ def _index_table(t, torch):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _feature_table(x, shape, device):
+    """Slopes or sinks as the kernels read them: float32, contiguous, of ``shape`` on ``device``; a
+    NumPy table is copied (a validated array may be a read-only view of the caller's), a torch
+    tensor converted where it lives (``[heads_q]`` slopes broadcast over the batch)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32).expand(shape).contiguous()
+    return torch.tensor(x, dtype=torch.float32, device=device).contiguous()
+
+
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, left, max_context,
                            out=None, config=None, check=False, query_start_loc=None, max_query_len=None,
                            softcap=0.0, alibi=None, sinks=None):
@@ -437,7 +458,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     max_blocks = block_tables.shape[1]
     flag, err, dirty = _flags.open_flag(check, context_lens, kernel="paged attention", device=str(q.device),
                                   num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks,
-                                  num_tokens=num_tokens, max_query_len=q_len)
+                                  num_tokens=num_tokens, max_query_len=q_len, alibi_ndim=2)
     dev = q.device.index or 0
     block_m, block_n, num_warps, num_stages, splits, m_tiles = config or choose_config(
         batch, heads_kv, group, max(q_len, 1), head_dim, max_context, dev, amd=torch_gpu_flavour() == "hip",
@@ -453,8 +474,9 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     o_strides = (0, out.stride(1), out.stride(0), out.stride(2)) if packed else out.stride()
     # The features' small tables go where the kernels read them (copies: validated NumPy tables may be
     # read-only views of the caller's arrays); absent ones pass any tensor, never read.
-    alibi_t, sinks_t = (out if x is None else torch.tensor(x, dtype=torch.float32, device=q.device).contiguous()
-                        for x in (alibi, sinks))
+    # A caller's tensor (left on the device: its values checked in the kernel) is converted there.
+    alibi_t, sinks_t = (out if x is None else _feature_table(x, shape, q.device)
+                        for x, shape in ((alibi, (batch, heads_q)), (sinks, (heads_q,))))
     cap_in, cap_out = (float(scale) / softcap, softcap * LOG2E) if softcap else (0.0, 0.0)
     grid = (batch * heads_kv, m_tiles, splits)
     _paged_attn_fwd[grid](
