@@ -11,7 +11,7 @@ import numpy as np
 
 from ...call import AttentionCall, OnDevice
 from ..base import Backend, nothing_to_compute
-from .common import MAX_HEAD_DIM, interpreting
+from .common import MAX_HEAD_DIM, feature_table, interpreting
 
 _DTYPES = ("float16", "bfloat16", "float32")
 _MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third dimensions (heads, sequences)
@@ -137,11 +137,7 @@ class TritonBackend(Backend):
         dev = call.q.device
 
         def placed(x, shape):
-            if x is None:
-                return None
-            if isinstance(x, OnDevice):
-                return x.tensor.to(device=dev, dtype=torch.float32).expand(shape).contiguous()
-            return torch.tensor(x, device=dev)
+            return None if x is None else feature_table(x.tensor if isinstance(x, OnDevice) else x, shape, dev)
         alibi = placed(slopes, (batch, call.heads_q))
         if call.sinks_grad is not None:
             # The caller's learned tensor itself, so autograd carries d sinks back to it.

@@ -63,3 +63,15 @@ def amd_family(arch: str) -> str:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def feature_table(x, shape, device):
+    """ALiBi slopes or sinks as the kernels read them: float32, contiguous, of ``shape`` on
+    ``device``. A caller's torch tensor (left on its device, its values checked in the kernel) is
+    converted where it lives, ``[heads_q]`` slopes broadcast over the batch; a validated NumPy
+    table is copied, since it may be a read-only view of the caller's array."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32).expand(shape).contiguous()
+    return torch.tensor(x, dtype=torch.float32, device=device).contiguous()

@@ -34,7 +34,8 @@ import triton.language as tl
 
 from . import flags as _flags
 from .devcheck import SINK, SLOPE, check_finite, record as _record
-from .common import LOG2E, MAX_HEAD_DIM, block_d, cdiv, interpreting, next_pow2, torch_gpu_flavour
+from .common import (LOG2E, MAX_HEAD_DIM, block_d, cdiv, feature_table, interpreting, next_pow2,
+                     torch_gpu_flavour)
 from .kernels import _finish_rows, _join_sink, _scores2, _shift
 
 log = logging.getLogger("aule")
@@ -410,17 +411,6 @@ def _index_table(t, torch):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _feature_table(x, shape, device):
-    """Slopes or sinks as the kernels read them: float32, contiguous, of ``shape`` on ``device``; a
-    NumPy table is copied (a validated array may be a read-only view of the caller's), a torch
-    tensor converted where it lives (``[heads_q]`` slopes broadcast over the batch)."""
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=torch.float32).expand(shape).contiguous()
-    return torch.tensor(x, dtype=torch.float32, device=device).contiguous()
-
-
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, left, max_context,
                            out=None, config=None, check=False, query_start_loc=None, max_query_len=None,
                            softcap=0.0, alibi=None, sinks=None):
@@ -475,7 +465,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
     # The features' small tables go where the kernels read them (copies: validated NumPy tables may be
     # read-only views of the caller's arrays); absent ones pass any tensor, never read.
     # A caller's tensor (left on the device: its values checked in the kernel) is converted there.
-    alibi_t, sinks_t = (out if x is None else _feature_table(x, shape, q.device)
+    alibi_t, sinks_t = (out if x is None else feature_table(x, shape, q.device)
                         for x, shape in ((alibi, (batch, heads_q)), (sinks, (heads_q,))))
     cap_in, cap_out = (float(scale) / softcap, softcap * LOG2E) if softcap else (0.0, 0.0)
     grid = (batch * heads_kv, m_tiles, splits)
