@@ -64,6 +64,12 @@ def main() -> int:
         compile_kernel(kernels._attn_fwd, pointers, scalars, {**common, "VARLEN": False, "HAS_SINKS": False, "FP8": 0,
                                                               "HAS_KSPAN": True, "MASK_KIND": 1, "CHECK": False,
                                                               "HAS_ALIBI": mode != 0, "ALIBI_MODE": mode})
+    # The device hull of boolean and additive masks.
+    hull_ptrs = {"MASK": "*u8", "KSPAN": "*i32"}
+    hull_scalars = {n: "i32" for n in ("H_Q", "ROWS", "SEQ_K", "stride_mb", "stride_mh", "stride_mm", "stride_mn")}
+    for kind, ptr in ((1, "*u8"), (2, "*fp32")):
+        compile_kernel(kernels._mask_hull, {**hull_ptrs, "MASK": ptr}, hull_scalars,
+                       dict(MASK_KIND=kind, BLOCK_M=16, BLOCK_N=256))
     ops = re.findall(r"atom\.[\w.]+", ptx)
     if not ops or any(".sys." not in op for op in ops) or not any("release" in op for op in ops):
         print(f"the flag atomics are not all at system scope with a release: {sorted(set(ops))}", file=sys.stderr)

@@ -104,29 +104,57 @@ def test_device_hull_matches_the_reference(name, features):
     assert_matches_reference(out, lse, q, k, v, "float32", **kw)
 
 
+def _check_hull(m, b, hq, sq, sk):
+    """The device hull of mask ``m`` against NumPy's: per (batch, head) the first and last visible
+    key of any row, and the mark of a boolean mask that shows that whole span to every row."""
+    kspan, tile = ops.mask_tensors(calls.check_attn_mask(_t(m), (b, hq, sq, sk), True), b, hq, torch.device(DEV))
+    assert tile is not None and kspan.dtype == torch.int32 and kspan.is_contiguous()
+    raw = kspan.cpu().numpy()
+    # A start stored as -(start + 1): the boolean mask shows every key of the span to every row.
+    whole = raw[..., 0] < 0
+    span = np.stack([np.where(whole, -raw[..., 0] - 1, raw[..., 0]), raw[..., 1]], -1)
+    full = np.broadcast_to(m if m.dtype == np.bool_ else ~np.isneginf(m), (b, hq, sq, sk))
+    seen = full.any(axis=2)
+    for i in range(b):
+        for h in range(hq):
+            js = np.flatnonzero(seen[i, h])
+            want = (js[0], js[-1] + 1) if js.size else (0, 0)
+            assert tuple(span[i, h]) == want, (i, h)
+            shown = bool(full[i, h][:, want[0]:want[1]].all())
+            assert whole[i, h] == (m.dtype == np.bool_ and shown), (i, h)
+    host = calls.check_attn_mask(m, (b, hq, sq, sk))
+    if host.padding:
+        assert np.array_equal(span, host.spans(b, hq)[0])
+
+
 def test_device_hull_is_the_padding_span():
     """For a padding mask the device hull is the span the host analysis finds (the kernels then
     skip the same tiles); for a general mask it bounds every row's visible keys."""
     rng = np.random.default_rng(3)
     for name, m in _masks(rng, 2, 4, 13, 37).items():
-        kspan, tile = ops.mask_tensors(calls.check_attn_mask(_t(m), (2, 4, 13, 37), True), 2, 4, torch.device(DEV))
-        assert tile is not None and kspan.dtype == torch.int32 and kspan.is_contiguous()
-        raw = kspan.cpu().numpy()
-        # A start stored as -(start + 1): the boolean mask shows every key of the span to every row.
-        whole = raw[..., 0] < 0
-        span = np.stack([np.where(whole, -raw[..., 0] - 1, raw[..., 0]), raw[..., 1]], -1)
-        full = np.broadcast_to(m if m.dtype == np.bool_ else ~np.isneginf(m), (2, 4, 13, 37))
-        seen = full.any(axis=2)
-        for b in range(2):
-            for h in range(4):
-                js = np.flatnonzero(seen[b, h])
-                want = (js[0], js[-1] + 1) if js.size else (0, 0)
-                assert tuple(span[b, h]) == want, (name, b, h)
-                shown = bool(full[b, h][:, want[0]:want[1]].all())
-                assert whole[b, h] == (m.dtype == np.bool_ and shown), (name, b, h)
-        host = calls.check_attn_mask(m, (2, 4, 13, 37))
-        if host.padding:
-            assert np.array_equal(span, host.spans(2, 4)[0])
+        _check_hull(m, 2, 4, 13, 37)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "one-row-misses", "general", "additive", "none"])
+def test_device_hull_across_many_tiles(kind):
+    """Masks wider and taller than the hull kernel's tiles (256 keys, 16 rows): the span and the
+    whole-span mark gathered across tiles, including a row that alone misses one key."""
+    rng = np.random.default_rng(zlib.crc32(kind.encode()))
+    b, hq, sq, sk = 2, 3, 37, 601
+    if kind == "prefix":
+        m = np.arange(sk)[None, None, None, :] < np.array([600, 257])[:, None, None, None]
+        m = m & (np.arange(sk) >= 3)
+    elif kind == "one-row-misses":
+        m = np.broadcast_to(np.arange(sk) < 500, (b, hq, sq, sk)).copy()
+        m[1, 2, 35, 300] = False  # only (1, 2) loses the mark
+    elif kind == "general":
+        m = rng.random((b, 1, sq, sk)) > 0.995
+        m[0, 0, :, :] = False
+    elif kind == "additive":
+        m = np.where(rng.random((b, hq, 1, sk)) > 0.99, rng.standard_normal((b, hq, 1, sk)), -np.inf).astype(np.float32)
+    else:
+        m = np.zeros((1, 1, 1, sk), dtype=bool)
+    _check_hull(m, b, hq, sq, sk)
 
 
 def test_device_features_stay_unread_and_host_backends_get_them_checked():

@@ -15,7 +15,13 @@ so an error that stays inside the bound everywhere while being systematically la
 descale of a few percent) still fails.
 
 GPU-only tests (skipped here) repeat the checks at full size on CUDA, where P is cast by the
-hardware (round to nearest even, the same grid).
+hardware (round to nearest even, the same grid). There the scores carry one more error: Hopper's
+fp8 tensor-core products do not accumulate in full float32 (about 14 bits are kept, as DeepSeek-V3's
+report measured; Triton leaves sm_90's fp8 dots in that accumulator). Each k-32 step of q.k adds at
+most ``2**-13 * sum_d |q_d k_d|``, and the LSE moves by at most its row's largest score error, so on
+NVIDIA the LSE is held to that bound on random inputs (measured on an H200: 4.6e-3 and 5.9e-3
+against the 1e-4 of exact accumulation), and to 1e-4 on inputs whose scores every accumulator holds
+exactly (small integers): which still tells an LSE from unrounded P from one from P's e4m3 copy.
 """
 from __future__ import annotations
 
@@ -88,9 +94,13 @@ def _host(x):
 
 
 def check(out, lse, q, k, v, scale=None, causal=False, window=-1, descale=(None, None, None), out_dtype=torch.bfloat16,
-          **features):
+          exact_scores=None, **features):
     """``out``/``lse`` against the float64 reference of the dequantised inputs, within the bound of
-    P's rounding (module docstring); returns the worst error and the error's RMS over the bound's."""
+    P's rounding (module docstring); returns the worst error and the error's RMS over the bound's.
+    ``exact_scores``: whether the dots accumulate exactly (None: exactly, except on NVIDIA GPUs;
+    True for inputs no accumulator rounds), which sets the LSE's tolerance."""
+    if exact_scores is None:
+        exact_scores = not (q.is_cuda and not _hip_arch())
     qn, kn, vn = (x.float().cpu().numpy() for x in (q, k, v))
     ds = dict(zip(("q_descale", "k_descale", "v_descale"), (_host(x) for x in descale)))
     kw = dict(causal=causal, scale=scale, window_size=window, **features)
@@ -114,8 +124,23 @@ def check(out, lse, q, k, v, scale=None, causal=False, window=-1, descale=(None,
         lse = lse.double().cpu().numpy()
         empty = np.isneginf(ref_lse)
         assert (np.isneginf(lse) == empty).all(), "LSE -inf exactly for rows that see no key"
-        assert np.abs(lse[~empty] - ref_lse[~empty]).max() <= 1e-4, "the LSE is computed from unrounded P"
+        tol = 1e-4 + (_accumulation_bound(qn, kn, scale, ds, group) if exact_scores is False else 0.0)
+        assert (np.abs(lse - ref_lse)[~empty] <= np.broadcast_to(tol, lse.shape)[~empty]).all(), \
+            "the LSE is computed from unrounded P"
     return worst, ratio
+
+
+def _accumulation_bound(qn, kn, scale, ds, group):
+    """Per row ``[B, Hq, Sq]``: the most an NVIDIA fp8 tensor-core accumulation (module docstring)
+    moves a score of that row, in natural-log units, and so its LSE: ``ceil(d / 32) * 2**-13``
+    times the row's largest ``scale * |q_descale k_descale| * sum_d |q_d k_d|``."""
+    d = qn.shape[-1]
+    ka = np.repeat(np.abs(kn.astype(np.float64)), group, axis=1)
+    mag = (np.abs(qn.astype(np.float64)) @ ka.transpose(0, 1, 3, 2)).max(-1)
+    dq, dk = (np.broadcast_to(1.0 if x is None else np.abs(x), (qn.shape[0], kn.shape[1]))
+              for x in (ds["q_descale"], ds["k_descale"]))
+    factor = np.repeat(dq * dk, group, axis=1)[:, :, None]
+    return -(-d // 32) * 2.0 ** -13 * (scale if scale is not None else d ** -0.5) * factor * mag
 
 
 def _triton_forced(monkeypatch):
@@ -347,6 +372,22 @@ def test_fp8_full_size(causal):
                                     **dict(zip(("q_descale", "k_descale", "v_descale"), ds)))
     worst, ratio = check(out, lse, q, k, v, causal=causal, descale=ds)
     print(f"fp8 full size causal={causal}: max error {worst:.3g}, {ratio:.2f} of the rounding bound (rms)")
+
+
+@gpu_only
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp8_full_size_lse_from_unrounded_p(causal):
+    """Scores no accumulator rounds (q and k small integers: every partial sum below 2**10), so the
+    LSE must be the reference's to 1e-4 on the hardware too; one from P's e4m3 copy is not."""
+    b, hq, hk, s, d = 1, 4, 2, 2048 + 17, 128
+    g = torch.Generator().manual_seed(33)
+    q, k = (torch.randint(-2, 3, shape, generator=g).float().to(E4M3).to(DEV)
+            for shape in ((b, hq, s, d), (b, hk, s, d)))
+    v = (torch.randn((b, hk, s, d), generator=g) * 2.0).to(E4M3).to(DEV)
+    ds = descales("per-head", b, hk, seed=34)
+    out, lse = aule.flash_attention(q, k, v, causal=causal, return_lse=True,
+                                    **dict(zip(("q_descale", "k_descale", "v_descale"), ds)))
+    check(out, lse, q, k, v, causal=causal, descale=ds, exact_scores=True)
 
 
 @gpu_only

@@ -244,6 +244,49 @@ def _key_span(KSPAN, off_b, off_h, H_Q, SEQ_K, HAS_KSPAN: tl.constexpr):
 
 
 @triton.jit
+def _mask_hull(MASK, KSPAN, H_Q, ROWS, SEQ_K, stride_mb, stride_mh, stride_mm, stride_mn,
+               MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (batch, query head): the hull ``[kstart, kend)`` of the keys some of the
+    mask's ``ROWS`` rows may see (``[0, 0)`` for none) into ``KSPAN [B, H_Q, 2]``, read through the
+    mask's broadcast strides. A boolean mask whose every row sees the whole hull (its count of
+    visible entries is ROWS times the hull's width, as every one lies inside it) has its start
+    stored as ``-(kstart + 1)``: :func:`_key_span` then tells the forward it need not read the mask.
+    One launch on the device, where the same analysis in torch operations took some fifteen."""
+    pid = tl.program_id(0)
+    off_b = (pid // H_Q).to(tl.int64)
+    off_h = (pid % H_Q).to(tl.int64)
+    base = MASK + off_b * stride_mb + off_h * stride_mh
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    kstart = SEQ_K + pid * 0
+    kend = pid * 0
+    count = (pid * 0).to(tl.int64)
+    for n0 in range(0, SEQ_K, BLOCK_N):
+        cols = n0 + offs_n
+        any_row = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for m0 in range(0, ROWS, BLOCK_M):
+            rows = m0 + offs_m
+            ok = (rows < ROWS)[:, None] & (cols < SEQ_K)[None, :]
+            x = tl.load(base + rows[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mn, mask=ok)
+            if MASK_KIND == 1:
+                seen = ok & (x != 0)
+            else:
+                seen = ok & (x != float("-inf"))  # NaN entries are seen: they reach the scores
+            seen = seen.to(tl.int32)
+            any_row = tl.maximum(any_row, tl.max(seen, 0))
+            count += tl.sum(tl.sum(seen, 1), 0).to(tl.int64)
+        kstart = tl.minimum(kstart, tl.min(tl.where(any_row > 0, cols, SEQ_K), 0))
+        kend = tl.maximum(kend, tl.max(tl.where(any_row > 0, cols + 1, 0), 0))
+    kstart = tl.minimum(kstart, kend)
+    if MASK_KIND == 1:
+        whole = count == (kend - kstart).to(tl.int64) * ROWS
+        kstart = tl.where(whole, -kstart - 1, kstart)
+    at = KSPAN + pid.to(tl.int64) * 2
+    tl.store(at, kstart)
+    tl.store(at + 1, kend)
+
+
+@triton.jit
 def _clamp_runs(lo, lo_end, mid0, mid1, hi, kstart, kend, BLOCK_N: tl.constexpr):
     """Key tile runs of :func:`_key_runs` narrowed to the span ``[kstart, kend)``: the tiles its
     ends cut join the masked runs, tiles outside it disappear. Tile starts stay BLOCK_N-aligned."""
@@ -479,7 +522,7 @@ def _fwd_scores(qk, pos, offs_n, colvec, col0, qk_scale, cap_in, cap_out, slope2
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                     pos, offs_n0, offs_d, start, end, KEND, LEFT, RIGHT, qk_scale, cap_in, cap_out,
-                    slope2, colvec, c0, rowterm, kstart, partial, mask_rows, stride_mn, m_ok,
+                    slope2, colvec, c0, rowterm, kstart, mask_rows, stride_mn, m_ok,
                     MASKED: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -505,11 +548,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         x, a, d = _fwd_scores(qk, pos, offs_n, colvec, start_n - c0, qk_scale, cap_in, cap_out, slope2,
                               SOFTCAP, HAS_ALIBI, FORM, TANH)
         if MASK_KIND == 1:
-            # A boolean mask only hides, so it applies to x itself (a > 0); not read at all where
-            # the span is the whole of what it shows.
-            if partial:
-                x = _apply_mask(x, mask_rows[:, None] + offs_n[None, :] * stride_mn,
-                                m_ok[:, None] & n_ok[None, :], MASK_KIND)
+            # A boolean mask only hides, so it applies to x itself (a > 0).
+            x = _apply_mask(x, mask_rows[:, None] + offs_n[None, :] * stride_mn,
+                            m_ok[:, None] & n_ok[None, :], MASK_KIND)
         elif MASK_KIND == 2:
             x = _apply_mask(x * a + d, mask_rows[:, None] + offs_n[None, :] * stride_mn,
                             m_ok[:, None] & n_ok[None, :], MASK_KIND)
@@ -539,6 +580,41 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         acc = acc * alpha[:, None]
         acc = tl.dot(_p_operand(p, v.dtype, FP8), v, acc, input_precision=DOT_PREC)
         m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_runs(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              pos, offs_n0, offs_d, lo, lo_end, mid0, mid1, hi, left_end, right_start, kend,
+              LEFT, RIGHT, qk_scale, cap_in, cap_out, slope2, colvec, c0, rowterm, kstart,
+              mask_rows, stride_mn, m_ok, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KSPAN: tl.constexpr,
+              MASK_KIND: tl.constexpr, ALIBI_MODE: tl.constexpr, TANH: tl.constexpr, FP8: tl.constexpr):
+    """The forward's key loops over one query tile: the masked run before the visible one, the
+    visible run (split by ALiBi form under ALIBI_SPLIT) and the masked run after it."""
+    for run in tl.static_range(3):
+        if run != 0 or HAS_LEFT or HAS_KSPAN:
+            start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
+            split = ALIBI_MODE == 2 and run == 1
+            a_end = tl.minimum(tl.maximum(left_end, start), end)
+            b_start = tl.minimum(tl.maximum(right_start, a_end), end)
+            for form in tl.static_range(3):
+                # A run not split is one loop: the left form for ALIBI_LEFT, else the exact one.
+                if split or form == (ALIBI_MODE != 1):
+                    if split:
+                        f_start, f_end = _run_bounds(form, start, a_end, a_end, b_start, end)
+                    else:
+                        f_start = start
+                        f_end = end
+                    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base,
+                                                    stride_kn, stride_kd, stride_vn, stride_vd,
+                                                    pos, offs_n0, offs_d, f_start, f_end, kend, LEFT, RIGHT,
+                                                    qk_scale, cap_in, cap_out, slope2, colvec, c0, rowterm,
+                                                    kstart, mask_rows, stride_mn, m_ok, run != 1, HAS_LEFT,
+                                                    HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
+                                                    SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND, form,
+                                                    form * (ALIBI_MODE == 2), TANH, FP8)
     return acc, l_i, m_i
 
 
@@ -615,28 +691,22 @@ def _attn_fwd(Q, K, V, O, LSE, ALIBI, SINKS, KSPAN, MASK, CU_Q, CU_K, ERR, DIRTY
                                            HAS_LEFT, HAS_RIGHT)
     if HAS_KSPAN:
         lo, lo_end, mid0, mid1, hi = _clamp_runs(lo, lo_end, mid0, mid1, hi, kstart, kend, BLOCK_N)
-    for run in tl.static_range(3):
-        if run != 0 or HAS_LEFT or HAS_KSPAN:
-            start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
-            split = ALIBI_MODE == 2 and run == 1
-            a_end = tl.minimum(tl.maximum(left_end, start), end)
-            b_start = tl.minimum(tl.maximum(right_start, a_end), end)
-            for form in tl.static_range(3):
-                # A run not split is one loop: the left form for ALIBI_LEFT, else the exact one.
-                if split or form == (ALIBI_MODE != 1):
-                    if split:
-                        f_start, f_end = _run_bounds(form, start, a_end, a_end, b_start, end)
-                    else:
-                        f_start = start
-                        f_end = end
-                    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base,
-                                                    stride_kn, stride_kd, stride_vn, stride_vd,
-                                                    pos, offs_n0, offs_d, f_start, f_end, kend, LEFT, RIGHT,
-                                                    qk_scale, cap_in, cap_out, slope2, colvec, c0, rowterm,
-                                                    kstart, partial, mask_rows, stride_mn, m_ok, run != 1, HAS_LEFT,
-                                                    HAS_RIGHT, HEAD_DIM, PAD_D, BLOCK_N, DOT_PREC,
-                                                    SOFTCAP, HAS_ALIBI, HAS_KSPAN, MASK_KIND, form,
-                                                    form * (ALIBI_MODE == 2), TANH, FP8)
+    # A device-analysed boolean mask that shows its whole span to every row (``partial`` False)
+    # says no more than the span: such a program's loops never read it. MASK_KIND 1 compiles the
+    # loops twice (``read`` 0 without the mask's tiles, 1 with them) and each program takes one,
+    # so the test is made once per program, not per tile inside the software-pipelined loop.
+    for read in tl.static_range(1 + (MASK_KIND == 1)):
+        if MASK_KIND == 1:
+            take = partial == (read == 1)
+        else:
+            take = True
+        if take:
+            acc, l_i, m_i = _fwd_runs(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                      pos, offs_n0, offs_d, lo, lo_end, mid0, mid1, hi, left_end, right_start,
+                                      kend, LEFT, RIGHT, qk_scale, cap_in, cap_out, slope2, colvec, c0, rowterm,
+                                      kstart, mask_rows, stride_mn, m_ok, HAS_LEFT, HAS_RIGHT, HEAD_DIM, PAD_D,
+                                      BLOCK_N, DOT_PREC, SOFTCAP, HAS_ALIBI, HAS_KSPAN,
+                                      MASK_KIND * (read + (MASK_KIND != 1)), ALIBI_MODE, TANH, FP8)
     if ALIBI_MODE != 0:
         m_i = m_i - rowterm  # the statistics of true scores again (infinite maxima stay as they are)
 

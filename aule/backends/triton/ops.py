@@ -454,29 +454,18 @@ def _device_mask_tensors(m: torch.Tensor, b: int, hq: int, sk: int):
     """``(kspan, mask)`` of an attn_mask tensor with no host analysis and no host synchronisation:
     the mask itself, read in every visited tile through its broadcast strides, and the hull
     ``[kstart, kend)`` of the keys some row of each (batch, query head) may see (``[0, 0]`` for
-    none), computed by torch on the device, which keeps the kernels off the tiles no row sees. Right
-    for any mask, as the span is only a bound; for a padding mask ``[B, 1, 1, Sk]`` the hull is its
-    visible run and the in-tile read one key vector per tile. A float mask hides only by ``-inf``."""
+    none), computed on the device by :func:`kernels._mask_hull`, which keeps the kernels off the
+    tiles no row sees. Right for any mask, as the span is only a bound; for a padding mask
+    ``[B, 1, 1, Sk]`` the hull is its visible run, marked as saying all (the forward then reads
+    no mask tile). A float mask hides only by ``-inf``."""
     m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
-    if m.dtype == torch.bool:
-        seen, tile = m, m.view(torch.uint8)
-    else:
-        tile = m.to(torch.float32)
-        seen = ~torch.isneginf(tile)
+    tile = m.view(torch.uint8) if m.dtype == torch.bool else m.to(torch.float32)
+    kspan = torch.empty((b, hq, 2), dtype=torch.int32, device=m.device)
     if sk == 0:
-        return torch.zeros((b, hq, 2), dtype=torch.int32, device=m.device), tile
-    keys = seen.any(dim=2)
-    keys = keys.expand(keys.shape[:2] + (sk,))
-    idx = torch.arange(sk, device=m.device)
-    kend = torch.where(keys, idx + 1, 0).amax(-1)
-    kstart = torch.minimum(torch.where(keys, idx, sk).amin(-1), kend)
-    if m.dtype == torch.bool:
-        # A boolean mask that shows every key of its span to every row says no more than the span
-        # (a padding mask): kstart stored as -(kstart + 1) lets the forward skip its tiles.
-        inside = (idx >= kstart[..., None]) & (idx < kend[..., None])
-        whole = (seen | ~inside[:, :, None, :]).flatten(2).all(-1)
-        kstart = torch.where(whole, -kstart - 1, kstart)
-    kspan = torch.stack([kstart, kend], -1).to(torch.int32).expand(b, hq, 2).contiguous()
+        return kspan.zero_(), tile
+    rows = tile.shape[2]
+    kernels._mask_hull[(b * hq,)](tile, kspan, hq, rows, sk, *_mask_strides(tile), MASK_KIND=_mask_kind(tile),
+                                  BLOCK_M=min(16, next_pow2(rows)), BLOCK_N=min(256, max(16, next_pow2(sk))))
     return kspan, tile
 
 
