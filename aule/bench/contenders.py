@@ -810,6 +810,8 @@ CONTENDERS = _registry(**{
     "aule-paged:auto": AulePaged(None),
     "aule-paged:triton launcher": AulePagedLauncher(),
     "aule-paged:vulkan resident": AulePagedVulkanResident(),
+    "hf:sdpa default": HfModel("default"),
+    "hf:sdpa default again": HfModel("default"),  # the drift between identical runs
     "hf:sdpa-flash": HfModel("FLASH_ATTENTION"),
     "hf:aule installed": HfModel(None),
     "hf:sdpa-flash again": HfModel("FLASH_ATTENTION"),  # the drift between identical runs

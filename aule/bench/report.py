@@ -196,6 +196,10 @@ LEGEND = {
     "aule:vulkan varlen": "aule.flash_attention_varlen(..., backend='vulkan') on NumPy arrays: wall clock, "
                           "uploads included",
     "aule:vulkan unpadded": "one aule:vulkan call per sequence on NumPy arrays, wall clock",
+    "hf:sdpa default": "the Hugging Face model on torch's SDPA with torch's own backend choice (no aule)",
+    "hf:aule installed": "the same model inside aule.installed(): SDPA calls go to aule where it was "
+                         "measured faster (aule.speed_table), else to torch's own SDPA",
+    "hf:sdpa-flash": "the same model with SDPA forced to its flash backend",
 }
 
 

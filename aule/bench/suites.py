@@ -238,7 +238,10 @@ SUITES += (
           "aule:vulkan resident", "gflops", needs="vulkan"),
     Suite("llama_train", "Llama-style model (Hugging Face LlamaForCausalLM, 8 layers, hidden 2048, 32/8 heads, "
           "seq 4096, batch 2, bf16): forward and training step", "train", _LLAMA,
-          ("hf:sdpa-flash", "hf:aule installed", "hf:sdpa-flash again"), "hf:sdpa-flash", "tokens_per_s"),
+          ("hf:sdpa default", "hf:aule installed", "hf:sdpa-flash", "hf:sdpa default again"), "hf:sdpa default",
+          "tokens_per_s",
+          targets=(Target("training step and prefill with aule.install(): >= 1.0x torch's default SDPA (issue 16)",
+                          "hf:aule installed", {}, "hf:sdpa default", 1.0, gpu_only=True),)),
 )
 
 # Issue 15's speed checks. Score modifiers: Triton's forward with each feature against the same call

@@ -97,8 +97,9 @@ class _Routes(logging.Handler):
 
 
 class HfModel(Contender):
-    """The case's model with SDPA under ``sdpa_kernel(<sdpa>)``, or with ``aule.installed()``
-    when ``sdpa`` is None. Timed per step (clock 'steps')."""
+    """The case's model with SDPA under ``sdpa_kernel(<sdpa>)``, with torch's own choice of SDPA
+    backend (``sdpa='default'``: what the model gets without aule, cuDNN first on Hopper), or with
+    ``aule.installed()`` when ``sdpa`` is None. Timed per step (clock 'steps')."""
 
     impl = "hf"
     serves = ("model",)
@@ -123,6 +124,8 @@ class HfModel(Contender):
             import aule
 
             return lambda: aule.installed(verbose=True), None
+        if self.sdpa == "default":
+            return contextlib.nullcontext, None
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
