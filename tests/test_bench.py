@@ -522,7 +522,9 @@ def test_device_timer_warms_up_right_before_enough_repeats():
     assert t["reps"] >= 20 and t["ms_p20"] <= t["ms"] <= t["ms_p80"]
     timed = stamps[-t["reps"]:]
     warm = stamps[1:-t["reps"]]  # the first call only asks whether the device reports times
-    assert warm[-1] - warm[0] >= 0.05 * 0.9 and timed[0] - warm[-1] < 0.01
+    # No pause between the warm-up and the repeats: the gap is one call's, far under the warm-up's
+    # 50 ms (a loaded machine's scheduler has stretched one such gap to 12 ms).
+    assert warm[-1] - warm[0] >= 0.05 * 0.9 and timed[0] - warm[-1] < 0.04
     assert timing.reported_time(lambda: None) is None
     few = timing.reported_time(lambda: (time.sleep(0.02), 2.0)[1], warmup_s=0, min_reps=50, max_s=0.1)
     assert 3 <= few["reps"] < 50  # long calls stop at max_s
