@@ -208,11 +208,11 @@ class TritonScores:
     ``auto`` is what aule chooses). Read on every launch, parsed once per distinct value; the
     backward reads the tanh again, so keep a setting from a forward through its backward."""
 
-    tanh: str   # AULE_TRITON_TANH: auto | exp2 | rcp | approx | approx16 (the softcap's tanh, see kernels._tanh)
+    tanh: str   # AULE_TRITON_TANH: auto | exp2 | rcp | approx (the softcap's tanh, see kernels._tanh)
     alibi: str  # AULE_TRITON_ALIBI: auto | split | exact (ALiBi's bias, see kernels.ALIBI_SPLIT)
 
 
-_TANH_CHOICES = ("auto", "exp2", "rcp", "approx", "approx16")
+_TANH_CHOICES = ("auto", "exp2", "rcp", "approx")
 _ALIBI_CHOICES = ("auto", "split", "exact")
 
 

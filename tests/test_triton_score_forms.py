@@ -175,14 +175,14 @@ def test_alibi_mode_follows_the_window_dtype_and_setting(monkeypatch):
 
 def test_tanh_setting_is_checked_and_the_interpreter_keeps_exp2(monkeypatch):
     q = torch.zeros(1, 1, 4, 16, device="cuda" if GPU else "cpu")
-    for value in ("auto", "exp2", "rcp", "approx", "approx16", " Approx "):
+    for value in ("auto", "exp2", "rcp", "approx", " Approx "):
         monkeypatch.setenv("AULE_TRITON_TANH", value)
         assert settings.triton_scores().tanh == value.strip().lower()
         if not GPU:
             assert ops._tanh_kind(q, 5.0) == kernels.TANH_EXP2, "the interpreter runs no inline assembly"
         assert ops._tanh_kind(q, 0.0) == kernels.TANH_EXP2  # no cap: one compiled variant
     monkeypatch.setenv("AULE_TRITON_TANH", "fast")
-    with pytest.raises(ValueError, match="AULE_TRITON_TANH='fast': expected one of auto, exp2, rcp, approx, approx16"):
+    with pytest.raises(ValueError, match="AULE_TRITON_TANH='fast': expected one of auto, exp2, rcp, approx"):
         settings.triton_scores()
 
 
@@ -204,16 +204,15 @@ SOFTCAP_FULL = [(2, 8, 2, 1025, 1025, 128, True, -1, "bfloat16", 50.0),
 
 
 @gpu_only
-@pytest.mark.parametrize("tanh", ["exp2", "rcp", "approx", "approx16"])
+@pytest.mark.parametrize("tanh", ["exp2", "rcp", "approx"])
 @pytest.mark.parametrize("case", SOFTCAP_FULL, ids=_ids)
 def test_softcap_tanh_forms_full_size(case, tanh, monkeypatch):
     """Every tanh form within the dtype's tolerances (approx's LSE within its own bound, see
     check_fwd_bwd), forward and backward, except tanh.approx on float32 (below)."""
-    if tanh.startswith("approx") and case[8] == "float32":
+    if tanh == "approx" and case[8] == "float32":
         pytest.skip("tanh.approx is not used for float32 (test_approx_tanh_float32_error_is_bounded)")
     q, k, v, d, left, right, cap = _capped(case, tanh, monkeypatch)
-    want = {"exp2": kernels.TANH_EXP2, "rcp": kernels.TANH_RCP, "approx": kernels.TANH_APPROX,
-            "approx16": kernels.TANH_APPROX16}[tanh]
+    want = {"exp2": kernels.TANH_EXP2, "rcp": kernels.TANH_RCP, "approx": kernels.TANH_APPROX}[tanh]
     if torch.version.hip is None:
         assert ops._tanh_kind(q, cap) == want
     check_fwd_bwd(q, k, v, d ** -0.5, left, right, case[8], lse_grad=True, softcap=cap)
@@ -269,7 +268,7 @@ def test_alibi_forms_full_size(case, mode, monkeypatch):
 
 
 @gpu_only
-@pytest.mark.parametrize("tanh", ["rcp", "approx", "approx16"])
+@pytest.mark.parametrize("tanh", ["rcp", "approx"])
 def test_softcap_with_alibi_split_full_size(tanh, monkeypatch):
     """Both modifiers through the column forms, with each NVIDIA tanh."""
     monkeypatch.setenv("AULE_TRITON_ALIBI", "split")

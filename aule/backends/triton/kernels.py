@@ -115,7 +115,7 @@ def _finish_rows(acc, l_i, m_i):
 
 
 # The tanh of the softcap (the kernels' TANH constexpr, chosen by ops._tanh_kind from the target):
-TANH_EXP2, TANH_RCP, TANH_APPROX, TANH_APPROX16 = 0, 1, 2, 3
+TANH_EXP2, TANH_RCP, TANH_APPROX = 0, 1, 2
 
 
 @triton.jit
@@ -131,15 +131,8 @@ def _tanh(x, c, TANH: tl.constexpr):
       operations, no range fix-ups, the same accuracy (only results below 2^-126 flush to zero).
     * TANH_APPROX (NVIDIA sm_75+): the one MUFU instruction ``tanh.approx.f32``, relative error up
       to 2^-10.99 (PTX ISA), so capped scores carry up to ``softcap * 2^-10.99`` absolute error: kept
-      for 16-bit inputs, whose probabilities are rounded to 2^-8 (bf16) or 2^-11 (fp16) before P.V.
-    * TANH_APPROX16 (NVIDIA sm_75+): ``tanh.approx.f16x2``, two scores per MUFU operation, on the
-      product rounded to float16 (a relative 2^-11 more before the tanh, whose slope is at most 1;
-      beyond float16's range the product is infinite and its tanh exactly +-1): the softmax's exp2
-      is then the only full MUFU operation per score. For 16-bit inputs, timed against approx."""
-    if TANH == 3:
-        t = tl.inline_asm_elementwise("tanh.approx.f16x2 $0, $1;", "=r,r", [(x * c).to(tl.float16)],
-                                      dtype=tl.float16, is_pure=True, pack=2).to(tl.float32)
-    elif TANH == 2:
+      for 16-bit inputs, whose probabilities are rounded to 2^-8 (bf16) or 2^-11 (fp16) before P.V."""
+    if TANH == 2:
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x * c], dtype=tl.float32,
                                       is_pure=True, pack=1)
     elif TANH == 1:

@@ -259,9 +259,9 @@ def _tanh_kind(q: torch.Tensor, softcap: float) -> int:
         return kernels.TANH_EXP2
     if want == "auto":
         want = "rcp" if q.dtype == torch.float32 else "approx"
-    if want.startswith("approx") and int(device_arch(q.device.index or 0)[2:] or 0) < 75:
-        want = "rcp"  # tanh.approx needs sm_75
-    return {"approx": kernels.TANH_APPROX, "approx16": kernels.TANH_APPROX16}.get(want, kernels.TANH_RCP)
+    if want == "approx" and int(device_arch(q.device.index or 0)[2:] or 0) < 75:
+        want = "rcp"  # tanh.approx.f32 needs sm_75
+    return kernels.TANH_APPROX if want == "approx" else kernels.TANH_RCP
 
 
 def _alibi_kind(alibi, right: int, dtype: torch.dtype) -> int:
