@@ -75,8 +75,8 @@ def varlen(q, k, v, cu_q, cu_k, **kw):
 @pytest.fixture
 def submissions(monkeypatch):
     """What the Vulkan runtime did while a test ran: ``submit`` (queue submissions), ``runs`` (the
-    dispatch count of each Context.run: uploads and downloads through staging are runs without
-    dispatches), ``events`` ("d" per dispatch, "b" per barrier, in recording order) and the
+    dispatch count of each pass of each Context.run_passes: uploads and downloads through staging
+    are runs without dispatches), ``events`` ("d" per dispatch, "b" per barrier, in recording order) and the
     ``bindings`` of every dispatch."""
     from aule.backends.vulkan.runtime.context import Context
     from aule.backends.vulkan.runtime.sequence import Sequence
@@ -93,7 +93,7 @@ def submissions(monkeypatch):
         monkeypatch.setattr(cls, name, counting)
 
     wrap(Sequence, "submit", lambda *a: seen.__setitem__("submit", seen["submit"] + 1))
-    wrap(Context, "run", lambda dispatches, *a: seen["runs"].append(len(dispatches)))
+    wrap(Context, "run_passes", lambda passes, *a: seen["runs"].append(tuple(len(p) for p in passes)))
     wrap(Sequence, "barrier", lambda *a: seen["events"].append("b"))
 
     def dispatch(d, *a):
@@ -105,8 +105,10 @@ def submissions(monkeypatch):
 
 
 def computed(seen) -> list:
-    """The dispatch counts of the runs that dispatched (not staging copies)."""
-    return [n for n in seen["runs"] if n]
+    """The attention dispatches of each run that dispatched (not staging copies): a varlen run's
+    passes are the repack of q, k and v into blocks, the sequences' attention, and the unpack of
+    the output, so its middle pass."""
+    return [r[1] for r in seen["runs"] if sum(r)]
 
 
 def staged_submissions(ctx) -> int:
@@ -200,6 +202,7 @@ def test_one_submission_serves_the_whole_call(ctx, submissions):
     out, lse = varlen(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
     served = sum(1 for a, b in zip(np.diff(cu_q), np.diff(cu_k)) if a and b)
     assert computed(submissions) == [served] and served == 4
+    assert submissions["runs"] == [(3, 4, 1)], "q, k and v repacked, the sequences, the output unpacked"
     assert submissions["submit"] == 1 + staged_submissions(ctx)
     # One dispatch per sequence with rows and keys, recorded back to back: no barrier between them.
     assert "".join(submissions["events"]).count("dddd") == 1
@@ -217,7 +220,7 @@ def test_more_sequences_than_the_descriptor_cache_holds(ctx, submissions):
     for _ in range(2):  # again: cached sets, then the overflow once more
         check(varlen(q, k, v, cu_q, cu_k, causal=False, return_lse=True), want, 2e-5)
     assert computed(submissions) == [n, n]
-    assert len({tuple((id(b), off) for b, off, _ in bs) for bs in submissions["bindings"][:n]}) == n
+    assert len({tuple((id(b), off) for b, off, _ in bs) for bs in submissions["bindings"][3:3 + n]}) == n
 
 
 def test_nothing_to_dispatch(ctx, submissions):

@@ -1,0 +1,46 @@
+#version 450
+// varlen_repack: a varlen call's rows between the caller's packed, tokens-first layout
+// ([total, heads, head_dim]) and the heads-first block of each sequence ([heads, len, head_dim])
+// that the attention shaders read, on the device: on the host this transposing copy cost more
+// than the upload itself. Rows move as 32-bit words, so one module serves every storage type.
+// One workgroup per (token, head) row; `tables` (aule/backends/vulkan/launch.py, varlen_tables)
+// map each token to its sequence's record, and the record to its block.
+layout(constant_id = 0) const uint WG = 64;
+layout(local_size_x_id = 0) in;
+
+// Mirrored in aule/backends/vulkan/shaders.py (REPACK_PUSH).
+layout(push_constant) uniform RepackParams {
+    uint row_words;     // head_dim * itemsize / 4
+    uint heads;
+    uint token_base;    // first token of this dispatch (the grid is limited to 65535 groups)
+    uint token_end;     // one past its last token
+    uint piece_of;      // word of `tables` where the token -> record column starts
+    uint record_base;   // word of `tables` of record 0's (first token, length, first word) fields
+    uint unpack;        // 0: packed -> blocks (inputs); 1: blocks -> packed (the output)
+} pc;
+
+// A record is RECORD words: (first query token, query rows, first word of its q and output
+// blocks, first key token, keys, first word of its k and v blocks); record_base picks the triple.
+const uint RECORD = 6u;
+const uint NONE = 0xFFFFFFFFu;  // a token no dispatch of this module moves (no keys, no rows)
+
+layout(std430, binding = 0) buffer PB { uint packed_rows[]; };
+layout(std430, binding = 1) buffer BB { uint block_rows[]; };
+layout(std430, binding = 2) readonly buffer TB { uint tables[]; };
+
+void main() {
+    const uint t = pc.token_base + gl_WorkGroupID.x;
+    if (t >= pc.token_end) return;
+    const uint piece = tables[pc.piece_of + t];
+    if (piece == NONE) return;
+    const uint r = pc.record_base + RECORD * piece;
+    const uint first = tables[r], len = tables[r + 1u], base = tables[r + 2u];
+    const uint h = gl_WorkGroupID.y;
+    const uint b = base + (h * len + (t - first)) * pc.row_words;
+    const uint p = (t * pc.heads + h) * pc.row_words;
+    if (pc.unpack != 0u) {
+        for (uint i = gl_LocalInvocationID.x; i < pc.row_words; i += WG) packed_rows[p + i] = block_rows[b + i];
+    } else {
+        for (uint i = gl_LocalInvocationID.x; i < pc.row_words; i += WG) block_rows[b + i] = packed_rows[p + i];
+    }
+}
