@@ -4,7 +4,10 @@
 // that the attention shaders read, on the device: on the host this transposing copy cost more
 // than the upload itself. Rows move as 32-bit words, so one module serves every storage type.
 // One workgroup per (token, head) row; `tables` (aule/backends/vulkan/launch.py, varlen_tables)
-// map each token to its sequence's record, and the record to its block.
+// map each token to its sequence's record, and the record to its block. A dispatch binds a window
+// of both buffers (the storage-buffer range bounds a binding): consecutive whole sequences, or the
+// rows of one head and some tokens of a sequence too large for that; the windows' first words are
+// given as origins.
 layout(constant_id = 0) const uint WG = 64;
 layout(local_size_x_id = 0) in;
 
@@ -12,8 +15,11 @@ layout(local_size_x_id = 0) in;
 layout(push_constant) uniform RepackParams {
     uint row_words;     // head_dim * itemsize / 4
     uint heads;
+    uint head_base;     // first head of this dispatch (a sequence too large for one binding is cut)
     uint token_base;    // first token of this dispatch (the grid is limited to 65535 groups)
     uint token_end;     // one past its last token
+    uint packed_origin; // word of the packed tensor where the packed binding starts
+    uint block_origin;  // word of the blocks buffer where the block binding starts
     uint piece_of;      // word of `tables` where the token -> record column starts
     uint record_base;   // word of `tables` of record 0's (first token, length, first word) fields
     uint unpack;        // 0: packed -> blocks (inputs); 1: blocks -> packed (the output)
@@ -35,9 +41,9 @@ void main() {
     if (piece == NONE) return;
     const uint r = pc.record_base + RECORD * piece;
     const uint first = tables[r], len = tables[r + 1u], base = tables[r + 2u];
-    const uint h = gl_WorkGroupID.y;
-    const uint b = base + (h * len + (t - first)) * pc.row_words;
-    const uint p = (t * pc.heads + h) * pc.row_words;
+    const uint h = pc.head_base + gl_WorkGroupID.y;
+    const uint b = base + (h * len + (t - first)) * pc.row_words - pc.block_origin;
+    const uint p = (t * pc.heads + h) * pc.row_words - pc.packed_origin;
     if (pc.unpack != 0u) {
         for (uint i = gl_LocalInvocationID.x; i < pc.row_words; i += WG) packed_rows[p + i] = block_rows[b + i];
     } else {

@@ -348,7 +348,7 @@ def copy_slots(ctx, k_cache, v_cache, src, dst) -> None:
 #: Words per sequence in the repack tables: ``RECORD`` in glsl/varlen_repack.comp.
 REPACK_RECORD = 6
 _NO_PIECE = 0xFFFFFFFF
-REPACK_WG = 64
+REPACK_WG = 128  # invocations of a repack workgroup, at most
 
 
 @dataclass(frozen=True)
@@ -382,6 +382,8 @@ class VarlenGroup:
     k_bytes: int           # the k blocks, and the v blocks
     x_bytes: int
     lse_bytes: int
+    q_boxes: tuple         # RepackBox es of q and the output
+    k_boxes: tuple         # of k and v
 
 
 @dataclass(frozen=True)
@@ -438,18 +440,77 @@ def varlen_layout(call, ctx) -> VarlenLayout:
                                   xs.place(4 * EXTRAS_ROWS * hq) if has_extras else None,
                                   ls.place(4 * hq * (q1 - q0)) if w.return_lse else None))
         members.append(pieces[-1])
-    groups = tuple(VarlenGroup(elem, tuple(m), qs.end, ks.end, xs.end, ls.end)
-                   for elem, (m, qs, ks, xs, ls) in grouped.items())
-    for g in groups:
-        es = g.elem.itemsize
-        for what, n in (("q and output blocks", g.q_bytes), ("k and v blocks", g.k_bytes),
+    groups = []
+    for elem, (members, qs, ks, xs, ls) in grouped.items():
+        es = elem.itemsize
+        for what, n in (("q and output blocks", qs.end), ("k and v blocks", ks.end),
                         ("packed q and output", w.seq_q * hq * d * es), ("packed k and v", w.seq_k * hk * d * es)):
-            if n > min(info.max_allocation, info.max_storage_buffer_range):
-                raise UnsupportedError(
-                    f"the {what} of this varlen call take {n} bytes in one buffer, more than {info.name} allocates "
-                    f"({info.max_allocation}) or binds ({info.max_storage_buffer_range}) at once: served as one dense "
-                    "call per sequence")
-    return VarlenLayout(tuple(pieces), groups)
+            if n > info.max_allocation:
+                raise UnsupportedError(f"the {what} of this varlen call take {n} bytes in one buffer, more than "
+                                       f"{info.name}'s maxMemoryAllocationSize ({info.max_allocation}): split the batch")
+        groups.append(VarlenGroup(elem, tuple(members), qs.end, ks.end, xs.end, ls.end,
+                                  _repack_boxes(members, False, hq, d * es, align, info),
+                                  _repack_boxes(members, True, hk, d * es, align, info)))
+    return VarlenLayout(tuple(pieces), tuple(groups))
+
+
+@dataclass(frozen=True)
+class RepackBox:
+    """Rows ``[t0, t1)`` x heads ``[h0, h1)`` of one packed tensor, repacked by dispatches that bind
+    bytes ``packed`` of the packed buffer and ``blocks`` of the blocks buffer (``(start, end)``,
+    starts aligned): both within the storage-buffer range."""
+
+    t0: int
+    t1: int
+    h0: int
+    h1: int
+    packed: tuple
+    blocks: tuple
+
+
+def _repack_boxes(pieces: list, keys: bool, heads: int, row: int, align: int, info) -> tuple:
+    """The :class:`RepackBox` es covering one tensor (q and output, or k and v: ``keys``) of the
+    ``pieces``, ``row`` bytes a head's row: runs of whole consecutive sequences, or for a sequence
+    too large for one binding, one head and a run of its tokens at a time. UnsupportedError where
+    even one row does not fit."""
+    limit = info.max_storage_buffer_range
+
+    def span(p):  # (first token, tokens, first byte of its block)
+        return (p.k0, p.k1 - p.k0, p.k_at) if keys else (p.q0, p.q1 - p.q0, p.q_at)
+
+    def box(a, b, t0, t1, h0, h1) -> RepackBox:
+        (fa, na, at_a), (fb, nb, at_b) = span(a), span(b)
+        lo = (t0 * heads + h0) * row // align * align
+        first = (at_a + (h0 * na + t0 - fa) * row) // align * align
+        return RepackBox(t0, t1, h0, h1, (lo, ((t1 - 1) * heads + h1) * row),
+                         (first, at_b + ((h1 - 1) * nb + t1 - fb) * row))
+
+    def fits(bx: RepackBox) -> bool:
+        return bx.packed[1] - bx.packed[0] <= limit and bx.blocks[1] - bx.blocks[0] <= limit
+
+    def whole(lo, hi) -> RepackBox:
+        a, b = pieces[lo], pieces[hi - 1]
+        return box(a, b, span(a)[0], span(b)[0] + span(b)[1], 0, heads)
+
+    out, lo = [], 0
+    while lo < len(pieces):
+        if fits(whole(lo, lo + 1)):
+            hi = lo + 1
+            while hi < len(pieces) and fits(whole(lo, hi + 1)):
+                hi += 1
+            out.append(whole(lo, hi))
+            lo = hi
+            continue
+        p = pieces[lo]
+        first, n, _ = span(p)
+        # Tokens of one head per box: the packed window strides over every head of its tokens.
+        cut = min(n, (limit - align - row) // (heads * row) + 1, (limit - align) // row)
+        if cut < 1:
+            raise UnsupportedError(f"one row of sequence {p.seq} of this varlen call does not fit {info.name}'s "
+                                   f"storage-buffer range ({limit} bytes)")
+        out += [box(p, p, t, min(first + n, t + cut), h, h + 1) for h in range(heads) for t in range(first, first + n, cut)]
+        lo += 1
+    return tuple(out)
 
 
 def _packed(x):
@@ -475,24 +536,26 @@ def varlen_tables(call, group: VarlenGroup) -> np.ndarray:
     return out
 
 
-def _repack(pipe, call, group, packed, blocks, tables, keys: bool, unpack: bool, info) -> list:
+def _repack(pipe, call, group, packed, blocks, tables, keys: bool, unpack: bool, ctx) -> list:
     """The dispatches moving every row of one tensor between its packed buffer and its blocks:
-    a workgroup per (token, head), the tokens cut where the grid's x limit ends."""
+    per :class:`RepackBox`, a workgroup per (token, head), the tokens cut where the grid's x limit
+    ends."""
     w = call.whole
-    heads = w.heads_kv if keys else w.heads_q
-    tokens = w.seq_k if keys else w.seq_q
     row_words = w.head_dim * group.elem.itemsize // 4  # head_dim is a multiple of 4 for 16-bit variants
-    bindings = ((packed, 0, max(4, tokens * heads * row_words * 4)), (blocks, 0, blocks.nbytes),
-                (tables, 0, tables.nbytes))
-    limit = info.max_workgroup_count[0]
+    limit = ctx.info.max_workgroup_count[0]
     out = []
-    for t0 in range(0, tokens, limit):
-        pc = np.zeros((), dtype=REPACK_PUSH)
-        pc["row_words"], pc["heads"], pc["token_base"], pc["token_end"] = row_words, heads, t0, tokens
-        pc["piece_of"] = w.seq_q if keys else 0
-        pc["record_base"] = w.seq_q + w.seq_k + (3 if keys else 0)
-        pc["unpack"] = int(unpack)
-        out.append(Dispatch(pipe, bindings, pc.tobytes(), (min(limit, tokens - t0), heads, 1)))
+    for bx in group.k_boxes if keys else group.q_boxes:
+        bindings = ((packed, bx.packed[0], bx.packed[1] - bx.packed[0]),
+                    (blocks, bx.blocks[0], bx.blocks[1] - bx.blocks[0]), (tables, 0, tables.nbytes))
+        for base in range(bx.t0, bx.t1, limit):
+            pc = np.zeros((), dtype=REPACK_PUSH)
+            pc["row_words"], pc["heads"], pc["head_base"] = row_words, w.heads_kv if keys else w.heads_q, bx.h0
+            pc["token_base"], pc["token_end"] = base, bx.t1
+            pc["packed_origin"], pc["block_origin"] = bx.packed[0] // 4, bx.blocks[0] // 4
+            pc["piece_of"] = w.seq_q if keys else 0
+            pc["record_base"] = w.seq_q + w.seq_k + (3 if keys else 0)
+            pc["unpack"] = int(unpack)
+            out.append(Dispatch(pipe, bindings, pc.tobytes(), (min(limit, bx.t1 - base), bx.h1 - bx.h0, 1)))
     return out
 
 
@@ -514,7 +577,9 @@ def _varlen_group(call, group: VarlenGroup, ctx, held):
     buffers, and the read-backs of its packed output and LSE blocks."""
     w = call.whole
     elem = group.elem
-    pipe = pipeline(ctx, "varlen_repack", ((0, REPACK_WG),))
+    # A workgroup moves one row: as many invocations as it has words, in whole 32-lane steps.
+    row_words = w.head_dim * elem.itemsize // 4
+    pipe = pipeline(ctx, "varlen_repack", ((0, min(REPACK_WG, -(-row_words // 32) * 32)),))
     tables = held.staged(ctx, varlen_tables(call, group), np.uint32)
     packed = [held.staged(ctx, _packed(x), elem) for x in (w.q, w.k, w.v)]
     qb, kb, vb, ob = (held.acquire(ctx, n) for n in (group.q_bytes, group.k_bytes, group.k_bytes, group.q_bytes))
@@ -522,7 +587,7 @@ def _varlen_group(call, group: VarlenGroup, ctx, held):
     xb = held.staged(ctx, _varlen_extras(call, group), np.uint32) if group.x_bytes else None
     out_b = held.acquire(ctx, w.seq_q * w.heads_q * w.head_dim * elem.itemsize)
     into = [d for src, dst, keys in ((packed[0], qb, False), (packed[1], kb, True), (packed[2], vb, True))
-            for d in _repack(pipe, call, group, src, dst, tables, keys, False, ctx.info)]
+            for d in _repack(pipe, call, group, src, dst, tables, keys, False, ctx)]
     dummy = _dummy_buffer(ctx)
     none = (dummy, 0, dummy.nbytes)
     attend = []
@@ -535,7 +600,7 @@ def _varlen_group(call, group: VarlenGroup, ctx, held):
                    (xb, p.x_at, 4 * EXTRAS_ROWS * w.heads_q) if xb is not None else none,
                    none)   # binding 6: varlen takes no attn_mask
         attend += bind_within(p.plan[3], chunks, regions)
-    back = _repack(pipe, call, group, out_b, ob, tables, False, True, ctx.info)
+    back = _repack(pipe, call, group, out_b, ob, tables, False, True, ctx)
     out = held.readback(ctx, out_b, (w.seq_q, w.heads_q, w.head_dim), elem)
     lse = held.readback(ctx, lb, (group.lse_bytes,), np.uint8) if lb is not None else None
     return (into, attend, back), out, lse
