@@ -163,8 +163,9 @@ def main() -> None:
         ctx.forget_recordings()
         ctx.trim_pools()
         note = " +import" if imp else ""
-        rows += [(f"varlen{note}", phases.measure(varlen, args.reps), gpu_ms(launch.varlen_attention, [vcall])),
-                 (f"dense x{len(lens)}{note}", phases.measure(dense_calls, args.reps), gpu_ms(launch.attention, dcalls))]
+        rows.append((f"varlen{note}", phases.measure(varlen, args.reps), gpu_ms(launch.varlen_attention, [vcall])))
+        rows.append((f"dense x{len(lens)}{note}", phases.measure(dense_calls, args.reps),
+                     gpu_ms(launch.attention, dcalls)))
     ctx.host_import = paths[0]
     moved_in, moved_out = q.nbytes + k.nbytes + v.nbytes, q.nbytes
     h2d, d2h = dma_rates(ctx, min(moved_in, 256 << 20), args.reps)

@@ -338,3 +338,24 @@ def test_sequences_planned_in_different_element_types(ctx, monkeypatch):
     assert out.dtype == np.float16
     check((out, lse), reference(q, k, v, cu_q, cu_k, causal=True, sinks=sinks), VARIANT_ATOL["fp16"])
     assert (out[cu_q[1]] == 0).all() and np.allclose(lse[:, cu_q[1]], sinks)
+
+
+@pytest.mark.parametrize("heads,lengths,dtype", [
+    ((4, 2), (97, 1, 33, 64), np.float32),
+    ((4, 4), (113, 40, 7), np.float16),
+    # The bench's features case (issue 15), on a GPU only: lavapipe would take minutes.
+    ((32, 32), (4096, 3072, 2048, 1024), np.float16)])
+def test_varlen_gives_the_dense_calls_results_exactly(ctx, heads, lengths, dtype):
+    """The packed call runs each sequence's own dense plan on the same values, so its output and LSE
+    are those of one dense call per sequence, bit for bit."""
+    if max(lengths) > 1024 and ctx.info.is_cpu:
+        pytest.skip(f"bench-sized case on a GPU only ({ctx.info.name} is a CPU device)")
+    rng = np.random.default_rng(sum(lengths))
+    q, k, v, cu, _ = packed(rng, list(lengths), list(lengths), *heads, 128, dtype)
+    out, lse = varlen(q, k, v, cu, cu, causal=True, return_lse=True)
+    for i in range(len(lengths)):
+        a, b = cu[i], cu[i + 1]
+        o, l = aule.flash_attention(*(np.ascontiguousarray(x[a:b].transpose(1, 0, 2))[None] for x in (q, k, v)),
+                                    causal=True, return_lse=True, backend="vulkan")
+        assert np.array_equal(out[a:b], o[0].transpose(1, 0, 2)), f"sequence {i}: output differs from its dense call"
+        assert np.array_equal(lse[:, a:b], l[0]), f"sequence {i}: LSE differs from its dense call"

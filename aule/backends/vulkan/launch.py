@@ -348,6 +348,7 @@ def copy_slots(ctx, k_cache, v_cache, src, dst) -> None:
 #: Words per sequence in the repack tables: ``RECORD`` in glsl/varlen_repack.comp.
 REPACK_RECORD = 6
 _NO_PIECE = 0xFFFFFFFF
+_WORDS = 0xFFFFFFFF
 REPACK_WG = 128  # invocations of a repack workgroup, at most
 
 
@@ -446,8 +447,9 @@ def varlen_layout(call, ctx) -> VarlenLayout:
         for what, n in (("q and output blocks", qs.end), ("k and v blocks", ks.end),
                         ("packed q and output", w.seq_q * hq * d * es), ("packed k and v", w.seq_k * hk * d * es)):
             if n > info.max_allocation:
-                raise UnsupportedError(f"the {what} of this varlen call take {n} bytes in one buffer, more than "
-                                       f"{info.name}'s maxMemoryAllocationSize ({info.max_allocation}): split the batch")
+                raise UnsupportedError(f"the {what} of this varlen call take {n} bytes in one buffer, more "
+                                       f"than {info.name}'s maxMemoryAllocationSize ({info.max_allocation}): "
+                                       "split the batch")
         groups.append(VarlenGroup(elem, tuple(members), qs.end, ks.end, xs.end, ls.end,
                                   _repack_boxes(members, False, hq, d * es, align, info),
                                   _repack_boxes(members, True, hk, d * es, align, info)))
@@ -508,7 +510,8 @@ def _repack_boxes(pieces: list, keys: bool, heads: int, row: int, align: int, in
         if cut < 1:
             raise UnsupportedError(f"one row of sequence {p.seq} of this varlen call does not fit {info.name}'s "
                                    f"storage-buffer range ({limit} bytes)")
-        out += [box(p, p, t, min(first + n, t + cut), h, h + 1) for h in range(heads) for t in range(first, first + n, cut)]
+        out += [box(p, p, t, min(first + n, t + cut), h, h + 1)
+                for h in range(heads) for t in range(first, first + n, cut)]
         lo += 1
     return tuple(out)
 
@@ -532,7 +535,9 @@ def varlen_tables(call, group: VarlenGroup) -> np.ndarray:
     for j, p in enumerate(group.pieces):
         out[p.q0:p.q1] = j
         out[tq + p.k0:tq + p.k1] = j
-        rec[j] = (p.q0, p.q1 - p.q0, p.q_at // 4, p.k0, p.k1 - p.k0, p.k_at // 4)
+        # Word offsets modulo 2**32: the shader's uint arithmetic wraps alike, and every offset it
+        # forms within a binding's window is below 2**32.
+        rec[j] = (p.q0, p.q1 - p.q0, (p.q_at // 4) & _WORDS, p.k0, p.k1 - p.k0, (p.k_at // 4) & _WORDS)
     return out
 
 
@@ -551,7 +556,7 @@ def _repack(pipe, call, group, packed, blocks, tables, keys: bool, unpack: bool,
             pc = np.zeros((), dtype=REPACK_PUSH)
             pc["row_words"], pc["heads"], pc["head_base"] = row_words, w.heads_kv if keys else w.heads_q, bx.h0
             pc["token_base"], pc["token_end"] = base, bx.t1
-            pc["packed_origin"], pc["block_origin"] = bx.packed[0] // 4, bx.blocks[0] // 4
+            pc["packed_origin"], pc["block_origin"] = (bx.packed[0] // 4) & _WORDS, (bx.blocks[0] // 4) & _WORDS
             pc["piece_of"] = w.seq_q if keys else 0
             pc["record_base"] = w.seq_q + w.seq_k + (3 if keys else 0)
             pc["unpack"] = int(unpack)
@@ -590,16 +595,15 @@ def _varlen_group(call, group: VarlenGroup, ctx, held):
             for d in _repack(pipe, call, group, src, dst, tables, keys, False, ctx)]
     dummy = _dummy_buffer(ctx)
     none = (dummy, 0, dummy.nbytes)
-    attend = []
+    attend, es = [], elem.itemsize
     for p in group.pieces:
-        variant, shape, chunks, _ = p.plan
-        es = elem.itemsize
+        _, shape, chunks, attn = p.plan
         nq, nk = w.heads_q * shape.seq_q * w.head_dim * es, w.heads_kv * shape.seq_k * w.head_dim * es
         regions = ((qb, p.q_at, nq), (kb, p.k_at, nk), (vb, p.k_at, nk), (ob, p.q_at, nq),
                    (lb, p.lse_at, 4 * w.heads_q * shape.seq_q) if lb is not None else none,
                    (xb, p.x_at, 4 * EXTRAS_ROWS * w.heads_q) if xb is not None else none,
                    none)   # binding 6: varlen takes no attn_mask
-        attend += bind_within(p.plan[3], chunks, regions)
+        attend += bind_within(attn, chunks, regions)
     back = _repack(pipe, call, group, out_b, ob, tables, False, True, ctx)
     out = held.readback(ctx, out_b, (w.seq_q, w.heads_q, w.head_dim), elem)
     lse = held.readback(ctx, lb, (group.lse_bytes,), np.uint8) if lb is not None else None
