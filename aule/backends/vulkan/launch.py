@@ -349,7 +349,7 @@ def copy_slots(ctx, k_cache, v_cache, src, dst) -> None:
 REPACK_RECORD = 6
 _NO_PIECE = 0xFFFFFFFF
 _WORDS = 0xFFFFFFFF
-REPACK_WG = 128  # invocations of a repack workgroup, at most
+REPACK_WG = 128  # invocations of a repack workgroup (every device has at least 128)
 
 
 @dataclass(frozen=True)
@@ -543,8 +543,7 @@ def varlen_tables(call, group: VarlenGroup) -> np.ndarray:
 
 def _repack(pipe, call, group, packed, blocks, tables, keys: bool, unpack: bool, ctx) -> list:
     """The dispatches moving every row of one tensor between its packed buffer and its blocks:
-    per :class:`RepackBox`, a workgroup per (token, head), the tokens cut where the grid's x limit
-    ends."""
+    per :class:`RepackBox`, a workgroup per token, the tokens cut where the grid's x limit ends."""
     w = call.whole
     row_words = w.head_dim * group.elem.itemsize // 4  # head_dim is a multiple of 4 for 16-bit variants
     limit = ctx.info.max_workgroup_count[0]
@@ -554,13 +553,14 @@ def _repack(pipe, call, group, packed, blocks, tables, keys: bool, unpack: bool,
                     (blocks, bx.blocks[0], bx.blocks[1] - bx.blocks[0]), (tables, 0, tables.nbytes))
         for base in range(bx.t0, bx.t1, limit):
             pc = np.zeros((), dtype=REPACK_PUSH)
-            pc["row_words"], pc["heads"], pc["head_base"] = row_words, w.heads_kv if keys else w.heads_q, bx.h0
+            pc["row_words"], pc["heads"] = row_words, w.heads_kv if keys else w.heads_q
+            pc["head_base"], pc["head_end"] = bx.h0, bx.h1
             pc["token_base"], pc["token_end"] = base, bx.t1
             pc["packed_origin"], pc["block_origin"] = (bx.packed[0] // 4) & _WORDS, (bx.blocks[0] // 4) & _WORDS
             pc["piece_of"] = w.seq_q if keys else 0
             pc["record_base"] = w.seq_q + w.seq_k + (3 if keys else 0)
             pc["unpack"] = int(unpack)
-            out.append(Dispatch(pipe, bindings, pc.tobytes(), (min(limit, bx.t1 - base), bx.h1 - bx.h0, 1)))
+            out.append(Dispatch(pipe, bindings, pc.tobytes(), (min(limit, bx.t1 - base), 1, 1)))
     return out
 
 
@@ -582,9 +582,7 @@ def _varlen_group(call, group: VarlenGroup, ctx, held):
     buffers, and the read-backs of its packed output and LSE blocks."""
     w = call.whole
     elem = group.elem
-    # A workgroup moves one row: as many invocations as it has words, in whole 32-lane steps.
-    row_words = w.head_dim * elem.itemsize // 4
-    pipe = pipeline(ctx, "varlen_repack", ((0, min(REPACK_WG, -(-row_words // 32) * 32)),))
+    pipe = pipeline(ctx, "varlen_repack", ((0, REPACK_WG),))
     tables = held.staged(ctx, varlen_tables(call, group), np.uint32)
     packed = [held.staged(ctx, _packed(x), elem) for x in (w.q, w.k, w.v)]
     qb, kb, vb, ob = (held.acquire(ctx, n) for n in (group.q_bytes, group.k_bytes, group.k_bytes, group.q_bytes))

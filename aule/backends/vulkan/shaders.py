@@ -61,9 +61,9 @@ PAGED_PUSH = push_block([
 COPY_PUSH = push_block([("row_words", "<u4"), ("num_tokens", "<u4"), ("token_base", "<u4")])
 # `RepackParams` in glsl/varlen_repack.comp.
 REPACK_PUSH = push_block([
-    ("row_words", "<u4"), ("heads", "<u4"), ("head_base", "<u4"), ("token_base", "<u4"), ("token_end", "<u4"),
-    ("packed_origin", "<u4"), ("block_origin", "<u4"), ("piece_of", "<u4"), ("record_base", "<u4"),
-    ("unpack", "<u4"),
+    ("row_words", "<u4"), ("heads", "<u4"), ("head_base", "<u4"), ("head_end", "<u4"), ("token_base", "<u4"),
+    ("token_end", "<u4"), ("packed_origin", "<u4"), ("block_origin", "<u4"), ("piece_of", "<u4"),
+    ("record_base", "<u4"), ("unpack", "<u4"),
 ])
 # `PeakParams` in glsl/coopmat_peak.comp.
 PEAK_PUSH = push_block([("chunks", "<u4"), ("chunk_iters", "<u4"), ("a", "<f4"), ("b", "<f4")])
