@@ -2,7 +2,8 @@
 // varlen_repack: a varlen call's rows between the caller's packed, tokens-first layout
 // ([total, heads, head_dim]) and the heads-first block of each sequence ([heads, len, head_dim])
 // that the attention shaders read, on the device: on the host this transposing copy cost more
-// than the upload itself. Rows move as 32-bit words, so one module serves every storage type.
+// than the upload itself. Rows move as 32-bit words, so one module serves every storage type, or
+// as 16-byte words with AULE_VEC4 where every row is whole 16-byte words (fewer, wider accesses).
 // One workgroup per token, moving its heads' rows (contiguous on the packed side; one row per head
 // on the block side); `tables` (aule/backends/vulkan/launch.py, varlen_tables) map each token to
 // its sequence's record, and the record to its block. A dispatch binds a window of both buffers
@@ -13,7 +14,7 @@ layout(local_size_x_id = 0) in;
 
 // Mirrored in aule/backends/vulkan/shaders.py (REPACK_PUSH).
 layout(push_constant) uniform RepackParams {
-    uint row_words;     // head_dim * itemsize / 4
+    uint row_words;     // head_dim * itemsize / sizeof(WORD); every offset here counts WORDs
     uint heads;
     uint head_base;     // heads [head_base, head_end) are moved (a sequence too large for one
     uint head_end;      // binding is cut, one head at a time)
@@ -31,8 +32,15 @@ layout(push_constant) uniform RepackParams {
 const uint RECORD = 6u;
 const uint NONE = 0xFFFFFFFFu;  // a token no dispatch of this module moves (no keys, no rows)
 
-layout(std430, binding = 0) buffer PB { uint packed_rows[]; };
-layout(std430, binding = 1) buffer BB { uint block_rows[]; };
+#ifdef AULE_VEC4
+#define WORD uvec4
+const uint TABLE_WORDS = 4u;  // 32-bit words per moved word: the tables count 32-bit words
+#else
+#define WORD uint
+const uint TABLE_WORDS = 1u;
+#endif
+layout(std430, binding = 0) buffer PB { WORD packed_rows[]; };
+layout(std430, binding = 1) buffer BB { WORD block_rows[]; };
 layout(std430, binding = 2) readonly buffer TB { uint tables[]; };
 
 void main() {
@@ -41,7 +49,7 @@ void main() {
     const uint piece = tables[pc.piece_of + t];
     if (piece == NONE) return;
     const uint r = pc.record_base + RECORD * piece;
-    const uint first = tables[r], len = tables[r + 1u], base = tables[r + 2u];
+    const uint first = tables[r], len = tables[r + 1u], base = tables[r + 2u] / TABLE_WORDS;
     const uint w = pc.row_words;
     // Word i of head h: packed at (t * heads + h) * w + i, in the block at base + (h * len + t -
     // first) * w + i. The uint arithmetic wraps; within a window every offset is below 2**32.

@@ -340,18 +340,19 @@ def test_sequences_planned_in_different_element_types(ctx, monkeypatch):
     assert (out[cu_q[1]] == 0).all() and np.allclose(lse[:, cu_q[1]], sinks)
 
 
-@pytest.mark.parametrize("heads,lengths,dtype", [
-    ((4, 2), (97, 1, 33, 64), np.float32),
-    ((4, 4), (113, 40, 7), np.float16),
+@pytest.mark.parametrize("heads,lengths,dtype,d", [
+    ((4, 2), (97, 1, 33, 64), np.float32, 128),
+    ((4, 4), (113, 40, 7), np.float16, 128),
+    ((3, 1), (9, 30, 1), np.float32, 5),  # rows of 20 bytes: the repack moves 4-byte words, not 16
     # The bench's features case (issue 15), on a GPU only: lavapipe would take minutes.
-    ((32, 32), (4096, 3072, 2048, 1024), np.float16)])
-def test_varlen_gives_the_dense_calls_results_exactly(ctx, heads, lengths, dtype):
+    ((32, 32), (4096, 3072, 2048, 1024), np.float16, 128)])
+def test_varlen_gives_the_dense_calls_results_exactly(ctx, heads, lengths, dtype, d):
     """The packed call runs each sequence's own dense plan on the same values, so its output and LSE
     are those of one dense call per sequence, bit for bit."""
     if max(lengths) > 1024 and ctx.info.is_cpu:
         pytest.skip(f"bench-sized case on a GPU only ({ctx.info.name} is a CPU device)")
     rng = np.random.default_rng(sum(lengths))
-    q, k, v, cu, _ = packed(rng, list(lengths), list(lengths), *heads, 128, dtype)
+    q, k, v, cu, _ = packed(rng, list(lengths), list(lengths), *heads, d, dtype)
     out, lse = varlen(q, k, v, cu, cu, causal=True, return_lse=True)
     for i in range(len(lengths)):
         a, b = cu[i], cu[i + 1]
@@ -359,3 +360,15 @@ def test_varlen_gives_the_dense_calls_results_exactly(ctx, heads, lengths, dtype
                                     causal=True, return_lse=True, backend="vulkan")
         assert np.array_equal(out[a:b], o[0].transpose(1, 0, 2)), f"sequence {i}: output differs from its dense call"
         assert np.array_equal(lse[:, a:b], l[0]), f"sequence {i}: LSE differs from its dense call"
+
+
+def test_repack_word_follows_the_rows(ctx):
+    """16-byte moves only where every row is whole 16-byte words (float32 rows of head_dim words)."""
+    from aule.backends.vulkan import launch
+
+    rng = np.random.default_rng(14)
+    for d, want in ((128, 16), (36, 16), (6, 4), (5, 4)):
+        q, k, v, cu_q, cu_k = packed(rng, [3, 4], [3, 4], 2, 1, d)
+        call = canonicalize_varlen(q, k, v, cu_q, cu_k, 4, 4)
+        (group,) = launch.varlen_layout(call, ctx).groups
+        assert group.elem == np.float32 and launch._repack_word(call, group) == want

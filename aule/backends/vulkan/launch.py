@@ -541,11 +541,19 @@ def varlen_tables(call, group: VarlenGroup) -> np.ndarray:
     return out
 
 
+def _repack_word(call, group: VarlenGroup) -> int:
+    """Bytes varlen_repack moves at a time: 16 where a head's row is whole 16-byte words (the
+    blocks and windows start at multiples of 16, plans.offset_alignment), else 4 (head_dim is a
+    multiple of 4 for the 16-bit variants)."""
+    return 16 if call.whole.head_dim * group.elem.itemsize % 16 == 0 else 4
+
+
 def _repack(pipe, call, group, packed, blocks, tables, keys: bool, unpack: bool, ctx) -> list:
     """The dispatches moving every row of one tensor between its packed buffer and its blocks:
     per :class:`RepackBox`, a workgroup per token, the tokens cut where the grid's x limit ends."""
     w = call.whole
-    row_words = w.head_dim * group.elem.itemsize // 4  # head_dim is a multiple of 4 for 16-bit variants
+    unit = _repack_word(call, group)
+    row_words = w.head_dim * group.elem.itemsize // unit
     limit = ctx.info.max_workgroup_count[0]
     out = []
     for bx in group.k_boxes if keys else group.q_boxes:
@@ -556,7 +564,7 @@ def _repack(pipe, call, group, packed, blocks, tables, keys: bool, unpack: bool,
             pc["row_words"], pc["heads"] = row_words, w.heads_kv if keys else w.heads_q
             pc["head_base"], pc["head_end"] = bx.h0, bx.h1
             pc["token_base"], pc["token_end"] = base, bx.t1
-            pc["packed_origin"], pc["block_origin"] = (bx.packed[0] // 4) & _WORDS, (bx.blocks[0] // 4) & _WORDS
+            pc["packed_origin"], pc["block_origin"] = (bx.packed[0] // unit) & _WORDS, (bx.blocks[0] // unit) & _WORDS
             pc["piece_of"] = w.seq_q if keys else 0
             pc["record_base"] = w.seq_q + w.seq_k + (3 if keys else 0)
             pc["unpack"] = int(unpack)
@@ -582,7 +590,8 @@ def _varlen_group(call, group: VarlenGroup, ctx, held):
     buffers, and the read-backs of its packed output and LSE blocks."""
     w = call.whole
     elem = group.elem
-    pipe = pipeline(ctx, "varlen_repack", ((0, REPACK_WG),))
+    pipe = pipeline(ctx, "varlen_repack_vec4" if _repack_word(call, group) == 16 else "varlen_repack",
+                    ((0, REPACK_WG),))
     tables = held.staged(ctx, varlen_tables(call, group), np.uint32)
     packed = [held.staged(ctx, _packed(x), elem) for x in (w.q, w.k, w.v)]
     qb, kb, vb, ob = (held.acquire(ctx, n) for n in (group.q_bytes, group.k_bytes, group.k_bytes, group.q_bytes))

@@ -510,8 +510,9 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("copy_kv_to_paged_split", "copy_kv_to_paged.comp", (("AULE_SPLIT", 1),), COPY_PUSH, 6,
            ("invocations", "source pieces", "cache pieces", "slots per piece")),
     # A varlen call's packed rows into each sequence's heads-first blocks and its output back
-    # (launch.varlen_attention), on the device.
+    # (launch.varlen_attention), on the device; in 16-byte words where the rows allow.
     Module("varlen_repack", "varlen_repack.comp", (), REPACK_PUSH, 3, ("invocations",)),
+    Module("varlen_repack_vec4", "varlen_repack.comp", (("AULE_VEC4", 1),), REPACK_PUSH, 3, ("invocations",)),
     # The matrix-core ceiling the benchmarks read cooperative-matrix rows against (aule bench).
     Module("coopmat_peak", "coopmat_peak.comp", (), PEAK_PUSH, 2, ("M", "N", "K", "invocations"),
            Needs(fp16=True, coopmat=True)),
