@@ -528,17 +528,15 @@ def varlen_tables(call, group: VarlenGroup) -> np.ndarray:
     key token (``_NO_PIECE`` for tokens of other sequences), then a record per sequence: (first
     query token, rows, first 32-bit word of its q block; first key token, keys, first word of its
     k block)."""
-    w = call.whole
-    tq, tk, n = w.seq_q, w.seq_k, len(group.pieces)
-    out = np.full(tq + tk + REPACK_RECORD * n, _NO_PIECE, np.uint32)
-    rec = out[tq + tk:].reshape(n, REPACK_RECORD)
-    for j, p in enumerate(group.pieces):
-        out[p.q0:p.q1] = j
-        out[tq + p.k0:tq + p.k1] = j
-        # Word offsets modulo 2**32: the shader's uint arithmetic wraps alike, and every offset it
-        # forms within a binding's window is below 2**32.
-        rec[j] = (p.q0, p.q1 - p.q0, (p.q_at // 4) & _WORDS, p.k0, p.k1 - p.k0, (p.k_at // 4) & _WORDS)
-    return out
+    index = np.full(call.batch, _NO_PIECE, np.uint32)
+    index[[p.seq for p in group.pieces]] = np.arange(len(group.pieces), dtype=np.uint32)
+    # Word offsets modulo 2**32: the shader's uint arithmetic wraps alike, and every offset it
+    # forms within a binding's window is below 2**32.
+    records = np.array([(p.q0, p.q1 - p.q0, (p.q_at // 4) & _WORDS, p.k0, p.k1 - p.k0, (p.k_at // 4) & _WORDS)
+                        for p in group.pieces], np.uint32).reshape(len(group.pieces), REPACK_RECORD)
+    # cu_seqlens run from 0 to each tensor's total (call.check_cu_seqlens): one entry per token.
+    return np.concatenate([np.repeat(index, np.diff(call.cu_q)), np.repeat(index, np.diff(call.cu_k)),
+                           records.reshape(-1)])
 
 
 def _repack_word(call, group: VarlenGroup) -> int:
