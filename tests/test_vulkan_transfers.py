@@ -71,29 +71,6 @@ def test_threaded_copies_copy_every_byte(monkeypatch, threads, n):
         c.close()
 
 
-@pytest.mark.parametrize("threads", [1, 4])
-def test_strided_block_copies_over_threads(monkeypatch, threads):
-    """Copier.run (varlen's heads-first repack): transposed float32 blocks into float16 views of one
-    byte buffer, spread over the threads, every element where it belongs."""
-    monkeypatch.setattr(memory.Copier, "CHUNK", 4096)
-    c = memory.Copier(threads)
-    try:
-        rng = np.random.default_rng(threads)
-        packed = rng.standard_normal((300, 3, 16)).astype(np.float32)   # [tokens, heads, d]
-        cuts = [(0, 7), (7, 150), (150, 300)]
-        raw = np.zeros(3 * 16 * 300 * 2 + 3 * 64, np.uint8)
-        pairs, at = [], 0
-        for a, b in cuts:
-            n = 3 * (b - a) * 16 * 2
-            pairs.append((raw[at:at + n].view(np.float16).reshape(3, b - a, 16), packed[a:b].transpose(1, 0, 2)))
-            at += n + 64
-        c.run(pairs)
-        for dst, src in pairs:
-            assert np.array_equal(dst, src.astype(np.float16))
-    finally:
-        c.close()
-
-
 def test_transfer_settings_are_checked(monkeypatch):
     monkeypatch.setenv("AULE_VULKAN_COPY_THREADS", "many")
     with pytest.raises(ValueError, match="AULE_VULKAN_COPY_THREADS"):

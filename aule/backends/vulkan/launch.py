@@ -20,7 +20,7 @@ from .plans import (COPY_WG, EXTRAS_ROWS, Shape, attention_plan, bind, bind_with
                     extras_array, extras_flags, mask_array, mask_shape, offset_alignment, paged_features, paged_plan)
 from .runtime import Dispatch
 from .select import variant_for
-from .shaders import pipeline
+from .shaders import REPACK_PUSH, pipeline
 from .tensor import GpuTensor
 
 _PLANS: dict = {}
@@ -338,15 +338,26 @@ def copy_slots(ctx, k_cache, v_cache, src, dst) -> None:
 
 # --- varlen attention --------------------------------------------------------------------------------
 # The shaders read each head's rows contiguously ([H, S, D] per sequence), while varlen packs
-# tokens first ([total, H, D]). One host pass repacks every sequence heads-first into its own
-# aligned blocks of one upload, so each sequence is a dense [1, H, len, D] call bound to its blocks
-# and the attention plans serve it unchanged; its results are unpacked the same way.
+# tokens first ([total, H, D]). The packed tensors are staged as they lie, as a dense call's are,
+# and the device repacks them (glsl/varlen_repack.comp): each sequence's rows go heads-first into
+# its own aligned block of one buffer per tensor, so each sequence is a dense [1, H, len, D] call
+# bound to its blocks and the attention plans serve it unchanged; the output blocks go back into
+# the packed layout the same way, and the packed output is read back as a dense call's output is.
+# A transposing copy on the host cost more than the transfers themselves (issue 15).
+
+#: Words per sequence in the repack tables: ``RECORD`` in glsl/varlen_repack.comp.
+REPACK_RECORD = 6
+_NO_PIECE = 0xFFFFFFFF
+_WORDS = 0xFFFFFFFF
+REPACK_WG = 128  # invocations of a repack workgroup (every device has at least 128)
+
 
 @dataclass(frozen=True)
 class VarlenPiece:
     """One sequence with query rows: its rows and keys in the packed data, its plan (None when it
-    has no keys: zeros, no dispatch) and the byte offsets of its blocks in the upload (q, k, v,
-    extras or None) and in the results (out, LSE or None)."""
+    has no keys: zeros, no dispatch) and the byte offsets of its blocks: ``q_at`` in the q and the
+    output buffers, ``k_at`` in the k and v buffers, ``x_at`` in the extras (or None), ``lse_at`` in
+    the LSE buffer (or None)."""
 
     seq: int               # its index in the batch (its row of ALiBi slopes)
     q0: int
@@ -356,39 +367,59 @@ class VarlenPiece:
     plan: tuple | None = None
     q_at: int = 0
     k_at: int = 0
-    v_at: int = 0
     x_at: int | None = None
-    o_at: int = 0
     lse_at: int | None = None
+
+
+@dataclass(frozen=True)
+class VarlenGroup:
+    """The planned sequences whose plans store one element type (nearly always all of them): one
+    staged copy of the packed tensors in that type serves them, and one buffer per tensor holds
+    their blocks, of these sizes."""
+
+    elem: np.dtype
+    pieces: tuple          # VarlenPiece with a plan, in order
+    q_bytes: int           # the q blocks, and the output blocks (the same offsets)
+    k_bytes: int           # the k blocks, and the v blocks
+    x_bytes: int
+    lse_bytes: int
+    q_boxes: tuple         # RepackBox es of q and the output
+    k_boxes: tuple         # of k and v
 
 
 @dataclass(frozen=True)
 class VarlenLayout:
     pieces: tuple          # VarlenPiece per sequence with query rows, in order
-    in_bytes: int          # of the one upload: q, k, v (and extras) blocks of every sequence
-    out_bytes: int         # of the one result buffer: output (and LSE) blocks
+    groups: tuple          # VarlenGroup per element type of the plans
 
 
 def _elem_of(plan) -> np.dtype:
     return np.dtype(plan[0].elem)
 
 
+class _Blocks:
+    """Aligned offsets handed out one after another in one buffer."""
+
+    def __init__(self, align: int):
+        self.align, self.end = align, 0
+
+    def place(self, nbytes: int) -> int:
+        at = -(-self.end // self.align) * self.align
+        self.end = at + nbytes
+        return at
+
+
 def varlen_layout(call, ctx) -> VarlenLayout:
     """Where every sequence of a varlen call lies on the device, with its plan (variants and chunks
     follow each sequence's lengths; plans are shared by sequences of equal lengths). Raises
-    UnsupportedError when a sequence cannot be planned or a buffer would exceed the device's
-    allocation limit."""
+    UnsupportedError when a sequence cannot be planned, or a buffer would exceed the device's
+    allocation or binding limit (the router then serves the sequences one dense call each)."""
     w, info = call.whole, ctx.info
     align = offset_alignment(info)
     hq, hk, d = w.heads_q, w.heads_kv, w.head_dim
     has_extras = call.alibi is not None or w.sinks is not None
-
-    def place(at: int, nbytes: int) -> tuple[int, int]:
-        at = -(-at // align) * align
-        return at, at + nbytes
-
     plans: dict = {}
-    pieces, n_in, n_out = [], 0, 0
+    pieces, grouped = [], {}
     for i in range(call.batch):
         q0, q1, k0, k1 = (int(x) for x in (call.cu_q[i], call.cu_q[i + 1], call.cu_k[i], call.cu_k[i + 1]))
         if q1 == q0:
@@ -399,23 +430,90 @@ def varlen_layout(call, ctx) -> VarlenLayout:
         plan = plans.get((q1 - q0, k1 - k0))
         if plan is None:
             plan = plans[(q1 - q0, k1 - k0)] = attention_plan_for(call.sequence(i), ctx)
-        es = _elem_of(plan).itemsize
-        q_at, n_in = place(n_in, hq * (q1 - q0) * d * es)
-        k_at, n_in = place(n_in, hk * (k1 - k0) * d * es)
-        v_at, n_in = place(n_in, hk * (k1 - k0) * d * es)
-        x_at = None
-        if has_extras:
-            x_at, n_in = place(n_in, 4 * EXTRAS_ROWS * hq)
-        o_at, n_out = place(n_out, hq * (q1 - q0) * d * es)
-        lse_at = None
-        if w.return_lse:
-            lse_at, n_out = place(n_out, 4 * hq * (q1 - q0))
-        pieces.append(VarlenPiece(i, q0, q1, k0, k1, plan, q_at, k_at, v_at, x_at, o_at, lse_at))
-    for what, n in (("packed q, k and v", n_in), ("packed results", n_out)):
-        if n > info.max_allocation:
-            raise UnsupportedError(f"the {what} of this varlen call take {n} bytes in one buffer, more than "
-                                   f"{info.name}'s maxMemoryAllocationSize ({info.max_allocation}): split the batch")
-    return VarlenLayout(tuple(pieces), n_in, n_out)
+        elem = _elem_of(plan)
+        g = grouped.get(elem)
+        if g is None:
+            g = grouped[elem] = ([], _Blocks(align), _Blocks(align), _Blocks(align), _Blocks(align))
+        members, qs, ks, xs, ls = g
+        es = elem.itemsize
+        pieces.append(VarlenPiece(i, q0, q1, k0, k1, plan, qs.place(hq * (q1 - q0) * d * es),
+                                  ks.place(hk * (k1 - k0) * d * es),
+                                  xs.place(4 * EXTRAS_ROWS * hq) if has_extras else None,
+                                  ls.place(4 * hq * (q1 - q0)) if w.return_lse else None))
+        members.append(pieces[-1])
+    groups = []
+    for elem, (members, qs, ks, xs, ls) in grouped.items():
+        es = elem.itemsize
+        for what, n in (("q and output blocks", qs.end), ("k and v blocks", ks.end),
+                        ("packed q and output", w.seq_q * hq * d * es), ("packed k and v", w.seq_k * hk * d * es)):
+            if n > info.max_allocation:
+                raise UnsupportedError(f"the {what} of this varlen call take {n} bytes in one buffer, more "
+                                       f"than {info.name}'s maxMemoryAllocationSize ({info.max_allocation}): "
+                                       "split the batch")
+        groups.append(VarlenGroup(elem, tuple(members), qs.end, ks.end, xs.end, ls.end,
+                                  _repack_boxes(members, False, hq, d * es, align, info),
+                                  _repack_boxes(members, True, hk, d * es, align, info)))
+    return VarlenLayout(tuple(pieces), tuple(groups))
+
+
+@dataclass(frozen=True)
+class RepackBox:
+    """Rows ``[t0, t1)`` x heads ``[h0, h1)`` of one packed tensor, repacked by dispatches that bind
+    bytes ``packed`` of the packed buffer and ``blocks`` of the blocks buffer (``(start, end)``,
+    starts aligned): both within the storage-buffer range."""
+
+    t0: int
+    t1: int
+    h0: int
+    h1: int
+    packed: tuple
+    blocks: tuple
+
+
+def _repack_boxes(pieces: list, keys: bool, heads: int, row: int, align: int, info) -> tuple:
+    """The :class:`RepackBox` es covering one tensor (q and output, or k and v: ``keys``) of the
+    ``pieces``, ``row`` bytes a head's row: runs of whole consecutive sequences, or for a sequence
+    too large for one binding, one head and a run of its tokens at a time. UnsupportedError where
+    even one row does not fit."""
+    limit = info.max_storage_buffer_range
+
+    def span(p):  # (first token, tokens, first byte of its block)
+        return (p.k0, p.k1 - p.k0, p.k_at) if keys else (p.q0, p.q1 - p.q0, p.q_at)
+
+    def box(a, b, t0, t1, h0, h1) -> RepackBox:
+        (fa, na, at_a), (fb, nb, at_b) = span(a), span(b)
+        lo = (t0 * heads + h0) * row // align * align
+        first = (at_a + (h0 * na + t0 - fa) * row) // align * align
+        return RepackBox(t0, t1, h0, h1, (lo, ((t1 - 1) * heads + h1) * row),
+                         (first, at_b + ((h1 - 1) * nb + t1 - fb) * row))
+
+    def fits(bx: RepackBox) -> bool:
+        return bx.packed[1] - bx.packed[0] <= limit and bx.blocks[1] - bx.blocks[0] <= limit
+
+    def whole(lo, hi) -> RepackBox:
+        a, b = pieces[lo], pieces[hi - 1]
+        return box(a, b, span(a)[0], span(b)[0] + span(b)[1], 0, heads)
+
+    out, lo = [], 0
+    while lo < len(pieces):
+        if fits(whole(lo, lo + 1)):
+            hi = lo + 1
+            while hi < len(pieces) and fits(whole(lo, hi + 1)):
+                hi += 1
+            out.append(whole(lo, hi))
+            lo = hi
+            continue
+        p = pieces[lo]
+        first, n, _ = span(p)
+        # Tokens of one head per box: the packed window strides over every head of its tokens.
+        cut = min(n, (limit - align - row) // (heads * row) + 1, (limit - align) // row)
+        if cut < 1:
+            raise UnsupportedError(f"one row of sequence {p.seq} of this varlen call does not fit {info.name}'s "
+                                   f"storage-buffer range ({limit} bytes)")
+        out += [box(p, p, t, min(first + n, t + cut), h, h + 1)
+                for h in range(heads) for t in range(first, first + n, cut)]
+        lo += 1
+    return tuple(out)
 
 
 def _packed(x):
@@ -425,88 +523,130 @@ def _packed(x):
     return x.swapaxes(0, 1) if isinstance(x, np.ndarray) else x.transpose(0, 1)
 
 
-def _block(raw: np.ndarray, at: int, dtype, shape) -> np.ndarray:
-    """A typed view of ``shape`` on bytes ``at`` onwards of the uint8 array ``raw``."""
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return raw[at:at + n].view(dtype).reshape(shape)
+def varlen_tables(call, group: VarlenGroup) -> np.ndarray:
+    """What varlen_repack reads (uint32): the group's record index of each query token, then of each
+    key token (``_NO_PIECE`` for tokens of other sequences), then a record per sequence: (first
+    query token, rows, first 32-bit word of its q block; first key token, keys, first word of its
+    k block)."""
+    index = np.full(call.batch, _NO_PIECE, np.uint32)
+    index[[p.seq for p in group.pieces]] = np.arange(len(group.pieces), dtype=np.uint32)
+    # Word offsets modulo 2**32: the shader's uint arithmetic wraps alike, and every offset it
+    # forms within a binding's window is below 2**32.
+    records = np.array([(p.q0, p.q1 - p.q0, (p.q_at // 4) & _WORDS, p.k0, p.k1 - p.k0, (p.k_at // 4) & _WORDS)
+                        for p in group.pieces], np.uint32).reshape(len(group.pieces), REPACK_RECORD)
+    # cu_seqlens run from 0 to each tensor's total (call.check_cu_seqlens): one entry per token.
+    return np.concatenate([np.repeat(index, np.diff(call.cu_q)), np.repeat(index, np.diff(call.cu_k)),
+                           records.reshape(-1)])
 
 
-def _varlen_upload(call, layout: VarlenLayout, ctx) -> np.ndarray:
-    """The bytes of the one upload: each sequence's q, k and v heads-first, and its binding-5 words.
-    The heads-first blocks are strided copies, spread over the context's copy threads."""
+def _repack_word(call, group: VarlenGroup) -> int:
+    """Bytes varlen_repack moves at a time: 16 where a head's row is whole 16-byte words (the
+    blocks and windows start at multiples of 16, plans.offset_alignment), else 4 (head_dim is a
+    multiple of 4 for the 16-bit variants)."""
+    return 16 if call.whole.head_dim * group.elem.itemsize % 16 == 0 else 4
+
+
+def _repack(pipe, call, group, packed, blocks, tables, keys: bool, unpack: bool, ctx) -> list:
+    """The dispatches moving every row of one tensor between its packed buffer and its blocks:
+    per :class:`RepackBox`, a workgroup per token, the tokens cut where the grid's x limit ends."""
     w = call.whole
-    q, k, v = (to_numpy(_packed(x)) for x in (w.q, w.k, w.v))
-    # Pooled host memory, already mapped: a fresh array of this size would fault on every page it
-    # is written to. The gaps left for alignment are never read.
-    raw = ctx.results.take(layout.in_bytes)
-    extras = None
-    if call.alibi is not None or w.sinks is not None:
-        # Every sequence's slopes and sinks at once: column block i is sequence i's [4, heads_q].
-        whole = extras_array(replace(w, batch=call.batch, alibi=call.alibi, mask=None))
-        extras = whole.reshape(EXTRAS_ROWS, call.batch, w.heads_q)
-    blocks = []
-    for p in layout.pieces:
-        if p.plan is None:
-            continue
-        elem = _elem_of(p.plan)
-        for at, src, rows in ((p.q_at, q, slice(p.q0, p.q1)), (p.k_at, k, slice(p.k0, p.k1)),
-                              (p.v_at, v, slice(p.k0, p.k1))):
-            part = src[rows]
-            blocks.append((_block(raw, at, elem, (part.shape[1], part.shape[0], part.shape[2])),
-                           part.transpose(1, 0, 2)))
-        if p.x_at is not None:
-            _block(raw, p.x_at, np.uint32, (EXTRAS_ROWS, w.heads_q))[...] = extras[:, p.seq]
-    ctx.copier.run(blocks)
-    return raw
-
-
-def _varlen_dispatches(call, layout: VarlenLayout, ctx, inb, outb) -> list:
-    """Every sequence's dispatches, bound to its blocks of the upload ``inb`` and results ``outb``."""
-    w = call.whole
-    dummy = _dummy_buffer(ctx)
-    none = (dummy, 0, dummy.nbytes)
+    unit = _repack_word(call, group)
+    row_words = w.head_dim * group.elem.itemsize // unit
+    limit = ctx.info.max_workgroup_count[0]
     out = []
-    for p in layout.pieces:
-        if p.plan is None:
-            continue
-        variant, shape, chunks, pipe = p.plan
-        es = _elem_of(p.plan).itemsize
-        nq, nk = w.heads_q * shape.seq_q * w.head_dim * es, w.heads_kv * shape.seq_k * w.head_dim * es
-        regions = ((inb, p.q_at, nq), (inb, p.k_at, nk), (inb, p.v_at, nk), (outb, p.o_at, nq),
-                   (outb, p.lse_at, 4 * w.heads_q * shape.seq_q) if p.lse_at is not None else none,
-                   (inb, p.x_at, 4 * EXTRAS_ROWS * w.heads_q) if p.x_at is not None else none,
-                   none)   # binding 6: varlen takes no attn_mask
-        out += bind_within(pipe, chunks, regions)
+    for bx in group.k_boxes if keys else group.q_boxes:
+        bindings = ((packed, bx.packed[0], bx.packed[1] - bx.packed[0]),
+                    (blocks, bx.blocks[0], bx.blocks[1] - bx.blocks[0]), (tables, 0, tables.nbytes))
+        for base in range(bx.t0, bx.t1, limit):
+            pc = np.zeros((), dtype=REPACK_PUSH)
+            pc["row_words"], pc["heads"] = row_words, w.heads_kv if keys else w.heads_q
+            pc["head_base"], pc["head_end"] = bx.h0, bx.h1
+            pc["token_base"], pc["token_end"] = base, bx.t1
+            pc["packed_origin"], pc["block_origin"] = (bx.packed[0] // unit) & _WORDS, (bx.blocks[0] // unit) & _WORDS
+            pc["piece_of"] = w.seq_q if keys else 0
+            pc["record_base"] = w.seq_q + w.seq_k + (3 if keys else 0)
+            pc["unpack"] = int(unpack)
+            out.append(Dispatch(pipe, bindings, pc.tobytes(), (min(limit, bx.t1 - base), 1, 1)))
     return out
 
 
+def _varlen_extras(call, group: VarlenGroup) -> np.ndarray:
+    """Binding 5's words for every sequence of the group, each at its ``x_at``."""
+    w = call.whole
+    # Every sequence's slopes and sinks at once: column block i is sequence i's [EXTRAS_ROWS, heads_q].
+    whole = extras_array(replace(w, batch=call.batch, alibi=call.alibi, mask=None))
+    whole = whole.reshape(EXTRAS_ROWS, call.batch, w.heads_q)
+    out = np.zeros(group.x_bytes // 4, np.uint32)
+    for p in group.pieces:
+        out[p.x_at // 4:p.x_at // 4 + EXTRAS_ROWS * w.heads_q].reshape(EXTRAS_ROWS, w.heads_q)[...] = whole[:, p.seq]
+    return out
+
+
+def _varlen_group(call, group: VarlenGroup, ctx, held):
+    """``(passes, out transfer, LSE transfer or None)`` of one group: its packed q, k and v staged
+    (their copies join ``held.uploads``), the repack, attention and unpack passes over its
+    buffers, and the read-backs of its packed output and LSE blocks."""
+    w = call.whole
+    elem = group.elem
+    pipe = pipeline(ctx, "varlen_repack_vec4" if _repack_word(call, group) == 16 else "varlen_repack",
+                    ((0, REPACK_WG),))
+    tables = held.staged(ctx, varlen_tables(call, group), np.uint32)
+    packed = [held.staged(ctx, _packed(x), elem) for x in (w.q, w.k, w.v)]
+    qb, kb, vb, ob = (held.acquire(ctx, n) for n in (group.q_bytes, group.k_bytes, group.k_bytes, group.q_bytes))
+    lb = held.acquire(ctx, group.lse_bytes) if group.lse_bytes else None
+    xb = held.staged(ctx, _varlen_extras(call, group), np.uint32) if group.x_bytes else None
+    out_b = held.acquire(ctx, w.seq_q * w.heads_q * w.head_dim * elem.itemsize)
+    into = [d for src, dst, keys in ((packed[0], qb, False), (packed[1], kb, True), (packed[2], vb, True))
+            for d in _repack(pipe, call, group, src, dst, tables, keys, False, ctx)]
+    dummy = _dummy_buffer(ctx)
+    none = (dummy, 0, dummy.nbytes)
+    attend, es = [], elem.itemsize
+    for p in group.pieces:
+        _, shape, chunks, attn = p.plan
+        nq, nk = w.heads_q * shape.seq_q * w.head_dim * es, w.heads_kv * shape.seq_k * w.head_dim * es
+        regions = ((qb, p.q_at, nq), (kb, p.k_at, nk), (vb, p.k_at, nk), (ob, p.q_at, nq),
+                   (lb, p.lse_at, 4 * w.heads_q * shape.seq_q) if lb is not None else none,
+                   (xb, p.x_at, 4 * EXTRAS_ROWS * w.heads_q) if xb is not None else none,
+                   none)   # binding 6: varlen takes no attn_mask
+        attend += bind_within(attn, chunks, regions)
+    back = _repack(pipe, call, group, out_b, ob, tables, False, True, ctx)
+    out = held.readback(ctx, out_b, (w.seq_q, w.heads_q, w.head_dim), elem)
+    lse = held.readback(ctx, lb, (group.lse_bytes,), np.uint8) if lb is not None else None
+    return (into, attend, back), out, lse
+
+
 def varlen_attention(call, ctx, timestamps: bool = False):
-    """A validated varlen call in one upload, one submission (every sequence's dispatches, with no
-    barrier between them: they write disjoint blocks) and one download. Returns ``(out
-    [total_q, Hq, D] like q, lse [Hq, total_q] float32 or None, gpu_ns)``."""
+    """A validated varlen call in one submission: the packed inputs' uploads, the repack into
+    blocks, every sequence's dispatches (no barrier between them: they write disjoint blocks), the
+    unpack and the download. Returns ``(out [total_q, Hq, D] like q, lse [Hq, total_q] float32 or
+    None, gpu_ns)`` (GPU time from the repack to the unpack)."""
     w = call.whole
     layout = varlen_layout(call, ctx)
     total, hq, d = w.seq_q, w.heads_q, w.head_dim
-    out = ctx.host_empty((total, hq, d), np.float16 if w.dtype == "float16" else np.float32)
+    lse = no_key_lse((hq, total), w.sinks, np.float32) if w.return_lse else None
+    ns, outs = None, []
+    with _Held() as held:
+        runs = [(g,) + _varlen_group(call, g, ctx, held) for g in layout.groups]
+        if runs:
+            # One submission for every group: the passes of each group run side by side.
+            passes = [[d for _, ps, _, _ in runs for d in ps[i]] for i in range(3)]
+            ns = ctx.run_passes(passes, held.uploads, held.downloads, timestamps)
+        for g, _, out_t, lse_t in runs:
+            outs.append((g, out_t.finish()))
+            if lse_t is not None:
+                raw = lse_t.finish()
+                for p in g.pieces:
+                    n = hq * (p.q1 - p.q0)
+                    lse[:, p.q0:p.q1] = raw[p.lse_at:p.lse_at + 4 * n].view(np.float32).reshape(hq, p.q1 - p.q0)
+    if len(outs) == 1:
+        out = outs[0][1]  # every sequence with keys wrote its rows: the rest are zeroed below
+    else:  # no group, or sequences of several element types: their rows gathered into one array
+        out = ctx.host_empty((total, hq, d), np.float16 if w.dtype == "float16" else np.float32)
+        for g, o in outs:
+            for p in g.pieces:
+                out[p.q0:p.q1] = o[p.q0:p.q1]
     for p in layout.pieces:
         if p.plan is None:
-            out[p.q0:p.q1] = 0  # a sequence with no keys; every other row is written below
-    lse = no_key_lse((hq, total), w.sinks, np.float32) if w.return_lse else None
-    ns = None
-    if any(p.plan is not None for p in layout.pieces):
-        with _Held() as held:
-            inb = held.upload(ctx, _varlen_upload(call, layout, ctx))
-            outb = held.acquire(ctx, layout.out_bytes)
-            ns = ctx.run(_varlen_dispatches(call, layout, ctx, inb, outb), timestamps=timestamps)
-            raw = ctx.download(outb, ctx.results.take(layout.out_bytes))
-        blocks = []
-        for p in layout.pieces:
-            if p.plan is None:
-                continue  # no keys: zeros, and the LSE of no key (-inf, or the sink)
-            n = p.q1 - p.q0
-            blocks.append((out[p.q0:p.q1], _block(raw, p.o_at, _elem_of(p.plan), (hq, n, d)).transpose(1, 0, 2)))
-            if lse is not None:
-                blocks.append((lse[:, p.q0:p.q1], _block(raw, p.lse_at, np.float32, (hq, n))))
-        ctx.copier.run(blocks)
+            out[p.q0:p.q1] = 0  # no keys: zeros, and the LSE of no key (-inf, or the sink)
     ref = _packed(w.q)
     return like(out, ref), (lse_like(lse, ref) if lse is not None else None), ns

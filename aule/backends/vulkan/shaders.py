@@ -59,6 +59,12 @@ PAGED_PUSH = push_block([
 ])
 # `CopyParams` in glsl/copy_kv_to_paged.comp.
 COPY_PUSH = push_block([("row_words", "<u4"), ("num_tokens", "<u4"), ("token_base", "<u4")])
+# `RepackParams` in glsl/varlen_repack.comp.
+REPACK_PUSH = push_block([
+    ("row_words", "<u4"), ("heads", "<u4"), ("head_base", "<u4"), ("head_end", "<u4"), ("token_base", "<u4"),
+    ("token_end", "<u4"), ("packed_origin", "<u4"), ("block_origin", "<u4"), ("piece_of", "<u4"),
+    ("record_base", "<u4"), ("unpack", "<u4"),
+])
 # `PeakParams` in glsl/coopmat_peak.comp.
 PEAK_PUSH = push_block([("chunks", "<u4"), ("chunk_iters", "<u4"), ("a", "<f4"), ("b", "<f4")])
 
@@ -503,6 +509,10 @@ MODULES: dict[str, Module] = {m.name: m for m in (
            _FP16),
     Module("copy_kv_to_paged_split", "copy_kv_to_paged.comp", (("AULE_SPLIT", 1),), COPY_PUSH, 6,
            ("invocations", "source pieces", "cache pieces", "slots per piece")),
+    # A varlen call's packed rows into each sequence's heads-first blocks and its output back
+    # (launch.varlen_attention), on the device; in 16-byte words where the rows allow.
+    Module("varlen_repack", "varlen_repack.comp", (), REPACK_PUSH, 3, ("invocations",)),
+    Module("varlen_repack_vec4", "varlen_repack.comp", (("AULE_VEC4", 1),), REPACK_PUSH, 3, ("invocations",)),
     # The matrix-core ceiling the benchmarks read cooperative-matrix rows against (aule bench).
     Module("coopmat_peak", "coopmat_peak.comp", (), PEAK_PUSH, 2, ("M", "N", "K", "invocations"),
            Needs(fp16=True, coopmat=True)),

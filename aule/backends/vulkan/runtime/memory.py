@@ -288,21 +288,6 @@ class Copier:
         for f in futures:
             f.result()
 
-    def run(self, pairs) -> None:
-        """``dst[...] = src`` for each ``(dst, src)`` pair of equal shapes (strided views allowed,
-        such as a transposed block), the pairs spread over the threads. Fewer than two chunks' worth
-        of bytes, or one thread, copy on the calling thread."""
-        pairs = list(pairs)
-        if self.threads < 2 or sum(src.nbytes for _, src in pairs) < 2 * self.CHUNK:
-            for dst, src in pairs:
-                np.copyto(dst, src)
-            return
-        pool = self._executor()
-        futures = [pool.submit(np.copyto, dst, src) for dst, src in pairs[1:]]
-        np.copyto(*pairs[0])
-        for f in futures:
-            f.result()
-
     def _executor(self):
         pool = self._pool
         if pool is None:
