@@ -26,7 +26,7 @@ from ... import settings
 from ...call import OnDevice, dtype_name
 from ...errors import UnsupportedError
 from . import configs as cfg
-from . import flags, kernels
+from . import flags, hopper, kernels
 from .common import LOG2E, block_d, cdiv, device_arch, interpreting, next_pow2, torch_gpu_flavour  # noqa: F401
 
 log = logging.getLogger("aule")
@@ -559,6 +559,11 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
     float32 ``[B, Hkv]`` each, and ``out`` is ``out_dtype`` (torch.bfloat16 by default)."""
     fp8 = q.dtype in FP8_SHIFT
     _check(q, k, v, fp8)
+    if tile is None:  # AULE_TRITON_HOPPER: the sm_90 TMA forward takes plain calls (hopper.variant_for)
+        variant = hopper.variant_for(q, k, v, fp8 or softcap > 0 or packing is not None
+                                     or any(x is not None for x in (alibi, sinks, kspan, mask)))
+        if variant is not None:
+            return hopper.attention_forward(q, k, v, scale, left, right, variant)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     _check_features(q, b, hq, sq, sk, sinks, kspan, mask)

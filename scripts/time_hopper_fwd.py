@@ -1,0 +1,140 @@
+"""Time the Hopper forward's variants (aule/backends/triton/hopper.py) against aule's general Triton
+forward and SDPA's cuDNN and flash backends, bf16, on an sm_90 GPU.
+
+Cases: 16k tokens per batch (B * S = 16384), model dim 2048 (H = 2048 / d), d 64 and 128, S 1k, 4k
+and 16k, causal and not. Contenders on the same inputs: ``sdpa-cudnn`` and ``sdpa-flash``
+(torch.nn.attention.sdpa_kernel), ``aule`` (ops.attention_forward, the general kernel autotuned,
+AULE_TRITON_HOPPER unset) and each Hopper variant at each of its tiles (``tma``, ``persistent``,
+``ws``, each tile forced). Every contender is first checked against cuDNN's output (bf16 max abs
+error, BAD above 3e-2), then timed with CUDA events (triton's do_bench: warm-up, median). Prints one
+row per contender: ms, TFLOP/s (4 B H S^2 d, halved for causal) and the ratio to cuDNN.
+
+Compilation counts against the lead's 120 s: rows are run d128 first and a contender is skipped
+once ``--budget`` seconds have passed. Triton's cache goes to a temporary folder under $OUT
+(removed at the end), so nothing is written outside $OUT; a JSON copy of the table goes to
+$OUT/time_hopper_fwd.json.
+
+    python3 scripts/time_hopper_fwd.py                      # everything, within the budget
+    python3 scripts/time_hopper_fwd.py --only tma,ws --dims 128 --seqs 16384
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OUT = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="time_hopper_"))
+_CACHE = Path(tempfile.mkdtemp(prefix="triton-cache-", dir=OUT))
+os.environ["TRITON_CACHE_DIR"] = str(_CACHE)
+os.environ.pop("AULE_TRITON_HOPPER", None)  # "aule" rows are the general kernel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from aule.backends.triton import hopper, ops  # noqa: E402
+
+TOKENS, MODEL_DIM = 16384, 2048
+
+
+def _sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def run(q, k, v, causal):
+        with sdpa_kernel([kind]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def _aule(q, k, v, causal):
+    return ops.attention_forward(q, k, v, q.shape[-1] ** -0.5, -1, 0 if causal else -1)[0]
+
+
+def _hopper(variant, tile):
+    def run(q, k, v, causal):
+        return hopper.attention_forward(q, k, v, q.shape[-1] ** -0.5, -1, 0 if causal else -1, variant, tile)[0]
+    return run
+
+
+def contenders(d: int, only: set, tiles: int) -> list:
+    rows = [("sdpa-cudnn", _sdpa("cudnn")), ("sdpa-flash", _sdpa("flash")), ("aule", _aule)]
+    for variant in hopper.VARIANTS:
+        for tile in hopper.tiles(variant, d)[:tiles]:
+            rows.append((f"{variant} {tile[0]}x{tile[1]} w{tile[2]} s{tile[3]}", _hopper(variant, tile)))
+    return [r for r in rows if not only or r[0].split()[0] in only or r[0].startswith("sdpa-cudnn")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dims", default="128,64")
+    ap.add_argument("--seqs", default="1024,4096,16384")
+    ap.add_argument("--masks", default="causal,full")
+    ap.add_argument("--only", default="", help="contender kinds: sdpa-flash, aule, tma, persistent, ws")
+    ap.add_argument("--budget", type=float, default=105.0, help="seconds after which contenders are skipped")
+    ap.add_argument("--tiles", type=int, default=2, help="tiles per variant, from the top of hopper.TILES")
+    ap.add_argument("--rep", type=float, default=40.0, help="ms of timed repeats per row")
+    a = ap.parse_args()
+    start = time.time()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to time")
+        return 1
+    cap = torch.cuda.get_device_capability()
+    print(f"{torch.cuda.get_device_name()} sm_{cap[0]}{cap[1]}  torch {torch.__version__}  triton {triton.__version__}")
+    if cap[0] != 9:
+        print("warning: the Hopper variants are meant for sm_90")
+    only = {x for x in a.only.split(",") if x}
+    results = []
+    print(f"{'case':24s} {'contender':26s} {'ms':>8s} {'TFLOP/s':>8s} {'x cudnn':>8s} {'err':>8s}")
+    for d in (int(x) for x in a.dims.split(",")):
+        h = MODEL_DIM // d
+        for s in (int(x) for x in a.seqs.split(",")):
+            b = max(1, TOKENS // s)
+            for causal in (m == "causal" for m in a.masks.split(",")):
+                case = f"d{d} s{s} B{b} H{h} {'causal' if causal else 'full'}"
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                flops = 4 * b * h * s * s * d / (2 if causal else 1)
+                ref, base = None, None
+                for name, fn in contenders(d, only, a.tiles):
+                    row = {"case": case, "contender": name}
+                    if time.time() - start > a.budget:
+                        row["error"] = "skipped (time budget)"
+                    else:
+                        try:
+                            out = fn(q, k, v, causal)
+                            torch.cuda.synchronize()
+                            if ref is None:
+                                ref = out.float()
+                            err = (out.float() - ref).abs().max().item()
+                            ms = triton.testing.do_bench(lambda: fn(q, k, v, causal), warmup=10, rep=a.rep)
+                            base = ms if base is None else base
+                            row.update(ms=ms, tflops=flops / ms * 1e-9, vs_cudnn=base / ms, err=err)
+                        except Exception as exc:  # noqa: BLE001 - one failing contender must not stop the table
+                            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:90] if str(exc).strip() else ''}"
+                    results.append(row)
+                    if "error" in row:
+                        print(f"{case:24s} {name:26s} {row['error']}")
+                    else:
+                        bad = "  BAD" if row["err"] > 3e-2 else ""
+                        print(f"{case:24s} {name:26s} {row['ms']:8.3f} {row['tflops']:8.1f} {row['vs_cudnn']:8.2f} "
+                              f"{row['err']:8.1e}{bad}")
+                    sys.stdout.flush()
+                del q, k, v, ref
+    (OUT / "time_hopper_fwd.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                           "triton": triton.__version__, "rows": results}, indent=1))
+    print(f"done in {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    finally:
+        shutil.rmtree(_CACHE, ignore_errors=True)
