@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from ... import settings
-from .common import LOG2E, block_d, cdiv, next_pow2
+from .common import LOG2E, autotuned, block_d, cdiv, next_pow2
+from .configs import prune
 from .kernels import _finish_rows, _key_runs, _run_bounds, _shift, _visible
 
 log = logging.getLogger("aule")
@@ -56,11 +57,13 @@ TILES = {
     "persistent": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
                    128: [(128, 128, 8, 2), (128, 64, 8, 3)],
                    256: [(128, 64, 8, 1), (64, 64, 4, 2)]},
-    # Triton 3.9's Hopper pass fails on the 4-warp loops and declines the 8-warp ones (offline
-    # compile, tests/hopper_compile_check.py); 3.6's is timed on the GPU.
-    "ws": {64: [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 3)],
-           128: [(128, 128, 8, 2), (128, 128, 4, 2), (128, 64, 4, 3)],
-           256: [(128, 64, 8, 2), (128, 64, 4, 2)]},
+    # The warp-specialised loop: the kernel's 4 warps are the consumers (Triton's Hopper pass splits
+    # the 128 rows between two consumer groups) beside a producer group it adds; offline (Triton
+    # 3.9, tests/hopper_compile_check.py) these specialise, with setmaxnreg and no spills. With 8
+    # warps the pass declines the loop, which then runs as the tma variant on device descriptors.
+    "ws": {64: [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
+           128: [(128, 128, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2)],
+           256: [(128, 32, 4, 2), (64, 64, 4, 2)]},
 }
 
 # The interpreter's tile (one modest tile, as configs.INTERPRET_TILE for the general kernel).
@@ -131,8 +134,10 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, off_b, off_h, pid_m, H_Q, G
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr):
-    """O and LSE of query tile ``pid_m`` of (batch, query head)."""
+                EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr,
+                WS: tl.constexpr):
+    """O and LSE of query tile ``pid_m`` of (batch, query head). EVEN_K: SEQ_K is a multiple of 128,
+    so of every BLOCK_N, and only a mask can hide keys of a tile."""
     off_kvh = off_h // GROUP  # GQA: the query head's KV head, read in place
     if FLAT:
         desc_q = _head_desc(desc_q, off_b, off_h, stride_qb, stride_qh, stride_qm, SEQ_Q, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -150,12 +155,19 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, off_b, off_h, pid_m, H_Q, G
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for run in tl.static_range(3):
-        if run != 0 or HAS_LEFT:
-            start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
-            acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end,
-                                      SEQ_K, LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D,
-                                      FLAT, WS and run == 1)
+    if WS:
+        # Triton's Hopper pass specialises a kernel's only key loop, and only one without branches
+        # in its body: one loop over every visible tile, each masked unless no tile can need it.
+        acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, lo, hi,
+                                  SEQ_K, LEFT, RIGHT, qk_scale, HAS_LEFT or HAS_RIGHT or not EVEN_K, HAS_LEFT,
+                                  HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT, True)
+    else:
+        for run in tl.static_range(3):
+            if run != 0 or HAS_LEFT:
+                start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
+                acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end,
+                                          SEQ_K, LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT, HAS_RIGHT, BLOCK_N,
+                                          BLOCK_D, FLAT, False)
     out, lse2 = _finish_rows(acc, l_i, m_i)
     row0 = (off_b * H_Q + off_h).to(tl.int64) * SEQ_Q
     tl.store(LSE + row0 + offs_m, lse2 * 0.6931471805599453, mask=offs_m < SEQ_Q)
@@ -168,7 +180,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                   B, H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, Q_BUCKET, K_BUCKET,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  VARIANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  EVEN_K: tl.constexpr, VARIANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The Hopper forward (module docstring). ``desc_*``: 4-D host descriptors (VARIANT 0, 1) or the
     tensors themselves (VARIANT 2: descriptors are made per (batch, head) here, from the strides).
     Q_BUCKET/K_BUCKET key the autotuner only. LSE ``[B, H_Q, SEQ_Q]`` float32, natural log."""
@@ -189,7 +201,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
             _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
                         LEFT, RIGHT, qk_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                        HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N, FLAT, WS)
+                        HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS)
     else:
         pid_m = tl.program_id(0)
         if HAS_RIGHT:
@@ -198,12 +210,13 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
         _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
                     LEFT, RIGHT, qk_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                    HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N, FLAT, WS)
+                    HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS)
 
 
 # --- host side ----------------------------------------------------------------------------------
 
-_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "VARIANT"]
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "EVEN_K", "VARIANT"]
+EVEN = 128  # the largest BLOCK_N of TILES: a multiple of it is a multiple of every one
 _PLAIN_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -281,11 +294,7 @@ def _configs(variant: str, head_dim: int) -> list:
 
 @functools.lru_cache(maxsize=None)
 def _tuned(variant: str, dim_class: int):
-    from .configs import prune
-    from .ops import _bench
-
-    return triton.autotune(configs=_configs(variant, dim_class), key=_TUNE_KEY, do_bench=_bench,
-                           prune_configs_by={"early_config_prune": prune})(_attn_fwd_tma)
+    return autotuned(_attn_fwd_tma, _configs(variant, dim_class), _TUNE_KEY, prune)
 
 
 def _torch_scratch(size: int, alignment: int, stream):
@@ -340,8 +349,6 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, variant: str
     index = settings.triton_config()
     buckets = (next_pow2(sq), next_pow2(sk))
     if tile is None and index is not None:
-        from .configs import prune
-
         fits = prune(_configs(variant, d), {"Q_BUCKET": buckets[0], "K_BUCKET": buckets[1]})
         c = fits[index % len(fits)]
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
@@ -354,7 +361,8 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, variant: str
         descs = (_descriptor(q, bm, bd), _descriptor(k, bn, bd), _descriptor(v, bn, bd), _descriptor(out, bm, bd))
     args = (*descs, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             b, hq, hq // hkv, sq, sk, left, right, scale * LOG2E, *buckets)
-    meta = dict(HEAD_DIM=d, BLOCK_D=bd, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, VARIANT=VARIANTS[variant])
+    meta = dict(HEAD_DIM=d, BLOCK_D=bd, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, EVEN_K=sk % EVEN == 0,
+                VARIANT=VARIANTS[variant])
     grid = _grid(variant, sq, b * hq, q.device)
     if tile is not None:
         kw = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}

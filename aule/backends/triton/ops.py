@@ -27,7 +27,8 @@ from ...call import OnDevice, dtype_name
 from ...errors import UnsupportedError
 from . import configs as cfg
 from . import flags, hopper, kernels
-from .common import LOG2E, block_d, cdiv, device_arch, interpreting, next_pow2, torch_gpu_flavour  # noqa: F401
+from .common import (LOG2E, autotuned, block_d, cdiv, device_arch, interpreting, next_pow2,  # noqa: F401
+                     torch_gpu_flavour)
 
 log = logging.getLogger("aule")
 
@@ -45,23 +46,14 @@ _KERNEL_KEY = {"fwd": ["HAS_SINKS", "ALIBI_MODE"], "dkdv": [], "dq": []}
 _PRE_BLOCK_M = 64
 
 
-def _bench(fn, quantiles=None):
-    # Short timing per candidate: tuning happens once per shape bucket and must not stall a step.
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
 _tuned_keys: list = []
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel: str, target: str, dim_class: int, fp32: bool, fp8: bool = False):
     _tuned_keys.append((kernel, target, dim_class, fp32, fp8))
-    kw = dict(configs=cfg.configs(target, kernel, dim_class, fp32, fp8), key=_TUNE_KEY + _KERNEL_KEY[kernel],
-              prune_configs_by={"early_config_prune": cfg.prune})
-    try:
-        return triton.autotune(do_bench=_bench, **kw)(_KERNELS[kernel])
-    except TypeError:  # an older Triton without the do_bench hook
-        return triton.autotune(warmup=5, rep=20, **kw)(_KERNELS[kernel])
+    return autotuned(_KERNELS[kernel], cfg.configs(target, kernel, dim_class, fp32, fp8),
+                     _TUNE_KEY + _KERNEL_KEY[kernel], cfg.prune)
 
 
 def tuned_choices() -> dict:
