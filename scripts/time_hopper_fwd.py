@@ -52,7 +52,8 @@ def _sdpa(backend):
 
     def run(q, k, v, causal):
         with sdpa_kernel([kind]):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                    enable_gqa=k.shape[1] != q.shape[1])
     return run
 
 
@@ -116,15 +117,17 @@ def _timed(fn, rep: float):
         return eager, None
 
 
-def _case(d: int, s: int, causal: bool):
+def _case(d: int, s: int, causal: bool, group: int):
     h, b = MODEL_DIM // d, max(1, TOKENS // s)
-    return f"d{d} s{s//1024}k B{b} H{h} {'causal' if causal else 'full'}", (b, h, s, d)
+    gqa = f"/{h // group}" if group > 1 else ""
+    return f"d{d} s{s//1024}k B{b} H{h}{gqa} {'causal' if causal else 'full'}", (b, h, h // group, s, d)
 
 
 def _time_case(name, shape, causal, rows, start, a, results):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    b, h, s, d = shape
+    b, h, hkv, s, d = shape
+    q = torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn((b, hkv, s, d), device="cuda", dtype=torch.bfloat16) for _ in range(2))
     flops = 4 * b * h * s * s * d / (2 if causal else 1)
     ref, base = None, None
     for label, fn in rows:
@@ -182,6 +185,7 @@ def main() -> int:
     ap.add_argument("--seqs", default="1024,4096,16384")
     ap.add_argument("--masks", default="causal,full")
     ap.add_argument("--only", default="", help="contender kinds: sdpa-flash, aule, tma, persistent, ws")
+    ap.add_argument("--group", type=int, default=1, help="query heads per KV head (GQA; 8: the issue's 64/8 class)")
     ap.add_argument("--budget", type=float, default=100.0, help="seconds after which contenders are skipped")
     ap.add_argument("--tiles", type=int, default=2, help="tiles per variant, from the top of hopper.TILES")
     ap.add_argument("--rep", type=float, default=30.0, help="ms of timed repeats per row")
@@ -202,7 +206,7 @@ def main() -> int:
         for d in (int(x) for x in a.dims.split(",")):
             for s in (int(x) for x in a.seqs.split(",")):
                 for causal in (m == "causal" for m in a.masks.split(",")):
-                    name, shape = _case(d, s, causal)
+                    name, shape = _case(d, s, causal, a.group)
                     rows = contenders(d, only, a.tiles, phase)
                     if len(rows) > 1:
                         cases += [name] if name not in cases else []
