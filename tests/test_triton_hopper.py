@@ -33,6 +33,7 @@ CASES = [
     (1, 2, 1, 81, 97, 64, True, 20),     # sliding window (Mistral) on a causal mask
     (1, 2, 2, 65, 65, 16, False, (9, 5)),  # a two-sided window: masked runs on both sides
     (1, 1, 1, 1, 53, 32, False, -1),     # one query row
+    (1, 2, 2, 45, 128, 32, False, -1),   # seq_k a multiple of 128 (EVEN_K): ws reads tiles unmasked
 ]
 
 
