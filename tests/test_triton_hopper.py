@@ -114,9 +114,24 @@ def test_variant_for_keeps_the_general_kernel_off_hopper(monkeypatch):
     q, k, v = _inputs((1, 2, 2, 16, 16, 64))
     monkeypatch.setenv("AULE_TRITON_HOPPER", "tma")
     # A CPU tensor (the interpreter) is never routed there: only CUDA sm_90 is.
-    assert hopper.variant_for(q, k, v, False) is None or HOPPER
+    assert hopper.variant_for(q, k, v, -1, -1, False) is None or HOPPER
     monkeypatch.setattr(hopper, "_capability", lambda index: (8, 0))
-    assert hopper.variant_for(q, k, v, False) is None
+    assert hopper.variant_for(q, k, v, -1, -1, False) is None
+
+
+def test_ws_serves_only_what_was_measured_right():
+    """The warp-specialised loop gave wrong or NaN rows on the H200 (Triton 3.6) whenever it was
+    masked, at head_dim 64 and with 64-key tiles: routing hands it only whole, unmasked d128 tiles."""
+    q, k, v = _inputs((1, 2, 2, 256, 384, 128))
+    assert hopper.measured_refusal("ws", q, k, -1, -1) is None
+    assert "head_dim 128" in hopper.measured_refusal("ws", q, k, -1, 0)       # causal
+    assert "window" in hopper.measured_refusal("ws", q, k, 64, 0)              # sliding window
+    assert hopper.measured_refusal("ws", q[..., :64], k[..., :64], -1, -1)     # head_dim 64
+    assert hopper.measured_refusal("ws", q[:, :, :200], k, -1, -1)             # ragged seq_q
+    assert hopper.measured_refusal("ws", q, k[:, :, :300], -1, -1)             # ragged seq_k
+    assert hopper.measured_refusal("tma", q, k, -1, 0) is None
+    assert hopper.measured_refusal("persistent", q[:, :, :200], k, 30, 0) is None
+    assert [c.kwargs["BLOCK_N"] for c in hopper._configs("ws", 128)] == [128]
 
 
 @pytest.mark.skipif(GPU and not HOPPER, reason="the Hopper forward is for sm_90")
@@ -126,7 +141,7 @@ def test_attention_forward_routes_only_plain_calls(monkeypatch):
     q, k, v = _inputs((1, 2, 1, 37, 45, 32))
     seen = []
 
-    def variant_for(q_, k_, v_, features):
+    def variant_for(q_, k_, v_, left, right, features):
         seen.append(features)
         return None if features else "ws"
 
@@ -155,17 +170,19 @@ def test_compiles_for_sm90_with_tma_and_wgmma():
 @pytest.mark.parametrize("variant", list(hopper.VARIANTS))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(2, 16, 4, 1031, 1031, 128), (1, 32, 32, 2048, 2048, 64),
-                                   (1, 8, 8, 777, 1500, 80)])
+                                   (1, 8, 8, 777, 1500, 80), (2, 16, 4, 1024, 2048, 128)])
 def test_gpu_hopper_matches_general_kernel(monkeypatch, variant, causal, shape):
     """On the H200: each variant through aule's routing (AULE_TRITON_HOPPER) against the general
-    kernel, bfloat16 at full size, and the reference on one head."""
+    kernel, bfloat16 at full size, and the reference on one head; ws only where it is served (the
+    rest go to the general kernel, which the comparison then checks against itself)."""
     b, hq, hkv, sq, sk, d = shape
     q, k, v = _inputs(shape, dtype=torch.bfloat16)
     left, right = masks.canonical_window(causal, -1)
     monkeypatch.delenv("AULE_TRITON_HOPPER", raising=False)
     want, want_lse = ops.attention_forward(q, k, v, d ** -0.5, left, right)
     monkeypatch.setenv("AULE_TRITON_HOPPER", variant)
-    assert hopper.variant_for(q, k, v, False) == variant
+    served = hopper.measured_refusal(variant, q, k, left, right) is None
+    assert hopper.variant_for(q, k, v, left, right, False) == (variant if served else None)
     out, lse = ops.attention_forward(q, k, v, d ** -0.5, left, right)
     assert (out.float() - want.float()).abs().max().item() < 2e-2
     assert torch.allclose(lse, want_lse, atol=1e-3, rtol=0, equal_nan=True)

@@ -61,6 +61,9 @@ TILES = {
     # the 128 rows between two consumer groups) beside a producer group it adds; offline (Triton
     # 3.9, tests/hopper_compile_check.py) these specialise, with setmaxnreg and no spills. With 8
     # warps the pass declines the loop, which then runs as the tma variant on device descriptors.
+    # On the H200 (Triton 3.6) only 128 x 128 with 4 warps at head_dim 128 gave right rows (and
+    # only unmasked, see measured_refusal): a launch without a forced tile takes each row's first
+    # tile untuned; the others stay for timing later Tritons (scripts/time_hopper_fwd.py).
     "ws": {64: [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
            128: [(128, 128, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2)],
            256: [(128, 32, 4, 2), (64, 64, 4, 2)]},
@@ -244,16 +247,33 @@ def refusal(q, k, v, features: bool) -> str | None:
     return None
 
 
-def variant_for(q, k, v, features: bool) -> str | None:
+def measured_refusal(variant: str, q, k, left: int, right: int) -> str | None:
+    """Why ``variant`` is not handed a call that :func:`refusal` accepts, from what the H200 measured
+    (results/notes/triton_hopper_NOTES.md; Triton 3.6): the warp-specialised loop gave right answers
+    only unmasked, at head_dim 128 with 128 x 128 tiles (with a mask in the loop, at head_dim 64 or
+    with 64-key tiles its rows were wrong or NaN), so ws serves only calls whose every tile is whole
+    and visible: head_dim 128, no causal mask or window, seq_q and seq_k multiples of 128."""
+    if variant != "ws":
+        return None
+    sq, sk = q.shape[2], k.shape[2]
+    if q.shape[-1] != 128 or left >= 0 or right >= 0 or sq % EVEN or sk % EVEN:
+        return (f"ws serves head_dim 128 without causal or window, seq_q and seq_k multiples of {EVEN} (its "
+                f"masked and 64-wide loops were wrong on Triton 3.6), got head_dim {q.shape[-1]}, window "
+                f"({left}, {right}), seq {sq}/{sk}")
+    return None
+
+
+def variant_for(q, k, v, left: int, right: int, features: bool) -> str | None:
     """The Hopper variant ``AULE_TRITON_HOPPER`` asks for, when this call can take it: a CUDA tensor
-    on a compute capability 9.x device, no features, strides TMA can address. None otherwise (the
-    general forward serves it), with the reason logged at DEBUG."""
+    on a compute capability 9.x device, no features, strides TMA can address, and a call of the
+    class the variant was measured right on (:func:`measured_refusal`). None otherwise (the general
+    forward serves it), with the reason logged at DEBUG."""
     variant = settings.triton_hopper()
     if variant is None or q.device.type != "cuda" or getattr(torch.version, "hip", None):
         return None
     if _capability(q.device.index or 0)[0] != 9:
         return None
-    why = refusal(q, k, v, features)
+    why = refusal(q, k, v, features) or measured_refusal(variant, q, k, left, right)
     if why:
         log.debug("AULE_TRITON_HOPPER=%s passed over for the general forward: %s", variant, why)
         return None
@@ -287,9 +307,11 @@ def _set_block_shapes(nargs: dict) -> None:
 
 
 def _configs(variant: str, head_dim: int) -> list:
+    """The autotuner's candidates: ws's first tile only (the one measured right, see TILES)."""
     hook = None if variant == "ws" else _set_block_shapes
+    rows = tiles(variant, head_dim)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
-            for bm, bn, w, s in tiles(variant, head_dim)]
+            for bm, bn, w, s in (rows[:1] if variant == "ws" else rows)]
 
 
 @functools.lru_cache(maxsize=None)

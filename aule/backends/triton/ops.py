@@ -552,7 +552,7 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
     fp8 = q.dtype in FP8_SHIFT
     _check(q, k, v, fp8)
     if tile is None:  # AULE_TRITON_HOPPER: the sm_90 TMA forward takes plain calls (hopper.variant_for)
-        variant = hopper.variant_for(q, k, v, fp8 or softcap > 0 or packing is not None
+        variant = hopper.variant_for(q, k, v, left, right, fp8 or softcap > 0 or packing is not None
                                      or any(x is not None for x in (alibi, sinks, kspan, mask)))
         if variant is not None:
             return hopper.attention_forward(q, k, v, scale, left, right, variant)
