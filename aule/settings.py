@@ -234,3 +234,26 @@ def _triton_scores(tanh: str | None, alibi: str | None) -> TritonScores:
 def triton_scores() -> TritonScores:
     """AULE_TRITON_TANH and AULE_TRITON_ALIBI as the environment holds them now."""
     return _triton_scores(getenv("AULE_TRITON_TANH"), getenv("AULE_TRITON_ALIBI"))
+
+
+# The Hopper forward's variants (aule.backends.triton.hopper): TMA descriptors made on the host
+# with one program per query tile, the same persistent over the SMs, and descriptors made on the
+# device with the key loop warp-specialised (Triton's Hopper pass wants device descriptors).
+HOPPER_VARIANTS = ("tma", "persistent", "ws")
+
+
+@functools.lru_cache(maxsize=16)
+def _triton_hopper(raw: str | None) -> str | None:
+    text = (raw or "").strip().lower()
+    if text in ("", "0", "off", "no", "false"):
+        return None
+    if text in HOPPER_VARIANTS:
+        return text
+    raise ValueError(f"AULE_TRITON_HOPPER={raw!r}: expected 0 (off, the default until measured) or one of "
+                     f"{', '.join(HOPPER_VARIANTS)} (the sm_90 forward for 16-bit calls without features)")
+
+
+def triton_hopper() -> str | None:
+    """AULE_TRITON_HOPPER: which Hopper forward variant serves plain 16-bit calls on an sm_90 GPU,
+    or None (the default) to keep the general forward kernel for them."""
+    return _triton_hopper(getenv("AULE_TRITON_HOPPER"))

@@ -57,17 +57,22 @@ def compile_fwd(target, element: str, shift: int, tile, causal: bool, head_dim: 
                           target=target, options=options)
 
 
-def _stack_bytes(cubin: bytes) -> int | None:
-    """The STACK of cuobjdump's resource usage (spilled registers live there), None without cuobjdump."""
+def resource_usage(cubin: bytes) -> dict:
+    """cuobjdump's resource usage of a cubin as ``{"REG": .., "STACK": .., "SHARED": ..}`` (spilled
+    registers live on the STACK); empty without cuobjdump."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return None
+        return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    found = re.search(r"STACK:(\d+)", usage)
-    return int(found.group(1)) if found else None
+    return {name: int(n) for name, n in re.findall(r"(REG|STACK|SHARED):(\d+)", usage)}
+
+
+def _stack_bytes(cubin: bytes) -> int | None:
+    """The STACK of cuobjdump's resource usage, None without cuobjdump."""
+    return resource_usage(cubin).get("STACK")
 
 
 def main() -> int:

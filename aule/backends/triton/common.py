@@ -75,3 +75,25 @@ def feature_table(x, shape, device):
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=torch.float32).expand(shape).contiguous()
     return torch.tensor(x, dtype=torch.float32, device=device).contiguous()
+
+
+def _bench(fn, quantiles=None):
+    # Short timing per candidate: tuning happens once per shape bucket and must not stall a step.
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotuned(fn, configs, key, prune=None):
+    """``fn`` under Triton's autotuner over ``configs`` keyed on ``key`` (the argument names whose
+    values pick a configuration), each candidate timed briefly; ``prune`` drops candidates per
+    shape (configs.prune)."""
+    import triton
+
+    kw = dict(configs=configs, key=key)
+    if prune is not None:
+        kw["prune_configs_by"] = {"early_config_prune": prune}
+    try:
+        return triton.autotune(do_bench=_bench, **kw)(fn)
+    except TypeError:  # an older Triton without the do_bench hook
+        return triton.autotune(warmup=5, rep=20, **kw)(fn)

@@ -26,8 +26,9 @@ from ... import settings
 from ...call import OnDevice, dtype_name
 from ...errors import UnsupportedError
 from . import configs as cfg
-from . import flags, kernels
-from .common import LOG2E, block_d, cdiv, device_arch, interpreting, next_pow2, torch_gpu_flavour  # noqa: F401
+from . import flags, hopper, kernels
+from .common import (LOG2E, autotuned, block_d, cdiv, device_arch, interpreting, next_pow2,  # noqa: F401
+                     torch_gpu_flavour)
 
 log = logging.getLogger("aule")
 
@@ -45,23 +46,14 @@ _KERNEL_KEY = {"fwd": ["HAS_SINKS", "ALIBI_MODE"], "dkdv": [], "dq": []}
 _PRE_BLOCK_M = 64
 
 
-def _bench(fn, quantiles=None):
-    # Short timing per candidate: tuning happens once per shape bucket and must not stall a step.
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
 _tuned_keys: list = []
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel: str, target: str, dim_class: int, fp32: bool, fp8: bool = False):
     _tuned_keys.append((kernel, target, dim_class, fp32, fp8))
-    kw = dict(configs=cfg.configs(target, kernel, dim_class, fp32, fp8), key=_TUNE_KEY + _KERNEL_KEY[kernel],
-              prune_configs_by={"early_config_prune": cfg.prune})
-    try:
-        return triton.autotune(do_bench=_bench, **kw)(_KERNELS[kernel])
-    except TypeError:  # an older Triton without the do_bench hook
-        return triton.autotune(warmup=5, rep=20, **kw)(_KERNELS[kernel])
+    return autotuned(_KERNELS[kernel], cfg.configs(target, kernel, dim_class, fp32, fp8),
+                     _TUNE_KEY + _KERNEL_KEY[kernel], cfg.prune)
 
 
 def tuned_choices() -> dict:
@@ -548,6 +540,11 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
     float32 ``[B, Hkv]`` each, and ``out`` is ``out_dtype`` (torch.bfloat16 by default)."""
     fp8 = q.dtype in FP8_SHIFT
     _check(q, k, v, fp8)
+    if tile is None:  # AULE_TRITON_HOPPER: the sm_90 TMA forward takes plain calls (hopper.variant_for)
+        variant = hopper.variant_for(q, k, v, left, right, fp8 or softcap > 0 or packing is not None
+                                     or any(x is not None for x in (alibi, sinks, kspan, mask)))
+        if variant is not None:
+            return hopper.attention_forward(q, k, v, scale, left, right, variant)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     _check_features(q, b, hq, sq, sk, sinks, kspan, mask)

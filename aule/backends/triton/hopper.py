@@ -1,0 +1,396 @@
+"""The Hopper (sm_90) forward for plain 16-bit attention: Q, K, V and O move through TMA tensor
+descriptors instead of pointer arithmetic.
+
+It serves the calls the general forward (:func:`.kernels._attn_fwd`) would serve without any
+feature: float16/bfloat16, dense, no attn_mask, ALiBi, softcap, sinks or FP8; causal and windows
+(aule.masks' bottom-right rule) and GQA are on the path. Its results are the general kernel's: the
+same online softmax in base 2, the same key-tile runs (:func:`.kernels._key_runs`), the same rule
+for rows that see no key or a NaN (:func:`.kernels._finish_rows`).
+
+Why descriptors: a TMA load is one instruction per tile issued by one thread, which leaves the
+warps' registers and issue slots to the matrix products and the softmax, and its boundary handling
+is the hardware's: rows past a sequence's end and lanes past head_dim read as zeros and are never
+written, so ragged shapes need no predicates at all. Descriptors are 4-D ``[B, H, S, D]`` on the
+host (any batch and head strides, rows contiguous) or 2-D per (batch, head) on the device.
+
+Three variants (``VARIANT``), chosen by ``AULE_TRITON_HOPPER`` until timed on the GPU:
+
+* ``tma`` (0): host descriptors, one program per (query tile, batch and head), Triton's software
+  pipelining of the key loop (num_stages buffers);
+* ``persistent`` (1): the same on a grid of one program per SM, each walking tiles; with a causal
+  (or right-bounded) mask the longest query tiles go first, across every head, so the last wave
+  holds the shortest rows;
+* ``ws`` (2): device descriptors (``tl.make_tensor_descriptor``, whose scratch comes from
+  Triton's allocator) and the key loop ``warp_specialize``d: Triton's Hopper pass splits a
+  producer warp group issuing the loads from the consumers doing the products, which it does only
+  for loops whose loads come from device-made descriptors.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import settings
+from .common import LOG2E, autotuned, block_d, cdiv, next_pow2
+from .configs import prune
+from .kernels import _finish_rows, _key_runs, _run_bounds, _shift, _visible
+
+log = logging.getLogger("aule")
+
+VARIANTS = {"tma": 0, "persistent": 1, "ws": 2}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class on sm_90. 128 query rows with 8
+# warps is two warp groups of 64 rows, each one wgmma M; key tiles of 128 halve the softmax's
+# per-tile cost against 64 where registers allow (FlashAttention-3 runs 128 x 128 at hd 64/128).
+# The warp-specialised loop runs its consumers in the kernel's warps and adds a producer group,
+# so it takes 4 warps (one consumer group) or 8 (two).
+TILES = {
+    "tma": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
+            128: [(128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3)],
+            256: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+    # Each persistent program keeps its next tile's Q in flight beside the key buffers: one stage
+    # less where the one-program-per-tile kernel's shared memory was near the 227 KB limit.
+    "persistent": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
+                   128: [(128, 128, 8, 2), (128, 64, 8, 3)],
+                   256: [(128, 64, 8, 1), (64, 64, 4, 2)]},
+    # The warp-specialised loop: the kernel's 4 warps are the consumers (Triton's Hopper pass splits
+    # the 128 rows between two consumer groups) beside a producer group it adds; offline (Triton
+    # 3.9, tests/hopper_compile_check.py) these specialise, with setmaxnreg and no spills. With 8
+    # warps the pass declines the loop, which then runs as the tma variant on device descriptors.
+    # On the H200 (Triton 3.6) only 128 x 128 with 4 warps at head_dim 128 gave right rows (and
+    # only unmasked, see measured_refusal): a launch without a forced tile takes each row's first
+    # tile untuned; the others stay for timing later Tritons (scripts/time_hopper_fwd.py).
+    "ws": {64: [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
+           128: [(128, 128, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2)],
+           256: [(128, 32, 4, 2), (64, 64, 4, 2)]},
+}
+
+# The interpreter's tile (one modest tile, as configs.INTERPRET_TILE for the general kernel).
+INTERPRET_TILE = (32, 32)
+
+
+def tiles(variant: str, head_dim: int) -> list:
+    """The tile rows of ``variant`` for ``head_dim`` (by its padded power-of-two width)."""
+    bd = block_d(head_dim)
+    return TILES[variant][64 if bd <= 64 else (128 if bd <= 128 else 256)]
+
+
+@triton.jit
+def _tile(desc, off_b, off_h, row, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr):
+    """Rows ``[row, row + ROWS)`` of (batch, head) through a 4-D host descriptor, or a 2-D one made
+    in the kernel for that (batch, head) (FLAT)."""
+    if FLAT:
+        x = desc.load([row, 0])
+    else:
+        x = desc.load([off_b, off_h, row, 0]).reshape(ROWS, BLOCK_D)
+    return x
+
+
+@triton.jit
+def _put(desc, off_b, off_h, row, x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr):
+    if FLAT:
+        desc.store([row, 0], x)
+    else:
+        desc.store([off_b, off_h, row, 0], x.reshape(1, 1, ROWS, BLOCK_D))
+
+
+@triton.jit
+def _head_desc(T, off_b, off_h, stride_b, stride_h, stride_r, rows, HEAD_DIM: tl.constexpr,
+               ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A 2-D descriptor of (batch, head)'s ``[rows, HEAD_DIM]`` made on the device."""
+    return tl.make_tensor_descriptor(T + off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h,
+                                     shape=[rows, HEAD_DIM], strides=[stride_r, 1], block_shape=[ROWS, BLOCK_D])
+
+
+@triton.jit
+def _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end, SEQ_K, LEFT, RIGHT,
+              qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr):
+    """Online softmax (base 2) of one query tile over key tiles ``[start, end)``, as
+    kernels._attn_fwd_inner computes it for a call without features: the row maximum takes the
+    scale once per row, visibility applies only on MASKED runs, and rows with no visible key keep a
+    ``-inf`` maximum and zero sums. Keys past SEQ_K read as zeros and are hidden by the mask."""
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WS):
+        k = _tile(desc_k, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, FLAT)
+        qk = tl.dot(q, k.T)
+        if MASKED:
+            vis = _visible(pos[:, None], (start_n + offs_n0)[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+            qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = _shift(m_new)
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _tile(desc_v, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, FLAT)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, off_b, off_h, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
+                LEFT, RIGHT, qk_scale,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr,
+                WS: tl.constexpr):
+    """O and LSE of query tile ``pid_m`` of (batch, query head). EVEN_K: SEQ_K is a multiple of 128,
+    so of every BLOCK_N, and only a mask can hide keys of a tile."""
+    off_kvh = off_h // GROUP  # GQA: the query head's KV head, read in place
+    if FLAT:
+        desc_q = _head_desc(desc_q, off_b, off_h, stride_qb, stride_qh, stride_qm, SEQ_Q, HEAD_DIM, BLOCK_M, BLOCK_D)
+        desc_o = _head_desc(desc_o, off_b, off_h, stride_ob, stride_oh, stride_om, SEQ_Q, HEAD_DIM, BLOCK_M, BLOCK_D)
+        desc_k = _head_desc(desc_k, off_b, off_kvh, stride_kb, stride_kh, stride_kn, SEQ_K, HEAD_DIM, BLOCK_N,
+                            BLOCK_D)
+        desc_v = _head_desc(desc_v, off_b, off_kvh, stride_vb, stride_vh, stride_vn, SEQ_K, HEAD_DIM, BLOCK_N,
+                            BLOCK_D)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    pos = offs_m + (SEQ_K - SEQ_Q)
+    q = _tile(desc_q, off_b, off_h, start_m, BLOCK_M, BLOCK_D, FLAT)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if WS:
+        # Triton's Hopper pass specialises a kernel's only key loop, and only one without branches
+        # in its body: one loop over every visible tile, each masked unless no tile can need it.
+        acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, lo, hi,
+                                  SEQ_K, LEFT, RIGHT, qk_scale, HAS_LEFT or HAS_RIGHT or not EVEN_K, HAS_LEFT,
+                                  HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT, True)
+    else:
+        for run in tl.static_range(3):
+            if run != 0 or HAS_LEFT:
+                start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
+                acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end,
+                                          SEQ_K, LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT, HAS_RIGHT, BLOCK_N,
+                                          BLOCK_D, FLAT, False)
+    out, lse2 = _finish_rows(acc, l_i, m_i)
+    row0 = (off_b * H_Q + off_h).to(tl.int64) * SEQ_Q
+    tl.store(LSE + row0 + offs_m, lse2 * 0.6931471805599453, mask=offs_m < SEQ_Q)
+    _put(desc_o, off_b, off_h, start_m, out.to(q.dtype), BLOCK_M, BLOCK_D, FLAT)
+
+
+@triton.jit
+def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
+                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                  B, H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, Q_BUCKET, K_BUCKET,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  EVEN_K: tl.constexpr, VARIANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The Hopper forward (module docstring). ``desc_*``: 4-D host descriptors (VARIANT 0, 1) or the
+    tensors themselves (VARIANT 2: descriptors are made per (batch, head) here, from the strides).
+    Q_BUCKET/K_BUCKET key the autotuner only. LSE ``[B, H_Q, SEQ_Q]`` float32, natural log."""
+    FLAT: tl.constexpr = VARIANT == 2
+    WS: tl.constexpr = VARIANT == 2
+    num_m = tl.cdiv(SEQ_Q, BLOCK_M)
+    if VARIANT == 1:
+        heads = B * H_Q
+        for t in tl.range(tl.program_id(0), num_m * heads, tl.num_programs(0), flatten=False):
+            if HAS_RIGHT:
+                # The longest rows first, every head's at once: late query tiles see the most keys.
+                pid_m = num_m - 1 - t // heads
+                bh = t % heads
+            else:
+                # A head's tiles side by side, so its keys are read from L2 by the programs after it.
+                pid_m = t % num_m
+                bh = t // num_m
+            _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
+                        LEFT, RIGHT, qk_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                        HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS)
+    else:
+        pid_m = tl.program_id(0)
+        if HAS_RIGHT:
+            pid_m = num_m - 1 - pid_m  # the longest rows start first, as in the general forward
+        bh = tl.program_id(1)
+        _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
+                    LEFT, RIGHT, qk_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                    HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS)
+
+
+# --- host side ----------------------------------------------------------------------------------
+
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "EVEN_K", "VARIANT"]
+EVEN = 128  # the largest BLOCK_N of TILES: a multiple of it is a multiple of every one
+_PLAIN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """Whether TMA can address ``t [B, H, S, D]`` as it is: rows contiguous, every other stride a
+    positive multiple of 16 bytes (0 where a dimension is broadcast would not be), base 16-byte
+    aligned. Triton's TensorDescriptor asserts the same; asking first lets the call fall back."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(st > 0 and (st * size) % 16 == 0 for st in t.stride()[:-1]))
+
+
+def refusal(q, k, v, features: bool) -> str | None:
+    """Why the Hopper forward cannot serve a call (None if it can). ``features``: the call has an
+    attn_mask, ALiBi, softcap, sinks, packing or FP8, which only the general kernel applies."""
+    if features:
+        return "the call has features only the general forward applies"
+    if q.dtype not in _PLAIN_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        return f"the Hopper forward takes float16/bfloat16, got {q.dtype}"
+    d = q.shape[-1]
+    if d % 8 or d > 256:
+        return f"the Hopper forward takes head_dim a multiple of 8 up to 256 (16-byte rows), got {d}"
+    if not all(_descriptor_ok(t) for t in (q, k, v)):
+        return "q, k or v has strides TMA cannot address (rows must be contiguous, strides 16-byte multiples)"
+    return None
+
+
+def measured_refusal(variant: str, q, k, left: int, right: int) -> str | None:
+    """Why ``variant`` is not handed a call that :func:`refusal` accepts, from what the H200 measured
+    (results/notes/triton_hopper_NOTES.md; Triton 3.6): the warp-specialised loop gave right answers
+    only unmasked, at head_dim 128 with 128 x 128 tiles (with a mask in the loop, at head_dim 64 or
+    with 64-key tiles its rows were wrong or NaN), so ws serves only calls whose every tile is whole
+    and visible: head_dim 128, no causal mask or window, seq_q and seq_k multiples of 128."""
+    if variant != "ws":
+        return None
+    sq, sk = q.shape[2], k.shape[2]
+    if q.shape[-1] != 128 or left >= 0 or right >= 0 or sq % EVEN or sk % EVEN:
+        return (f"ws serves head_dim 128 without causal or window, seq_q and seq_k multiples of {EVEN} (its "
+                f"masked and 64-wide loops were wrong on Triton 3.6), got head_dim {q.shape[-1]}, window "
+                f"({left}, {right}), seq {sq}/{sk}")
+    return None
+
+
+def variant_for(q, k, v, left: int, right: int, features: bool) -> str | None:
+    """The Hopper variant ``AULE_TRITON_HOPPER`` asks for, when this call can take it: a CUDA tensor
+    on a compute capability 9.x device, no features, strides TMA can address, and a call of the
+    class the variant was measured right on (:func:`measured_refusal`). None otherwise (the general
+    forward serves it), with the reason logged at DEBUG."""
+    variant = settings.triton_hopper()
+    if variant is None or q.device.type != "cuda" or getattr(torch.version, "hip", None):
+        return None
+    if _capability(q.device.index or 0)[0] != 9:
+        return None
+    why = refusal(q, k, v, features) or measured_refusal(variant, q, k, left, right)
+    if why:
+        log.debug("AULE_TRITON_HOPPER=%s passed over for the general forward: %s", variant, why)
+        return None
+    return variant
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _descriptor(t: torch.Tensor, rows: int, bd: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, bd])
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """A configuration's pre-hook: the host descriptors' boxes are its tiles (a descriptor's block
+    shape is part of its type, so each configuration compiles with its own)."""
+    bm, bn = nargs["BLOCK_M"], nargs["BLOCK_N"]
+    for name, rows in (("desc_q", bm), ("desc_k", bn), ("desc_v", bn), ("desc_o", bm)):
+        desc = nargs[name]
+        if not isinstance(desc, torch.Tensor):
+            desc.block_shape = [1, 1, rows, block_d(desc.shape[-1])]
+
+
+def _configs(variant: str, head_dim: int) -> list:
+    """The autotuner's candidates: ws's first tile only (the one measured right, see TILES)."""
+    hook = None if variant == "ws" else _set_block_shapes
+    rows = tiles(variant, head_dim)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
+            for bm, bn, w, s in (rows[:1] if variant == "ws" else rows)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(variant: str, dim_class: int):
+    return autotuned(_attn_fwd_tma, _configs(variant, dim_class), _TUNE_KEY, prune)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-made descriptors live in scratch memory Triton asks its allocator for; give it torch's
+    caching allocator unless the process has set one of its own."""
+    try:
+        from triton.runtime import _allocation
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # another Triton layout: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_torch_scratch)
+
+
+def _grid(variant: str, sq: int, heads: int, device):
+    if variant == "persistent":
+        sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+        return lambda m: (min(sms, cdiv(sq, m["BLOCK_M"]) * heads),)
+    return lambda m: (cdiv(sq, m["BLOCK_M"]), heads)
+
+
+def attention_forward(q, k, v, scale: float, left: int, right: int, variant: str, tile=None):
+    """``(out, lse)`` as :func:`.ops.attention_forward` gives them, for a call :func:`refusal` accepts:
+    ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Sk, D]`` float16/bfloat16 with TMA-addressable strides,
+    ``left``/``right`` aule.masks' canonical window (-1 unbounded). ``variant``: tma, persistent or
+    ws. ``tile`` forces ``(BLOCK_M, BLOCK_N[, num_warps, num_stages])``; otherwise the interpreter's
+    tile, the configuration ``AULE_TRITON_CONFIG``/``AULE_TRITON_AUTOTUNE=0`` names, or the
+    autotuner's pick among :data:`TILES`."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    why = refusal(q, k, v, False)
+    if why:
+        raise ValueError(why)
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % hkv:
+        raise ValueError(f"k and v must be [batch, heads_kv, seq_k, head_dim] with heads_q % heads_kv == 0, "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    out = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or sk == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+    bd = block_d(d)
+    interpret = q.device.type == "cpu"
+    if tile is None and interpret:
+        tile = INTERPRET_TILE
+    index = settings.triton_config()
+    buckets = (next_pow2(sq), next_pow2(sk))
+    if tile is None and index is not None:
+        fits = prune(_configs(variant, d), {"Q_BUCKET": buckets[0], "K_BUCKET": buckets[1]})
+        c = fits[index % len(fits)]
+        tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    if variant == "ws":
+        if not interpret:
+            _ensure_allocator()
+        descs = (q, k, v, out)
+    else:
+        bm, bn = (tile[0], tile[1]) if tile is not None else (64, 64)  # a tuned tile's pre-hook sets its own
+        descs = (_descriptor(q, bm, bd), _descriptor(k, bn, bd), _descriptor(v, bn, bd), _descriptor(out, bm, bd))
+    args = (*descs, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            b, hq, hq // hkv, sq, sk, left, right, scale * LOG2E, *buckets)
+    meta = dict(HEAD_DIM=d, BLOCK_D=bd, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, EVEN_K=sk % EVEN == 0,
+                VARIANT=VARIANTS[variant])
+    grid = _grid(variant, sq, b * hq, q.device)
+    if tile is not None:
+        kw = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}
+        if not interpret:
+            kw.update(num_warps=tile[2] if len(tile) > 2 else 4, num_stages=tile[3] if len(tile) > 3 else 2)
+        _attn_fwd_tma[grid(kw)](*args, **meta, **kw)
+    else:
+        _tuned(variant, 64 if bd <= 64 else (128 if bd <= 128 else 256))[grid](*args, **meta)
+    return out, lse
