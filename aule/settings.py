@@ -182,10 +182,32 @@ def triton_config() -> int | None:
 
 
 def triton_direct() -> bool:
-    """AULE_TRITON_DIRECT=1 (NVIDIA, experimental until measured on a GPU): a Triton launch whose
-    arguments specialise as an earlier launch's did goes straight to that launch's compiled kernel,
-    past Triton's per-launch argument binding (:func:`aule.backends.triton.ops._launch`)."""
-    return _flag(getenv("AULE_TRITON_DIRECT"))
+    """AULE_TRITON_DIRECT (NVIDIA; default 1, measured equal to Triton's own path on the H200): a
+    Triton launch whose arguments specialise as an earlier launch's did goes straight to that
+    launch's compiled kernel, past Triton's per-launch argument binding
+    (:func:`aule.backends.triton.ops._launch`), and repeated eager calls take :mod:`aule.fastcall`.
+    ``0`` is the escape: every launch through ``JITFunction.run``, every call through the full path."""
+    return (getenv("AULE_TRITON_DIRECT") or "1").strip() != "0"
+
+
+# What routes or configures an eager Triton call (the backend forced, the configuration rule, the
+# direct launch, the forms of modified scores, the interpreter): aule.fastcall keys its entries on
+# their raw values, so a change of any sends the next call through the full path, which parses them.
+LAUNCH_VARS = ("AULE_BACKEND", "AULE_TRITON_CONFIG", "AULE_TRITON_AUTOTUNE", "AULE_TRITON_DIRECT",
+               "AULE_TRITON_TANH", "AULE_TRITON_ALIBI", "AULE_CHECK_SYNC", "TRITON_INTERPRET")
+
+
+def raw_values(names: tuple) -> tuple:
+    """The raw values of the variables ``names`` as the environment holds them now, unparsed and
+    undecoded (for keys: equal tuples mean equal settings); one C-level pass over os.environ's store."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if data is None:
+        return tuple(env.get(n) for n in names)
+    keys = _ENCODED.get(names)
+    if keys is None:
+        keys = _ENCODED[names] = tuple(env.encodekey(n) for n in names)
+    return tuple(map(data.get, keys))
 
 
 def prefer_torch() -> bool:
