@@ -59,12 +59,14 @@ def key(q, k, v, causal, scale, window_size, backend, return_lse, softcap):
         return None
     if (grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) or functorch():
         return None
+    device = _launch_device(q)
+    if device is None:
+        return None
     try:
         out = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
                q.device, k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
                k is q, v is q, v is k, _typed(causal), _typed(scale), _typed(window_size), _typed(backend),
-               _typed(return_lse), _typed(softcap), settings.raw_values(settings.LAUNCH_VARS),
-               _launch_device(q) if q.is_cuda else None)
+               _typed(return_lse), _typed(softcap), settings.raw_values(settings.LAUNCH_VARS), device)
         hash(out)
     except Exception:  # noqa: BLE001 - sparse or nested layouts, unhashable arguments: the full path decides
         return None
@@ -72,8 +74,10 @@ def key(q, k, v, causal, scale, window_size, backend, return_lse, softcap):
 
 
 def _launch_device(q):
-    """The device Triton launches on (its current device), part of the key as the direct launches'
-    own key has it; the Triton launcher installs its reader (:func:`set_launch_device`)."""
+    """The device a ready launch of ``q``'s call runs on (Triton's current device, part of the key
+    as it is of the direct launches' own), or None where there are no ready launches (host tensors,
+    the interpreter, AMD): then :func:`key` is None at once. The Triton launcher installs the
+    reader (:func:`set_launch_device`) when it loads; until then no call is recorded."""
     return None
 
 

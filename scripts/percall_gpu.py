@@ -104,8 +104,14 @@ def triton_rows(calls: int, rounds: int) -> None:
     t_sdpa = us(sdpa)
     main = [("torch SDPA", t_sdpa),
             ("aule triton (default: steady state, aule.fastcall)", us(forced)),
-            ("aule triton, AULE_TRITON_DIRECT=0 (the full path)", us(forced, "0")),
-            ("aule auto routing (default)", us(auto))]
+            ("aule triton, AULE_TRITON_DIRECT=0 (the full path)", us(forced, "0"))]
+    key = fastcall.key
+    fastcall.key = lambda *a: None
+    try:
+        main.append(("aule triton, full path with direct launches (no fastcall)", us(forced)))
+    finally:
+        fastcall.key = key
+    main.append(("aule auto routing (default)", us(auto)))
     print(f"\nB1 H1 S16 D64 bfloat16 ({rounds} rounds of {calls} calls; median us per call)")
     for name, t in main:
         print(f"  {name:64s} {t:9.2f}  {t / t_sdpa:5.2f}x SDPA")

@@ -66,6 +66,7 @@ def nvidia(monkeypatch):
     for name in ("_LAUNCHES", "_DIRECT"):
         monkeypatch.setattr(ops, name, {})
     monkeypatch.setattr(fastcall, "_ENTRIES", {})
+    monkeypatch.setattr(fastcall, "_launch_device", lambda q: 0)  # as for a CUDA tensor on NVIDIA
     monkeypatch.setitem(backends.get("triton").__dict__, "unavailable_reason", None)
     for name in ("AULE_TRITON_DIRECT", "AULE_TRITON_CONFIG", "AULE_BACKEND"):
         monkeypatch.delenv(name, raising=False)
@@ -293,8 +294,15 @@ def test_calls_that_do_more_than_one_plain_launch_leave_no_entry(nvidia, monkeyp
     monkeypatch.undo()
 
 
-def test_the_cache_key_tells_apart_what_the_full_path_does():
+def test_host_tensors_have_no_key():
+    """CPU tensors (the interpreter, or the host backends) never take or make a ready launch."""
+    q, k, v = _qkv(9)
+    assert fastcall.key(q, k, v, True, None, -1, "triton", False, 0.0) is None
+
+
+def test_the_cache_key_tells_apart_what_the_full_path_does(monkeypatch):
     """Properties no CPU machine can vary in a call (another device) still make other keys."""
+    monkeypatch.setattr(fastcall, "_launch_device", lambda q: 0)
     q, k, v = _qkv(9)
     base = fastcall.key(q, k, v, True, None, -1, "triton", False, 0.0)
     assert base is not None and base == fastcall.key(q, k, v, True, None, -1, "triton", False, 0.0)

@@ -178,7 +178,15 @@ def _current_device() -> int:
     return torch.cuda.current_device()
 
 
-fastcall.set_launch_device(lambda q: _current_device())  # read through the module: tests replace it
+def _ready_device(q):
+    """Where a ready launch of a call on ``q`` would run (aule.fastcall): Triton's current device for
+    a CUDA tensor on NVIDIA, whose launches alone go direct; None elsewhere (no ready launches)."""
+    if not q.is_cuda or torch_gpu_flavour() != "cuda":
+        return None
+    return _current_device()
+
+
+fastcall.set_launch_device(_ready_device)
 
 
 def _direct_launch(key: tuple, fn, grid, sized, args: tuple, meta: dict, tile_kwargs: dict):
