@@ -174,7 +174,7 @@ def test_results_stay_right_as_calls_change():
         run(*case)
 
 
-# --- direct launches (AULE_TRITON_DIRECT, on by default): compiled kernels launched directly --------------------------------------
+# --- direct launches (AULE_TRITON_DIRECT, on by default): compiled kernels launched directly ---
 
 class _Compiled:
     """Stands in for a CompiledKernel: ``compiled[grid](*params)`` records the launch."""
