@@ -39,18 +39,18 @@ def _torch_hooks():
     return _hooks
 
 
-def _typed(x):
-    """``x`` with its type where equal values of other types are checked differently (``True`` is
-    refused where ``1`` is not); a tuple element by element (a window ``(left, right)``)."""
-    if x.__class__ is tuple:
-        return tuple, tuple((e.__class__, e) for e in x)
-    return x.__class__, x
+def _items_typed(x):
+    """A tuple argument (a window ``(left, right)``) with each element's type: ``(True, 0)`` equals
+    ``(1, 0)``, and the checks refuse the first."""
+    return tuple((e.__class__, e) for e in x)
 
 
 def key(q, k, v, causal, scale, window_size, backend, return_lse, softcap):
     """The cache key of a featureless dense call on plain torch tensors, or None (another kind of
-    input, a gradient to record, an active functorch transform, an unhashable argument): such a
-    call takes the full path and is never recorded. The caller has ruled out tracing."""
+    input, a gradient to record, an active functorch transform, no ready launches where the data
+    is): such a call takes the full path and is never recorded. The caller has ruled out tracing.
+    A key holding an unhashable argument (a list) is never found nor stored: hashing it once,
+    at the lookup, is what a hit costs."""
     hooks = _hooks or _torch_hooks()
     if hooks is None:
         return None
@@ -65,10 +65,13 @@ def key(q, k, v, causal, scale, window_size, backend, return_lse, softcap):
     try:
         out = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
                q.device, k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
-               k is q, v is q, v is k, _typed(causal), _typed(scale), _typed(window_size), _typed(backend),
-               _typed(return_lse), _typed(softcap), settings.raw_values(settings.LAUNCH_VARS), device)
-        hash(out)
-    except Exception:  # noqa: BLE001 - sparse or nested layouts, unhashable arguments: the full path decides
+               k is q, v is q, v is k,
+               # Each scalar with its type: True == 1 == 1.0, and the checks refuse some of those.
+               causal.__class__, causal, scale.__class__, scale, window_size.__class__,
+               _items_typed(window_size) if window_size.__class__ is tuple else window_size,
+               backend.__class__, backend, return_lse.__class__, return_lse, softcap.__class__, softcap,
+               settings.launch_values(), device)
+    except Exception:  # noqa: BLE001 - layouts without strides or pointers (sparse, nested): the full path decides
         return None
     return out
 
@@ -89,7 +92,10 @@ def set_launch_device(reader) -> None:
 def attend(key, q, k, v):
     """``(out, lse)`` of the call ``key`` describes, served by its ready launch, or None (no entry,
     or fresh outputs that the compiled kernel was not specialised for: then the full path)."""
-    ready = _ENTRIES.get(key)
+    try:
+        ready = _ENTRIES.get(key)
+    except TypeError:  # an unhashable argument
+        return None
     if ready is None:
         return None
     device_errors.raise_pending()  # as the full path does before it launches anything
@@ -133,6 +139,10 @@ class recording:
         tensors, ready = rec.offers[0]
         if (tensors[0] is q and tensors[1] is k and tensors[2] is v and tensors[3] is out
                 and (lse is None or tensors[4] is lse)):
+            try:
+                hash(self.key)
+            except TypeError:
+                return
             if len(_ENTRIES) >= _MAX_ENTRIES:
                 _ENTRIES.clear()
             _ENTRIES[self.key] = ready

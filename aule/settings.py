@@ -195,19 +195,17 @@ def triton_direct() -> bool:
 # their raw values, so a change of any sends the next call through the full path, which parses them.
 LAUNCH_VARS = ("AULE_BACKEND", "AULE_TRITON_CONFIG", "AULE_TRITON_AUTOTUNE", "AULE_TRITON_DIRECT",
                "AULE_TRITON_TANH", "AULE_TRITON_ALIBI", "AULE_CHECK_SYNC", "TRITON_INTERPRET")
+_LAUNCH_KEYS = tuple(map(os.environ.encodekey, LAUNCH_VARS)) if hasattr(os.environ, "encodekey") else None
 
 
-def raw_values(names: tuple) -> tuple:
-    """The raw values of the variables ``names`` as the environment holds them now, unparsed and
-    undecoded (for keys: equal tuples mean equal settings); one C-level pass over os.environ's store."""
-    env = os.environ
-    data = getattr(env, "_data", None)
-    if data is None:
-        return tuple(env.get(n) for n in names)
-    keys = _ENCODED.get(names)
-    if keys is None:
-        keys = _ENCODED[names] = tuple(env.encodekey(n) for n in names)
-    return tuple(map(data.get, keys))
+def launch_values() -> tuple:
+    """The raw values of :data:`LAUNCH_VARS` as the environment holds them now, undecoded and
+    unparsed (equal tuples mean equal settings): one C-level pass over os.environ's own store,
+    as :func:`getenv` reads it."""
+    data = getattr(os.environ, "_data", None)
+    if data is None or _LAUNCH_KEYS is None:
+        return tuple(map(getenv, LAUNCH_VARS))
+    return tuple(map(data.get, _LAUNCH_KEYS))
 
 
 def prefer_torch() -> bool:

@@ -323,7 +323,8 @@ def test_the_cache_key_tells_apart_what_the_full_path_does(monkeypatch):
     for other in ((q, k, v, 1, None, -1, "triton", False, 0.0), (q, k, v, True, None, -1, "triton", False, 0),
                   (q, k, v, True, None, -1, "triton", np.bool_(False), 0.0), (q, k, v, True, None, -1, None, False, 0.0)):
         assert fastcall.key(*other) != base
-    assert fastcall.key(q, k, v, True, None, [3, 0], "triton", False, 0.0) is None  # unhashable: the full path
+    listed = fastcall.key(q, k, v, True, None, [3, 0], "triton", False, 0.0)  # unhashable: never found
+    assert fastcall.attend(listed, q, k, v) is None
     assert fastcall.key(np.zeros(1), k, v, True, None, -1, "triton", False, 0.0) is None
     assert fastcall.key(torch.nn.Parameter(q), k, v, True, None, -1, "triton", False, 0.0) is None
 
