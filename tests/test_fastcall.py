@@ -354,3 +354,21 @@ def test_the_steady_state_on_the_gpu_equals_the_full_path(monkeypatch):
         tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-4}[dtype]
         assert np.abs(outs[-1][0].double().cpu().numpy() - ref_out).max() < tol
         assert np.abs(outs[-1][1].double().cpu().numpy() - ref_lse).max() < tol
+
+
+@pytest.mark.skipif(not GPU or ops.torch_gpu_flavour() != "cuda" or torch.cuda.device_count() < 2,
+                    reason="needs two NVIDIA GPUs")
+def test_another_device_takes_the_full_path(nvidia):
+    """The same call on a second GPU (Triton's current device following it) is not the first
+    GPU's ready launch: its own full path, then its own steady state, both right."""
+    q0, k0, v0 = _qkv(10)
+    _steady(nvidia, lambda: aule.flash_attention(q0, k0, v0, backend="triton"))
+    with torch.cuda.device(1):
+        q1, k1, v1 = (x.to("cuda:1") for x in (q0, k0, v0))
+        before = nvidia["full"]
+        out = aule.flash_attention(q1, k1, v1, backend="triton")
+        assert nvidia["full"] == before + 1 and out.device == q1.device
+        _check(out, None, q1, k1, v1, causal=True)
+        out = _steady(nvidia, lambda: aule.flash_attention(q1, k1, v1, backend="triton"), times=2)
+        assert out.device == q1.device
+        _check(out, None, q1, k1, v1, causal=True)

@@ -237,6 +237,11 @@ class Ready:
 
     def __call__(self, q, k, v):
         out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
+        # The LSE is allocated even when the caller does not want it: the kernel writes it, and a
+        # scratch shared between calls would be written by kernels on other streams (or replays of
+        # a graph that captured it) after the allocator had handed a freed or regrown scratch's
+        # memory to another tensor; keeping every scratch forever, or record_stream per call,
+        # costs what this allocation does.
         lse = torch.empty(self.lse_shape, dtype=_F32, device=self.device)
         if out.data_ptr() % 16 or lse.data_ptr() % 16:
             return None  # the kernel was specialised for aligned outputs: Triton's path decides
