@@ -303,7 +303,6 @@ def test_calls_that_do_more_than_one_plain_launch_leave_no_entry(nvidia, monkeyp
     for _ in range(3):
         aule.flash_attention(q, k, v, backend="triton")
     assert nvidia["full"] == before and not fastcall._ENTRIES
-    monkeypatch.undo()
 
 
 def test_host_tensors_have_no_key():
