@@ -371,3 +371,19 @@ def test_another_device_takes_the_full_path(nvidia):
         out = _steady(nvidia, lambda: aule.flash_attention(q1, k1, v1, backend="triton"), times=2)
         assert out.device == q1.device
         _check(out, None, q1, k1, v1, causal=True)
+
+
+def test_every_setting_that_routes_or_launches_a_triton_call_is_in_the_key():
+    """A setting read on the way to a Triton launch but missing from the key would let a ready
+    launch outlive a change of it: every AULE_TRITON_* (and the router's AULE_BACKEND) that the
+    settings module reads, and every AULE_* name the Triton backend reads itself, is in it."""
+    import re
+    from pathlib import Path
+
+    from aule import settings
+
+    root = Path(settings.__file__).parent
+    read = set(re.findall(r'getenv\("((?:AULE_TRITON|TRITON)_\w+|AULE_BACKEND)"\)', (root / "settings.py").read_text()))
+    for path in (root / "backends" / "triton").glob("*.py"):
+        read |= set(re.findall(r'["\'](AULE_\w+)["\']', path.read_text()))
+    assert read and read <= set(settings.LAUNCH_VARS), sorted(read - set(settings.LAUNCH_VARS))
