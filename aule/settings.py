@@ -182,10 +182,31 @@ def triton_config() -> int | None:
 
 
 def triton_direct() -> bool:
-    """AULE_TRITON_DIRECT=1 (NVIDIA, experimental until measured on a GPU): a Triton launch whose
-    arguments specialise as an earlier launch's did goes straight to that launch's compiled kernel,
-    past Triton's per-launch argument binding (:func:`aule.backends.triton.ops._launch`)."""
-    return _flag(getenv("AULE_TRITON_DIRECT"))
+    """AULE_TRITON_DIRECT (NVIDIA; default 1, measured equal to Triton's own path on the H200): a
+    Triton launch whose arguments specialise as an earlier launch's did goes straight to that
+    launch's compiled kernel, past Triton's per-launch argument binding
+    (:func:`aule.backends.triton.ops._launch`), and repeated eager calls take :mod:`aule.fastcall`.
+    ``0`` is the escape: every launch through ``JITFunction.run``, every call through the full path."""
+    return (getenv("AULE_TRITON_DIRECT") or "1").strip() != "0"
+
+
+# What routes or configures an eager Triton call (the backend forced, the configuration rule, the
+# direct launch, the forms of modified scores, the interpreter): aule.fastcall keys its entries on
+# their raw values, so a change of any sends the next call through the full path, which parses them.
+# A new setting that changes how an eager dense call is routed or launched belongs here too.
+LAUNCH_VARS = ("AULE_BACKEND", "AULE_TRITON_CONFIG", "AULE_TRITON_AUTOTUNE", "AULE_TRITON_DIRECT",
+               "AULE_TRITON_TANH", "AULE_TRITON_ALIBI", "AULE_CHECK_SYNC", "TRITON_INTERPRET")
+_LAUNCH_KEYS = tuple(map(os.environ.encodekey, LAUNCH_VARS)) if hasattr(os.environ, "encodekey") else None
+
+
+def launch_values() -> tuple:
+    """The raw values of :data:`LAUNCH_VARS` as the environment holds them now, undecoded and
+    unparsed (equal tuples mean equal settings): one C-level pass over os.environ's own store,
+    as :func:`getenv` reads it."""
+    data = getattr(os.environ, "_data", None)
+    if data is None or _LAUNCH_KEYS is None:
+        return tuple(map(getenv, LAUNCH_VARS))
+    return tuple(map(data.get, _LAUNCH_KEYS))
 
 
 def prefer_torch() -> bool:

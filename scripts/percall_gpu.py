@@ -1,25 +1,28 @@
 """Per-call cost of tiny eager calls on a GPU machine (issue 14 item 4), as one table.
 
-Runs the bench's ``overhead`` suite (B1 H1 S16 D64: bfloat16 on CUDA, float32 on the host) with
-a fixed number of calls per timed round, after a round of warm-up: wall clock over calls back to
-back, one ``torch.cuda.synchronize()`` at the end of a round (the Vulkan rows wait on their fence
-each call, as a user's call does). Rows: torch SDPA, aule's Triton (forced and auto), Vulkan on
-GpuTensors with recordings re-submitted and recorded anew, Vulkan on NumPy arrays, NumPy; then
-the issue's targets. Nothing is written to results/.
+B1 H1 S16 D64 bfloat16 on CUDA, calls back to back, one ``torch.cuda.synchronize()`` at the end of
+each timed round, the median round shown. Rows: torch SDPA; aule's Triton as it runs by default
+(a repeated call takes its ready launch, :mod:`aule.fastcall`); the same with
+``AULE_TRITON_DIRECT=0`` (the full path through Triton's ``JITFunction.run``, the escape); auto
+routing; then the breakdown of both paths down to Triton's own launcher, and a check that the
+steady state's outputs equal the full path's. Each setting is made once around its row, never per
+call. The issue's target: at most 2x SDPA.
 
-With a CUDA device it then breaks the Triton call down, each stage timed the same way: the public
-call (also with ``AULE_TRITON_DIRECT=1``, compiled kernels launched directly), the backend's
-operation without validation and routing, aule's launcher, Triton's ``JITFunction.run`` alone on
-the launch's own arguments, the compiled kernel's launcher alone, and the two output allocations.
+Writes nothing outside ``$OUT``: Triton's compile cache and aule's cache folder go to a folder
+there (a temporary one without ``$OUT``), removed at the end. ``--suite`` also runs the bench's
+``overhead`` suite (Vulkan and NumPy rows too; slower).
 
-    python scripts/percall_gpu.py                 # 5 rounds of 2000 calls per row
-    python scripts/percall_gpu.py --calls 500 --rounds 3
+    python3 scripts/percall_gpu.py                 # 5 rounds of 2000 calls per row
+    python3 scripts/percall_gpu.py --calls 500 --rounds 3
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,106 +50,154 @@ def table(results: dict) -> None:
             print(f"target: {t['target']}: {t['measured']} -> {t['verdict']}")
 
 
-def per_call_us(fn, sync, calls: int, rounds: int) -> float:
-    from aule.bench import timing
+@contextlib.contextmanager
+def env(name: str, value):
+    """``name`` set to ``value`` (None: unset) for the block, then as it was."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
-    return timing.per_call_us(fn, sync=sync, rounds=rounds, calls=calls)["ms"] * 1e3
 
-
-def triton_breakdown(calls: int, rounds: int) -> None:
+def triton_rows(calls: int, rounds: int) -> None:
     import torch
 
     import aule
-    from aule import backends
+    from aule import backends, fastcall
     from aule.backends.triton import ops
+    from aule.bench import timing
     from aule.call import canonicalize
 
     if not torch.cuda.is_available() or backends.get("triton").unavailable_reason:
-        print("\nTriton breakdown: skipped (no CUDA device with aule's triton backend here)")
+        print("\nTriton rows: skipped (no CUDA device with aule's triton backend here)")
         return
     sync = torch.cuda.synchronize
+
+    def us(fn, setting=None):
+        with env("AULE_TRITON_DIRECT", setting):
+            return timing.per_call_us(fn, sync=sync, rounds=rounds, calls=calls)["ms"] * 1e3
+
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn((1, 1, 16, 64), generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    forced = lambda: aule.flash_attention(q, k, v, causal=False, backend="triton")  # noqa: E731
+    auto = lambda: aule.flash_attention(q, k, v, causal=False)  # noqa: E731
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+
+    # Equal outputs first: the steady state against the full path with Triton's own launch.
+    with env("AULE_TRITON_DIRECT", "0"):
+        want, want_lse = aule.flash_attention(q, k, v, causal=False, backend="triton", return_lse=True)
+    for _ in range(3):
+        got, got_lse = aule.flash_attention(q, k, v, causal=False, backend="triton", return_lse=True)
+    sync()
+    same = torch.equal(got, want) and torch.equal(got_lse, want_lse)
+    print(f"\nsteady-state outputs equal to the full path's (AULE_TRITON_DIRECT=0): {same}; "
+          f"ready launches cached: {len(fastcall._ENTRIES)}")
+
+    t_sdpa = us(sdpa)
+    main = [("torch SDPA", t_sdpa),
+            ("aule triton (default: steady state, aule.fastcall)", us(forced)),
+            ("aule triton, AULE_TRITON_DIRECT=0 (the full path)", us(forced, "0"))]
+    key = fastcall.key
+    fastcall.key = lambda *a: None
+    try:
+        main.append(("aule triton, full path with direct launches (no fastcall)", us(forced)))
+    finally:
+        fastcall.key = key
+    main.append(("aule auto routing (default)", us(auto)))
+    print(f"\nB1 H1 S16 D64 bfloat16 ({rounds} rounds of {calls} calls; median us per call)")
+    for name, t in main:
+        print(f"  {name:64s} {t:9.2f}  {t / t_sdpa:5.2f}x SDPA")
+    print(f"  target: aule triton <= 2x SDPA = {2 * t_sdpa:.1f} us -> "
+          f"{'met' if main[1][1] <= 2 * t_sdpa else 'NOT met'}")
+
+    # The steady state's parts.
+    fk = fastcall.key(q, k, v, False, None, -1, "triton", False, 0.0)
+    ready = fastcall._ENTRIES.get(fk)
+    rows = [("fastcall.key (the cache key)", lambda: fastcall.key(q, k, v, False, None, -1, "triton", False, 0.0))]
+    if ready is not None:
+        out, lse = ready(q, k, v)
+        params = ready.pick((q, k, v, out, lse) + ready.consts)
+        rows += [("fastcall.attend (lookup, error poll, ready launch)", lambda: fastcall.attend(fk, q, k, v)),
+                 ("  Ready: torch.empty of out and lse + launch", lambda: ready(q, k, v)),
+                 ("  torch.empty of out and lse", lambda: (torch.empty(ready.out_shape, dtype=ready.out_dtype,
+                                                                        device=ready.device),
+                                                            torch.empty(ready.lse_shape, dtype=torch.float32,
+                                                                        device=ready.device))),
+                 ("  the compiled kernel's launcher alone (Triton's runner)", lambda: ready.runner(*params))]
+    else:
+        print("(no ready launch for the forced call: the steady state was not reached)")
+    print("\nsteady state, by part")
+    for name, fn in rows:
+        print(f"  {name:64s} {us(fn):9.2f}")
+
+    # The full path's parts (AULE_TRITON_DIRECT=0 unless said).
     call = canonicalize(q, k, v, False, None, -1, False)
     b = backends.get("triton")
-    def direct(fn):
-        """``fn`` with AULE_TRITON_DIRECT=1 (compiled kernels launched directly)."""
-        def run():
-            os.environ["AULE_TRITON_DIRECT"] = "1"
-            try:
-                return fn()
-            finally:
-                os.environ.pop("AULE_TRITON_DIRECT", None)
-        return run
-
-    os.environ.pop("AULE_TRITON_DIRECT", None)
-    public = lambda: aule.flash_attention(q, k, v, causal=False)  # noqa: E731
-    rows = [("torch SDPA", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)),
-            ("aule.flash_attention (auto: Triton)", public),
-            ("aule.flash_attention, AULE_TRITON_DIRECT=1 (setting it counted)", direct(public)),
-            ("  TritonBackend.attention (validated, routed call)", lambda: b.attention(call)),
-            ("    ops.attention_forward (aule's launcher)", lambda: ops.attention_forward(q, k, v, call.scale, -1, -1)),
-            ("    ops.attention_forward, AULE_TRITON_DIRECT=1",
-             direct(lambda: ops.attention_forward(q, k, v, call.scale, -1, -1)))]
-
-    # The launch's own arguments, caught on their way to Triton, for the rows below.
+    rows = [("call.canonicalize", lambda: canonicalize(q, k, v, False, None, -1, False), "0"),
+            ("TritonBackend.attention (validated, routed call)", lambda: b.attention(call), "0"),
+            ("  ops.attention_forward (aule's launcher)", lambda: ops.attention_forward(q, k, v, call.scale, -1, -1),
+             "0"),
+            ("  ops.attention_forward, direct launch", lambda: ops.attention_forward(q, k, v, call.scale, -1, -1),
+             None)]
     seen = {}
     real = ops._KERNELS["fwd"]
 
     class Catch:
+        """The launch's own arguments, caught on their way to Triton."""
+
         def __getattr__(self, name):
             return getattr(real, name)
 
         def run(self, *args, grid, warmup, **kw):
             seen.update(args=args, grid=grid, kw=kw)
-            seen["compiled"] = real.run(*args, grid=grid, warmup=warmup, **kw)
-            return seen["compiled"]
+            return real.run(*args, grid=grid, warmup=warmup, **kw)
 
     ops._KERNELS["fwd"], saved = Catch(), dict(ops._LAUNCHES)
     ops._LAUNCHES.clear()
     try:
-        # Twice: a first launch may go through the autotuner, which holds the real kernel; the
-        # second goes through the launch cache, which now holds the catcher.
-        for _ in range(2):
-            ops.attention_forward(q, k, v, call.scale, -1, -1)
+        with env("AULE_TRITON_DIRECT", "0"):
+            for _ in range(2):  # the first may go through the autotuner, which holds the real kernel
+                ops.attention_forward(q, k, v, call.scale, -1, -1)
     finally:
         ops._KERNELS["fwd"] = real
         ops._LAUNCHES.clear()
         ops._LAUNCHES.update(saved)
+        fastcall.forget()
     if seen:
         args, grid, kw = seen["args"], seen["grid"], seen["kw"]
-        rows.append(("      Triton JITFunction.run alone",
-                     lambda: real.run(*args, grid=grid, warmup=False, **kw)))
-        compiled = seen["compiled"]
-        named = dict(zip(real.arg_names, args), **kw)
-        params = [named[n] for n in real.arg_names]
-        shape = grid(named) if callable(grid) else grid
-        shape = tuple(shape) + (1,) * (3 - len(shape))
-        try:
-            launcher = compiled[shape]
-            launcher(*params)
-            rows.append(("      the compiled kernel's launcher alone", lambda: launcher(*params)))
-        except Exception as exc:  # a Triton whose CompiledKernel launches otherwise
-            print(f"(the compiled kernel's launcher could not be called directly: {type(exc).__name__}: {exc})")
-    rows.append(("  torch.empty of out and lse", lambda: (torch.empty((1, 1, 16, 64), dtype=q.dtype, device="cuda"),
-                                                          torch.empty((1, 1, 16), dtype=torch.float32, device="cuda"))))
-    print(f"\nTriton breakdown, B1 H1 S16 D64 bfloat16 ({rounds} rounds of {calls} calls, median us per call)")
-    for name, fn in rows:
-        print(f"  {name:60s} {per_call_us(fn, sync, calls, rounds):9.2f}")
+        rows.append(("    Triton JITFunction.run alone", lambda: real.run(*args, grid=grid, warmup=False, **kw), "0"))
+    print("\nfull path, by part")
+    for name, fn, setting in rows:
+        print(f"  {name:64s} {us(fn, setting):9.2f}")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=2000, help="calls per timed round (default 2000)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per row; the median is shown (default 5)")
-    p.add_argument("--no-suite", action="store_true", help="only the Triton breakdown")
+    p.add_argument("--suite", action="store_true", help="also run the bench's overhead suite (every backend)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    if not args.no_suite:
-        from aule.bench import run
+    out = os.environ.get("OUT")
+    scratch = tempfile.mkdtemp(prefix="percall-", dir=out if out and os.path.isdir(out) else None)
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(scratch, "triton"))
+    os.environ.setdefault("AULE_CACHE_DIR", os.path.join(scratch, "aule"))
+    try:
+        if args.suite:
+            from aule.bench import run
 
-        table(run(suites=["overhead"], progress=False, overhead_calls=args.calls))
-    triton_breakdown(args.calls, args.rounds)
+            table(run(suites=["overhead"], progress=False, overhead_calls=args.calls))
+        triton_rows(args.calls, args.rounds)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 

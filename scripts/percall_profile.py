@@ -3,7 +3,9 @@
 Triton: ``aule.flash_attention`` on CPU torch tensors with the Triton launch replaced by a no-op
 (``TRITON_INTERPRET=1`` makes the kernels interpreted Python; their ``run`` is what is stubbed, so
 everything of aule's up to Triton's launch is timed). ``--target cuda`` also takes the path a GPU
-takes (autotuned configurations, the cached launch of a tuned pick), still with the no-op launch.
+takes (autotuned configurations, the cached launch of a tuned pick, direct launches of a stubbed
+compiled kernel and so the steady state of :mod:`aule.fastcall`), still with the no-op launch;
+the rows below it break that down and time the full path with ``AULE_TRITON_DIRECT=0``.
 Vulkan: the tiny call on GpuTensors with recorded-sequence reuse on and off, against the bare
 re-submission of its recording (the floor: vkQueueSubmit and the fence wait, which on lavapipe
 run the shader on the CPU), and on NumPy arrays.
@@ -97,7 +99,7 @@ def triton_part(args, shape) -> None:
     interpreter.InterpretedFunction.run = no_launch
 
     import aule
-    from aule import backends
+    from aule import backends, fastcall
     from aule.backends.triton import ops
     from aule.call import canonicalize
     from aule.routing import route
@@ -106,9 +108,11 @@ def triton_part(args, shape) -> None:
     b.__dict__["unavailable_reason"] = None  # as if a GPU were here (the tests do the same)
     if args.target == "cuda":
         # The GPU's path: autotuned configurations (one survives pruning at this size, so no
-        # benchmark runs) and whatever aule caches of the tuner's pick.
+        # benchmark runs), whatever aule caches of the tuner's pick, and the steady state of
+        # aule.fastcall, which takes CUDA tensors on NVIDIA alone.
         ops.target_of = lambda t: "cuda"
         ops._current_device = lambda: 0
+        fastcall.set_launch_device(lambda t: 0)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
 
@@ -122,17 +126,30 @@ def triton_part(args, shape) -> None:
     assert launches[0] == before + 1, "one call must launch one kernel"
     rows = [("aule.flash_attention(backend='triton'), launch stubbed", median_us(whole, args.calls))]
     if args.target == "cuda":
-        os.environ["AULE_TRITON_DIRECT"] = "1"
+        # The default there: a repeated call takes its ready launch (aule.fastcall), whose
+        # compiled kernel is the stub's; then its parts, and the full path without it.
+        fk = fastcall.key(q, k, v, False, None, -1, "triton", False, 0.0)
+        rows += [("  of which fastcall.key", median_us(lambda: fastcall.key(q, k, v, False, None, -1, "triton", False,
+                                                                           0.0), args.calls)),
+                 ("  of which fastcall.attend (fresh outputs, the stubbed launch)",
+                  median_us(lambda: fastcall.attend(fk, q, k, v), args.calls))]
+        key = fastcall.key
+        fastcall.key = lambda *a: None
         try:
-            rows.append(("  the same, AULE_TRITON_DIRECT=1 (a stubbed compiled kernel)", median_us(whole, args.calls)))
+            rows.append(("  the full path, direct launches (aule.fastcall bypassed)", median_us(whole, args.calls)))
         finally:
-            del os.environ["AULE_TRITON_DIRECT"]
-    rows += [
-            ("  call.canonicalize", median_us(lambda: canonicalize(q, k, v, False, None, -1, False), args.calls)),
-            ("  routing.route (forced 'triton')", median_us(lambda: route(call, "attention", "triton"), args.calls)),
-            ("  TritonBackend.attention(call)", median_us(lambda: b.attention(call), args.calls)),
-            ("    ops.attention_forward", median_us(lambda: ops.attention_forward(q, k, v, call.scale, -1, -1),
-                                                    args.calls))]
+            fastcall.key = key
+    os.environ["AULE_TRITON_DIRECT"] = "0"  # the stages as they ran before: through JITFunction.run
+    try:
+        rows += [
+            ("  AULE_TRITON_DIRECT=0: the full path, Triton's own launch", median_us(whole, args.calls)),
+            ("    call.canonicalize", median_us(lambda: canonicalize(q, k, v, False, None, -1, False), args.calls)),
+            ("    routing.route (forced 'triton')", median_us(lambda: route(call, "attention", "triton"), args.calls)),
+            ("    TritonBackend.attention(call)", median_us(lambda: b.attention(call), args.calls)),
+            ("      ops.attention_forward", median_us(lambda: ops.attention_forward(q, k, v, call.scale, -1, -1),
+                                                      args.calls))]
+    finally:
+        del os.environ["AULE_TRITON_DIRECT"]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows.append(("torch SDPA on the CPU (computes too; for scale)", median_us(lambda: sdpa(q, k, v), args.calls)))
     show(rows, f"Triton, target {args.target}, {tuple(shape)} float32 (median us per call)")

@@ -25,7 +25,11 @@ OUT_TOL = {"float32": 5e-5, "float16": 3e-3}
 
 
 class _Kernel:
-    """Stands in for a JIT function: records each launch's keyword arguments."""
+    """Stands in for a JIT function: records each launch's keyword arguments. It has the real
+    kernel's parameter names, as the direct launches read them, and returns no compiled kernel, so
+    with them on (the default) every launch still comes here."""
+
+    arg_names = list(ops.kernels._attn_fwd.arg_names)
 
     def __init__(self):
         self.launches = []
@@ -67,6 +71,8 @@ def observed(monkeypatch):
     monkeypatch.setattr(ops, "_tuned", tuned)
     monkeypatch.setitem(ops._KERNELS, "fwd", kernel)
     monkeypatch.setattr(ops, "_LAUNCHES", {})
+    monkeypatch.setattr(ops, "_DIRECT", {})
+    monkeypatch.setattr(ops, "_current_device", lambda: 0)
     monkeypatch.delenv("AULE_TRITON_AUTOTUNE", raising=False)
     monkeypatch.delenv("AULE_TRITON_CONFIG", raising=False)
     return kernel, tuners
@@ -168,7 +174,7 @@ def test_results_stay_right_as_calls_change():
         run(*case)
 
 
-# --- AULE_TRITON_DIRECT=1: compiled kernels launched directly --------------------------------------
+# --- direct launches (AULE_TRITON_DIRECT, on by default): compiled kernels launched directly ---
 
 class _Compiled:
     """Stands in for a CompiledKernel: ``compiled[grid](*params)`` records the launch."""
@@ -197,11 +203,8 @@ class _CompilingKernel(_Kernel):
 
 @pytest.fixture
 def direct(observed, monkeypatch):
-    kernel = _CompilingKernel(ops._KERNELS["fwd"].arg_names if hasattr(ops._KERNELS["fwd"], "arg_names")
-                              else list(ops.kernels._attn_fwd.arg_names))
+    kernel = _CompilingKernel(_Kernel.arg_names)
     monkeypatch.setitem(ops._KERNELS, "fwd", kernel)
-    monkeypatch.setattr(ops, "_DIRECT", {})
-    monkeypatch.setattr(ops, "_current_device", lambda: 0)
     monkeypatch.setenv("AULE_TRITON_AUTOTUNE", "0")
     monkeypatch.setenv("AULE_TRITON_DIRECT", "1")
     return kernel
@@ -234,7 +237,7 @@ def test_direct_launches_reuse_a_compiled_kernel_only_for_the_same_specialisatio
         assert len(kernel.launches) == 2 + i and len(kernel.direct) == 2 + i
     ops.attention_forward(q, k, v, 0.3, -1, -1)  # another float: no new specialisation
     assert len(kernel.launches) == 1 + len(calls) and len(kernel.direct) == 2 + len(calls)
-    monkeypatch.delenv("AULE_TRITON_DIRECT")
+    monkeypatch.setenv("AULE_TRITON_DIRECT", "0")  # the escape: Triton's own path
     ops.attention_forward(q, k, v, 0.125, -1, -1)
     assert len(kernel.launches) == 2 + len(calls) and len(kernel.direct) == 2 + len(calls)
 
@@ -275,7 +278,7 @@ def test_direct_launches_give_what_triton_s_path_gives(monkeypatch):
     cases = [(qkv(1, 1, 1, 16, 16, 64, torch.bfloat16), -1, -1), (qkv(2, 8, 2, 100, 130, 64, torch.float16), -1, 0),
              (qkv(1, 4, 4, 33, 33, 128, torch.bfloat16, offset=3), 7, 0), (qkv(1, 2, 1, 1, 300, 80, torch.float16), -1, -1)]
     for (q, k, v), left, right in cases:
-        monkeypatch.delenv("AULE_TRITON_DIRECT", raising=False)
+        monkeypatch.setenv("AULE_TRITON_DIRECT", "0")
         plain, plain_lse = ops.attention_forward(q, k, v, 0.2, left, right)
         monkeypatch.setenv("AULE_TRITON_DIRECT", "1")
         before = len(ops._DIRECT)

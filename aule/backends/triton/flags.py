@@ -133,6 +133,7 @@ class ErrorFlags:
         self._chunks: list = []
         self._inflight: collections.deque = collections.deque()
         self._lock = threading.Lock()
+        self._graphs = False  # whether some row was taken inside a CUDA graph capture (kept for good)
 
     def _capturing(self) -> bool:
         return self._pinned and self._torch.cuda.is_current_stream_capturing()
@@ -149,6 +150,7 @@ class ErrorFlags:
             row = chunk.free.pop()
             if captured:
                 chunk.captured[row] = meta
+                self._graphs = True
         return Flag(chunk, row, chunk.view(row), chunk.dirty if captured else chunk.scratch, meta, captured)
 
     def launched(self, flag: Flag, device) -> None:
@@ -168,6 +170,10 @@ class ErrorFlags:
 
     def poll(self, wait: bool) -> list:
         """Messages of the errors in rows whose kernels have finished (``wait``: wait for them)."""
+        if not (wait or self._inflight or self._graphs):
+            # Every aule call asks: with no eager launch in flight and no graph's rows to read
+            # there is nothing to look at. A launch another thread is adding now is read next time.
+            return []
         capturing = (wait or bool(self._inflight)) and self._capturing()
         if wait and self._pinned and not capturing:
             for index in range(self._torch.cuda.device_count()):  # graph replays too, which no event follows

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import operator
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import triton
 
-from ... import settings
+from ... import fastcall, settings
 from ...call import OnDevice, dtype_name
 from ...errors import UnsupportedError
 from . import configs as cfg
@@ -106,7 +107,8 @@ def _tensor_dtypes(args: tuple) -> tuple:
 def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, sizes, tile=None):
     """Run ``kernel`` with an explicit tile ``(BLOCK_M, BLOCK_N[, num_warps, num_stages])``, the
     interpreter's tile, or the autotuned choice for this target and shape (``sizes``: seq_q, seq_k,
-    the longest sequence's for varlen)."""
+    the longest sequence's for varlen). Returns what :func:`_direct_launch` returns when the launch
+    went through a compiled kernel kept there, else None."""
     target = target_of(like)
     index = _fixed_config_index()
     buckets = (next_pow2(sizes[0]), next_pow2(sizes[1]))
@@ -116,6 +118,7 @@ def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, size
     if known is None:
         if len(_LAUNCHES) > 4096:
             _LAUNCHES.clear()
+            fastcall.forget()  # a pick may be made anew, and the ready launches must follow it
         known = _first_launch(key, grid, args, meta, like)
         if known is None:  # launched by the autotuner, which has now made its pick
             return
@@ -124,13 +127,13 @@ def _launch(kernel: str, grid, args: tuple, meta: dict, like: torch.Tensor, size
     # arguments, as the autotuner did.
     sized = grid(tile_kwargs) if fixed else grid
     if target == "cuda" and settings.triton_direct():
-        _direct_launch(key, fn, grid, sized, args, meta, tile_kwargs)
-        return
+        return _direct_launch(key, fn, grid, sized, args, meta, tile_kwargs)
     fn.run(*args, grid=sized, warmup=False, **meta, **tile_kwargs)
+    return None
 
 
-# AULE_TRITON_DIRECT=1: compiled kernels by launch key, the arguments' specialisation and the
-# device, with the compile-time values that follow the arguments. JITFunction.run binds and
+# AULE_TRITON_DIRECT (on unless 0): compiled kernels by launch key, the arguments' specialisation
+# and the device, with the compile-time values that follow the arguments. JITFunction.run binds and
 # specialises every argument on every launch, which for these kernels of some fifty arguments
 # cost more host time than all of aule's own path (about 20 us a launch, measured on the CPU).
 _DIRECT: dict = {}
@@ -167,18 +170,32 @@ def _current_device() -> int:
     return torch.cuda.current_device()
 
 
-def _direct_launch(key: tuple, fn, grid, sized, args: tuple, meta: dict, tile_kwargs: dict) -> None:
+def _ready_device(q):
+    """Where a ready launch of a call on ``q`` would run (aule.fastcall): Triton's current device for
+    a CUDA tensor on NVIDIA, whose launches alone go direct; None elsewhere (no ready launches)."""
+    if not q.is_cuda or torch_gpu_flavour() != "cuda":
+        return None
+    return _current_device()
+
+
+fastcall.set_launch_device(_ready_device)
+
+
+def _direct_launch(key: tuple, fn, grid, sized, args: tuple, meta: dict, tile_kwargs: dict):
     """Launch through the compiled kernel an earlier launch of the same key, specialisation and
     device returned; the first such launch goes through ``fn.run`` and keeps what it returns.
-    Triton's own settings (TRITON_DEBUG and the like) are those of that first launch."""
+    Triton's own settings (TRITON_DEBUG and the like) are those of that first launch. Returns
+    ``(runner, params)``, the compiled kernel's launcher for this grid and every parameter it was
+    given, when the kernel is kept (what :class:`Ready` repeats); else None."""
     spec = _specialization(args, len(key[-1]))
     known = None if spec is None else (key, spec, _current_device())
     hit = _DIRECT.get(known) if known is not None else None
     if hit is not None:
         compiled, tail = hit
         g = tuple(grid(tile_kwargs)) + (1, 1)
-        compiled[g[:3]](*args, *tail)
-        return
+        runner, params = compiled[g[:3]], args + tail
+        runner(*params)
+        return runner, params
     compiled = fn.run(*args, grid=sized, warmup=False, **meta, **tile_kwargs)
     # The compiled kernel takes every parameter in order: the launch's arguments, then the
     # compile-time ones, whose values the key fixes.
@@ -187,7 +204,69 @@ def _direct_launch(key: tuple, fn, grid, sized, args: tuple, meta: dict, tile_kw
     if known is not None and compiled is not None and all(n in values for n in names):
         if len(_DIRECT) > 4096:
             _DIRECT.clear()
-        _DIRECT[known] = (compiled, tuple(values[n] for n in names))
+            fastcall.forget()
+        tail = tuple(values[n] for n in names)
+        _DIRECT[known] = (compiled, tail)
+        return compiled[(tuple(grid(tile_kwargs)) + (1, 1))[:3]], args + tail
+    return None
+
+
+_F32 = torch.float32
+_CONSTANTS = (int, float, bool, str, type(None))
+
+
+class Ready:
+    """A plain dense forward launch made ready to repeat (:mod:`aule.fastcall`): fresh outputs
+    like the recorded launch's, then the compiled kernel's launcher with the recorded parameters,
+    the call's tensors in their places. Holds no tensor of the recorded call."""
+
+    __slots__ = ("runner", "pick", "consts", "out_shape", "out_dtype", "lse_shape", "device")
+
+    def __init__(self, runner, pick, consts, out, lse):
+        self.runner, self.pick, self.consts = runner, pick, consts
+        self.out_shape, self.out_dtype, self.device = tuple(out.shape), out.dtype, out.device
+        self.lse_shape = tuple(lse.shape)
+
+    def __call__(self, q, k, v):
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
+        # The LSE is allocated even when the caller does not want it: the kernel writes it, and a
+        # scratch shared between calls would be written by kernels on other streams (or replays of
+        # a graph that captured it) after the allocator had handed a freed or regrown scratch's
+        # memory to another tensor; keeping every scratch forever, or record_stream per call,
+        # costs what this allocation does.
+        lse = torch.empty(self.lse_shape, dtype=_F32, device=self.device)
+        if out.data_ptr() % 16 or lse.data_ptr() % 16:
+            return None  # the kernel was specialised for aligned outputs: Triton's path decides
+        self.runner(*self.pick((q, k, v, out, lse) + self.consts))
+        return out, lse
+
+
+def _offer(launched, tensors: tuple) -> None:
+    """Offer the call being recorded (if any) a :class:`Ready` of a direct ``launched`` =
+    ``(runner, params)`` of ``tensors`` ``(q, k, v, out, lse)``: each parameter that is one of them
+    (by identity) becomes its place, any other a constant. Nothing is offered when another tensor
+    takes part (its values would be this call's alone) or the outputs are not fresh, contiguous
+    and 16-byte aligned, as the repeated launch allocates them."""
+    rec = fastcall.recorder()
+    if rec is None or launched is None:
+        return
+    runner, params = launched
+    places, consts = [], []
+    for p in params:
+        if isinstance(p, _TENSOR):
+            place = next((i for i, t in enumerate(tensors) if p is t), None)
+            if place is None:
+                return
+            places.append(place)
+        elif type(p) in _CONSTANTS:
+            places.append(len(tensors) + len(consts))
+            consts.append(p)
+        else:
+            return
+    out, lse = tensors[3], tensors[4]
+    if any(t._base is not None or t.storage_offset() or not t.is_contiguous() or t.data_ptr() % 16 for t in (out, lse)):
+        return
+    fastcall.offer(rec, tensors, Ready(runner, operator.itemgetter(*places), tuple(consts), out, lse))
 
 
 def _first_launch(key: tuple, grid, args: tuple, meta: dict, like: torch.Tensor):
@@ -574,11 +653,13 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
             sq, sk, left, right, scale * LOG2E, *_cap(scale, softcap), hq, hq // hkv,
             next_pow2(sizes[0]), next_pow2(sizes[1]), *sizes,
             *descales, *(st for t in descales for st in (t.stride() if fp8 else (0, 0))))
-    _launch("fwd", _grid(sizes[0], "BLOCK_M", hq, b, packing), args,
-            _meta(q, left, right, softcap, alibi, kspan, mask, packing, flag, HAS_SINKS=sinks is not None,
-                  FP8=FP8_SHIFT.get(q.dtype, 0), ALIBI_MODE=_alibi_kind(alibi, right, q.dtype)),
-            q, sizes, tile)
+    launched = _launch("fwd", _grid(sizes[0], "BLOCK_M", hq, b, packing), args,
+                       _meta(q, left, right, softcap, alibi, kspan, mask, packing, flag, HAS_SINKS=sinks is not None,
+                             FP8=FP8_SHIFT.get(q.dtype, 0), ALIBI_MODE=_alibi_kind(alibi, right, q.dtype)),
+                       q, sizes, tile)
     flags.close_flag(flag, q.device)
+    if flag is None and packing is None and not fp8 and tile is None:
+        _offer(launched, (q, k, v, out, lse))
     return out, lse
 
 
