@@ -537,7 +537,11 @@ void attend_subgroups() {
                 float x = 0.0;
                 [[unroll]] for (uint i = 0; i < CPL; ++i)
                     [[unroll]] for (uint h = 0; h < CV; ++h) x += dot(qv[r][i * CV + h], chunk_part(kr[t][i], h));
-                [[unroll]] for (uint bit = 1; bit < LPK; bit <<= 1) x += subgroupShuffleXor(x, bit);
+                // Literal trip counts (bits 1 .. 64): a loop counted by a shift is not unrolled by every
+                // driver, and lavapipe would count its passes against the loop limit on every key.
+                [[unroll]] for (uint e = 0; e < 6; ++e) {
+                    if ((1u << e) < LPK) x += subgroupShuffleXor(x, 1u << e);
+                }
                 // Causal among the rows (right = 0) over the context's keys; keys past the split's
                 // range (j >= ke) are hidden too.
                 const bool ok = live[r] && j[t] < ke && AULE_VISIBLE(pos[r], j[t], w.ctx, pc.left, 0);
@@ -566,13 +570,16 @@ void attend_subgroups() {
     }
 
     // The subgroup's lane groups into its first (butterfly over the lane bits above LPK).
-    [[unroll]] for (uint bit = LPK; bit < SG; bit <<= 1) {
-        [[unroll]] for (uint r = 0; r < BM; ++r) {
-            vec4 acc2[AV];
-            [[unroll]] for (uint h = 0; h < AV; ++h) acc2[h] = subgroupShuffleXor(acc[r][h], bit);
-            const float m2 = subgroupShuffleXor(m[r], bit), l2 = subgroupShuffleXor(l[r], bit);
-            bad[r] = bad[r] || subgroupShuffleXor(uint(bad[r]), bit) != 0u;
-            combine(m[r], l[r], acc[r], m2, l2, acc2);
+    [[unroll]] for (uint e = 0; e < 7; ++e) {
+        const uint bit = 1u << e;
+        if (bit >= LPK && bit < SG) {
+            [[unroll]] for (uint r = 0; r < BM; ++r) {
+                vec4 acc2[AV];
+                [[unroll]] for (uint h = 0; h < AV; ++h) acc2[h] = subgroupShuffleXor(acc[r][h], bit);
+                const float m2 = subgroupShuffleXor(m[r], bit), l2 = subgroupShuffleXor(l[r], bit);
+                bad[r] = bad[r] || subgroupShuffleXor(uint(bad[r]), bit) != 0u;
+                combine(m[r], l[r], acc[r], m2, l2, acc2);
+            }
         }
     }
     if (slot_in_sg == 0u) {
