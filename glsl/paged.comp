@@ -97,8 +97,14 @@ layout(std430, binding = 0) readonly buffer QB { ELEM4 q[]; };        // [B, Hq,
 #ifdef AULE_SPLIT
 // A cache split across device buffers (aule/backends/vulkan/plans.py cache_split): PIECES buffers
 // of BLOCKS_PER_PIECE whole blocks each (the last may hold fewer), bound as arrays.
+// Constants 4 and 5 are the subgroup path's own where it is compiled (its SG and KT), these follow them.
+#ifdef AULE_PAGED_SG
+layout(constant_id = 6) const uint PIECES = 2;
+layout(constant_id = 7) const uint BLOCKS_PER_PIECE = 1;
+#else
 layout(constant_id = 4) const uint PIECES = 2;
 layout(constant_id = 5) const uint BLOCKS_PER_PIECE = 1;
+#endif
 layout(std430, binding = 1) readonly buffer KB { KV_T d[]; } kc[PIECES];   // [blocks of the piece, bs, Hkv, D]
 layout(std430, binding = 2) readonly buffer VB { KV_T d[]; } vc[PIECES];
 #else
@@ -424,8 +430,8 @@ void attend_tiles() {
 }
 #else  // AULE_PAGED_SG
 
-layout(constant_id = 6) const uint SG = 32;   // the device's subgroup size (plans: info.subgroup_size)
-layout(constant_id = 7) const uint KT = 4;    // keys each lane group has in flight per step
+layout(constant_id = 4) const uint SG = 32;   // the device's subgroup size (plans: info.subgroup_size)
+layout(constant_id = 5) const uint KT = 4;    // keys each lane group has in flight per step
 const uint LPK = BN;                          // lanes sharing one key row, a power of two <= SG
 const uint C = D4 / CV;                       // 16-byte chunks of a K or V row
 const uint CPL = (C + LPK - 1) / LPK;         // chunks each lane owns (lane + i * LPK)

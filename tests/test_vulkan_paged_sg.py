@@ -295,3 +295,16 @@ def test_gpu_decode_shape_both_paths(ctx, monkeypatch):
     check(_run(case, np.float16), ref, "float16")
     monkeypatch.setenv("AULE_VULKAN_PAGED", "tiled")
     check(_run(case, np.float16), ref, "float16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_subgroup_shared_bytes_match_the_spirv(dtype):
+    """plans.paged_sg_shared_bytes (what the plan fits to the device) is what the SPIR-V declares."""
+    from aule.backends.vulkan import plans
+    from test_portability import spirv
+
+    module = "paged_sg_fp16" if dtype == "float16" else "paged_sg"
+    for d, rows, sg, wg in ((128, 4, 32, 128), (40, 1, 8, 32), (256, 8, 4, 16), (80, 3, 64, 256)):
+        k = plans.PagedKernel("subgroup", rows, 8, wg, 4, sg)
+        declared = spirv(module).shared_bytes(((0, d),) + k.spec)
+        assert plans.paged_sg_shared_bytes(rows, d, wg // sg) == sum(declared.values()), (d, rows, declared)

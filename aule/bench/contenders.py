@@ -714,7 +714,7 @@ class AulePagedLauncher(Contender):
 class AulePagedVulkanResident(Contender):
     """Vulkan paged decode with the KV cache as GpuTensors (uploaded once): the public call for
     the check and the wall time, Vulkan timestamps of the attention and merge dispatches for the
-    GPU time."""
+    GPU time, the call recorded back to back in one submission (clocks of sustained work)."""
 
     impl = "paged_resident"
     serves = ("decode",)

@@ -384,7 +384,13 @@ class PagedKernel:
     @property
     def spec(self) -> tuple:
         base = ((1, self.bm), (2, self.bn), (3, self.wg))
-        return base + (((6, self.sg), (7, self.kt)) if self.kind == "subgroup" else ())
+        return base + (((4, self.sg), (5, self.kt)) if self.kind == "subgroup" else ())
+
+    @property
+    def split_ids(self) -> tuple:
+        """The constant ids of a split cache's piece count and blocks per piece (after the
+        subgroup path's own two)."""
+        return (6, 7) if self.kind == "subgroup" else (4, 5)
 
 
 def paged_sg_shared_bytes(bm: int, d: int, subgroups: int) -> int:
@@ -548,7 +554,7 @@ def paged_plan(call, info, split: CacheSplit | None = None) -> PagedPlan:
     module = "paged"
     if split is not None and split.pieces > 1:
         module = "paged_split"
-        spec += ((4, split.pieces), (5, split.blocks_per_piece))
+        spec += tuple(zip(kernel.split_ids, (split.pieces, split.blocks_per_piece)))
     module += "_sg" if kernel.kind == "subgroup" else ""
     return PagedPlan(module + ("_fp16" if call.dtype == "float16" else ""), tuple(sorted(spec)), splits, attend, merge, kernel)
 

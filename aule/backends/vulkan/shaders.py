@@ -475,10 +475,10 @@ _CPU_TILES = (Tiles(64, 16, 64, 4), Tiles(64, 32, 128, 8))
 _CPU_LANES = ((64, 16, 4), (128, 8, 4), (256, 4, 4))
 _FP16 = Needs(fp16=True)
 _SPLIT_PAGED = ("head_dim", "rows", "keys", "invocations", "pieces", "blocks per piece")
-# The subgroup decode path (AULE_PAGED_SG): constant 2 is the lanes sharing a key row; 6 and 7 follow
-# the split path's 4 and 5 (absent, so unused, without AULE_SPLIT).
-_SG_PAGED = ("head_dim", "rows", "lanes per key", "invocations", "pieces", "blocks per piece", "subgroup size",
-             "keys in flight")
+# The subgroup decode path (AULE_PAGED_SG): constant 2 is the lanes sharing a key row, 4 and 5 its own;
+# a split cache's two follow as 6 and 7.
+_SG_PAGED = ("head_dim", "rows", "lanes per key", "invocations", "subgroup size", "keys in flight")
+_SPLIT_SG_PAGED = _SG_PAGED + ("pieces", "blocks per piece")
 _SG = Needs(shuffle=True)
 _SG_FP16 = Needs(fp16=True, shuffle=True)
 # (largest head_dim, tiles) for the cooperative-matrix variant, best first.
@@ -518,10 +518,10 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("paged_sg", "paged.comp", (("AULE_PAGED_SG", 1),), PAGED_PUSH, 8, _SG_PAGED, _SG),
     Module("paged_sg_fp16", "paged.comp", (("AULE_FP16", 1), ("AULE_PAGED_SG", 1)), PAGED_PUSH, 8, _SG_PAGED,
            _SG_FP16),
-    Module("paged_split_sg", "paged.comp", (("AULE_PAGED_SG", 1), ("AULE_SPLIT", 1)), PAGED_PUSH, 8, _SG_PAGED,
-           _SG),
+    Module("paged_split_sg", "paged.comp", (("AULE_PAGED_SG", 1), ("AULE_SPLIT", 1)), PAGED_PUSH, 8,
+           _SPLIT_SG_PAGED, _SG),
     Module("paged_split_sg_fp16", "paged.comp", (("AULE_FP16", 1), ("AULE_PAGED_SG", 1), ("AULE_SPLIT", 1)),
-           PAGED_PUSH, 8, _SG_PAGED, _SG_FP16),
+           PAGED_PUSH, 8, _SPLIT_SG_PAGED, _SG_FP16),
     Module("copy_kv_to_paged_split", "copy_kv_to_paged.comp", (("AULE_SPLIT", 1),), COPY_PUSH, 6,
            ("invocations", "source pieces", "cache pieces", "slots per piece")),
     # The matrix-core ceiling the benchmarks read cooperative-matrix rows against (aule bench).
