@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 CASES = ((8, 1024), (8, 8192), (8, 32768), (1, 32768), (64, 4096))
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 # AULE_VULKAN_PAGED values: kernel[,lanes per key,keys in flight,invocations,splits] (0 = automatic).
-CHOICES = ("tiled", "subgroup", "subgroup,16", "subgroup,8,8", "subgroup,16,8", "subgroup,8,2", "subgroup,4,8",
-           "subgroup,8,4,64", "subgroup,8,4,256", "subgroup,16,4,256")
+CHOICES = ("tiled", "subgroup", "subgroup,16", "subgroup,8,8", "subgroup,16,8", "subgroup,8,2", "subgroup,16,2",
+           "subgroup,4,8", "subgroup,8,4,64", "subgroup,8,4,256", "subgroup,16,4,256", "subgroup,8,8,256")
 SPLIT_FACTORS = (0.5, 2.0)  # the automatic subgroup split count times these, as further rows
 BUDGET_S = 105.0
 
@@ -133,6 +133,13 @@ def main() -> int:
                     if sp != auto_splits:
                         choices.insert(i, f"subgroup,0,0,0,{sp}")
         os.environ.pop("AULE_VULKAN_PAGED", None)
+        timed = [r for r in rows if r["case"] == label and r.get("ok")]
+        if timed:
+            best = min(timed, key=lambda r: r["us"])
+            auto = next((r for r in timed if r["choice"] == "subgroup"), None)
+            print(f"{label:<12} best: {best['choice']} ({best['kernel']}, {best['splits']} splits) "
+                  f"{best['tbps']:.2f} TB/s = {best['x_sdpa']:.2f}x SDPA"
+                  + (f"; automatic subgroup {auto['tbps']:.2f} TB/s" if auto else ""))
         kc.free()
         vc.free()
         del q, k, v
