@@ -152,21 +152,28 @@ def test_subgroup_over_cache_pieces(ctx, subgroup, small_buffers, dtype):  # noq
     check(_run(case, dtype), reference_paged(case), np.dtype(dtype).name)
 
 
-def test_subgroup_follows_the_numeric_rule(ctx, subgroup):
-    """NaN, +-inf and huge scores give what the tiled path and NumPy give (aule's numeric rule)."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_subgroup_follows_the_numeric_rule(ctx, subgroup, dtype):
+    """NaN, +-inf and huge scores (and an fp16 cache's inf) give what NumPy gives (aule's numeric rule)."""
+    if dtype == np.float16 and not ctx.info.fp16:
+        pytest.skip(f"{ctx.info.name} has no float16 storage/arithmetic")
     rng = np.random.default_rng(9)
-    case = make_case(rng, [20, 50, 7], 4, 1, 16, 4, 1)
+    case = _cast(make_case(rng, [20, 50, 7], 4, 1, 16, 4, 1), dtype)
     case.q[0, 1, 0, 0] = np.nan      # one row's every score NaN
-    case.q[1, 2, 0, :] = 1e30        # scores of +-inf
-    case.q[2, 3, 0, :] = 1e4         # huge finite scores
+    case.q[1, 2, 0, :] = 6e4 if dtype == np.float16 else 1e30   # scores of +-inf
+    case.q[2, 3, 0, :] = 30.0        # large finite scores
+    if dtype == np.float16:
+        blk = case.block_tables[2, 0]
+        case.k_cache[blk, 3, 0, 0] = np.inf   # an inf key: +-inf or NaN scores
     want = aule.flash_attention_paged(case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens,
-                                      backend="numpy")
+                                      backend="numpy").astype(np.float32)
     for splits in (1, 4):
         subgroup(splits=splits)
-        got = _run(case)
+        got = _run(case, dtype).astype(np.float32)
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         ok = ~np.isnan(want)
-        np.testing.assert_allclose(got[ok], want[ok], rtol=1e-4, atol=1e-4)
+        tol = 2e-3 if dtype == np.float16 else 1e-4
+        np.testing.assert_allclose(got[ok], want[ok], rtol=tol, atol=tol)
 
 
 def test_subgroup_longest_split_is_right_and_one_more_key_is_refused(ctx, subgroup, monkeypatch):
