@@ -30,7 +30,8 @@ HQ, HKV, D, BLOCK = 32, 8, 128, 16
 # AULE_VULKAN_PAGED values: kernel[,lanes per key,keys in flight,invocations,splits] (0 = automatic).
 CHOICES = ("tiled", "subgroup", "subgroup,16", "subgroup,8,8", "subgroup,16,8", "subgroup,8,2", "subgroup,16,2",
            "subgroup,4,8", "subgroup,8,4,64", "subgroup,8,4,256", "subgroup,16,4,256", "subgroup,8,8,256")
-SPLIT_FACTORS = (0.5, 2.0)  # the automatic subgroup split count times these, as further rows
+SPLIT_FACTORS = (0.5, 2.0)  # the automatic split count times these, as further rows of these choices:
+SPLIT_SWEPT = ("subgroup", "subgroup,16")
 BUDGET_S = 105.0
 
 
@@ -85,7 +86,6 @@ def main() -> int:
         kc, vc = (to_gpu(s[name].cpu().numpy(), paged=True) for name in ("k_cache", "v_cache"))
         del s
         choices = list(CHOICES[:2] if args.quick else CHOICES)
-        auto_splits = None
         warm = False
         i = 0
         while i < len(choices):
@@ -126,12 +126,14 @@ def main() -> int:
             rows.append(dict(case=label, B=b, ctx=n, choice=choice, module=plan.module, kernel=kern,
                              splits=plan.splits, us=us, us_p20=t["ms_p20"] * 1e3, us_p80=t["ms_p80"] * 1e3,
                              tbps=nbytes / us / 1e6, x_sdpa=sdpa_us / us, max_err=err, ok=ok, calls=reps))
-            if choice == "subgroup" and not args.quick:
-                auto_splits = plan.splits
+            if choice in SPLIT_SWEPT and not args.quick:
+                # The same sizes with fewer and more splits than the automatic count.
+                sizes = (choice.split(",", 1)[1:] or ["0"])[0]
+                sizes = ",".join((sizes.split(",") + ["0", "0", "0"])[:3])
                 for f in SPLIT_FACTORS:
-                    sp = max(1, min(plans.MAX_SPLITS, int(round(auto_splits * f))))
-                    if sp != auto_splits:
-                        choices.insert(i, f"subgroup,0,0,0,{sp}")
+                    sp = max(1, min(plans.MAX_SPLITS, int(round(plan.splits * f))))
+                    if sp != plan.splits:
+                        choices.insert(i, f"subgroup,{sizes},{sp}")
         os.environ.pop("AULE_VULKAN_PAGED", None)
         timed = [r for r in rows if r["case"] == label and r.get("ok")]
         if timed:
