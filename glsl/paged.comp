@@ -440,10 +440,9 @@ const uint NSG = WG / SG;                     // subgroups of the workgroup
 const uint KPS = SG / LPK;                    // key rows one subgroup reads at once
 const uint U = WG / LPK;                      // lane groups of the workgroup
 
-// Each subgroup's combined lane groups: accumulators, (m, l) and bad flags per row.
+// Each subgroup's combined lane groups: accumulators and (m, l) per row.
 shared vec4 Cacc[NSG * BM * D4];
 shared vec2 Cml[NSG * BM];
-shared uint Cbad[NSG * BM];
 
 // Chunks (lane + i * LPK) of key j's K and V rows, zeros where !ok or past the row.
 void load_key(bool ok, RowTile w, int j, uint lane, out KV_T kr[CPL], out KV_T vr[CPL]) {
@@ -459,7 +458,7 @@ void load_key(bool ok, RowTile w, int j, uint lane, out KV_T kr[CPL], out KV_T v
 #endif
     [[unroll]] for (uint i = 0; i < CPL; ++i) {
         const uint c = lane + i * LPK;
-        const bool cok = ok && c < C;
+        const bool cok = ok && (C % LPK == 0u || c < C);   // a constant where the chunks divide evenly
         const uint at = cok ? base + c : 0u;
 #ifdef AULE_SPLIT
         KV_T k = KV_T(0), v = KV_T(0);
@@ -478,7 +477,7 @@ void load_key(bool ok, RowTile w, int j, uint lane, out KV_T kr[CPL], out KV_T v
     }
 }
 
-// (m, l, acc) of two parts of a row merged into the first, base 2; bad ors. A part that saw no key
+// (m, l, acc) of two parts of a row merged into the first, base 2. A part that saw no key
 // has m = -inf and weight 0.
 void combine(inout float m, inout float l, inout vec4 acc[AV], float m2, float l2, vec4 acc2[AV]) {
     const float mn = max(m, m2);
@@ -487,6 +486,53 @@ void combine(inout float m, inout float l, inout vec4 acc[AV], float m2, float l
     l = l * a + l2 * a2;
     [[unroll]] for (uint h = 0; h < AV; ++h) acc[h] = acc[h] * a + acc2[h] * a2;
     m = mn;
+}
+
+// One step of the key loop: KT keys of each lane group from `base`. `full` (a constant at each call,
+// folded once the driver inlines the function): every key of the step is in the split's range and
+// visible from every row, so no key's range, visibility or zeroing is checked. A NaN score needs no
+// check of its own: it makes p, and so l, NaN, which the end reads as the row's `bad`.
+void key_step(const bool full, int base, int ke, RowTile w, uint u, uint lane, vec4 qv[BM][AV], float slope2[BM],
+              int pos[BM], bool live[BM], inout float m[BM], inout float l[BM], inout vec4 acc[BM][AV]) {
+    KV_T kr[KT][CPL], vr[KT][CPL];
+    int j[KT];
+    [[unroll]] for (uint t = 0; t < KT; ++t) {
+        j[t] = base + int(t * U + u);
+        load_key(full || j[t] < ke, w, j[t], lane, kr[t], vr[t]);
+    }
+    float s[KT][BM];
+    [[unroll]] for (uint t = 0; t < KT; ++t) {
+        [[unroll]] for (uint r = 0; r < BM; ++r) {
+            float x = 0.0;
+            [[unroll]] for (uint i = 0; i < CPL; ++i)
+                [[unroll]] for (uint h = 0; h < CV; ++h) x += dot(qv[r][i * CV + h], chunk_part(kr[t][i], h));
+            // Literal trip counts (bits 1 .. 32): a loop counted by a shift is not unrolled by every
+            // driver, and lavapipe would count its passes against the loop limit on every key.
+            [[unroll]] for (uint e = 0; e < 6; ++e) {
+                if ((1u << e) < LPK) x += subgroupShuffleXor(x, 1u << e);
+            }
+            // Causal among the rows (right = 0) over the context's keys; keys past the split's range
+            // (j >= ke) are hidden too. Rows past the tile's are never written.
+            const bool ok = full || (live[r] && j[t] < ke && AULE_VISIBLE(pos[r], j[t], w.ctx, pc.left, 0));
+            s[t][r] = ok ? paged_score(x * pc.scale_log2, pos[r], j[t], slope2[r]) : NEG_INF;
+        }
+    }
+    [[unroll]] for (uint r = 0; r < BM; ++r) {
+        float mx = NEG_INF;
+        [[unroll]] for (uint t = 0; t < KT; ++t) mx = max(mx, s[t][r]);
+        const float mn = max(m[r], mx);
+        const float sh = AULE_SOFTMAX_SHIFT(mn);
+        const float a = exp2(m[r] - sh);
+        l[r] *= a;
+        [[unroll]] for (uint h = 0; h < AV; ++h) acc[r][h] *= a;
+        [[unroll]] for (uint t = 0; t < KT; ++t) {
+            const float p = exp2(s[t][r] - sh);
+            l[r] += p;
+            [[unroll]] for (uint i = 0; i < CPL; ++i)
+                [[unroll]] for (uint h = 0; h < CV; ++h) acc[r][i * CV + h] += p * chunk_part(vr[t][i], h);
+        }
+        m[r] = mn;
+    }
 }
 
 void attend_subgroups() {
@@ -518,60 +564,25 @@ void attend_subgroups() {
         }
     }
     // The lane group's own online softmax over its keys: every lane of the group holds the same
-    // (m, l, bad) and its chunks of the accumulators.
+    // (m, l) and its chunks of the accumulators.
     float m[BM], l[BM];
-    bool bad[BM];
     vec4 acc[BM][AV];
     [[unroll]] for (uint r = 0; r < BM; ++r) {
         m[r] = NEG_INF;
         l[r] = 0.0;
-        bad[r] = false;
         [[unroll]] for (uint h = 0; h < AV; ++h) acc[r][h] = vec4(0);
     }
 
     // ks, ke are uniform: every lane of a subgroup runs the same steps, so the shuffles see them all.
+    // A step is full where all its keys lie in the split and every row of the tile sees them: below
+    // the first row's position (causal) and inside the last row's window.
+    const int first_pos = pos[0], last_pos = row_pos(w, uint(max(w.r1 - w.r0, 1) - 1));
     for (int base = ks; base < ke; base += int(U * KT)) {
-        KV_T kr[KT][CPL], vr[KT][CPL];
-        int j[KT];
-        [[unroll]] for (uint t = 0; t < KT; ++t) {
-            j[t] = base + int(t * U + u);
-            load_key(j[t] < ke, w, j[t], lane, kr[t], vr[t]);
-        }
-        float s[KT][BM];
-        [[unroll]] for (uint t = 0; t < KT; ++t) {
-            [[unroll]] for (uint r = 0; r < BM; ++r) {
-                float x = 0.0;
-                [[unroll]] for (uint i = 0; i < CPL; ++i)
-                    [[unroll]] for (uint h = 0; h < CV; ++h) x += dot(qv[r][i * CV + h], chunk_part(kr[t][i], h));
-                // Literal trip counts (bits 1 .. 64): a loop counted by a shift is not unrolled by every
-                // driver, and lavapipe would count its passes against the loop limit on every key.
-                [[unroll]] for (uint e = 0; e < 6; ++e) {
-                    if ((1u << e) < LPK) x += subgroupShuffleXor(x, 1u << e);
-                }
-                // Causal among the rows (right = 0) over the context's keys; keys past the split's
-                // range (j >= ke) are hidden too.
-                const bool ok = live[r] && j[t] < ke && AULE_VISIBLE(pos[r], j[t], w.ctx, pc.left, 0);
-                s[t][r] = ok ? paged_score(x * pc.scale_log2, pos[r], j[t], slope2[r]) : NEG_INF;
-            }
-        }
-        [[unroll]] for (uint r = 0; r < BM; ++r) {
-            float mx = NEG_INF;
-            [[unroll]] for (uint t = 0; t < KT; ++t) {
-                bad[r] = bad[r] || isnan(s[t][r]);
-                mx = max(mx, s[t][r]);
-            }
-            const float mn = max(m[r], mx);
-            const float sh = AULE_SOFTMAX_SHIFT(mn);
-            const float a = exp2(m[r] - sh);
-            l[r] *= a;
-            [[unroll]] for (uint h = 0; h < AV; ++h) acc[r][h] *= a;
-            [[unroll]] for (uint t = 0; t < KT; ++t) {
-                const float p = exp2(s[t][r] - sh);
-                l[r] += p;
-                [[unroll]] for (uint i = 0; i < CPL; ++i)
-                    [[unroll]] for (uint h = 0; h < CV; ++h) acc[r][i * CV + h] += p * chunk_part(vr[t][i], h);
-            }
-            m[r] = mn;
+        const int top = base + int(U * KT);
+        if (top <= ke && top - 1 <= first_pos && (pc.left < 0 || base >= last_pos - pc.left)) {
+            key_step(true, base, ke, w, u, lane, qv, slope2, pos, live, m, l, acc);
+        } else {
+            key_step(false, base, ke, w, u, lane, qv, slope2, pos, live, m, l, acc);
         }
     }
 
@@ -583,7 +594,6 @@ void attend_subgroups() {
                 vec4 acc2[AV];
                 [[unroll]] for (uint h = 0; h < AV; ++h) acc2[h] = subgroupShuffleXor(acc[r][h], bit);
                 const float m2 = subgroupShuffleXor(m[r], bit), l2 = subgroupShuffleXor(l[r], bit);
-                bad[r] = bad[r] || subgroupShuffleXor(uint(bad[r]), bit) != 0u;
                 combine(m[r], l[r], acc[r], m2, l2, acc2);
             }
         }
@@ -597,10 +607,7 @@ void attend_subgroups() {
                     [[unroll]] for (uint h = 0; h < CV; ++h) Cacc[at * D4 + c * CV + h] = acc[r][i * CV + h];
                 }
             }
-            if (lane == 0u) {
-                Cml[at] = vec2(m[r], l[r]);
-                Cbad[at] = uint(bad[r]);
-            }
+            if (lane == 0u) Cml[at] = vec2(m[r], l[r]);
         }
     }
     barrier();
@@ -610,11 +617,7 @@ void attend_subgroups() {
         if (i < BM * D4) {
             const uint r = i / D4, c = i % D4;
             float mt = NEG_INF;
-            bool bt = false;
-            [[unroll]] for (uint g = 0; g < NSG; ++g) {
-                mt = max(mt, Cml[g * BM + r].x);
-                bt = bt || Cbad[g * BM + r] != 0u;
-            }
+            [[unroll]] for (uint g = 0; g < NSG; ++g) mt = max(mt, Cml[g * BM + r].x);
             const float sh = AULE_SOFTMAX_SHIFT(mt);
             float lt = 0.0;
             vec4 at = vec4(0);
@@ -624,7 +627,9 @@ void attend_subgroups() {
                 lt += ml.y * a2;
                 at += Cacc[(g * BM + r) * D4 + c] * a2;
             }
-            write_row(w, split, r, c, at, mt, lt, bt);
+            // A NaN score made its lane group's l NaN, and so this sum (a +inf one too: inf - inf);
+            // the rule gives both rows NaN, and the merge reads either partial as NaN.
+            write_row(w, split, r, c, at, mt, lt, isnan(lt));
         }
     }
 }

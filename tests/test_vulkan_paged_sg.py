@@ -221,7 +221,7 @@ def test_h200_decode_takes_the_subgroup_path(monkeypatch):
     assert (k.kind, k.bm, k.bn, k.wg, k.kt, k.sg) == ("subgroup", 4, 8, 128, plans.PAGED_SG_KEYS, 32)
     splits = {(b, n): plans.paged_kernel_splits(_decode_call(b, n), k, h200)
               for b, n in ((8, 1024), (8, 8192), (8, 32768), (1, 32768), (64, 4096))}
-    assert splits == {(8, 1024): 4, (8, 8192): 16, (8, 32768): 16, (1, 32768): 64, (64, 4096): 2}
+    assert splits == {(8, 1024): 4, (8, 8192): 8, (8, 32768): 8, (1, 32768): 64, (64, 4096): 1}
     # fp32 rows of 512 bytes: 32 chunks over 16 lanes.
     assert plans.paged_kernel(_decode_call(8, 8192, dtype="float32"), h200).bn == 16
 

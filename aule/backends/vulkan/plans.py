@@ -359,8 +359,10 @@ PAGED_SG_ROWS = 8        # most stacked rows per workgroup (registers per lane g
 PAGED_SG_SUBGROUPS = 4   # subgroups per workgroup, fewer where their combine exceeds shared memory
 PAGED_SG_KEYS = 4        # keys each lane group has in flight per step
 # Workgroups the subgroup path aims for, and the fewest keys a split keeps: shorter splits cost more
-# in their fixed work (q, the combine, the merge) than they add in parallelism.
-SG_TARGET_GROUPS = {"gpu": 1024, "cpu": 64}
+# in their fixed work (q, the combine, the merge) than they add in parallelism. On the H200 half the
+# splits of a 1024-workgroup target were 3-6% faster at b8 ctx 8k/32k and b64 ctx 4k
+# (results/notes/vulkan_paged_NOTES.md).
+SG_TARGET_GROUPS = {"gpu": 512, "cpu": 64}
 SG_MIN_SPLIT_KEYS = 256
 
 
@@ -394,8 +396,8 @@ class PagedKernel:
 
 
 def paged_sg_shared_bytes(bm: int, d: int, subgroups: int) -> int:
-    """Mirror of the subgroup path's shared arrays: each subgroup's accumulators, (m, l) and flag per row."""
-    return subgroups * bm * (16 * (d // 4) + 8 + 4)
+    """Mirror of the subgroup path's shared arrays: each subgroup's accumulators and (m, l) per row."""
+    return subgroups * bm * (16 * (d // 4) + 8)
 
 
 def _sg_kernel(call, info, choice) -> PagedKernel | str:
