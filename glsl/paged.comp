@@ -502,10 +502,13 @@ void key_step(const bool full, int base, int ke, RowTile w, uint u, uint lane, v
     }
     float s[KT][BM];
     [[unroll]] for (uint t = 0; t < KT; ++t) {
+        // Each K value converted once, then used by every row.
+        vec4 kf[AV];
+        [[unroll]] for (uint i = 0; i < CPL; ++i)
+            [[unroll]] for (uint h = 0; h < CV; ++h) kf[i * CV + h] = chunk_part(kr[t][i], h);
         [[unroll]] for (uint r = 0; r < BM; ++r) {
             float x = 0.0;
-            [[unroll]] for (uint i = 0; i < CPL; ++i)
-                [[unroll]] for (uint h = 0; h < CV; ++h) x += dot(qv[r][i * CV + h], chunk_part(kr[t][i], h));
+            [[unroll]] for (uint h = 0; h < AV; ++h) x += dot(qv[r][h], kf[h]);
             // Literal trip counts (bits 1 .. 32): a loop counted by a shift is not unrolled by every
             // driver, and lavapipe would count its passes against the loop limit on every key.
             [[unroll]] for (uint e = 0; e < 6; ++e) {
@@ -517,6 +520,7 @@ void key_step(const bool full, int base, int ke, RowTile w, uint u, uint lane, v
             s[t][r] = ok ? paged_score(x * pc.scale_log2, pos[r], j[t], slope2[r]) : NEG_INF;
         }
     }
+    // The step's probabilities (s becomes p) and each row's rescale.
     [[unroll]] for (uint r = 0; r < BM; ++r) {
         float mx = NEG_INF;
         [[unroll]] for (uint t = 0; t < KT; ++t) mx = max(mx, s[t][r]);
@@ -526,12 +530,17 @@ void key_step(const bool full, int base, int ke, RowTile w, uint u, uint lane, v
         l[r] *= a;
         [[unroll]] for (uint h = 0; h < AV; ++h) acc[r][h] *= a;
         [[unroll]] for (uint t = 0; t < KT; ++t) {
-            const float p = exp2(s[t][r] - sh);
-            l[r] += p;
-            [[unroll]] for (uint i = 0; i < CPL; ++i)
-                [[unroll]] for (uint h = 0; h < CV; ++h) acc[r][i * CV + h] += p * chunk_part(vr[t][i], h);
+            s[t][r] = exp2(s[t][r] - sh);
+            l[r] += s[t][r];
         }
         m[r] = mn;
+    }
+    [[unroll]] for (uint t = 0; t < KT; ++t) {
+        vec4 vf[AV];   // each V value converted once, then used by every row
+        [[unroll]] for (uint i = 0; i < CPL; ++i)
+            [[unroll]] for (uint h = 0; h < CV; ++h) vf[i * CV + h] = chunk_part(vr[t][i], h);
+        [[unroll]] for (uint r = 0; r < BM; ++r)
+            [[unroll]] for (uint h = 0; h < AV; ++h) acc[r][h] += s[t][r] * vf[h];
     }
 }
 
