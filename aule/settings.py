@@ -142,6 +142,44 @@ def kernel_choice() -> KernelChoice:
     return _kernel_choice(getenv("AULE_VULKAN_VARIANT"), getenv("AULE_VULKAN_TILES"))
 
 
+@dataclass(frozen=True)
+class PagedChoice:
+    """AULE_VULKAN_PAGED: how Vulkan paged attention is run (benchmarks and tests force each way;
+    0 or a missing field leaves that choice automatic)."""
+
+    kernel: str | None   # "tiled" (shared-memory key tiles) or "subgroup" (decode rows in registers)
+    lanes: int           # subgroup: lanes sharing one key row (a power of two)
+    keys: int            # subgroup: keys each lane group has in flight per step
+    invocations: int     # subgroup: workgroup size (a multiple of the subgroup size)
+    splits: int          # either: split-K count
+
+
+_PAGED_KINDS = ("auto", "tiled", "subgroup")
+
+
+@functools.lru_cache(maxsize=64)
+def _paged_choice(raw: str | None) -> PagedChoice:
+    parts = [p.strip() for p in (raw or "").split(",")] if (raw or "").strip() else ["auto"]
+    kind = parts[0].lower() or "auto"
+    try:
+        values = tuple(int(p or 0) for p in parts[1:])
+    except ValueError:
+        values = None
+    if kind not in _PAGED_KINDS or values is None or len(values) > 4 or any(not 0 <= v <= MAX_TILE for v in values):
+        raise ValueError(f"AULE_VULKAN_PAGED={raw!r}: expected auto, tiled or subgroup, optionally followed by "
+                         "lanes,keys,invocations,splits (comma-separated whole numbers, 0 = automatic, each at "
+                         f"most {MAX_TILE})")
+    lanes, keys, wg, splits = values + (0,) * (4 - len(values))
+    if lanes & (lanes - 1):
+        raise ValueError(f"AULE_VULKAN_PAGED={raw!r}: lanes per key must be a power of two, got {lanes}")
+    return PagedChoice(None if kind == "auto" else kind, lanes, keys, wg, splits)
+
+
+def paged_choice() -> PagedChoice:
+    """The forced way of running Vulkan paged attention, as the environment holds it now."""
+    return _paged_choice(getenv("AULE_VULKAN_PAGED"))
+
+
 def forced_backend() -> str | None:
     """AULE_BACKEND: a backend name the router must use, or None (names are checked by the registry)."""
     return (getenv("AULE_BACKEND") or "").strip() or None

@@ -292,7 +292,8 @@ def test_vulkan_paged_rows_on_a_gpu_tensor_cache(monkeypatch):
     row = _run(_suite([p], ["aule-paged:vulkan resident"], kind="decode", metric="tbps"))["rows"][0]
     assert row["status"] == "ok", row
     assert row["err"] < checks.tolerance("float16") and row["tbps"] > 0 and row["wall_ms"] > 0
-    assert row["clock"] == "Vulkan timestamps"
+    # Recorded back to back in one submission, as the dense rows on GpuTensors are.
+    assert row["clock"].startswith("Vulkan timestamps around calls recorded back to back") and row["calls_per_submission"] >= 1
 
 
 def _full_results(name):

@@ -714,7 +714,7 @@ class AulePagedLauncher(Contender):
 class AulePagedVulkanResident(Contender):
     """Vulkan paged decode with the KV cache as GpuTensors (uploaded once): the public call for
     the check and the wall time, Vulkan timestamps of the attention and merge dispatches for the
-    GPU time."""
+    GPU time, the call recorded back to back in one submission (clocks of sustained work)."""
 
     impl = "paged_resident"
     serves = ("decode",)
@@ -731,7 +731,7 @@ class AulePagedVulkanResident(Contender):
         _need_vulkan_gpu()
         try:
             from ..backends.vulkan import paged_attention as vk_paged
-            from ..backends.vulkan import to_gpu
+            from ..backends.vulkan import repeated_paged_attention, to_gpu
         except ImportError as exc:
             raise Skip(f"aule's Vulkan paged path is missing: {exc}") from None
         names = ("q", "k_cache", "v_cache", "block_tables", "context_lens")
@@ -747,12 +747,16 @@ class AulePagedVulkanResident(Contender):
             _, ns = vk_paged(*(hsets[i][n] for n in names), timestamps=True)
             return None if ns is None else ns / 1e6
 
+        def device_batch(i, n):
+            return repeated_paged_attention(*(hsets[i][m] for m in names), repeat=n)
+
         def cleanup():
             for h in hsets:
                 for n in resident:
                     h[n].free()
 
-        return Bound(call, len(hsets), clock="device", device_ms=device_ms, cleanup=cleanup)
+        return Bound(call, len(hsets), clock="device", device_ms=device_ms, device_batch=device_batch,
+                     cleanup=cleanup)
 
 
 def _registry(**named):

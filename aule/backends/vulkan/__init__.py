@@ -60,3 +60,19 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale=None,
                               query_start_loc=query_start_loc)
     _refuse_unless_served("paged_attention", call)
     return launch.paged_attention(call, runtime.context(), timestamps=timestamps)
+
+
+def repeated_paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale=None, window_size=-1, *,
+                             repeat: int, query_start_loc=None):
+    """One Vulkan paged call (GpuTensor caches) recorded ``repeat`` times back to back in one
+    submission, its merge in each: a :class:`.timed.TimedWork` (``ms()``: GPU milliseconds per
+    call; ``close()`` frees it). Its output, ``.out``, is what the last repeat wrote."""
+    from ...paged_call import canonicalize_paged
+    from . import timed
+
+    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size,
+                              query_start_loc=query_start_loc)
+    _refuse_unless_served("paged_attention", call)
+    if call.batch == 0 or call.q_len == 0:
+        raise ValueError("the paged call has no query rows: there is no dispatch to time")
+    return timed.repeated_paged_attention(call, runtime.context(), repeat)

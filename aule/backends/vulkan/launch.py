@@ -220,16 +220,6 @@ def attention(call, ctx, timestamps: bool = False):
 
 # --- paged attention ---------------------------------------------------------------------------------
 
-def _attend_then_merge(ctx, pipe, bindings, plan, timestamps: bool):
-    """The split-K attention dispatch and, when the context was split, the merge of its splits,
-    in one submission: the barrier between the passes lets the merge read every split's writes.
-    Returns the GPU time of both passes (None unless asked)."""
-    passes = [[Dispatch(pipe, bindings, *plan.attend)]]
-    if plan.merge is not None:
-        passes.append([Dispatch(pipe, bindings, *plan.merge)])
-    return ctx.run_passes(passes, timestamps=timestamps)
-
-
 def _cache_bindings(ctx, held, cache, elem) -> tuple:
     """``(split, bindings)`` of a K or V cache: the descriptor binding of each buffer it lies in,
     and its :class:`plans.CacheSplit` where that is more than one (else None). A GpuTensor is bound
@@ -247,46 +237,62 @@ def _cache_bindings(ctx, held, cache, elem) -> tuple:
                         for i in range(split.pieces))
 
 
+def paged_passes(call, ctx, held):
+    """``(passes, out, plan)`` of a paged call with rows: the attention dispatch and, with splits, the
+    merge (each a list of dispatches, a compute barrier between them), and the output: a new
+    GpuTensor for GpuTensor q, else a buffer leased in ``held``, which also keeps every upload
+    and scratch buffer the dispatches bind until it is released."""
+    elem = np.dtype(call.dtype)
+    d = call.head_dim
+    rows = call.rows * call.heads_q
+    q_bytes = rows * d * elem.itemsize
+    qb = held.device_buffer(ctx, call.q, elem)
+    split, kb = _cache_bindings(ctx, held, call.k_cache, elem)
+    _, vb = _cache_bindings(ctx, held, call.v_cache, elem)  # split as K is (backend._bound_caches)
+    plan = paged_plan(call, ctx.info, split)
+    # A split cache's K and V bindings are arrays of its pieces.
+    pipe = pipeline(ctx, plan.module, plan.spec, None if split is None else (1, len(kb), len(vb)) + (1,) * 5)
+    bt = held.upload(ctx, _int32(call.block_tables))
+    # A packed call's offsets follow the lengths in one buffer, and the features' slopes and sinks
+    # follow them (plans.paged_features): every binding the runtime allows is taken. Host-checked
+    # (Vulkan's tables always are): the shader follows them as they are.
+    lens = [_int32(call.context_lens)]
+    if call.packed:
+        lens.append(_int32(call.query_start_loc))
+    lens = np.concatenate(lens + [paged_features(call)[1]])
+    cl = held.upload(ctx, lens)
+    out = GpuTensor.empty(shape_tuple(call.q), elem) if call.q_kind == "gpu" else None
+    ob = out.buffer if out is not None else held.acquire(ctx, q_bytes)
+    if plan.splits > 1:
+        po_n, pl_n = rows * plan.splits * d * 4, rows * plan.splits * 8  # part_ml: (m, l) per split
+        pob, plb = held.acquire(ctx, po_n), held.acquire(ctx, pl_n)
+    else:
+        pob = plb = _dummy_buffer(ctx)
+        po_n = pl_n = 16
+    bindings = (_binding(qb, q_bytes),) + kb + vb + (
+                _binding(bt, 4 * call.batch * call.max_blocks), _binding(cl, lens.nbytes),
+                _binding(ob, q_bytes), _binding(pob, po_n), _binding(plb, pl_n))
+    # The split-K attention dispatch and, when the context was split, the merge of its splits, in
+    # one submission: the barrier between the passes lets the merge read every split's writes.
+    passes = [[Dispatch(pipe, bindings, *plan.attend)]]
+    if plan.merge is not None:
+        passes.append([Dispatch(pipe, bindings, *plan.merge)])
+    return passes, (out if out is not None else ob), plan
+
+
 def paged_attention(call, ctx, timestamps: bool = False):
-    """Paged attention for a validated call (packed or not); returns ``(out, gpu_ns)``."""
+    """Paged attention for a validated call (packed or not); returns ``(out, gpu_ns)``: the GPU time
+    of both passes (None unless asked)."""
     elem = np.dtype(call.dtype)
     shape = shape_tuple(call.q)
     if call.batch == 0 or call.q_len == 0:  # no rows: nothing to plan (the split count divides by them)
         return _to_caller(call.q_kind, call.q, np.zeros(shape, np.float32), elem), None
-    d = call.head_dim
-    rows = call.rows * call.heads_q
-    q_bytes = rows * d * elem.itemsize
     with _Held() as held:
-        qb = held.device_buffer(ctx, call.q, elem)
-        split, kb = _cache_bindings(ctx, held, call.k_cache, elem)
-        _, vb = _cache_bindings(ctx, held, call.v_cache, elem)  # split as K is (backend._bound_caches)
-        plan = paged_plan(call, ctx.info, split)
-        # A split cache's K and V bindings are arrays of its pieces.
-        pipe = pipeline(ctx, plan.module, plan.spec, None if split is None else (1, len(kb), len(vb)) + (1,) * 5)
-        bt = held.upload(ctx, _int32(call.block_tables))
-        # A packed call's offsets follow the lengths in one buffer, and the features' slopes and sinks
-        # follow them (plans.paged_features): every binding the runtime allows is taken. Host-checked
-        # (Vulkan's tables always are): the shader follows them as they are.
-        lens = [_int32(call.context_lens)]
-        if call.packed:
-            lens.append(_int32(call.query_start_loc))
-        lens = np.concatenate(lens + [paged_features(call)[1]])
-        cl = held.upload(ctx, lens)
-        out_t = GpuTensor.empty(shape, elem) if call.q_kind == "gpu" else None
-        ob = out_t.buffer if out_t is not None else held.acquire(ctx, q_bytes)
-        if plan.splits > 1:
-            po_n, pl_n = rows * plan.splits * d * 4, rows * plan.splits * 8  # part_ml: (m, l) per split
-            pob, plb = held.acquire(ctx, po_n), held.acquire(ctx, pl_n)
-        else:
-            pob = plb = _dummy_buffer(ctx)
-            po_n = pl_n = 16
-        bindings = (_binding(qb, q_bytes),) + kb + vb + (
-                    _binding(bt, 4 * call.batch * call.max_blocks), _binding(cl, lens.nbytes),
-                    _binding(ob, q_bytes), _binding(pob, po_n), _binding(plb, pl_n))
-        ns = _attend_then_merge(ctx, pipe, bindings, plan, timestamps)
-        if out_t is not None:
-            return out_t, ns
-        out = ctx.download(ob, np.empty(shape, elem))
+        passes, out, _ = paged_passes(call, ctx, held)
+        ns = ctx.run_passes(passes, timestamps=timestamps)
+        if isinstance(out, GpuTensor):
+            return out, ns
+        out = ctx.download(out, np.empty(shape, elem))
     return like(out, call.q), ns
 
 

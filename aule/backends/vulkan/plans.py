@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ... import settings
 from ...errors import UnsupportedError
 from .runtime import Dispatch
 from .runtime.pipelines import MAX_DESCRIPTORS
-from .shaders import ATTN_PUSH, COPY_PUSH, PAGED_PUSH, Module
+from .shaders import ATTN_PUSH, COPY_PUSH, MODULES, PAGED_PUSH, Module
 
 LOG2E = 1.4426950408889634
 
@@ -353,25 +354,141 @@ def paged_splits(call, bm: int, bn: int, info) -> int:
     return splits
 
 
+# The subgroup path (glsl/paged.comp's AULE_PAGED_SG): decode-sized row tiles, K and V in registers.
+PAGED_SG_ROWS = 8        # most stacked rows per workgroup (registers per lane grow with them)
+PAGED_SG_SUBGROUPS = 4   # subgroups per workgroup, fewer where their combine exceeds shared memory
+PAGED_SG_KEYS = 4        # keys each lane group has in flight per step
+# Workgroups the subgroup path aims for, and the fewest keys a split keeps: shorter splits cost more
+# in their fixed work (q, the combine, the merge) than they add in parallelism. On the H200 half the
+# splits of a 1024-workgroup target were 3-6% faster at b8 ctx 8k/32k and b64 ctx 4k
+# (results/notes/vulkan_paged_NOTES.md).
+SG_TARGET_GROUPS = {"gpu": 512, "cpu": 64}
+SG_MIN_SPLIT_KEYS = 256
+
+
+@dataclass(frozen=True)
+class PagedKernel:
+    """How mode 0 of glsl/paged.comp runs: ``tiled`` (BM rows x BN keys through shared memory) or
+    ``subgroup`` (BM rows, BN lanes per key row, KT keys in flight per lane group, AULE_PAGED_SG)."""
+
+    kind: str
+    bm: int
+    bn: int
+    wg: int
+    kt: int = 1
+    sg: int = 0
+
+    @property
+    def keys_per_step(self) -> int:
+        """Keys one pass of the key loop covers (what lavapipe's loop limit counts per pass)."""
+        return self.bn if self.kind == "tiled" else self.wg // self.bn * self.kt
+
+    @property
+    def spec(self) -> tuple:
+        base = ((1, self.bm), (2, self.bn), (3, self.wg))
+        return base + (((4, self.sg), (5, self.kt)) if self.kind == "subgroup" else ())
+
+    @property
+    def split_ids(self) -> tuple:
+        """The constant ids of a split cache's piece count and blocks per piece (after the
+        subgroup path's own two)."""
+        return (6, 7) if self.kind == "subgroup" else (4, 5)
+
+
+def paged_sg_shared_bytes(bm: int, d: int, subgroups: int) -> int:
+    """Mirror of the subgroup path's shared arrays: each subgroup's accumulators and (m, l) per row."""
+    return subgroups * bm * (16 * (d // 4) + 8)
+
+
+def _sg_kernel(call, info, choice) -> PagedKernel | str:
+    """The subgroup path's kernel for ``call`` on the device, or why it has none."""
+    elem = np.dtype(call.dtype).itemsize
+    rows, d, sg = call.group * call.q_len, call.head_dim, info.subgroup_size
+    why = MODULES["paged_sg_fp16" if call.dtype == "float16" else "paged_sg"].needs.unfit("the subgroup paged path", info)
+    if why:
+        return why
+    if rows > PAGED_SG_ROWS:
+        return f"{rows} stacked rows per KV head exceed the subgroup path's {PAGED_SG_ROWS}"
+    if (d * elem) % 16:
+        return f"a head_dim {d} row of {d * elem} bytes is not whole 16-byte chunks"
+    if sg < 1 or sg & (sg - 1):
+        return f"subgroup size {sg} is not a power of two"
+    chunks = d * elem // 16
+    lanes = choice.lanes or min(sg, 16, 1 << max(0, (-(-chunks // 2) - 1).bit_length()))
+    if lanes > sg:
+        return f"{lanes} lanes per key exceed the subgroup size {sg}"
+    wg = choice.invocations or min(PAGED_SG_SUBGROUPS * sg, info.max_workgroup_size)
+    if wg % sg or wg > info.max_workgroup_size:
+        return f"{wg} invocations are not whole subgroups of {sg} within the device's {info.max_workgroup_size}"
+    while paged_sg_shared_bytes(rows, d, wg // sg) > info.max_shared_memory:
+        if choice.invocations or wg == sg:
+            return (f"the subgroup path's combine of {wg // sg} subgroups needs "
+                    f"{paged_sg_shared_bytes(rows, d, wg // sg)} bytes of shared memory, more than {info.max_shared_memory}")
+        wg //= 2
+    return PagedKernel("subgroup", rows, lanes, wg, choice.keys or PAGED_SG_KEYS, sg)
+
+
+def paged_kernel(call, info) -> PagedKernel | None:
+    """The mode-0 kernel for ``call``: the subgroup path for decode-sized row tiles on GPUs, the
+    tiled path otherwise (and on CPU drivers, where the tiled one is the measured default);
+    AULE_VULKAN_PAGED forces either. None: neither fits; a forced subgroup path that does not fit
+    raises UnsupportedError saying why."""
+    choice = settings.paged_choice()
+    elem = np.dtype(call.dtype).itemsize
+    if choice.kernel == "subgroup" or (choice.kernel is None and not info.is_cpu):
+        k = _sg_kernel(call, info, choice)
+        if isinstance(k, PagedKernel):
+            return k
+        if choice.kernel == "subgroup":
+            raise UnsupportedError(f"AULE_VULKAN_PAGED=subgroup: {k}")
+    tiles = paged_tiles(call.group * call.q_len, call.head_dim, info, elem)
+    return None if tiles is None else PagedKernel("tiled", *tiles, PAGED_WG)
+
+
+def paged_kernel_splits(call, kernel: PagedKernel, info) -> int:
+    """Splits of the context for ``kernel``: AULE_VULKAN_PAGED's when it names them, the tiled
+    path's rule (:func:`paged_splits`), or the subgroup path's: enough workgroups for the device's
+    target, each split at least SG_MIN_SPLIT_KEYS keys, more where the loop limit asks."""
+    forced = settings.paged_choice().splits
+    if kernel.kind == "tiled" and not forced:
+        return paged_splits(call, kernel.bm, kernel.bn, info)
+    programs = call.batch * call.heads_kv * -(-call.group * call.q_len // kernel.bm)
+    keys = max(call.max_context, 1)
+    want = SG_TARGET_GROUPS["cpu" if info.is_cpu else "gpu"]
+    splits = forced or max(1, min(MAX_SPLITS, -(-want // programs), keys // SG_MIN_SPLIT_KEYS))
+    if info.loop_limit:
+        most = (info.loop_limit - PAGED_LOOP_PASSES) * kernel.keys_per_step  # keys one split may walk
+        splits = max(splits, -(-keys // most))
+    return splits
+
+
+def _split_steps(call, kernel: PagedKernel, splits: int) -> int:
+    """Passes of the key loop one split runs at most."""
+    if kernel.kind == "tiled":
+        return -(-_key_tiles(call, kernel.bn) // splits)
+    return -(-(-(-max(call.max_context, 1) // splits)) // kernel.keys_per_step)
+
+
 def paged_unfit(call, info) -> str | None:
     """Why the paged module cannot run ``call``'s shape on the device, else None."""
     if call.batch == 0 or call.q_len == 0:
         return None  # no rows: launch answers with zeros, no dispatch (and no split count) is planned
-    tiles = paged_tiles(call.group * call.q_len, call.head_dim, info, np.dtype(call.dtype).itemsize)
-    if tiles is None:
+    try:
+        kernel = paged_kernel(call, info)
+    except UnsupportedError as exc:
+        return str(exc)
+    if kernel is None:
         return f"head_dim {call.head_dim} needs more shared memory than {info.name}'s {info.max_shared_memory} bytes"
     gx, gy = info.max_workgroup_count[0], info.max_workgroup_count[1]
-    attend, merge = _paged_grids(call, tiles[0], 1)
+    attend, merge = _paged_grids(call, kernel.bm, 1)
     if any(g > limit for grid in (attend, merge) for g, limit in zip(grid, (gx, gy))):
         rows = (f"{call.num_tokens} packed rows (at most {call.q_len} a sequence)" if call.packed
                 else f"q_len {call.q_len}")
         return f"batch {call.batch} x heads {call.heads_q} x {rows} exceeds the device's workgroup grid"
     if info.loop_limit:
-        bn = tiles[1]
-        splits = paged_splits(call, *tiles, info)
-        per_split = -(-_key_tiles(call, bn) // splits)
-        if splits > MAX_SPLITS or paged_loop_iterations(per_split, splits) > info.loop_limit:
-            most = (info.loop_limit - PAGED_LOOP_PASSES) * bn
+        splits = paged_kernel_splits(call, kernel, info)
+        if splits > MAX_SPLITS or paged_loop_iterations(_split_steps(call, kernel, splits), splits) > info.loop_limit:
+            most = (info.loop_limit - PAGED_LOOP_PASSES) * kernel.keys_per_step
             return (f"a context of {call.max_context} keys needs {splits} splits of at most {most} keys on "
                     f"{info.name}, which silently ends every loop after {info.loop_limit} in total; the "
                     f"merge takes at most {MAX_SPLITS} splits, so the context may be at most "
@@ -386,6 +503,7 @@ class PagedPlan:
     splits: int
     attend: tuple       # (push bytes, groups) of the attention dispatch
     merge: tuple | None  # the same for the merge of the splits, None with one split
+    kernel: PagedKernel | None = None
 
 
 def _paged_grids(call, bm: int, splits: int) -> tuple[tuple, tuple]:
@@ -415,9 +533,9 @@ def paged_lengths_words(call) -> int:
 def paged_plan(call, info, split: CacheSplit | None = None) -> PagedPlan:
     """The dispatches of a paged call; ``split``: how its cache lies in buffers when it is split
     across several (the split module, its pieces bound as arrays), else None."""
-    elem = np.dtype(call.dtype)
-    bm, bn = paged_tiles(call.group * call.q_len, call.head_dim, info, elem.itemsize)
-    splits = paged_splits(call, bm, bn, info)
+    kernel = paged_kernel(call, info)
+    bm = kernel.bm
+    splits = paged_kernel_splits(call, kernel, info)
     pc = np.zeros((), dtype=PAGED_PUSH)
     pc["heads_kv"], pc["group"], pc["q_len"] = call.heads_kv, call.group, call.q_len
     # A window reaching past the longest context is no window (and fits the int32 push constant).
@@ -434,12 +552,13 @@ def paged_plan(call, info, split: CacheSplit | None = None) -> PagedPlan:
     if splits > 1:
         pc["mode"] = 1
         merge = (pc.tobytes(), merge_groups)
-    spec = ((0, call.head_dim), (1, bm), (2, bn), (3, PAGED_WG))
+    spec = ((0, call.head_dim),) + kernel.spec
     module = "paged"
     if split is not None and split.pieces > 1:
         module = "paged_split"
-        spec += ((4, split.pieces), (5, split.blocks_per_piece))
-    return PagedPlan(module + ("_fp16" if call.dtype == "float16" else ""), spec, splits, attend, merge)
+        spec += tuple(zip(kernel.split_ids, (split.pieces, split.blocks_per_piece)))
+    module += "_sg" if kernel.kind == "subgroup" else ""
+    return PagedPlan(module + ("_fp16" if call.dtype == "float16" else ""), tuple(sorted(spec)), splits, attend, merge, kernel)
 
 
 # --- cache row copies -------------------------------------------------------------------------------

@@ -379,6 +379,7 @@ class Needs:
     fp16: bool = False       # shaderFloat16 and storageBuffer16BitAccess
     coopmat: bool = False    # VK_KHR_cooperative_matrix fp16 x fp16 + fp32 shapes and the memory model
     cpu_only: bool = False   # built around a CPU driver's subgroups
+    shuffle: bool = False    # subgroup basic and shuffle operations in compute shaders
 
     def unfit(self, name, info) -> str | None:
         if self.coopmat and not info.coopmat_f16:
@@ -389,7 +390,13 @@ class Needs:
                     f"broadcasts); {info.name} is a {info.type} device")
         if self.fp16 and not info.fp16:
             return f"{name} needs shaderFloat16 and storageBuffer16BitAccess, which {info.name} lacks"
+        if self.shuffle and (info.subgroup_ops & SUBGROUP_SHUFFLE_OPS) != SUBGROUP_SHUFFLE_OPS:
+            return f"{name} needs subgroup basic and shuffle operations in compute shaders, which {info.name} lacks"
         return None
+
+
+#: VK_SUBGROUP_FEATURE_BASIC_BIT | VK_SUBGROUP_FEATURE_SHUFFLE_BIT
+SUBGROUP_SHUFFLE_OPS = 0x01 | 0x10
 
 
 @dataclass(frozen=True)
@@ -474,6 +481,12 @@ _CPU_TILES = (Tiles(64, 16, 64, 4), Tiles(64, 32, 128, 8))
 _CPU_LANES = ((64, 16, 4), (128, 8, 4), (256, 4, 4))
 _FP16 = Needs(fp16=True)
 _SPLIT_PAGED = ("head_dim", "rows", "keys", "invocations", "pieces", "blocks per piece")
+# The subgroup decode path (AULE_PAGED_SG): constant 2 is the lanes sharing a key row, 4 and 5 its own;
+# a split cache's two follow as 6 and 7.
+_SG_PAGED = ("head_dim", "rows", "lanes per key", "invocations", "subgroup size", "keys in flight")
+_SPLIT_SG_PAGED = _SG_PAGED + ("pieces", "blocks per piece")
+_SG = Needs(shuffle=True)
+_SG_FP16 = Needs(fp16=True, shuffle=True)
 # (largest head_dim, tiles) for the cooperative-matrix variant, best first.
 _COOP_TILES = ((128, CoopTiles(8, 1, 32, 2)), (128, CoopTiles(4, 1, 32, 2)), (128, CoopTiles(4, 1, 16, 2)),
                (256, CoopTiles(4, 1, 16, 2)), (256, CoopTiles(4, 1, 16, 1)), (256, CoopTiles(2, 1, 16, 1)))
@@ -507,6 +520,14 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("paged_split", "paged.comp", (("AULE_SPLIT", 1),), PAGED_PUSH, 8, _SPLIT_PAGED),
     Module("paged_split_fp16", "paged.comp", (("AULE_FP16", 1), ("AULE_SPLIT", 1)), PAGED_PUSH, 8, _SPLIT_PAGED,
            _FP16),
+    # Decode-sized row tiles without shared-memory K/V tiles (plans.paged_kernel), split cache or not.
+    Module("paged_sg", "paged.comp", (("AULE_PAGED_SG", 1),), PAGED_PUSH, 8, _SG_PAGED, _SG),
+    Module("paged_sg_fp16", "paged.comp", (("AULE_FP16", 1), ("AULE_PAGED_SG", 1)), PAGED_PUSH, 8, _SG_PAGED,
+           _SG_FP16),
+    Module("paged_split_sg", "paged.comp", (("AULE_PAGED_SG", 1), ("AULE_SPLIT", 1)), PAGED_PUSH, 8,
+           _SPLIT_SG_PAGED, _SG),
+    Module("paged_split_sg_fp16", "paged.comp", (("AULE_FP16", 1), ("AULE_PAGED_SG", 1), ("AULE_SPLIT", 1)),
+           PAGED_PUSH, 8, _SPLIT_SG_PAGED, _SG_FP16),
     Module("copy_kv_to_paged_split", "copy_kv_to_paged.comp", (("AULE_SPLIT", 1),), COPY_PUSH, 6,
            ("invocations", "source pieces", "cache pieces", "slots per piece")),
     # A varlen call's packed rows into each sequence's heads-first blocks and its output back

@@ -55,6 +55,33 @@ def repeated_attention(call, ctx, repeat: int) -> TimedWork:
     return TimedWork(seq.end(), repeat, (out, lse, lease))
 
 
+def repeated_paged_attention(call, ctx, repeat: int) -> TimedWork:
+    """A paged call's passes (attention, and the merge of its splits) recorded ``repeat`` times in
+    one command buffer, a compute barrier after every pass as between separate calls. The leases
+    its dispatches bind stay held until :meth:`TimedWork.close`; ``.out`` is its output buffer (a
+    GpuTensor for GpuTensor q)."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
+    held = launch._Held()
+    try:
+        passes, out, plan = launch.paged_passes(call, ctx, held)
+    except BaseException:
+        held.__exit__(None, None, None)
+        raise
+    seq = ctx.sequence(timestamps=2)
+    seq.timestamp()
+    for i in range(repeat):
+        for k, dispatches in enumerate(passes):
+            if i or k:
+                seq.barrier("compute", "compute")
+            for d in dispatches:
+                seq.dispatch(d)
+    seq.timestamp()
+    work = TimedWork(seq.end(), repeat, [out if hasattr(out, "free") else None] + list(reversed(held)))
+    work.out, work.plan = out, plan
+    return work
+
+
 # --- the matrix-core ceiling --------------------------------------------------------------------------
 
 PEAK_SUBGROUPS = 4      # subgroups per workgroup
