@@ -339,3 +339,29 @@ def test_a_failure_part_way_leaves_nothing_in_flight_or_corrupted(ctx, monkeypat
         assert not c.take_validation_messages()
     finally:
         c.close()
+
+
+# --- on a discrete GPU ---------------------------------------------------------------------------------
+
+def test_discrete_gpu_call_of_issue_14_takes_the_measured_route(ctx):
+    """GPU only (skips elsewhere): the issue's NumPy float16 call (B1 H32 S4096 D128 causal) on a
+    discrete GPU is served by the default context's chunked path, its upload route measured once,
+    and gives bit for bit what the path before chunking gives (chunking off, mapped uploads)."""
+    if ctx.info.type != "discrete-gpu":
+        pytest.skip(f"needs a discrete GPU ({ctx.info.name} is {ctx.info.type})")
+    rng = np.random.default_rng(14)
+    q, k, v = (rng.standard_normal((1, 32, 4096, 128)).astype(np.float16) for _ in range(3))
+    new = call_on(ctx, q, k, v)
+    assert ctx.download_pool is None or ctx.chunk_bytes > 0
+    probe = ctx.pool.acquire(16).buffer
+    if probe.host_visible and not probe.host_cached:
+        assert ctx.staged_uploads_faster is not None, "a mapped BAR's upload route is measured at the first large call"
+    saved = ctx.chunk_bytes, ctx.upload_setting
+    try:
+        ctx.chunk_bytes, ctx.upload_setting = 0, "mapped"
+        old = call_on(ctx, q, k, v)
+    finally:
+        ctx.chunk_bytes, ctx.upload_setting = saved
+    assert all(np.array_equal(a, b) for a, b in zip(new, old))
+    ref_rows = attention_reference(q[:, :2, -64:], k[:, :2], v[:, :2], causal=True)  # the last rows of two heads
+    assert max_err(new[0][:, :2, -64:], ref_rows) <= ATOL["float16"]
