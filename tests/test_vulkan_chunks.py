@@ -365,3 +365,18 @@ def test_discrete_gpu_call_of_issue_14_takes_the_measured_route(ctx):
     assert all(np.array_equal(a, b) for a, b in zip(new, old))
     ref_rows = attention_reference(q[:, :2, -64:], k[:, :2], v[:, :2], causal=True)  # the last rows of two heads
     assert max_err(new[0][:, :2, -64:], ref_rows) <= ATOL["float16"]
+
+
+@pytest.mark.parametrize("n", [1, 4096, 8191, 3 * 4096 + 5, 1 << 20])
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_spread_copies_copy_every_byte(n, threads):
+    c = memory.Copier(threads)
+    try:
+        src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+        dst = np.zeros(n + 6, np.uint8)
+        for spread in (False, True):
+            dst[...] = 0
+            c.start(dst[3:3 + n], src, spread).result()
+            assert (dst[3:3 + n] == src).all() and not dst[:3].any() and not dst[3 + n:].any()
+    finally:
+        c.close()

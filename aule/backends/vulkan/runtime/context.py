@@ -267,24 +267,28 @@ class Context:
         """Start every upload chunk's host copy on the copy threads, then submit each chunk's DMA
         in order once its copy is done."""
         copier = self.copier
-        pending = [copier.start(c.dst, c.src) for c in chunks] if copier.threads > 1 else None
-        sent = 0
+        threaded = copier.threads > 1
+        pending, sent = [], 0
         try:
+            if threaded:
+                # The first chunk spread over every thread, so the first DMA starts soon; the rest
+                # one chunk per thread, taken in order.
+                for i, c in enumerate(chunks):
+                    pending.append(copier.start(c.dst, c.src, not i))
             for i, c in enumerate(chunks):
-                if pending is None:
-                    c.dst[...] = c.src
-                else:
+                if threaded:
                     pending[i].result()
+                else:
+                    c.dst[...] = c.src
                 self._chunk_sequence(i, c.copy, None).submit(wait=False)
                 sent = i + 1
                 c.done = True
-        finally:
-            if pending is not None:  # a failed copy: let the others end before their buffers go back
-                for p in pending[sent:]:
-                    try:
-                        p.result()
-                    except BaseException:
-                        pass
+        finally:  # after a failure, let the copies started end before their buffers go back
+            for p in pending[sent:]:
+                try:
+                    p.result()
+                except BaseException:  # noqa: BLE001 (the first failure is the one raised)
+                    pass
 
     def _receive_chunks(self, chunks, first: int) -> None:
         """Submit every download chunk's DMA (chunk command buffers from ``first`` on), then copy
@@ -294,12 +298,12 @@ class Context:
             seq.submit(wait=False)
         copier, pending = self.copier, []
         try:
-            for seq, c in zip(seqs, chunks):
+            last = len(chunks) - 1
+            for i, (seq, c) in enumerate(zip(seqs, chunks)):
                 seq.wait()
-                pending.append(copier.start(c.dst, c.src))
+                pending.append(copier.start(c.dst, c.src, i == last))  # the last one spread: it ends the call
         finally:
-            for p in pending:
-                p.result()
+            _memory.Group(pending).result()  # every copy out ended, the first failure raised
         for c in chunks:
             c.done = True
 

@@ -291,20 +291,29 @@ class Copier:
         for f in futures:
             f.result()
 
-    def start(self, dst: np.ndarray, src: np.ndarray):
-        """Begin ``dst[...] = src`` (1-D uint8) on a copy thread; the returned handle's
-        ``result()`` waits for it. With one thread the copy is done here, before returning."""
+    def start(self, dst: np.ndarray, src: np.ndarray, spread: bool = False):
+        """Begin ``dst[...] = src`` (1-D uint8) on a copy thread, or with ``spread`` on all of
+        them in page-aligned parts (for a copy whose latency matters, not only its rate: the first
+        chunk of an upload, the last of a download); the returned handle's ``result()`` waits for
+        it. With one thread the copy is done here, before returning."""
         if self.threads < 2:
             dst[...] = src
             return _DONE
-        return self._executor().submit(np.copyto, dst, src)
+        pool = self._executor()
+        n = src.nbytes
+        if not spread or n < 2 * 4096:
+            return pool.submit(np.copyto, dst, src)
+        step = -(-(-(-n // self.threads)) // 4096) * 4096
+        return Group([pool.submit(np.copyto, dst[a:a + step], src[a:a + step]) for a in range(0, n, step)])
 
     def _executor(self):
         pool = self._pool
         if pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, "aule-copy")
+                    # One worker per thread: copy() keeps a part for the calling thread and leaves a
+                    # worker idle, while a chunked run's calling thread submits DMA and copies nothing.
+                    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, "aule-copy")
                 pool = self._pool
         return pool
 
@@ -323,6 +332,26 @@ class _Done:
 
 
 _DONE = _Done()
+
+
+class Group:
+    """The handle of copies started on several threads (one copy spread, or many): ``result()``
+    waits for every one and raises the first failure."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def result(self):
+        failed = None
+        for p in self.parts:  # every part waited for, even after one failed
+            try:
+                p.result()
+            except BaseException as exc:  # noqa: BLE001 (re-raised once all have ended)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 def _raw(array: np.ndarray) -> np.ndarray:
