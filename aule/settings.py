@@ -53,7 +53,7 @@ class VulkanSettings:
     host_import: frozenset      # AULE_VULKAN_HOST_IMPORT=1 (or upload, download): DMA straight from/to host
                                 #   arrays where the device imports host memory (VK_EXT_external_memory_host)
     reuse: bool                 # AULE_VULKAN_REUSE=0: record every call anew (no re-submitted recordings)
-    upload: str                 # AULE_VULKAN_UPLOAD=auto|mapped|staged: how inputs reach memory the host can map
+    upload: str                 # AULE_VULKAN_UPLOAD=auto|mapped|staged: how inputs reach device memory the host can map
                                 #   (auto: staged where the device has no mapped memory, else measured once)
     chunk_bytes: int            # AULE_VULKAN_CHUNK_BYTES: transfers through staging larger than this are cut into
                                 #   chunks whose host copies and DMA overlap (0: one copy each, in the call's submission)

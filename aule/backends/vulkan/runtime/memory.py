@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -254,8 +255,8 @@ def make_pools(ctx, policy: MemoryPolicy):
     probe.destroy()
     # Reading uncached (write-combined) device memory from the CPU is very slow, so results
     # come back through a host-cached staging buffer unless the device memory itself is cached.
-    # Inputs may take staging even where device memory is mapped (UPLOAD_STAGED, or measured
-    # faster there): the pool is made empty and costs nothing until then.
+    # Inputs may take staging even where device memory is mapped (AULE_VULKAN_UPLOAD=staged, or
+    # measured faster there): the pool is made empty and costs nothing until then.
     upload_pool = BufferPool(ctx, "upload", min(256 << 20, budget))
     download_pool = None if (mapped and cached) else BufferPool(ctx, "download", min(256 << 20, budget))
     return pool, upload_pool, download_pool
@@ -539,11 +540,6 @@ class Transfer:
             self._held = None
 
 
-#: Uploads on a device whose device-local memory is mapped (AULE_VULKAN_UPLOAD): "mapped" writes
-#: there, "staged" copies into host-cached staging and DMAs, "auto" follows :func:`upload_route`.
-UPLOAD_ROUTES = ("auto", "mapped", "staged")
-
-
 def staged_upload(ctx, buf: Buffer, n: int) -> bool:
     """Whether ``n`` bytes for device buffer ``buf`` go through staging and DMA rather than being
     written through its mapping. Unmapped memory has no choice. Mapped memory that is host-cached is
@@ -577,8 +573,6 @@ def measure_uploads(ctx, nbytes: int = MEASURE_BYTES, reps: int = 3) -> bool:
     staging in chunks with overlapped DMA (the best of ``reps`` each); True when staging is faster.
     Logged at INFO with both rates. The numbers decide a route, never a result: both routes move
     the same bytes."""
-    import time
-
     chunk = ctx.chunk_bytes or settings.DEFAULT_CHUNK_BYTES
     src = np.ones(nbytes, np.uint8)  # touched, so no page faults are timed
     dev, st = ctx.pool.acquire(nbytes), ctx.upload_pool.acquire(nbytes)
