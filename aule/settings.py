@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 _VULKAN_VARS = ("AULE_VULKAN_DEVICE", "AULE_VULKAN_STAGING", "AULE_VULKAN_PIPELINE_CACHE",
                 "AULE_VULKAN_NO_EGL_RETRY", "AULE_VALIDATION", "AULE_CACHE_DIR", "AULE_VULKAN_COPY_THREADS",
-                "AULE_VULKAN_HOST_IMPORT", "AULE_VULKAN_REUSE")
+                "AULE_VULKAN_HOST_IMPORT", "AULE_VULKAN_REUSE", "AULE_VULKAN_UPLOAD", "AULE_VULKAN_CHUNK_BYTES")
 
 
 _ENCODED: dict = {}
@@ -53,6 +53,10 @@ class VulkanSettings:
     host_import: frozenset      # AULE_VULKAN_HOST_IMPORT=1 (or upload, download): DMA straight from/to host
                                 #   arrays where the device imports host memory (VK_EXT_external_memory_host)
     reuse: bool                 # AULE_VULKAN_REUSE=0: record every call anew (no re-submitted recordings)
+    upload: str                 # AULE_VULKAN_UPLOAD=auto|mapped|staged: how inputs reach device memory the host can map
+                                #   (auto: staged where the device has no mapped memory, else measured once)
+    chunk_bytes: int            # AULE_VULKAN_CHUNK_BYTES: transfers through staging larger than this are cut into
+                                #   chunks whose host copies and DMA overlap (0: one copy each, in the call's submission)
 
 
 def _flag(raw: str | None) -> bool:
@@ -96,9 +100,17 @@ def _parse_tiles(raw: str) -> tuple | None:
     return head + values
 
 
+#: Staged transfers are cut into chunks of this many bytes by default: each chunk is one copy task
+#: and one DMA submission, small enough that copies and DMA overlap over most of a call's bytes,
+#: large enough that a submission's host cost (tens of microseconds) stays under its DMA time.
+DEFAULT_CHUNK_BYTES = 4 << 20
+#: Smaller chunks only multiply submissions (tests force a few KiB to cross many boundaries).
+MIN_CHUNK_BYTES = 256
+
+
 @functools.lru_cache(maxsize=64)
 def _vulkan(raw: tuple) -> VulkanSettings:
-    device, staging, pcache, no_egl, validation, cache_dir, threads, host_import, reuse = raw
+    device, staging, pcache, no_egl, validation, cache_dir, threads, host_import, reuse, upload, chunk = raw
     threads = (threads or "").strip()
     imports = (host_import or "").strip().lower()
     directions = {"": (), "0": (), "1": ("upload", "download"), "all": ("upload", "download"),
@@ -108,12 +120,20 @@ def _vulkan(raw: tuple) -> VulkanSettings:
     if threads and (not threads.isdigit() or not 1 <= int(threads) <= 256):
         raise ValueError(f"AULE_VULKAN_COPY_THREADS={threads!r}: expected a whole number from 1 to 256 "
                          "(1 copies on the calling thread alone), or unset")
+    upload = (upload or "auto").strip().lower()
+    if upload not in ("auto", "mapped", "staged"):
+        raise ValueError(f"AULE_VULKAN_UPLOAD={upload!r}: expected auto, mapped or staged")
+    chunk = (chunk or "").strip()
+    if chunk and (not chunk.isdigit() or 0 < int(chunk) < MIN_CHUNK_BYTES):
+        raise ValueError(f"AULE_VULKAN_CHUNK_BYTES={chunk!r}: expected 0 (no chunks) or a whole number of bytes "
+                         f"of at least {MIN_CHUNK_BYTES}, or unset ({DEFAULT_CHUNK_BYTES})")
     return VulkanSettings(
         device=(device or "").strip(), staging=(staging or "").strip() == "1",
         pipeline_cache=(pcache or "1").strip() != "0", egl_retry=(no_egl or "").strip() != "1",
         validation=_flag(validation), cache_dir=cache_dir or None,
         copy_threads=int(threads) if threads else None, host_import=frozenset(directions[imports]),
-        reuse=(reuse or "1").strip() != "0")
+        reuse=(reuse or "1").strip() != "0", upload=upload,
+        chunk_bytes=int(chunk) if chunk else DEFAULT_CHUNK_BYTES)
 
 
 def vulkan() -> VulkanSettings:

@@ -47,12 +47,17 @@ class _Held(list):
     """Leases and transfers taken for one call, released when it ends however it ends.
 
     ``uploads``/``downloads`` collect the GPU copies of :meth:`staged` inputs and
-    :meth:`readback` results, for the call's own submission (``ctx.run(..., uploads=,
-    downloads=)``): host data costs no submission of its own."""
+    :meth:`readback` results, for the call's own submission, ``up_chunks``/``down_chunks`` the
+    chunks of those cut for overlap (:meth:`run` hands both to the context): host data costs no
+    submission of its own unless it is large enough to gain by overlapping its copies and DMA."""
 
     def __init__(self):
         super().__init__()
-        self.uploads, self.downloads = [], []
+        self.uploads, self.downloads, self.up_chunks, self.down_chunks = [], [], [], []
+
+    def run(self, ctx, passes, timestamps: bool = False):
+        """``ctx.run_passes`` of ``passes`` with every transfer this call staged or reads back."""
+        return ctx.run_passes(passes, self.uploads, self.downloads, timestamps, self.up_chunks, self.down_chunks)
 
     def __enter__(self):
         return self
@@ -71,6 +76,7 @@ class _Held(list):
         lease, transfer = ctx.stage(np.ascontiguousarray(to_numpy(x), dtype=dtype))
         self += (lease, transfer)
         self.uploads += transfer.copies
+        self.up_chunks += transfer.chunks
         return lease.buffer
 
     def readback(self, ctx, buf, shape, dtype):
@@ -79,6 +85,7 @@ class _Held(list):
         transfer = ctx.readback(buf, ctx.host_empty(shape, dtype))
         self.append(transfer)
         self.downloads += transfer.copies
+        self.down_chunks += transfer.chunks
         return transfer
 
     def upload(self, ctx, array: np.ndarray):
@@ -203,7 +210,7 @@ def attention(call, ctx, timestamps: bool = False):
     if call.kind == "gpu":
         with _Held() as held:
             o, lse, dispatches = gpu_dispatches(call, ctx, *feature_buffers(call, ctx, held))
-            return o, lse, ctx.run(dispatches, held.uploads, timestamps=timestamps)
+            return o, lse, held.run(ctx, (dispatches,), timestamps)
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
     with _Held() as held:  # one submission: uploads, dispatches, downloads
@@ -213,7 +220,7 @@ def attention(call, ctx, timestamps: bool = False):
         features = feature_buffers(call, ctx, held)
         out = held.readback(ctx, ob, rows + (shape.head_dim,), elem)
         lse = held.readback(ctx, lb, rows, np.float32) if call.return_lse else None
-        ns = ctx.run(_bound(pipe, chunks, bufs + (ob, lb) + features), held.uploads, held.downloads, timestamps)
+        ns = held.run(ctx, (_bound(pipe, chunks, bufs + (ob, lb) + features),), timestamps)
         out, lse = out.finish(), (lse.finish() if lse is not None else None)
     return like(out, call.q), (lse_like(lse, call.q) if lse is not None else None), ns
 
@@ -636,7 +643,7 @@ def varlen_attention(call, ctx, timestamps: bool = False):
         if runs:
             # One submission for every group: the passes of each group run side by side.
             passes = [[d for _, ps, _, _ in runs for d in ps[i]] for i in range(3)]
-            ns = ctx.run_passes(passes, held.uploads, held.downloads, timestamps)
+            ns = held.run(ctx, passes, timestamps)
         for g, _, out_t, lse_t in runs:
             outs.append((g, out_t.finish()))
             if lse_t is not None:

@@ -62,6 +62,14 @@ class Context:
         self.memory = _memory.MemoryPolicy(self.physical, s.staging)
         self.pool, self.upload_pool, self.download_pool = _memory.make_pools(self, self.memory)
         self.copier = _memory.Copier(s.copy_threads)
+        # Transfers through staging larger than a chunk overlap their host copies with their DMA
+        # (run_passes' up_chunks / down_chunks); where device memory is mapped, the upload route is
+        # the setting's, or measured once (memory.staged_upload).
+        self.chunk_bytes = s.chunk_bytes
+        self.upload_setting = s.upload
+        self.staged_uploads_faster: bool | None = None
+        self._chunk_seqs: list = []  # one command buffer per chunk in flight, re-submitted when unchanged
+        self._last_run: Sequence | None = None
         self.results = _memory.ResultPool()
         self._host_pointer_fn = None
         # Where the device can import host memory, the setting decides which transfers do
@@ -75,10 +83,11 @@ class Context:
         self.query_pool = self._runner.query_pool
         log.info("aule: Vulkan device %s (%s, %s) via %s", self.info.name, self.info.type,
                  self.info.driver, self.route)
-        log.info("aule: Vulkan transfers: %s; upload staging %s, download staging %s; host copies on %d "
-                 "thread(s); host-memory import %s; recordings %s", self.memory.route,
-                 "pooled" if self.upload_pool else "none", "pooled" if self.download_pool else "none",
-                 self.copier.threads,
+        log.info("aule: Vulkan transfers: %s; uploads %s, downloads %s, through staging in chunks of %s; host "
+                 "copies on %d thread(s); host-memory import %s; recordings %s", self.memory.route,
+                 self.upload_setting if self.upload_setting != "auto" else "staged where unmapped, else measured",
+                 "staged" if self.download_pool else "read where mapped",
+                 f"{self.chunk_bytes} bytes" if self.chunk_bytes else "one (chunking off)", self.copier.threads,
                  ("for %s (alignment %d)" % (" and ".join(sorted(self.host_import)), self.memory.import_alignment))
                  if self.host_import else
                  ("off (AULE_VULKAN_HOST_IMPORT=1 turns it on)" if self.host_import_available
@@ -170,7 +179,7 @@ class Context:
         self._sequences.add(seq)
         return seq
 
-    def run(self, dispatches, uploads=(), downloads=(), timestamps: bool = False):
+    def run(self, dispatches, uploads=(), downloads=(), timestamps: bool = False, up_chunks=(), down_chunks=()):
         """Record uploads (staging -> device copies), dispatches and downloads into one command
         buffer, submit, wait. Returns GPU nanoseconds between the first and last dispatch when
         ``timestamps`` and the queue supports them, else ``None``.
@@ -179,22 +188,46 @@ class Context:
         run have no barrier between them (they write disjoint ranges); work whose later dispatches
         read what earlier ones wrote goes through :meth:`run_passes`.
         """
-        return self.run_passes((dispatches,), uploads, downloads, timestamps)
+        return self.run_passes((dispatches,), uploads, downloads, timestamps, up_chunks, down_chunks)
 
-    def run_passes(self, passes, uploads=(), downloads=(), timestamps: bool = False):
+    def run_passes(self, passes, uploads=(), downloads=(), timestamps: bool = False, up_chunks=(), down_chunks=()):
         """:meth:`run` for several passes in one submission: a compute barrier between
         consecutive passes makes each pass's shader writes visible to the next one's reads.
         Recorded on the context's reusable sequence, so a multi-pass call costs no extra
-        command buffer, fence or submission."""
+        command buffer, fence or submission.
+
+        ``up_chunks`` / ``down_chunks``: the :class:`memory.Chunk` s of transfers cut for overlap.
+        Each upload chunk's host copy runs on the copy threads and its DMA is a submission of its
+        own, made as soon as that copy is done, so copying chunk i+1 overlaps chunk i's DMA (a
+        command buffer may not wait for an event the host sets after its submission). The run
+        follows them on the queue. Each download chunk is a submission of its own after the run,
+        all submitted at once; its host copy starts when its fence signals, while the next chunk's
+        DMA runs. Whatever fails on the way, nothing is left in flight when this returns or raises:
+        the caller may hand the buffers back at once."""
         with self.lock:
             timed = timestamps and self.query_pool is not None
-            key = _run_key(passes, uploads, downloads, timed) if self.reuse else None
-            seq = self._recordings.get(key) if key is not None else None
-            if seq is not None:
-                self._recordings.move_to_end(key)
-                self.stats["resubmitted"] += 1
-                seq.submit()
+            if not (up_chunks or down_chunks):
+                seq = self._submit_run(passes, uploads, downloads, timed, False, True)
                 return seq.gpu_ns() if timed else None
+            try:
+                self._send_chunks(up_chunks)
+                seq = self._submit_run(passes, uploads, downloads, timed, bool(up_chunks), not down_chunks)
+                self._receive_chunks(down_chunks, len(up_chunks))
+            finally:
+                self._settle()
+            return seq.gpu_ns() if timed else None
+
+    def _submit_run(self, passes, uploads, downloads, timed: bool, after_chunks: bool, wait: bool) -> Sequence:
+        """Record (or find recorded) and submit one run, returning its sequence (its GPU time is
+        read from it); ``after_chunks``: upload chunks submitted before it wrote its inputs (a
+        transfer barrier opens it). Without ``wait`` the download chunks follow it on the queue
+        before anything waits."""
+        key = _run_key(passes, uploads, downloads, timed, after_chunks) if self.reuse else None
+        seq = self._recordings.get(key) if key is not None else None
+        if seq is not None:
+            self._recordings.move_to_end(key)
+            self.stats["resubmitted"] += 1
+        else:
             if key is not None and key in self._seen:
                 del self._seen[key]
                 seq = self._record_for(key, _buffer_ids(passes, uploads, downloads))
@@ -206,9 +239,81 @@ class Context:
                 seq = self._runner
                 seq.reset()
                 self.stats["one_time"] += 1
-            _record(seq, passes, uploads, downloads, timed)
-            seq.submit()
-            return seq.gpu_ns() if timed else None
+            _record(seq, passes, uploads, downloads, timed, after_chunks)
+        seq.submit(wait=wait)
+        self._last_run = seq
+        return seq
+
+    def _chunk_sequence(self, i: int, copy, before: str | None) -> Sequence:
+        """Chunk ``i``'s command buffer holding the one ``copy``, re-recorded only when the copy
+        changed (a repeated call moves the same chunks between the same pooled buffers);
+        ``before``: the kind of earlier work its copy must follow ("compute" for a download)."""
+        seqs = self._chunk_seqs
+        while len(seqs) <= i:
+            seqs.append(Sequence(self, timestamps=0))
+        seq = seqs[i]
+        key = (copy[0]._id, copy[1]._id) + tuple(copy[2:]) + (before,)
+        if getattr(seq, "chunk_key", None) != key:
+            seq.reset()
+            seq.chunk_key = None
+            if before is not None:
+                seq.barrier(before, "transfer")
+            seq.copy(*copy)
+            seq.end()
+            seq.chunk_key = key
+        return seq
+
+    def _send_chunks(self, chunks) -> None:
+        """Start every upload chunk's host copy on the copy threads, then submit each chunk's DMA
+        in order once its copy is done."""
+        copier = self.copier
+        threaded = copier.threads > 1
+        pending, sent = [], 0
+        try:
+            if threaded:
+                # The first chunk spread over every thread, so the first DMA starts soon; the rest
+                # one chunk per thread, taken in order.
+                for i, c in enumerate(chunks):
+                    pending.append(copier.start(c.dst, c.src, not i))
+            for i, c in enumerate(chunks):
+                if threaded:
+                    pending[i].result()
+                else:
+                    c.dst[...] = c.src
+                self._chunk_sequence(i, c.copy, None).submit(wait=False)
+                sent = i + 1
+                c.done = True
+        finally:  # after a failure, let the copies started end before their buffers go back
+            for p in pending[sent:]:
+                try:
+                    p.result()
+                except BaseException:  # noqa: BLE001 (the first failure is the one raised)
+                    pass
+
+    def _receive_chunks(self, chunks, first: int) -> None:
+        """Submit every download chunk's DMA (chunk command buffers from ``first`` on), then copy
+        each out as its fence signals, on the copy threads, while the next ones' DMA runs."""
+        seqs = [self._chunk_sequence(first + i, c.copy, "compute") for i, c in enumerate(chunks)]
+        for seq in seqs:
+            seq.submit(wait=False)
+        copier, pending = self.copier, []
+        try:
+            last = len(chunks) - 1
+            for i, (seq, c) in enumerate(zip(seqs, chunks)):
+                seq.wait()
+                pending.append(copier.start(c.dst, c.src, i == last))  # the last one spread: it ends the call
+        finally:
+            _memory.Group(pending).result()  # every copy out ended, the first failure raised
+        for c in chunks:
+            c.done = True
+
+    def _settle(self) -> None:
+        """Wait for the run and every chunk command buffer submitted (a wait on one not in flight
+        costs nothing): nothing of this run may still be in flight when its buffers go back."""
+        for seq in self._chunk_seqs:
+            seq.wait()
+        if self._last_run is not None:
+            self._last_run.wait()
 
     def _record_for(self, key, ids) -> Sequence:
         """A sequence of its own for a run seen before, kept under ``key`` (the least recently
@@ -282,6 +387,9 @@ class Context:
             for seq in list(self._sequences):
                 seq.close()
             self.forget_recordings()
+            for seq in self._chunk_seqs:
+                seq.close()
+            self._chunk_seqs.clear()
             self._runner.close()
             self.copier.close()
             for p in self.pools():
@@ -295,10 +403,10 @@ class Context:
             self._instance.destroy()
 
 
-def _run_key(passes, uploads, downloads, timed) -> tuple:
+def _run_key(passes, uploads, downloads, timed, after_chunks=False) -> tuple:
     """What a run records, as a hashable key: copies by their buffers' never-reused ids, each
     dispatch by its :meth:`Dispatch.run_key`; the ints 0 and -1 separate the parts."""
-    key = [timed]
+    key = [timed, after_chunks]
     for c in uploads:
         key += (c[0]._id, c[1]._id, c[2:])
     for dispatches in passes:
@@ -317,12 +425,13 @@ def _buffer_ids(passes, uploads, downloads) -> frozenset:
     return frozenset(ids)
 
 
-def _record(seq, passes, uploads, downloads, timed) -> None:
+def _record(seq, passes, uploads, downloads, timed, after_chunks=False) -> None:
     """Record a run: uploads, a barrier, the passes (a compute barrier between consecutive ones),
-    a barrier, downloads; timestamps around the passes when ``timed``."""
+    a barrier, downloads; timestamps around the passes when ``timed``. ``after_chunks``: copies
+    submitted before it wrote inputs, so the barrier after uploads is there even without any."""
     for c in uploads:
         seq.copy(*c)
-    if uploads:
+    if uploads or after_chunks:
         seq.barrier("transfer", "compute")
     if timed:
         seq.timestamp()

@@ -7,10 +7,12 @@ import itertools
 import logging
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
 
+from .... import settings
 from .errors import VulkanError, VulkanOutOfMemoryError, binding, call, create, error
 
 log = logging.getLogger("aule")
@@ -253,7 +255,9 @@ def make_pools(ctx, policy: MemoryPolicy):
     probe.destroy()
     # Reading uncached (write-combined) device memory from the CPU is very slow, so results
     # come back through a host-cached staging buffer unless the device memory itself is cached.
-    upload_pool = None if mapped else BufferPool(ctx, "upload", min(256 << 20, budget))
+    # Inputs may take staging even where device memory is mapped (AULE_VULKAN_UPLOAD=staged, or
+    # measured faster there): the pool is made empty and costs nothing until then.
+    upload_pool = BufferPool(ctx, "upload", min(256 << 20, budget))
     download_pool = None if (mapped and cached) else BufferPool(ctx, "download", min(256 << 20, budget))
     return pool, upload_pool, download_pool
 
@@ -288,12 +292,29 @@ class Copier:
         for f in futures:
             f.result()
 
+    def start(self, dst: np.ndarray, src: np.ndarray, spread: bool = False):
+        """Begin ``dst[...] = src`` (1-D uint8) on a copy thread, or with ``spread`` on all of
+        them in page-aligned parts (for a copy whose latency matters, not only its rate: the first
+        chunk of an upload, the last of a download); the returned handle's ``result()`` waits for
+        it. With one thread the copy is done here, before returning."""
+        if self.threads < 2:
+            dst[...] = src
+            return _DONE
+        pool = self._executor()
+        n = src.nbytes
+        if not spread or n < 2 * 4096:
+            return pool.submit(np.copyto, dst, src)
+        step = -(-(-(-n // self.threads)) // 4096) * 4096
+        return Group([pool.submit(np.copyto, dst[a:a + step], src[a:a + step]) for a in range(0, n, step)])
+
     def _executor(self):
         pool = self._pool
         if pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, "aule-copy")
+                    # One worker per thread: copy() keeps a part for the calling thread and leaves a
+                    # worker idle, while a chunked run's calling thread submits DMA and copies nothing.
+                    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, "aule-copy")
                 pool = self._pool
         return pool
 
@@ -301,6 +322,37 @@ class Copier:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+class _Done:
+    """The handle of a copy already made."""
+
+    @staticmethod
+    def result():
+        return None
+
+
+_DONE = _Done()
+
+
+class Group:
+    """The handle of copies started on several threads (one copy spread, or many): ``result()``
+    waits for every one and raises the first failure."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def result(self):
+        failed = None
+        for p in self.parts:  # every part waited for, even after one failed
+            try:
+                p.result()
+            except BaseException as exc:  # noqa: BLE001 (re-raised once all have ended)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 def _raw(array: np.ndarray) -> np.ndarray:
@@ -432,19 +484,52 @@ class _Lent:
                                         data=(view.__array_interface__["data"][0], False))
 
 
+class Chunk:
+    """One piece of a chunked transfer: the host copy ``dst[...] = src`` (uint8 views of a
+    staging buffer and of the caller's array) and the GPU copy ``copy`` between that staging
+    buffer and the device buffer. An upload's host copy comes first, a download's after its DMA;
+    ``done`` is set once both ran (:meth:`Context.run_passes` runs them)."""
+
+    __slots__ = ("dst", "src", "copy", "done")
+
+    def __init__(self, dst, src, copy):
+        self.dst, self.src, self.copy, self.done = dst, src, copy, False
+
+
+def _chunks(host: np.ndarray, stage: Buffer, device: Buffer, size: int, up: bool) -> list:
+    """The :class:`Chunk` s moving the bytes of ``host`` (1-D uint8) through ``stage`` to or from
+    the start of ``device``, cut every ``size`` bytes (the last one shorter)."""
+    n, view = host.nbytes, stage.view
+    out = []
+    for a in range(0, n, size):
+        b = min(n, a + size)
+        if up:
+            out.append(Chunk(view[a:b], host[a:b], (stage, device, b - a, a, a)))
+        else:
+            out.append(Chunk(host[a:b], view[a:b], (device, stage, b - a, a, a)))
+    return out
+
+
 class Transfer:
     """Host data on its way to or from a device buffer in one submission: ``copies`` are the
     ``(src, dst, nbytes[, src_offset, dst_offset])`` GPU copies to record (none where the device
-    memory is mapped), :meth:`finish` completes a download after they ran, :meth:`release` gives
-    back the staging buffer or host import (always call it)."""
+    memory is mapped), ``chunks`` the :class:`Chunk` s of a transfer cut for overlap (then no
+    ``copies``; a run takes them as ``up_chunks`` / ``down_chunks``), :meth:`finish` completes a
+    download after they ran, :meth:`release` gives back the staging buffer or host import (always
+    call it)."""
 
-    __slots__ = ("copies", "_held", "_out", "_src", "_copier")
+    __slots__ = ("copies", "chunks", "_held", "_out", "_src", "_copier")
 
-    def __init__(self, copies=(), held=None, out=None, src=None, copier=None):
-        self.copies, self._held, self._out, self._src, self._copier = copies, held, out, src, copier
+    def __init__(self, copies=(), held=None, out=None, src=None, copier=None, chunks=()):
+        self.copies, self.chunks, self._held, self._out, self._src, self._copier = (
+            copies, chunks, held, out, src, copier)
 
     def finish(self) -> np.ndarray | None:
-        if self._src is not None:
+        if self.chunks:
+            if not all(c.done for c in self.chunks):
+                raise RuntimeError("a chunked download was finished before a run moved its chunks "
+                                   "(pass the transfer's chunks to Context.run_passes as down_chunks)")
+        elif self._src is not None:
             raw = _raw(self._out)
             self._copier.copy(raw, self._src[:raw.nbytes])
         return self._out
@@ -455,10 +540,70 @@ class Transfer:
             self._held = None
 
 
+def staged_upload(ctx, buf: Buffer, n: int) -> bool:
+    """Whether ``n`` bytes for device buffer ``buf`` go through staging and DMA rather than being
+    written through its mapping. Unmapped memory has no choice. Mapped memory that is host-cached is
+    host memory (a CPU device, unified memory): a staging copy could only add a copy. Mapped
+    uncached memory (a discrete GPU's BAR, write-combined) is written at what the link and the
+    CPU's write-combining allow, which may be under a host memcpy plus DMA: the context measures
+    both once, at the first upload large enough to be cut into chunks, and keeps the faster.
+    Arrays of one chunk or less are written where they are mapped: a DMA submission of their own
+    would cost more than it could save."""
+    if not buf.host_visible:
+        return True
+    route = ctx.upload_setting
+    if route == "mapped":
+        return False
+    if route == "staged":
+        return True
+    if buf.host_cached or not ctx.chunk_bytes or n <= ctx.chunk_bytes:
+        return False
+    if ctx.staged_uploads_faster is None:
+        ctx.staged_uploads_faster = measure_uploads(ctx)
+    return ctx.staged_uploads_faster
+
+
+#: Bytes the upload measurement moves each way: several chunks, so the staged side overlaps as
+#: a call's would, and long enough (about a millisecond on PCIe 5) to outlast timer noise.
+MEASURE_BYTES = 32 << 20
+
+
+def measure_uploads(ctx, nbytes: int = MEASURE_BYTES, reps: int = 3) -> bool:
+    """Time ``nbytes`` written through a mapped device buffer against the same bytes copied into
+    staging in chunks with overlapped DMA (the best of ``reps`` each); True when staging is faster.
+    Logged at INFO with both rates. The numbers decide a route, never a result: both routes move
+    the same bytes."""
+    chunk = ctx.chunk_bytes or settings.DEFAULT_CHUNK_BYTES
+    src = np.ones(nbytes, np.uint8)  # touched, so no page faults are timed
+    dev, st = ctx.pool.acquire(nbytes), ctx.upload_pool.acquire(nbytes)
+    try:
+        if not dev.buffer.host_visible:
+            return True
+        mapped = staged = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            ctx.copier.copy(dev.buffer.view[:nbytes], src)
+            mapped = min(mapped, time.perf_counter() - t)
+            pieces = _chunks(src, st.buffer, dev.buffer, chunk, True)
+            t = time.perf_counter()
+            ctx.run_passes((), up_chunks=pieces)
+            staged = min(staged, time.perf_counter() - t)
+    finally:
+        st.release()
+        dev.release()
+    faster = staged < mapped
+    log.info("aule: Vulkan uploads of more than %d bytes go %s: %.1f GB/s written through mapped device memory, "
+             "%.1f GB/s through staging with chunked DMA (measured on %d MB; AULE_VULKAN_UPLOAD=mapped or "
+             "staged decides instead)", ctx.chunk_bytes, "through staging" if faster else "through the mapping",
+             nbytes / mapped / 1e9, nbytes / staged / 1e9, nbytes >> 20)
+    return faster
+
+
 def stage(ctx, array: np.ndarray, lease: Lease | None = None) -> tuple[Lease, Transfer]:
     """A pooled device buffer (or ``lease``) for ``array``'s bytes, and the :class:`Transfer`
-    that fills it: written already where device memory is mapped, else copies to record from
-    staging memory (or from the imported array itself)."""
+    that fills it: written already where device memory is mapped (and that route is taken), else
+    copies to record from staging memory (or from the imported array itself). Through staging,
+    an array larger than a chunk is not copied here: its transfer's ``chunks`` are, by the run."""
     src = np.ascontiguousarray(array)
     raw = _raw(src)
     n = raw.nbytes
@@ -470,17 +615,21 @@ def stage(ctx, array: np.ndarray, lease: Lease | None = None) -> tuple[Lease, Tr
     imported = _import(ctx, src, "upload")
     if imported is not None:
         return lease, Transfer(((imported.buffer, buf, n, imported.offset, 0),), imported)
-    if buf.host_visible:
+    if not staged_upload(ctx, buf, n):
         ctx.copier.copy(buf.view[:n], raw)
         return lease, Transfer()
     st = ctx.upload_pool.acquire(n)
+    if ctx.chunk_bytes and n > ctx.chunk_bytes:
+        # ``raw`` is kept alive by the chunks' views until the run has copied it.
+        return lease, Transfer(held=st, chunks=_chunks(raw, st.buffer, buf, ctx.chunk_bytes, True))
     ctx.copier.copy(st.buffer.view[:n], raw)
     return lease, Transfer(((st.buffer, buf, n),), st)
 
 
 def readback(ctx, buf: Buffer, out: np.ndarray) -> Transfer:
     """The :class:`Transfer` that brings ``out.nbytes`` from the start of ``buf`` into the
-    C-contiguous array ``out`` (returned by its ``finish()``)."""
+    C-contiguous array ``out`` (returned by its ``finish()``). Through staging, a result larger
+    than a chunk comes back in ``chunks``, each copied out while the next one's DMA runs."""
     n = out.nbytes
     if not n:
         return Transfer(out=out)
@@ -490,6 +639,8 @@ def readback(ctx, buf: Buffer, out: np.ndarray) -> Transfer:
     if imported is not None:
         return Transfer(((buf, imported.buffer, n, 0, imported.offset),), imported, out)
     st = ctx.download_pool.acquire(n)
+    if ctx.chunk_bytes and n > ctx.chunk_bytes:
+        return Transfer(held=st, out=out, chunks=_chunks(_raw(out), st.buffer, buf, ctx.chunk_bytes, False))
     return Transfer(((buf, st.buffer, n),), st, out, st.buffer.view, ctx.copier)
 
 
@@ -497,8 +648,8 @@ def upload(ctx, array: np.ndarray, lease: Lease | None = None) -> Lease:
     """A pooled device buffer (or ``lease``) holding ``array``'s bytes on return."""
     lease, t = stage(ctx, array, lease)
     try:
-        if t.copies:
-            ctx.run((), uploads=t.copies)
+        if t.copies or t.chunks:
+            ctx.run((), uploads=t.copies, up_chunks=t.chunks)
     finally:
         t.release()
     return lease
@@ -508,8 +659,8 @@ def download(ctx, buf: Buffer, out: np.ndarray) -> np.ndarray:
     """Copy ``out.nbytes`` from the start of ``buf`` into the C-contiguous array ``out``."""
     t = readback(ctx, buf, out)
     try:
-        if t.copies:
-            ctx.run((), downloads=t.copies)
+        if t.copies or t.chunks:
+            ctx.run((), downloads=t.copies, down_chunks=t.chunks)
         return t.finish()
     finally:
         t.release()
