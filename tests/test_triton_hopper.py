@@ -55,6 +55,11 @@ def test_hopper_forward_matches_reference(monkeypatch, variant, case):
     q, k, v = _inputs(case)
     causal, window = case[6], case[7]
     left, right = masks.canonical_window(causal, window)
+    refused = hopper.measured_refusal(variant, q, k, left, right)
+    if GPU and refused:
+        # Measured wrong on the H200 (Triton 3.6: an error of 1.57 on this file's causal d40
+        # case): routing never hands it such a call, so the hardware is not asked either.
+        pytest.skip(refused)
     scale = case[5] ** -0.5
     out, lse = hopper.attention_forward(q, k, v, scale, left, right, variant)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == q.shape[:3]

@@ -49,7 +49,6 @@ class ModelInputs:
         self.p = p
         self.model, self.sets = _MODELS[key]
         self.train = p["mode"] == "train"
-        self.reference = None  # the baseline row's checked result, set by the runner
 
     def checked(self, context):
         """What the check compares: logits (forward) or loss and projection gradients (train)."""
@@ -78,7 +77,7 @@ class ModelInputs:
         return _rel(result, ref)
 
     def reference(self, baseline) -> object:
-        """The baseline contender's checked result (SDPA-flash: the reference every row meets)."""
+        """The baseline contender's checked result (torch's default SDPA: the reference every row meets)."""
         return self.checked(baseline.context_for(self)[0])
 
     def tolerance(self) -> float:
@@ -167,12 +166,15 @@ class HfModel(Contender):
         def checked(i):
             result = inp.checked(context)
             if self.sdpa is None:
+                # Every call is aule's kernel or, where aule.speed_table measured torch faster for its
+                # class on this GPU, torch's own SDPA by that decision: any other fallback fails the row.
                 served = [m for m in routes.messages if "-> triton" in m]
+                preferred = [m for m in routes.messages if "so torch SDPA serves it" in m]
                 fallbacks = [m for m in routes.messages if ("torch SDPA" in m or "uses sdpa" in m)
-                             and not m.startswith("aule: skipping backend")]
-                if fallbacks or not served:
-                    raise RuntimeError("aule did not serve every attention call through Triton: "
-                                       + "; ".join(sorted(set(fallbacks)) or ["no Triton route logged"]))
+                             and not m.startswith("aule: skipping backend") and m not in preferred]
+                if fallbacks or not (served or preferred):
+                    raise RuntimeError("aule did not serve every attention call through Triton or the speed "
+                                       "table's choice: " + "; ".join(sorted(set(fallbacks)) or ["no route logged"]))
             model.train(inp.train)
             return result
 
