@@ -126,14 +126,17 @@ def test_variant_for_keeps_the_general_kernel_off_hopper(monkeypatch):
 
 def test_ws_serves_only_what_was_measured_right():
     """The warp-specialised loop gave wrong or NaN rows on the H200 (Triton 3.6) whenever it was
-    masked, at head_dim 64 and with 64-key tiles: routing hands it only whole, unmasked d128 tiles."""
-    q, k, v = _inputs((1, 2, 2, 256, 384, 128))
+    masked, at head_dim 64 and with 64-key tiles, and its LSE was off with GQA at seq_q != seq_k:
+    routing hands it only whole, unmasked d128 tiles of equal heads and lengths."""
+    q, k, v = _inputs((1, 2, 2, 256, 256, 128))
     assert hopper.measured_refusal("ws", q, k, -1, -1) is None
+    assert "equal query and key heads" in hopper.measured_refusal("ws", q, k[:, :1], -1, -1)    # GQA
+    assert "equal query and key heads" in hopper.measured_refusal("ws", q, torch.cat([k, k], 2), -1, -1)
     assert "head_dim 128" in hopper.measured_refusal("ws", q, k, -1, 0)       # causal
     assert "window" in hopper.measured_refusal("ws", q, k, 64, 0)              # sliding window
     assert hopper.measured_refusal("ws", q[..., :64], k[..., :64], -1, -1)     # head_dim 64
     assert hopper.measured_refusal("ws", q[:, :, :200], k, -1, -1)             # ragged seq_q
-    assert hopper.measured_refusal("ws", q, k[:, :, :300], -1, -1)             # ragged seq_k
+    assert hopper.measured_refusal("ws", q, torch.cat([k, k], 2)[:, :, :300], -1, -1)  # ragged seq_k
     assert hopper.measured_refusal("tma", q, k, -1, 0) is None
     assert hopper.measured_refusal("persistent", q[:, :, :200], k, 30, 0) is None
     assert [c.kwargs["BLOCK_N"] for c in hopper._configs("ws", 128)] == [128]
