@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from aule.backends.triton import hopper  # noqa: E402
-from fp8_compile_check import resource_usage  # noqa: E402
+from fp8_compile_check import finish, resource_usage  # noqa: E402
 
 SM90_SHARED = 232448  # the most shared memory one block may have on sm_90 (227 KB)
 
@@ -80,12 +80,7 @@ def main() -> int:
                     if variant == "ws" and tile[2] == 4 and not ws:
                         failures.append(f"{name}: the 4-warp loop was not warp-specialised")
     print("\n".join(rows))
-    for f in failures:
-        print(f, file=sys.stderr)
-    if failures:
-        return 1
-    print("compiled")
-    return 0
+    return finish(failures)
 
 
 if __name__ == "__main__":

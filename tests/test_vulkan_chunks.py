@@ -9,7 +9,6 @@ the float64 reference. Counts, never times: speed is measured by scripts/vulkan_
 from __future__ import annotations
 
 import logging
-import os
 import types
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import aule
 from aule import settings
 from aule.backends.vulkan import launch
+from aule.bench.contenders import _environ
 from aule.backends.vulkan.runtime import Context, memory
 from aule.backends.vulkan.runtime.sequence import Sequence
 from aule.call import canonicalize, canonicalize_varlen
@@ -38,16 +38,8 @@ def chunked_context(route: str, chunk: int, threads: int = 1) -> Context:
     """A context of its own under ``route`` with chunks of ``chunk`` bytes (closed by the caller)."""
     vulkan_context()  # skips without Vulkan
     env = dict(ROUTES[route], AULE_VULKAN_CHUNK_BYTES=str(chunk), AULE_VULKAN_COPY_THREADS=str(threads))
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with _environ(env):
         return Context()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
