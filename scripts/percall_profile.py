@@ -183,12 +183,15 @@ def vulkan_part(args, shape) -> None:
     b = backends.get("vulkan")
     rows = []
     reuse = ctx.reuse
-    try:
+
+    def by_reuse(label):
         for on in (True, False):
             ctx.reuse = on
             ctx.forget_recordings()
-            rows.append((f"aule.flash_attention on GpuTensors, reuse {'on' if on else 'off'}",
-                         median_us(whole, args.calls)))
+            rows.append((f"{label}, reuse {'on' if on else 'off'}", median_us(whole, args.calls)))
+
+    try:
+        by_reuse("aule.flash_attention on GpuTensors")
         ctx.reuse = True
         for _ in range(3):  # seen, recorded and kept (each result freed before the next call)
             whole()
@@ -200,11 +203,7 @@ def vulkan_part(args, shape) -> None:
         submit = Sequence.submit
         Sequence.submit = lambda self, wait=True: self
         try:
-            for on in (True, False):
-                ctx.reuse = on
-                ctx.forget_recordings()
-                rows.append((f"  aule's host time alone (submission stubbed), reuse {'on' if on else 'off'}",
-                             median_us(whole, args.calls)))
+            by_reuse("  aule's host time alone (submission stubbed)")
         finally:
             Sequence.submit = submit
             ctx.reuse = True

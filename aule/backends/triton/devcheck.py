@@ -18,6 +18,12 @@ CU_ORDER = tl.constexpr(_flags.CU_ORDER)
 CU_PAST = tl.constexpr(_flags.CU_PAST)
 CU_END = tl.constexpr(_flags.CU_END)
 CU_LONG = tl.constexpr(_flags.CU_LONG)
+BLOCK_ID = tl.constexpr(_flags.BLOCK_ID)
+CONTEXT_LEN = tl.constexpr(_flags.CONTEXT_LEN)
+SLOT = tl.constexpr(_flags.SLOT)
+QUERY_START = tl.constexpr(_flags.QUERY_START)
+QUERY_ROWS = tl.constexpr(_flags.QUERY_ROWS)
+QUERY_BOUND = tl.constexpr(_flags.QUERY_BOUND)
 
 
 @triton.jit

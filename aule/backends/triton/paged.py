@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from . import flags as _flags
-from .devcheck import SINK, SLOPE, check_finite, record as _record
+from .devcheck import (BLOCK_ID, CONTEXT_LEN, QUERY_BOUND, QUERY_ROWS, QUERY_START, SINK, SLOPE, SLOT,
+                       check_finite, record as _record)
 from .common import (LOG2E, MAX_HEAD_DIM, block_d, cdiv, feature_table, interpreting, next_pow2,
                      torch_gpu_flavour)
 from .kernels import _finish_rows, _join_sink, _scores2, _shift
@@ -41,12 +42,6 @@ from .kernels import _finish_rows, _join_sink, _scores2, _shift
 log = logging.getLogger("aule")
 
 MAX_SPLITS = 64
-BLOCK_ID = tl.constexpr(_flags.BLOCK_ID)
-CONTEXT_LEN = tl.constexpr(_flags.CONTEXT_LEN)
-SLOT = tl.constexpr(_flags.SLOT)
-QUERY_START = tl.constexpr(_flags.QUERY_START)
-QUERY_ROWS = tl.constexpr(_flags.QUERY_ROWS)
-QUERY_BOUND = tl.constexpr(_flags.QUERY_BOUND)
 
 
 @triton.jit
