@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 _VULKAN_VARS = ("AULE_VULKAN_DEVICE", "AULE_VULKAN_STAGING", "AULE_VULKAN_PIPELINE_CACHE",
                 "AULE_VULKAN_NO_EGL_RETRY", "AULE_VALIDATION", "AULE_CACHE_DIR", "AULE_VULKAN_COPY_THREADS",
-                "AULE_VULKAN_HOST_IMPORT", "AULE_VULKAN_REUSE", "AULE_VULKAN_UPLOAD", "AULE_VULKAN_CHUNK_BYTES")
+                "AULE_VULKAN_HOST_IMPORT", "AULE_VULKAN_REUSE", "AULE_VULKAN_UPLOAD", "AULE_VULKAN_CHUNK_BYTES",
+                "AULE_VULKAN_ASYNC")
 
 
 _ENCODED: dict = {}
@@ -57,6 +58,7 @@ class VulkanSettings:
                                 #   (auto: staged where the device has no mapped memory, else measured once)
     chunk_bytes: int            # AULE_VULKAN_CHUNK_BYTES: transfers through staging larger than this are cut into
                                 #   chunks whose host copies and DMA overlap (0: one copy each, in the call's submission)
+    asynchronous: bool          # AULE_VULKAN_ASYNC=0: calls on GpuTensors wait for their submission before returning
 
 
 def _flag(raw: str | None) -> bool:
@@ -110,7 +112,7 @@ MIN_CHUNK_BYTES = 256
 
 @functools.lru_cache(maxsize=64)
 def _vulkan(raw: tuple) -> VulkanSettings:
-    device, staging, pcache, no_egl, validation, cache_dir, threads, host_import, reuse, upload, chunk = raw
+    device, staging, pcache, no_egl, validation, cache_dir, threads, host_import, reuse, upload, chunk, asynchronous = raw
     threads = (threads or "").strip()
     imports = (host_import or "").strip().lower()
     directions = {"": (), "0": (), "1": ("upload", "download"), "all": ("upload", "download"),
@@ -133,7 +135,7 @@ def _vulkan(raw: tuple) -> VulkanSettings:
         validation=_flag(validation), cache_dir=cache_dir or None,
         copy_threads=int(threads) if threads else None, host_import=frozenset(directions[imports]),
         reuse=(reuse or "1").strip() != "0", upload=upload,
-        chunk_bytes=int(chunk) if chunk else DEFAULT_CHUNK_BYTES)
+        chunk_bytes=int(chunk) if chunk else DEFAULT_CHUNK_BYTES, asynchronous=(asynchronous or "1").strip() != "0")
 
 
 def vulkan() -> VulkanSettings:

@@ -55,9 +55,12 @@ class _Held(list):
         super().__init__()
         self.uploads, self.downloads, self.up_chunks, self.down_chunks = [], [], [], []
 
-    def run(self, ctx, passes, timestamps: bool = False):
-        """``ctx.run_passes`` of ``passes`` with every transfer this call staged or reads back."""
-        return ctx.run_passes(passes, self.uploads, self.downloads, timestamps, self.up_chunks, self.down_chunks)
+    def run(self, ctx, passes, timestamps: bool = False, asynchronous: bool = False):
+        """``ctx.run_passes`` of ``passes`` with every transfer this call staged or reads back.
+        ``asynchronous``: the call returns device data only, so the context may submit it without
+        waiting; what this holds then stays held by the submission until it has ended."""
+        return ctx.run_passes(passes, self.uploads, self.downloads, timestamps, self.up_chunks, self.down_chunks,
+                              self if asynchronous else None)
 
     def __enter__(self):
         return self
@@ -210,7 +213,7 @@ def attention(call, ctx, timestamps: bool = False):
     if call.kind == "gpu":
         with _Held() as held:
             o, lse, dispatches = gpu_dispatches(call, ctx, *feature_buffers(call, ctx, held))
-            return o, lse, held.run(ctx, (dispatches,), timestamps)
+            return o, lse, held.run(ctx, (dispatches,), timestamps, asynchronous=True)
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
     with _Held() as held:  # one submission: uploads, dispatches, downloads

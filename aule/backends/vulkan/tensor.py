@@ -7,6 +7,7 @@ from ...arrays import to_numpy
 from ...call import is_torch_tensor
 from .plans import CacheSplit, cache_split
 from .runtime import Context, context
+from .runtime.memory import await_host
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -15,6 +16,14 @@ class GpuTensor:
     """Data kept on the Vulkan device (a layer's K/V, a KV cache). Attention on GpuTensors
     returns a GpuTensor; :meth:`numpy` reads it back. Memory returns to the pool when the
     tensor is garbage collected (or at :meth:`free`).
+
+    Attention on GpuTensors returns before the device has run it (``AULE_VULKAN_ASYNC=0``: after).
+    The host waits only where it must: :meth:`numpy` waits for the call that writes the tensor,
+    :meth:`write` (and :meth:`wait`) for every call in flight that reads or writes it (so such a
+    call sees the old contents). Calls that use a result order themselves after the
+    call that makes it on the device, with no wait, and memory freed while a call in flight uses
+    it is reused or destroyed only once that call has ended. A device error of a call in flight
+    (a lost device) is raised as :class:`aule.VulkanError` by the first of these that waits for it.
 
     A paged KV cache ``[num_blocks, block_size, heads_kv, head_dim]`` too large for one device
     buffer (maxMemoryAllocationSize, maxStorageBufferRange) is split along its blocks: ``leases``
@@ -159,6 +168,31 @@ class GpuTensor:
             first, end = split.blocks(i)
             self.ctx.download(buf, out[first:end])  # whole blocks: a contiguous slice of out
         return out
+
+    def write(self, array) -> None:
+        """Overwrite this tensor with ``array`` (its shape; converted to its dtype), from the host.
+        Waits for every call in flight that reads or writes the tensor: those calls see the old
+        contents, later calls the new."""
+        a = to_numpy(array) if is_torch_tensor(array) else np.asarray(array)
+        if tuple(a.shape) != self.shape:
+            raise ValueError(f"array must have this GpuTensor's shape {list(self.shape)}, got {list(a.shape)}")
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"array must hold real numbers (float, int or bool), got dtype {a.dtype}")
+        a = np.ascontiguousarray(a, dtype=self.dtype)
+        if len(self.leases) == 1:
+            self.ctx.upload(a, self.lease)
+            return
+        split = self.split
+        for i, lease in enumerate(self.leases):
+            first, end = split.blocks(i)
+            self.ctx.upload(a[first:end], lease)
+
+    def wait(self) -> "GpuTensor":
+        """Return once no call in flight reads or writes this tensor (its contents are final; the
+        device error of a call waited for is raised here)."""
+        for buf in self.buffers:
+            await_host(buf)
+        return self
 
     def free(self) -> None:
         """Give the memory back now instead of at garbage collection."""

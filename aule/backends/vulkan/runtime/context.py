@@ -58,7 +58,16 @@ class Context:
         self._seen: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
         self._recordings_of: dict = {}  # buffer id -> keys of the recordings that bind it
         self._ids_of: dict = {}  # recording key -> ids of the buffers it binds
-        self.stats = {"recorded": 0, "resubmitted": 0, "one_time": 0}
+        self.stats = {"recorded": 0, "resubmitted": 0, "one_time": 0, "asynchronous": 0}
+        # Calls on GpuTensors (nothing to read back) are submitted without waiting (run_passes'
+        # ``keep``): each in flight is (serial, sequence, what it holds), oldest first, at most
+        # INFLIGHT of them; ``retired`` is the serial up to which every submission has ended.
+        self.asynchronous = s.asynchronous
+        self._inflight: collections.deque = collections.deque()
+        self._serial = 0
+        self.retired = 0
+        self._ring: list = []  # owned sequences for asynchronous runs seen once, used in turn
+        self._ring_next = 0
         self.memory = _memory.MemoryPolicy(self.physical, s.staging)
         self.pool, self.upload_pool, self.download_pool = _memory.make_pools(self, self.memory)
         self.copier = _memory.Copier(s.copy_threads)
@@ -96,6 +105,7 @@ class Context:
 
     RECORDINGS = 32
     SEEN = 256
+    INFLIGHT = 8
 
     def _enable_host_import(self) -> bool:
         """Whether host arrays can be imported (VK_EXT_external_memory_host, enabled with the
@@ -190,7 +200,8 @@ class Context:
         """
         return self.run_passes((dispatches,), uploads, downloads, timestamps, up_chunks, down_chunks)
 
-    def run_passes(self, passes, uploads=(), downloads=(), timestamps: bool = False, up_chunks=(), down_chunks=()):
+    def run_passes(self, passes, uploads=(), downloads=(), timestamps: bool = False, up_chunks=(), down_chunks=(),
+                   keep=None):
         """:meth:`run` for several passes in one submission: a compute barrier between
         consecutive passes makes each pass's shader writes visible to the next one's reads.
         Recorded on the context's reusable sequence, so a multi-pass call costs no extra
@@ -203,8 +214,20 @@ class Context:
         follows them on the queue. Each download chunk is a submission of its own after the run,
         all submitted at once; its host copy starts when its fence signals, while the next chunk's
         DMA runs. Whatever fails on the way, nothing is left in flight when this returns or raises:
-        the caller may hand the buffers back at once."""
+        the caller may hand the buffers back at once.
+
+        ``keep``: a list of what the run's buffers are held by (leases, transfers: anything with
+        ``release()``), for a run that may end after this returns. When the context runs
+        asynchronously and the run has nothing for the host (no downloads, no timestamps, no
+        chunks), it is submitted without waiting: ``keep``'s items move to the submission (the
+        list is emptied) and are released once its fence has signalled, and every buffer it binds
+        carries its serial (``Buffer.busy``) so that host access waits for it. Returns None then."""
         with self.lock:
+            if keep is not None and self.asynchronous and not (timestamps or downloads or up_chunks or down_chunks):
+                self._submit_run(passes, uploads, (), False, False, False, keep)
+                return None
+            if timestamps and self._inflight:  # the first timestamp must not be taken while earlier work runs
+                self.synchronize()
             timed = timestamps and self.query_pool is not None
             if not (up_chunks or down_chunks):
                 seq = self._submit_run(passes, uploads, downloads, timed, False, True)
@@ -217,11 +240,13 @@ class Context:
                 self._settle()
             return seq.gpu_ns() if timed else None
 
-    def _submit_run(self, passes, uploads, downloads, timed: bool, after_chunks: bool, wait: bool) -> Sequence:
+    def _submit_run(self, passes, uploads, downloads, timed: bool, after_chunks: bool, wait: bool,
+                    keep=None) -> Sequence:
         """Record (or find recorded) and submit one run, returning its sequence (its GPU time is
         read from it); ``after_chunks``: upload chunks submitted before it wrote its inputs (a
         transfer barrier opens it). Without ``wait`` the download chunks follow it on the queue
-        before anything waits."""
+        before anything waits. With ``keep`` (a list), submitted asynchronously
+        (:meth:`_submit_async`)."""
         key = _run_key(passes, uploads, downloads, timed, after_chunks) if self.reuse else None
         seq = self._recordings.get(key) if key is not None else None
         if seq is not None:
@@ -236,13 +261,72 @@ class Context:
                     self._seen[key] = None
                     if len(self._seen) > self.SEEN:
                         self._seen.popitem(last=False)
-                seq = self._runner
+                seq = self._runner if keep is None else self._ring_slot()
                 seq.reset()
                 self.stats["one_time"] += 1
-            _record(seq, passes, uploads, downloads, timed, after_chunks)
-        seq.submit(wait=wait)
-        self._last_run = seq
+            _record(seq, passes, uploads, downloads, timed, after_chunks, seq is not self._runner)
+        if keep is None:
+            seq.submit(wait=wait)
+            self._last_run = seq
+        else:
+            self._submit_async(seq, keep)
         return seq
+
+    def _ring_slot(self) -> Sequence:
+        """The next sequence of the ring for an asynchronous run seen once (the context's one-time
+        sequence binds cached descriptor sets that a later recording may free, so it serves only
+        runs that are waited for); its last submission retired first."""
+        ring = self._ring
+        if len(ring) < self.INFLIGHT:
+            ring.append(Sequence(self, timestamps=0))
+            return ring[-1]
+        seq = ring[self._ring_next]
+        self._ring_next = (self._ring_next + 1) % len(ring)
+        if seq._h.pending:
+            self.wait_for(seq.serial)
+        return seq
+
+    def _submit_async(self, seq: Sequence, keep: list) -> None:
+        """Submit ``seq`` without waiting: the ring full, its oldest submission is waited for first
+        (so is ``seq``'s own last one, a command buffer being submittable once at a time). The
+        submission's serial marks every buffer it binds; ``keep``'s items move to it."""
+        inflight = self._inflight
+        if seq._h.pending:
+            self.wait_for(seq.serial)
+        if len(inflight) >= self.INFLIGHT:
+            self.wait_for(inflight[0][0])
+        seq.submit(wait=False)
+        serial = self._serial = self._serial + 1
+        seq.serial = serial
+        for b in seq.buffers:
+            b.busy = serial
+        held = ()
+        if keep:
+            held = list(keep)
+            keep.clear()
+        inflight.append((serial, seq, held))
+        self.stats["asynchronous"] += 1
+
+    def wait_for(self, serial: int) -> None:
+        """Wait for every asynchronous submission up to ``serial``, oldest first, releasing what
+        each held. A failed wait (device lost) raises its typed :class:`VulkanError` here, with that
+        submission retired all the same."""
+        with self.lock:
+            inflight = self._inflight
+            while inflight and inflight[0][0] <= serial:
+                done, seq, held = inflight.popleft()
+                try:
+                    seq.wait()
+                finally:
+                    self.retired = done  # before the releases: a buffer destroyed by one needs no wait
+                    for h in reversed(held):
+                        h.release()
+            if not inflight:
+                self.retired = self._serial
+
+    def synchronize(self) -> None:
+        """Wait for every submission in flight (the results of every call made so far are ready)."""
+        self.wait_for(self._serial)
 
     def _chunk_sequence(self, i: int, copy, before: str | None) -> Sequence:
         """Chunk ``i``'s command buffer holding the one ``copy``, re-recorded only when the copy
@@ -384,6 +468,13 @@ class Context:
             if self._destroyed:
                 return
             lib.vkDeviceWaitIdle(self.device)
+            try:
+                self.synchronize()  # every fence has signalled: this only releases what they held
+            except Exception:  # noqa: BLE001 (closing regardless: a lost device is going away anyway)
+                self._inflight.clear()
+            for seq in self._ring:
+                seq.close()
+            self._ring.clear()
             for seq in list(self._sequences):
                 seq.close()
             self.forget_recordings()
@@ -425,10 +516,20 @@ def _buffer_ids(passes, uploads, downloads) -> frozenset:
     return frozenset(ids)
 
 
-def _record(seq, passes, uploads, downloads, timed, after_chunks=False) -> None:
+def _record(seq, passes, uploads, downloads, timed, after_chunks=False, ordered=False) -> None:
     """Record a run: uploads, a barrier, the passes (a compute barrier between consecutive ones),
     a barrier, downloads; timestamps around the passes when ``timed``. ``after_chunks``: copies
-    submitted before it wrote inputs, so the barrier after uploads is there even without any."""
+    submitted before it wrote inputs, so the barrier after uploads is there even without any.
+
+    ``ordered``: a recording that may be submitted while earlier submissions still run opens with
+    a barrier from every earlier copy and shader to its own. Submissions on one queue start in
+    order but may overlap, and this one may read what they write (a chain of calls), write what
+    they read (a pooled output buffer) or write what they write. A barrier in the command buffer
+    costs no host time per submission, where a timeline semaphore would add a wait and a signal to
+    every vkQueueSubmit; the order it gives is the queue's, which is the order of the calls."""
+    if ordered:
+        seq.barrier(("compute", "transfer"), ("compute", "transfer"))
+        seq.ordered = True
     for c in uploads:
         seq.copy(*c)
     if uploads or after_chunks:

@@ -68,10 +68,15 @@ class MemoryPolicy:
 
 class Buffer:
     """A storage buffer and its memory. Host-visible memory stays mapped: ``view`` is a uint8
-    NumPy view of it, so copies in and out are single memcpys."""
+    NumPy view of it, so copies in and out are single memcpys.
+
+    ``busy``: the serial of the last asynchronous submission that binds or copies it (0: none).
+    Work on the queue orders itself after earlier submissions (``Context``), so only the host
+    waits for it: before reading or writing the mapping (:func:`await_host`) and before
+    destroying the buffer."""
 
     __slots__ = ("ctx", "handle", "memory", "nbytes", "host_visible", "host_cached", "view", "_mapped",
-                 "_id", "__weakref__")
+                 "_id", "busy", "__weakref__")
     _ids = itertools.count(1)  # next() on it is atomic: buffers are made from several threads
 
     def __init__(self, ctx, nbytes: int, kind: str, host_address: int | None = None):
@@ -80,6 +85,7 @@ class Buffer:
         vk, ffi, lib = binding()
         self.ctx, self.nbytes, self.view, self._mapped = ctx, int(nbytes), None, None
         self.handle = self.memory = None
+        self.busy = 0
         self._id = next(Buffer._ids)  # never reused, unlike id(): descriptor sets and recordings are keyed by it
         usage = (vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT
                  | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT)
@@ -133,6 +139,7 @@ class Buffer:
         _, ffi, lib = binding()
         if self.handle is None and self.memory is None:
             return
+        await_host(self)  # never free memory a submission in flight may still touch
         self.ctx._forget_buffer(self)
         self.view = self._mapped = None
         if self.handle is not None:
@@ -140,6 +147,13 @@ class Buffer:
         if self.memory is not None:
             lib.vkFreeMemory(self.ctx.device, self.memory, ffi.NULL)
         self.handle = self.memory = None
+
+
+def await_host(buf: Buffer) -> None:
+    """Return once no submission in flight binds or copies ``buf``: the host may then read or
+    write its memory (or free it). Raises the device's error (device lost) if the wait fails."""
+    if buf.busy > buf.ctx.retired:
+        buf.ctx.wait_for(buf.busy)
 
 
 class Lease:
@@ -580,6 +594,7 @@ def measure_uploads(ctx, nbytes: int = MEASURE_BYTES, reps: int = 3) -> bool:
         if not dev.buffer.host_visible:
             return True
         mapped = staged = float("inf")
+        await_host(dev.buffer)
         for _ in range(reps):
             t = time.perf_counter()
             ctx.copier.copy(dev.buffer.view[:nbytes], src)
@@ -616,6 +631,10 @@ def stage(ctx, array: np.ndarray, lease: Lease | None = None) -> tuple[Lease, Tr
     if imported is not None:
         return lease, Transfer(((imported.buffer, buf, n, imported.offset, 0),), imported)
     if not staged_upload(ctx, buf, n):
+        # A pooled buffer (or the caller's GpuTensor) may still be read or written by a call in
+        # flight: a write through the mapping waits for it, so that call sees the old bytes.
+        # (DMA needs no wait: a synchronous run starts once nothing is in flight.)
+        await_host(buf)
         ctx.copier.copy(buf.view[:n], raw)
         return lease, Transfer()
     st = ctx.upload_pool.acquire(n)
@@ -634,6 +653,7 @@ def readback(ctx, buf: Buffer, out: np.ndarray) -> Transfer:
     if not n:
         return Transfer(out=out)
     if buf.host_visible and ctx.download_pool is None:
+        await_host(buf)  # read through the mapping: the result of a call in flight once it ended
         return Transfer(out=out, src=buf.view, copier=ctx.copier)
     imported = _import(ctx, out, "download")
     if imported is not None:

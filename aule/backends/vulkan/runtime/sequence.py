@@ -168,6 +168,11 @@ class Sequence:
         self._spin = 0.0 if ctx.info.is_cpu else self.SPIN_SECONDS
         self._state, self._bound, self._writes, self._n_ts = _EMPTY, None, False, 0
         self._buffers: list = []
+        self.buffers: tuple = ()  # each buffer an owned recording binds or copies, once (set by end())
+        self.serial = 0  # the context's serial of its last asynchronous submission
+        # Recorded to follow earlier submissions still running (an opening barrier, the context's
+        # _record): others are submitted once every asynchronous submission has ended.
+        self.ordered = False
 
     # recording ------------------------------------------------------------------------------------
     def _start(self):
@@ -251,6 +256,8 @@ class Sequence:
             self.barrier(("compute", "transfer"), "host")
         call("vkEndCommandBuffer", self._cmd)
         self._state = _READY
+        if self._owned:
+            self.buffers = tuple(dict.fromkeys(self._buffers))
         return self
 
     def reset(self) -> "Sequence":
@@ -261,8 +268,10 @@ class Sequence:
         if self._owned:
             self._h.arena.clear()
             self._buffers.clear()
+            self.buffers = ()
         else:
             self._sets.begin()
+        self.ordered = False
         self._state, self._bound, self._writes, self._n_ts = _EMPTY, None, False, 0
         return self
 
@@ -275,8 +284,10 @@ class Sequence:
         h = self._h
         if h.pending:
             self.wait()
+        if not self.ordered and self.ctx._inflight:
+            self.ctx.synchronize()
         if self._owned:
-            for b in self._buffers:
+            for b in self.buffers:
                 if b.handle is None:
                     raise ValueError("a buffer this sequence binds was destroyed; record it anew")
         with self.ctx.lock:  # the queue is shared by every thread
