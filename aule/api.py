@@ -11,11 +11,30 @@ from __future__ import annotations
 import sys
 
 from . import fastcall
-from .call import canonicalize_varlen
+from .call import canonicalize, canonicalize_varlen
 from .errors import UnsupportedError
 from .paged_call import canonicalize_paged, canonicalize_write_kv
 from .routing import (attend, attend_paged, attend_varlen, attention, forced_backend, route,  # noqa: F401
                       tensors_need_grad, write_kv)
+
+
+_vulkan_fast = sys.modules
+_VULKAN_FASTPATH = "aule.backends.vulkan.fastpath"
+
+
+def _vulkan_call(vk, query, key, value, causal, scale, window_size, backend, return_lse, softcap):
+    """``(out, lse)`` of a featureless call on GpuTensors through Vulkan's ready launches
+    (:mod:`aule.backends.vulkan.fastpath`), or None for the full path: a call seen for the first
+    time is validated and routed here, and kept when the router gives it to Vulkan."""
+    ckey = vk.key(query, key, value, causal, scale, window_size, backend, return_lse, softcap)
+    if ckey is None:
+        return None
+    hit = vk.attend(ckey, query, key, value)
+    if hit is None:
+        call = canonicalize(query, key, value, causal, scale, window_size, return_lse, softcap=softcap)
+        vk.prepare(ckey, call, route(call, "attention", backend))
+        hit = vk.attend(ckey, query, key, value)
+    return hit
 
 
 def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, *,
@@ -50,6 +69,13 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
     (``torch.bfloat16`` by default, or ``torch.float16``), the LSE float32. Served by Triton on
     CUDA (sm_89 and later) and ROCm, forward only; other backends refuse it by name.
     """
+    vk = _vulkan_fast.get(_VULKAN_FASTPATH)  # loaded with the Vulkan backend, so before any GpuTensor exists
+    if (vk is not None and query.__class__ is vk.GpuTensor and alibi_slopes is None and sinks is None
+            and attn_mask is None and q_descale is None and k_descale is None and v_descale is None
+            and out_dtype is None):
+        hit = _vulkan_call(vk, query, key, value, causal, scale, window_size, backend, return_lse, softcap)
+        if hit is not None:
+            return hit if return_lse else hit[0]
     compiling = _compiling(query)
     fast = None
     if (not compiling and alibi_slopes is None and sinks is None and attn_mask is None and q_descale is None

@@ -263,10 +263,25 @@ def launch_values() -> tuple:
     """The raw values of :data:`LAUNCH_VARS` as the environment holds them now, undecoded and
     unparsed (equal tuples mean equal settings): one C-level pass over os.environ's own store,
     as :func:`getenv` reads it."""
+    return _raw_values(LAUNCH_VARS, _LAUNCH_KEYS)
+
+
+#: What a Vulkan call on GpuTensors reads of the environment: the forced backend and the kernel
+#: choice (:func:`kernel_choice`); the runtime's own settings are read when its context is made.
+VULKAN_CALL_VARS = ("AULE_BACKEND", "AULE_VULKAN_VARIANT", "AULE_VULKAN_TILES")
+_VULKAN_CALL_KEYS = tuple(map(os.environ.encodekey, VULKAN_CALL_VARS)) if hasattr(os.environ, "encodekey") else None
+
+
+def vulkan_call_values() -> tuple:
+    """The raw values of :data:`VULKAN_CALL_VARS`, as :func:`launch_values` reads its own."""
+    return _raw_values(VULKAN_CALL_VARS, _VULKAN_CALL_KEYS)
+
+
+def _raw_values(names: tuple, keys: tuple | None) -> tuple:
     data = getattr(os.environ, "_data", None)
-    if data is None or _LAUNCH_KEYS is None:
-        return tuple(map(getenv, LAUNCH_VARS))
-    return tuple(map(data.get, _LAUNCH_KEYS))
+    if data is None or keys is None:
+        return tuple(map(getenv, names))
+    return tuple(map(data.get, keys))
 
 
 def prefer_torch() -> bool:

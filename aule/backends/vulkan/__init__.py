@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ...errors import UnsupportedError
 from ..base import nothing_to_compute
-from . import launch, runtime
+from . import fastpath, launch, runtime  # noqa: F401 (fastpath: aule.api finds it in sys.modules)
 from .backend import VulkanBackend
 from .shaders import VARIANTS
 from .tensor import GpuTensor, to_gpu

@@ -6,6 +6,7 @@ or as GpuTensors when the inputs were.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -55,12 +56,9 @@ class _Held(list):
         super().__init__()
         self.uploads, self.downloads, self.up_chunks, self.down_chunks = [], [], [], []
 
-    def run(self, ctx, passes, timestamps: bool = False, asynchronous: bool = False):
-        """``ctx.run_passes`` of ``passes`` with every transfer this call staged or reads back.
-        ``asynchronous``: the call returns device data only, so the context may submit it without
-        waiting; what this holds then stays held by the submission until it has ended."""
-        return ctx.run_passes(passes, self.uploads, self.downloads, timestamps, self.up_chunks, self.down_chunks,
-                              self if asynchronous else None)
+    def run(self, ctx, passes, timestamps: bool = False):
+        """``ctx.run_passes`` of ``passes`` with every transfer this call staged or reads back."""
+        return ctx.run_passes(passes, self.uploads, self.downloads, timestamps, self.up_chunks, self.down_chunks)
 
     def __enter__(self):
         return self
@@ -163,13 +161,14 @@ def _result_sizes(variant, shape):
 
 
 _BOUND: dict = {}
+_ID = operator.attrgetter("_id")
 
 
 def _bound(pipe, chunks, bufs) -> tuple:
     """:func:`plans.bind` of a plan over whole buffers, remembered by the buffers' ids (never
     reused): a repeated call binds the same pooled buffers, and building its dispatches anew was
     a tenth of its host time. The cache forgets everything when full."""
-    key = (pipe, chunks) + tuple(b._id for b in bufs)
+    key = (pipe, chunks) + tuple(map(_ID, bufs))
     hit = _BOUND.get(key)
     if hit is None:
         if len(_BOUND) >= 256:
@@ -188,6 +187,51 @@ def feature_buffers(call, ctx, held) -> tuple:
             held.staged(ctx, mask, mask.dtype) if mask is not None else _dummy_buffer(ctx))
 
 
+class GpuLaunch:
+    """A planned call on GpuTensors, ready to bind and run on any q, k and v of its shapes: what a
+    repeated call needs beyond its tensors' buffers, worked out once (:mod:`.fastpath` keeps one
+    per public call; :func:`attention` makes one from its cached plan)."""
+
+    __slots__ = ("ctx", "pipe", "chunks", "out_shape", "lse_shape", "elem", "out_bytes", "lse_bytes", "dummy")
+
+    def __init__(self, ctx, plan, return_lse: bool):
+        variant, shape, chunks, pipe = plan
+        elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
+        self.ctx, self.pipe, self.chunks, self.elem = ctx, pipe, chunks, elem
+        self.out_shape, self.out_bytes = rows + (shape.head_dim,), out_bytes
+        self.lse_shape, self.lse_bytes = (rows, lse_bytes) if return_lse else (None, 0)
+        self.dummy = _dummy_buffer(ctx)
+
+    def dispatches(self, q, k, v, extras=None, mask=None):
+        """``(out, lse, dispatches)``: new output GpuTensors (``lse`` None unless asked) and the
+        dispatches that write them from ``q``, ``k``, ``v`` (GpuTensors), ``extras`` and ``mask``
+        (bindings 5 and 6, or None)."""
+        ctx, dummy = self.ctx, self.dummy
+        try:  # whole tensors of one buffer each (split caches never reach a dense plan)
+            qkv = (q.leases[0].buffer, k.leases[0].buffer, v.leases[0].buffer)
+        except IndexError:
+            raise ValueError("a GpuTensor of this call (q, k or v) was freed") from None
+        o = GpuTensor.wrap(ctx, ctx.pool.acquire(self.out_bytes), self.out_shape, self.elem)
+        lse = None
+        if self.lse_shape is not None:
+            lse = GpuTensor.wrap(ctx, ctx.pool.acquire(self.lse_bytes), self.lse_shape, _F32)
+        bufs = qkv + (o.leases[0].buffer, lse.leases[0].buffer if lse is not None else dummy,
+                      extras or dummy, mask or dummy)
+        return o, lse, _bound(self.pipe, self.chunks, bufs)
+
+    def run(self, q, k, v, held=None, extras=None, mask=None, timestamps: bool = False):
+        """``(out, lse, gpu_ns)`` of the call on these tensors, submitted without waiting where
+        the context runs asynchronously (``held``: what the call's feature buffers are held by,
+        moved to the submission then)."""
+        o, lse, dispatches = self.dispatches(q, k, v, extras, mask)
+        keep = held if held is not None else []
+        return o, lse, self.ctx.run_passes((dispatches,), held.uploads if held is not None else (), (), timestamps,
+                                           held.up_chunks if held is not None else (), (), keep)
+
+
+_F32 = np.dtype(np.float32)
+
+
 def gpu_dispatches(call, ctx, extras=None, mask=None):
     """``(out, lse, dispatches)`` of a GpuTensor call with something to compute: new output
     GpuTensors (``lse`` None unless asked) and the planned dispatches that write them. ``extras``,
@@ -196,14 +240,8 @@ def gpu_dispatches(call, ctx, extras=None, mask=None):
     if (extras is None and extras_flags(call)) or (mask is None and mask_shape(call) is not None):
         raise ValueError("a call with ALiBi, sinks or a mask needs the buffers of its slopes, sinks, key spans "
                          "and mask (launch.feature_buffers)")
-    variant, shape, chunks, pipe = attention_plan_for(call, ctx)
-    elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
-    o = GpuTensor(ctx, ctx.pool.acquire(out_bytes), rows + (shape.head_dim,), elem)
-    lse = GpuTensor(ctx, ctx.pool.acquire(lse_bytes), rows, np.float32) if call.return_lse else None
-    bufs = (call.q.buffer, call.k.buffer, call.v.buffer, o.buffer,
-            lse.buffer if lse is not None else _dummy_buffer(ctx), extras or _dummy_buffer(ctx),
-            mask or _dummy_buffer(ctx))
-    return o, lse, _bound(pipe, chunks, bufs)
+    return GpuLaunch(ctx, attention_plan_for(call, ctx), call.return_lse).dispatches(
+        call.q, call.k, call.v, extras, mask)
 
 
 def attention(call, ctx, timestamps: bool = False):
@@ -212,8 +250,9 @@ def attention(call, ctx, timestamps: bool = False):
         return _empty_attention(call)
     if call.kind == "gpu":
         with _Held() as held:
-            o, lse, dispatches = gpu_dispatches(call, ctx, *feature_buffers(call, ctx, held))
-            return o, lse, held.run(ctx, (dispatches,), timestamps, asynchronous=True)
+            extras, mask = feature_buffers(call, ctx, held)
+            return GpuLaunch(ctx, attention_plan_for(call, ctx), call.return_lse).run(
+                call.q, call.k, call.v, held, extras, mask, timestamps)
     variant, shape, chunks, pipe = attention_plan_for(call, ctx)
     elem, rows, out_bytes, lse_bytes = _result_sizes(variant, shape)
     with _Held() as held:  # one submission: uploads, dispatches, downloads

@@ -48,6 +48,14 @@ class GpuTensor:
         self.blocks_per_piece = blocks_per_piece if len(self.leases) > 1 else None
 
     @classmethod
+    def wrap(cls, ctx: Context, lease, shape: tuple, dtype: np.dtype) -> "GpuTensor":
+        """A tensor of one ``lease`` whose ``shape`` (a tuple of ints) and ``dtype`` (a NumPy dtype)
+        the caller vouches for: a repeated call's outputs, made without the constructor's checks."""
+        t = cls.__new__(cls)
+        t.ctx, t.leases, t.shape, t.dtype, t.blocks_per_piece = ctx, (lease,), shape, dtype, None
+        return t
+
+    @classmethod
     def from_numpy(cls, array, dtype=None, *, paged: bool = False) -> "GpuTensor":
         """Copy a NumPy array, a torch tensor or anything ``np.asarray`` takes to the device.
 

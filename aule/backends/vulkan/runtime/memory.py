@@ -192,6 +192,7 @@ class BufferPool:
         self.cached = 0
         self.lock = threading.Lock()
         self.made: "weakref.WeakSet[Buffer]" = weakref.WeakSet()  # leased or free, for close()
+        self._sizes: dict = {}  # bytes asked for -> the size of buffer that serves them
 
     @staticmethod
     def size_class(n: int) -> int:
@@ -201,9 +202,14 @@ class BufferPool:
         return (n + step - 1) // step * step
 
     def acquire(self, nbytes: int) -> Lease:
-        size = self.size_class(nbytes)
-        if nbytes <= self.ctx.info.max_allocation < size:
-            size = int(nbytes)  # the slack must not push a request that fits over the device's limit
+        size = self._sizes.get(nbytes)
+        if size is None:  # a repeated call asks for the same sizes: each class worked out once
+            size = self.size_class(nbytes)
+            if nbytes <= self.ctx.info.max_allocation < size:
+                size = int(nbytes)  # the slack must not push a request that fits over the device's limit
+            if len(self._sizes) >= 4096:
+                self._sizes.clear()
+            self._sizes[nbytes] = size
         with self.lock:
             bucket = self.free.get(size)
             if bucket:
