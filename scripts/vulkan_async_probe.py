@@ -8,10 +8,12 @@ the same asynchronous and synchronous. Prints one table, microseconds per call:
 
   async     N calls back to back (each result dropped as the next is made), then one wait
   sync      the same with AULE_VULKAN_ASYNC=0's behaviour (each call waits for its fence)
-  host      aule's Python per call with the submission taken out (``Sequence.submit`` stubbed):
-            canon (``call.canonicalize``), route (``routing.route``), backend
-            (``VulkanBackend.attention`` less its submission)
+  host      aule's Python per call with the submission taken out (``Sequence.submit`` stubbed),
+            of which key (the ready launch's key and lookup, ``vulkan.fastpath``) and launch
+            (``GpuLaunch.run``: output, bindings, the recording's lookup, the ring)
   submit    the bare ``vkQueueSubmit`` of the call's recording (its fence waited outside the timer)
+  first     the full path a call takes when its key is new, submission stubbed: canonicalize,
+            route and ``VulkanBackend.attention``
   gpu       the device's time for one call (timestamps)
 
 Writes nothing outside $OUT (the pipeline cache is not persisted).
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aule  # noqa: E402
 from aule import backends  # noqa: E402
-from aule.backends.vulkan import launch, runtime, to_gpu  # noqa: E402
+from aule.backends.vulkan import fastpath, launch, runtime, to_gpu  # noqa: E402
 from aule.backends.vulkan.runtime.sequence import Sequence  # noqa: E402
 from aule.call import canonicalize  # noqa: E402
 from aule.reference import attention_reference  # noqa: E402
@@ -124,11 +126,17 @@ def run_case(name: str, shape: tuple, calls: int, ctx) -> dict:
     Sequence.submit = lambda self, wait=True: self
     try:
         row["host"] = per_call_us(call, calls)
-        c = canonicalize(gq, gk, gv, False, None, -1, False)
-        row["canon"] = per_call_us(lambda: canonicalize(gq, gk, gv, False, None, -1, False), calls)
-        row["route"] = per_call_us(lambda: route(c, "attention", "vulkan"), calls)
-        b = backends.get("vulkan")
-        row["backend"] = per_call_us(lambda: b.attention(c), calls)
+        ckey = fastpath.key(gq, gk, gv, False, None, -1, "vulkan", False, 0.0)
+        ready = fastpath._READY[ckey]
+        row["key"] = per_call_us(lambda: fastpath._READY.get(fastpath.key(gq, gk, gv, False, None, -1, "vulkan",
+                                                                           False, 0.0)), calls)
+        row["launch"] = per_call_us(lambda: ready.run(gq, gk, gv), calls)
+
+        def first():
+            c = canonicalize(gq, gk, gv, False, None, -1, False)
+            return route(c, "attention", "vulkan").attention(c)
+
+        row["first"] = per_call_us(first, calls // 2)
     finally:
         Sequence.submit = real
     ctx.synchronize()
@@ -151,7 +159,7 @@ def main(argv=None) -> int:
     print(f"device: {ctx.info.name} ({ctx.info.driver}); transfers: {ctx.memory.route}; "
           f"async default {'on' if runtime.context().asynchronous else 'off'}; ring {ctx.INFLIGHT}")
     rows = [run_case(n, CASES[n], args.calls, ctx) for n in args.cases.split(",")]
-    cols = ("async", "sync", "host", "canon", "route", "backend", "submit", "gpu")
+    cols = ("async", "sync", "host", "key", "launch", "submit", "first", "gpu")
     print(f"\n{'case (float16)':22s}" + "".join(f"{c:>9s}" for c in cols) + f"{'max err':>10s}  chain")
     bad = False
     for r in rows:
