@@ -338,9 +338,9 @@ def paged_attention(call, ctx, timestamps: bool = False):
         return _to_caller(call.q_kind, call.q, np.zeros(shape, np.float32), elem), None
     with _Held() as held:
         passes, out, _ = paged_passes(call, ctx, held)
+        if isinstance(out, GpuTensor):  # nothing to read back: submitted without waiting where it may be
+            return out, ctx.run_passes(passes, timestamps=timestamps, keep=held)
         ns = ctx.run_passes(passes, timestamps=timestamps)
-        if isinstance(out, GpuTensor):
-            return out, ns
         out = ctx.download(out, np.empty(shape, elem))
     return like(out, call.q), ns
 
@@ -363,7 +363,8 @@ def _copy_rows(ctx, held, src_k, src_v, k_cache, v_cache, src_slots, dst_slots_b
         spec = ((0, COPY_WG), (1, len(src_k)), (2, split.pieces), (3, split.blocks_per_piece * k_cache.shape[1]))
         pipe = pipeline(ctx, "copy_kv_to_paged_split", spec, (len(src_k), len(src_v), len(kd), len(vd), 1, 1))
     bindings = src_k + src_v + kd + vd + (_binding(src_buf, 4 * n), _binding(dst_slots_buf, 4 * n))
-    ctx.run([Dispatch(pipe, bindings, push, groups) for push, groups in pushes])
+    # The caches are GpuTensors, so nothing comes back: submitted without waiting where it may be.
+    ctx.run_passes(([Dispatch(pipe, bindings, push, groups) for push, groups in pushes],), keep=held)
 
 
 def write_kv(call, ctx) -> None:
