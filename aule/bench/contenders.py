@@ -301,8 +301,13 @@ class AuleVulkanResident(Contender):
             context = lambda: _environ(env)  # noqa: E731
         elif not self.reuse:
             context = lambda: _recordings(False)  # noqa: E731
-        return Bound(call, len(gsets), clock="device", device_ms=device_ms, device_batch=device_batch, cleanup=cleanup,
-                     context=context, causal=causal, window=window, variant=chosen or self.variant(case))
+        # Calls on GpuTensors return before the device has run them: a round of them ends with one
+        # wait for everything submitted, as a round of CUDA launches ends with a synchronisation.
+        from ..backends.vulkan import runtime
+
+        return Bound(call, len(gsets), clock="device", sync=runtime.context().synchronize, device_ms=device_ms,
+                     device_batch=device_batch, cleanup=cleanup, context=context, causal=causal, window=window,
+                     variant=chosen or self.variant(case))
 
 
 def vulkan_variant(q, k, v, causal, window, **features) -> str | None:

@@ -330,7 +330,9 @@ class Runner:
         if suite.kind == "overhead":
             t = timing.per_call_us(bound.run, sync=bound.sync, rounds=5 if not self.quick else 3,
                                    calls=self.overhead_calls)
-            t["clock"] = "wall clock over calls back to back" + (", then one CUDA synchronisation" if bound.sync else "")
+            t["clock"] = "wall clock over calls back to back" + (
+                (", then one CUDA synchronisation" if bound.clock == "cuda" else ", then one wait for the device")
+                if bound.sync else "")
             return t
         if bound.clock == "cuda" and suite.graphs and bound.graphable:
             outputs = [] if bound.graph_required else None

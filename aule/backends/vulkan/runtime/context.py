@@ -93,7 +93,8 @@ class Context:
         log.info("aule: Vulkan device %s (%s, %s) via %s", self.info.name, self.info.type,
                  self.info.driver, self.route)
         log.info("aule: Vulkan transfers: %s; uploads %s, downloads %s, through staging in chunks of %s; host "
-                 "copies on %d thread(s); host-memory import %s; recordings %s", self.memory.route,
+                 "copies on %d thread(s); host-memory import %s; recordings %s; calls on GpuTensors %s",
+                 self.memory.route,
                  self.upload_setting if self.upload_setting != "auto" else "staged where unmapped, else measured",
                  "staged" if self.download_pool else "read where mapped",
                  f"{self.chunk_bytes} bytes" if self.chunk_bytes else "one (chunking off)", self.copier.threads,
@@ -101,7 +102,9 @@ class Context:
                  if self.host_import else
                  ("off (AULE_VULKAN_HOST_IMPORT=1 turns it on)" if self.host_import_available
                   else "unavailable (no VK_EXT_external_memory_host)"),
-                 "re-submitted when repeated" if self.reuse else "made anew for every call")
+                 "re-submitted when repeated" if self.reuse else "made anew for every call",
+                 f"asynchronous (up to {self.INFLIGHT} in flight)" if self.asynchronous
+                 else "synchronous (AULE_VULKAN_ASYNC=0)")
 
     RECORDINGS = 32
     SEEN = 256
@@ -458,6 +461,8 @@ class Context:
             "host_import": (", ".join(sorted(self.host_import)) if self.host_import else
                             "off" if self.host_import_available else "unavailable (no VK_EXT_external_memory_host)"),
             "validation": self.validation_active,
+            "calls_on_gpu_tensors": (f"asynchronous, up to {self.INFLIGHT} in flight" if self.asynchronous
+                                     else "synchronous (AULE_VULKAN_ASYNC=0)"),
             "pipeline_cache": str(self.pipeline_cache_path),
         }
 
