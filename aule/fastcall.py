@@ -45,35 +45,62 @@ def _items_typed(x):
     return tuple((e.__class__, e) for e in x)
 
 
-def key(q, k, v, causal, scale, window_size, backend, return_lse, softcap):
-    """The cache key of a featureless dense call on plain torch tensors, or None (another kind of
-    input, a gradient to record, an active functorch transform, no ready launches where the data
-    is): such a call takes the full path and is never recorded. The caller has ruled out tracing.
-    A key holding an unhashable argument (a list) is never found nor stored: hashing it once,
-    at the lookup, is what a hit costs."""
+def _key(op: str, tensors: tuple, scalars: tuple):
+    """The cache key of a call of ``op`` on ``tensors`` (the call's torch tensors, the first deciding
+    where it runs) and ``scalars`` (every other argument the full path reads), or None: another
+    kind of input, a gradient to record, an active functorch transform, no ready launches where
+    the data is. What dense and paged calls share; :func:`key` and :func:`paged_key` name the
+    arguments. The caller has ruled out tracing. A key holding an unhashable argument (a list) is
+    never found nor stored: hashing it once, at the lookup, is what a hit costs."""
     hooks = _hooks or _torch_hooks()
     if hooks is None:
         return None
     tensor, grad_enabled, functorch = hooks
-    if q.__class__ is not tensor or k.__class__ is not tensor or v.__class__ is not tensor:
+    for t in tensors:
+        if t.__class__ is not tensor:
+            return None
+    if grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                return None
+    if functorch():
         return None
-    if (grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) or functorch():
-        return None
-    device = _launch_device(q)
+    device = _launch_device(tensors[0])
     if device is None:
         return None
     try:
-        out = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
-               q.device, k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
-               k is q, v is q, v is k,
-               # Each scalar with its type: True == 1 == 1.0, and the checks refuse some of those.
-               causal.__class__, causal, scale.__class__, scale, window_size.__class__,
-               _items_typed(window_size) if window_size.__class__ is tuple else window_size,
-               backend.__class__, backend, return_lse.__class__, return_lse, softcap.__class__, softcap,
-               settings.launch_values(), device)
+        props = [(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors]
     except Exception:  # noqa: BLE001 - layouts without strides or pointers (sparse, nested): the full path decides
         return None
-    return out
+    ids = [id(t) for t in tensors]
+    # Which arguments are one object (each one's first position), and each scalar with its type:
+    # True == 1 == 1.0, and the checks refuse some of those.
+    return (op, *props, tuple(map(ids.index, ids)),
+            *[(s.__class__, _items_typed(s) if s.__class__ is tuple else s) for s in scalars],
+            settings.launch_values(), device)
+
+
+def key(q, k, v, causal, scale, window_size, backend, return_lse, softcap):
+    """The cache key of a featureless dense call (:func:`aule.flash_attention`), or None (see :func:`_key`)."""
+    return _key("attention", (q, k, v), (causal, scale, window_size, backend, return_lse, softcap))
+
+
+def paged_key(q, k_cache, v_cache, block_tables, context_lens, scale, window_size, backend, softcap,
+              max_context_len, query_start_loc, max_query_len):
+    """The cache key of a paged call without ALiBi or sinks (:func:`aule.flash_attention_paged`), or
+    None (see :func:`_key`). The tables' contents are not in it: on a GPU the kernels read and check
+    them, whichever call launches, so a hit serves new tables (and poisoned ones raise as they do on
+    the full path)."""
+    if query_start_loc is None:
+        tensors = (q, k_cache, v_cache, block_tables, context_lens)
+    else:
+        tensors = (q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
+    return _key("paged_attention", tensors, (scale, window_size, backend, softcap, max_context_len, max_query_len))
+
+
+def write_kv_key(key, value, k_cache, v_cache, slot_mapping, backend):
+    """The cache key of a KV write (:func:`aule.copy_kv_to_paged`), or None (see :func:`_key`)."""
+    return _key("write_kv", (key, value, k_cache, v_cache, slot_mapping), (backend,))
 
 
 def _launch_device(q):
@@ -89,9 +116,10 @@ def set_launch_device(reader) -> None:
     _launch_device = reader
 
 
-def attend(key, q, k, v):
-    """``(out, lse)`` of the call ``key`` describes, served by its ready launch, or None (no entry,
-    or fresh outputs that the compiled kernel was not specialised for: then the full path)."""
+def attend(key, *inputs):
+    """The outputs (a tuple) of the call ``key`` describes on ``inputs`` (its tensors, as the key
+    took them), served by its ready launch, or None (no entry, or fresh outputs that the compiled
+    kernels were not specialised for: then the full path)."""
     try:
         ready = _ENTRIES.get(key)
     except TypeError:  # an unhashable argument
@@ -99,7 +127,7 @@ def attend(key, q, k, v):
     if ready is None:
         return None
     device_errors.raise_pending()  # as the full path does before it launches anything
-    return ready(q, k, v)
+    return ready(*inputs)
 
 
 class _Recorder:
@@ -130,22 +158,30 @@ class recording:
             _local.rec = self.outer
         return False
 
-    def keep(self, q, k, v, out, lse) -> None:
-        """Store the ready launch of the recorded call if it was exactly one launch, of these
-        inputs, into these outputs (``lse`` None when the call did not return it)."""
+    def keep(self, inputs: tuple, outputs: tuple) -> None:
+        """Store the ready launch of the recorded call if the call made exactly one offer, of these
+        ``inputs`` (the tensors the key took, by identity: a launcher that launched a converted
+        copy of one offers other tensors) into these ``outputs`` (None for one the call did not
+        return)."""
         rec = self.rec
         if rec is None or len(rec.offers) != 1:
             return
-        tensors, ready = rec.offers[0]
-        if (tensors[0] is q and tensors[1] is k and tensors[2] is v and tensors[3] is out
-                and (lse is None or tensors[4] is lse)):
-            try:
-                hash(self.key)
-            except TypeError:
+        launched_inputs, launched_outputs, ready = rec.offers[0]
+        if len(launched_inputs) != len(inputs) or len(launched_outputs) < len(outputs):
+            return
+        for a, b in zip(launched_inputs, inputs):
+            if a is not b:
                 return
-            if len(_ENTRIES) >= _MAX_ENTRIES:
-                _ENTRIES.clear()
-            _ENTRIES[self.key] = ready
+        for a, b in zip(launched_outputs, outputs):
+            if b is not None and a is not b:
+                return
+        try:
+            hash(self.key)
+        except TypeError:
+            return
+        if len(_ENTRIES) >= _MAX_ENTRIES:
+            _ENTRIES.clear()
+        _ENTRIES[self.key] = ready
 
 
 def recorder():
@@ -154,9 +190,9 @@ def recorder():
     return getattr(_local, "rec", None)
 
 
-def offer(rec, tensors: tuple, ready) -> None:
-    """A launch of ``tensors`` ``(q, k, v, out, lse)`` that ``ready`` repeats, made by the call ``rec`` records."""
-    rec.offers.append((tensors, ready))
+def offer(rec, inputs: tuple, outputs: tuple, ready) -> None:
+    """Launches of ``inputs`` into fresh ``outputs`` that ``ready`` repeats, made by the call ``rec`` records."""
+    rec.offers.append((inputs, outputs, ready))
 
 
 def forget() -> None:
