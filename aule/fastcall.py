@@ -56,28 +56,29 @@ def _key(op: str, tensors: tuple, scalars: tuple):
     if hooks is None:
         return None
     tensor, grad_enabled, functorch = hooks
-    for t in tensors:
-        if t.__class__ is not tensor:
-            return None
-    if grad_enabled():
+    out = [op]
+    grad = grad_enabled()
+    try:
         for t in tensors:
-            if t.requires_grad:
+            if t.__class__ is not tensor or grad and t.requires_grad:
                 return None
+            out += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+    except Exception:  # noqa: BLE001 - layouts without strides or pointers (sparse, nested): the full path decides
+        return None
     if functorch():
         return None
     device = _launch_device(tensors[0])
     if device is None:
         return None
-    try:
-        props = [(t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in tensors]
-    except Exception:  # noqa: BLE001 - layouts without strides or pointers (sparse, nested): the full path decides
-        return None
-    ids = [id(t) for t in tensors]
-    # Which arguments are one object (each one's first position), and each scalar with its type:
-    # True == 1 == 1.0, and the checks refuse some of those.
-    return (op, *props, tuple(map(ids.index, ids)),
-            *[(s.__class__, _items_typed(s) if s.__class__ is tuple else s) for s in scalars],
+    ids = list(map(id, tensors))
+    types = tuple(map(type, scalars))
+    if tuple in types:  # a window (left, right): each element with its type too
+        scalars = tuple(_items_typed(s) if s.__class__ is tuple else s for s in scalars)
+    # Which arguments are one object (each one's first position; their count when all differ), and
+    # each scalar with its type: True == 1 == 1.0, and the checks refuse some of those.
+    out += (len(ids) if len(set(ids)) == len(ids) else tuple(map(ids.index, ids)), types, scalars,
             settings.launch_values(), device)
+    return tuple(out)
 
 
 def key(q, k, v, causal, scale, window_size, backend, return_lse, softcap):

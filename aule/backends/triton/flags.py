@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,17 +54,15 @@ CHUNK_ROWS = 1024  # row 0 of a chunk is its header: [dirty, -, scratch]
 RESERVE = 64  # free rows kept in hand, so a graph capture (which cannot pin memory) finds one
 
 
-@dataclass
 class Flag:
     """One launch's row: ``err`` and ``dirty`` are the tensors its kernels write."""
 
-    chunk: "_Chunk"
-    row: int
-    err: object
-    dirty: object
-    meta: dict
-    captured: bool
-    event: object = None
+    # A plain class with slots: one is made per checked launch, eager decode steps included.
+    __slots__ = ("chunk", "row", "err", "dirty", "meta", "captured", "event")
+
+    def __init__(self, chunk: "_Chunk", row: int, err, dirty, meta: dict, captured: bool):
+        self.chunk, self.row, self.err, self.dirty, self.meta, self.captured = chunk, row, err, dirty, meta, captured
+        self.event = None
 
 
 class _Chunk:
@@ -131,6 +128,7 @@ class ErrorFlags:
         self._torch = torch
         self._pinned = pinned
         self._chunks: list = []
+        self._free = 0  # free rows of all chunks
         self._inflight: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self._graphs = False  # whether some row was taken inside a CUDA graph capture (kept for good)
@@ -139,33 +137,39 @@ class ErrorFlags:
         return self._pinned and self._torch.cuda.is_current_stream_capturing()
 
     def acquire(self, meta: dict) -> Flag:
-        """A cleared row for one launch; ``meta`` (kernel, device, table sizes) words its error."""
+        """A cleared row for one launch; ``meta`` (kernel, device, table sizes) words its error
+        (read only when it is reported: one dict may serve many rows)."""
         captured = self._capturing()
         with self._lock:
-            free = sum(len(c.free) for c in self._chunks)
-            if free == 0 or (free < RESERVE and not captured):
+            if self._free == 0 or (self._free < RESERVE and not captured):
                 # Within a capture only as a last resort: pinning memory may be refused there.
                 self._chunks.append(_Chunk(self._torch, self._pinned))
-            chunk = next(c for c in self._chunks if c.free)
+                self._free += CHUNK_ROWS - 1
+            for chunk in self._chunks:
+                if chunk.free:
+                    break
             row = chunk.free.pop()
+            self._free -= 1
             if captured:
                 chunk.captured[row] = meta
                 self._graphs = True
         return Flag(chunk, row, chunk.view(row), chunk.dirty if captured else chunk.scratch, meta, captured)
 
-    def launched(self, flag: Flag, device) -> None:
-        """After the launch's last kernel: watch its row (an event, or the graph's dirty word)."""
+    def launched(self, flag: Flag, device, sync=None) -> None:
+        """After the launch's last kernel: watch its row (an event, or the graph's dirty word).
+        ``sync``: :func:`aule.settings.check_sync` when the caller knows it (None: read it)."""
         if flag.captured:
             return  # replays report through the chunk's dirty word; nothing may wait in a capture
         if self._pinned:
             chunk, row = flag.chunk, flag.row
-            if chunk.events[row] is None:
-                chunk.events[row] = self._torch.cuda.Event()
-            flag.event = chunk.events[row]
-            flag.event.record(self._torch.cuda.current_stream(device))
+            event = chunk.events[row]
+            if event is None:
+                event = chunk.events[row] = self._torch.cuda.Event()
+            flag.event = event
+            event.record(self._torch.cuda.current_stream(device))
         with self._lock:
             self._inflight.append(flag)
-        if settings.check_sync():
+        if settings.check_sync() if sync is None else sync:
             device_errors.raise_pending(wait=True)
 
     def poll(self, wait: bool) -> list:
@@ -192,6 +196,7 @@ class ErrorFlags:
                     found.append(describe(record, flag.meta))
                 record[:] = 0
                 flag.chunk.free.append(flag.row)
+                self._free += 1
             for chunk in self._chunks:
                 if chunk.np[0, 0]:
                     chunk.np[0, 0] = 0  # cleared before the scan: an error set meanwhile is seen next time

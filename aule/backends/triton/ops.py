@@ -236,7 +236,7 @@ class Ready:
     tensors returns its outputs (a tuple), or None when a fresh tensor is not 16-byte aligned (the
     kernels were specialised for aligned ones: Triton's own path decides then)."""
 
-    __slots__ = ("launches", "consts", "fresh", "outputs", "device", "flag_meta")
+    __slots__ = ("launches", "consts", "fresh", "outputs", "device", "flag_meta", "sync")
 
     def __init__(self, launches: tuple, consts: tuple, fresh: tuple, outputs: int, flag, device):
         self.launches, self.consts, self.outputs, self.device = launches, consts, outputs, device
@@ -244,6 +244,7 @@ class Ready:
         # The meta that words the flag's error depends only on what the key fixes (sizes, device):
         # one dict, shared by every row this entry takes.
         self.flag_meta = None if flag is None else flag.meta
+        self.sync = settings.check_sync()  # AULE_CHECK_SYNC is in the entry's key
 
     def __call__(self, *inputs):
         device = self.device
@@ -269,7 +270,7 @@ class Ready:
             for runner, pick in self.launches:
                 runner(*pick(tensors))
         finally:
-            errors.launched(flag, device)
+            errors.launched(flag, device, self.sync)
         return fresh[:self.outputs]
 
 
