@@ -485,7 +485,7 @@ def test_gpu_hits_on_another_split_config_and_graph_capture_after_hits(monkeypat
         def step():
             holder["out"] = aule.flash_attention_paged(*args, **kw)
 
-        graph = capture_graph(step)
+        graph, _ = capture_graph(step)
         q = args[0]
         q.copy_(torch.randn_like(q))
         graph.replay()
