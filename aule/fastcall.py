@@ -1,17 +1,23 @@
 """The steady state of a repeated eager call: one cache from the public call to a ready launch.
 
 A small call's host time is aule's own Python (validation, routing, launch building) and Triton's
-per-launch argument binding, not the kernel. :func:`aule.flash_attention` on plain torch tensors
-(no features, no gradient to record, not traced) first looks its call up here by :func:`key`: every
-property the full path's decisions depend on (the tensors' types, shapes, strides, dtypes, devices,
-16-byte alignment and which of them are the same object; the scalar arguments with their types,
-since ``True == 1 == 1.0`` and the checks tell those apart; the settings that route or configure,
-as raw environment values; the device Triton launches on). Where the full path served an equal key
-with one launch of a compiled kernel (``ops._direct_launch``) and returned that launch's outputs,
-the entry holds that launch ready (:class:`aule.backends.triton.ops.Ready`): a hit allocates fresh
-outputs, launches and returns, and a miss takes the full path, which checks everything and raises
-as it always did. Anything the full path does besides that one launch (features, autograd, host
-backends, the interpreter, the autotuner's first run, errors) leaves no entry.
+per-launch argument binding, not the kernel. :func:`aule.flash_attention` (no features),
+:func:`aule.flash_attention_paged` (no ALiBi or sinks) and :func:`aule.copy_kv_to_paged` on plain
+torch tensors (no gradient to record, not traced) first look their call up here by a key (:func:`key`,
+:func:`paged_key`, :func:`write_kv_key`, all built by :func:`_key`): every property the full path's
+decisions depend on (the tensors' types, shapes, strides, dtypes, devices, 16-byte alignment and
+which of them are the same object; the scalar arguments with their types, since ``True == 1 ==
+1.0`` and the checks tell those apart; the settings that route or configure, as raw environment
+values; the device Triton launches on). A paged call's tables are in it by their layout, never
+their contents: the kernels read and check those on the device whichever path launched them.
+Where the full path served an equal key with direct launches of compiled kernels
+(``ops._direct_launch``: the paged kernel and, split, its merge) of exactly the call's tensors into
+outputs it returned, the entry holds them ready (:class:`aule.backends.triton.ops.Ready`): a hit
+polls the device errors, allocates fresh outputs and scratch, takes a fresh error-flag row when the
+kernels check tables, launches and returns, and a miss takes the full path, which checks
+everything and raises as it always did. Anything else the full path does (features, autograd, host
+backends, the interpreter, the autotuner's first run, a table the launcher had to copy, errors)
+leaves no entry.
 
 This module imports nothing heavy (``import aule`` stays torch-free); the Triton launcher offers
 what it launched to the call being recorded (:func:`recording`).

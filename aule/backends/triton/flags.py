@@ -191,11 +191,14 @@ class ErrorFlags:
                 if flag.event is not None and (capturing or not flag.event.query()):
                     break
                 self._inflight.popleft()
-                record = flag.chunk.np[flag.row]
-                if record[DONE]:
-                    found.append(describe(record, flag.meta))
-                record[:] = 0
-                flag.chunk.free.append(flag.row)
+                table, row = flag.chunk.np, flag.row
+                # A row no kernel wrote to (every call's, but for errors) is still clear: two words
+                # read, nothing written, on the path each eager launch takes.
+                if table[row, DONE] or table[row, CODE]:
+                    if table[row, DONE]:
+                        found.append(describe(table[row], flag.meta))
+                    table[row] = 0
+                flag.chunk.free.append(row)
                 self._free += 1
             for chunk in self._chunks:
                 if chunk.np[0, 0]:
