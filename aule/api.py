@@ -100,7 +100,7 @@ def flash_attention(query, key, value, causal=True, scale=None, window_size=-1, 
         return traced_attention(query, key, value, causal, scale, window_size, backend, return_lse, **features)
     with fastcall.recording(fast) as rec:
         out, lse = attention(query, key, value, causal, scale, window_size, backend, return_lse, **features)
-    rec.keep(query, key, value, out, lse)
+    rec.keep((query, key, value), (out, lse))
     return (out, lse) if return_lse else out
 
 
@@ -169,10 +169,26 @@ def flash_attention_paged(q, k_cache, v_cache, block_tables, context_lens, scale
     (``query_start_loc`` included) are checked by the kernel, never read back, and raise at the
     next aule call after it finished (at once with ``AULE_CHECK_SYNC=1``).
     """
-    call = canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size,
-                              softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, max_context_len=max_context_len, query_start_loc=query_start_loc,
-                              max_query_len=max_query_len)
-    return attend_paged(call, backend)
+    fast = inputs = None
+    if alibi_slopes is None and sinks is None and not _compiling(q):
+        # A repeated eager call (no ALiBi or sinks, whose tensors the launcher converts) takes its
+        # ready launch (aule.fastcall), as flash_attention's does; any other call the full path,
+        # recorded when it may become one.
+        fast = fastcall.paged_key(q, k_cache, v_cache, block_tables, context_lens, scale, window_size, backend,
+                                  softcap, max_context_len, query_start_loc, max_query_len)
+        if fast is not None:
+            inputs = ((q, k_cache, v_cache, block_tables, context_lens) if query_start_loc is None
+                      else (q, k_cache, v_cache, block_tables, context_lens, query_start_loc))
+            hit = fastcall.attend(fast, *inputs)
+            if hit is not None:
+                return hit[0]
+    with fastcall.recording(fast) as rec:
+        out = attend_paged(canonicalize_paged(q, k_cache, v_cache, block_tables, context_lens, scale, window_size,
+                                              softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                                              max_context_len=max_context_len, query_start_loc=query_start_loc,
+                                              max_query_len=max_query_len), backend)
+    rec.keep(inputs, (out,))
+    return out
 
 
 #: FlashAttention's ROCm-flavoured name, kept for callers of the system aule replaces.
@@ -185,4 +201,11 @@ def copy_kv_to_paged(key, value, k_cache, v_cache, slot_mapping, *, backend=None
     vLLM's ``reshape_and_cache`` convention: token ``t`` goes to block ``slot_mapping[t] // block_size``,
     row ``slot_mapping[t] % block_size``; a negative slot skips the token (padding).
     """
-    write_kv(canonicalize_write_kv(key, value, k_cache, v_cache, slot_mapping), backend)
+    fast = None
+    if not _compiling(key):
+        fast = fastcall.write_kv_key(key, value, k_cache, v_cache, slot_mapping, backend)
+        if fast is not None and fastcall.attend(fast, key, value, k_cache, v_cache, slot_mapping) is not None:
+            return
+    with fastcall.recording(fast) as rec:
+        write_kv(canonicalize_write_kv(key, value, k_cache, v_cache, slot_mapping), backend)
+    rec.keep((key, value, k_cache, v_cache, slot_mapping), ())

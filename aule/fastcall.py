@@ -1,17 +1,23 @@
 """The steady state of a repeated eager call: one cache from the public call to a ready launch.
 
 A small call's host time is aule's own Python (validation, routing, launch building) and Triton's
-per-launch argument binding, not the kernel. :func:`aule.flash_attention` on plain torch tensors
-(no features, no gradient to record, not traced) first looks its call up here by :func:`key`: every
-property the full path's decisions depend on (the tensors' types, shapes, strides, dtypes, devices,
-16-byte alignment and which of them are the same object; the scalar arguments with their types,
-since ``True == 1 == 1.0`` and the checks tell those apart; the settings that route or configure,
-as raw environment values; the device Triton launches on). Where the full path served an equal key
-with one launch of a compiled kernel (``ops._direct_launch``) and returned that launch's outputs,
-the entry holds that launch ready (:class:`aule.backends.triton.ops.Ready`): a hit allocates fresh
-outputs, launches and returns, and a miss takes the full path, which checks everything and raises
-as it always did. Anything the full path does besides that one launch (features, autograd, host
-backends, the interpreter, the autotuner's first run, errors) leaves no entry.
+per-launch argument binding, not the kernel. :func:`aule.flash_attention` (no features),
+:func:`aule.flash_attention_paged` (no ALiBi or sinks) and :func:`aule.copy_kv_to_paged` on plain
+torch tensors (no gradient to record, not traced) first look their call up here by a key (:func:`key`,
+:func:`paged_key`, :func:`write_kv_key`, all built by :func:`_key`): every property the full path's
+decisions depend on (the tensors' types, shapes, strides, dtypes, devices, 16-byte alignment and
+which of them are the same object; the scalar arguments with their types, since ``True == 1 ==
+1.0`` and the checks tell those apart; the settings that route or configure, as raw environment
+values; the device Triton launches on). A paged call's tables are in it by their layout, never
+their contents: the kernels read and check those on the device whichever path launched them.
+Where the full path served an equal key with direct launches of compiled kernels
+(``ops._direct_launch``: the paged kernel and, split, its merge) of exactly the call's tensors into
+outputs it returned, the entry holds them ready (:class:`aule.backends.triton.ops.Ready`): a hit
+polls the device errors, allocates fresh outputs and scratch, takes a fresh error-flag row when the
+kernels check tables, launches and returns, and a miss takes the full path, which checks
+everything and raises as it always did. Anything else the full path does (features, autograd, host
+backends, the interpreter, the autotuner's first run, a table the launcher had to copy, errors)
+leaves no entry.
 
 This module imports nothing heavy (``import aule`` stays torch-free); the Triton launcher offers
 what it launched to the call being recorded (:func:`recording`).
@@ -45,35 +51,63 @@ def _items_typed(x):
     return tuple((e.__class__, e) for e in x)
 
 
-def key(q, k, v, causal, scale, window_size, backend, return_lse, softcap):
-    """The cache key of a featureless dense call on plain torch tensors, or None (another kind of
-    input, a gradient to record, an active functorch transform, no ready launches where the data
-    is): such a call takes the full path and is never recorded. The caller has ruled out tracing.
-    A key holding an unhashable argument (a list) is never found nor stored: hashing it once,
-    at the lookup, is what a hit costs."""
+def _key(op: str, tensors: tuple, scalars: tuple):
+    """The cache key of a call of ``op`` on ``tensors`` (the call's torch tensors, the first deciding
+    where it runs) and ``scalars`` (every other argument the full path reads), or None: another
+    kind of input, a gradient to record, an active functorch transform, no ready launches where
+    the data is. What dense and paged calls share; :func:`key` and :func:`paged_key` name the
+    arguments. The caller has ruled out tracing. A key holding an unhashable argument (a list) is
+    never found nor stored: hashing it once, at the lookup, is what a hit costs."""
     hooks = _hooks or _torch_hooks()
     if hooks is None:
         return None
     tensor, grad_enabled, functorch = hooks
-    if q.__class__ is not tensor or k.__class__ is not tensor or v.__class__ is not tensor:
-        return None
-    if (grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) or functorch():
-        return None
-    device = _launch_device(q)
-    if device is None:
-        return None
+    out = [op]
+    grad = grad_enabled()
     try:
-        out = (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
-               q.device, k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
-               k is q, v is q, v is k,
-               # Each scalar with its type: True == 1 == 1.0, and the checks refuse some of those.
-               causal.__class__, causal, scale.__class__, scale, window_size.__class__,
-               _items_typed(window_size) if window_size.__class__ is tuple else window_size,
-               backend.__class__, backend, return_lse.__class__, return_lse, softcap.__class__, softcap,
-               settings.launch_values(), device)
+        for t in tensors:
+            if t.__class__ is not tensor or grad and t.requires_grad:
+                return None
+            out += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
     except Exception:  # noqa: BLE001 - layouts without strides or pointers (sparse, nested): the full path decides
         return None
-    return out
+    if functorch():
+        return None
+    device = _launch_device(tensors[0])
+    if device is None:
+        return None
+    ids = list(map(id, tensors))
+    types = tuple(map(type, scalars))
+    if tuple in types:  # a window (left, right): each element with its type too
+        scalars = tuple(_items_typed(s) if s.__class__ is tuple else s for s in scalars)
+    # Which arguments are one object (each one's first position; their count when all differ), and
+    # each scalar with its type: True == 1 == 1.0, and the checks refuse some of those.
+    out += (len(ids) if len(set(ids)) == len(ids) else tuple(map(ids.index, ids)), types, scalars,
+            settings.launch_values(), device)
+    return tuple(out)
+
+
+def key(q, k, v, causal, scale, window_size, backend, return_lse, softcap):
+    """The cache key of a featureless dense call (:func:`aule.flash_attention`), or None (see :func:`_key`)."""
+    return _key("attention", (q, k, v), (causal, scale, window_size, backend, return_lse, softcap))
+
+
+def paged_key(q, k_cache, v_cache, block_tables, context_lens, scale, window_size, backend, softcap,
+              max_context_len, query_start_loc, max_query_len):
+    """The cache key of a paged call without ALiBi or sinks (:func:`aule.flash_attention_paged`), or
+    None (see :func:`_key`). The tables' contents are not in it: on a GPU the kernels read and check
+    them, whichever call launches, so a hit serves new tables (and poisoned ones raise as they do on
+    the full path)."""
+    if query_start_loc is None:
+        tensors = (q, k_cache, v_cache, block_tables, context_lens)
+    else:
+        tensors = (q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
+    return _key("paged_attention", tensors, (scale, window_size, backend, softcap, max_context_len, max_query_len))
+
+
+def write_kv_key(key, value, k_cache, v_cache, slot_mapping, backend):
+    """The cache key of a KV write (:func:`aule.copy_kv_to_paged`), or None (see :func:`_key`)."""
+    return _key("write_kv", (key, value, k_cache, v_cache, slot_mapping), (backend,))
 
 
 def _launch_device(q):
@@ -89,9 +123,10 @@ def set_launch_device(reader) -> None:
     _launch_device = reader
 
 
-def attend(key, q, k, v):
-    """``(out, lse)`` of the call ``key`` describes, served by its ready launch, or None (no entry,
-    or fresh outputs that the compiled kernel was not specialised for: then the full path)."""
+def attend(key, *inputs):
+    """The outputs (a tuple) of the call ``key`` describes on ``inputs`` (its tensors, as the key
+    took them), served by its ready launch, or None (no entry, or fresh outputs that the compiled
+    kernels were not specialised for: then the full path)."""
     try:
         ready = _ENTRIES.get(key)
     except TypeError:  # an unhashable argument
@@ -99,7 +134,7 @@ def attend(key, q, k, v):
     if ready is None:
         return None
     device_errors.raise_pending()  # as the full path does before it launches anything
-    return ready(q, k, v)
+    return ready(*inputs)
 
 
 class _Recorder:
@@ -130,22 +165,30 @@ class recording:
             _local.rec = self.outer
         return False
 
-    def keep(self, q, k, v, out, lse) -> None:
-        """Store the ready launch of the recorded call if it was exactly one launch, of these
-        inputs, into these outputs (``lse`` None when the call did not return it)."""
+    def keep(self, inputs: tuple, outputs: tuple) -> None:
+        """Store the ready launch of the recorded call if the call made exactly one offer, of these
+        ``inputs`` (the tensors the key took, by identity: a launcher that launched a converted
+        copy of one offers other tensors) into these ``outputs`` (None for one the call did not
+        return)."""
         rec = self.rec
         if rec is None or len(rec.offers) != 1:
             return
-        tensors, ready = rec.offers[0]
-        if (tensors[0] is q and tensors[1] is k and tensors[2] is v and tensors[3] is out
-                and (lse is None or tensors[4] is lse)):
-            try:
-                hash(self.key)
-            except TypeError:
+        launched_inputs, launched_outputs, ready = rec.offers[0]
+        if len(launched_inputs) != len(inputs) or len(launched_outputs) < len(outputs):
+            return
+        for a, b in zip(launched_inputs, inputs):
+            if a is not b:
                 return
-            if len(_ENTRIES) >= _MAX_ENTRIES:
-                _ENTRIES.clear()
-            _ENTRIES[self.key] = ready
+        for a, b in zip(launched_outputs, outputs):
+            if b is not None and a is not b:
+                return
+        try:
+            hash(self.key)
+        except TypeError:
+            return
+        if len(_ENTRIES) >= _MAX_ENTRIES:
+            _ENTRIES.clear()
+        _ENTRIES[self.key] = ready
 
 
 def recorder():
@@ -154,9 +197,9 @@ def recorder():
     return getattr(_local, "rec", None)
 
 
-def offer(rec, tensors: tuple, ready) -> None:
-    """A launch of ``tensors`` ``(q, k, v, out, lse)`` that ``ready`` repeats, made by the call ``rec`` records."""
-    rec.offers.append((tensors, ready))
+def offer(rec, inputs: tuple, outputs: tuple, ready) -> None:
+    """Launches of ``inputs`` into fresh ``outputs`` that ``ready`` repeats, made by the call ``rec`` records."""
+    rec.offers.append((inputs, outputs, ready))
 
 
 def forget() -> None:

@@ -124,14 +124,13 @@ def triton_rows(calls: int, rounds: int) -> None:
     rows = [("fastcall.key (the cache key)", lambda: fastcall.key(q, k, v, False, None, -1, "triton", False, 0.0))]
     if ready is not None:
         out, lse = ready(q, k, v)
-        params = ready.pick((q, k, v, out, lse) + ready.consts)
+        runner, pick = ready.launches[0]
+        params = pick((q, k, v, out, lse) + ready.consts)
         rows += [("fastcall.attend (lookup, error poll, ready launch)", lambda: fastcall.attend(fk, q, k, v)),
                  ("  Ready: torch.empty of out and lse + launch", lambda: ready(q, k, v)),
-                 ("  torch.empty of out and lse", lambda: (torch.empty(ready.out_shape, dtype=ready.out_dtype,
-                                                                        device=ready.device),
-                                                            torch.empty(ready.lse_shape, dtype=torch.float32,
-                                                                        device=ready.device))),
-                 ("  the compiled kernel's launcher alone (Triton's runner)", lambda: ready.runner(*params))]
+                 ("  torch.empty of out and lse", lambda: [torch.empty(shape, dtype=dtype, device=ready.device)
+                                                           for shape, dtype in ready.fresh]),
+                 ("  the compiled kernel's launcher alone (Triton's runner)", lambda: runner(*params))]
     else:
         print("(no ready launch for the forced call: the steady state was not reached)")
     print("\nsteady state, by part")

@@ -155,6 +155,46 @@ def triton_part(args, shape) -> None:
     show(rows, f"Triton, target {args.target}, {tuple(shape)} float32 (median us per call)")
     if args.top:
         profile(whole, args.calls, args.top, "Triton")
+    if args.target == "cuda":
+        paged_part(args, torch, aule, fastcall)
+
+
+def paged_part(args, torch, aule, fastcall) -> None:
+    """Paged decode, issue 14's b8 ctx 1k row (float16, 32/8 heads, head_dim 128, block 16,
+    shuffled tables; split-K, so two launches), launches stubbed: the steady state and its parts,
+    then the full path without it."""
+    b, hq, hk, d, block, ctx = 8, 32, 8, 128, 16, 1024
+    nb = b * ctx // block
+    kc = torch.zeros(nb, block, hk, d, dtype=torch.float16)
+    vc = torch.zeros_like(kc)
+    bt = torch.randperm(nb, generator=torch.Generator().manual_seed(0)).to(torch.int32).view(b, -1)
+    cl = torch.full((b,), ctx, dtype=torch.int32)
+    q = torch.zeros(b, hq, 1, d, dtype=torch.float16)
+
+    def whole():
+        return aule.flash_attention_paged(q, kc, vc, bt, cl, backend="triton")
+
+    for _ in range(3):
+        whole()
+    key_args = (q, kc, vc, bt, cl, None, -1, "triton", 0.0, None, None, None)
+    fk = fastcall.paged_key(*key_args)
+    ready = fastcall._ENTRIES.get(fk)
+    rows = [("aule.flash_attention_paged, steady state, launches stubbed", median_us(whole, args.calls)),
+            ("  of which fastcall.paged_key", median_us(lambda: fastcall.paged_key(*key_args), args.calls))]
+    if ready is not None:
+        rows += [("  of which fastcall.attend (lookup, error poll, ready launches)",
+                  median_us(lambda: fastcall.attend(fk, q, kc, vc, bt, cl), args.calls)),
+                 ("    of which torch.empty of the fresh tensors",
+                  median_us(lambda: [torch.empty(s, dtype=t, device=ready.device) for s, t in ready.fresh], args.calls))]
+    key = fastcall.paged_key
+    fastcall.paged_key = lambda *a: None
+    try:
+        rows.append(("  the full path, direct launches (aule.fastcall bypassed)", median_us(whole, args.calls)))
+    finally:
+        fastcall.paged_key = key
+    show(rows, f"Triton paged, b{b} ctx {ctx} float16, {len(ready.launches) if ready else '?'} launches (median us per call)")
+    if args.top:
+        profile(whole, args.calls, args.top, "Triton paged, steady state")
 
 
 def vulkan_part(args, shape) -> None:

@@ -37,7 +37,7 @@ def main() -> int:
         attn += compile_kernel(
             tp._paged_attn_fwd,
             {"Q": "*fp16", "KC": "*fp16", "VC": "*fp16", "BT": "*i64", "CL": "*i32", "QSL": "*i32", "O": "*fp16",
-             "PO": "*fp32", "PL": "*fp32", "ERR": "*i64", "DIRTY": "*i64", "ALIBI": "*fp32", "SINKS": "*fp32"},
+             "PO": "*fp32", "ERR": "*i64", "DIRTY": "*i64", "ALIBI": "*fp32", "SINKS": "*fp32"},
             {**{"stride_" + n: "i32" for n in strides}, "HEADS_KV": "i32", "NUM_SPLITS": "i32", "scale2": "fp32",
              "cap_in": "fp32", "cap_out": "fp32", "LEFT": "i32", "NUM_BLOCKS": "i32", "CAPACITY": "i32",
              "BATCH": "i32", "NUM_TOKENS": "i32", "MAX_Q": "i32"},
@@ -46,7 +46,7 @@ def main() -> int:
                  SOFTCAP=features, HAS_ALIBI=features, HAS_SINKS=features))
     for packed in (False, True):
         compile_kernel(
-            tp._paged_attn_merge, {"PO": "*fp32", "PL": "*fp32", "O": "*fp16", "SINKS": "*fp32"},
+            tp._paged_attn_merge, {"PO": "*fp32", "O": "*fp16", "SINKS": "*fp32"},
             {**{"stride_" + n: "i32" for n in "ob oh om od".split()}, "HEADS_Q": "i32", "NUM_SPLITS": "i32"},
             dict(Q_LEN=1, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=8, PACKED=packed, HAS_SINKS=True))
     strides = ("kt kh kd vt vh vd cb ct ch cd db dt dh dd").split()

@@ -9,24 +9,24 @@ as ordinary memory (on the CPU, under Triton's interpreter, it is ordinary memor
 error of a launch wins the row (compare-and-swap on the code); the kernel then sets the row's
 ``done`` word with release semantics at system scope, so a host that sees ``done`` sees the rest.
 
-Two lifetimes:
+Every checking kernel also sets its chunk's ``dirty`` word (row 0) after an error, so a poll, which
+every aule call makes, reads one word per chunk and scans the chunk's rows only after an error: an
+error is raised by the first aule call that finds it written, whatever else is still running. Rows
+have two lifetimes:
 
-- an eager launch takes a row, records an event after its kernels, and gives the row back once
-  :meth:`ErrorFlags.poll` finds the event complete (``Event.query``, never a wait), reporting what
-  the row holds;
-- a launch captured into a CUDA graph keeps its row for good (the graph replays into it). Such
-  kernels also set their chunk's ``dirty`` word, so a poll reads one word per chunk and scans
-  the rows only after an error; the row is cleared once reported, ready for the next replay.
-
-The rows of eager launches are handed to kernels with a scratch word in place of ``dirty``:
-their errors are reported through their events.
+- an eager launch takes a row and gives it back once its kernels have finished, which an event
+  tells: eager rows are given back in batches of :data:`BATCH` launches on one stream, behind one
+  event recorded after the last of them (``Event.query``, never a wait), so a launch costs neither
+  an event nor a query of its own. A row reported early keeps its code word until it is given back,
+  so the launch's later finds lose the race for it, as they would on a row read after the kernel;
+- a launch captured into a CUDA graph keeps its row for good (the graph replays into it); the row
+  is cleared once reported, ready for the next replay.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,21 +51,19 @@ _QUERY_START_RULES = {0: "must start at 0", 1: "must be non-decreasing: it is be
 SINK, SLOPE = 7, 8
 CU_START, CU_ORDER, CU_PAST, CU_END, CU_LONG = 9, 10, 11, 12, 13
 _CU_RULES = {CU_START: "start", CU_ORDER: "order", CU_PAST: "past", CU_END: "end", CU_LONG: "long"}
-CHUNK_ROWS = 1024  # row 0 of a chunk is its header: [dirty, -, scratch]
+CHUNK_ROWS = 1024  # row 0 of a chunk is its header: [dirty, ...]
 RESERVE = 64  # free rows kept in hand, so a graph capture (which cannot pin memory) finds one
+BATCH = 32  # eager rows of one stream given back together, behind one event
 
 
-@dataclass
 class Flag:
     """One launch's row: ``err`` and ``dirty`` are the tensors its kernels write."""
 
-    chunk: "_Chunk"
-    row: int
-    err: object
-    dirty: object
-    meta: dict
-    captured: bool
-    event: object = None
+    # A plain class with slots: one is made per checked launch, eager decode steps included.
+    __slots__ = ("chunk", "row", "err", "dirty", "meta", "captured")
+
+    def __init__(self, chunk: "_Chunk", row: int, err, dirty, meta: dict, captured: bool):
+        self.chunk, self.row, self.err, self.dirty, self.meta, self.captured = chunk, row, err, dirty, meta, captured
 
 
 class _Chunk:
@@ -73,12 +71,10 @@ class _Chunk:
         self.t = torch.zeros((CHUNK_ROWS, FIELDS), dtype=torch.int64, pin_memory=pinned)
         self.np = self.t.numpy()  # the same memory, read and cleared without any CUDA call
         self.rows = [None] * CHUNK_ROWS  # row views, made once: a view costs a microsecond per call
-        self.events = [None] * CHUNK_ROWS  # one reusable CUDA event per row, made on first use
-        # Both 16-byte aligned, as Triton specialises pointers by alignment: a captured launch then
-        # reuses the kernel its eager warm-up compiled instead of compiling inside the capture.
-        self.dirty, self.scratch = self.t[0, 0:], self.t[0, 2:]
+        self.dirty = self.t[0]  # 16-byte aligned, as every row: Triton specialises pointers by alignment
         self.free = list(range(CHUNK_ROWS - 1, 0, -1))
         self.captured: dict = {}  # row -> meta of a launch inside a CUDA graph
+        self.held: list = [None] * CHUNK_ROWS  # row -> meta of the eager launch holding it
 
     def view(self, row):
         if self.rows[row] is None:
@@ -131,76 +127,139 @@ class ErrorFlags:
         self._torch = torch
         self._pinned = pinned
         self._chunks: list = []
-        self._inflight: collections.deque = collections.deque()
+        self._free = 0  # free rows of all chunks
+        self._held = 0  # rows of eager launches not given back yet
+        self._open: dict = {}  # (device, stream) -> eager launches on it not yet behind an event
+        self._inflight: collections.deque = collections.deque()  # (event or None, launches), in order
         self._lock = threading.Lock()
         self._graphs = False  # whether some row was taken inside a CUDA graph capture (kept for good)
+        self._found: list = []  # messages found while giving rows back outside a poll
+        self._stream = torch._C._cuda_getCurrentRawStream if pinned else None
 
     def _capturing(self) -> bool:
         return self._pinned and self._torch.cuda.is_current_stream_capturing()
 
     def acquire(self, meta: dict) -> Flag:
-        """A cleared row for one launch; ``meta`` (kernel, device, table sizes) words its error."""
+        """A cleared row for one launch; ``meta`` (kernel, device, table sizes) words its error
+        (read only when it is reported: one dict may serve many rows)."""
         captured = self._capturing()
         with self._lock:
-            free = sum(len(c.free) for c in self._chunks)
-            if free == 0 or (free < RESERVE and not captured):
-                # Within a capture only as a last resort: pinning memory may be refused there.
-                self._chunks.append(_Chunk(self._torch, self._pinned))
-            chunk = next(c for c in self._chunks if c.free)
+            chunk = None
+            if self._free >= RESERVE or (captured and self._free):
+                # Within a capture a new chunk only as a last resort: pinning memory may be refused there.
+                for c in self._chunks:
+                    if c.free:
+                        chunk = c
+                        break
+            if chunk is None:
+                chunk = _Chunk(self._torch, self._pinned)
+                self._chunks.append(chunk)
+                self._free += CHUNK_ROWS - 1
             row = chunk.free.pop()
+            self._free -= 1
             if captured:
                 chunk.captured[row] = meta
                 self._graphs = True
-        return Flag(chunk, row, chunk.view(row), chunk.dirty if captured else chunk.scratch, meta, captured)
+            else:
+                chunk.held[row] = meta
+                self._held += 1
+        return Flag(chunk, row, chunk.view(row), chunk.dirty, meta, captured)
 
-    def launched(self, flag: Flag, device) -> None:
-        """After the launch's last kernel: watch its row (an event, or the graph's dirty word)."""
+    def launched(self, flag: Flag, device, sync=None) -> None:
+        """After the launch's last kernel: its row joins its stream's batch, given back behind one
+        event (:data:`BATCH`). ``sync``: :func:`aule.settings.check_sync` when the caller knows it
+        (None: read it)."""
         if flag.captured:
             return  # replays report through the chunk's dirty word; nothing may wait in a capture
-        if self._pinned:
-            chunk, row = flag.chunk, flag.row
-            if chunk.events[row] is None:
-                chunk.events[row] = self._torch.cuda.Event()
-            flag.event = chunk.events[row]
-            flag.event.record(self._torch.cuda.current_stream(device))
-        with self._lock:
-            self._inflight.append(flag)
-        if settings.check_sync():
+        if not self._pinned:  # the interpreter ran the kernels before returning: done already
+            with self._lock:
+                self._inflight.append((None, (flag,)))
+        else:
+            index = device.index or 0
+            where = (index, self._stream(index))
+            with self._lock:
+                batch = self._open.get(where)
+                if batch is None:
+                    batch = self._open[where] = []
+                batch.append(flag)
+                full = len(batch) >= BATCH
+                if full:
+                    del self._open[where]
+            if full:
+                event = self._torch.cuda.Event()
+                event.record(self._torch.cuda.current_stream(device))
+                with self._lock:
+                    self._inflight.append((event, batch))
+                found = self._give_back(query=True, finished=False)
+                if found:
+                    with self._lock:
+                        self._found += found  # raised by the next poll, as the dirty words' are
+        if settings.check_sync() if sync is None else sync:
             device_errors.raise_pending(wait=True)
 
+    def _give_back(self, query: bool, finished: bool) -> list:
+        """Give back the rows of eager launches whose kernels have finished, in the order their
+        batches were recorded: batches without an event, those whose event has completed
+        (``query``: asked, never waited for) and, ``finished`` (after a synchronisation), all.
+        Returns the messages of errors they hold that the dirty words did not show yet."""
+        found = []
+        capturing = None
+        with self._lock:
+            if finished:
+                self._inflight.extend((None, batch) for batch in self._open.values())
+                self._open.clear()
+            while self._inflight:
+                event, batch = self._inflight[0]
+                if event is not None and not finished:
+                    if not query:
+                        break
+                    if capturing is None:
+                        # Querying an event is not allowed while a graph is captured (global capture mode).
+                        capturing = self._capturing()
+                    if capturing or not event.query():
+                        break
+                self._inflight.popleft()
+                for flag in batch:
+                    chunk, row = flag.chunk, flag.row
+                    table = chunk.np
+                    # A row no kernel wrote to (every launch's, but for errors) is still clear:
+                    # two words read, nothing written.
+                    if table[row, DONE] or table[row, CODE]:
+                        if table[row, DONE]:
+                            found.append(describe(table[row], flag.meta))
+                        table[row] = 0
+                    chunk.held[row] = None
+                    chunk.free.append(row)
+                self._free += len(batch)
+                self._held -= len(batch)
+        return found
+
     def poll(self, wait: bool) -> list:
-        """Messages of the errors in rows whose kernels have finished (``wait``: wait for them)."""
-        if not (wait or self._inflight or self._graphs):
-            # Every aule call asks: with no eager launch in flight and no graph's rows to read
-            # there is nothing to look at. A launch another thread is adding now is read next time.
+        """Messages of the errors kernels have recorded so far (``wait``: wait for every kernel
+        first, and give back every eager row)."""
+        if not (wait or self._held or self._graphs or self._found):
+            # Every aule call asks: with no eager row held and no graph's rows to read there is
+            # nothing to look at. A launch another thread is adding now is read next time.
             return []
-        capturing = (wait or bool(self._inflight)) and self._capturing()
+        capturing = wait and self._capturing()
         if wait and self._pinned and not capturing:
             for index in range(self._torch.cuda.device_count()):  # graph replays too, which no event follows
                 self._torch.cuda.synchronize(index)
-        found = []
         with self._lock:
-            while self._inflight:
-                flag = self._inflight[0]
-                # Querying an event is not allowed while a graph is captured (global capture mode);
-                # a stream runs its launches in order, so the first unfinished one ends the scan.
-                if flag.event is not None and (capturing or not flag.event.query()):
-                    break
-                self._inflight.popleft()
-                record = flag.chunk.np[flag.row]
-                if record[DONE]:
-                    found.append(describe(record, flag.meta))
-                record[:] = 0
-                flag.chunk.free.append(flag.row)
+            found, self._found = self._found, []
             for chunk in self._chunks:
-                if chunk.np[0, 0]:
-                    chunk.np[0, 0] = 0  # cleared before the scan: an error set meanwhile is seen next time
-                    for row, meta in sorted(chunk.captured.items()):
-                        record = chunk.np[row]
-                        if record[DONE]:
-                            found.append(describe(record, meta))
-                            record[:] = 0
-        return found
+                table = chunk.np
+                if table[0, 0]:
+                    table[0, 0] = 0  # cleared before the scan: an error set meanwhile is seen next time
+                    for row in (np.flatnonzero(table[1:, DONE]) + 1).tolist():
+                        meta = chunk.captured.get(row)
+                        if meta is not None:
+                            found.append(describe(table[row], meta))
+                            table[row] = 0
+                        elif chunk.held[row] is not None:
+                            found.append(describe(table[row], chunk.held[row]))
+                            table[row, DONE] = 0  # the code word stays until the row is given back
+        return found + self._give_back(query=False, finished=wait and not capturing)
 
 
 _flags: ErrorFlags | None = None

@@ -211,62 +211,101 @@ def _direct_launch(key: tuple, fn, grid, sized, args: tuple, meta: dict, tile_kw
     return None
 
 
-_F32 = torch.float32
+def launch_direct(name: str, fn, grid: tuple, args: tuple, meta: dict, like: torch.Tensor):
+    """Launch ``fn`` on a fixed ``grid`` with ``args`` (tensors first) and compile-time ``meta``
+    (``num_warps`` and ``num_stages`` included), for launchers that choose their own configuration
+    (the paged kernels): on NVIDIA, unless ``AULE_TRITON_DIRECT=0``, through the compiled kernel
+    as :func:`_direct_launch` keeps it, by ``name``, ``meta`` and the tensors' dtypes; elsewhere
+    through ``JITFunction.run``. Returns what :func:`_direct_launch` returns, or None."""
+    if target_of(like) == "cuda" and settings.triton_direct():
+        key = (name, tuple(meta.items()), _tensor_dtypes(args))
+        return _direct_launch(key, fn, lambda _: grid, grid, args, meta, {})
+    fn[grid](*args, **meta)
+    return None
+
+
 _CONSTANTS = (int, float, bool, str, type(None))
 
 
 class Ready:
-    """A plain dense forward launch made ready to repeat (:mod:`aule.fastcall`): fresh outputs
-    like the recorded launch's, then the compiled kernel's launcher with the recorded parameters,
-    the call's tensors in their places. Holds no tensor of the recorded call."""
+    """Direct launches made ready to repeat (:mod:`aule.fastcall`): fresh tensors like the recorded
+    call's (its outputs, then any scratch its kernels write), a fresh error-flag row when its
+    kernels checked what they read (the row is per launch: it carries that launch's error), then
+    each compiled kernel's launcher with its recorded parameters, the call's tensors and the fresh
+    ones in their places. Holds no tensor of the recorded call. Calling it with the call's input
+    tensors returns its outputs (a tuple), or None when a fresh tensor is not 16-byte aligned (the
+    kernels were specialised for aligned ones: Triton's own path decides then)."""
 
-    __slots__ = ("runner", "pick", "consts", "out_shape", "out_dtype", "lse_shape", "device")
+    __slots__ = ("launches", "consts", "fresh", "outputs", "device", "flag_meta", "sync")
 
-    def __init__(self, runner, pick, consts, out, lse):
-        self.runner, self.pick, self.consts = runner, pick, consts
-        self.out_shape, self.out_dtype, self.device = tuple(out.shape), out.dtype, out.device
-        self.lse_shape = tuple(lse.shape)
+    def __init__(self, launches: tuple, consts: tuple, fresh: tuple, outputs: int, flag, device):
+        self.launches, self.consts, self.outputs, self.device = launches, consts, outputs, device
+        self.fresh = tuple((tuple(t.shape), t.dtype) for t in fresh)
+        # The meta that words the flag's error depends only on what the key fixes (sizes, device):
+        # one dict, shared by every row this entry takes.
+        self.flag_meta = None if flag is None else flag.meta
+        self.sync = settings.check_sync()  # AULE_CHECK_SYNC is in the entry's key
 
-    def __call__(self, q, k, v):
-        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.device)
-        # The LSE is allocated even when the caller does not want it: the kernel writes it, and a
-        # scratch shared between calls would be written by kernels on other streams (or replays of
-        # a graph that captured it) after the allocator had handed a freed or regrown scratch's
-        # memory to another tensor; keeping every scratch forever, or record_stream per call,
-        # costs what this allocation does.
-        lse = torch.empty(self.lse_shape, dtype=_F32, device=self.device)
-        if out.data_ptr() % 16 or lse.data_ptr() % 16:
-            return None  # the kernel was specialised for aligned outputs: Triton's path decides
-        self.runner(*self.pick((q, k, v, out, lse) + self.consts))
-        return out, lse
+    def __call__(self, *inputs):
+        device = self.device
+        # Every fresh tensor is allocated per call, scratch included: one shared between calls
+        # would be written by kernels on other streams (or replays of a graph that captured it)
+        # after the allocator had handed a freed or regrown scratch's memory to another tensor;
+        # keeping every scratch forever, or record_stream per call, costs what this allocation does.
+        empty = torch.empty
+        fresh = tuple([empty(shape, dtype=dtype, device=device) for shape, dtype in self.fresh])
+        for t in fresh:
+            if t.data_ptr() % 16:
+                return None
+        meta = self.flag_meta
+        if meta is None:
+            tensors = inputs + fresh + self.consts
+            for runner, pick in self.launches:
+                runner(*pick(tensors))
+            return fresh[:self.outputs]
+        errors = flags.error_flags()
+        flag = errors.acquire(meta)
+        try:
+            tensors = inputs + fresh + (flag.err, flag.dirty) + self.consts
+            for runner, pick in self.launches:
+                runner(*pick(tensors))
+        finally:
+            errors.launched(flag, device, self.sync)
+        return fresh[:self.outputs]
 
 
-def _offer(launched, tensors: tuple) -> None:
-    """Offer the call being recorded (if any) a :class:`Ready` of a direct ``launched`` =
-    ``(runner, params)`` of ``tensors`` ``(q, k, v, out, lse)``: each parameter that is one of them
-    (by identity) becomes its place, any other a constant. Nothing is offered when another tensor
-    takes part (its values would be this call's alone) or the outputs are not fresh, contiguous
-    and 16-byte aligned, as the repeated launch allocates them."""
+def offer_ready(launches, inputs: tuple, fresh: tuple, outputs: int, flag=None) -> None:
+    """Offer the call being recorded (if any) a :class:`Ready` of ``launches``, each what
+    :func:`_direct_launch` returned (``(runner, params)``, or None when it kept no compiled kernel):
+    launches of ``inputs`` (the tensors the public call was given, unconverted) into ``fresh``
+    (tensors allocated for the call, its ``outputs`` first), checked through ``flag`` (or None).
+    Each parameter that is one of those tensors or the flag's (by identity) becomes its place, any
+    other a constant. Nothing is offered when another tensor takes part (its values would be this
+    call's alone) or a fresh tensor is not contiguous and 16-byte aligned, as the repeated launch
+    allocates them."""
     rec = fastcall.recorder()
-    if rec is None or launched is None:
+    if rec is None or not launches or None in launches:
         return
-    runner, params = launched
-    places, consts = [], []
-    for p in params:
-        if isinstance(p, _TENSOR):
-            place = next((i for i, t in enumerate(tensors) if p is t), None)
-            if place is None:
+    tensors = inputs + fresh + ((flag.err, flag.dirty) if flag is not None else ())
+    consts, picks = [], []
+    for runner, params in launches:
+        places = []
+        for p in params:
+            if isinstance(p, _TENSOR):
+                place = next((i for i, t in enumerate(tensors) if p is t), None)
+                if place is None:
+                    return
+                places.append(place)
+            elif type(p) in _CONSTANTS:
+                places.append(len(tensors) + len(consts))
+                consts.append(p)
+            else:
                 return
-            places.append(place)
-        elif type(p) in _CONSTANTS:
-            places.append(len(tensors) + len(consts))
-            consts.append(p)
-        else:
-            return
-    out, lse = tensors[3], tensors[4]
-    if any(t._base is not None or t.storage_offset() or not t.is_contiguous() or t.data_ptr() % 16 for t in (out, lse)):
+        picks.append((runner, operator.itemgetter(*places)))
+    if any(t._base is not None or t.storage_offset() or not t.is_contiguous() or t.data_ptr() % 16 for t in fresh):
         return
-    fastcall.offer(rec, tensors, Ready(runner, operator.itemgetter(*places), tuple(consts), out, lse))
+    fastcall.offer(rec, inputs, fresh[:outputs], Ready(tuple(picks), tuple(consts), fresh, outputs, flag,
+                                                            inputs[0].device))
 
 
 def _first_launch(key: tuple, grid, args: tuple, meta: dict, like: torch.Tensor):
@@ -659,7 +698,7 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, tile=None, s
                        q, sizes, tile)
     flags.close_flag(flag, q.device)
     if flag is None and packing is None and not fp8 and tile is None:
-        _offer(launched, (q, k, v, out, lse))
+        offer_ready((launched,), (q, k, v), (out, lse), 2)
     return out, lse
 
 

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import flags as _flags
+from . import ops as _ops
 from .devcheck import (BLOCK_ID, CONTEXT_LEN, QUERY_BOUND, QUERY_ROWS, QUERY_START, SINK, SLOPE, SLOT,
                        check_finite, record as _record)
 from .common import (LOG2E, MAX_HEAD_DIM, block_d, cdiv, feature_table, interpreting, next_pow2,
@@ -146,7 +147,7 @@ def _query_rows(QSL, b, ctx, ERR, DIRTY, BATCH, NUM_TOKENS, MAX_Q, CHECK: tl.con
 
 @triton.jit
 def _paged_attn_fwd(
-        Q, KC, VC, BT, CL, QSL, O, PO, PL, ERR, DIRTY, ALIBI, SINKS,
+        Q, KC, VC, BT, CL, QSL, O, PO, ERR, DIRTY, ALIBI, SINKS,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kt, stride_kh, stride_kd,
         stride_vb, stride_vt, stride_vh, stride_vd,
@@ -273,6 +274,8 @@ def _paged_attn_fwd(
         # no bits left for log2(sum), and ties across splits would be weighed by split, not by key.
         # A split that is empty, NaN or +inf (aule.masks' rule) stores its LSE as the maximum.
         prow = ((tok0 + qi) * (HEADS_KV * GROUP) + head) * NUM_SPLITS + split
+        # The (maximum, sum) pairs follow the partial outputs in the one scratch (see _partials).
+        PL = PO + NUM_TOKENS * (HEADS_KV * GROUP) * NUM_SPLITS * BLOCK_D
         finite = tl.abs(lse2) < float("inf")
         tl.store(PL + 2 * prow, tl.where(finite, m_i, lse2), mask=row_ok)
         tl.store(PL + 2 * prow + 1, tl.where(finite, l_i, tl.where(lse2 == float("-inf"), 0.0, 1.0)), mask=row_ok)
@@ -284,7 +287,7 @@ def _paged_attn_fwd(
 
 
 @triton.jit
-def _paged_attn_merge(PO, PL, O, SINKS, stride_ob, stride_oh, stride_om, stride_od, HEADS_Q, NUM_SPLITS,
+def _paged_attn_merge(PO, O, SINKS, stride_ob, stride_oh, stride_om, stride_od, HEADS_Q, NUM_SPLITS,
                       Q_LEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_S: tl.constexpr, PACKED: tl.constexpr, HAS_SINKS: tl.constexpr):
     row = tl.program_id(0)  # (row of q, head) flattened, rows numbered as _paged_attn_fwd's tok0 does
@@ -300,6 +303,7 @@ def _paged_attn_merge(PO, PL, O, SINKS, stride_ob, stride_oh, stride_om, stride_
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < NUM_SPLITS
     at = 2 * (row * NUM_SPLITS + offs_s)
+    PL = PO + tl.num_programs(0) * NUM_SPLITS * BLOCK_D  # one program per (row, head): _partials' layout
     ms = tl.load(PL + at, mask=s_ok, other=float("-inf"))
     ls = tl.load(PL + at + 1, mask=s_ok, other=0.0)
     m = tl.max(ms, 0)  # skips NaN: a NaN split shows in total instead
@@ -435,6 +439,8 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
         num_tokens = batch * q_len
     num_blocks, block_size, heads_kv = k_cache.shape[:3]
     group = heads_q // heads_kv
+    # Repeatable (aule.fastcall) only with an output of its own and tables the kernels read as given.
+    repeatable = out is None and alibi is None and sinks is None
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     block_tables, context_lens = _index_table(block_tables, torch), _index_table(context_lens, torch)
@@ -449,11 +455,9 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
         batch, heads_kv, group, max(q_len, 1), head_dim, max_context, dev, amd=torch_gpu_flavour() == "hip",
         itemsize=q.element_size())
     bd = block_d(head_dim)
-    if splits > 1:
-        po = torch.empty((num_tokens * heads_q * splits, bd), dtype=torch.float32, device=q.device)
-        pl = torch.empty((num_tokens * heads_q * splits * 2,), dtype=torch.float32, device=q.device)
-    else:
-        po = pl = out  # unused by the kernel when SPLIT is off
+    # One allocation for the splits' partial outputs and their (maximum, sum) pairs: a serving step's
+    # host time is counted in allocations too.
+    po = _partials(torch, num_tokens * heads_q * splits, bd, q.device) if splits > 1 else out  # unused unsplit
     # A packed q and output are [num_tokens, Hq, D]: as [B, Hq, rows, D] with no batch stride.
     q_strides = (0, q.stride(1), q.stride(0), q.stride(2)) if packed else q.stride()
     o_strides = (0, out.stride(1), out.stride(0), out.stride(2)) if packed else out.stride()
@@ -464,29 +468,39 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
                         for x, shape in ((alibi, (batch, heads_q)), (sinks, (heads_q,))))
     cap_in, cap_out = (float(scale) / softcap, softcap * LOG2E) if softcap else (0.0, 0.0)
     grid = (batch * heads_kv, m_tiles, splits)
-    _paged_attn_fwd[grid](
-        q, k_cache, v_cache, block_tables, context_lens, qsl, out, po, pl, err, dirty, alibi_t, sinks_t,
-        *q_strides, *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *o_strides,
-        heads_kv, splits, float(scale) * LOG2E, cap_in, cap_out, max(left, 0), num_blocks,
-        # Key positions are int32 in the kernel; no table holds more keys than that anyway.
-        min(max_blocks * block_size, 2 ** 31 - 1), batch, num_tokens, q_len,
-        # Packed, the row bound is a runtime argument: a new num_tokens every step compiles nothing.
-        Q_LEN=1 if packed else q_len, GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        HEAD_DIM=head_dim, BLOCK_D=bd, HAS_LEFT=left >= 0, SPLIT=splits > 1,
-        # Triton 3.9's interpreter computes bfloat16 dots wrongly; fp32 operands sidestep it on CPU.
-        UPCAST=interpreting() and q.dtype == torch.bfloat16,
-        WIDE=max(k_cache.numel(), v_cache.numel(), q.numel()) >= 2 ** 31 - 2 ** 20,
-        # float32 callers get float32 products, not tf32 (decode is memory-bound: it costs nothing).
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CHECK=check, PACKED=packed,
-        SOFTCAP=bool(softcap), HAS_ALIBI=alibi is not None, HAS_SINKS=sinks is not None,
-        num_warps=num_warps, num_stages=num_stages)
+    args = (q, k_cache, v_cache, block_tables, context_lens, qsl, out, po, err, dirty, alibi_t, sinks_t,
+            *q_strides, *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *o_strides,
+            heads_kv, splits, float(scale) * LOG2E, cap_in, cap_out, max(left, 0), num_blocks,
+            # Key positions are int32 in the kernel; no table holds more keys than that anyway.
+            min(max_blocks * block_size, 2 ** 31 - 1), batch, num_tokens, q_len)
+    # Packed, the row bound is a runtime argument: a new num_tokens every step compiles nothing.
+    meta = dict(Q_LEN=1 if packed else q_len, GROUP=group, BLOCK_M=block_m, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+                HEAD_DIM=head_dim, BLOCK_D=bd, HAS_LEFT=left >= 0, SPLIT=splits > 1,
+                # Triton 3.9's interpreter computes bfloat16 dots wrongly; fp32 operands sidestep it on CPU.
+                UPCAST=interpreting() and q.dtype == torch.bfloat16,
+                WIDE=max(k_cache.numel(), v_cache.numel(), q.numel()) >= 2 ** 31 - 2 ** 20,
+                # float32 callers get float32 products, not tf32 (decode is memory-bound: it costs nothing).
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CHECK=check, PACKED=packed,
+                SOFTCAP=bool(softcap), HAS_ALIBI=alibi is not None, HAS_SINKS=sinks is not None,
+                num_warps=num_warps, num_stages=num_stages)
+    launches = [_ops.launch_direct("paged_fwd", _paged_attn_fwd, grid, args, meta, q)]
     if splits > 1:
-        _paged_attn_merge[(num_tokens * heads_q,)](
-            po, pl, out, sinks_t, *o_strides, heads_q, splits,
-            Q_LEN=1 if packed else q_len, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_S=max(2, next_pow2(splits)),
-            PACKED=packed, HAS_SINKS=sinks is not None, num_warps=4)
+        launches.append(_ops.launch_direct(
+            "paged_merge", _paged_attn_merge, (num_tokens * heads_q,), (po, out, sinks_t, *o_strides, heads_q, splits),
+            dict(Q_LEN=1 if packed else q_len, HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_S=max(2, next_pow2(splits)),
+                 PACKED=packed, HAS_SINKS=sinks is not None, num_warps=4), q))
     _flags.close_flag(flag, q.device)
+    if repeatable:  # the features' tables are converted per call: never repeated as they are
+        inputs = (q, k_cache, v_cache, block_tables, context_lens) + ((qsl,) if packed else ())
+        _ops.offer_ready(launches, inputs, (out,) if splits == 1 else (out, po), 1, flag)
     return out
+
+
+def _partials(torch, rows: int, bd: int, device):
+    """The split-K scratch of ``rows`` partial rows (row of q, head, split): their ``BLOCK_D`` float32
+    outputs, then their (maximum, sum) pairs, which the kernels find at ``rows * BLOCK_D`` (the pairs
+    start 64-byte aligned, as ``BLOCK_D >= 16``)."""
+    return torch.empty((rows * (bd + 2),), dtype=torch.float32, device=device)
 
 
 def copy_kv_triton(key, value, k_cache, v_cache, slot_mapping, check=False):
@@ -499,9 +513,11 @@ def copy_kv_triton(key, value, k_cache, v_cache, slot_mapping, check=False):
     slot_mapping = _index_table(slot_mapping, torch)
     flag, err, dirty = _flags.open_flag(check, slot_mapping, kernel="KV write", device=str(key.device),
                                   capacity=num_blocks * block_size)
-    _copy_kv_to_paged[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping, err, dirty,
-        *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), num_blocks * block_size,
-        HEADS_KV=heads_kv, HEAD_DIM=head_dim, BLOCK_H=next_pow2(heads_kv), BLOCK_D=next_pow2(head_dim),
-        BLOCK_SIZE=block_size, CHECK=check, num_warps=4 if heads_kv * head_dim >= 1024 else 1)
+    args = (key, value, k_cache, v_cache, slot_mapping, err, dirty,
+            *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), num_blocks * block_size)
+    meta = dict(HEADS_KV=heads_kv, HEAD_DIM=head_dim, BLOCK_H=next_pow2(heads_kv), BLOCK_D=next_pow2(head_dim),
+                BLOCK_SIZE=block_size, CHECK=check, num_warps=4 if heads_kv * head_dim >= 1024 else 1)
+    launched = _ops.launch_direct("copy_kv", _copy_kv_to_paged, (num_tokens,), args, meta, key)
     _flags.close_flag(flag, key.device)
+    _ops.offer_ready((launched,), (key, value, k_cache, v_cache, slot_mapping), (), 0, flag)
+
