@@ -336,3 +336,28 @@ def triton_hopper() -> str | None:
     """AULE_TRITON_HOPPER: which Hopper forward variant serves plain 16-bit calls on an sm_90 GPU,
     or None (the default) to keep the general forward kernel for them."""
     return _triton_hopper(getenv("AULE_TRITON_HOPPER"))
+
+
+# The Hopper backward's variants (aule.backends.triton.hopper_bwd): dK/dV and dQ in kernels of
+# their own (deterministic), or dQ added atomically from the dK/dV kernel (not deterministic).
+HOPPER_BWD_VARIANTS = ("tma", "atomic")
+
+
+@functools.lru_cache(maxsize=16)
+def _triton_hopper_bwd(raw: str | None) -> str | None:
+    text = (raw or "").strip().lower()
+    if text in ("", "0", "off", "no", "false"):
+        return None
+    if text in ("1", "on", "yes", "true"):
+        return HOPPER_BWD_VARIANTS[0]
+    if text in HOPPER_BWD_VARIANTS:
+        return text
+    raise ValueError(f"AULE_TRITON_HOPPER_BWD={raw!r}: expected 0 (off, the default until measured), 1 (tma) or "
+                     f"one of {', '.join(HOPPER_BWD_VARIANTS)} (the sm_90 backward for 16-bit calls without "
+                     f"features; atomic is not deterministic)")
+
+
+def triton_hopper_bwd() -> str | None:
+    """AULE_TRITON_HOPPER_BWD: which Hopper backward variant serves plain 16-bit calls on an sm_90
+    GPU, or None (the default) to keep the general backward kernels for them."""
+    return _triton_hopper_bwd(getenv("AULE_TRITON_HOPPER_BWD"))

@@ -1,0 +1,344 @@
+"""The Hopper (sm_90) backward for plain 16-bit attention: dK/dV and dQ with Q, K, V, dO and the
+gradients moving through TMA tensor descriptors.
+
+It serves what :mod:`.hopper`'s forward serves (float16/bfloat16, dense, no attn_mask, ALiBi,
+softcap, sinks or packing; causal, windows and GQA on the path) and computes what the general
+backward's two kernels (:func:`.kernels._attn_bwd_dkdv`, :func:`.kernels._attn_bwd_dq`) compute,
+from the same preprocess (delta and lse2, :func:`.kernels._attn_bwd_preprocess`, launched by
+:func:`.ops.attention_backward`, which hands the rest here): the same base-2 probabilities, the
+same tile runs (:func:`.kernels._query_runs`, :func:`.kernels._key_runs`), the same flat loop over
+a GQA group's heads and query tiles that keeps dK/dV in registers, summed over the group without
+atomics.
+
+What differs from the general kernels is how tiles move: one TMA load per tile, issued by one
+thread, instead of a pointer per element and predicates at ragged ends (rows past a sequence and
+lanes past head_dim read as zeros, stores are clipped), and sm_90 tiles of their own
+(:data:`TILES`). Two variants (``AULE_TRITON_HOPPER_BWD``):
+
+* ``tma`` (0): dK/dV in one kernel, dQ in a second that recomputes the scores per query tile:
+  seven products per tile pair against five, but every gradient is a fixed-order sum, so the
+  result is deterministic (the default where the Hopper backward is on);
+* ``atomic`` (1): dQ accumulated in the dK/dV kernel (FlashAttention-2's order), each key tile
+  adding ``dS^T K`` into a float32 buffer with atomic adds: five products, one kernel, but the
+  order of the adds varies from run to run, so dQ's last bits do too. Opt-in only.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import settings
+from .common import LOG2E, autotuned, block_d, cdiv, next_pow2
+from .configs import prune
+from .hopper import _capability, _put, _tile, refusal
+from .kernels import _key_runs, _query_runs, _run_bounds, _visible
+
+log = logging.getLogger("aule")
+
+VARIANTS = {"tma": 0, "atomic": 1}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class on sm_90. The dK/dV
+# kernel holds a key tile and two fp32 accumulators of BLOCK_N x BLOCK_D: 128 keys take two warp
+# groups (8 warps, 64 rows each, one wgmma M) and query tiles of 64 keep the transposed score
+# tile (128 x 64 fp32) beside them without spills. The dQ kernel holds one accumulator: 128 query
+# rows with 8 warps, as the forward. The first row of each is what an untuned launch takes.
+TILES = {
+    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
+             128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)],
+             256: [(32, 64, 4, 2), (64, 64, 8, 1)]},
+    "dq": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+           128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+           256: [(64, 32, 4, 2), (64, 64, 8, 1)]},
+}
+
+# The interpreter's tile, the general kernels' (configs.INTERPRET_TILE), so that the two compute
+# in the same order there.
+INTERPRET_TILE = (32, 32)
+
+
+def tiles(kernel: str, head_dim: int) -> list:
+    """The tile rows of ``kernel`` ('dkdv' or 'dq') for ``head_dim`` (by its padded width)."""
+    bd = block_d(head_dim)
+    return TILES[kernel][64 if bd <= 64 else (128 if bd <= 128 else 256)]
+
+
+@triton.jit
+def _dkdv_run(dk, dv, k, v, desc_q, desc_do, LSE2, DELTA, DQ, off_b, first_head, offs_n, offs_m0, offs_d,
+              start, end, GROUP, H_Q, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale,
+              stride_dqb, stride_dqh, stride_dqm, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              ATOMIC_DQ: tl.constexpr):
+    """dK and dV of one key tile over query tiles ``[start, end)`` of every head of its GQA group, as
+    kernels._attn_bwd_dkdv_inner computes them for a call without features (heads and tiles in one
+    flat loop, which kept the accumulators out of local memory). ATOMIC_DQ: each tile's share of dQ
+    is added into DQ (float32) as well."""
+    n_tiles = (tl.maximum(end - start, 0) + BLOCK_M - 1) // BLOCK_M
+    for t in range(0, n_tiles * GROUP):
+        g = t // n_tiles
+        start_m = start + (t - g * n_tiles) * BLOCK_M
+        h = first_head + g
+        offs_m = start_m + offs_m0
+        q = _tile(desc_q, off_b, h, start_m, BLOCK_M, BLOCK_D, False)
+        rows = (off_b * H_Q + h).to(tl.int64) * SEQ_Q + offs_m
+        if MASKED:
+            # Rows past the sequence get lse2 = +inf: p = 0, so they add nothing.
+            m_ok = offs_m < SEQ_Q
+            lse2 = tl.load(LSE2 + rows, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + rows, mask=m_ok, other=0.0)
+        else:
+            lse2 = tl.load(LSE2 + rows)
+            delta = tl.load(DELTA + rows)
+        st = tl.dot(k, tl.trans(q))
+        pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+        if MASKED:
+            pos = offs_m + (SEQ_K - SEQ_Q)
+            vis = _visible(pos[None, :], offs_n[:, None], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+            pt = tl.where(vis, pt, 0.0)
+        do = _tile(desc_do, off_b, h, start_m, BLOCK_M, BLOCK_D, False)
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk)
+        if ATOMIC_DQ:
+            # Keys past SEQ_K read as zero rows of K, so their share of dQ is zero without a mask.
+            dq = tl.dot(tl.trans(dst), k) * sm_scale
+            ptrs = (DQ + off_b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+                    + offs_d[None, :])
+            ok = (offs_m < SEQ_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+            tl.atomic_add(ptrs, dq, mask=ok, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_tma(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, LSE2, DELTA, DQ,
+                       stride_dqb, stride_dqh, stride_dqm,
+                       H_Q, H_KV, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, Q_BUCKET, K_BUCKET,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
+                       HAS_RIGHT: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """One program per (key tile, batch entry, KV head), grid (key tiles, B * H_KV): dK (scaled) and
+    dV of its keys, summed over the query heads of its group in registers. ``desc_*``: 4-D
+    ``[B, H, S, D]`` host descriptors; LSE2/DELTA ``[B, H_Q, SEQ_Q]`` float32 from the preprocess;
+    DQ the float32 dQ accumulator (ATOMIC_DQ, zeroed by the caller; its rows contiguous)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H_KV
+    off_kvh = pid_bh % H_KV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _tile(desc_k, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, False)
+    v = _tile(desc_v, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, False)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, lo_end, mid0, mid1, hi = _query_runs(start_n, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N,
+                                             HAS_LEFT, HAS_RIGHT)
+    first_head = off_kvh * GROUP
+    for run in tl.static_range(3):
+        if run != 0 or HAS_RIGHT:
+            start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
+            dk, dv = _dkdv_run(dk, dv, k, v, desc_q, desc_do, LSE2, DELTA, DQ, off_b, first_head, offs_n,
+                               offs_m0, offs_d, start, end, GROUP, H_Q, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale,
+                               sm_scale, stride_dqb, stride_dqh, stride_dqm, run != 1, HAS_LEFT, HAS_RIGHT,
+                               HEAD_DIM, BLOCK_D, BLOCK_M, ATOMIC_DQ)
+    _put(desc_dk, off_b, off_kvh, start_n, (dk * sm_scale).to(k.dtype), BLOCK_N, BLOCK_D, False)
+    _put(desc_dv, off_b, off_kvh, start_n, dv.to(v.dtype), BLOCK_N, BLOCK_D, False)
+
+
+@triton.jit
+def _dq_run(dq, q, do, lse2, delta, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end, SEQ_K, LEFT, RIGHT,
+            qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ of one query tile over key tiles ``[start, end)``, as kernels._attn_bwd_dq_inner computes
+    it for a call without features."""
+    for start_n in range(start, end, BLOCK_N):
+        k = _tile(desc_k, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, False)
+        s = tl.dot(q, tl.trans(k))
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            vis = _visible(pos[:, None], (start_n + offs_n0)[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(vis, p, 0.0)
+        v = _tile(desc_v, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, False)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_tma(desc_q, desc_k, desc_v, desc_do, desc_dq, LSE2, DELTA,
+                     H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, Q_BUCKET, K_BUCKET,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
+                     HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query tile, batch entry, query head), grid (query tiles, B * H_Q): dQ =
+    scale * dS K over the tile's visible keys; with a causal-like mask the longest tiles first."""
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H_Q
+    off_h = pid_bh % H_Q
+    off_kvh = off_h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < SEQ_Q
+    q = _tile(desc_q, off_b, off_h, start_m, BLOCK_M, BLOCK_D, False)
+    do = _tile(desc_do, off_b, off_h, start_m, BLOCK_M, BLOCK_D, False)
+    rows = pid_bh.to(tl.int64) * SEQ_Q + offs_m
+    lse2 = tl.load(LSE2 + rows, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + rows, mask=m_ok, other=0.0)
+    pos = offs_m + (SEQ_K - SEQ_Q)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for run in tl.static_range(3):
+        if run != 0 or HAS_LEFT:
+            start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
+            dq = _dq_run(dq, q, do, lse2, delta, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end, SEQ_K,
+                         LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D)
+    _put(desc_dq, off_b, off_h, start_m, (dq * sm_scale).to(q.dtype), BLOCK_M, BLOCK_D, False)
+
+
+# --- host side ----------------------------------------------------------------------------------
+
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"]
+# Which descriptors take the query tile (BLOCK_M rows) in each kernel; the rest take BLOCK_N.
+_QUERY_SIDE = {"dkdv": ("desc_q", "desc_do"), "dq": ("desc_q", "desc_do", "desc_dq")}
+
+
+def _set_block_shapes(kernel: str):
+    """A configuration's pre-hook for ``kernel``: the descriptors' boxes are its tiles (a
+    descriptor's block shape is part of its type, so each configuration compiles with its own)."""
+    query_side = _QUERY_SIDE[kernel]
+
+    def hook(nargs: dict) -> None:
+        for name, desc in nargs.items():
+            if name.startswith("desc_"):
+                rows = nargs["BLOCK_M"] if name in query_side else nargs["BLOCK_N"]
+                desc.block_shape = [1, 1, rows, block_d(desc.shape[-1])]
+    return hook
+
+
+def _configs(kernel: str, head_dim: int) -> list:
+    hook = _set_block_shapes(kernel)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
+            for bm, bn, w, s in tiles(kernel, head_dim)]
+
+
+_KERNELS = {"dkdv": _attn_bwd_dkdv_tma, "dq": _attn_bwd_dq_tma}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel: str, dim_class: int, atomic: bool):
+    # The atomic variant's dK/dV kernel adds into dQ: its tuner would time repeated adds into one
+    # buffer, which is harmless for speed but leaves dQ wrong, so it takes the first tile untuned.
+    cfgs = _configs(kernel, dim_class)
+    return autotuned(_KERNELS[kernel], cfgs[:1] if atomic else cfgs, _TUNE_KEY, prune)
+
+
+def _descriptor(t: torch.Tensor, rows: int, bd: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, bd])
+
+
+def _tile_for(kernel: str, tile, head_dim: int, buckets: tuple, interpret: bool):
+    """The forced tile, the interpreter's, the one ``AULE_TRITON_CONFIG``/``AULE_TRITON_AUTOTUNE=0``
+    names among those that fit the shape, or None (the autotuner's pick)."""
+    if tile is not None or interpret:
+        return tile if tile is not None else INTERPRET_TILE
+    index = settings.triton_config()
+    if index is None:
+        return None
+    fits = prune(_configs(kernel, head_dim), {"Q_BUCKET": buckets[0], "K_BUCKET": buckets[1]})
+    c = fits[index % len(fits)]
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
+def _run(kernel: str, tensors: tuple, rest: tuple, meta: dict, grid, tile, head_dim: int, buckets, interpret,
+         atomic: bool = False):
+    """Launch ``kernel`` with descriptors of ``tensors`` (name -> tensor, in the kernel's order),
+    then ``rest``; a forced tile sizes the boxes here, a tuned one in its pre-hook."""
+    bd = block_d(head_dim)
+    tile = _tile_for(kernel, tile, head_dim, buckets, interpret)
+    bm, bn = (tile[0], tile[1]) if tile is not None else (64, 64)
+    descs = [_descriptor(t, bm if name in _QUERY_SIDE[kernel] else bn, bd) for name, t in tensors]
+    if tile is not None:
+        kw = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}
+        if not interpret:
+            kw.update(num_warps=tile[2] if len(tile) > 2 else 4, num_stages=tile[3] if len(tile) > 3 else 2)
+        _KERNELS[kernel][grid(kw)](*descs, *rest, **meta, **kw)
+    else:
+        dim_class = 64 if bd <= 64 else (128 if bd <= 128 else 256)
+        _tuned(kernel, dim_class, atomic)[grid](*descs, *rest, **meta)
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as TMA can address it: itself, or a contiguous copy (an upstream gradient may arrive
+    broadcast, with stride 0, from a sum)."""
+    size = t.element_size()
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st > 0 and (st * size) % 16 == 0
+                                                            for st in t.stride()[:-1]):
+        return t
+    return t.contiguous()
+
+
+def backward(dout, q, k, v, lse2, delta, dq, dk, dv, scale: float, left: int, right: int, variant: str,
+             tile_dkdv=None, tile_dq=None) -> None:
+    """Write dq, dk and dv (``[B, H, S, D]``, rows contiguous, in the inputs' dtype) of a call
+    :func:`.hopper.refusal` accepts, from the preprocess's ``lse2`` and ``delta`` (float32
+    ``[B, Hq, Sq]``). ``variant``: tma or atomic. ``tile_dkdv``/``tile_dq`` force
+    ``(BLOCK_M, BLOCK_N[, num_warps, num_stages])``; otherwise the interpreter's tile, the
+    configuration ``AULE_TRITON_CONFIG`` names, or the autotuner's pick among :data:`TILES`."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    dout = _tma_ready(dout)
+    interpret = q.device.type == "cpu"
+    buckets = (next_pow2(sq), next_pow2(sk))
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
+    shape = (hq, hq // hkv, sq, sk, left, right, scale * LOG2E, scale, *buckets)
+    atomic = variant == "atomic"
+    # The atomic variant's dQ: float32, added into by every key tile that sees a row, cast at the end.
+    acc = torch.zeros((b, hq, sq, d), dtype=torch.float32, device=q.device) if atomic else lse2
+    _run("dkdv", (("desc_q", q), ("desc_k", k), ("desc_v", v), ("desc_do", dout), ("desc_dk", dk), ("desc_dv", dv)),
+         (lse2, delta, acc, *(acc.stride()[:3] if atomic else (0, 0, 0)), hq, hkv, *shape[1:]),
+         dict(meta, ATOMIC_DQ=atomic), lambda m: (cdiv(sk, m["BLOCK_N"]), b * hkv), tile_dkdv, d, buckets,
+         interpret, atomic)
+    if atomic:
+        dq.copy_(acc)
+        return
+    _run("dq", (("desc_q", q), ("desc_k", k), ("desc_v", v), ("desc_do", dout), ("desc_dq", dq)),
+         (lse2, delta, *shape), meta, lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), tile_dq, d, buckets, interpret)
+
+
+def variant_for(q, k, v, features: bool, forced=None) -> str | None:
+    """The Hopper backward variant for this call, or None for the general kernels. ``forced``: a
+    variant name (raises ``ValueError`` when the call cannot take it), False (the general kernels),
+    or None: ``AULE_TRITON_HOPPER_BWD`` decides, for a CUDA tensor on a compute capability 9.x device
+    with no features and strides TMA can address (the reason it passed over logged at DEBUG)."""
+    if forced is False:
+        return None
+    if forced is not None:
+        if forced not in VARIANTS:
+            raise ValueError(f"hopper_bwd must be one of {', '.join(VARIANTS)}, False or None, got {forced!r}")
+        why = refusal(q, k, v, features)
+        if why:
+            raise ValueError(f"the Hopper backward cannot serve this call: {why}")
+        return forced
+    variant = settings.triton_hopper_bwd()
+    if variant is None or q.device.type != "cuda" or getattr(torch.version, "hip", None):
+        return None
+    if _capability(q.device.index or 0)[0] != 9:
+        return None
+    why = refusal(q, k, v, features)
+    if why:
+        log.debug("AULE_TRITON_HOPPER_BWD=%s passed over for the general backward: %s", variant, why)
+        return None
+    return variant
+
