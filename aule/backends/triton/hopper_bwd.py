@@ -47,12 +47,17 @@ VARIANTS = {"tma": 0, "atomic": 1}
 # tile (128 x 64 fp32) beside them without spills. The dQ kernel holds one accumulator: 128 query
 # rows with 8 warps, as the forward. The first row of each is what an untuned launch takes.
 TILES = {
-    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
-             128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)],
+    "dkdv": {64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
+             128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 3)],
              256: [(32, 64, 4, 2), (64, 64, 8, 1)]},
     "dq": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
            128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
            256: [(64, 32, 4, 2), (64, 64, 8, 1)]},
+    # The atomic variant's dK/dV kernel also holds a dQ tile per step: at head_dim 128 a 32-row
+    # query tile with 3 stages spilled when causal, so its rows are its own.
+    "dkdv_atomic": {64: [(64, 128, 8, 3), (64, 64, 4, 3)],
+                    128: [(32, 128, 8, 2), (16, 128, 8, 3)],
+                    256: [(32, 64, 4, 2), (64, 64, 8, 1)]},
 }
 
 # The interpreter's tile, the general kernels' (configs.INTERPRET_TILE), so that the two compute
@@ -61,7 +66,7 @@ INTERPRET_TILE = (32, 32)
 
 
 def tiles(kernel: str, head_dim: int) -> list:
-    """The tile rows of ``kernel`` ('dkdv' or 'dq') for ``head_dim`` (by its padded width)."""
+    """The tile rows of ``kernel`` ('dkdv', 'dkdv_atomic' or 'dq') for ``head_dim`` (by its padded width)."""
     bd = block_d(head_dim)
     return TILES[kernel][64 if bd <= 64 else (128 if bd <= 128 else 256)]
 
@@ -223,10 +228,10 @@ def _set_block_shapes(kernel: str):
     return hook
 
 
-def _configs(kernel: str, head_dim: int) -> list:
+def _configs(kernel: str, head_dim: int, atomic: bool = False) -> list:
     hook = _set_block_shapes(kernel)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
-            for bm, bn, w, s in tiles(kernel, head_dim)]
+            for bm, bn, w, s in tiles(kernel + ("_atomic" if atomic else ""), head_dim)]
 
 
 _KERNELS = {"dkdv": _attn_bwd_dkdv_tma, "dq": _attn_bwd_dq_tma}
@@ -236,7 +241,7 @@ _KERNELS = {"dkdv": _attn_bwd_dkdv_tma, "dq": _attn_bwd_dq_tma}
 def _tuned(kernel: str, dim_class: int, atomic: bool):
     # The atomic variant's dK/dV kernel adds into dQ: its tuner would time repeated adds into one
     # buffer, which is harmless for speed but leaves dQ wrong, so it takes the first tile untuned.
-    cfgs = _configs(kernel, dim_class)
+    cfgs = _configs(kernel, dim_class, atomic)
     return autotuned(_KERNELS[kernel], cfgs[:1] if atomic else cfgs, _TUNE_KEY, prune)
 
 
@@ -246,7 +251,7 @@ def _descriptor(t: torch.Tensor, rows: int, bd: int):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, bd])
 
 
-def _tile_for(kernel: str, tile, head_dim: int, buckets: tuple, interpret: bool):
+def _tile_for(kernel: str, tile, head_dim: int, buckets: tuple, interpret: bool, atomic: bool):
     """The forced tile, the interpreter's, the one ``AULE_TRITON_CONFIG``/``AULE_TRITON_AUTOTUNE=0``
     names among those that fit the shape, or None (the autotuner's pick)."""
     if tile is not None or interpret:
@@ -254,7 +259,7 @@ def _tile_for(kernel: str, tile, head_dim: int, buckets: tuple, interpret: bool)
     index = settings.triton_config()
     if index is None:
         return None
-    fits = prune(_configs(kernel, head_dim), {"Q_BUCKET": buckets[0], "K_BUCKET": buckets[1]})
+    fits = prune(_configs(kernel, head_dim, atomic), {"Q_BUCKET": buckets[0], "K_BUCKET": buckets[1]})
     c = fits[index % len(fits)]
     return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
@@ -264,7 +269,7 @@ def _run(kernel: str, tensors: tuple, rest: tuple, meta: dict, grid, tile, head_
     """Launch ``kernel`` with descriptors of ``tensors`` (name -> tensor, in the kernel's order),
     then ``rest``; a forced tile sizes the boxes here, a tuned one in its pre-hook."""
     bd = block_d(head_dim)
-    tile = _tile_for(kernel, tile, head_dim, buckets, interpret)
+    tile = _tile_for(kernel, tile, head_dim, buckets, interpret, atomic)
     bm, bn = (tile[0], tile[1]) if tile is not None else (64, 64)
     descs = [_descriptor(t, bm if name in _QUERY_SIDE[kernel] else bn, bd) for name, t in tensors]
     if tile is not None:
