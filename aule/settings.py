@@ -253,7 +253,8 @@ def triton_direct() -> bool:
 # their raw values, so a change of any sends the next call through the full path, which parses them.
 # A new setting that changes how an eager dense call is routed or launched belongs here too.
 LAUNCH_VARS = ("AULE_BACKEND", "AULE_TRITON_CONFIG", "AULE_TRITON_AUTOTUNE", "AULE_TRITON_DIRECT",
-               "AULE_TRITON_TANH", "AULE_TRITON_ALIBI", "AULE_TRITON_HOPPER", "AULE_CHECK_SYNC", "TRITON_INTERPRET")
+               "AULE_TRITON_TANH", "AULE_TRITON_ALIBI", "AULE_TRITON_HOPPER", "AULE_TRITON_HOPPER_BWD",
+               "AULE_CHECK_SYNC", "TRITON_INTERPRET")
 _LAUNCH_KEYS = tuple(map(os.environ.encodekey, LAUNCH_VARS)) if hasattr(os.environ, "encodekey") else None
 
 

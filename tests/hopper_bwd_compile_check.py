@@ -60,7 +60,8 @@ def _signature(fn, flags: dict, desc_rows=None, element: str = "bf16") -> tuple[
             sig[name] = "*i32"
         else:
             sig[name] = "*fp32" if name in _FP32 else "*" + element
-        if sig[name].startswith("*") or (sig[name] == "i32" and (name.startswith("stride") or name in ("SEQ_Q", "SEQ_K"))):
+        sized = name.startswith("stride") or name in ("SEQ_Q", "SEQ_K")
+        if sig[name].startswith("*") or (sig[name] == "i32" and sized):
             attrs[(i,)] = [["tt.divisibility", 16]]  # allocator-aligned tensors at the H200's shapes
     return sig, consts, attrs
 
