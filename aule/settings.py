@@ -340,8 +340,9 @@ def triton_hopper() -> str | None:
 
 
 # The Hopper backward's variants (aule.backends.triton.hopper_bwd): dK/dV and dQ in kernels of
-# their own (deterministic), or dQ added atomically from the dK/dV kernel (not deterministic).
-HOPPER_BWD_VARIANTS = ("tma", "atomic")
+# their own (deterministic), dQ added atomically from the dK/dV kernel (not deterministic), or
+# the two kernels in one launch (deterministic).
+HOPPER_BWD_VARIANTS = ("tma", "atomic", "fused")
 
 
 @functools.lru_cache(maxsize=16)

@@ -5,17 +5,18 @@ Cases (issue 16): 16k tokens per batch (B * S = 16384), model dim 2048 (H = 2048
 4k and 16k and d64 at S 4k (``--seqs64`` adds more), causal and not. Contenders on the same inputs:
 ``sdpa-cudnn`` and ``sdpa-flash`` (torch.nn.attention.sdpa_kernel, forward and backward through
 autograd), ``aule`` (ops.attention_forward and ops.attention_backward, the general kernels at their
-first tile, ``--tune`` to autotune them) and each Hopper variant at each of its first ``--tiles``
-tile pairs (``tma``: dK/dV and dQ kernels; ``atomic``: dQ added from the dK/dV kernel), forced, after
-aule's general forward. Every aule contender's dq, dk and dv are first checked against the general
+first fitting tiles, AULE_TRITON_AUTOTUNE=0; ``--tune`` autotunes them and the forward) and each
+Hopper variant at each of its first ``--tiles`` tiles, forced, after aule's general forward
+(``tma``: dK/dV and dQ kernels, a tile pair; ``fused``: the two in one launch; ``atomic``: dQ added
+from the dK/dV kernel). Every aule contender's dq, dk and dv are first checked against the general
 backward's (max abs error relative to the largest gradient, BAD above 2e-2 or on NaN), and the
 general's against cuDNN's. Then each is timed with CUDA events (triton's do_bench, warm-up,
 median): forward+backward, and the backward alone (SDPA's by replaying its autograd graph).
 TFLOP/s: the forward's 4 B H S^2 d (halved for causal), the backward 2.5x that, forward+backward
 3.5x; the ratio is to cuDNN's.
 
-Compilation counts against the lead's 120 s: d128 first, contenders past ``--budget`` seconds are
-skipped. Triton's cache goes to a temporary folder under $OUT (removed at the end), so nothing is
+Compilation counts against the lead's 120 s (some 32 kernels at the defaults): d128 first,
+contenders past ``--budget`` seconds are skipped. Triton's cache goes to a temporary folder under $OUT (removed at the end), so nothing is
 written outside $OUT; a JSON copy of the table goes to $OUT/time_hopper_bwd.json.
 
     python3 scripts/time_hopper_bwd.py
@@ -99,8 +100,9 @@ def contenders(d: int, only: set, tiles: int, tune: bool) -> list:
     dkdv, dq = hopper_bwd.tiles("dkdv", d), hopper_bwd.tiles("dq", d)
     for i in range(min(tiles, len(dkdv), len(dq))):
         rows.append((f"tma {_name(dkdv[i])}/{_name(dq[i])}", _aule("tma", dkdv[i], dq[i])))
-    atomic = hopper_bwd.tiles("dkdv_atomic", d)
-    for t in atomic[:max(1, tiles - 1)]:
+    for t in hopper_bwd.tiles("fused", d)[:tiles]:
+        rows.append((f"fused {_name(t[:2] + t[4:])}/{_name(t[2:])}", _aule("fused", t)))
+    for t in hopper_bwd.tiles("dkdv_atomic", d)[:tiles]:
         rows.append((f"atomic {_name(t)}", _aule("atomic", t)))
     return [r for r in rows if not only or r[0].split()[0] in only | {"sdpa-cudnn", "aule"}]
 
@@ -174,7 +176,7 @@ def _time_case(name, shape, causal, rows, start, a, results):
 
 def _summary(results, cases):
     """One line per case: cuDNN's fwd+bwd TFLOP/s, then each kind's best correct row."""
-    kinds = ("sdpa-flash", "aule", "tma", "atomic")
+    kinds = ("sdpa-flash", "aule", "tma", "fused", "atomic")
     print("\nsummary: fwd+bwd TFLOP/s (x cudnn) of each kind's best correct row; the best Hopper row")
     print(f"{'case':22s} {'cudnn':>6s} " + " ".join(f"{k:>13s}" for k in kinds) + "  best")
     for name in cases:
@@ -196,9 +198,10 @@ def main() -> int:
     ap.add_argument("--seqs", default="1024,4096,16384", help="sequence lengths at d128")
     ap.add_argument("--seqs64", default="4096", help="sequence lengths at d64")
     ap.add_argument("--masks", default="causal,full")
-    ap.add_argument("--only", default="", help="contender kinds beside cudnn and aule: sdpa-flash, tma, atomic")
+    ap.add_argument("--only", default="", help="contender kinds beside cudnn and aule: sdpa-flash, tma, fused, atomic")
     ap.add_argument("--budget", type=float, default=100.0, help="seconds after which contenders are skipped")
-    ap.add_argument("--tiles", type=int, default=2, help="tile pairs per variant, from the top of hopper_bwd.TILES")
+    ap.add_argument("--tiles", type=int, default=1, help="tiles per variant, from the top of hopper_bwd.TILES "
+                    "(each costs a compile per head_dim and mask: 2 or more may pass the 120 s)")
     ap.add_argument("--tune", action="store_true", help="autotune aule's general kernels (compiles every tile)")
     ap.add_argument("--rep", type=float, default=40.0, help="ms of timed repeats per measurement")
     a = ap.parse_args()

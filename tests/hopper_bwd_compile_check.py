@@ -1,6 +1,6 @@
 """Compile the backward's dK/dV and dQ kernels for sm_90 without a GPU, the general ones
 (aule/backends/triton/kernels.py, every NVIDIA tile of configs) beside the Hopper ones
-(aule/backends/triton/hopper_bwd.py, every tile of hopper_bwd.TILES, both variants), bfloat16 at
+(aule/backends/triton/hopper_bwd.py, every tile of hopper_bwd.TILES, every variant), bfloat16 at
 head_dim 64 and 128 (``--all``: 256 too), causal and not, and report what each became: registers
 per thread, stack (spilled registers), shared memory, TMA loads (``cp.async.bulk.tensor``), wgmma
 products, and the per-element global loads and atomics left in the PTX.
@@ -52,7 +52,8 @@ def _signature(fn, flags: dict, desc_rows=None, element: str = "bf16") -> tuple[
         elif name in _FLOATS:
             sig[name] = "fp32"
         elif name.startswith("stride_") or not name.isupper() or name in (
-                "SEQ_Q", "SEQ_K", "LEFT", "RIGHT", "H_Q", "H_KV", "GROUP", "Q_BUCKET", "K_BUCKET", "MAX_Q", "MAX_K"):
+                "B", "SEQ_Q", "SEQ_K", "LEFT", "RIGHT", "H_Q", "H_KV", "GROUP", "Q_BUCKET", "K_BUCKET", "MAX_Q",
+                "MAX_K"):
             sig[name] = "i32"
         elif name in ("ERR", "DIRTY"):
             sig[name] = "*i64"
@@ -80,13 +81,12 @@ def compile_general(kernel: str, tile, causal: bool, d: int):
 
 
 def compile_hopper(kernel: str, tile, causal: bool, d: int, atomic: bool = False):
-    bm, bn, warps, stages = tile
     fn = hopper_bwd._KERNELS[kernel]
-    flags = dict(HEAD_DIM=d, BLOCK_D=hopper_bwd.block_d(d), HAS_LEFT=False, HAS_RIGHT=causal, BLOCK_M=bm, BLOCK_N=bn)
+    blocks, warps, stages = hopper_bwd._split(kernel, tile)
+    flags = dict(HEAD_DIM=d, BLOCK_D=hopper_bwd.block_d(d), HAS_LEFT=False, HAS_RIGHT=causal, **blocks)
     if kernel == "dkdv":
         flags["ATOMIC_DQ"] = atomic
-    rows = {name: (bm if name in hopper_bwd._QUERY_SIDE[kernel] else bn)
-            for name in fn.arg_names if name.startswith("desc_")}
+    rows = {name: blocks[block] for name, block in hopper_bwd._BOXES[kernel].items()}
     sig, consts, attrs = _signature(fn, flags, rows)
     return _compile(fn, sig, consts, attrs, warps, stages)
 
@@ -109,17 +109,18 @@ def main() -> int:
     for d in dims:
         for causal in (False, True):
             mask = "causal" if causal else "full"
-            for kernel in ("dkdv", "dq"):
-                for tile in configs.table_for("cuda")[kernel][d]:
-                    name = f"general     {kernel:4s} d{d:<3d} {str(tile):18s} {mask:6s}"
+            for kernel in ("dkdv", "dq", "fused"):
+                for tile in configs.table_for("cuda")[kernel][d] if kernel != "fused" else ():
+                    name = f"general     {kernel:5s} d{d:<3d} {str(tile):26s} {mask:6s}"
                     try:
                         rows.append(f"{name} {describe(compile_general(kernel, tile, causal, d))[0]}")
                     except Exception as exc:  # noqa: BLE001 - reported with the tile it failed for
                         rows.append(f"{name} FAILED: {str(exc).strip().splitlines()[-1][:160] if str(exc) else exc}")
-                variants = (("tma", False), ("atomic", True)) if kernel == "dkdv" else (("tma", False),)
+                variants = {"dkdv": (("tma", False), ("atomic", True)), "dq": (("tma", False),),
+                            "fused": (("fused", False),)}[kernel]
                 for variant, atomic in variants:
                     for tile in hopper_bwd.tiles(kernel + ("_atomic" if atomic else ""), d):
-                        name = f"hopper {variant:6s} {kernel:4s} d{d:<3d} {str(tile):18s} {mask:6s}"
+                        name = f"hopper {variant:6s} {kernel:5s} d{d:<3d} {str(tile):26s} {mask:6s}"
                         try:
                             text, f = describe(compile_hopper(kernel, tile, causal, d, atomic))
                         except Exception as exc:  # noqa: BLE001 - reported with the tile it failed for

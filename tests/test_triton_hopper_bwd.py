@@ -77,9 +77,9 @@ def test_hopper_backward_matches_reference_and_general(variant, case):
         assert g.shape == w.shape and g.dtype == torch.float16, name
         e = rel_err(g, w)
         assert e <= GRAD_TOL["float16"], f"{name} relative error {e:.3g} > {GRAD_TOL['float16']}"
-        # The general kernels on the interpreter's tile compute in the same order: the tma variant
-        # is bit for bit theirs, and the atomic one differs only in how dQ's tiles are summed.
-        exact = not GPU and (variant == "tma" or name != "dq")
+        # The general kernels on the interpreter's tile compute in the same order: the tma and fused
+        # variants are bit for bit theirs, and the atomic one differs only in how dQ's tiles are summed.
+        exact = not GPU and (variant != "atomic" or name != "dq")
         diff = (g.float() - same.float()).abs().max().item()
         assert diff <= (0 if exact else 2e-3 * max(same.float().abs().max().item(), 1.0)), f"{name}: {diff:.3g}"
 
@@ -88,9 +88,10 @@ def test_hopper_backward_matches_reference_and_general(variant, case):
 @pytest.mark.parametrize("variant", list(hopper_bwd.VARIANTS))
 def test_lse_gradient_and_other_tiles(variant):
     """An upstream LSE gradient (it enters through delta, in the shared preprocess) and a tile of
-    64 key rows by 16 query rows, which moves every run boundary."""
+    64 key rows by 16 query rows, which moves every run boundary (the fused kernel's dQ programs:
+    16 query rows by 64 keys too)."""
     case = (1, 4, 2, 75, 90, 48, True, -1)
-    got, _, want = _grads(case, variant, tile=(16, 64), dlse=True)
+    got, _, want = _grads(case, variant, tile=(16, 64, 16, 64) if variant == "fused" else (16, 64), dlse=True)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         assert rel_err(g, w) <= GRAD_TOL["float16"], name
 
@@ -109,7 +110,8 @@ def test_broadcast_upstream_gradient():
 
 
 def test_setting_parses_and_rejects(monkeypatch):
-    for raw, want in (("", None), ("0", None), ("off", None), ("1", "tma"), ("tma", "tma"), (" Atomic ", "atomic")):
+    for raw, want in (("", None), ("0", None), ("off", None), ("1", "tma"), ("tma", "tma"), (" Atomic ", "atomic"),
+                      ("fused", "fused")):
         monkeypatch.setenv("AULE_TRITON_HOPPER_BWD", raw)
         assert settings.triton_hopper_bwd() == want
     monkeypatch.setenv("AULE_TRITON_HOPPER_BWD", "ws")
@@ -130,7 +132,7 @@ def test_variant_for_routes_only_plain_sm90_calls(monkeypatch):
     # Forced: served, or refused with the rule named.
     assert hopper_bwd.variant_for(q, k, v, False, "atomic") == "atomic"
     with pytest.raises(ValueError, match="hopper_bwd must be one of"):
-        hopper_bwd.variant_for(q, k, v, False, "fused")
+        hopper_bwd.variant_for(q, k, v, False, "pingpong")
     with pytest.raises(ValueError, match="features only the general"):
         hopper_bwd.variant_for(q, k, v, True, "tma")
     with pytest.raises(ValueError, match="float16/bfloat16"):
@@ -138,7 +140,7 @@ def test_variant_for_routes_only_plain_sm90_calls(monkeypatch):
     with pytest.raises(ValueError, match="strides TMA"):
         hopper_bwd.variant_for(q, k.transpose(-1, -2), v, False, "tma")
     with pytest.raises(ValueError, match="variant must be one of"):
-        hopper_bwd.backward(q, q, k, v, None, None, q, k, v, 1.0, -1, -1, "fused")
+        hopper_bwd.backward(q, q, k, v, None, None, q, k, v, 1.0, -1, -1, "pingpong")
 
 
 @on_hopper_or_cpu
@@ -169,11 +171,15 @@ def test_attention_backward_asks_with_the_calls_features(monkeypatch):
 def test_tiles_and_configs():
     """Every kernel has a tile row per head-dim class; the atomic variant's dK/dV rows are its own
     and its tuner takes the first untimed (timing would add into dQ again)."""
-    for kernel in ("dkdv", "dkdv_atomic", "dq"):
+    for kernel in ("dkdv", "dkdv_atomic", "dq", "fused"):
         for d in (32, 64, 80, 128, 256):
             assert hopper_bwd.tiles(kernel, d)
     assert [c.kwargs["BLOCK_M"] for c in hopper_bwd._configs("dkdv", 128, True)] == \
         [t[0] for t in hopper_bwd.tiles("dkdv_atomic", 128)]
+    fused = hopper_bwd._configs("fused", 64)[0]
+    assert (fused.kwargs, fused.num_warps, fused.num_stages) == (
+        dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_M2", "BLOCK_N2"), hopper_bwd.tiles("fused", 64)[0][:4])),
+        *hopper_bwd.tiles("fused", 64)[0][4:])
 
 
 def test_compiles_for_sm90_with_tma_and_wgmma():
@@ -217,11 +223,20 @@ def test_gpu_hopper_backward_matches_general(monkeypatch, variant, causal, shape
 
 
 @hopper_only
-def test_gpu_tma_variant_is_deterministic(monkeypatch):
-    """The default variant's gradients are the same bits on every run."""
+@pytest.mark.parametrize("variant", ["tma", "fused"])
+def test_gpu_deterministic_variants_are(variant):
+    """The deterministic variants' gradients are the same bits on every run, and the same bits as
+    each other at the same tiles."""
     q, k, v, dout = _inputs((2, 16, 4, 2048, 2048, 128), dtype=torch.bfloat16)
     out, lse = ops.attention_forward(q, k, v, 128 ** -0.5, -1, 0)
-    runs = [ops.attention_backward(dout, q, k, v, out, lse, None, 128 ** -0.5, -1, 0, hopper_bwd_variant="tma")[:3]
-            for _ in range(3)]
+    tile = hopper_bwd.tiles("fused", 128)[0]
+    tiles = dict(tile_dkdv=tile) if variant == "fused" else dict(tile_dkdv=(*tile[:2], *tile[4:]),
+                                                                 tile_dq=(*tile[2:4], *tile[4:]))
+    runs = [ops.attention_backward(dout, q, k, v, out, lse, None, 128 ** -0.5, -1, 0, hopper_bwd_variant=variant,
+                                   **tiles)[:3] for _ in range(3)]
     for later in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], later))
+    if variant == "fused":
+        tma = ops.attention_backward(dout, q, k, v, out, lse, None, 128 ** -0.5, -1, 0, hopper_bwd_variant="tma",
+                                     tile_dkdv=(*tile[:2], *tile[4:]), tile_dq=(*tile[2:4], *tile[4:]))[:3]
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], tma))

@@ -13,14 +13,16 @@ atomics.
 What differs from the general kernels is how tiles move: one TMA load per tile, issued by one
 thread, instead of a pointer per element and predicates at ragged ends (rows past a sequence and
 lanes past head_dim read as zeros, stores are clipped), and sm_90 tiles of their own
-(:data:`TILES`). Two variants (``AULE_TRITON_HOPPER_BWD``):
+(:data:`TILES`). Three variants (``AULE_TRITON_HOPPER_BWD``):
 
 * ``tma`` (0): dK/dV in one kernel, dQ in a second that recomputes the scores per query tile:
   seven products per tile pair against five, but every gradient is a fixed-order sum, so the
   result is deterministic (the default where the Hopper backward is on);
 * ``atomic`` (1): dQ accumulated in the dK/dV kernel (FlashAttention-2's order), each key tile
   adding ``dS^T K`` into a float32 buffer with atomic adds: five products, one kernel, but the
-  order of the adds varies from run to run, so dQ's last bits do too. Opt-in only.
+  order of the adds varies from run to run, so dQ's last bits do too. Opt-in only;
+* ``fused`` (2): the tma variant's two kernels in one launch (its dK/dV programs, then its dQ
+  programs, in one grid), so neither waits for the other's tail: deterministic, the same bits.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from .kernels import _key_runs, _query_runs, _run_bounds, _visible
 
 log = logging.getLogger("aule")
 
-VARIANTS = {"tma": 0, "atomic": 1}
+VARIANTS = {"tma": 0, "atomic": 1, "fused": 2}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class on sm_90. The dK/dV
 # kernel holds a key tile and two fp32 accumulators of BLOCK_N x BLOCK_D: 128 keys take two warp
@@ -55,6 +57,11 @@ TILES = {
            256: [(64, 32, 4, 2), (64, 64, 8, 1)]},
     # The atomic variant's dK/dV kernel also holds a dQ tile per step: at head_dim 128 a 32-row
     # query tile with 3 stages spilled when causal, so its rows are its own.
+    # The fused launch: a dK/dV tile and a dQ tile (BLOCK_M, BLOCK_N, BLOCK_M2, BLOCK_N2) sharing
+    # num_warps and num_stages; registers and shared memory are the larger kernel's.
+    "fused": {64: [(64, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 3)],
+              128: [(32, 128, 128, 64, 8, 2), (32, 128, 64, 64, 8, 2)],
+              256: [(32, 64, 64, 32, 4, 2)]},
     "dkdv_atomic": {64: [(64, 128, 8, 3), (64, 64, 4, 3)],
                     128: [(32, 128, 8, 2), (16, 128, 8, 3)],
                     256: [(32, 64, 4, 2), (64, 64, 8, 1)]},
@@ -66,7 +73,7 @@ INTERPRET_TILE = (32, 32)
 
 
 def tiles(kernel: str, head_dim: int) -> list:
-    """The tile rows of ``kernel`` ('dkdv', 'dkdv_atomic' or 'dq') for ``head_dim`` (by its padded width)."""
+    """The tile rows of ``kernel`` ('dkdv', 'dkdv_atomic', 'dq' or 'fused') for ``head_dim`` (by its padded width)."""
     bd = block_d(head_dim)
     return TILES[kernel][64 if bd <= 64 else (128 if bd <= 128 else 256)]
 
@@ -119,18 +126,13 @@ def _dkdv_run(dk, dv, k, v, desc_q, desc_do, LSE2, DELTA, DQ, off_b, first_head,
 
 
 @triton.jit
-def _attn_bwd_dkdv_tma(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, LSE2, DELTA, DQ,
-                       stride_dqb, stride_dqh, stride_dqm,
-                       H_Q, H_KV, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, Q_BUCKET, K_BUCKET,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
-                       HAS_RIGHT: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-    """One program per (key tile, batch entry, KV head), grid (key tiles, B * H_KV): dK (scaled) and
-    dV of its keys, summed over the query heads of its group in registers. ``desc_*``: 4-D
-    ``[B, H, S, D]`` host descriptors; LSE2/DELTA ``[B, H_Q, SEQ_Q]`` float32 from the preprocess;
-    DQ the float32 dQ accumulator (ATOMIC_DQ, zeroed by the caller; its rows contiguous)."""
-    start_n = tl.program_id(0) * BLOCK_N
-    pid_bh = tl.program_id(1)
+def _dkdv_program(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, LSE2, DELTA, DQ, stride_dqb, stride_dqh,
+                  stride_dqm, pid_n, pid_bh, H_Q, H_KV, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK (scaled) and dV of key tile ``pid_n`` of (batch, KV head) ``pid_bh``, summed over the query
+    heads of its group in registers."""
+    start_n = pid_n * BLOCK_N
     off_b = pid_bh // H_KV
     off_kvh = pid_bh % H_KV
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -155,6 +157,21 @@ def _attn_bwd_dkdv_tma(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, LSE2, 
 
 
 @triton.jit
+def _attn_bwd_dkdv_tma(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, LSE2, DELTA, DQ,
+                       stride_dqb, stride_dqh, stride_dqm,
+                       H_Q, H_KV, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, Q_BUCKET, K_BUCKET,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
+                       HAS_RIGHT: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """One program per (key tile, batch entry, KV head), grid (key tiles, B * H_KV). ``desc_*``: 4-D
+    ``[B, H, S, D]`` host descriptors; LSE2/DELTA ``[B, H_Q, SEQ_Q]`` float32 from the preprocess;
+    DQ the float32 dQ accumulator (ATOMIC_DQ, zeroed by the caller; its rows contiguous)."""
+    _dkdv_program(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, LSE2, DELTA, DQ, stride_dqb, stride_dqh,
+                  stride_dqm, tl.program_id(0), tl.program_id(1), H_Q, H_KV, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT,
+                  qk_scale, sm_scale, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, ATOMIC_DQ, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
 def _dq_run(dq, q, do, lse2, delta, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end, SEQ_K, LEFT, RIGHT,
             qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -175,16 +192,13 @@ def _dq_run(dq, q, do, lse2, delta, desc_k, desc_v, off_b, off_kvh, pos, offs_n0
 
 
 @triton.jit
-def _attn_bwd_dq_tma(desc_q, desc_k, desc_v, desc_do, desc_dq, LSE2, DELTA,
-                     H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, Q_BUCKET, K_BUCKET,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
-                     HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query tile, batch entry, query head), grid (query tiles, B * H_Q): dQ =
-    scale * dS K over the tile's visible keys; with a causal-like mask the longest tiles first."""
-    pid_m = tl.program_id(0)
+def _dq_program(desc_q, desc_k, desc_v, desc_do, desc_dq, LSE2, DELTA, pid_m, pid_bh, num_m, H_Q, GROUP, SEQ_Q,
+                SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ = scale * dS K of query tile ``pid_m`` (of ``num_m``) of (batch, query head) ``pid_bh`` over
+    its visible keys; with a causal-like mask the longest tiles come first."""
     if HAS_RIGHT:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+        pid_m = num_m - 1 - pid_m
     off_b = pid_bh // H_Q
     off_h = pid_bh % H_Q
     off_kvh = off_h // GROUP
@@ -208,33 +222,87 @@ def _attn_bwd_dq_tma(desc_q, desc_k, desc_v, desc_do, desc_dq, LSE2, DELTA,
     _put(desc_dq, off_b, off_h, start_m, (dq * sm_scale).to(q.dtype), BLOCK_M, BLOCK_D, False)
 
 
+@triton.jit
+def _attn_bwd_dq_tma(desc_q, desc_k, desc_v, desc_do, desc_dq, LSE2, DELTA,
+                     H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, Q_BUCKET, K_BUCKET,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
+                     HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query tile, batch entry, query head), grid (query tiles, B * H_Q)."""
+    _dq_program(desc_q, desc_k, desc_v, desc_do, desc_dq, LSE2, DELTA, tl.program_id(0), tl.program_id(1),
+                tl.num_programs(0), H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, HEAD_DIM, BLOCK_D,
+                HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _attn_bwd_fused_tma(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, desc_q2, desc_k2, desc_v2, desc_do2,
+                        desc_dq, LSE2, DELTA, B, H_Q, H_KV, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale,
+                        Q_BUCKET, K_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """The two kernels in one launch (the fused variant), a 1-D grid: the dK/dV programs first (key
+    tiles of BLOCK_N, walking query tiles of BLOCK_M), then the dQ programs (query tiles of
+    BLOCK_M2, walking key tiles of BLOCK_N2), each on descriptors boxed for its own tiles. Every
+    gradient still has one writer, so the result is the tma variant's, but neither kernel waits
+    for the other's last wave."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(SEQ_K, BLOCK_N)
+    programs = num_n * B * H_KV
+    if pid < programs:
+        _dkdv_program(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, LSE2, DELTA, LSE2, 0, 0, 0,
+                      pid % num_n, pid // num_n, H_Q, H_KV, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale,
+                      HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, False, BLOCK_M, BLOCK_N)
+    else:
+        num_m = tl.cdiv(SEQ_Q, BLOCK_M2)
+        pid = pid - programs
+        _dq_program(desc_q2, desc_k2, desc_v2, desc_do2, desc_dq, LSE2, DELTA, pid % num_m, pid // num_m, num_m,
+                    H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, sm_scale, HEAD_DIM, BLOCK_D, HAS_LEFT,
+                    HAS_RIGHT, BLOCK_M2, BLOCK_N2)
+
+
 # --- host side ----------------------------------------------------------------------------------
 
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT"]
-# Which descriptors take the query tile (BLOCK_M rows) in each kernel; the rest take BLOCK_N.
-_QUERY_SIDE = {"dkdv": ("desc_q", "desc_do"), "dq": ("desc_q", "desc_do", "desc_dq")}
+_KERNELS = {"dkdv": _attn_bwd_dkdv_tma, "dq": _attn_bwd_dq_tma, "fused": _attn_bwd_fused_tma}
+# Each kernel's descriptors, in its order, with the tile constexpr that sizes each one's box.
+_DKDV_BOXES = {"desc_q": "BLOCK_M", "desc_k": "BLOCK_N", "desc_v": "BLOCK_N", "desc_do": "BLOCK_M",
+               "desc_dk": "BLOCK_N", "desc_dv": "BLOCK_N"}
+_BOXES = {
+    "dkdv": _DKDV_BOXES,
+    "dq": {"desc_q": "BLOCK_M", "desc_k": "BLOCK_N", "desc_v": "BLOCK_N", "desc_do": "BLOCK_M", "desc_dq": "BLOCK_M"},
+    "fused": {**_DKDV_BOXES, "desc_q2": "BLOCK_M2", "desc_k2": "BLOCK_N2", "desc_v2": "BLOCK_N2",
+              "desc_do2": "BLOCK_M2", "desc_dq": "BLOCK_M2"},
+}
+# A tile row is its kernel's block sizes in this order, then num_warps and num_stages.
+_BLOCKS = {"dkdv": ("BLOCK_M", "BLOCK_N"), "dq": ("BLOCK_M", "BLOCK_N"),
+           "fused": ("BLOCK_M", "BLOCK_N", "BLOCK_M2", "BLOCK_N2")}
+
+
+def _split(kernel: str, tile) -> tuple[dict, int, int]:
+    """``(block sizes, num_warps, num_stages)`` of a tile row of ``kernel``."""
+    names = _BLOCKS[kernel]
+    rest = tuple(tile[len(names):])
+    return dict(zip(names, tile)), (rest[0] if rest else 4), (rest[1] if len(rest) > 1 else 2)
 
 
 def _set_block_shapes(kernel: str):
     """A configuration's pre-hook for ``kernel``: the descriptors' boxes are its tiles (a
     descriptor's block shape is part of its type, so each configuration compiles with its own)."""
-    query_side = _QUERY_SIDE[kernel]
+    boxes = _BOXES[kernel]
 
     def hook(nargs: dict) -> None:
-        for name, desc in nargs.items():
-            if name.startswith("desc_"):
-                rows = nargs["BLOCK_M"] if name in query_side else nargs["BLOCK_N"]
-                desc.block_shape = [1, 1, rows, block_d(desc.shape[-1])]
+        for name, block in boxes.items():
+            desc = nargs[name]
+            desc.block_shape = [1, 1, nargs[block], block_d(desc.shape[-1])]
     return hook
 
 
 def _configs(kernel: str, head_dim: int, atomic: bool = False) -> list:
     hook = _set_block_shapes(kernel)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
-            for bm, bn, w, s in tiles(kernel + ("_atomic" if atomic else ""), head_dim)]
-
-
-_KERNELS = {"dkdv": _attn_bwd_dkdv_tma, "dq": _attn_bwd_dq_tma}
+    out = []
+    for row in tiles(kernel + ("_atomic" if atomic else ""), head_dim):
+        blocks, warps, stages = _split(kernel, row)
+        out.append(triton.Config(blocks, num_warps=warps, num_stages=stages, pre_hook=hook))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,31 +323,29 @@ def _tile_for(kernel: str, tile, head_dim: int, buckets: tuple, interpret: bool,
     """The forced tile, the interpreter's, the one ``AULE_TRITON_CONFIG``/``AULE_TRITON_AUTOTUNE=0``
     names among those that fit the shape, or None (the autotuner's pick)."""
     if tile is not None or interpret:
-        return tile if tile is not None else INTERPRET_TILE
+        return tile if tile is not None else INTERPRET_TILE * (len(_BLOCKS[kernel]) // 2)
     index = settings.triton_config()
     if index is None:
         return None
     fits = prune(_configs(kernel, head_dim, atomic), {"Q_BUCKET": buckets[0], "K_BUCKET": buckets[1]})
     c = fits[index % len(fits)]
-    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    return (*(c.kwargs[n] for n in _BLOCKS[kernel]), c.num_warps, c.num_stages)
 
 
-def _run(kernel: str, tensors: tuple, rest: tuple, meta: dict, grid, tile, head_dim: int, buckets, interpret,
+def _run(kernel: str, tensors: dict, rest: tuple, meta: dict, grid, tile, head_dim: int, buckets, interpret,
          atomic: bool = False):
-    """Launch ``kernel`` with descriptors of ``tensors`` (name -> tensor, in the kernel's order),
-    then ``rest``; a forced tile sizes the boxes here, a tuned one in its pre-hook."""
+    """Launch ``kernel`` with descriptors of ``tensors`` (by descriptor name), then ``rest``; a
+    forced tile sizes the boxes here, a tuned one in its pre-hook."""
     bd = block_d(head_dim)
     tile = _tile_for(kernel, tile, head_dim, buckets, interpret, atomic)
-    bm, bn = (tile[0], tile[1]) if tile is not None else (64, 64)
-    descs = [_descriptor(t, bm if name in _QUERY_SIDE[kernel] else bn, bd) for name, t in tensors]
-    if tile is not None:
-        kw = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}
-        if not interpret:
-            kw.update(num_warps=tile[2] if len(tile) > 2 else 4, num_stages=tile[3] if len(tile) > 3 else 2)
-        _KERNELS[kernel][grid(kw)](*descs, *rest, **meta, **kw)
-    else:
-        dim_class = 64 if bd <= 64 else (128 if bd <= 128 else 256)
-        _tuned(kernel, dim_class, atomic)[grid](*descs, *rest, **meta)
+    if tile is None:
+        descs = [_descriptor(tensors[name], 64, bd) for name in _BOXES[kernel]]  # boxed by each config's pre-hook
+        _tuned(kernel, 64 if bd <= 64 else (128 if bd <= 128 else 256), atomic)[grid](*descs, *rest, **meta)
+        return
+    kw, warps, stages = _split(kernel, tile)
+    descs = [_descriptor(tensors[name], kw[block], bd) for name, block in _BOXES[kernel].items()]
+    launch = dict(kw) if interpret else dict(kw, num_warps=warps, num_stages=stages)
+    _KERNELS[kernel][grid(kw)](*descs, *rest, **meta, **launch)
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
@@ -296,9 +362,11 @@ def backward(dout, q, k, v, lse2, delta, dq, dk, dv, scale: float, left: int, ri
              tile_dkdv=None, tile_dq=None) -> None:
     """Write dq, dk and dv (``[B, H, S, D]``, rows contiguous, in the inputs' dtype) of a call
     :func:`.hopper.refusal` accepts, from the preprocess's ``lse2`` and ``delta`` (float32
-    ``[B, Hq, Sq]``). ``variant``: tma or atomic. ``tile_dkdv``/``tile_dq`` force
-    ``(BLOCK_M, BLOCK_N[, num_warps, num_stages])``; otherwise the interpreter's tile, the
-    configuration ``AULE_TRITON_CONFIG`` names, or the autotuner's pick among :data:`TILES`."""
+    ``[B, Hq, Sq]``). ``variant``: tma, atomic or fused. ``tile_dkdv``/``tile_dq`` force
+    ``(BLOCK_M, BLOCK_N[, num_warps, num_stages])`` (the fused kernel's is ``tile_dkdv``,
+    ``(BLOCK_M, BLOCK_N, BLOCK_M2, BLOCK_N2[, num_warps, num_stages])``); otherwise the
+    interpreter's tile, the configuration ``AULE_TRITON_CONFIG`` names, or the autotuner's pick
+    among :data:`TILES`."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     b, hq, sq, d = q.shape
@@ -307,19 +375,23 @@ def backward(dout, q, k, v, lse2, delta, dq, dk, dv, scale: float, left: int, ri
     interpret = q.device.type == "cpu"
     buckets = (next_pow2(sq), next_pow2(sk))
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d(d), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0)
-    shape = (hq, hq // hkv, sq, sk, left, right, scale * LOG2E, scale, *buckets)
+    shape = (hq // hkv, sq, sk, left, right, scale * LOG2E, scale, *buckets)
+    tensors = dict(desc_q=q, desc_k=k, desc_v=v, desc_do=dout, desc_dk=dk, desc_dv=dv, desc_dq=dq,
+                   desc_q2=q, desc_k2=k, desc_v2=v, desc_do2=dout)
+    run = functools.partial(_run, head_dim=d, buckets=buckets, interpret=interpret)
+    if variant == "fused":
+        run("fused", tensors, (lse2, delta, b, hq, hkv, *shape), meta,
+            lambda m: (cdiv(sk, m["BLOCK_N"]) * b * hkv + cdiv(sq, m["BLOCK_M2"]) * b * hq,), tile_dkdv)
+        return
     atomic = variant == "atomic"
     # The atomic variant's dQ: float32, added into by every key tile that sees a row, cast at the end.
     acc = torch.zeros((b, hq, sq, d), dtype=torch.float32, device=q.device) if atomic else lse2
-    _run("dkdv", (("desc_q", q), ("desc_k", k), ("desc_v", v), ("desc_do", dout), ("desc_dk", dk), ("desc_dv", dv)),
-         (lse2, delta, acc, *(acc.stride()[:3] if atomic else (0, 0, 0)), hq, hkv, *shape[1:]),
-         dict(meta, ATOMIC_DQ=atomic), lambda m: (cdiv(sk, m["BLOCK_N"]), b * hkv), tile_dkdv, d, buckets,
-         interpret, atomic)
+    run("dkdv", tensors, (lse2, delta, acc, *(acc.stride()[:3] if atomic else (0, 0, 0)), hq, hkv, *shape),
+        dict(meta, ATOMIC_DQ=atomic), lambda m: (cdiv(sk, m["BLOCK_N"]), b * hkv), tile_dkdv, atomic=atomic)
     if atomic:
         dq.copy_(acc)
         return
-    _run("dq", (("desc_q", q), ("desc_k", k), ("desc_v", v), ("desc_do", dout), ("desc_dq", dq)),
-         (lse2, delta, *shape), meta, lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), tile_dq, d, buckets, interpret)
+    run("dq", tensors, (lse2, delta, hq, *shape), meta, lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), tile_dq)
 
 
 def variant_for(q, k, v, features: bool, forced=None) -> str | None:
