@@ -137,6 +137,9 @@ def test_variant_for_routes_only_plain_sm90_calls(monkeypatch):
         hopper_bwd.variant_for(q, k, v, True, "tma")
     with pytest.raises(ValueError, match="float16/bfloat16"):
         hopper_bwd.variant_for(q.float(), k.float(), v.float(), False, "tma")
+    big = [torch.zeros((1, 1, 8, 192), dtype=q.dtype, device=DEV)] * 3
+    with pytest.raises(ValueError, match="head_dim up to 128"):
+        hopper_bwd.variant_for(*big, False, "tma")
     with pytest.raises(ValueError, match="strides TMA"):
         hopper_bwd.variant_for(q, k.transpose(-1, -2), v, False, "tma")
     with pytest.raises(ValueError, match="variant must be one of"):
@@ -172,8 +175,10 @@ def test_tiles_and_configs():
     """Every kernel has a tile row per head-dim class; the atomic variant's dK/dV rows are its own
     and its tuner takes the first untimed (timing would add into dQ again)."""
     for kernel in ("dkdv", "dkdv_atomic", "dq", "fused"):
-        for d in (32, 64, 80, 128, 256):
+        for d in (32, 64, 80, 128):
             assert hopper_bwd.tiles(kernel, d)
+        with pytest.raises(ValueError, match="head_dim up to"):
+            hopper_bwd.tiles(kernel, 136)
     assert [c.kwargs["BLOCK_M"] for c in hopper_bwd._configs("dkdv", 128, True)] == \
         [t[0] for t in hopper_bwd.tiles("dkdv_atomic", 128)]
     fused = hopper_bwd._configs("fused", 64)[0]

@@ -43,29 +43,31 @@ log = logging.getLogger("aule")
 
 VARIANTS = {"tma": 0, "atomic": 1, "fused": 2}
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class on sm_90. The dK/dV
-# kernel holds a key tile and two fp32 accumulators of BLOCK_N x BLOCK_D: 128 keys take two warp
-# groups (8 warps, 64 rows each, one wgmma M) and query tiles of 64 keep the transposed score
-# tile (128 x 64 fp32) beside them without spills. The dQ kernel holds one accumulator: 128 query
-# rows with 8 warps, as the forward. The first row of each is what an untuned launch takes.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class on sm_90, chosen from
+# tests/hopper_bwd_compile_check.py's report (no spills causal or not, shared memory well under
+# 227 KB) until the H200 has timed them (scripts/time_hopper_bwd.py). The dK/dV kernel holds a
+# key tile and two fp32 accumulators of BLOCK_N x BLOCK_D: 128 keys take two warp groups (8 warps,
+# 64 rows each, one wgmma M), and the transposed score tile beside them fits with 64 query rows at
+# head_dim 64 and 32 at 128 (64 x 128 spilled 48 bytes there when causal). The dQ kernel holds one
+# accumulator: 128 query rows with 8 warps, as the forward. An untuned launch takes the first row.
 TILES = {
     "dkdv": {64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
-             128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 3)],
-             256: [(32, 64, 4, 2), (64, 64, 8, 1)]},
+             128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 3)]},
     "dq": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-           128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
-           256: [(64, 32, 4, 2), (64, 64, 8, 1)]},
-    # The atomic variant's dK/dV kernel also holds a dQ tile per step: at head_dim 128 a 32-row
-    # query tile with 3 stages spilled when causal, so its rows are its own.
+           128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]},
     # The fused launch: a dK/dV tile and a dQ tile (BLOCK_M, BLOCK_N, BLOCK_M2, BLOCK_N2) sharing
     # num_warps and num_stages; registers and shared memory are the larger kernel's.
     "fused": {64: [(64, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 3)],
-              128: [(32, 128, 128, 64, 8, 2), (32, 128, 64, 64, 8, 2)],
-              256: [(32, 64, 64, 32, 4, 2)]},
+              128: [(32, 128, 128, 64, 8, 2), (32, 128, 64, 64, 8, 2)]},
+    # The atomic variant's dK/dV kernel also holds a dQ tile per step: at head_dim 128 a 32-row
+    # query tile with 3 stages spilled when causal, so its rows are its own.
     "dkdv_atomic": {64: [(64, 128, 8, 3), (64, 64, 4, 3)],
-                    128: [(32, 128, 8, 2), (16, 128, 8, 3)],
-                    256: [(32, 64, 4, 2), (64, 64, 8, 1)]},
+                    128: [(32, 128, 8, 2), (16, 128, 8, 3)]},
 }
+# Beyond head_dim 128 every dK/dV tile tried spilled (offline, sm_90: 88 to 1024 bytes of stack
+# per thread for 16-64 key rows; two BLOCK_N x 256 fp32 accumulators do not fit beside the
+# scores), so those calls keep the general kernels.
+MAX_HEAD_DIM = 128
 
 # The interpreter's tile, the general kernels' (configs.INTERPRET_TILE), so that the two compute
 # in the same order there.
@@ -73,9 +75,11 @@ INTERPRET_TILE = (32, 32)
 
 
 def tiles(kernel: str, head_dim: int) -> list:
-    """The tile rows of ``kernel`` ('dkdv', 'dkdv_atomic', 'dq' or 'fused') for ``head_dim`` (by its padded width)."""
-    bd = block_d(head_dim)
-    return TILES[kernel][64 if bd <= 64 else (128 if bd <= 128 else 256)]
+    """The tile rows of ``kernel`` ('dkdv', 'dkdv_atomic', 'dq' or 'fused') for ``head_dim`` (by its
+    padded width, at most :data:`MAX_HEAD_DIM`)."""
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"the Hopper backward takes head_dim up to {MAX_HEAD_DIM}, got {head_dim}")
+    return TILES[kernel][64 if block_d(head_dim) <= 64 else 128]
 
 
 @triton.jit
@@ -340,7 +344,7 @@ def _run(kernel: str, tensors: dict, rest: tuple, meta: dict, grid, tile, head_d
     tile = _tile_for(kernel, tile, head_dim, buckets, interpret, atomic)
     if tile is None:
         descs = [_descriptor(tensors[name], 64, bd) for name in _BOXES[kernel]]  # boxed by each config's pre-hook
-        _tuned(kernel, 64 if bd <= 64 else (128 if bd <= 128 else 256), atomic)[grid](*descs, *rest, **meta)
+        _tuned(kernel, 64 if bd <= 64 else 128, atomic)[grid](*descs, *rest, **meta)
         return
     kw, warps, stages = _split(kernel, tile)
     descs = [_descriptor(tensors[name], kw[block], bd) for name, block in _BOXES[kernel].items()]
@@ -404,7 +408,7 @@ def variant_for(q, k, v, features: bool, forced=None) -> str | None:
     if forced is not None:
         if forced not in VARIANTS:
             raise ValueError(f"hopper_bwd must be one of {', '.join(VARIANTS)}, False or None, got {forced!r}")
-        why = refusal(q, k, v, features)
+        why = _refusal(q, k, v, features)
         if why:
             raise ValueError(f"the Hopper backward cannot serve this call: {why}")
         return forced
@@ -413,9 +417,17 @@ def variant_for(q, k, v, features: bool, forced=None) -> str | None:
         return None
     if _capability(q.device.index or 0)[0] != 9:
         return None
-    why = refusal(q, k, v, features)
+    why = _refusal(q, k, v, features)
     if why:
         log.debug("AULE_TRITON_HOPPER_BWD=%s passed over for the general backward: %s", variant, why)
         return None
     return variant
 
+
+def _refusal(q, k, v, features: bool) -> str | None:
+    """Why the Hopper backward cannot serve a call: the Hopper forward's rules (:func:`.hopper.refusal`)
+    and its own head_dim bound."""
+    why = refusal(q, k, v, features)
+    if why is None and q.shape[-1] > MAX_HEAD_DIM:
+        why = f"the Hopper backward takes head_dim up to {MAX_HEAD_DIM} (its tiles spilled beyond), got {q.shape[-1]}"
+    return why
