@@ -8,15 +8,16 @@ autograd), ``aule`` (ops.attention_forward and ops.attention_backward, the gener
 first fitting tiles, AULE_TRITON_AUTOTUNE=0; ``--tune`` autotunes them and the forward) and each
 Hopper variant at each of its first ``--tiles`` tiles, forced, after aule's general forward
 (``tma``: dK/dV and dQ kernels, a tile pair; ``fused``: the two in one launch; ``atomic``: dQ added
-from the dK/dV kernel). Every aule contender's dq, dk and dv are first checked against the general
+from the dK/dV kernel), one pass over the cases per tile. Every aule contender's dq, dk and dv are first checked against the general
 backward's (max abs error relative to the largest gradient, BAD above 2e-2 or on NaN), and the
 general's against cuDNN's. Then each is timed with CUDA events (triton's do_bench, warm-up,
 median): forward+backward, and the backward alone (SDPA's by replaying its autograd graph).
 TFLOP/s: the forward's 4 B H S^2 d (halved for causal), the backward 2.5x that, forward+backward
 3.5x; the ratio is to cuDNN's.
 
-Compilation counts against the lead's 120 s (some 32 kernels at the defaults): d128 first,
-contenders past ``--budget`` seconds are skipped. Triton's cache goes to a temporary folder under $OUT (removed at the end), so nothing is
+Compilation counts against the lead's 120 s (some 32 kernels in the first pass): d128 first, the
+second tiles in a pass of their own after every case's first, contenders past ``--budget`` seconds
+skipped. Triton's cache goes to a temporary folder under $OUT (removed at the end), so nothing is
 written outside $OUT; a JSON copy of the table goes to $OUT/time_hopper_bwd.json.
 
     python3 scripts/time_hopper_bwd.py
@@ -94,15 +95,17 @@ def _name(t) -> str:
     return f"{t[0]}x{t[1]}w{t[2]}s{t[3]}"
 
 
-def contenders(d: int, only: set, tiles: int, tune: bool) -> list:
+def contenders(d: int, only: set, tune: bool, phase: int) -> list:
+    """Phase 0: SDPA's two backends, aule's general kernels and each Hopper variant's first tile;
+    phase ``p``: each variant's tile ``p`` (the tile rows of hopper_bwd.TILES, dK/dV beside dQ for tma)."""
     rows = [("sdpa-cudnn", _sdpa("cudnn")), ("sdpa-flash", _sdpa("flash")),
-            ("aule" + ("" if tune else " first tiles"), _aule(False))]
+            ("aule" + ("" if tune else " first tiles"), _aule(False))] if phase == 0 else []
     dkdv, dq = hopper_bwd.tiles("dkdv", d), hopper_bwd.tiles("dq", d)
-    for i in range(min(tiles, len(dkdv), len(dq))):
-        rows.append((f"tma {_name(dkdv[i])}/{_name(dq[i])}", _aule("tma", dkdv[i], dq[i])))
-    for t in hopper_bwd.tiles("fused", d)[:tiles]:
+    if phase < min(len(dkdv), len(dq)):
+        rows.append((f"tma {_name(dkdv[phase])}/{_name(dq[phase])}", _aule("tma", dkdv[phase], dq[phase])))
+    for t in hopper_bwd.tiles("fused", d)[phase:phase + 1]:
         rows.append((f"fused {_name(t[:2] + t[4:])}/{_name(t[2:])}", _aule("fused", t)))
-    for t in hopper_bwd.tiles("dkdv_atomic", d)[:tiles]:
+    for t in hopper_bwd.tiles("dkdv_atomic", d)[phase:phase + 1]:
         rows.append((f"atomic {_name(t)}", _aule("atomic", t)))
     return [r for r in rows if not only or r[0].split()[0] in only | {"sdpa-cudnn", "aule"}]
 
@@ -128,12 +131,14 @@ def _error(grads, ref) -> float:
     return worst
 
 
-def _time_case(name, shape, causal, rows, start, a, results):
+def _time_case(name, shape, causal, rows, start, a, results, refs: dict):
+    """Check and time ``rows`` on one case; ``refs[name]`` keeps cuDNN's and the general kernels'
+    gradients from phase 0 for the later phases' checks."""
     torch.manual_seed(0)
     b, h, s, d = shape
     q, k, v, dout = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16) for _ in range(4))
     fwd = 4 * b * h * s * s * d / (2 if causal else 1)
-    general, cudnn = None, None
+    ref = refs.setdefault(name, {})
     for label, prepare in rows:
         row = {"case": name, "contender": label}
         if time.time() - start > a.budget:
@@ -144,13 +149,14 @@ def _time_case(name, shape, causal, rows, start, a, results):
                 grads = [g.clone() for g in backward()]
                 torch.cuda.synchronize()
                 if label == "sdpa-cudnn":
-                    cudnn = grads
+                    ref["cudnn"] = grads
                     err = 0.0
                 elif label.startswith("aule"):
-                    general = grads
-                    err = _error(grads, cudnn) if cudnn is not None else float("nan")
+                    ref["general"] = grads
+                    err = _error(grads, ref["cudnn"]) if "cudnn" in ref else float("nan")
                 else:
-                    err = _error(grads, general if general is not None and not label.startswith("sdpa") else cudnn)
+                    against = ref.get("cudnn" if label.startswith("sdpa") else "general")
+                    err = _error(grads, against) if against is not None else float("nan")
                 del grads
                 total, alone = _ms(both, a.rep), _ms(backward, a.rep)
                 row.update(ms=total, bwd_ms=alone, tflops=3.5 * fwd / total * 1e-9, bwd_tflops=2.5 * fwd / alone * 1e-9,
@@ -200,8 +206,8 @@ def main() -> int:
     ap.add_argument("--masks", default="causal,full")
     ap.add_argument("--only", default="", help="contender kinds beside cudnn and aule: sdpa-flash, tma, fused, atomic")
     ap.add_argument("--budget", type=float, default=100.0, help="seconds after which contenders are skipped")
-    ap.add_argument("--tiles", type=int, default=1, help="tiles per variant, from the top of hopper_bwd.TILES "
-                    "(each costs a compile per head_dim and mask: 2 or more may pass the 120 s)")
+    ap.add_argument("--tiles", type=int, default=2, help="tiles per variant, from the top of hopper_bwd.TILES: "
+                    "one pass over the cases per tile, the later ones while the budget lasts")
     ap.add_argument("--tune", action="store_true", help="autotune aule's general kernels (compiles every tile)")
     ap.add_argument("--rep", type=float, default=40.0, help="ms of timed repeats per measurement")
     a = ap.parse_args()
@@ -220,15 +226,21 @@ def main() -> int:
     print("CUDA events, median; fwd+bwd, then bwd alone; err: grads vs aule's general (its own row: vs cudnn)")
     print(f"{'case':22s} {'contender':30s} {'ms':>7s} {'TF/s':>6s} {'xcdnn':>5s} {'bwd ms':>7s} {'TF/s':>6s} "
           f"{'xcdnn':>5s} {'err':>7s}")
-    for d in (int(x) for x in a.dims.split(",")):
-        seqs = a.seqs if d == 128 else a.seqs64
-        for s in (int(x) for x in seqs.split(",") if x):
-            for causal in (m == "causal" for m in a.masks.split(",")):
-                name, shape = _case(d, s, causal)
-                cases.append(name)
-                _time_case(name, shape, causal, contenders(d, only, a.tiles, a.tune), start, a, results)
-                (OUT / "time_hopper_bwd.json").write_text(json.dumps(
-                    {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": results}, indent=1))
+    refs: dict = {}
+    for phase in range(a.tiles):
+        for d in (int(x) for x in a.dims.split(",")):
+            seqs = a.seqs if d == 128 else a.seqs64
+            for s in (int(x) for x in seqs.split(",") if x):
+                for causal in (m == "causal" for m in a.masks.split(",")):
+                    name, shape = _case(d, s, causal)
+                    cases += [name] if name not in cases else []
+                    rows = contenders(d, only, a.tune, phase)
+                    if rows and time.time() - start <= a.budget:
+                        _time_case(name, shape, causal, rows, start, a, results, refs)
+                    (OUT / "time_hopper_bwd.json").write_text(json.dumps(
+                        {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": results},
+                        indent=1))
+    refs.clear()
     _summary(results, cases)
     print(f"done in {time.time() - start:.0f} s")
     return 0
