@@ -155,7 +155,7 @@ def test_attention_backward_asks_with_the_calls_features(monkeypatch):
 
     def variant_for(q_, k_, v_, features, forced=None):
         seen.append(features)
-        return None if features else "tma"
+        return None if features or forced is False else "tma"
 
     real = hopper_bwd.backward
     monkeypatch.setattr(hopper_bwd, "variant_for", variant_for)
@@ -169,6 +169,9 @@ def test_attention_backward_asks_with_the_calls_features(monkeypatch):
     *_, dsinks = ops.attention_backward(dout, q, k, v, out3, lse3, None, 0.3, -1, 0, sinks=sinks)
     assert seen == [False, True, True] and served == ["tma"]
     assert dsinks.shape == (2,)
+    # A forced tile is the general kernels' (test_triton's tile-run tests keep theirs).
+    ops.attention_backward(dout, q, k, v, out, lse, None, 0.3, -1, 0, tile_dkdv=(32, 32), tile_dq=(32, 32))
+    assert served == ["tma"]
 
 
 def test_tiles_and_configs():

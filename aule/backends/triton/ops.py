@@ -686,8 +686,9 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
     ``dsinks`` float32 ``[Hq]``, or an empty tensor without sinks. With ``packing`` as in
     :func:`attention_forward`: dq, dk and dv are views of packed ``[total, H, D]`` tensors; ``check``
     as there, for the packing's offsets (the forward has checked sinks and slopes).
-    ``hopper_bwd_variant``: None lets ``AULE_TRITON_HOPPER_BWD`` hand a plain call on sm_90 to
-    :mod:`.hopper_bwd` after the preprocess; a variant name forces it there, False keeps the general kernels."""
+    ``hopper_bwd_variant``: None lets ``AULE_TRITON_HOPPER_BWD`` hand a plain call on sm_90 without a
+    forced tile to :mod:`.hopper_bwd` after the preprocess; a variant name forces it there (the tiles
+    then its), False keeps the general kernels."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -725,6 +726,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
         HAS_DLSE=has_dlse, HAS_SINKS=sinks is not None, BLOCK_M=pre_bm)
     if sinks is not None:
         dsinks = sink_parts.view(b, hq, -1).sum((0, 2))
+    if hopper_bwd_variant is None and (tile_dkdv is not None or tile_dq is not None):
+        hopper_bwd_variant = False  # a forced tile is the general kernels', as in the forward
     variant = hopper_bwd.variant_for(q, k, v, softcap > 0 or packing is not None or flag is not None or any(
         x is not None for x in (alibi, sinks, kspan, mask)), hopper_bwd_variant)
     if variant is not None:  # the sm_90 TMA kernels take it from here (AULE_TRITON_HOPPER_BWD)
