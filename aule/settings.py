@@ -348,18 +348,21 @@ HOPPER_BWD_VARIANTS = ("tma", "atomic", "fused")
 @functools.lru_cache(maxsize=16)
 def _triton_hopper_bwd(raw: str | None) -> str | None:
     text = (raw or "").strip().lower()
-    if text in ("", "0", "off", "no", "false"):
+    if text in ("", "auto"):
+        return "auto"
+    if text in ("0", "off", "no", "false"):
         return None
     if text in ("1", "on", "yes", "true"):
         return HOPPER_BWD_VARIANTS[0]
     if text in HOPPER_BWD_VARIANTS:
         return text
-    raise ValueError(f"AULE_TRITON_HOPPER_BWD={raw!r}: expected 0 (off, the default until measured), 1 (tma) or "
-                     f"one of {', '.join(HOPPER_BWD_VARIANTS)} (the sm_90 backward for 16-bit calls without "
-                     f"features; atomic is not deterministic)")
+    raise ValueError(f"AULE_TRITON_HOPPER_BWD={raw!r}: expected auto (the default: where measured faster), 0 (off), "
+                     f"1 (tma) or one of {', '.join(HOPPER_BWD_VARIANTS)} (the sm_90 backward for 16-bit calls "
+                     f"without features; atomic is not deterministic)")
 
 
 def triton_hopper_bwd() -> str | None:
     """AULE_TRITON_HOPPER_BWD: which Hopper backward variant serves plain 16-bit calls on an sm_90
-    GPU, or None (the default) to keep the general backward kernels for them."""
+    GPU; ``"auto"`` (unset) for the variant measured faster for the call's class
+    (``hopper_bwd.MEASURED``), None (``0``) to keep the general backward kernels for all of them."""
     return _triton_hopper_bwd(getenv("AULE_TRITON_HOPPER_BWD"))

@@ -110,8 +110,8 @@ def test_broadcast_upstream_gradient():
 
 
 def test_setting_parses_and_rejects(monkeypatch):
-    for raw, want in (("", None), ("0", None), ("off", None), ("1", "tma"), ("tma", "tma"), (" Atomic ", "atomic"),
-                      ("fused", "fused")):
+    for raw, want in (("", "auto"), ("auto", "auto"), ("0", None), ("off", None), ("1", "tma"), ("tma", "tma"),
+                      (" Atomic ", "atomic"), ("fused", "fused")):
         monkeypatch.setenv("AULE_TRITON_HOPPER_BWD", raw)
         assert settings.triton_hopper_bwd() == want
     monkeypatch.setenv("AULE_TRITON_HOPPER_BWD", "ws")
@@ -126,6 +126,13 @@ def test_variant_for_routes_only_plain_sm90_calls(monkeypatch):
     assert hopper_bwd.variant_for(q, k, v, False) == ("tma" if HOPPER else None)
     assert hopper_bwd.variant_for(q, k, v, True) is None           # features stay on the general kernels
     assert hopper_bwd.variant_for(q, k, v, False, False) is None   # forced off
+    # Unset: the variant measured faster for the call's class, where one was.
+    monkeypatch.delenv("AULE_TRITON_HOPPER_BWD")
+    monkeypatch.setattr(hopper_bwd, "MEASURED", {(64, True): "fused"})
+    assert hopper_bwd.variant_for(q, k, v, False, right=0) == ("fused" if HOPPER else None)
+    assert hopper_bwd.variant_for(q, k, v, False, right=-1) is None
+    monkeypatch.setenv("AULE_TRITON_HOPPER_BWD", "0")
+    assert hopper_bwd.variant_for(q, k, v, False, right=0) is None
     monkeypatch.setattr(hopper_bwd, "_capability", lambda index: (8, 0))
     if GPU:
         assert hopper_bwd.variant_for(q, k, v, False) is None
@@ -153,7 +160,7 @@ def test_attention_backward_asks_with_the_calls_features(monkeypatch):
     q, k, v, dout = _inputs((1, 2, 1, 37, 45, 32))
     seen, served = [], []
 
-    def variant_for(q_, k_, v_, features, forced=None):
+    def variant_for(q_, k_, v_, features, forced=None, right=-1):
         seen.append(features)
         return None if features or forced is False else "tma"
 
@@ -210,7 +217,7 @@ def test_gpu_hopper_backward_matches_general(monkeypatch, variant, causal, shape
     d = shape[5]
     monkeypatch.delenv("AULE_TRITON_HOPPER", raising=False)
     out, lse = ops.attention_forward(q, k, v, d ** -0.5, left, right)
-    monkeypatch.delenv("AULE_TRITON_HOPPER_BWD", raising=False)
+    monkeypatch.setenv("AULE_TRITON_HOPPER_BWD", "0")
     want = ops.attention_backward(dout, q, k, v, out, lse, None, d ** -0.5, left, right)[:3]
     monkeypatch.setenv("AULE_TRITON_HOPPER_BWD", variant)
     assert hopper_bwd.variant_for(q, k, v, False) == variant

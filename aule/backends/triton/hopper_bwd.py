@@ -69,6 +69,11 @@ TILES = {
 # scores), so those calls keep the general kernels.
 MAX_HEAD_DIM = 128
 
+# Where the H200 measured a deterministic variant right and faster than the general kernels in
+# forward+backward (results/notes/triton_hopper_bwd_NOTES.md, scripts/time_hopper_bwd.py), by
+# (head-dim class, right-bounded mask): what an sm_90 call takes with AULE_TRITON_HOPPER_BWD unset.
+MEASURED: dict = {}
+
 # The interpreter's tile, the general kernels' (configs.INTERPRET_TILE), so that the two compute
 # in the same order there.
 INTERPRET_TILE = (32, 32)
@@ -398,11 +403,13 @@ def backward(dout, q, k, v, lse2, delta, dq, dk, dv, scale: float, left: int, ri
     run("dq", tensors, (lse2, delta, hq, *shape), meta, lambda m: (cdiv(sq, m["BLOCK_M"]), b * hq), tile_dq)
 
 
-def variant_for(q, k, v, features: bool, forced=None) -> str | None:
+def variant_for(q, k, v, features: bool, forced=None, right: int = -1) -> str | None:
     """The Hopper backward variant for this call, or None for the general kernels. ``forced``: a
     variant name (raises ``ValueError`` when the call cannot take it), False (the general kernels),
     or None: ``AULE_TRITON_HOPPER_BWD`` decides, for a CUDA tensor on a compute capability 9.x device
-    with no features and strides TMA can address (the reason it passed over logged at DEBUG)."""
+    with no features and strides TMA can address (the reason it passed over logged at DEBUG); unset,
+    it takes :data:`MEASURED`'s variant for the call's head_dim class and mask (``right`` >= 0: causal
+    or another right-bounded mask), none where nothing was measured faster."""
     if forced is False:
         return None
     if forced is not None:
@@ -421,6 +428,8 @@ def variant_for(q, k, v, features: bool, forced=None) -> str | None:
     if why:
         log.debug("AULE_TRITON_HOPPER_BWD=%s passed over for the general backward: %s", variant, why)
         return None
+    if variant == "auto":
+        return MEASURED.get((64 if block_d(q.shape[-1]) <= 64 else 128, right >= 0))
     return variant
 
 

@@ -729,7 +729,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
     if hopper_bwd_variant is None and (tile_dkdv is not None or tile_dq is not None):
         hopper_bwd_variant = False  # a forced tile is the general kernels', as in the forward
     variant = hopper_bwd.variant_for(q, k, v, softcap > 0 or packing is not None or flag is not None or any(
-        x is not None for x in (alibi, sinks, kspan, mask)), hopper_bwd_variant)
+        x is not None for x in (alibi, sinks, kspan, mask)), hopper_bwd_variant, right)
     if variant is not None:  # the sm_90 TMA kernels take it from here (AULE_TRITON_HOPPER_BWD)
         hopper_bwd.backward(dout, q, k, v, lse2, delta, dq, dk, dv, scale, left, right, variant, tile_dkdv, tile_dq)
         return dq, dk, dv, dsinks
