@@ -44,8 +44,8 @@ log = logging.getLogger("aule")
 VARIANTS = {"tma": 0, "atomic": 1, "fused": 2}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim class on sm_90, chosen from
-# tests/hopper_bwd_compile_check.py's report (no spills causal or not, shared memory well under
-# 227 KB) until the H200 has timed them (scripts/time_hopper_bwd.py). The dK/dV kernel holds a
+# tests/hopper_bwd_compile_check.py's report (no spills causal or not, within 227 KB of shared
+# memory); the H200 has timed only the first rows (results/notes/triton_hopper_bwd_NOTES.md). The dK/dV kernel holds a
 # key tile and two fp32 accumulators of BLOCK_N x BLOCK_D: 128 keys take two warp groups (8 warps,
 # 64 rows each, one wgmma M), and the transposed score tile beside them fits with 64 query rows at
 # head_dim 64 and 32 at 128 (64 x 128 spilled 48 bytes there when causal). The dQ kernel holds one
@@ -54,7 +54,8 @@ TILES = {
     "dkdv": {64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
              128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 3)]},
     "dq": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-           128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]},
+           # 3 stages first: the general dQ kernel's tile, to which the H200 compared 2 stages slower
+           128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]},
     # The fused launch: a dK/dV tile and a dQ tile (BLOCK_M, BLOCK_N, BLOCK_M2, BLOCK_N2) sharing
     # num_warps and num_stages; registers and shared memory are the larger kernel's.
     "fused": {64: [(64, 128, 128, 64, 8, 3), (64, 64, 64, 64, 4, 3)],
@@ -72,6 +73,9 @@ MAX_HEAD_DIM = 128
 # Where the H200 measured a deterministic variant right and faster than the general kernels in
 # forward+backward (results/notes/triton_hopper_bwd_NOTES.md, scripts/time_hopper_bwd.py), by
 # (head-dim class, right-bounded mask): what an sm_90 call takes with AULE_TRITON_HOPPER_BWD unset.
+# Empty: on the H200 (Triton 3.6, issue 16's grid) every variant was right (tma and fused bit for bit
+# the general kernels' gradients) but none faster: tma 0.90-1.00x the general kernels in
+# forward+backward at its first tiles, fused and atomic slower still.
 MEASURED: dict = {}
 
 # The interpreter's tile, the general kernels' (configs.INTERPRET_TILE), so that the two compute
