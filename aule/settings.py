@@ -255,7 +255,8 @@ def triton_direct() -> bool:
 # their raw values, so a change of any sends the next call through the full path, which parses them.
 # A new setting that changes how an eager dense call is routed or launched belongs here too.
 LAUNCH_VARS = ("AULE_BACKEND", "AULE_TRITON_CONFIG", "AULE_TRITON_AUTOTUNE", "AULE_TRITON_DIRECT",
-               "AULE_TRITON_TANH", "AULE_TRITON_ALIBI", "AULE_TRITON_HOPPER", "AULE_CHECK_SYNC", "TRITON_INTERPRET")
+               "AULE_TRITON_TANH", "AULE_TRITON_ALIBI", "AULE_TRITON_HOPPER", "AULE_TRITON_HOPPER_BWD",
+               "AULE_CHECK_SYNC", "TRITON_INTERPRET")
 _LAUNCH_KEYS = tuple(map(os.environ.encodekey, LAUNCH_VARS)) if hasattr(os.environ, "encodekey") else None
 
 
@@ -353,3 +354,32 @@ def triton_hopper() -> str | None:
     """AULE_TRITON_HOPPER: which Hopper forward variant serves plain 16-bit calls on an sm_90 GPU,
     or None (the default) to keep the general forward kernel for them."""
     return _triton_hopper(getenv("AULE_TRITON_HOPPER"))
+
+
+# The Hopper backward's variants (aule.backends.triton.hopper_bwd): dK/dV and dQ in kernels of
+# their own (deterministic), dQ added atomically from the dK/dV kernel (not deterministic), or
+# the two kernels in one launch (deterministic).
+HOPPER_BWD_VARIANTS = ("tma", "atomic", "fused")
+
+
+@functools.lru_cache(maxsize=16)
+def _triton_hopper_bwd(raw: str | None) -> str | None:
+    text = (raw or "").strip().lower()
+    if text in ("", "auto"):
+        return "auto"
+    if text in ("0", "off", "no", "false"):
+        return None
+    if text in ("1", "on", "yes", "true"):
+        return HOPPER_BWD_VARIANTS[0]
+    if text in HOPPER_BWD_VARIANTS:
+        return text
+    raise ValueError(f"AULE_TRITON_HOPPER_BWD={raw!r}: expected auto (the default: where measured faster), 0 (off), "
+                     f"1 (tma) or one of {', '.join(HOPPER_BWD_VARIANTS)} (the sm_90 backward for 16-bit calls "
+                     f"without features; atomic is not deterministic)")
+
+
+def triton_hopper_bwd() -> str | None:
+    """AULE_TRITON_HOPPER_BWD: which Hopper backward variant serves plain 16-bit calls on an sm_90
+    GPU; ``"auto"`` (unset) for the variant measured faster for the call's class
+    (``hopper_bwd.MEASURED``), None (``0``) to keep the general backward kernels for all of them."""
+    return _triton_hopper_bwd(getenv("AULE_TRITON_HOPPER_BWD"))

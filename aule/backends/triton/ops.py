@@ -27,7 +27,7 @@ from ... import fastcall, settings
 from ...call import OnDevice, dtype_name
 from ...errors import UnsupportedError
 from . import configs as cfg
-from . import flags, hopper, kernels
+from . import flags, hopper, hopper_bwd, kernels
 from .common import (LOG2E, autotuned, block_d, cdiv, device_arch, interpreting, next_pow2,  # noqa: F401
                      torch_gpu_flavour)
 
@@ -718,13 +718,16 @@ def _or(t, stand_in):
 
 def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, right: int,
                        tile_dkdv=None, tile_dq=None, softcap: float = 0.0, alibi=None, sinks=None,
-                       kspan=None, mask=None, packing=None, check: bool = False):
+                       kspan=None, mask=None, packing=None, check: bool = False, hopper_bwd_variant=None):
     """``(dq, dk, dv, dsinks)`` (dq/dk/dv contiguous, in the inputs' dtype). ``dlse`` is the
     gradient reaching the LSE output, or None. dK/dV are summed over each GQA group inside the
     kernel. The features as the forward had them; of those only ``sinks`` get a gradient:
     ``dsinks`` float32 ``[Hq]``, or an empty tensor without sinks. With ``packing`` as in
     :func:`attention_forward`: dq, dk and dv are views of packed ``[total, H, D]`` tensors; ``check``
-    as there, for the packing's offsets (the forward has checked sinks and slopes)."""
+    as there, for the packing's offsets (the forward has checked sinks and slopes).
+    ``hopper_bwd_variant``: None lets ``AULE_TRITON_HOPPER_BWD`` hand a plain call on sm_90 without a
+    forced tile to :mod:`.hopper_bwd` after the preprocess; a variant name forces it there (the tiles
+    then its), False keeps the general kernels."""
     _check(q, k, v)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -762,6 +765,13 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale: float, left: int, r
         HAS_DLSE=has_dlse, HAS_SINKS=sinks is not None, BLOCK_M=pre_bm)
     if sinks is not None:
         dsinks = sink_parts.view(b, hq, -1).sum((0, 2))
+    if hopper_bwd_variant is None and (tile_dkdv is not None or tile_dq is not None):
+        hopper_bwd_variant = False  # a forced tile is the general kernels', as in the forward
+    variant = hopper_bwd.variant_for(q, k, v, softcap > 0 or packing is not None or flag is not None or any(
+        x is not None for x in (alibi, sinks, kspan, mask)), hopper_bwd_variant, right)
+    if variant is not None:  # the sm_90 TMA kernels take it from here (AULE_TRITON_HOPPER_BWD)
+        hopper_bwd.backward(dout, q, k, v, lse2, delta, dq, dk, dv, scale, left, right, variant, tile_dkdv, tile_dq)
+        return dq, dk, dv, dsinks
     common = (sq, sk, left, right, scale * LOG2E, scale, *_cap(scale, softcap))
     sizes = _sizes(sq, sk, packing)
     buckets = (next_pow2(sizes[0]), next_pow2(sizes[1]), *sizes)
