@@ -121,7 +121,8 @@ def test_slot_past_the_cache_is_skipped_and_raised():
     key = torch.randn(3, 2, 16, device=DEV)
     aule.copy_kv_to_paged(key, key + 1, kc, vc, torch.tensor([5, 12, 2 ** 40], device=DEV), backend="triton")
     _finished()
-    words = r"slot_mapping\[1\] = 12 is outside the cache's num_blocks \* block_size = 12"
+    # Tokens 1 and 2 are both bad and their programs race to record first: either may be named.
+    words = (r"slot_mapping\[(1\] = 12|2\] = 1099511627776) is outside the cache's num_blocks \* block_size = 12")
     with pytest.raises(ValueError, match=words):
         aule.check_device_errors()
     assert torch.equal(kc[1, 1], key[0]) and torch.equal(vc[1, 1], key[0] + 1)
@@ -244,16 +245,14 @@ def test_cache_path_pays_for_no_checks(monkeypatch):
     a = cache.allocate()
     k = torch.randn(9, 2, 16, device=DEV)
     checked = []
-    for name in ("_paged_attn_fwd", "_copy_kv_to_paged"):
-        real = getattr(tp, name)
+    real = tp._ops.launch_direct
 
-        class Spy:
-            def __getitem__(self, grid, real=real):
-                def launch(*args, **kwargs):
-                    checked.append(kwargs["CHECK"])
-                    return real[grid](*args, **kwargs)
-                return launch
-        monkeypatch.setattr(tp, name, Spy())
+    def spy(name, fn, grid, args, meta, like):
+        # Every paged launch passes here, a compiled kernel's repeat included (it never reaches fn).
+        if "CHECK" in meta:  # the split-K merge checks nothing
+            checked.append(meta["CHECK"])
+        return real(name, fn, grid, args, meta, like)
+    monkeypatch.setattr(tp._ops, "launch_direct", spy)
 
     def no_flag(*a, **kw):
         raise AssertionError("the cache's own tables took an error flag")
