@@ -13,7 +13,7 @@ is the hardware's: rows past a sequence's end and lanes past head_dim read as ze
 written, so ragged shapes need no predicates at all. Descriptors are 4-D ``[B, H, S, D]`` on the
 host (any batch and head strides, rows contiguous) or 2-D per (batch, head) on the device.
 
-Three variants (``VARIANT``), chosen by ``AULE_TRITON_HOPPER`` until timed on the GPU:
+The variants (``VARIANT``), chosen by ``AULE_TRITON_HOPPER`` until timed on the GPU:
 
 * ``tma`` (0): host descriptors, one program per (query tile, batch and head), Triton's software
   pipelining of the key loop (num_stages buffers);
@@ -23,7 +23,17 @@ Three variants (``VARIANT``), chosen by ``AULE_TRITON_HOPPER`` until timed on th
 * ``ws`` (2): device descriptors (``tl.make_tensor_descriptor``, whose scratch comes from
   Triton's allocator) and the key loop ``warp_specialize``d: Triton's Hopper pass splits a
   producer warp group issuing the loads from the consumers doing the products, which it does only
-  for loops whose loads come from device-made descriptors.
+  for loops whose loads come from device-made descriptors. One loop over every visible tile.
+* ``ws_split``, ``ws_unroll``, ``ws_each``, ``ws_two`` (3-6): the same with only the fully visible
+  run of tiles in a specialised loop and the masked runs (the causal diagonal, a window's edge, a
+  partial last tile) beside it, since the pass's split of a tile's rows between two consumer groups
+  was measured wrong with a mask inside its loop (Triton 3.6; its own tutorial specialises attention
+  on Hopper only without one). The masked runs go in plain loops after it (``ws_split``), as
+  straight-line tiles (``ws_unroll``), each in a specialised loop of its own as the tutorial's stages
+  (``ws_each``), or in a second, plain launch that finishes each row from the O and LSE the first
+  left (``ws_two``: the specialised kernel is then the one shape known right, one unmasked loop).
+
+Which variant serves which calls is measured (:data:`MEASURED_RIGHT`, scripts/hopper_ws_probe.py).
 """
 from __future__ import annotations
 
@@ -41,7 +51,19 @@ from .kernels import _finish_rows, _key_runs, _run_bounds, _shift, _visible
 
 log = logging.getLogger("aule")
 
-VARIANTS = {"tma": 0, "persistent": 1, "ws": 2}
+VARIANTS = {"tma": 0, "persistent": 1, "ws": 2, "ws_split": 3, "ws_unroll": 4, "ws_each": 5, "ws_two": 6}
+WS_VARIANTS = tuple(name for name in VARIANTS if name.startswith("ws"))
+
+# How a query tile's key runs are warp-specialised (VARIANT - 1 for the ws variants): not at all;
+# one loop over every run (masked throughout when any tile needs it); only the fully visible run,
+# the masked runs in plain loops beside it; only the fully visible run, the masked runs as
+# straight-line tiles (so the specialised loop is the kernel's only loop); every run its own loop.
+WS_NONE = tl.constexpr(0)
+WS_ONE = tl.constexpr(1)
+WS_SPLIT = tl.constexpr(2)
+WS_UNROLL = tl.constexpr(3)
+WS_EACH = tl.constexpr(4)
+LOG2E_C = tl.constexpr(LOG2E)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class on sm_90. 128 query rows with 8
 # warps is two warp groups of 64 rows, each one wgmma M; key tiles of 128 halve the softmax's
@@ -57,15 +79,16 @@ TILES = {
     "persistent": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
                    128: [(128, 128, 8, 2), (128, 64, 8, 3)],
                    256: [(128, 64, 8, 1), (64, 64, 4, 2)]},
-    # The warp-specialised loop: the kernel's 4 warps are the consumers (Triton's Hopper pass splits
-    # the 128 rows between two consumer groups) beside a producer group it adds; offline (Triton
-    # 3.9, tests/hopper_compile_check.py) these specialise, with setmaxnreg and no spills. With 8
-    # warps the pass declines the loop, which then runs as the tma variant on device descriptors.
-    # On the H200 (Triton 3.6) only 128 x 128 with 4 warps at head_dim 128 gave right rows (and
-    # only unmasked, see measured_refusal): a launch without a forced tile takes each row's first
-    # tile untuned; the others stay for timing later Tritons (scripts/time_hopper_fwd.py).
-    "ws": {64: [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
-           128: [(128, 128, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2)],
+    # Every warp-specialised variant (WS_VARIANTS): the kernel's 4 warps are the consumers (Triton's
+    # Hopper pass splits 128 rows between two consumer groups of 64) beside a producer group it
+    # adds; offline (Triton 3.9, tests/hopper_compile_check.py) these specialise, with setmaxnreg
+    # and no spills (with 8 warps the pass declines the loop). On the H200 (Triton 3.6) 128 x 128
+    # at head_dim 128 gave right rows unmasked; 128 x 128 in three stages and 128 x 64 NaN at head_dim
+    # 64. A launch without a forced tile takes the first row; the 64-row tiles (one consumer
+    # group, no split of the rows) are there for scripts/hopper_ws_probe.py to tell the pass's row
+    # split from the rest.
+    "ws": {64: [(128, 128, 4, 2), (128, 128, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)],
+           128: [(128, 128, 4, 2), (128, 64, 4, 3), (64, 128, 4, 2)],
            256: [(128, 32, 4, 2), (64, 64, 4, 2)]},
 }
 
@@ -76,7 +99,7 @@ INTERPRET_TILE = (32, 32)
 def tiles(variant: str, head_dim: int) -> list:
     """The tile rows of ``variant`` for ``head_dim`` (by its padded power-of-two width)."""
     bd = block_d(head_dim)
-    return TILES[variant][64 if bd <= 64 else (128 if bd <= 128 else 256)]
+    return TILES["ws" if variant in WS_VARIANTS else variant][64 if bd <= 64 else (128 if bd <= 128 else 256)]
 
 
 @triton.jit
@@ -107,27 +130,52 @@ def _head_desc(T, off_b, off_h, stride_b, stride_h, stride_r, rows, HEAD_DIM: tl
 
 
 @triton.jit
+def _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start_n, SEQ_K, LEFT, RIGHT,
+              qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr):
+    """One step of the online softmax (base 2) over key tile ``start_n``, as
+    kernels._attn_fwd_inner computes it for a call without features: the row maximum takes the
+    scale once per row, visibility applies only when MASKED, and rows with no visible key keep a
+    ``-inf`` maximum and zero sums. Keys past SEQ_K read as zeros and are hidden by the mask."""
+    k = _tile(desc_k, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, FLAT)
+    qk = tl.dot(q, k.T)
+    if MASKED:
+        vis = _visible(pos[:, None], (start_n + offs_n0)[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+        qk = tl.where(vis, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_use = _shift(m_new)
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _tile(desc_v, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, FLAT)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end, SEQ_K, LEFT, RIGHT,
               qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr):
-    """Online softmax (base 2) of one query tile over key tiles ``[start, end)``, as
-    kernels._attn_fwd_inner computes it for a call without features: the row maximum takes the
-    scale once per row, visibility applies only on MASKED runs, and rows with no visible key keep a
-    ``-inf`` maximum and zero sums. Keys past SEQ_K read as zeros and are hidden by the mask."""
+    """Key tiles ``[start, end)`` of one query tile; WS: the loop warp-specialised."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WS):
-        k = _tile(desc_k, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, FLAT)
-        qk = tl.dot(q, k.T)
-        if MASKED:
-            vis = _visible(pos[:, None], (start_n + offs_n0)[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
-            qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = _shift(m_new)
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(desc_v, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, FLAT)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start_n, SEQ_K,
+                                  LEFT, RIGHT, qk_scale, MASKED, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _masked_tiles(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end, SEQ_K, LEFT, RIGHT,
+                  qk_scale, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr):
+    """A masked run ``[start, end)`` of _key_runs as straight-line code, no loop: such a run starts
+    on a tile and spans at most BLOCK_M + BLOCK_N - 2 keys, so ``cdiv(BLOCK_M + BLOCK_N - 2,
+    BLOCK_N)`` steps cover it, each taken only where it starts before ``end``. This keeps the
+    warp-specialised run the kernel's only loop, the one shape Triton's Hopper pass is known to take."""
+    for i in tl.static_range((BLOCK_M + 2 * BLOCK_N - 3) // BLOCK_N):
+        start_n = start + i * BLOCK_N
+        if start_n < end:
+            acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start_n, SEQ_K,
+                                      LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT)
     return acc, l_i, m_i
 
 
@@ -138,7 +186,7 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, off_b, off_h, pid_m, H_Q, G
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr,
-                WS: tl.constexpr):
+                WS: tl.constexpr, PART: tl.constexpr):
     """O and LSE of query tile ``pid_m`` of (batch, query head). EVEN_K: SEQ_K is a multiple of 128,
     so of every BLOCK_N, and only a mask can hide keys of a tile."""
     off_kvh = off_h // GROUP  # GQA: the query head's KV head, read in place
@@ -154,25 +202,44 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, off_b, off_h, pid_m, H_Q, G
     offs_n0 = tl.arange(0, BLOCK_N)
     pos = offs_m + (SEQ_K - SEQ_Q)
     q = _tile(desc_q, off_b, off_h, start_m, BLOCK_M, BLOCK_D, FLAT)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row0 = (off_b * H_Q + off_h).to(tl.int64) * SEQ_Q
+    if PART == 2:
+        # The rows as the first launch left them: O normalised and its LSE are the online softmax's
+        # state rescaled to l = 1 at m = LSE (base 2). A NaN row keeps its NaN in l, where
+        # _finish_rows looks for it (the maximum skips NaN).
+        lse0 = tl.load(LSE + row0 + offs_m, mask=offs_m < SEQ_Q, other=float("-inf")) * LOG2E_C
+        m_i = tl.where(lse0 == lse0, lse0, float("-inf"))
+        l_i = tl.where(lse0 == lse0, 1.0, float("nan"))
+        acc = _tile(desc_o, off_b, off_h, start_m, BLOCK_M, BLOCK_D, FLAT).to(tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if WS:
-        # Triton's Hopper pass specialises a kernel's only key loop, and only one without branches
-        # in its body: one loop over every visible tile, each masked unless no tile can need it.
+    if WS == WS_ONE:
+        # One loop over every visible tile, each masked unless no tile can need it.
         acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, lo, hi,
                                   SEQ_K, LEFT, RIGHT, qk_scale, HAS_LEFT or HAS_RIGHT or not EVEN_K, HAS_LEFT,
                                   HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT, True)
     else:
+        # The general kernel's three runs in its order; with warp specialisation only the fully
+        # visible middle run is specialised (WS_SPLIT, WS_UNROLL) or every run is (WS_EACH).
         for run in tl.static_range(3):
-            if run != 0 or HAS_LEFT:
+            # Run 0 is empty without a left bound, run 2 without a right one on whole key tiles;
+            # PART 1 takes only the fully visible run, PART 2 only the masked ones.
+            if ((run != 0 or HAS_LEFT) and (run != 2 or HAS_RIGHT or not EVEN_K)
+                    and (PART == 0 or (PART == 1) == (run == 1))):
                 start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
-                acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end,
-                                          SEQ_K, LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT, HAS_RIGHT, BLOCK_N,
-                                          BLOCK_D, FLAT, False)
+                if run != 1 and WS == WS_UNROLL:
+                    acc, l_i, m_i = _masked_tiles(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0,
+                                                  start, end, SEQ_K, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT,
+                                                  BLOCK_M, BLOCK_N, BLOCK_D, FLAT)
+                else:
+                    acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0,
+                                              start, end, SEQ_K, LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT,
+                                              HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT,
+                                              WS == WS_EACH or (run == 1 and WS != WS_NONE))
     out, lse2 = _finish_rows(acc, l_i, m_i)
-    row0 = (off_b * H_Q + off_h).to(tl.int64) * SEQ_Q
     tl.store(LSE + row0 + offs_m, lse2 * 0.6931471805599453, mask=offs_m < SEQ_Q)
     _put(desc_o, off_b, off_h, start_m, out.to(q.dtype), BLOCK_M, BLOCK_D, FLAT)
 
@@ -183,12 +250,14 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                   B, H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, Q_BUCKET, K_BUCKET,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  EVEN_K: tl.constexpr, VARIANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  EVEN_K: tl.constexpr, VARIANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PART: tl.constexpr = 0):
     """The Hopper forward (module docstring). ``desc_*``: 4-D host descriptors (VARIANT 0, 1) or the
     tensors themselves (VARIANT 2: descriptors are made per (batch, head) here, from the strides).
     Q_BUCKET/K_BUCKET key the autotuner only. LSE ``[B, H_Q, SEQ_Q]`` float32, natural log."""
-    FLAT: tl.constexpr = VARIANT == 2
-    WS: tl.constexpr = VARIANT == 2
+    FLAT: tl.constexpr = VARIANT >= 2
+    # ws_two (6) is ws_split in two launches: PART 1 the specialised run, PART 2 the masked ones.
+    WS: tl.constexpr = 0 if VARIANT < 2 else (WS_SPLIT if VARIANT == 6 else VARIANT - 1)
     num_m = tl.cdiv(SEQ_Q, BLOCK_M)
     if VARIANT == 1:
         heads = B * H_Q
@@ -204,7 +273,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
             _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
                         LEFT, RIGHT, qk_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                        HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS)
+                        HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS, PART)
     else:
         pid_m = tl.program_id(0)
         if HAS_RIGHT:
@@ -213,7 +282,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
         _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
                     LEFT, RIGHT, qk_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                    HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS)
+                    HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS, PART)
 
 
 # --- host side ----------------------------------------------------------------------------------
@@ -247,25 +316,46 @@ def refusal(q, k, v, features: bool) -> str | None:
     return None
 
 
+# What the H200 measured right (Triton 3.6; results/notes/triton_hopper_NOTES.md), per
+# warp-specialised variant: its head_dims, and the call classes (CALL_CLASSES) beyond unmasked,
+# whole-tile, equal-length MHA it was right on. Routing hands a variant only calls inside its row;
+# a variant without a row was not measured right anywhere and is handed nothing (the general kernel
+# serves), though attention_forward runs it when asked (scripts/hopper_ws_probe.py does).
+# ws: right only unmasked at head_dim 128 with 128 x 128 tiles; with a mask in its loop rows were
+# off by 0.7-1.0, at head_dim 64 and with 64-key tiles NaN, and with GQA 16/4 at seq 1024/2048 the
+# LSE was off by more than 1e-3.
+MEASURED_RIGHT = {
+    "ws": {"head_dims": (128,), "classes": frozenset()},
+}
+CALL_CLASSES = ("masked", "ragged", "gqa", "unequal")
+
+
+def call_classes(q, k, left: int, right: int) -> frozenset:
+    """The classes of CALL_CLASSES a call is in: a causal mask or window, a length that is not a
+    multiple of 128 (a partial tile), GQA/MQA, seq_q != seq_k."""
+    sq, sk = q.shape[2], k.shape[2]
+    found = {"masked": left >= 0 or right >= 0, "ragged": bool(sq % EVEN or sk % EVEN),
+             "gqa": q.shape[1] != k.shape[1], "unequal": sq != sk}
+    return frozenset(name for name, yes in found.items() if yes)
+
+
 def measured_refusal(variant: str, q, k, left: int, right: int) -> str | None:
     """Why ``variant`` is not handed a call that :func:`refusal` accepts, from what the H200 measured
-    (results/notes/triton_hopper_NOTES.md; Triton 3.6): the warp-specialised loop gave right answers
-    only unmasked, at head_dim 128 with 128 x 128 tiles (with a mask in the loop, at head_dim 64 or
-    with 64-key tiles its rows were wrong or NaN), so ws serves only calls whose every tile is whole
-    and visible: head_dim 128, no causal mask or window, seq_q and seq_k multiples of 128."""
-    if variant != "ws":
+    (MEASURED_RIGHT); None for the variants without warp specialisation, which were right on all."""
+    if variant not in WS_VARIANTS:
         return None
-    sq, sk = q.shape[2], k.shape[2]
-    if q.shape[-1] != 128 or left >= 0 or right >= 0 or sq % EVEN or sk % EVEN:
-        return (f"ws serves head_dim 128 without causal or window, seq_q and seq_k multiples of {EVEN} (its "
-                f"masked and 64-wide loops were wrong on Triton 3.6), got head_dim {q.shape[-1]}, window "
-                f"({left}, {right}), seq {sq}/{sk}")
-    if q.shape[1] != k.shape[1] or sq != sk:
-        # Measured right only on MHA with seq_q == seq_k; GQA 16/4 at seq 1024/2048 gave an LSE off
-        # the general kernel's by more than 1e-3 on the H200 (tests/test_triton_hopper.py).
-        return (f"ws serves equal query and key heads and lengths (GQA with seq_q != seq_k was wrong on "
-                f"Triton 3.6), got heads {q.shape[1]}/{k.shape[1]}, seq {sq}/{sk}")
-    return None
+    row = MEASURED_RIGHT.get(variant)
+    if row is None:
+        return f"{variant} has not been measured right on the H200 (Triton 3.6): routing keeps the general forward"
+    d = q.shape[-1]
+    missing = sorted(call_classes(q, k, left, right) - row["classes"])
+    if d in row["head_dims"] and not missing:
+        return None
+    served = ", ".join(sorted(row["classes"])) or "none of them"
+    return (f"{variant} serves head_dim {'/'.join(map(str, row['head_dims']))} and, of the classes "
+            f"{'/'.join(CALL_CLASSES)}, {served} (measured right on the H200, Triton 3.6); this call has "
+            f"head_dim {d}{', ' + ', '.join(missing) if missing else ''} (window ({left}, {right}), "
+            f"seq {q.shape[2]}/{k.shape[2]}, heads {q.shape[1]}/{k.shape[1]})")
 
 
 def variant_for(q, k, v, left: int, right: int, features: bool) -> str | None:
@@ -313,10 +403,10 @@ def _set_block_shapes(nargs: dict) -> None:
 
 def _configs(variant: str, head_dim: int) -> list:
     """The autotuner's candidates: ws's first tile only (the one measured right, see TILES)."""
-    hook = None if variant == "ws" else _set_block_shapes
+    hook = None if variant in WS_VARIANTS else _set_block_shapes
     rows = tiles(variant, head_dim)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
-            for bm, bn, w, s in (rows[:1] if variant == "ws" else rows)]
+            for bm, bn, w, s in (rows[:1] if variant in WS_VARIANTS else rows)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -379,7 +469,7 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, variant: str
         fits = prune(_configs(variant, d), {"Q_BUCKET": buckets[0], "K_BUCKET": buckets[1]})
         c = fits[index % len(fits)]
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-    if variant == "ws":
+    if variant in WS_VARIANTS:
         if not interpret:
             _ensure_allocator()
         descs = (q, k, v, out)
@@ -391,11 +481,24 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, variant: str
     meta = dict(HEAD_DIM=d, BLOCK_D=bd, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, EVEN_K=sk % EVEN == 0,
                 VARIANT=VARIANTS[variant])
     grid = _grid(variant, sq, b * hq, q.device)
-    if tile is not None:
-        kw = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}
-        if not interpret:
-            kw.update(num_warps=tile[2] if len(tile) > 2 else 4, num_stages=tile[3] if len(tile) > 3 else 2)
-        _attn_fwd_tma[grid(kw)](*args, **meta, **kw)
-    else:
+    if tile is None and variant in WS_VARIANTS:
+        tile = tiles(variant, d)[0]  # one configuration each (TILES): nothing for an autotuner to pick
+    if tile is None:
         _tuned(variant, 64 if bd <= 64 else (128 if bd <= 128 else 256))[grid](*args, **meta)
+        return out, lse
+    kw = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}
+    if not interpret:
+        kw.update(num_warps=tile[2] if len(tile) > 2 else 4, num_stages=tile[3] if len(tile) > 3 else 2)
+    masked = left >= 0 or right >= 0 or sk % EVEN
+    if variant != "ws_two" or not masked:
+        _attn_fwd_tma[grid(kw)](*args, **meta, **kw)
+        return out, lse
+    # ws_two: the fully visible tiles in the specialised loop, the known-good shape of Triton's
+    # Hopper pass (one unmasked loop); then a plain launch of the same tile finishes each row over
+    # its masked tiles from the O and LSE the first left. Eight warps there: without the producer
+    # group a 128-row tile's products and softmax need two consumer warp groups' registers.
+    _attn_fwd_tma[grid(kw)](*args, **meta, **kw, PART=1)
+    if not interpret:
+        kw.update(num_warps=8 if tile[0] >= 128 else 4)
+    _attn_fwd_tma[grid(kw)](*args, **meta, **kw, PART=2)
     return out, lse
