@@ -43,15 +43,16 @@ os.environ.pop("AULE_TRITON_HOPPER", None)  # the general kernel's rows are the 
 
 TOKENS, MODEL_DIM = 16384, 2048
 
-# (variant, tile) per head_dim: the single loop as measured last time, the split forms, and the
-# 64-row tile (one consumer group: no split of the rows between groups) beside the 128-row one.
+# (variant, tile) per head_dim: the single loop as measured last time, the split forms, the single
+# loop with its causal bound read from a table, and the 64-row tile (one consumer group: no split
+# of the rows between groups) beside the 128-row one.
 CANDIDATES = {
     128: [("ws", (128, 128, 4, 2)), ("ws", (64, 128, 4, 2)), ("ws_two", (128, 128, 4, 2)),
           ("ws_two", (64, 128, 4, 2)), ("ws_split", (128, 128, 4, 2)), ("ws_each", (128, 128, 4, 2)),
-          ("ws_unroll", (128, 128, 4, 2))],
+          ("ws_unroll", (128, 128, 4, 2)), ("ws_table", (128, 128, 4, 2))],
     64: [("ws", (128, 128, 4, 2)), ("ws", (128, 128, 4, 3)), ("ws", (64, 128, 4, 2)),
          ("ws_two", (128, 128, 4, 2)), ("ws_two", (64, 128, 4, 2)), ("ws_split", (128, 128, 4, 2)),
-         ("ws_unroll", (128, 128, 4, 2))],
+         ("ws_unroll", (128, 128, 4, 2)), ("ws_table", (128, 128, 4, 2))],
 }
 # The general kernel's reference tile per head_dim (its first sm_90 configuration).
 REF_TILE = {128: (128, 64, 8, 3), 64: (128, 64, 4, 3)}

@@ -35,7 +35,12 @@ def compile_variant(variant: str, tile, causal: bool, head_dim: int, element: st
                  VARIANT=hopper.VARIANTS[variant], BLOCK_M=bm, BLOCK_N=bn, PART=part)
     sig, attrs = {}, {}
     for i, name in enumerate(inspect.signature(hopper._attn_fwd_tma.fn).parameters):
-        if name in flags:
+        if name == "VIS" and not (variant == "ws_table" and causal):
+            flags[name] = None  # as attention_forward passes it: only ws_table's causal bound reads a table
+            sig[name] = "constexpr"
+        elif name == "VIS":
+            sig[name] = "*u8"
+        elif name in flags:
             sig[name] = "constexpr"
         elif name.startswith("desc_"):
             rows = bm if name in ("desc_q", "desc_o") else bn

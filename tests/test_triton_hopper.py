@@ -128,6 +128,7 @@ def test_setting_parses_and_rejects(monkeypatch):
     monkeypatch.setenv("AULE_TRITON_HOPPER", "fast")
     with pytest.raises(ValueError, match="AULE_TRITON_HOPPER='fast'"):
         settings.triton_hopper()
+    assert set(settings.HOPPER_VARIANTS) == set(hopper.VARIANTS)  # every variant can be asked for
 
 
 def test_variant_for_keeps_the_general_kernel_off_hopper(monkeypatch):

@@ -32,6 +32,9 @@ The variants (``VARIANT``), chosen by ``AULE_TRITON_HOPPER`` until timed on the 
   straight-line tiles (``ws_unroll``), each in a specialised loop of its own as the tutorial's stages
   (``ws_each``), or in a second, plain launch that finishes each row from the O and LSE the first
   left (``ws_two``: the specialised kernel is then the one shape known right, one unmasked loop).
+* ``ws_table`` (7): the single loop, its causal bound read as a tile of a small visibility table
+  through a descriptor (rows the pass splits as it splits Q's) instead of computed from row
+  positions, in case the pass's split of row vectors is what went wrong.
 
 Which variant serves which calls is measured (:data:`MEASURED_RIGHT`, scripts/hopper_ws_probe.py).
 """
@@ -51,18 +54,21 @@ from .kernels import _finish_rows, _key_runs, _run_bounds, _shift, _visible
 
 log = logging.getLogger("aule")
 
-VARIANTS = {"tma": 0, "persistent": 1, "ws": 2, "ws_split": 3, "ws_unroll": 4, "ws_each": 5, "ws_two": 6}
+VARIANTS = {"tma": 0, "persistent": 1, "ws": 2, "ws_split": 3, "ws_unroll": 4, "ws_each": 5, "ws_two": 6,
+            "ws_table": 7}
 WS_VARIANTS = tuple(name for name in VARIANTS if name.startswith("ws"))
 
 # How a query tile's key runs are warp-specialised (VARIANT - 1 for the ws variants): not at all;
 # one loop over every run (masked throughout when any tile needs it); only the fully visible run,
 # the masked runs in plain loops beside it; only the fully visible run, the masked runs as
-# straight-line tiles (so the specialised loop is the kernel's only loop); every run its own loop.
+# straight-line tiles (so the specialised loop is the kernel's only loop); every run its own loop;
+# one loop whose causal bound is read from a table (_diagonal_table) instead of row positions.
 WS_NONE = tl.constexpr(0)
 WS_ONE = tl.constexpr(1)
 WS_SPLIT = tl.constexpr(2)
 WS_UNROLL = tl.constexpr(3)
 WS_EACH = tl.constexpr(4)
+WS_TABLE = tl.constexpr(5)
 LOG2E_C = tl.constexpr(LOG2E)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class on sm_90. 128 query rows with 8
@@ -132,15 +138,27 @@ def _head_desc(T, off_b, off_h, stride_b, stride_h, stride_r, rows, HEAD_DIM: tl
 @triton.jit
 def _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start_n, SEQ_K, LEFT, RIGHT,
               qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, vis_desc, diag,
+              TABLE: tl.constexpr):
     """One step of the online softmax (base 2) over key tile ``start_n``, as
     kernels._attn_fwd_inner computes it for a call without features: the row maximum takes the
     scale once per row, visibility applies only when MASKED, and rows with no visible key keep a
-    ``-inf`` maximum and zero sums. Keys past SEQ_K read as zeros and are hidden by the mask."""
+    ``-inf`` maximum and zero sums. Keys past SEQ_K read as zeros and are hidden by the mask.
+
+    TABLE: the right bound (causal) comes from a tile of :func:`_diagonal_table` read through
+    ``vis_desc`` at the row that puts this tile's diagonal (``diag - start_n``: the last key row 0
+    sees, less the tile's first) in place, not from row positions: the bound's rows are then read
+    as Q's are, which the Hopper pass splits between its consumer groups as it splits Q's."""
     k = _tile(desc_k, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, FLAT)
     qk = tl.dot(q, k.T)
     if MASKED:
-        vis = _visible(pos[:, None], (start_n + offs_n0)[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
+        if TABLE and HAS_RIGHT:
+            vis = _visible(pos[:, None], (start_n + offs_n0)[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, False)
+            rows: tl.constexpr = pos.shape[0]
+            shift = tl.minimum(tl.maximum(diag - start_n + rows, 0), rows + BLOCK_N)
+            vis = vis & (vis_desc.load([shift, 0]) != 0)
+        else:
+            vis = _visible(pos[:, None], (start_n + offs_n0)[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
         qk = tl.where(vis, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_use = _shift(m_new)
@@ -155,11 +173,13 @@ def _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, st
 @triton.jit
 def _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end, SEQ_K, LEFT, RIGHT,
               qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr, vis_desc=None,
+              diag=0, TABLE: tl.constexpr = False):
     """Key tiles ``[start, end)`` of one query tile; WS: the loop warp-specialised."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WS):
         acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start_n, SEQ_K,
-                                  LEFT, RIGHT, qk_scale, MASKED, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT)
+                                  LEFT, RIGHT, qk_scale, MASKED, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT,
+                                  vis_desc, diag, TABLE)
     return acc, l_i, m_i
 
 
@@ -175,12 +195,13 @@ def _masked_tiles(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0
         start_n = start + i * BLOCK_N
         if start_n < end:
             acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start_n, SEQ_K,
-                                      LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT)
+                                      LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT,
+                                      None, 0, False)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, off_b, off_h, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
+def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, off_b, off_h, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
                 LEFT, RIGHT, qk_scale,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -216,11 +237,16 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, off_b, off_h, pid_m, H_Q, G
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if WS == WS_ONE:
+    if WS == WS_ONE or WS == WS_TABLE:
         # One loop over every visible tile, each masked unless no tile can need it.
+        vis_desc = None
+        if WS == WS_TABLE and HAS_RIGHT:
+            vis_desc = tl.make_tensor_descriptor(VIS, shape=[2 * BLOCK_M + BLOCK_N, BLOCK_N], strides=[BLOCK_N, 1],
+                                                 block_shape=[BLOCK_M, BLOCK_N])
         acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, lo, hi,
                                   SEQ_K, LEFT, RIGHT, qk_scale, HAS_LEFT or HAS_RIGHT or not EVEN_K, HAS_LEFT,
-                                  HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT, True)
+                                  HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT, True, vis_desc, start_m + SEQ_K - SEQ_Q + RIGHT,
+                                  WS == WS_TABLE)
     else:
         # The general kernel's three runs in its order; with warp specialisation only the fully
         # visible middle run is specialised (WS_SPLIT, WS_UNROLL) or every run is (WS_EACH).
@@ -248,16 +274,18 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, off_b, off_h, pid_m, H_Q, G
 def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                  B, H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, Q_BUCKET, K_BUCKET,
+                  B, H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, Q_BUCKET, K_BUCKET, VIS,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   EVEN_K: tl.constexpr, VARIANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PART: tl.constexpr = 0):
     """The Hopper forward (module docstring). ``desc_*``: 4-D host descriptors (VARIANT 0, 1) or the
     tensors themselves (VARIANT 2: descriptors are made per (batch, head) here, from the strides).
-    Q_BUCKET/K_BUCKET key the autotuner only. LSE ``[B, H_Q, SEQ_Q]`` float32, natural log."""
+    Q_BUCKET/K_BUCKET key the autotuner only. LSE ``[B, H_Q, SEQ_Q]`` float32, natural log. VIS:
+    ws_table's :func:`_diagonal_table` (None for the others)."""
     FLAT: tl.constexpr = VARIANT >= 2
     # ws_two (6) is ws_split in two launches: PART 1 the specialised run, PART 2 the masked ones.
-    WS: tl.constexpr = 0 if VARIANT < 2 else (WS_SPLIT if VARIANT == 6 else VARIANT - 1)
+    WS: tl.constexpr = 0 if VARIANT < 2 else (WS_SPLIT if VARIANT == 6 else (WS_TABLE if VARIANT == 7 else
+                                                                              VARIANT - 1))
     num_m = tl.cdiv(SEQ_Q, BLOCK_M)
     if VARIANT == 1:
         heads = B * H_Q
@@ -270,7 +298,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
                 # A head's tiles side by side, so its keys are read from L2 by the programs after it.
                 pid_m = t % num_m
                 bh = t // num_m
-            _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
+            _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
                         LEFT, RIGHT, qk_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                         HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS, PART)
@@ -279,7 +307,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
         if HAS_RIGHT:
             pid_m = num_m - 1 - pid_m  # the longest rows start first, as in the general forward
         bh = tl.program_id(1)
-        _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
+        _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
                     LEFT, RIGHT, qk_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                     HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS, PART)
@@ -430,6 +458,18 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_torch_scratch)
 
 
+@functools.lru_cache(maxsize=None)
+def _diagonal_table(bm: int, bn: int, device) -> torch.Tensor:
+    """ws_table's visibility table, uint8 ``[2 bm + bn, bn]``: 1 where ``c + bm <= x``. Its
+    ``[bm, bn]`` tile from row ``t + bm`` is 1 exactly where key column ``c`` of row ``r`` has
+    ``c - r <= t``: the causal (right) bound of a key tile whose first key is ``t`` before row 0's
+    last visible one (``t >= bn``, all visible, reads from row bm + bn). Shifts go along rows, which
+    TMA takes at any offset (columns only at 16-byte ones); rows of bn bytes are 16-byte multiples."""
+    x = torch.arange(2 * bm + bn, device=device)[:, None]
+    c = torch.arange(bn, device=device)[None, :]
+    return (c + bm <= x).to(torch.uint8).contiguous()
+
+
 def _grid(variant: str, sq: int, heads: int, device):
     if variant == "persistent":
         sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
@@ -477,12 +517,14 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, variant: str
         bm, bn = (tile[0], tile[1]) if tile is not None else (64, 64)  # a tuned tile's pre-hook sets its own
         descs = (_descriptor(q, bm, bd), _descriptor(k, bn, bd), _descriptor(v, bn, bd), _descriptor(out, bm, bd))
     args = (*descs, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            b, hq, hq // hkv, sq, sk, left, right, scale * LOG2E, *buckets)
+            b, hq, hq // hkv, sq, sk, left, right, scale * LOG2E, *buckets, None)
     meta = dict(HEAD_DIM=d, BLOCK_D=bd, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, EVEN_K=sk % EVEN == 0,
                 VARIANT=VARIANTS[variant])
     grid = _grid(variant, sq, b * hq, q.device)
     if tile is None and variant in WS_VARIANTS:
         tile = tiles(variant, d)[0]  # one configuration each (TILES): nothing for an autotuner to pick
+    if variant == "ws_table" and right >= 0:
+        args = (*args[:-1], _diagonal_table(tile[0], tile[1], q.device))
     if tile is None:
         _tuned(variant, 64 if bd <= 64 else (128 if bd <= 128 else 256))[grid](*args, **meta)
         return out, lse
