@@ -13,9 +13,10 @@ configuration of the general kernel at each timed shape class), so its compiles 
 
 Phase 2, time: the issue-16 grid (16k tokens, model dim 2048, d 64 and 128, seq 1k/4k/16k, causal
 and not; GQA 8 at seq 4k) for SDPA cuDNN and flash, aule's general forward (autotuned), and each
-candidate that phase 1 found right on every class with the case's head_dim and mask. Medians of
-CUDA-graph replays (eager CUDA events where a call cannot be captured), TFLOP/s (4 B H S^2 d,
-halved for causal) and the ratio to cuDNN. Each row is printed as it is measured.
+candidate (at most --max-timed, in CANDIDATES' order) that phase 1 found right on the checked
+classes like the case (its head_dim and mask, MHA or GQA). Medians of CUDA-graph replays (eager
+CUDA events where a call cannot be captured), TFLOP/s (4 B H S^2 d, halved for causal) and the
+ratio to cuDNN. Each row is printed as it is measured.
 
 Everything it writes stays under $OUT (Triton's cache, removed at the end; hopper_ws_probe.json).
 The lead's budget is 120 s: phase 1 stops starting jobs at --check-budget seconds, phase 2 skips
@@ -47,12 +48,12 @@ TOKENS, MODEL_DIM = 16384, 2048
 # loop with its causal bound read from a table, and the 64-row tile (one consumer group: no split
 # of the rows between groups) beside the 128-row one.
 CANDIDATES = {
-    128: [("ws", (128, 128, 4, 2)), ("ws", (64, 128, 4, 2)), ("ws_two", (128, 128, 4, 2)),
-          ("ws_two", (64, 128, 4, 2)), ("ws_split", (128, 128, 4, 2)), ("ws_each", (128, 128, 4, 2)),
-          ("ws_unroll", (128, 128, 4, 2)), ("ws_table", (128, 128, 4, 2))],
-    64: [("ws", (128, 128, 4, 2)), ("ws", (128, 128, 4, 3)), ("ws", (64, 128, 4, 2)),
-         ("ws_two", (128, 128, 4, 2)), ("ws_two", (64, 128, 4, 2)), ("ws_split", (128, 128, 4, 2)),
-         ("ws_unroll", (128, 128, 4, 2)), ("ws_table", (128, 128, 4, 2))],
+    128: [("ws", (128, 128, 4, 2)), ("ws_two", (128, 128, 4, 2)), ("ws_table", (128, 128, 4, 2)),
+          ("ws_split", (128, 128, 4, 2)), ("ws_each", (128, 128, 4, 2)), ("ws_unroll", (128, 128, 4, 2)),
+          ("ws", (64, 128, 4, 2)), ("ws_two", (64, 128, 4, 2))],
+    64: [("ws", (128, 128, 4, 2)), ("ws_two", (128, 128, 4, 2)), ("ws_table", (128, 128, 4, 2)),
+         ("ws_split", (128, 128, 4, 2)), ("ws_unroll", (128, 128, 4, 2)), ("ws", (128, 128, 4, 3)),
+         ("ws", (64, 128, 4, 2)), ("ws_two", (64, 128, 4, 2))],
 }
 # The general kernel's reference tile per head_dim (its first sm_90 configuration).
 REF_TILE = {128: (128, 64, 8, 3), 64: (128, 64, 4, 3)}
@@ -316,7 +317,9 @@ def main() -> int:
     ap.add_argument("--job-timeout", type=float, default=40.0)
     ap.add_argument("--check-budget", type=float, default=55.0)
     ap.add_argument("--budget", type=float, default=108.0)
-    ap.add_argument("--rep", type=float, default=20.0, help="ms of eager repeats per timed row")
+    ap.add_argument("--rep", type=float, default=15.0, help="ms of eager repeats per timed row")
+    ap.add_argument("--max-timed", type=int, default=4,
+                    help="candidates timed per case, the first right ones in CANDIDATES' order")
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker)
@@ -426,9 +429,16 @@ def _main(a, start, out_dir: Path, scratch: Path) -> int:
         ws_ok = False
         for variant, tile in CANDIDATES[d]:
             label = f"{variant} {tile[0]}x{tile[1]}w{tile[2]}s{tile[3]}"
-            full_ok, masked_ok = served.get((d, label), (False, False))
-            # Unmasked, the split forms are the single loop: only the ws row is timed there.
-            if (masked_ok if causal else full_ok and variant == "ws") and (not only or variant in only):
+            # Timed where right on the checked classes like this case (its mask, MHA or GQA; the
+            # summary above says where else it is right). Unmasked, the split forms are the single
+            # loop: only the ws row is timed there.
+            single = "ws " + label.split(" ", 1)[1]
+            like = [("causal" if causal else "full", label if causal else single)]
+            if hkv != hq:
+                like.append(("gqa8-causal" if causal else "gqa8-full", label if causal else single))
+            right = all(checks.get((d, cls, lab), {}).get("right", False) for cls, lab in like)
+            timed = sum(1 for lab, _ in rows if lab.split()[0] in hopper.WS_VARIANTS)
+            if right and (causal or variant == "ws") and (not only or variant in only) and timed < a.max_timed:
                 rows.append((label, candidate(variant, tile)))
                 ws_ok = True
         if not ws_ok:
