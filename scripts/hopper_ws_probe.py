@@ -197,6 +197,11 @@ def worker(path: str) -> int:
         except Exception as exc:  # noqa: BLE001 - a failing candidate is a result of its own
             text = str(exc).strip().splitlines()
             result = {"error": f"{type(exc).__name__}: {(text[-1] if text else '')[:120]}"}
+            if "CUDA error" in str(exc) or "illegal" in str(exc).lower():
+                # The context is lost after a device fault: the jobs after this one need a new
+                # process, which the main side starts when this one exits.
+                print(f"DONE {index} {json.dumps(result)}", flush=True)
+                os._exit(17)
         print(f"DONE {index} {json.dumps(result)}", flush=True)
     return 0
 
