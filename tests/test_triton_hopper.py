@@ -148,8 +148,8 @@ def test_ws_serves_only_what_was_measured_right(monkeypatch):
     assert hopper.measured_refusal("ws", q, k, -1, -1) is None
     assert "gqa" in hopper.measured_refusal("ws", q, k[:, :1], -1, -1)
     assert "unequal" in hopper.measured_refusal("ws", q, torch.cat([k, k], 2), -1, -1)
-    assert "masked" in hopper.measured_refusal("ws", q, k, -1, 0)            # causal
-    assert "window (64, 0)" in hopper.measured_refusal("ws", q, k, 64, 0)    # sliding window
+    assert "causal" in hopper.measured_refusal("ws", q, k, -1, 0)
+    assert "causal, window (bounds (64, 0)" in hopper.measured_refusal("ws", q, k, 64, 0)  # sliding window
     assert "head_dim 64" in hopper.measured_refusal("ws", q[..., :64], k[..., :64], -1, -1)
     assert "ragged" in hopper.measured_refusal("ws", q[:, :, :200], k[:, :, :200], -1, -1)
     assert "ragged" in hopper.measured_refusal("ws", q, torch.cat([k, k], 2)[:, :, :300], -1, -1)
@@ -160,10 +160,11 @@ def test_ws_serves_only_what_was_measured_right(monkeypatch):
     assert [c.kwargs["BLOCK_N"] for c in hopper._configs("ws", 128)] == [128]
     # A row widens what is served by exactly its classes.
     monkeypatch.setitem(hopper.MEASURED_RIGHT, "ws_two", {"head_dims": (64, 128),
-                                                          "classes": frozenset({"masked", "gqa"})})
+                                                          "classes": frozenset({"causal", "gqa"})})
     assert hopper.measured_refusal("ws_two", q[..., :64], k[:, :1, :, :64], -1, 0) is None
     assert "unequal" in hopper.measured_refusal("ws_two", q, torch.cat([k, k], 2), -1, 0)
-    assert hopper.call_classes(q[:, :, :100], k[:, :1], 3, 0) == {"masked", "ragged", "gqa", "unequal"}
+    assert "window" in hopper.measured_refusal("ws_two", q, k, 16, 0)
+    assert hopper.call_classes(q[:, :, :100], k[:, :1], 3, 0) == {"causal", "window", "ragged", "gqa", "unequal"}
 
 
 @pytest.mark.skipif(GPU and not HOPPER, reason="the Hopper forward is for sm_90")
@@ -225,7 +226,8 @@ def test_gpu_hopper_matches_general_kernel(monkeypatch, variant, causal, shape):
 
 
 # One shape per call class (hopper.CALL_CLASSES), added to whole, unmasked, equal-length MHA.
-_CLASS_SHAPES = {None: ((2, 8, 8, 1024, 1024), -1, -1), "masked": ((2, 8, 8, 1024, 1024), -1, 0),
+_CLASS_SHAPES = {None: ((2, 8, 8, 1024, 1024), -1, -1), "causal": ((2, 8, 8, 1024, 1024), -1, 0),
+                 "window": ((2, 8, 8, 1024, 1024), 256, -1),
                  "ragged": ((1, 8, 8, 1000, 1000), -1, -1), "gqa": ((1, 64, 8, 512, 512), -1, -1),
                  "unequal": ((2, 8, 8, 512, 1536), -1, -1)}
 
@@ -245,7 +247,7 @@ def test_gpu_measured_rows_hold(variant):
                 has = row["classes"]
                 sq = 1000 if "ragged" in has else 1024
                 shape = (1, 16, 4 if "gqa" in has else 16, sq, 2 * sq if "unequal" in has else sq)
-                left, right = -1, 0 if "masked" in has else -1
+                left, right = 256 if "window" in has else -1, 0 if "causal" in has else -1
             else:
                 continue
             q, k, v = _inputs((*shape, d), dtype=torch.bfloat16)

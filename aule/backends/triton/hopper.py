@@ -355,14 +355,15 @@ def refusal(q, k, v, features: bool) -> str | None:
 MEASURED_RIGHT = {
     "ws": {"head_dims": (128,), "classes": frozenset()},
 }
-CALL_CLASSES = ("masked", "ragged", "gqa", "unequal")
+CALL_CLASSES = ("causal", "window", "ragged", "gqa", "unequal")
 
 
 def call_classes(q, k, left: int, right: int) -> frozenset:
-    """The classes of CALL_CLASSES a call is in: a causal mask or window, a length that is not a
-    multiple of 128 (a partial tile), GQA/MQA, seq_q != seq_k."""
+    """The classes of CALL_CLASSES a call is in: a right bound (causal), a left one (a sliding
+    window; Mistral's causal one is both), a length that is not a multiple of 128 (a partial tile),
+    GQA/MQA, seq_q != seq_k."""
     sq, sk = q.shape[2], k.shape[2]
-    found = {"masked": left >= 0 or right >= 0, "ragged": bool(sq % EVEN or sk % EVEN),
+    found = {"causal": right >= 0, "window": left >= 0, "ragged": bool(sq % EVEN or sk % EVEN),
              "gqa": q.shape[1] != k.shape[1], "unequal": sq != sk}
     return frozenset(name for name, yes in found.items() if yes)
 
@@ -382,7 +383,7 @@ def measured_refusal(variant: str, q, k, left: int, right: int) -> str | None:
     served = ", ".join(sorted(row["classes"])) or "none of them"
     return (f"{variant} serves head_dim {'/'.join(map(str, row['head_dims']))} and, of the classes "
             f"{'/'.join(CALL_CLASSES)}, {served} (measured right on the H200, Triton 3.6); this call has "
-            f"head_dim {d}{', ' + ', '.join(missing) if missing else ''} (window ({left}, {right}), "
+            f"head_dim {d}{', ' + ', '.join(missing) if missing else ''} (bounds ({left}, {right}), "
             f"seq {q.shape[2]}/{k.shape[2]}, heads {q.shape[1]}/{k.shape[1]})")
 
 
