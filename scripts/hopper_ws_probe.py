@@ -282,6 +282,50 @@ def run_jobs(jobs, workers: int, job_timeout: float, deadline: float, scratch: P
                 retire(slot, "skipped (check budget)")
 
 
+def _suggest_rows(torch, dims, checks) -> None:
+    """Print, per ws variant at the tile routing launches (its first in hopper.TILES), the largest
+    set of hopper.CALL_CLASSES whose every checked class it was right on, each member of it seen
+    right on some checked class: MEASURED_RIGHT's row."""
+    import itertools
+
+    from aule.backends.triton import hopper
+
+    def classes_of(cls):
+        b, hq, hkv, sq, sk, left, right = CLASSES[cls]
+        q = torch.empty((b, hq, sq, 8), device="meta")
+        k = torch.empty((b, hkv, sk, 8), device="meta")
+        return hopper.call_classes(q, k, left, right)
+
+    print("\nsuggested hopper.MEASURED_RIGHT (the largest class sets right on every checked class within them):")
+    for variant in hopper.WS_VARIANTS:
+        dims_ok, best = [], None
+        for d in dims:
+            tile = hopper.tiles(variant, d)[0]
+            label = f"{variant} {tile[0]}x{tile[1]}w{tile[2]}s{tile[3]}"
+            single = "ws " + label.split(" ", 1)[1]
+
+            def right(cls):
+                # Unmasked whole tiles: the split forms are the single loop there (not checked apart).
+                row = checks.get((d, cls, label)) or checks.get((d, cls, single) if not _masked(cls) else None)
+                return bool(row and row.get("right"))
+
+            if not right("full"):
+                continue
+            for n in range(len(hopper.CALL_CLASSES), -1, -1):
+                # Every checked class inside the set right, and each member seen right at least once.
+                sets = [frozenset(c) for c in itertools.combinations(hopper.CALL_CLASSES, n)
+                        if all(right(cls) for cls in CLASSES if classes_of(cls) <= frozenset(c))
+                        and all(any(m in classes_of(cls) <= frozenset(c) and right(cls) for cls in CLASSES)
+                                for m in c)]
+                if sets:
+                    found = max(sets, key=sorted)
+                    break
+            dims_ok.append(d)
+            best = found if best is None else best & found
+        if dims_ok:
+            print(f'    "{variant}": {{"head_dims": {tuple(sorted(dims_ok))}, "classes": frozenset({sorted(best)})}},')
+
+
 def _timed(torch, triton, fn, rep: float):
     """``(ms, graph)``: the median per call of CUDA-graph replays of back-to-back calls, or
     do_bench's eager time where the call cannot be captured."""
@@ -406,6 +450,7 @@ def _main(a, start, out_dir: Path, scratch: Path) -> int:
             print(f"  d{d} {label:24s} unmasked {'yes' if served[(d, label)][0] else 'no '} "
                   f"masked {'yes' if served[(d, label)][1] else 'no '}{'  wrong on: ' + ', '.join(bad) if bad else ''}")
 
+    _suggest_rows(torch, dims, checks)
     if DRY:
         return 0 if checks else 1
     print("\nphase 2: ms (graph replay; * eager), TFLOP/s, x cudnn")
