@@ -79,7 +79,7 @@ def _masked(cls) -> bool:
 
 
 def check_jobs(dims, only):
-    """Phase 1's jobs, grouped by (head_dim, class) so a worker makes each reference once."""
+    """Phase 1's jobs, by head_dim and class."""
     jobs = []
     for d in dims:
         for cls in CLASSES:
@@ -164,7 +164,6 @@ def _run_job(job, refs):
         b, hq, hkv, sq, sk = 1, max(1, hq // hkv), 1, sq // 8, sk // 8
     key = (d, cls)
     if key not in refs:
-        refs.clear()
         q, k, v = _inputs(torch, b, hq, hkv, sq, sk, d)
         want, want_lse = ops.attention_forward(q, k, v, d ** -0.5, left, right, tile=REF_TILE[d])
         refs[key] = (q, k, v, want.float(), want_lse)
@@ -211,14 +210,11 @@ def worker(path: str) -> int:
 def run_jobs(jobs, workers: int, job_timeout: float, deadline: float, scratch: Path, on_result):
     """Run ``jobs`` in up to ``workers`` processes; ``on_result(index, result)`` as each finishes.
     A worker that dies or stalls has its current job reported (CRASH / HANG) and restarts on the rest."""
+    # Dealt round the workers one by one, the checks first, then the compiles for phase 2: compile
+    # time dominates, and a worker keeps the references it made (one per head_dim and class).
     queues = [[] for _ in range(workers)]
-    # The checks first, each (head_dim, class) in one worker (one reference each), groups dealt
-    # round the workers; then the compiles for phase 2, dealt the same way.
-    groups = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault((job.get("d"), job.get("cls")) if job["kind"] == "check" else ("warm", i), []).append(i)
-    for n, members in enumerate(groups.values()):
-        queues[n % workers].extend(members)
+    for i in range(len(jobs)):
+        queues[i % workers].append(i)
     live = {}
     sel = selectors.DefaultSelector()
     counter = [0]
