@@ -32,7 +32,8 @@ def compile_variant(variant: str, tile, causal: bool, head_dim: int, element: st
     bm, bn, warps, stages = tile
     bd = hopper.block_d(head_dim)
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=bd, HAS_LEFT=False, HAS_RIGHT=causal, EVEN_K=True,
-                 VARIANT=hopper.VARIANTS[variant], BLOCK_M=bm, BLOCK_N=bn, PART=part)
+                 VARIANT=hopper.VARIANTS[variant], BLOCK_M=bm, BLOCK_N=bn, PART=part,
+                 LSE_TMA=variant in hopper.WS_VARIANTS)
     sig, attrs = {}, {}
     for i, name in enumerate(inspect.signature(hopper._attn_fwd_tma.fn).parameters):
         if name == "VIS" and not (variant == "ws_table" and causal):

@@ -34,6 +34,10 @@ CASES = [
     (1, 2, 2, 65, 65, 16, False, (9, 5)),  # a two-sided window: masked runs on both sides
     (1, 1, 1, 1, 53, 32, False, -1),     # one query row
     (1, 2, 2, 45, 128, 32, False, -1),   # seq_k a multiple of 128 (EVEN_K): ws reads tiles unmasked
+    # seq_q a multiple of 4: the ws forms store the LSE through a descriptor; windows through
+    # ws_table's table, both bounds
+    (1, 4, 2, 100, 164, 64, True, 30),
+    (1, 2, 2, 96, 96, 32, False, (20, 7)),
 ]
 
 

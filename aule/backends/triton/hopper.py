@@ -138,7 +138,7 @@ def _head_desc(T, off_b, off_h, stride_b, stride_h, stride_r, rows, HEAD_DIM: tl
 @triton.jit
 def _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start_n, SEQ_K, LEFT, RIGHT,
               qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, vis_desc, diag,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, vis_desc, diag, ldiag,
               TABLE: tl.constexpr):
     """One step of the online softmax (base 2) over key tile ``start_n``, as
     kernels._attn_fwd_inner computes it for a call without features: the row maximum takes the
@@ -152,11 +152,17 @@ def _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, st
     k = _tile(desc_k, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, FLAT)
     qk = tl.dot(q, k.T)
     if MASKED:
-        if TABLE and HAS_RIGHT:
-            vis = _visible(pos[:, None], (start_n + offs_n0)[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, False)
+        if TABLE:
+            # No row vector at all: the key bound is per column, the window's bounds are table
+            # tiles (the left one the complement of the tile one key further left).
             rows: tl.constexpr = pos.shape[0]
-            shift = tl.minimum(tl.maximum(diag - start_n + rows, 0), rows + BLOCK_N)
-            vis = vis & (vis_desc.load([shift, 0]) != 0)
+            vis = ((start_n + offs_n0) < SEQ_K)[None, :]
+            if HAS_RIGHT:
+                shift = tl.minimum(tl.maximum(diag - start_n + rows, 0), rows + BLOCK_N)
+                vis = vis & (vis_desc.load([shift, 0]) != 0)
+            if HAS_LEFT:
+                shift = tl.minimum(tl.maximum(ldiag - start_n - 1 + rows, 0), rows + BLOCK_N)
+                vis = vis & (vis_desc.load([shift, 0]) == 0)
         else:
             vis = _visible(pos[:, None], (start_n + offs_n0)[None, :], SEQ_K, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
         qk = tl.where(vis, qk, float("-inf"))
@@ -174,12 +180,12 @@ def _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, st
 def _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end, SEQ_K, LEFT, RIGHT,
               qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr, vis_desc=None,
-              diag=0, TABLE: tl.constexpr = False):
+              diag=0, ldiag=0, TABLE: tl.constexpr = False):
     """Key tiles ``[start, end)`` of one query tile; WS: the loop warp-specialised."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WS):
         acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start_n, SEQ_K,
                                   LEFT, RIGHT, qk_scale, MASKED, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT,
-                                  vis_desc, diag, TABLE)
+                                  vis_desc, diag, ldiag, TABLE)
     return acc, l_i, m_i
 
 
@@ -196,7 +202,7 @@ def _masked_tiles(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0
         if start_n < end:
             acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start_n, SEQ_K,
                                       LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT,
-                                      None, 0, False)
+                                      None, 0, 0, False)
     return acc, l_i, m_i
 
 
@@ -207,7 +213,7 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, off_b, off_h, pid_m, H
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr,
-                WS: tl.constexpr, PART: tl.constexpr):
+                WS: tl.constexpr, PART: tl.constexpr, LSE_TMA: tl.constexpr):
     """O and LSE of query tile ``pid_m`` of (batch, query head). EVEN_K: SEQ_K is a multiple of 128,
     so of every BLOCK_N, and only a mask can hide keys of a tile."""
     off_kvh = off_h // GROUP  # GQA: the query head's KV head, read in place
@@ -240,13 +246,13 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, off_b, off_h, pid_m, H
     if WS == WS_ONE or WS == WS_TABLE:
         # One loop over every visible tile, each masked unless no tile can need it.
         vis_desc = None
-        if WS == WS_TABLE and HAS_RIGHT:
+        if WS == WS_TABLE and (HAS_LEFT or HAS_RIGHT):
             vis_desc = tl.make_tensor_descriptor(VIS, shape=[2 * BLOCK_M + BLOCK_N, BLOCK_N], strides=[BLOCK_N, 1],
                                                  block_shape=[BLOCK_M, BLOCK_N])
         acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, lo, hi,
                                   SEQ_K, LEFT, RIGHT, qk_scale, HAS_LEFT or HAS_RIGHT or not EVEN_K, HAS_LEFT,
                                   HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT, True, vis_desc, start_m + SEQ_K - SEQ_Q + RIGHT,
-                                  WS == WS_TABLE)
+                                  start_m + SEQ_K - SEQ_Q - LEFT, WS == WS_TABLE)
     else:
         # The general kernel's three runs in its order; with warp specialisation only the fully
         # visible middle run is specialised (WS_SPLIT, WS_UNROLL) or every run is (WS_EACH).
@@ -266,7 +272,13 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, off_b, off_h, pid_m, H
                                               HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT,
                                               WS == WS_EACH or (run == 1 and WS != WS_NONE))
     out, lse2 = _finish_rows(acc, l_i, m_i)
-    tl.store(LSE + row0 + offs_m, lse2 * 0.6931471805599453, mask=offs_m < SEQ_Q)
+    if LSE_TMA:
+        # Through a descriptor, as O: on the H200 the specialised kernels' pointer store of this
+        # row vector wrote the wrong rows (an LSE off by its own size) where O, stored so, was right.
+        lse_desc = tl.make_tensor_descriptor(LSE + row0, shape=[SEQ_Q], strides=[1], block_shape=[BLOCK_M])
+        lse_desc.store([start_m], lse2 * 0.6931471805599453)
+    else:
+        tl.store(LSE + row0 + offs_m, lse2 * 0.6931471805599453, mask=offs_m < SEQ_Q)
     _put(desc_o, off_b, off_h, start_m, out.to(q.dtype), BLOCK_M, BLOCK_D, FLAT)
 
 
@@ -277,7 +289,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
                   B, H_Q, GROUP, SEQ_Q, SEQ_K, LEFT, RIGHT, qk_scale, Q_BUCKET, K_BUCKET, VIS,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   EVEN_K: tl.constexpr, VARIANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PART: tl.constexpr = 0):
+                  PART: tl.constexpr = 0, LSE_TMA: tl.constexpr = False):
     """The Hopper forward (module docstring). ``desc_*``: 4-D host descriptors (VARIANT 0, 1) or the
     tensors themselves (VARIANT 2: descriptors are made per (batch, head) here, from the strides).
     Q_BUCKET/K_BUCKET key the autotuner only. LSE ``[B, H_Q, SEQ_Q]`` float32, natural log. VIS:
@@ -301,7 +313,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
             _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
                         LEFT, RIGHT, qk_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                        HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS, PART)
+                        HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS, PART, LSE_TMA)
     else:
         pid_m = tl.program_id(0)
         if HAS_RIGHT:
@@ -310,7 +322,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
         _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, bh // H_Q, bh % H_Q, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
                     LEFT, RIGHT, qk_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                    HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS, PART)
+                    HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, EVEN_K, BLOCK_M, BLOCK_N, FLAT, WS, PART, LSE_TMA)
 
 
 # --- host side ----------------------------------------------------------------------------------
@@ -524,8 +536,10 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, variant: str
     grid = _grid(variant, sq, b * hq, q.device)
     if tile is None and variant in WS_VARIANTS:
         tile = tiles(variant, d)[0]  # one configuration each (TILES): nothing for an autotuner to pick
-    if variant == "ws_table" and right >= 0:
+    if variant == "ws_table" and (left >= 0 or right >= 0):
         args = (*args[:-1], _diagonal_table(tile[0], tile[1], q.device))
+    if variant in WS_VARIANTS and sq % 4 == 0:  # the LSE rows' base 16-byte aligned, as TMA needs
+        meta["LSE_TMA"] = True
     if tile is None:
         _tuned(variant, 64 if bd <= 64 else (128 if bd <= 128 else 256))[grid](*args, **meta)
         return out, lse
