@@ -146,9 +146,15 @@ def test_variant_for_keeps_the_general_kernel_off_hopper(monkeypatch):
 
 def test_ws_serves_only_what_was_measured_right(monkeypatch):
     """Routing hands a warp-specialised variant only the head_dims and call classes the H200
-    measured it right on (hopper.MEASURED_RIGHT); ws was right only on whole, unmasked d128 tiles
-    of equal heads and lengths, and the variants without a row get nothing."""
+    measured it right on (hopper.MEASURED_RIGHT); a variant without a row gets nothing."""
     q, k, v = _inputs((1, 2, 2, 256, 256, 128))
+    for variant in set(hopper.WS_VARIANTS) - set(hopper.MEASURED_RIGHT):
+        assert "not been measured" in hopper.measured_refusal(variant, q, k, -1, -1)
+    assert hopper.measured_refusal("tma", q, k, -1, 0) is None
+    assert hopper.measured_refusal("persistent", q[:, :, :200], k, 30, 0) is None
+    assert [c.kwargs["BLOCK_N"] for c in hopper._configs("ws", 128)] == [128]
+    # A row serves its head_dims and exactly its classes.
+    monkeypatch.setitem(hopper.MEASURED_RIGHT, "ws", {"head_dims": (128,), "classes": frozenset()})
     assert hopper.measured_refusal("ws", q, k, -1, -1) is None
     assert "gqa" in hopper.measured_refusal("ws", q, k[:, :1], -1, -1)
     assert "unequal" in hopper.measured_refusal("ws", q, torch.cat([k, k], 2), -1, -1)
@@ -157,12 +163,6 @@ def test_ws_serves_only_what_was_measured_right(monkeypatch):
     assert "head_dim 64" in hopper.measured_refusal("ws", q[..., :64], k[..., :64], -1, -1)
     assert "ragged" in hopper.measured_refusal("ws", q[:, :, :200], k[:, :, :200], -1, -1)
     assert "ragged" in hopper.measured_refusal("ws", q, torch.cat([k, k], 2)[:, :, :300], -1, -1)
-    assert hopper.measured_refusal("tma", q, k, -1, 0) is None
-    assert hopper.measured_refusal("persistent", q[:, :, :200], k, 30, 0) is None
-    for variant in set(hopper.WS_VARIANTS) - set(hopper.MEASURED_RIGHT):
-        assert "not been measured" in hopper.measured_refusal(variant, q, k, -1, -1)
-    assert [c.kwargs["BLOCK_N"] for c in hopper._configs("ws", 128)] == [128]
-    # A row widens what is served by exactly its classes.
     monkeypatch.setitem(hopper.MEASURED_RIGHT, "ws_two", {"head_dims": (64, 128),
                                                           "classes": frozenset({"causal", "gqa"})})
     assert hopper.measured_refusal("ws_two", q[..., :64], k[:, :1, :, :64], -1, 0) is None

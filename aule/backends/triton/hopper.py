@@ -361,12 +361,12 @@ def refusal(q, k, v, features: bool) -> str | None:
 # whole-tile, equal-length MHA it was right on. Routing hands a variant only calls inside its row;
 # a variant without a row was not measured right anywhere and is handed nothing (the general kernel
 # serves), though attention_forward runs it when asked (scripts/hopper_ws_probe.py does).
-# ws: right only unmasked at head_dim 128 with 128 x 128 tiles; with a mask in its loop rows were
-# off by 0.7-1.0, at head_dim 64 and with 64-key tiles NaN, and with GQA 16/4 at seq 1024/2048 the
-# LSE was off by more than 1e-3.
-MEASURED_RIGHT = {
-    "ws": {"head_dims": (128,), "classes": frozenset()},
-}
+# None is, at the tiles routing launches (128 x 128, four warps): on the H200 (hopws-1, before the
+# LSE went through a descriptor) ws's O was right unmasked but its LSE off by its own size at
+# every class, which the first session's check of O alone had missed (it served d128 unmasked
+# MHA); with a mask the rows were off by up to 1.2, with three stages NaN. The 64-row tiles were
+# right everywhere at half the general kernel's speed, so they are not routed either.
+MEASURED_RIGHT: dict = {}
 CALL_CLASSES = ("causal", "window", "ragged", "gqa", "unequal")
 
 
