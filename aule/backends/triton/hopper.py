@@ -88,11 +88,10 @@ TILES = {
     # Every warp-specialised variant (WS_VARIANTS): the kernel's 4 warps are the consumers (Triton's
     # Hopper pass splits 128 rows between two consumer groups of 64) beside a producer group it
     # adds; offline (Triton 3.9, tests/hopper_compile_check.py) these specialise, with setmaxnreg
-    # and no spills (with 8 warps the pass declines the loop). On the H200 (Triton 3.6) 128 x 128
-    # at head_dim 128 gave right rows unmasked; 128 x 128 in three stages and 128 x 64 NaN at head_dim
-    # 64. A launch without a forced tile takes the first row; the 64-row tiles (one consumer
-    # group, no split of the rows) are there for scripts/hopper_ws_probe.py to tell the pass's row
-    # split from the rest.
+    # and no spills (with 8 warps the pass declines the loop). On the H200 (Triton 3.6, hopws-1)
+    # the 128-row tiles got the row vectors the pass splits wrong (see MEASURED_RIGHT) and gave NaN
+    # with three stages; the 64-row tiles (one consumer group, no split) were right everywhere at
+    # half the general kernel's speed. A launch without a forced tile takes the first row.
     "ws": {64: [(128, 128, 4, 2), (128, 128, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)],
            128: [(128, 128, 4, 2), (128, 64, 4, 3), (64, 128, 4, 2)],
            256: [(128, 32, 4, 2), (64, 64, 4, 2)]},
