@@ -319,9 +319,8 @@ def triton_scores() -> TritonScores:
 # with one program per query tile, the same persistent over the SMs, and descriptors made on the
 # device with the key loop warp-specialised (Triton's Hopper pass wants device descriptors), in
 # the forms hopper.WS_VARIANTS lists (one loop; the unmasked run alone specialised, the masked
-# ones beside it in a loop, as straight-line tiles, each in its own loop, or in a second launch;
-# or one loop whose causal bound is read from a table).
-HOPPER_VARIANTS = ("tma", "persistent", "ws", "ws_split", "ws_unroll", "ws_each", "ws_two", "ws_table")
+# ones in a second launch; one loop whose bounds are read from a table).
+HOPPER_VARIANTS = ("tma", "persistent", "ws", "ws_two", "ws_table")
 
 
 @functools.lru_cache(maxsize=16)

@@ -45,14 +45,14 @@ os.environ.pop("AULE_TRITON_HOPPER", None)  # the general kernel's rows are the 
 TOKENS, MODEL_DIM = 16384, 2048
 
 # (variant, tile) per head_dim, the likeliest first. The first H200 run (hopws-1, Triton 3.6):
-# ws_split and ws_each fail to compile there too; 64-row tiles (one consumer group, no split of
-# the rows) are right everywhere and half as fast; 128-row ones got every row vector the pass
-# split wrong (the mask's positions, the LSE's pointer store), and NaN with three stages.
+# 64-row tiles (one consumer group, no split of the rows) are right everywhere and half as fast;
+# 128-row ones got every row vector the pass split wrong (the mask's positions, the LSE's pointer
+# store), and NaN with three stages; the forms with a second loop failed to compile.
 CANDIDATES = {
     128: [("ws_table", (128, 128, 4, 2)), ("ws", (128, 128, 4, 2)), ("ws_two", (128, 128, 4, 2)),
-          ("ws_unroll", (128, 128, 4, 2)), ("ws", (64, 128, 4, 2))],
+          ("ws", (64, 128, 4, 2))],
     64: [("ws_table", (128, 128, 4, 2)), ("ws", (128, 128, 4, 2)), ("ws_two", (128, 128, 4, 2)),
-         ("ws_unroll", (128, 128, 4, 2)), ("ws", (64, 128, 4, 2))],
+         ("ws", (64, 128, 4, 2))],
 }
 # The general kernel's reference tile per head_dim (its first sm_90 configuration).
 REF_TILE = {128: (128, 64, 8, 3), 64: (128, 64, 4, 3)}

@@ -5,8 +5,7 @@ and whether its loads are TMA copies (``cp.async.bulk.tensor``), its products wg
 warp-specialised variant, whether Triton's Hopper pass split the loop into warp groups
 (``setmaxnreg``, which only a specialised kernel issues; ``warps`` counts the groups it added).
 Fails when a tile does not compile, spills, needs more than sm_90's shared memory, or issues no TMA
-load or no wgmma, and when a ws or ws_two loop is not specialised; the other ws forms
-(REPORT_ONLY) are reported, not judged.
+load or no wgmma, and when a ws form's loop is not specialised.
 Run in its own process: ``TRITON_INTERPRET`` must be unset.
 """
 from __future__ import annotations
@@ -58,16 +57,9 @@ def compile_variant(variant: str, tile, causal: bool, head_dim: int, element: st
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
-# The ws forms beside the single loop and ws_two are for the H200 to judge on its own Triton
-# (scripts/hopper_ws_probe.py): Triton 3.9's Hopper pass fails on a second loop beside the
-# specialised one (ws_split, ws_each) and declines a loop with straight-line tiles after it
-# (ws_unroll), so for them this check reports what it got and fails on nothing.
-REPORT_ONLY = ("ws_split", "ws_each", "ws_unroll")
-
-
 def builds():
     """``(variant, head_dim, tile, causal, part)`` of every kernel to compile: every tile of tma,
-    persistent and ws, each ws form's first tile at head_dim 64 and 128 (its others are ws's),
+    persistent and ws, the other ws forms' first tile at head_dim 64 and 128 (their others are ws's),
     and for ws_two with a mask both of its launches (PART 1: the specialised run; PART 2: the
     masked tiles, eight warps)."""
     for variant in hopper.VARIANTS:
@@ -89,7 +81,6 @@ def builds():
 def main() -> int:
     failures, rows = [], []
     for variant, d, tile, causal, part in builds():
-        report_only = variant in REPORT_ONLY
         name = (f"{variant:10s} d{d:<3d} {str(tile):18s} {'causal' if causal else 'full':6s}"
                 f"{f' part {part}' if part else ''}")
         try:
@@ -97,8 +88,7 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - reported with the tile it failed for
             msg = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
             rows.append(f"{name} FAILED: {msg}")
-            if not report_only:
-                failures.append(f"{name}: {msg}")
+            failures.append(f"{name}: {msg}")
             continue
         ptx = k.asm["ptx"]
         tma = "cp.async.bulk.tensor" in ptx
@@ -109,8 +99,6 @@ def main() -> int:
         rows.append(f"{name} regs {usage.get('REG')} stack {stack} smem {k.metadata.shared // 1024:3d} KB "
                     f"warps {k.metadata.num_warps:2d} tma {int(tma)} wgmma {int(wgmma)} specialised {int(ws)}")
         smem = k.metadata.shared
-        if report_only:
-            continue
         if stack or not tma or not wgmma or smem > SM90_SHARED:
             failures.append(f"{name}: stack {stack}, tma {tma}, wgmma {wgmma}, shared {smem}")
         if variant in hopper.WS_VARIANTS and part != 2 and not ws:

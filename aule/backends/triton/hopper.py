@@ -24,17 +24,17 @@ The variants (``VARIANT``), chosen by ``AULE_TRITON_HOPPER`` until timed on the 
   Triton's allocator) and the key loop ``warp_specialize``d: Triton's Hopper pass splits a
   producer warp group issuing the loads from the consumers doing the products, which it does only
   for loops whose loads come from device-made descriptors. One loop over every visible tile.
-* ``ws_split``, ``ws_unroll``, ``ws_each``, ``ws_two`` (3-6): the same with only the fully visible
-  run of tiles in a specialised loop and the masked runs (the causal diagonal, a window's edge, a
-  partial last tile) beside it, since the pass's split of a tile's rows between two consumer groups
-  was measured wrong with a mask inside its loop (Triton 3.6; its own tutorial specialises attention
-  on Hopper only without one). The masked runs go in plain loops after it (``ws_split``), as
-  straight-line tiles (``ws_unroll``), each in a specialised loop of its own as the tutorial's stages
-  (``ws_each``), or in a second, plain launch that finishes each row from the O and LSE the first
-  left (``ws_two``: the specialised kernel is then the one shape known right, one unmasked loop).
-* ``ws_table`` (7): the single loop, its causal bound read as a tile of a small visibility table
-  through a descriptor (rows the pass splits as it splits Q's) instead of computed from row
-  positions, in case the pass's split of row vectors is what went wrong.
+* ``ws_two`` (3): only the fully visible run of tiles in the specialised loop, since the pass's
+  split of a tile's rows between two consumer groups was measured wrong with a mask inside its
+  loop (Triton 3.6; its own tutorial specialises attention on Hopper only without one); the masked
+  runs (the causal diagonal, a window's edge, a partial last tile) in a second, plain launch that
+  finishes each row from the O and LSE the first left. (A second loop beside the specialised one
+  fails to compile on Triton 3.6 and 3.9, and straight-line tiles after it make the pass decline:
+  those forms were measured and dropped, results/notes/triton_hopper_NOTES.md.)
+* ``ws_table`` (4): the single loop, its causal and window bounds read as tiles of a small
+  visibility table through a descriptor (rows the pass splits as it splits Q's) and its key bound
+  per column, with no row vector in the loop, since the row vectors the pass split were what went
+  wrong on the H200.
 
 Which variant serves which calls is measured (:data:`MEASURED_RIGHT`, scripts/hopper_ws_probe.py).
 """
@@ -54,21 +54,17 @@ from .kernels import _finish_rows, _key_runs, _run_bounds, _shift, _visible
 
 log = logging.getLogger("aule")
 
-VARIANTS = {"tma": 0, "persistent": 1, "ws": 2, "ws_split": 3, "ws_unroll": 4, "ws_each": 5, "ws_two": 6,
-            "ws_table": 7}
+VARIANTS = {"tma": 0, "persistent": 1, "ws": 2, "ws_two": 3, "ws_table": 4}
 WS_VARIANTS = tuple(name for name in VARIANTS if name.startswith("ws"))
 
-# How a query tile's key runs are warp-specialised (VARIANT - 1 for the ws variants): not at all;
-# one loop over every run (masked throughout when any tile needs it); only the fully visible run,
-# the masked runs in plain loops beside it; only the fully visible run, the masked runs as
-# straight-line tiles (so the specialised loop is the kernel's only loop); every run its own loop;
-# one loop whose causal bound is read from a table (_diagonal_table) instead of row positions.
+# How a query tile's key runs are warp-specialised (from VARIANT): not at all; one loop over every
+# run (masked throughout when any tile needs it); only the fully visible run (ws_two's first
+# launch; its second takes the masked runs unspecialised); one loop whose bounds are read from a
+# table (_diagonal_table) instead of row positions.
 WS_NONE = tl.constexpr(0)
 WS_ONE = tl.constexpr(1)
 WS_SPLIT = tl.constexpr(2)
-WS_UNROLL = tl.constexpr(3)
-WS_EACH = tl.constexpr(4)
-WS_TABLE = tl.constexpr(5)
+WS_TABLE = tl.constexpr(3)
 LOG2E_C = tl.constexpr(LOG2E)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class on sm_90. 128 query rows with 8
@@ -92,8 +88,8 @@ TILES = {
     # the 128-row tiles got the row vectors the pass splits wrong (see MEASURED_RIGHT) and gave NaN
     # with three stages; the 64-row tiles (one consumer group, no split) were right everywhere at
     # half the general kernel's speed. A launch without a forced tile takes the first row.
-    "ws": {64: [(128, 128, 4, 2), (128, 128, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)],
-           128: [(128, 128, 4, 2), (128, 64, 4, 3), (64, 128, 4, 2)],
+    "ws": {64: [(128, 128, 4, 2), (64, 128, 4, 2)],
+           128: [(128, 128, 4, 2), (64, 128, 4, 2)],
            256: [(128, 32, 4, 2), (64, 64, 4, 2)]},
 }
 
@@ -189,23 +185,6 @@ def _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, st
 
 
 @triton.jit
-def _masked_tiles(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start, end, SEQ_K, LEFT, RIGHT,
-                  qk_scale, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr):
-    """A masked run ``[start, end)`` of _key_runs as straight-line code, no loop: such a run starts
-    on a tile and spans at most BLOCK_M + BLOCK_N - 2 keys, so ``cdiv(BLOCK_M + BLOCK_N - 2,
-    BLOCK_N)`` steps cover it, each taken only where it starts before ``end``. This keeps the
-    warp-specialised run the kernel's only loop, the one shape Triton's Hopper pass is known to take."""
-    for i in tl.static_range((BLOCK_M + 2 * BLOCK_N - 3) // BLOCK_N):
-        start_n = start + i * BLOCK_N
-        if start_n < end:
-            acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, start_n, SEQ_K,
-                                      LEFT, RIGHT, qk_scale, True, HAS_LEFT, HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT,
-                                      None, 0, 0, False)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, off_b, off_h, pid_m, H_Q, GROUP, SEQ_Q, SEQ_K,
                 LEFT, RIGHT, qk_scale,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
@@ -253,23 +232,17 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, off_b, off_h, pid_m, H
                                   HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT, True, vis_desc, start_m + SEQ_K - SEQ_Q + RIGHT,
                                   start_m + SEQ_K - SEQ_Q - LEFT, WS == WS_TABLE)
     else:
-        # The general kernel's three runs in its order; with warp specialisation only the fully
-        # visible middle run is specialised (WS_SPLIT, WS_UNROLL) or every run is (WS_EACH).
+        # The general kernel's three runs in its order; with warp specialisation (WS_SPLIT) only
+        # the fully visible middle run is specialised.
         for run in tl.static_range(3):
             # Run 0 is empty without a left bound, run 2 without a right one on whole key tiles;
             # PART 1 takes only the fully visible run, PART 2 only the masked ones.
             if ((run != 0 or HAS_LEFT) and (run != 2 or HAS_RIGHT or not EVEN_K)
                     and (PART == 0 or (PART == 1) == (run == 1))):
                 start, end = _run_bounds(run, lo, lo_end, mid0, mid1, hi)
-                if run != 1 and WS == WS_UNROLL:
-                    acc, l_i, m_i = _masked_tiles(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0,
-                                                  start, end, SEQ_K, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT,
-                                                  BLOCK_M, BLOCK_N, BLOCK_D, FLAT)
-                else:
-                    acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0,
-                                              start, end, SEQ_K, LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT,
-                                              HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT,
-                                              WS == WS_EACH or (run == 1 and WS != WS_NONE))
+                acc, l_i, m_i = _key_loop(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0,
+                                          start, end, SEQ_K, LEFT, RIGHT, qk_scale, run != 1, HAS_LEFT,
+                                          HAS_RIGHT, BLOCK_N, BLOCK_D, FLAT, run == 1 and WS != WS_NONE)
     out, lse2 = _finish_rows(acc, l_i, m_i)
     if LSE_TMA:
         # Through a descriptor, as O: on the H200 the specialised kernels' pointer store of this
@@ -294,9 +267,9 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
     Q_BUCKET/K_BUCKET key the autotuner only. LSE ``[B, H_Q, SEQ_Q]`` float32, natural log. VIS:
     ws_table's :func:`_diagonal_table` (None for the others)."""
     FLAT: tl.constexpr = VARIANT >= 2
-    # ws_two (6) is ws_split in two launches: PART 1 the specialised run, PART 2 the masked ones.
-    WS: tl.constexpr = 0 if VARIANT < 2 else (WS_SPLIT if VARIANT == 6 else (WS_TABLE if VARIANT == 7 else
-                                                                              VARIANT - 1))
+    # ws_two's launches: PART 1 the specialised run, PART 2 the masked ones.
+    WS: tl.constexpr = WS_NONE if VARIANT < 2 else (WS_ONE if VARIANT == 2 else
+                                                    (WS_SPLIT if VARIANT == 3 else WS_TABLE))
     num_m = tl.cdiv(SEQ_Q, BLOCK_M)
     if VARIANT == 1:
         heads = B * H_Q
