@@ -168,6 +168,7 @@ def test_ws_serves_only_what_was_measured_right(monkeypatch):
     assert hopper.measured_refusal("ws_two", q[..., :64], k[:, :1, :, :64], -1, 0) is None
     assert "unequal" in hopper.measured_refusal("ws_two", q, torch.cat([k, k], 2), -1, 0)
     assert "window" in hopper.measured_refusal("ws_two", q, k, 16, 0)
+    assert "multiple of 4" in hopper.measured_refusal("ws_two", q[:, :, :99, :64], k[..., :64], -1, 0)
     assert hopper.call_classes(q[:, :, :100], k[:, :1], 3, 0) == {"causal", "window", "ragged", "gqa", "unequal"}
 
 

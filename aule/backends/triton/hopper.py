@@ -360,6 +360,9 @@ def measured_refusal(variant: str, q, k, left: int, right: int) -> str | None:
     row = MEASURED_RIGHT.get(variant)
     if row is None:
         return f"{variant} has not been measured right on the H200 (Triton 3.6): routing keeps the general forward"
+    if q.shape[2] % 4:
+        # Its LSE then goes through the pointer store the H200 showed the pass splitting wrong.
+        return f"{variant} stores its LSE through a descriptor, which needs seq_q a multiple of 4, got {q.shape[2]}"
     d = q.shape[-1]
     missing = sorted(call_classes(q, k, left, right) - row["classes"])
     if d in row["head_dims"] and not missing:
