@@ -125,7 +125,7 @@ def test_refusals_name_the_rule():
 
 
 def test_setting_parses_and_rejects(monkeypatch):
-    for raw, want in (("", None), ("0", None), ("off", None), ("tma", "tma"), (" WS ", "ws"),
+    for raw, want in (("", "auto"), (" Auto", "auto"), ("0", None), ("off", None), ("tma", "tma"), (" WS ", "ws"),
                       ("persistent", "persistent")):
         monkeypatch.setenv("AULE_TRITON_HOPPER", raw)
         assert settings.triton_hopper() == want
@@ -153,6 +153,14 @@ def test_ws_serves_only_what_was_measured_right(monkeypatch):
     assert hopper.measured_refusal("tma", q, k, -1, 0) is None
     assert hopper.measured_refusal("persistent", q[:, :, :200], k, 30, 0) is None
     assert [c.kwargs["BLOCK_N"] for c in hopper._configs("ws", 128)] == [128]
+    # The rows hopws-2 measured: ws unmasked only, ws_two everything, ws_table all but windows.
+    assert hopper.measured_refusal("ws", q, k[:, :1], -1, -1) is None
+    assert hopper.measured_refusal("ws", q[:, :, :200], torch.cat([k, k], 2)[:, :, :300], -1, -1) is None
+    assert "causal" in hopper.measured_refusal("ws", q, k, -1, 0)
+    assert hopper.measured_refusal("ws_two", q[..., :64], k[:, :1, :, :64], 64, 0) is None
+    assert hopper.measured_refusal("ws_table", q, k, -1, 0) is None
+    assert "window" in hopper.measured_refusal("ws_table", q, k, 64, 0)
+    assert "head_dim 80" in hopper.measured_refusal("ws_two", q[..., :80], k[..., :80], -1, 0)
     # A row serves its head_dims and exactly its classes.
     monkeypatch.setitem(hopper.MEASURED_RIGHT, "ws", {"head_dims": (128,), "classes": frozenset()})
     assert hopper.measured_refusal("ws", q, k, -1, -1) is None
@@ -228,6 +236,47 @@ def test_gpu_hopper_matches_general_kernel(monkeypatch, variant, causal, shape):
     assert_matches_reference(out[one].float().cpu().numpy(), lse[one].cpu().numpy(),
                              *(t[one].float().cpu().numpy() for t in (q, k, v)), "bfloat16",
                              causal=causal, scale=d ** -0.5)
+
+
+def test_default_routes_only_what_was_measured_faster():
+    """AULE_TRITON_HOPPER unset: ws for d128 unmasked bfloat16 from 4k keys, ws_two for d128 causal
+    MHA from 16k keys (hopper.DEFAULT_ROUTES), the general kernel for everything else."""
+    def call(hq, hkv, sq, sk, d=128, dtype=torch.bfloat16):
+        return torch.empty((1, hq, sq, d), dtype=dtype), torch.empty((1, hkv, sk, d), dtype=dtype)
+
+    assert hopper.default_variant(*call(4, 4, 4096, 4096), -1, -1) == "ws"
+    assert hopper.default_variant(*call(16, 2, 1000, 4096), -1, -1) == "ws"   # GQA, ragged queries
+    assert hopper.default_variant(*call(4, 4, 1024, 1024), -1, -1) is None    # s1k: 0.97x
+    assert hopper.default_variant(*call(4, 4, 4096, 4096, d=64), -1, -1) is None
+    assert hopper.default_variant(*call(4, 4, 4096, 4096, dtype=torch.float16), -1, -1) is None
+    assert hopper.default_variant(*call(4, 4, 4094, 4096), -1, -1) is None    # seq_q % 4: the LSE's store
+    assert hopper.default_variant(*call(2, 2, 16384, 16384), -1, 0) == "ws_two"
+    assert hopper.default_variant(*call(2, 2, 4096, 4096), -1, 0) is None     # s4k causal: 0.87x
+    assert hopper.default_variant(*call(4, 2, 16384, 16384), -1, 0) is None   # GQA causal: not faster
+    assert hopper.default_variant(*call(2, 2, 16384, 16384), 256, 0) is None  # windows: not measured faster
+    for route in hopper.DEFAULT_ROUTES:  # every default route lies inside what was measured right
+        row = hopper.MEASURED_RIGHT[route["variant"]]
+        assert set(route["head_dims"]) <= set(row["head_dims"])
+        assert not route["causal"] or "causal" in row["classes"]
+        assert not route["gqa"] or "gqa" in row["classes"]
+
+
+@hopper_only
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_default_routes_match_general_kernel(monkeypatch, causal):
+    """On the H200: a call DEFAULT_ROUTES hands to a ws form, AULE_TRITON_HOPPER unset, against
+    the general kernel (AULE_TRITON_HOPPER=0) on the same inputs."""
+    shape = (1, 4, 4, 16384, 16384, 128) if causal else (2, 16, 2, 4096, 4096, 128)
+    q, k, v = _inputs(shape, dtype=torch.bfloat16)
+    left, right = -1, 0 if causal else -1
+    monkeypatch.delenv("AULE_TRITON_HOPPER", raising=False)
+    assert hopper.variant_for(q, k, v, left, right, False) == ("ws_two" if causal else "ws")
+    out, lse = ops.attention_forward(q, k, v, 128 ** -0.5, left, right)
+    monkeypatch.setenv("AULE_TRITON_HOPPER", "0")
+    assert hopper.variant_for(q, k, v, left, right, False) is None
+    want, want_lse = ops.attention_forward(q, k, v, 128 ** -0.5, left, right)
+    assert (out.float() - want.float()).abs().max().item() < 2e-2
+    assert torch.allclose(lse, want_lse, atol=1e-3, rtol=0, equal_nan=True)
 
 
 # One shape per call class (hopper.CALL_CLASSES), added to whole, unmasked, equal-length MHA.

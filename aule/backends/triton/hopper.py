@@ -333,12 +333,42 @@ def refusal(q, k, v, features: bool) -> str | None:
 # whole-tile, equal-length MHA it was right on. Routing hands a variant only calls inside its row;
 # a variant without a row was not measured right anywhere and is handed nothing (the general kernel
 # serves), though attention_forward runs it when asked (scripts/hopper_ws_probe.py does).
-# None is, at the tiles routing launches (128 x 128, four warps): on the H200 (hopws-1, before the
-# LSE went through a descriptor) ws's O was right unmasked but its LSE off by its own size at
-# every class, which the first session's check of O alone had missed (it served d128 unmasked
-# MHA); with a mask the rows were off by up to 1.2, with three stages NaN. The 64-row tiles were
-# right everywhere at half the general kernel's speed, so they are not routed either.
-MEASURED_RIGHT: dict = {}
+# hopws-2 (Triton 3.6, the LSE through a descriptor; hopws-1 before it had the LSE off by its own
+# size): at 128 x 128, four warps, two stages. ws: right unmasked (GQA 16/4 at 1024/2048 and 64/8,
+# ragged 1000/1100) and wrong with any mask (the row positions, off by up to 1.2). ws_two: right
+# on every class. ws_table: right on every class but a window at d128, whose two table tiles per
+# step overflow shared memory (257 KB). The 64-row tiles were right everywhere at half speed and
+# three stages NaN; routing launches neither.
+MEASURED_RIGHT: dict = {
+    "ws": {"head_dims": (64, 128), "classes": frozenset({"gqa", "ragged", "unequal"})},
+    "ws_two": {"head_dims": (64, 128), "classes": frozenset({"causal", "window", "gqa", "ragged", "unequal"})},
+    "ws_table": {"head_dims": (64, 128), "classes": frozenset({"causal", "gqa", "ragged", "unequal"})},
+}
+# What AULE_TRITON_HOPPER unset ("auto") routes: where a variant was measured right and faster
+# than the general kernel on the H200 (hopws-2, bfloat16, TFLOP/s against the general kernel's):
+# ws at d128 unmasked from 4k keys (1.15x s4k, 1.16x s16k, 1.03x GQA 16/2 s4k; 0.97x at s1k, and
+# slower at d64: 0.72-0.96x), ws_two at d128 causal from 16k keys without GQA (1.08x; 0.87x at
+# s4k, 0.79x GQA s4k, 0.38x s1k). Each route stays inside its variant's MEASURED_RIGHT row.
+DEFAULT_ROUTES = (
+    {"variant": "ws", "head_dims": (128,), "causal": False, "min_seq_k": 4096, "gqa": True},
+    {"variant": "ws_two", "head_dims": (128,), "causal": True, "min_seq_k": 16384, "gqa": False},
+)
+_DEFAULT_DTYPES = (torch.bfloat16,)  # measured in bfloat16 only
+
+
+def default_variant(q, k, left: int, right: int) -> str | None:
+    """The variant DEFAULT_ROUTES gives this call (within its MEASURED_RIGHT row), else None: no
+    window, bfloat16, head_dim, mask, GQA and key count as a route was measured faster at."""
+    if q.dtype not in _DEFAULT_DTYPES or left >= 0:
+        return None
+    for route in DEFAULT_ROUTES:
+        if (q.shape[-1] in route["head_dims"] and (right >= 0) == route["causal"]
+                and k.shape[2] >= route["min_seq_k"] and (route["gqa"] or q.shape[1] == k.shape[1])
+                and measured_refusal(route["variant"], q, k, left, right) is None):
+            return route["variant"]
+    return None
+
+
 CALL_CLASSES = ("causal", "window", "ragged", "gqa", "unequal")
 
 
@@ -375,15 +405,22 @@ def measured_refusal(variant: str, q, k, left: int, right: int) -> str | None:
 
 
 def variant_for(q, k, v, left: int, right: int, features: bool) -> str | None:
-    """The Hopper variant ``AULE_TRITON_HOPPER`` asks for, when this call can take it: a CUDA tensor
-    on a compute capability 9.x device, no features, strides TMA can address, and a call of the
-    class the variant was measured right on (:func:`measured_refusal`). None otherwise (the general
-    forward serves it), with the reason logged at DEBUG."""
+    """The Hopper variant ``AULE_TRITON_HOPPER`` asks for (unset: :func:`default_variant`'s), when
+    this call can take it: a CUDA tensor on a compute capability 9.x device, no features, strides
+    TMA can address, and a call of the class the variant was measured right on
+    (:func:`measured_refusal`). None otherwise (the general forward serves it), with the reason
+    logged at DEBUG."""
     variant = settings.triton_hopper()
     if variant is None or q.device.type != "cuda" or getattr(torch.version, "hip", None):
         return None
     if _capability(q.device.index or 0)[0] != 9:
         return None
+    if variant == "auto":
+        if refusal(q, k, v, features):
+            return None
+        variant = default_variant(q, k, left, right)
+        if variant is None:
+            return None
     why = refusal(q, k, v, features) or measured_refusal(variant, q, k, left, right)
     if why:
         log.debug("AULE_TRITON_HOPPER=%s passed over for the general forward: %s", variant, why)
