@@ -140,10 +140,11 @@ def _key_tile(acc, l_i, m_i, q, desc_k, desc_v, off_b, off_kvh, pos, offs_n0, st
     scale once per row, visibility applies only when MASKED, and rows with no visible key keep a
     ``-inf`` maximum and zero sums. Keys past SEQ_K read as zeros and are hidden by the mask.
 
-    TABLE: the right bound (causal) comes from a tile of :func:`_diagonal_table` read through
+    TABLE: the right (causal) bound comes from a tile of :func:`_diagonal_table` read through
     ``vis_desc`` at the row that puts this tile's diagonal (``diag - start_n``: the last key row 0
-    sees, less the tile's first) in place, not from row positions: the bound's rows are then read
-    as Q's are, which the Hopper pass splits between its consumer groups as it splits Q's."""
+    sees, less the tile's first) in place, the left one likewise from ``ldiag`` (the first key row
+    0 sees), not from row positions: the bounds' rows are then read as Q's are, which the Hopper
+    pass splits between its consumer groups right (on the H200 its split of row vectors was not)."""
     k = _tile(desc_k, off_b, off_kvh, start_n, BLOCK_N, BLOCK_D, FLAT)
     qk = tl.dot(q, k.T)
     if MASKED:
