@@ -335,24 +335,31 @@ def triton_scores() -> TritonScores:
 
 # The Hopper forward's variants (aule.backends.triton.hopper): TMA descriptors made on the host
 # with one program per query tile, the same persistent over the SMs, and descriptors made on the
-# device with the key loop warp-specialised (Triton's Hopper pass wants device descriptors).
-HOPPER_VARIANTS = ("tma", "persistent", "ws")
+# device with the key loop warp-specialised (Triton's Hopper pass wants device descriptors), in
+# the forms hopper.WS_VARIANTS lists (one loop; the unmasked run alone specialised, the masked
+# ones in a second launch; one loop whose bounds are read from a table).
+HOPPER_VARIANTS = ("tma", "persistent", "ws", "ws_two", "ws_table")
 
 
 @functools.lru_cache(maxsize=16)
 def _triton_hopper(raw: str | None) -> str | None:
     text = (raw or "").strip().lower()
-    if text in ("", "0", "off", "no", "false"):
+    if text in ("", "auto"):
+        return "auto"
+    if text in ("0", "off", "no", "false"):
         return None
     if text in HOPPER_VARIANTS:
         return text
-    raise ValueError(f"AULE_TRITON_HOPPER={raw!r}: expected 0 (off, the default until measured) or one of "
+    raise ValueError(f"AULE_TRITON_HOPPER={raw!r}: expected auto (the default: the variant measured faster "
+                     f"for the call's class, hopper.DEFAULT_ROUTES), 0 (off) or one of "
                      f"{', '.join(HOPPER_VARIANTS)} (the sm_90 forward for 16-bit calls without features)")
 
 
 def triton_hopper() -> str | None:
-    """AULE_TRITON_HOPPER: which Hopper forward variant serves plain 16-bit calls on an sm_90 GPU,
-    or None (the default) to keep the general forward kernel for them."""
+    """AULE_TRITON_HOPPER: which Hopper forward variant serves plain 16-bit calls on an sm_90 GPU;
+    "auto" (unset, the default) for the one measured right and faster than the general kernel on
+    the call's class (hopper.DEFAULT_ROUTES, the general kernel elsewhere), None (0) to keep the
+    general forward kernel for all of them."""
     return _triton_hopper(getenv("AULE_TRITON_HOPPER"))
 
 
