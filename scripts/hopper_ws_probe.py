@@ -322,34 +322,14 @@ def _suggest_rows(torch, dims, checks) -> None:
 
 
 def _timed(torch, triton, fn, rep: float):
-    """``(ms, graph)``: the median per call of CUDA-graph replays of back-to-back calls, or
-    do_bench's eager time where the call cannot be captured."""
-    eager = triton.testing.do_bench(fn, warmup=5, rep=rep)
-    try:
-        n = max(3, min(40, int(8.0 / max(eager, 1e-3))))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side):
-                for _ in range(n):
-                    fn()
-            graph.replay()
-            times = []
-            for _ in range(5):
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record(side)
-                graph.replay()
-                end.record(side)
-                end.synchronize()
-                times.append(begin.elapsed_time(end) / n)
-        torch.cuda.current_stream().wait_stream(side)
-        del graph
-        return sorted(times)[len(times) // 2], True
-    except Exception:  # noqa: BLE001 - timed eagerly instead
-        torch.cuda.synchronize()
-        return eager, False
+    """``(ms, graph)``: time_hopper_fwd's timing (CUDA-graph replays of back-to-back calls, or
+    do_bench's eager time where the call cannot be captured), imported only in the timing phase:
+    that module loads torch, triton and aule's Hopper kernels, which the check phase's parent
+    process otherwise leaves to its workers."""
+    from time_hopper_fwd import _timed as timed_both
+
+    eager, graph = timed_both(fn, rep)
+    return (eager, False) if graph is None else (graph, True)
 
 
 def main() -> int:

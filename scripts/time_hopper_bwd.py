@@ -45,6 +45,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from aule.backends.triton import hopper_bwd, ops  # noqa: E402
+from time_hopper_fwd import device_banner  # noqa: E402  (this directory is the script's first path)
 
 TOKENS, MODEL_DIM = 16384, 2048
 BAD = 2e-2
@@ -214,13 +215,8 @@ def main() -> int:
     if not a.tune:
         os.environ["AULE_TRITON_AUTOTUNE"] = "0"  # aule's forward and general backward at their first fitting tiles
     start = time.time()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to time")
+    if not device_banner():
         return 1
-    cap = torch.cuda.get_device_capability()
-    print(f"{torch.cuda.get_device_name()} sm_{cap[0]}{cap[1]}  torch {torch.__version__}  triton {triton.__version__}")
-    if cap[0] != 9:
-        print("warning: the Hopper variants are meant for sm_90")
     only = {x for x in a.only.split(",") if x}
     results, cases = [], []
     print("CUDA events, median; fwd+bwd, then bwd alone; err: grads vs aule's general (its own row: vs cudnn)")

@@ -84,6 +84,18 @@ def contenders(d: int, only: set, tiles: int, phase: int) -> list:
     return [r for r in rows if not only or r[0].split()[0] in only or r[0] == "sdpa-cudnn"]
 
 
+def device_banner() -> bool:
+    """Print the GPU and the versions timed (a warning off sm_90); False without a CUDA device."""
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to time")
+        return False
+    cap = torch.cuda.get_device_capability()
+    print(f"{torch.cuda.get_device_name()} sm_{cap[0]}{cap[1]}  torch {torch.__version__}  triton {triton.__version__}")
+    if cap[0] != 9:
+        print("warning: the Hopper variants are meant for sm_90")
+    return True
+
+
 def _timed(fn, rep: float):
     """``(eager ms, graph ms or None)``: CUDA events around each eager call (do_bench: they include
     any time the GPU waits for the host's launch), and the median per call of a CUDA graph of
@@ -191,13 +203,8 @@ def main() -> int:
     ap.add_argument("--rep", type=float, default=30.0, help="ms of timed repeats per row")
     a = ap.parse_args()
     start = time.time()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to time")
+    if not device_banner():
         return 1
-    cap = torch.cuda.get_device_capability()
-    print(f"{torch.cuda.get_device_name()} sm_{cap[0]}{cap[1]}  torch {torch.__version__}  triton {triton.__version__}")
-    if cap[0] != 9:
-        print("warning: the Hopper variants are meant for sm_90")
     only = {x for x in a.only.split(",") if x}
     results, cases = [], []
     print("ms: CUDA-graph replay (* where the call could not be captured: eager); eager: CUDA events per call")
