@@ -26,7 +26,6 @@ there (a temporary one without ``$OUT``), removed at the end. Stops starting row
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
@@ -43,21 +42,11 @@ HQ, HKV, D, BLOCK = 32, 8, 128, 16
 HOST_ROWS = ((1, 1024), (8, 1024))  # where host time is measured: the GPU is not the bound there
 
 
-@contextlib.contextmanager
 def env(name: str, value):
     """``name`` set to ``value`` (None: unset) for the block, then as it was."""
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+    from aule.bench.contenders import _environ
+
+    return _environ({name: value})
 
 
 def parse_row(text: str) -> tuple[int, int]:

@@ -18,7 +18,6 @@ there (a temporary one without ``$OUT``), removed at the end. ``--suite`` also r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import sys
@@ -50,21 +49,11 @@ def table(results: dict) -> None:
             print(f"target: {t['target']}: {t['measured']} -> {t['verdict']}")
 
 
-@contextlib.contextmanager
 def env(name: str, value):
     """``name`` set to ``value`` (None: unset) for the block, then as it was."""
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+    from aule.bench.contenders import _environ
+
+    return _environ({name: value})
 
 
 def triton_rows(calls: int, rounds: int) -> None:

@@ -195,11 +195,14 @@ class AuleFp8(Contender):
 @contextlib.contextmanager
 def _environ(values: dict):
     """Set environment variables for the duration (the Vulkan backend reads its forced variant and
-    tiles from them on every call); restore what was there before."""
+    tiles from them on every call), a value of None unsetting one; restore what was there before."""
     old = {k: os.environ.get(k) for k in values}
     try:
         for k, v in values.items():
-            os.environ[k] = v
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         yield
     finally:
         for k, v in old.items():
