@@ -337,8 +337,9 @@ def triton_scores() -> TritonScores:
 # with one program per query tile, the same persistent over the SMs, and descriptors made on the
 # device with the key loop warp-specialised (Triton's Hopper pass wants device descriptors), in
 # the forms hopper.WS_VARIANTS lists (one loop; the unmasked run alone specialised, the masked
-# ones in a second launch; one loop whose bounds are read from a table).
-HOPPER_VARIANTS = ("tma", "persistent", "ws", "ws_two", "ws_table")
+# ones in a second launch; one loop whose bounds are read from a table; one loop whose row
+# positions are read through a descriptor).
+HOPPER_VARIANTS = ("tma", "persistent", "ws", "ws_two", "ws_table", "ws_rows")
 
 
 @functools.lru_cache(maxsize=16)

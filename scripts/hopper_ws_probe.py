@@ -44,15 +44,16 @@ os.environ.pop("AULE_TRITON_HOPPER", None)  # the general kernel's rows are the 
 
 TOKENS, MODEL_DIM = 16384, 2048
 
-# (variant, tile) per head_dim, the likeliest first. The first H200 run (hopws-1, Triton 3.6):
+# (variant, tile) per head_dim, the likeliest first. The first H200 runs (hopws-1/2, Triton 3.6):
 # 64-row tiles (one consumer group, no split of the rows) are right everywhere and half as fast;
 # 128-row ones got every row vector the pass split wrong (the mask's positions, the LSE's pointer
-# store), and NaN with three stages; the forms with a second loop failed to compile.
+# store) and were right where those came through descriptors (ws_table), NaN with three stages;
+# the forms with a second loop failed to compile. ws_rows reads its row positions so.
 CANDIDATES = {
-    128: [("ws_table", (128, 128, 4, 2)), ("ws", (128, 128, 4, 2)), ("ws_two", (128, 128, 4, 2)),
-          ("ws", (64, 128, 4, 2))],
-    64: [("ws_table", (128, 128, 4, 2)), ("ws", (128, 128, 4, 2)), ("ws_two", (128, 128, 4, 2)),
-         ("ws", (64, 128, 4, 2))],
+    128: [("ws_rows", (128, 128, 4, 2)), ("ws", (128, 128, 4, 2)), ("ws_two", (128, 128, 4, 2)),
+          ("ws_table", (128, 128, 4, 2))],
+    64: [("ws_rows", (128, 128, 4, 2)), ("ws", (128, 128, 4, 2)), ("ws_two", (128, 128, 4, 2)),
+         ("ws_table", (128, 128, 4, 2))],
 }
 # The general kernel's reference tile per head_dim (its first sm_90 configuration).
 REF_TILE = {128: (128, 64, 8, 3), 64: (128, 64, 4, 3)}
@@ -93,17 +94,20 @@ def check_jobs(dims, only):
 
 
 def time_cases(dims):
-    """``(name, (b, hq, hkv, s, d), causal)`` of phase 2."""
+    """``(name, (b, hq, hkv, s, d), (left, right))`` of phase 2: the issue-16 grid, and its sliding
+    window (256 keys, causal, seq 8k, B1 H32 at d128), whose first row is aule's general kernel."""
     cases = []
     for d in dims:
         h = MODEL_DIM // d
         for s in (1024, 4096, 16384):
             for causal in (False, True):
                 cases.append((f"d{d} s{s // 1024}k B{TOKENS // s} H{h} {'causal' if causal else 'full'}",
-                              (TOKENS // s, h, h, s, d), causal))
+                              (TOKENS // s, h, h, s, d), (-1, 0 if causal else -1)))
         for causal in (False, True):
             cases.append((f"d{d} s4k B4 H{h}/{h // 8} {'causal' if causal else 'full'}",
-                          (4, h, h // 8, 4096, d), causal))
+                          (4, h, h // 8, 4096, d), (-1, 0 if causal else -1)))
+    if 128 in dims:
+        cases.append(("d128 s8k B1 H32 window256 (x aule)", (1, 32, 32, 8192, 128), (256, 0)))
     return cases
 
 
@@ -111,13 +115,16 @@ def warm_jobs(dims, only):
     """Compile-only jobs for phase 2: each candidate and each general-kernel configuration on a
     small shape that specialises as the timed one does (batch 1 stays 1, lengths multiples of 16)."""
     jobs = []
-    for name, (b, hq, hkv, s, d), causal in time_cases(dims):
+    for name, (b, hq, hkv, s, d), bounds in time_cases(dims):
         shape = [1 if b == 1 else 2, hq, hkv, min(s, 1024), d]
+        masked = bounds != (-1, -1)
         for variant, tile in CANDIDATES[d]:
-            if (not only or variant in only) and (causal or variant == "ws"):  # see phase 2's rows
-                jobs.append({"kind": "warm", "shape": shape, "causal": causal, "variant": variant, "tile": list(tile)})
+            if (not only or variant in only) and (masked or variant == "ws"):  # see phase 2's rows
+                jobs.append({"kind": "warm", "shape": shape, "bounds": list(bounds), "variant": variant,
+                             "tile": list(tile)})
         for index in range(4):  # the general forward has at most 4 sm_90 configurations per head_dim
-            jobs.append({"kind": "warm", "shape": shape, "causal": causal, "variant": "general", "config": index})
+            jobs.append({"kind": "warm", "shape": shape, "bounds": list(bounds), "variant": "general",
+                         "config": index})
     unique = {json.dumps(j, sort_keys=True): j for j in jobs}
     return list(unique.values())
 
@@ -146,15 +153,15 @@ def _run_job(job, refs):
     if job["kind"] == "warm":
         b, hq, hkv, s, d = job["shape"]
         q, k, v = _inputs(torch, b, hq, hkv, s, s, d)
-        right = 0 if job["causal"] else -1
+        left, right = job["bounds"]
         if job["variant"] == "general":
             os.environ["AULE_TRITON_CONFIG"] = str(job["config"])
             try:
-                ops.attention_forward(q, k, v, d ** -0.5, -1, right)
+                ops.attention_forward(q, k, v, d ** -0.5, left, right)
             finally:
                 os.environ.pop("AULE_TRITON_CONFIG", None)
         else:
-            hopper.attention_forward(q, k, v, d ** -0.5, -1, right, job["variant"], tuple(job["tile"]))
+            hopper.attention_forward(q, k, v, d ** -0.5, left, right, job["variant"], tuple(job["tile"]))
         torch.cuda.synchronize()
         return {}
     d, cls = job["d"], job["cls"]
@@ -434,23 +441,25 @@ def _main(a, start, out_dir: Path, scratch: Path) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa(kind):
-        def run(q, k, v, causal):
+        def run(q, k, v, bounds):
             with sdpa_kernel([kind]):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=bounds[1] == 0,
                                                                         enable_gqa=k.shape[1] != q.shape[1])
         return run
 
-    def general(q, k, v, causal):
-        return ops.attention_forward(q, k, v, q.shape[-1] ** -0.5, -1, 0 if causal else -1)[0]
+    def general(q, k, v, bounds):
+        return ops.attention_forward(q, k, v, q.shape[-1] ** -0.5, *bounds)[0]
 
     def candidate(variant, tile):
-        def run(q, k, v, causal):
-            return hopper.attention_forward(q, k, v, q.shape[-1] ** -0.5, -1, 0 if causal else -1, variant, tile)[0]
+        def run(q, k, v, bounds):
+            return hopper.attention_forward(q, k, v, q.shape[-1] ** -0.5, *bounds, variant, tile)[0]
         return run
 
-    for name, (b, hq, hkv, s, d), causal in time_cases(dims):
-        rows = [("sdpa-cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)), ("sdpa-flash", sdpa(SDPBackend.FLASH_ATTENTION)),
-                ("aule", general)]
+    for name, (b, hq, hkv, s, d), bounds in time_cases(dims):
+        window, causal = bounds[0] >= 0, bounds[1] >= 0
+        rows = [("aule", general)] if window else [
+            ("sdpa-cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)), ("sdpa-flash", sdpa(SDPBackend.FLASH_ATTENTION)),
+            ("aule", general)]
         ws_ok = False
         for variant, tile in CANDIDATES[d]:
             label = f"{variant} {tile[0]}x{tile[1]}w{tile[2]}s{tile[3]}"
@@ -458,7 +467,7 @@ def _main(a, start, out_dir: Path, scratch: Path) -> int:
             # summary above says where else it is right). Unmasked, the split forms are the single
             # loop: only the ws row is timed there.
             single = "ws " + label.split(" ", 1)[1]
-            like = [("causal" if causal else "full", label if causal else single)]
+            like = [("window256" if window else ("causal" if causal else "full"), label if causal else single)]
             if hkv != hq:
                 like.append(("gqa8-causal" if causal else "gqa8-full", label if causal else single))
             right = all(checks.get((d, cls, lab), {}).get("right", False) for cls, lab in like)
@@ -470,7 +479,9 @@ def _main(a, start, out_dir: Path, scratch: Path) -> int:
             print(f"{name:26s} no candidate right on this class: skipped", flush=True)
             continue
         q, k, v = _inputs(torch, b, hq, hkv, s, s, d)
-        flops = 4 * b * hq * s * s * d / (2 if causal else 1)
+        # Visible pairs: a window's rows see at most left + 1 keys, the first rows fewer.
+        pairs = (s * (bounds[0] + 1) - bounds[0] * (bounds[0] + 1) / 2) if window else s * s / (2 if causal else 1)
+        flops = 4 * b * hq * pairs * d
         base = ref = None
         for label, fn in rows:
             row = {"case": name, "contender": label}
@@ -478,10 +489,10 @@ def _main(a, start, out_dir: Path, scratch: Path) -> int:
                 row["error"] = "skipped (time budget)"
             else:
                 try:
-                    out = fn(q, k, v, causal)
+                    out = fn(q, k, v, bounds)
                     torch.cuda.synchronize()
                     ref = out.float() if ref is None else ref
-                    ms, graph = _timed(torch, triton, lambda: fn(q, k, v, causal), a.rep)
+                    ms, graph = _timed(torch, triton, lambda: fn(q, k, v, bounds), a.rep)
                     base = ms if base is None else base
                     row.update(ms=ms, graph=graph, tflops=flops / ms * 1e-9, vs_cudnn=base / ms,
                                err=(out.float() - ref).abs().max().item())

@@ -35,7 +35,9 @@ def compile_variant(variant: str, tile, causal: bool, head_dim: int, element: st
                  LSE_TMA=variant in hopper.WS_VARIANTS)
     sig, attrs = {}, {}
     for i, name in enumerate(inspect.signature(hopper._attn_fwd_tma.fn).parameters):
-        if name == "VIS" and not (variant == "ws_table" and causal):
+        if name == "VIS" and variant == "ws_rows":
+            sig[name] = "*i32"  # its row numbers, read with or without a mask
+        elif name == "VIS" and not (variant == "ws_table" and causal):
             flags[name] = None  # as attention_forward passes it: only ws_table's causal bound reads a table
             sig[name] = "constexpr"
         elif name == "VIS":

@@ -35,6 +35,10 @@ The variants (``VARIANT``), chosen by ``AULE_TRITON_HOPPER`` until timed on the 
   visibility table through a descriptor (rows the pass splits as it splits Q's) and its key bound
   per column, with no row vector in the loop, since the row vectors the pass split were what went
   wrong on the H200.
+* ``ws_rows`` (5): ws's single loop and mask, its query rows' positions loaded once per query tile
+  through a 1-D descriptor over a table of row numbers (:func:`_row_table`), as the LSE is stored,
+  instead of made by ``tl.arange``: a descriptor is what the pass was measured to split right, and
+  this one costs four bytes per query row, not a table tile per key tile as ws_table's does.
 
 Which variant serves which calls is measured (:data:`MEASURED_RIGHT`, scripts/hopper_ws_probe.py).
 """
@@ -54,17 +58,19 @@ from .kernels import _finish_rows, _key_runs, _run_bounds, _shift, _visible
 
 log = logging.getLogger("aule")
 
-VARIANTS = {"tma": 0, "persistent": 1, "ws": 2, "ws_two": 3, "ws_table": 4}
+VARIANTS = {"tma": 0, "persistent": 1, "ws": 2, "ws_two": 3, "ws_table": 4, "ws_rows": 5}
 WS_VARIANTS = tuple(name for name in VARIANTS if name.startswith("ws"))
 
 # How a query tile's key runs are warp-specialised (from VARIANT): not at all; one loop over every
 # run (masked throughout when any tile needs it); only the fully visible run (ws_two's first
 # launch; its second takes the masked runs unspecialised); one loop whose bounds are read from a
-# table (_diagonal_table) instead of row positions.
+# table (_diagonal_table) instead of row positions; one loop whose row positions are read through a
+# descriptor (_row_table) instead of made from a range.
 WS_NONE = tl.constexpr(0)
 WS_ONE = tl.constexpr(1)
 WS_SPLIT = tl.constexpr(2)
 WS_TABLE = tl.constexpr(3)
+WS_ROWS = tl.constexpr(4)
 LOG2E_C = tl.constexpr(LOG2E)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class on sm_90. 128 query rows with 8
@@ -206,7 +212,13 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, off_b, off_h, pid_m, H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    pos = offs_m + (SEQ_K - SEQ_Q)
+    if WS == WS_ROWS:
+        # A 1-D tile, as the LSE's store: the pass split that right on the H200 (Triton 3.6), and
+        # failed to compile the same numbers read as a 2-D tile and split to a row vector.
+        rows_desc = tl.make_tensor_descriptor(VIS, shape=[SEQ_Q], strides=[1], block_shape=[BLOCK_M])
+        pos = rows_desc.load([start_m]) + (SEQ_K - SEQ_Q)
+    else:
+        pos = offs_m + (SEQ_K - SEQ_Q)
     q = _tile(desc_q, off_b, off_h, start_m, BLOCK_M, BLOCK_D, FLAT)
     row0 = (off_b * H_Q + off_h).to(tl.int64) * SEQ_Q
     if PART == 2:
@@ -222,7 +234,7 @@ def _query_tile(desc_q, desc_k, desc_v, desc_o, LSE, VIS, off_b, off_h, pid_m, H
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, lo_end, mid0, mid1, hi = _key_runs(start_m, SEQ_Q, SEQ_K, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if WS == WS_ONE or WS == WS_TABLE:
+    if WS == WS_ONE or WS == WS_TABLE or WS == WS_ROWS:
         # One loop over every visible tile, each masked unless no tile can need it.
         vis_desc = None
         if WS == WS_TABLE and (HAS_LEFT or HAS_RIGHT):
@@ -266,11 +278,11 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE,
     """The Hopper forward (module docstring). ``desc_*``: 4-D host descriptors (VARIANT 0, 1) or the
     tensors themselves (VARIANT 2: descriptors are made per (batch, head) here, from the strides).
     Q_BUCKET/K_BUCKET key the autotuner only. LSE ``[B, H_Q, SEQ_Q]`` float32, natural log. VIS:
-    ws_table's :func:`_diagonal_table` (None for the others)."""
+    ws_table's :func:`_diagonal_table`, ws_rows' :func:`_row_table` (None for the others)."""
     FLAT: tl.constexpr = VARIANT >= 2
     # ws_two's launches: PART 1 the specialised run, PART 2 the masked ones.
-    WS: tl.constexpr = WS_NONE if VARIANT < 2 else (WS_ONE if VARIANT == 2 else
-                                                    (WS_SPLIT if VARIANT == 3 else WS_TABLE))
+    WS: tl.constexpr = WS_NONE if VARIANT < 2 else (WS_ONE if VARIANT == 2 else (
+        WS_SPLIT if VARIANT == 3 else (WS_TABLE if VARIANT == 4 else WS_ROWS)))
     num_m = tl.cdiv(SEQ_Q, BLOCK_M)
     if VARIANT == 1:
         heads = B * H_Q
@@ -340,8 +352,11 @@ def refusal(q, k, v, features: bool) -> str | None:
 # on every class. ws_table: right on every class but a window at d128, whose two table tiles per
 # step overflow shared memory (257 KB). The 64-row tiles were right everywhere at half speed and
 # three stages NaN; routing launches neither.
+# hopws-3 (this row only at d128): ws_rows, its row positions through a 1-D descriptor, right on every
+# masked class; the same positions read as a 2-D tile and split to a row vector failed to compile.
 MEASURED_RIGHT: dict = {
     "ws": {"head_dims": (64, 128), "classes": frozenset({"gqa", "ragged", "unequal"})},
+    "ws_rows": {"head_dims": (128,), "classes": frozenset({"causal", "window", "gqa", "ragged", "unequal"})},
     "ws_two": {"head_dims": (64, 128), "classes": frozenset({"causal", "window", "gqa", "ragged", "unequal"})},
     "ws_table": {"head_dims": (64, 128), "classes": frozenset({"causal", "gqa", "ragged", "unequal"})},
 }
@@ -496,6 +511,13 @@ def _diagonal_table(bm: int, bn: int, device) -> torch.Tensor:
     return (c + bm <= x).to(torch.uint8).contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _row_table(rows: int, device) -> torch.Tensor:
+    """ws_rows' row numbers, int32 ``[rows]``. Sized by powers of two, so a few tables serve every
+    length."""
+    return torch.arange(rows, dtype=torch.int32, device=device)
+
+
 def _grid(variant: str, sq: int, heads: int, device):
     if variant == "persistent":
         sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
@@ -551,6 +573,8 @@ def attention_forward(q, k, v, scale: float, left: int, right: int, variant: str
         tile = tiles(variant, d)[0]  # one configuration each (TILES): nothing for an autotuner to pick
     if variant == "ws_table" and (left >= 0 or right >= 0):
         args = (*args[:-1], _diagonal_table(tile[0], tile[1], q.device))
+    if variant == "ws_rows":
+        args = (*args[:-1], _row_table(next_pow2(max(sq, 128)), q.device))
     if variant in WS_VARIANTS and sq % 4 == 0:  # the LSE rows' base 16-byte aligned, as TMA needs
         meta["LSE_TMA"] = True
     if tile is None:

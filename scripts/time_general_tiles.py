@@ -1,0 +1,103 @@
+"""Time every sm_90 tile of aule's general Triton forward (configs._NVIDIA["fwd"]) on the issue-16
+grid, beside what its autotuner picks and SDPA cuDNN, bf16.
+
+Cases: 16k tokens per batch, model dim 2048, d 128 and 64, seq 1k/4k/16k, causal and not. Per
+case: cuDNN; the autotuner's pick (the first call of the shape bucket in this process tunes it;
+``--cold`` tunes without :data:`aule.backends.triton.common.TUNE_WARM_MS`'s warm-up, as the tuner
+did before it); each tile forced (``AULE_TRITON_CONFIG=i``, the i-th tile left by configs.prune).
+Each is checked against cuDNN (bf16 max abs error) and timed as the median per call of CUDA-graph
+replays (time_hopper_fwd._timed). Prints a row per contender, then per case the best tile, the
+pick, and the pick's time as a fraction of the best's; JSON under $OUT.
+
+    python3 scripts/time_general_tiles.py
+    python3 scripts/time_general_tiles.py --cold --dims 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import time_hopper_fwd as thf  # noqa: E402  (sets the Triton cache under $OUT, AULE_TRITON_HOPPER unset)
+
+from aule.backends.triton import common, ops  # noqa: E402
+
+torch = thf.torch
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dims", default="128,64")
+    ap.add_argument("--seqs", default="1024,4096,16384")
+    ap.add_argument("--cold", action="store_true", help="tune without the warm-up (the tuner before it)")
+    ap.add_argument("--rep", type=float, default=10.0)
+    a = ap.parse_args()
+    if not thf.device_banner():
+        return 1
+    if a.cold:
+        common.TUNE_WARM_MS = 0
+    print(f"tuner warm-up {common.TUNE_WARM_MS} ms; ms of graph replays (* eager), TFLOP/s, x cudnn")
+    results, summary = [], []
+    os.environ.pop("AULE_TRITON_CONFIG", None)
+    for d in (int(x) for x in a.dims.split(",")):
+        for s in (int(x) for x in a.seqs.split(",")):
+            for causal in (False, True):
+                name, (b, h, _, _, _) = thf._case(d, s, causal, 1)
+                torch.manual_seed(0)
+                q, k, v = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                flops = 4 * b * h * s * s * d / (2 if causal else 1)
+                ref = thf._sdpa("cudnn")(q, k, v, causal).float()
+                rows = [("sdpa-cudnn", lambda: thf._sdpa("cudnn")(q, k, v, causal))]
+                before = {key for tuned in ops.tuned_choices().values() for key in tuned}
+                thf._aule(q, k, v, causal)  # tunes this bucket
+                torch.cuda.synchronize()
+                picked = [c for tuned in ops.tuned_choices().values() for key, c in tuned.items() if key not in before]
+                pick = picked[0].split(", num_ctas")[0] if picked else "(tuned earlier)"
+                rows.append(("tuner", lambda: thf._aule(q, k, v, causal)))
+                n = len(ops.cfg.prune(ops.cfg.configs("cuda", "fwd", d), {"Q_BUCKET": s, "K_BUCKET": s}))
+                for i in range(n):
+                    def forced(i=i):
+                        os.environ["AULE_TRITON_CONFIG"] = str(i)
+                        try:
+                            return thf._aule(q, k, v, causal)
+                        finally:
+                            os.environ.pop("AULE_TRITON_CONFIG", None)
+                    c = ops.cfg.prune(ops.cfg.configs("cuda", "fwd", d), {"Q_BUCKET": s, "K_BUCKET": s})[i]
+                    rows.append((f"tile {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}",
+                                 forced))
+                base = None
+                case_rows = []
+                for label, fn in rows:
+                    out = fn()
+                    torch.cuda.synchronize()
+                    err = (out.float() - ref).abs().max().item()
+                    eager, graph = thf._timed(fn, a.rep)
+                    ms = graph or eager
+                    base = ms if base is None else base
+                    row = {"case": name, "contender": label, "ms": ms, "tflops": flops / ms * 1e-9,
+                           "vs_cudnn": base / ms, "err": err}
+                    case_rows.append(row)
+                    print(f"{name:22s} {label:22s} {ms:7.3f}{'' if graph else '*'} {row['tflops']:6.1f} "
+                          f"{row['vs_cudnn']:5.2f} {err:7.1e}{' BAD' if err > 3e-2 else ''}", flush=True)
+                tiles = [r for r in case_rows if r["contender"].startswith("tile") and r["err"] <= 3e-2]
+                best = min(tiles, key=lambda r: r["ms"])
+                tuner = next(r for r in case_rows if r["contender"] == "tuner")
+                summary.append(f"{name:22s} best {best['contender'][5:]:13s} {best['tflops']:5.0f} ({best['vs_cudnn']:.2f}) "
+                               f"picked {pick:48s} {tuner['tflops']:5.0f} ({tuner['vs_cudnn']:.2f}) "
+                               f"= {best['ms'] / tuner['ms']:.2f} of best")
+                results += case_rows
+                del q, k, v, ref
+    print("\nsummary: the best forced tile, the tuner's pick, TFLOP/s (x cudnn)")
+    print("\n".join(summary))
+    (thf.OUT / "time_general_tiles.json").write_text(json.dumps({"cold": a.cold, "rows": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    finally:
+        thf.shutil.rmtree(thf._CACHE, ignore_errors=True)
