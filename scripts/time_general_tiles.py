@@ -2,15 +2,15 @@
 grid, beside what its autotuner picks and SDPA cuDNN, bf16.
 
 Cases: 16k tokens per batch, model dim 2048, d 128 and 64, seq 1k/4k/16k, causal and not. Per
-case: cuDNN; the autotuner's pick (the first call of the shape bucket in this process tunes it;
-``--cold`` tunes without :data:`aule.backends.triton.common.TUNE_WARM_MS`'s warm-up, as the tuner
-did before it); each tile forced (``AULE_TRITON_CONFIG=i``, the i-th tile left by configs.prune).
+case: cuDNN; the autotuner's pick (the first call of the shape bucket in this process tunes it,
+right after compiling each tile, so with the GPU's clocks as an idle gap leaves them); each tile
+forced (``AULE_TRITON_CONFIG=i``, the i-th tile left by configs.prune).
 Each is checked against cuDNN (bf16 max abs error) and timed as the median per call of CUDA-graph
 replays (time_hopper_fwd._timed). Prints a row per contender, then per case the best tile, the
 pick, and the pick's time as a fraction of the best's; JSON under $OUT.
 
     python3 scripts/time_general_tiles.py
-    python3 scripts/time_general_tiles.py --cold --dims 128
+    python3 scripts/time_general_tiles.py --dims 128 --seqs 16384
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import time_hopper_fwd as thf  # noqa: E402  (sets the Triton cache under $OUT, AULE_TRITON_HOPPER unset)
 
-from aule.backends.triton import common, ops  # noqa: E402
+from aule.backends.triton import ops  # noqa: E402
 
 torch = thf.torch
 
@@ -32,14 +32,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dims", default="128,64")
     ap.add_argument("--seqs", default="1024,4096,16384")
-    ap.add_argument("--cold", action="store_true", help="tune without the warm-up (the tuner before it)")
     ap.add_argument("--rep", type=float, default=10.0)
     a = ap.parse_args()
     if not thf.device_banner():
         return 1
-    if a.cold:
-        common.TUNE_WARM_MS = 0
-    print(f"tuner warm-up {common.TUNE_WARM_MS} ms; ms of graph replays (* eager), TFLOP/s, x cudnn")
+    print("ms of graph replays (* eager), TFLOP/s, x cudnn")
     results, summary = [], []
     os.environ.pop("AULE_TRITON_CONFIG", None)
     for d in (int(x) for x in a.dims.split(",")):
@@ -92,7 +89,7 @@ def main() -> int:
                 del q, k, v, ref
     print("\nsummary: the best forced tile, the tuner's pick, TFLOP/s (x cudnn)")
     print("\n".join(summary))
-    (thf.OUT / "time_general_tiles.json").write_text(json.dumps({"cold": a.cold, "rows": results}, indent=1))
+    (thf.OUT / "time_general_tiles.json").write_text(json.dumps({"rows": results}, indent=1))
     return 0
 
 

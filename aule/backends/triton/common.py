@@ -77,29 +77,11 @@ def feature_table(x, shape, device):
     return torch.tensor(x, dtype=torch.float32, device=device).contiguous()
 
 
-# The GPU's clocks fall while it idles (each candidate's compile leaves it idle for a second or
-# more) and take a few hundred milliseconds of sustained work to come back: a candidate timed
-# straight after a pause is timed at whatever clock it finds. Before the H200's tuner was warmed,
-# it chose the last listed tile for nearly every shape bucket in the benchmarks (d128: 64 x 64,
-# d64: 128 x 64 with 4 stages) whatever the shape. TUNE_WARM_MS of the candidate run first, when
-# the last timing is more than TUNE_IDLE_S old, bring the clocks up before it is timed.
-TUNE_WARM_MS = 250
-TUNE_IDLE_S = 0.5
-_last_bench = [float("-inf")]
-
-
 def _bench(fn, quantiles=None):
     # Short timing per candidate: tuning happens once per shape bucket and must not stall a step.
-    import time
-
     import triton
 
-    if TUNE_WARM_MS and time.monotonic() - _last_bench[0] > TUNE_IDLE_S:
-        triton.testing.do_bench(fn, warmup=TUNE_WARM_MS, rep=1)
-    try:
-        return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-    finally:
-        _last_bench[0] = time.monotonic()
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 def autotuned(fn, configs, key, prune=None):
