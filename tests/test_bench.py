@@ -338,9 +338,10 @@ def test_partial_full_run_keeps_the_other_suites(tmp_path):
 # The tables as they were when contenders were string-dispatched: names, kinds and case counts,
 # so results stay comparable with the committed files.
 EXPECTED_SUITES = {
-    "dense": (20, ("aule:triton", "aule:triton-amd", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")),
-    "dense_bwd": (20, ("aule:triton", "aule:triton-amd", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
-                       "sdpa-math")),
+    "dense": (20, ("aule:triton", "aule:triton-amd", "aule:triton general", "sdpa-flash", "sdpa-cudnn",
+                   "sdpa-efficient", "sdpa-math")),
+    "dense_bwd": (20, ("aule:triton", "aule:triton-amd", "aule:triton general", "sdpa-flash", "sdpa-cudnn",
+                       "sdpa-efficient", "sdpa-math")),
     "gqa": (4, ("aule:triton", "aule:triton-amd", "aule:triton kv-expanded", "sdpa-flash", "sdpa-cudnn",
                 "sdpa-efficient", "sdpa-math")),
     "window": (6, ("aule:triton", "aule:triton full-causal", "sdpa-flash full-causal", "sdpa-efficient+mask")),
@@ -384,6 +385,7 @@ def test_registry_keeps_the_tables_of_the_committed_results():
     assert suites.CONTENDERS["sdpa-math"].max_scores == 2**30
     assert suites.CONTENDERS["sdpa-efficient+mask"].explicit_mask
     assert suites.CONTENDERS["aule:triton kv-expanded"].expand_kv
+    assert suites.CONTENDERS["aule:triton general"].env == {"AULE_TRITON_HOPPER": "0"}
     for s in suites.SUITES:  # every name a table uses is one registered instance
         assert all(c in suites.CONTENDERS for c in s.contenders), s.name
         assert s.baseline is None or s.baseline in s.contenders, s.name

@@ -85,14 +85,16 @@ class AuleDense(Contender):
     NumPy arrays holding the case's values, Triton on the torch tensors. ``expand_kv`` repeats K/V
     to every query head outside the timed region. ``feature`` adds one of the features suite's
     ('softcap', 'sinks', 'alibi': see :func:`feature_values`, passed on the inputs' device as a
-    user would; 'padding': the case's key-padding mask as ``attn_mask``, on padded cases only)."""
+    user would; 'padding': the case's key-padding mask as ``attn_mask``, on padded cases only).
+    ``env``: settings held around every timed call (a route turned off, say)."""
 
     impl = "aule"
 
-    def __init__(self, backend=None, *, expand_kv=False, full_causal=False, feature=None):
+    def __init__(self, backend=None, *, expand_kv=False, full_causal=False, feature=None, env=None):
         super().__init__(backend, full_causal=full_causal)
         self.expand_kv = expand_kv
         self.feature = feature
+        self.env = env
 
     def applies(self, case):
         return case.get("pack") == "mask" if self.feature == "padding" else super().applies(case)
@@ -130,7 +132,7 @@ class AuleDense(Contender):
                                         backend=backend, **extra)
 
         common = dict(causal=causal, window=window, variant=self.variant(case), sync=sync, clock=clock,
-                      features=values)
+                      features=values, context=(lambda: _environ(self.env)) if self.env else None)
         if not inp.backward:
             return Bound(fwd, len(sets), **common)
         leaves = inp.leaves() + [t for pair in kv for t in pair if t.requires_grad]
@@ -791,6 +793,9 @@ CONTENDERS = _registry(**{
     "aule:vulkan resident, recorded anew": AuleVulkanResident(reuse=False),
     "aule:auto": AuleDense(None),
     "aule:triton kv-expanded": AuleDense("triton", expand_kv=True),
+    # The Hopper forward's routes (hopper.DEFAULT_ROUTES) off: the general kernel on every row, so
+    # that each route is checked against what it replaces where it was measured faster.
+    "aule:triton general": AuleDense("triton", env={"AULE_TRITON_HOPPER": "0"}),
     "aule:triton full-causal": AuleDense("triton", full_causal=True),
     "aule:numpy full-causal": AuleDense("numpy", full_causal=True),
     "sdpa-flash": Sdpa("FLASH_ATTENTION"),

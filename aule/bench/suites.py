@@ -125,12 +125,12 @@ _GQA = tuple(dict(mode=m, B=4, Hq=hq, Hkv=8, S=4096, D=128, causal=True, window=
 
 SUITES = (
     Suite("dense", "Dense forward (bf16, 16k tokens per batch, model dim 2048)", "attention",
-          _DENSE_F, AULE_GPU + SDPA_GPU, "sdpa-flash", "tflops",
+          _DENSE_F, AULE_GPU + ("aule:triton general",) + SDPA_GPU, "sdpa-flash", "tflops",
           quick=_pick(_DENSE_F, {"S": _ISSUE_SEQS, "causal": True}, {"S": 4096, "D": 128}),
           targets=(Target("forward >= 1.3x SDPA-flash (hd 64/128, seq 1k/4k/16k)", "aule:triton",
                           {"S": _ISSUE_SEQS}, "sdpa-flash", 1.3),)),
     Suite("dense_bwd", "Dense forward + backward (bf16, 16k tokens per batch, model dim 2048)",
-          "attention", _DENSE_B, AULE_GPU + SDPA_GPU, "sdpa-flash", "tflops",
+          "attention", _DENSE_B, AULE_GPU + ("aule:triton general",) + SDPA_GPU, "sdpa-flash", "tflops",
           quick=_pick(_DENSE_B, {"S": _ISSUE_SEQS, "causal": True, "D": 128}, {"S": 4096, "D": 64, "causal": True}),
           targets=(Target("forward+backward >= 1.0x SDPA-flash (seq 1k/4k/16k)", "aule:triton",
                           {"S": _ISSUE_SEQS}, "sdpa-flash", 1.0),)),
