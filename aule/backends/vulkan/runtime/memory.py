@@ -82,11 +82,19 @@ class Buffer:
     def __init__(self, ctx, nbytes: int, kind: str, host_address: int | None = None):
         """``host_address``: import ``nbytes`` of host memory there (page-aligned, ``kind``
         "host") instead of allocating: transfers then DMA from or to it, with no CPU copy."""
-        vk, ffi, lib = binding()
         self.ctx, self.nbytes, self.view, self._mapped = ctx, int(nbytes), None, None
         self.handle = self.memory = None
         self.busy = 0
         self._id = next(Buffer._ids)  # never reused, unlike id(): descriptor sets and recordings are keyed by it
+        # Under the context's lock, as every other call on the device: a buffer made on one thread
+        # while another allocated descriptor sets crashed the process in CI (lavapipe with the
+        # validation layer, eight threads calling at once).
+        with ctx.lock:
+            self._make(host_address, kind)
+
+    def _make(self, host_address, kind: str) -> None:
+        vk, ffi, lib = binding()
+        ctx = self.ctx
         usage = (vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT
                  | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT)
         host_type = vk.VK_EXTERNAL_MEMORY_HANDLE_TYPE_HOST_ALLOCATION_BIT_EXT
@@ -95,7 +103,7 @@ class Buffer:
         info = ffi.new("VkBufferCreateInfo*", {"sType": vk.VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO, "pNext": external,
                                                "size": self.nbytes, "usage": usage,
                                                "sharingMode": vk.VK_SHARING_MODE_EXCLUSIVE})
-        self.handle = create("vkCreateBuffer", "VkBuffer", ctx.device, info, detail=f"{nbytes} bytes")
+        self.handle = create("vkCreateBuffer", "VkBuffer", ctx.device, info, detail=f"{self.nbytes} bytes")
         try:
             req = ffi.new("VkMemoryRequirements*")
             lib.vkGetBufferMemoryRequirements(ctx.device, self.handle, req)
@@ -140,13 +148,16 @@ class Buffer:
         if self.handle is None and self.memory is None:
             return
         await_host(self)  # never free memory a submission in flight may still touch
-        self.ctx._forget_buffer(self)
-        self.view = self._mapped = None
-        if self.handle is not None:
-            lib.vkDestroyBuffer(self.ctx.device, self.handle, ffi.NULL)
-        if self.memory is not None:
-            lib.vkFreeMemory(self.ctx.device, self.memory, ffi.NULL)
-        self.handle = self.memory = None
+        with self.ctx.lock:
+            if self.handle is None and self.memory is None:  # destroyed meanwhile on another thread
+                return
+            self.ctx._forget_buffer(self)
+            self.view = self._mapped = None
+            if self.handle is not None:
+                lib.vkDestroyBuffer(self.ctx.device, self.handle, ffi.NULL)
+            if self.memory is not None:
+                lib.vkFreeMemory(self.ctx.device, self.memory, ffi.NULL)
+            self.handle = self.memory = None
 
 
 def await_host(buf: Buffer) -> None:
