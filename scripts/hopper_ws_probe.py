@@ -328,17 +328,6 @@ def _suggest_rows(torch, dims, checks) -> None:
             print(f'    "{variant}": {{"head_dims": {tuple(sorted(dims_ok))}, "classes": frozenset({sorted(best)})}},')
 
 
-def _timed(torch, triton, fn, rep: float):
-    """``(ms, graph)``: time_hopper_fwd's timing (CUDA-graph replays of back-to-back calls, or
-    do_bench's eager time where the call cannot be captured), imported only in the timing phase:
-    that module loads torch, triton and aule's Hopper kernels, which the check phase's parent
-    process otherwise leaves to its workers."""
-    from time_hopper_fwd import _timed as timed_both
-
-    eager, graph = timed_both(fn, rep)
-    return (eager, False) if graph is None else (graph, True)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -439,6 +428,9 @@ def _main(a, start, out_dir: Path, scratch: Path) -> int:
     results = []
     from aule.backends.triton import hopper, ops
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    # Imported only now: that module loads torch, triton and aule's Hopper kernels, which the check
+    # phase's parent process leaves to its workers.
+    from time_hopper_fwd import time_rows
 
     def sdpa(kind):
         def run(q, k, v, bounds):
@@ -482,24 +474,10 @@ def _main(a, start, out_dir: Path, scratch: Path) -> int:
         # Visible pairs: a window's rows see at most left + 1 keys, the first rows fewer.
         pairs = (s * (bounds[0] + 1) - bounds[0] * (bounds[0] + 1) / 2) if window else s * s / (2 if causal else 1)
         flops = 4 * b * hq * pairs * d
-        base = ref = None
-        for label, fn in rows:
-            row = {"case": name, "contender": label}
-            if time.time() - start > a.budget:
-                row["error"] = "skipped (time budget)"
-            else:
-                try:
-                    out = fn(q, k, v, bounds)
-                    torch.cuda.synchronize()
-                    ref = out.float() if ref is None else ref
-                    ms, graph = _timed(torch, triton, lambda: fn(q, k, v, bounds), a.rep)
-                    base = ms if base is None else base
-                    row.update(ms=ms, graph=graph, tflops=flops / ms * 1e-9, vs_cudnn=base / ms,
-                               err=(out.float() - ref).abs().max().item())
-                except Exception as exc:  # noqa: BLE001 - one failing row must not stop the table
-                    text = str(exc).strip().splitlines()
-                    row["error"] = f"{type(exc).__name__}: {(text[-1] if text else '')[:80]}"
+        for row in time_rows(name, rows, lambda fn: fn(q, k, v, bounds), flops,
+                             lambda: time.time() - start > a.budget, a.rep):
             results.append(row)
+            label = row["contender"]
             if "error" in row:
                 print(f"{name:26s} {label:24s} {row['error']}", flush=True)
             else:

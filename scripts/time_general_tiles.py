@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import time_hopper_fwd as thf  # noqa: E402  (sets the Triton cache under $OUT, AULE_TRITON_HOPPER unset)
 
 from aule.backends.triton import ops  # noqa: E402
+from aule.bench.contenders import _environ  # noqa: E402
 
 torch = thf.torch
 
@@ -46,47 +47,39 @@ def main() -> int:
                 torch.manual_seed(0)
                 q, k, v = (torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16) for _ in range(3))
                 flops = 4 * b * h * s * s * d / (2 if causal else 1)
-                ref = thf._sdpa("cudnn")(q, k, v, causal).float()
-                rows = [("sdpa-cudnn", lambda: thf._sdpa("cudnn")(q, k, v, causal))]
+                rows = [("sdpa-cudnn", thf._sdpa("cudnn"))]
                 before = {key for tuned in ops.tuned_choices().values() for key in tuned}
                 thf._aule(q, k, v, causal)  # tunes this bucket
                 torch.cuda.synchronize()
                 picked = [c for tuned in ops.tuned_choices().values() for key, c in tuned.items() if key not in before]
                 pick = picked[0].split(", num_ctas")[0] if picked else "(tuned earlier)"
-                rows.append(("tuner", lambda: thf._aule(q, k, v, causal)))
-                n = len(ops.cfg.prune(ops.cfg.configs("cuda", "fwd", d), {"Q_BUCKET": s, "K_BUCKET": s}))
-                for i in range(n):
-                    def forced(i=i):
-                        os.environ["AULE_TRITON_CONFIG"] = str(i)
-                        try:
+                rows.append(("tuner", thf._aule))
+                for i, c in enumerate(ops.cfg.prune(ops.cfg.configs("cuda", "fwd", d), {"Q_BUCKET": s, "K_BUCKET": s})):
+                    def forced(q, k, v, causal, i=i):
+                        with _environ({"AULE_TRITON_CONFIG": str(i)}):
                             return thf._aule(q, k, v, causal)
-                        finally:
-                            os.environ.pop("AULE_TRITON_CONFIG", None)
-                    c = ops.cfg.prune(ops.cfg.configs("cuda", "fwd", d), {"Q_BUCKET": s, "K_BUCKET": s})[i]
                     rows.append((f"tile {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}",
                                  forced))
-                base = None
                 case_rows = []
-                for label, fn in rows:
-                    out = fn()
-                    torch.cuda.synchronize()
-                    err = (out.float() - ref).abs().max().item()
-                    eager, graph = thf._timed(fn, a.rep)
-                    ms = graph or eager
-                    base = ms if base is None else base
-                    row = {"case": name, "contender": label, "ms": ms, "tflops": flops / ms * 1e-9,
-                           "vs_cudnn": base / ms, "err": err}
+                for row in thf.time_rows(name, rows, lambda fn: fn(q, k, v, causal), flops, lambda: False, a.rep):
                     case_rows.append(row)
-                    print(f"{name:22s} {label:22s} {ms:7.3f}{'' if graph else '*'} {row['tflops']:6.1f} "
-                          f"{row['vs_cudnn']:5.2f} {err:7.1e}{' BAD' if err > 3e-2 else ''}", flush=True)
-                tiles = [r for r in case_rows if r["contender"].startswith("tile") and r["err"] <= 3e-2]
+                    if "error" in row:
+                        print(f"{name:22s} {row['contender']:22s} {row['error']}", flush=True)
+                        continue
+                    print(f"{name:22s} {row['contender']:22s} {row['ms']:7.3f}{'' if row['graph'] else '*'} "
+                          f"{row['tflops']:6.1f} {row['vs_cudnn']:5.2f} {row['err']:7.1e}"
+                          f"{' BAD' if row['err'] > 3e-2 else ''}", flush=True)
+                results += case_rows
+                timed = {r["contender"]: r for r in case_rows if "ms" in r}
+                tiles = [r for label, r in timed.items() if label.startswith("tile") and r["err"] <= 3e-2]
+                tuner = timed.get("tuner")
+                if not tiles or tuner is None or "sdpa-cudnn" not in timed:
+                    summary.append(f"{name:22s} not timed: see the rows above")
+                    continue
                 best = min(tiles, key=lambda r: r["ms"])
-                tuner = next(r for r in case_rows if r["contender"] == "tuner")
                 summary.append(f"{name:22s} best {best['contender'][5:]:13s} {best['tflops']:5.0f} ({best['vs_cudnn']:.2f}) "
                                f"picked {pick:48s} {tuner['tflops']:5.0f} ({tuner['vs_cudnn']:.2f}) "
                                f"= {best['ms'] / tuner['ms']:.2f} of best")
-                results += case_rows
-                del q, k, v, ref
     print("\nsummary: the best forced tile, the tuner's pick, TFLOP/s (x cudnn)")
     print("\n".join(summary))
     (thf.OUT / "time_general_tiles.json").write_text(json.dumps({"rows": results}, indent=1))

@@ -135,25 +135,25 @@ def _case(d: int, s: int, causal: bool, group: int):
     return f"d{d} s{s//1024}k B{b} H{h}{gqa} {'causal' if causal else 'full'}", (b, h, h // group, s, d)
 
 
-def _time_case(name, shape, causal, rows, start, a, results):
-    torch.manual_seed(0)
-    b, h, hkv, s, d = shape
-    q = torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn((b, hkv, s, d), device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    flops = 4 * b * h * s * s * d / (2 if causal else 1)
-    ref, base = None, None
+def time_rows(name, rows, call, flops, over_budget, rep):
+    """Check, then time, each ``(label, fn)`` of ``rows`` on one case, yielding its row as it is
+    measured. ``call(fn)`` runs a contender once; the first row's output is the reference of every
+    row's ``err`` (max abs) and its time the base of ``vs_cudnn``. ``ms`` is the graph replay's time
+    (``graph`` True) or, where the call cannot be captured, the eager one; ``eager_ms`` the eager
+    one. Rows after ``over_budget()`` turns true, and rows that raise, carry ``error`` instead."""
+    ref = base = None
     for label, fn in rows:
         row = {"case": name, "contender": label}
-        if time.time() - start > a.budget:
+        if over_budget():
             row["error"] = "skipped (time budget)"
         else:
             try:
-                out = fn(q, k, v, causal)
+                out = call(fn)
                 torch.cuda.synchronize()
                 if ref is None:
                     ref = out.float()
                 err = (out.float() - ref).abs().max().item()
-                eager, graph = _timed(lambda: fn(q, k, v, causal), a.rep)
+                eager, graph = _timed(lambda: call(fn), rep)
                 ms = graph or eager
                 base = ms if base is None else base
                 row.update(ms=ms, eager_ms=eager, graph=graph is not None, tflops=flops / ms * 1e-9,
@@ -161,6 +161,18 @@ def _time_case(name, shape, causal, rows, start, a, results):
             except Exception as exc:  # noqa: BLE001 - one failing contender must not stop the table
                 text = str(exc).strip()
                 row["error"] = f"{type(exc).__name__}: {text.splitlines()[-1][:80] if text else ''}"
+        yield row
+
+
+def _time_case(name, shape, causal, rows, start, a, results):
+    torch.manual_seed(0)
+    b, h, hkv, s, d = shape
+    q = torch.randn((b, h, s, d), device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn((b, hkv, s, d), device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    flops = 4 * b * h * s * s * d / (2 if causal else 1)
+    for row in time_rows(name, rows, lambda fn: fn(q, k, v, causal), flops,
+                         lambda: time.time() - start > a.budget, a.rep):
+        label = row["contender"]
         if label != "sdpa-cudnn" or not any(r["case"] == name and r["contender"] == label for r in results):
             results.append(row)
         if "error" in row:
