@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import time_hopper_fwd as thf  # noqa: E402  (sets the Triton cache under $OUT, AULE_TRITON_HOPPER unset)
+import time_hopper_fwd as thf  # noqa: E402
 
 from aule.backends.triton import ops  # noqa: E402
 from aule.bench.contenders import _environ  # noqa: E402
@@ -87,7 +87,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    _cache = thf.private_cache()
     try:
         sys.exit(main())
     finally:
-        thf.shutil.rmtree(thf._CACHE, ignore_errors=True)
+        thf.shutil.rmtree(_cache, ignore_errors=True)

@@ -32,8 +32,6 @@ import time
 from pathlib import Path
 
 OUT = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="time_hopper_"))
-_CACHE = Path(tempfile.mkdtemp(prefix="triton-cache-", dir=OUT))
-os.environ["TRITON_CACHE_DIR"] = str(_CACHE)
 os.environ.pop("AULE_TRITON_HOPPER", None)  # "aule" rows are the general kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -133,6 +131,15 @@ def _case(d: int, s: int, causal: bool, group: int):
     h, b = MODEL_DIM // d, max(1, TOKENS // s)
     gqa = f"/{h // group}" if group > 1 else ""
     return f"d{d} s{s//1024}k B{b} H{h}{gqa} {'causal' if causal else 'full'}", (b, h, h // group, s, d)
+
+
+def private_cache() -> Path:
+    """Point Triton at a cache of this run's own under $OUT (the caller removes it at the end), so
+    nothing is written outside $OUT. Done by each script's main, not at import: the scripts that
+    import this module for its helpers keep the cache they chose."""
+    cache = Path(tempfile.mkdtemp(prefix="triton-cache-", dir=OUT))
+    os.environ["TRITON_CACHE_DIR"] = str(cache)
+    return cache
 
 
 def time_rows(name, rows, call, flops, over_budget, rep):
@@ -238,7 +245,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    _cache = private_cache()
     try:
         sys.exit(main())
     finally:
-        shutil.rmtree(_CACHE, ignore_errors=True)
+        shutil.rmtree(_cache, ignore_errors=True)
