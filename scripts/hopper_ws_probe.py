@@ -40,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.pop("AULE_TRITON_HOPPER", None)  # the general kernel's rows are the general kernel
+os.environ["AULE_TRITON_HOPPER"] = "0"  # the general kernel's rows are the general kernel (unset: "auto")
 
 TOKENS, MODEL_DIM = 16384, 2048
 

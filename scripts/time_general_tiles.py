@@ -4,7 +4,8 @@ grid, beside what its autotuner picks and SDPA cuDNN, bf16.
 Cases: 16k tokens per batch, model dim 2048, d 128 and 64, seq 1k/4k/16k, causal and not. Per
 case: cuDNN; the autotuner's pick (the first call of the shape bucket in this process tunes it,
 right after compiling each tile, so with the GPU's clocks as an idle gap leaves them); each tile
-forced (``AULE_TRITON_CONFIG=i``, the i-th tile left by configs.prune).
+forced (``AULE_TRITON_CONFIG=i``, the i-th tile left by configs.prune). The Hopper routes are off
+(time_hopper_fwd sets AULE_TRITON_HOPPER=0), so every aule row is the general kernel.
 Each is checked against cuDNN (bf16 max abs error) and timed as the median per call of CUDA-graph
 replays (time_hopper_fwd._timed). Prints a row per contender, then per case the best tile, the
 pick, and the pick's time as a fraction of the best's; JSON under $OUT.

@@ -38,7 +38,7 @@ OUT = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="time_hopper_bwd_"))
 _CACHE = Path(tempfile.mkdtemp(prefix="triton-cache-", dir=OUT))
 os.environ["TRITON_CACHE_DIR"] = str(_CACHE)
 for _name in ("AULE_TRITON_HOPPER", "AULE_TRITON_HOPPER_BWD"):
-    os.environ.pop(_name, None)  # every aule row takes the general forward; the backward is forced per row
+    os.environ[_name] = "0"  # every aule row takes the general forward (unset: "auto"); the backward is forced per row
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402

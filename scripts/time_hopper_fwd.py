@@ -4,7 +4,7 @@ forward and SDPA's cuDNN and flash backends, bf16, on an sm_90 GPU.
 Cases: 16k tokens per batch (B * S = 16384), model dim 2048 (H = 2048 / d), d 64 and 128, S 1k, 4k
 and 16k, causal and not. Contenders on the same inputs: ``sdpa-cudnn`` and ``sdpa-flash``
 (torch.nn.attention.sdpa_kernel), ``aule`` (ops.attention_forward, the general kernel autotuned,
-AULE_TRITON_HOPPER unset) and each Hopper variant at each of its tiles (``tma``, ``persistent``,
+AULE_TRITON_HOPPER=0) and each Hopper variant at each of its tiles (``tma``, ``persistent``,
 ``ws``, each tile forced). Every contender is first checked against cuDNN's output (bf16 max abs
 error, BAD above 3e-2), then timed twice: eagerly with CUDA events (triton's do_bench) and as the
 median per call of a CUDA graph of back-to-back calls (the kernel's own time, host costs out). Prints one row per contender: ms,
@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 
 OUT = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="time_hopper_"))
-os.environ.pop("AULE_TRITON_HOPPER", None)  # "aule" rows are the general kernel
+# "aule" rows are the general kernel: left unset, AULE_TRITON_HOPPER is "auto", which hands some
+# classes (hopper.DEFAULT_ROUTES) to the Hopper forward.
+os.environ["AULE_TRITON_HOPPER"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
