@@ -26,27 +26,20 @@ there (a temporary one without ``$OUT``), removed at the end. Stops starting row
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from percall_gpu import env, scratch_dir  # noqa: E402  (this directory is the script's first path)
+
 ROWS = ["b8:1k", "b8:4k", "b8:8k", "b8:32k", "b64:1k", "b64:4k", "b1:1k", "b1:32k", "b64:8k", "b1:4k", "b1:8k",
         "b64:32k"]
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 HOST_ROWS = ((1, 1024), (8, 1024))  # where host time is measured: the GPU is not the bound there
-
-
-def env(name: str, value):
-    """``name`` set to ``value`` (None: unset) for the block, then as it was."""
-    from aule.bench.contenders import _environ
-
-    return _environ({name: value})
 
 
 def parse_row(text: str) -> tuple[int, int]:
@@ -230,10 +223,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, default=85.0, help="start no row after this many seconds")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    out = os.environ.get("OUT")
-    scratch = tempfile.mkdtemp(prefix="paged-percall-", dir=out if out and os.path.isdir(out) else None)
-    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(scratch, "triton"))
-    os.environ.setdefault("AULE_CACHE_DIR", os.path.join(scratch, "aule"))
+    scratch = scratch_dir("paged-percall-")
     try:
         import torch
 

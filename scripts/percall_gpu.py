@@ -49,6 +49,16 @@ def table(results: dict) -> None:
             print(f"target: {t['target']}: {t['measured']} -> {t['verdict']}")
 
 
+def scratch_dir(prefix: str) -> str:
+    """A folder of this run's own (under $OUT where it is set) holding Triton's and aule's caches
+    unless the caller chose theirs; the caller removes it at the end."""
+    out = os.environ.get("OUT")
+    scratch = tempfile.mkdtemp(prefix=prefix, dir=out if out and os.path.isdir(out) else None)
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(scratch, "triton"))
+    os.environ.setdefault("AULE_CACHE_DIR", os.path.join(scratch, "aule"))
+    return scratch
+
+
 def env(name: str, value):
     """``name`` set to ``value`` (None: unset) for the block, then as it was."""
     from aule.bench.contenders import _environ
@@ -174,10 +184,7 @@ def main(argv=None) -> None:
     p.add_argument("--suite", action="store_true", help="also run the bench's overhead suite (every backend)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    out = os.environ.get("OUT")
-    scratch = tempfile.mkdtemp(prefix="percall-", dir=out if out and os.path.isdir(out) else None)
-    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(scratch, "triton"))
-    os.environ.setdefault("AULE_CACHE_DIR", os.path.join(scratch, "aule"))
+    scratch = scratch_dir("percall-")
     try:
         if args.suite:
             from aule.bench import run
