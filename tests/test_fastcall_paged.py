@@ -23,7 +23,7 @@ torch, GPU = import_torch_and_triton()
 import aule  # noqa: E402
 from aule import api, backends, fastcall  # noqa: E402
 from aule.backends.triton import flags, ops, paged as tp  # noqa: E402
-from test_fastcall import _Kernel  # noqa: E402
+from test_fastcall import _Kernel, _steady_moves as _steady  # noqa: E402
 from test_paged import check, make_case, reference_paged  # noqa: E402
 
 DEV = "cuda" if GPU else "cpu"
@@ -94,16 +94,6 @@ class Paged:
 
     def check(self, out, **kw):
         check(out.detach().cpu().double().numpy(), reference_paged(self.case, **kw), self.dtype)
-
-
-def _steady(counts, fn, times=3):
-    """Call ``fn`` until it is served by its ready launches; the result of the last call."""
-    for _ in range(times):
-        out = fn()
-    before = dict(counts)
-    out = fn()
-    assert counts["full"] == before["full"] and counts.get("run") == before.get("run"), "not the ready launch"
-    return out, {n: counts[n] - before[n] for n in counts}
 
 
 def _full_path(fn, monkeypatch):
